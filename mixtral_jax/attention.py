@@ -1,0 +1,96 @@
+"""Grouped-query self-attention with rotary embeddings and an optional sliding window.
+
+Masks are built from token *indices* (causality, window), a padding mask and optional segment
+ids (packed documents); positions only feed RoPE. This matches Hugging Face, whose causal mask
+uses cache positions while `position_ids` drive the rotary tables.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.layers import apply_rope, normal_init
+
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
+
+
+def make_attention_mask(
+    num_queries: int,
+    num_keys: int,
+    *,
+    sliding_window: int | None,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Which keys each query may attend to.
+
+    Args:
+      num_queries: T. Queries are the last T of the S keys (prefill and training: T == S).
+      num_keys: S.
+      sliding_window: W or None; query i sees key j iff i - W < j <= i.
+      attention_mask: [B, S] 1 for real tokens, 0 for padding (keys only, as HF).
+      segment_ids: [B, S] document ids of packed sequences; attention stays inside a document.
+    Returns:
+      [B or 1, T, S] bool.
+    """
+    q_index = jnp.arange(num_keys - num_queries, num_keys)[:, None]  # [T, 1]
+    k_index = jnp.arange(num_keys)[None, :]  # [1, S]
+    allowed = k_index <= q_index  # [T, S]
+    if sliding_window is not None:
+        allowed &= k_index > q_index - sliding_window
+    allowed = allowed[None]  # [1, T, S]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        q_seg = segment_ids[:, num_keys - num_queries:]  # [B, T]
+        allowed = allowed & (q_seg[:, :, None] == segment_ids[:, None, :])
+    return allowed
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention, grouped: each of K kv heads serves G query heads.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B or 1, T, S] bool.
+    Returns:
+      [B, T, N, H] in q's dtype. Logits and softmax in float32.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (h ** -0.5)
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    """Self-attention: project, rotate q and k, attend, project out.
+
+    Weights: q_proj [D, N, H], k_proj [D, K, H], v_proj [D, K, H], o_proj [N, H, D].
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = normal_init(cfg.initializer_range)
+        pdt = jnp.dtype(cfg.param_dtype)
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nnx.Param(init(rngs.params(), (d, n, h), pdt))
+        self.k_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
+        self.v_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
+        self.o_proj = nnx.Param(init(rngs.params(), (n, h, d), pdt))
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: [B, T, D]; cos, sin: [B, T, H]; mask: [B or 1, T, T] -> [B, T, D]."""
+        dt = self.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))

@@ -1,0 +1,101 @@
+"""Model checkpoints: our parameter tree in Orbax, with its config (and tokenizer) beside it.
+
+Layout of a model checkpoint directory:
+
+  DIR/config.json      Hugging Face-style model config (`hf_config.py`)
+  DIR/params/          Orbax PyTree checkpoint of `model.get_params(model)`
+  DIR/tokenizer.model  sentencepiece model, when one was given
+
+`train.py` starts from one (fine-tuning), `infer.py` loads one, the converter writes one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mixtral_jax.config import ConfigError, ModelConfig
+from mixtral_jax.hf_config import load_hf_config, save_hf_config
+
+PARAMS_DIR = "params"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def save_model(directory: str, params: dict, cfg: ModelConfig,
+               tokenizer_path: str | None = None) -> None:
+    """Writes a model checkpoint. `directory` must not exist yet (nothing is overwritten)."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        raise FileExistsError(f"checkpoint directory {directory} already exists")
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    staging = directory + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(staging, PARAMS_DIR), params)
+        save_hf_config(cfg, os.path.join(staging, "config.json"))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, os.path.join(staging, TOKENIZER_FILE))
+        os.replace(staging, directory)  # the checkpoint appears whole or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_model_checkpoint(directory: str) -> bool:
+    return os.path.isdir(os.path.join(directory, PARAMS_DIR)) and os.path.isfile(
+        os.path.join(directory, "config.json"))
+
+
+def load_model(directory: str, *, param_dtype: str | None = None,
+               **config_changes) -> tuple[ModelConfig, dict]:
+    """Reads a model checkpoint: (config, params as a nested dict of jax arrays).
+
+    Args:
+      directory: a directory written by `save_model`.
+      param_dtype: cast the stored parameters to this dtype (default: as stored).
+      config_changes: ModelConfig fields to change (e.g. moe_impl); sizes must still match.
+    Raises:
+      ConfigError: not a model checkpoint, or the weights disagree with the config.
+    """
+    if not is_model_checkpoint(directory):
+        raise ConfigError(f"{directory} is not a model checkpoint (needs config.json and {PARAMS_DIR}/)")
+    cfg = load_hf_config(directory, **config_changes)
+    if param_dtype is not None:
+        cfg = cfg.replace(param_dtype=param_dtype)
+    from mixtral_jax.model import abstract, get_params  # local: model imports stay out of I/O
+
+    expected = get_params(abstract(cfg))
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(os.path.join(os.path.abspath(directory), PARAMS_DIR))
+        stored_tree = getattr(stored, "item_metadata", stored)
+        _check_shapes(expected, stored_tree, directory)
+        target = jax.tree.map(
+            lambda e: jax.ShapeDtypeStruct(e.shape, jnp.dtype(cfg.param_dtype)), expected)
+        params = ckptr.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
+    return cfg, params
+
+
+def _check_shapes(expected: dict, stored, directory: str) -> None:
+    want = {jax.tree_util.keystr(p, simple=True, separator="."): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    have = {jax.tree_util.keystr(p, simple=True, separator="."): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(
+                stored, is_leaf=lambda x: hasattr(x, "shape"))[0]}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k} has shape {have[k]}, config says {want[k]}"
+                 for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+    if problems:
+        raise ConfigError(f"checkpoint {directory} does not match its config.json: "
+                          + "; ".join(problems))
+
+
+def to_numpy(params: dict) -> dict:
+    """Host copies of every leaf."""
+    return jax.tree.map(np.asarray, params)

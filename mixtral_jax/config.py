@@ -1,0 +1,238 @@
+"""Model configuration: one frozen dataclass, its presets, and validation.
+
+Field names are the project's one vocabulary (see `model.py` for the dimension letters):
+
+  vocab_size (V), embed_dim (D), hidden_dim (F, the expert FFN width), num_layers (L),
+  num_heads (N), num_kv_heads (K), head_dim (H), num_experts (E), num_experts_per_tok (k).
+
+Hugging Face's names are mapped in exactly one place, `hf_config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule. The message is one line naming field, value and rule."""
+
+
+class MoEImpl(str, enum.Enum):
+    """How tokens reach their experts. All three compute the same function (`moe.py`)."""
+
+    DENSE = "dense"  # every expert on every token, masked: the slow, obvious oracle
+    DROPLESS = "dropless"  # sort by expert, grouped matmul over ragged groups
+    CAPACITY = "capacity"  # sort, scatter into [E, C, D] buffers, batched matmul; may drop
+
+
+class Remat(str, enum.Enum):
+    """What the layer scan keeps for the backward pass."""
+
+    NONE = "none"  # keep every activation
+    FULL = "full"  # keep only the layer input; recompute the layer in the backward pass
+    SAVE_DOTS = "save_dots"  # keep matmul outputs, recompute the cheap elementwise work
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A Mixtral-style sparse-MoE decoder.
+
+    Attributes:
+      vocab_size: V, tokens in the vocabulary.
+      embed_dim: D, the residual stream width.
+      hidden_dim: F, each expert's SwiGLU hidden width.
+      num_layers: L, decoder blocks.
+      num_heads: N, query heads.
+      num_kv_heads: K, key/value heads (grouped-query attention; N % K == 0).
+      head_dim: H, width of one head (even: RoPE rotates pairs).
+      num_experts: E, experts per MoE block.
+      num_experts_per_tok: k, experts each token is routed to.
+      rope_theta: RoPE base frequency.
+      rms_norm_eps: epsilon inside RMSNorm.
+      max_seq_len: longest sequence the model is used with (positions beyond are rejected upstream).
+      sliding_window: if set, a query sees at most this many keys (itself included).
+      router_jitter_noise: in training, inputs to the MoE block are scaled by U(1-j, 1+j).
+      router_aux_loss_coef: load-balancing loss weight (kept here because HF configs carry it).
+      initializer_range: standard deviation of the normal init of every matrix.
+      bos_token_id, eos_token_id, pad_token_id: special token ids (pad may be None).
+      param_dtype: storage dtype of parameters.
+      dtype: compute dtype of activations and matmuls (router, norms, softmax stay float32).
+      moe_impl: dispatch implementation, see `MoEImpl`.
+      capacity_factor: for `MoEImpl.CAPACITY`, slots per expert = ceil(cf * tokens * k / E).
+      remat: rematerialisation policy of the layer scan, see `Remat`.
+    """
+
+    vocab_size: int
+    embed_dim: int
+    hidden_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    max_seq_len: int = 32768
+    sliding_window: int | None = None
+    router_jitter_noise: float = 0.0
+    router_aux_loss_coef: float = 0.02
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    moe_impl: MoEImpl = MoEImpl.DROPLESS
+    capacity_factor: float = 1.25
+    remat: Remat = Remat.NONE
+
+    def __post_init__(self):
+        # Coerce enum fields given as strings (TOML, JSON, CLI).
+        for name, enum_type in (("moe_impl", MoEImpl), ("remat", Remat)):
+            value = getattr(self, name)
+            if not isinstance(value, enum_type):
+                try:
+                    object.__setattr__(self, name, enum_type(value))
+                except ValueError:
+                    choices = ", ".join(e.value for e in enum_type)
+                    _fail(name, value, f"must be one of {choices}")
+        _validate(self)
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        """G = N / K, query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    @functools.cached_property
+    def param_count(self) -> int:
+        """Total parameters (embedding and LM head counted separately: they are untied)."""
+        return self._count(self.num_experts)
+
+    @functools.cached_property
+    def active_param_count(self) -> int:
+        """Parameters touched by one token: all but the unchosen experts."""
+        return self._count(self.num_experts_per_tok)
+
+    def _count(self, experts: int) -> int:
+        d, h = self.embed_dim, self.head_dim
+        attention = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        moe = experts * 3 * d * self.hidden_dim + d * self.num_experts  # experts + router
+        per_layer = attention + moe + 2 * d  # two RMSNorm scales
+        return self.num_layers * per_layer + 2 * self.vocab_size * d + d
+
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert in the capacity path for `num_tokens` tokens."""
+        slots = self.capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts
+        return max(1, math.ceil(slots))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with `changes` applied (validated like a new config)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"ModelConfig has no field {unknown[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+    # ---- presets ---------------------------------------------------------------------------
+    @classmethod
+    def mixtral_8x7b(cls, **changes: Any) -> "ModelConfig":
+        """mistralai/Mixtral-8x7B-v0.1: 46.7B parameters, 12.9B active."""
+        base = cls(
+            vocab_size=32000, embed_dim=4096, hidden_dim=14336, num_layers=32, num_heads=32,
+            num_kv_heads=8, head_dim=128, num_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+            rms_norm_eps=1e-5, max_seq_len=32768, sliding_window=None, router_aux_loss_coef=0.02,
+        )
+        return base.replace(**changes)
+
+    @classmethod
+    def mixtral_8x22b(cls, **changes: Any) -> "ModelConfig":
+        """mistralai/Mixtral-8x22B-v0.1: 140.6B parameters (published "141B"), 39.2B active."""
+        base = cls(
+            vocab_size=32768, embed_dim=6144, hidden_dim=16384, num_layers=56, num_heads=48,
+            num_kv_heads=8, head_dim=128, num_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+            rms_norm_eps=1e-5, max_seq_len=65536, sliding_window=None, router_aux_loss_coef=0.001,
+        )
+        return base.replace(**changes)
+
+    @classmethod
+    def tiny(cls, **changes: Any) -> "ModelConfig":
+        """A CPU-sized model with co-prime-ish sizes, so transposed dimensions cannot hide."""
+        base = cls(
+            vocab_size=512, embed_dim=64, hidden_dim=96, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, rope_theta=10000.0,
+            max_seq_len=256,
+        )
+        return base.replace(**changes)
+
+
+PRESETS = {
+    "mixtral-8x7b": ModelConfig.mixtral_8x7b,
+    "mixtral-8x22b": ModelConfig.mixtral_8x22b,
+    "tiny": ModelConfig.tiny,
+}
+
+
+def preset(name: str, **changes: Any) -> ModelConfig:
+    """The named preset (`mixtral-8x7b`, `mixtral-8x22b`, `tiny`) with `changes` applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name](**changes)
+
+
+# ---- validation ----------------------------------------------------------------------------
+def _fail(field: str, value: Any, rule: str):
+    raise ConfigError(f"ModelConfig.{field}={value!r}: {rule}")
+
+
+_POSITIVE_INTS = (
+    "vocab_size", "embed_dim", "hidden_dim", "num_layers", "num_heads", "num_kv_heads",
+    "head_dim", "num_experts", "num_experts_per_tok", "max_seq_len",
+)
+
+
+def _validate(c: ModelConfig) -> None:
+    for name in _POSITIVE_INTS:
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            _fail(name, value, "must be an integer")
+        if value < 1:
+            _fail(name, value, "must be >= 1")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(c, name)
+        if value is None and name == "pad_token_id":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < c.vocab_size:
+            _fail(name, value, f"must be an integer in [0, vocab_size={c.vocab_size})")
+    if c.num_heads % c.num_kv_heads:
+        _fail("num_heads", c.num_heads, f"must be divisible by num_kv_heads={c.num_kv_heads}")
+    if c.num_experts_per_tok > c.num_experts:
+        _fail("num_experts_per_tok", c.num_experts_per_tok,
+              f"must be <= num_experts={c.num_experts}")
+    if c.head_dim % 2:
+        _fail("head_dim", c.head_dim, "must be even (rotary embeddings rotate pairs)")
+    for name in ("rope_theta", "rms_norm_eps", "capacity_factor", "initializer_range"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            _fail(name, value, "must be a number")
+        if not math.isfinite(value) or value <= 0:
+            _fail(name, value, "must be a finite number > 0")
+    if not isinstance(c.router_aux_loss_coef, (int, float)) or not c.router_aux_loss_coef >= 0:
+        _fail("router_aux_loss_coef", c.router_aux_loss_coef, "must be a number >= 0")
+    if not isinstance(c.router_jitter_noise, (int, float)) or not 0 <= c.router_jitter_noise < 1:
+        _fail("router_jitter_noise", c.router_jitter_noise, "must be in [0, 1)")
+    if c.sliding_window is not None:
+        if not isinstance(c.sliding_window, int) or isinstance(c.sliding_window, bool):
+            _fail("sliding_window", c.sliding_window, "must be an integer or None")
+        if c.sliding_window < 1:
+            _fail("sliding_window", c.sliding_window, "must be >= 1 (or None for no window)")
+    for name in ("param_dtype", "dtype"):
+        if getattr(c, name) not in DTYPES:
+            _fail(name, getattr(c, name), f"must be one of {', '.join(DTYPES)}")

@@ -1,0 +1,123 @@
+"""Hugging Face `config.json` <-> `ModelConfig`: the one place HF's config names appear.
+
+Reads both transformers v4 (`rope_theta` at top level) and v5 (`rope_parameters`) forms; writes
+either (`rope_format="v4"` is read by every transformers version, `"v5"` is what v5 writes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from mixtral_jax.config import ConfigError, ModelConfig
+
+# Our field <- HF field, for the fields that map one to one.
+_HF_NAMES = {
+    "vocab_size": "vocab_size",
+    "embed_dim": "hidden_size",
+    "hidden_dim": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "num_experts": "num_local_experts",
+    "num_experts_per_tok": "num_experts_per_tok",
+    "rms_norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings",
+    "sliding_window": "sliding_window",
+    "router_jitter_noise": "router_jitter_noise",
+    "router_aux_loss_coef": "router_aux_loss_coef",
+    "initializer_range": "initializer_range",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+
+_HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def from_hf_dict(hf: dict[str, Any], **changes: Any) -> ModelConfig:
+    """A `ModelConfig` from a parsed HF Mixtral `config.json`.
+
+    Raises:
+      ConfigError: the config is not a plain Mixtral (wrong model type, activation, rope type, tied
+        embeddings) or a required field is missing.
+    """
+    model_type = hf.get("model_type", "mixtral")
+    if model_type != "mixtral":
+        raise ConfigError(f"config.json model_type={model_type!r}: only 'mixtral' is supported")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config.json hidden_act={act!r}: Mixtral experts use 'silu'")
+    if hf.get("tie_word_embeddings", False):
+        raise ConfigError("config.json tie_word_embeddings=true: Mixtral's LM head is untied")
+
+    fields: dict[str, Any] = {}
+    for ours, theirs in _HF_NAMES.items():
+        if theirs in hf:
+            fields[ours] = hf[theirs]
+    for required in ("vocab_size", "embed_dim", "hidden_dim", "num_layers", "num_heads"):
+        if required not in fields:
+            raise ConfigError(f"config.json lacks {_HF_NAMES[required]!r}")
+    fields.setdefault("num_kv_heads", fields["num_heads"])
+    if isinstance(fields.get("eos_token_id"), list):
+        fields["eos_token_id"] = fields["eos_token_id"][0]
+    fields["head_dim"] = hf.get("head_dim") or fields["embed_dim"] // fields["num_heads"]
+    fields["rope_theta"] = _read_rope_theta(hf)
+    dtype = hf.get("dtype", hf.get("torch_dtype"))
+    if dtype in _HF_DTYPES:
+        fields["param_dtype"] = _HF_DTYPES[dtype]
+    fields.update(changes)
+    return ModelConfig(**fields)
+
+
+def _read_rope_theta(hf: dict[str, Any]) -> float:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling")
+    if isinstance(rope, dict):
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"config.json rope_type={rope_type!r}: only 'default' RoPE is supported")
+        if "rope_theta" in rope:
+            return float(rope["rope_theta"])
+    return float(hf.get("rope_theta", 1e6))
+
+
+def to_hf_dict(cfg: ModelConfig, *, rope_format: str = "v4") -> dict[str, Any]:
+    """The HF `config.json` contents for `cfg` (architectures, model_type and all sizes)."""
+    if rope_format not in ("v4", "v5"):
+        raise ConfigError(f"rope_format={rope_format!r}: must be 'v4' or 'v5'")
+    hf: dict[str, Any] = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
+    for ours, theirs in _HF_NAMES.items():
+        hf[theirs] = getattr(cfg, ours)
+    hf.update(head_dim=cfg.head_dim, hidden_act="silu", tie_word_embeddings=False,
+              attention_dropout=0.0, dtype=cfg.param_dtype)
+    theta = int(cfg.rope_theta) if math.isclose(cfg.rope_theta, round(cfg.rope_theta)) else cfg.rope_theta
+    if rope_format == "v4":
+        hf["rope_theta"] = theta
+    else:
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    return hf
+
+
+def load_hf_config(path: str, **changes: Any) -> ModelConfig:
+    """Reads `path` (a `config.json` or a directory holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no config.json at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return from_hf_dict(hf, **changes)
+
+
+def save_hf_config(cfg: ModelConfig, path: str, *, rope_format: str = "v4") -> None:
+    """Writes `config.json` at `path` (a file path or a directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(to_hf_dict(cfg, rope_format=rope_format), f, indent=2, sort_keys=True)
+        f.write("\n")

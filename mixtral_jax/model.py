@@ -1,0 +1,194 @@
+"""The Mixtral decoder: embed -> L x (attention + sparse MoE) under one scan -> norm -> LM head.
+
+Dimension letters, used in every shape comment and einsum of the package:
+
+  B batch            T query length       S key length       D embed_dim
+  F expert hidden    N query heads        K kv heads         G = N / K
+  H head_dim         V vocab              L layers           E experts
+  k experts per token (spelled `topk` in names)              M = B*T tokens
+
+The L decoder blocks are one stacked module (every weight has a leading [L] axis, built with
+`nnx.vmap`) applied with `jax.lax.scan`, so XLA compiles one layer, not L copies.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from mixtral_jax.attention import Attention, make_attention_mask
+from mixtral_jax.config import ModelConfig, Remat
+from mixtral_jax.layers import Embed, RMSNorm, normal_init, rope_cos_sin
+from mixtral_jax.moe import MoE, MoEAux
+
+
+@struct.dataclass
+class ModelAux:
+    """Router outputs of the whole model.
+
+    Attributes:
+      layers: MoEAux whose fields carry a leading [L] axis (router_logits: [L, B, T, E]).
+      load_balance_loss: [] Hugging Face's `load_balancing_loss_func` over all layers: E times the
+        dot product of the layer-averaged expert fractions and router probabilities.
+      router_z_loss: [] mean over layers of each layer's router z-loss.
+    """
+
+    layers: MoEAux
+    load_balance_loss: jax.Array
+    router_z_loss: jax.Array
+
+
+@struct.dataclass
+class ModelOutput:
+    """logits: [B, T, V] float32; aux: ModelAux."""
+
+    logits: jax.Array
+    aux: ModelAux
+
+
+class DecoderBlock(nnx.Module):
+    """x + Attention(RMSNorm(x)), then h + MoE(RMSNorm(h))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, dtype=dt, param_dtype=pdt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.moe_norm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, dtype=dt, param_dtype=pdt)
+        self.moe = MoE(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, token_mask, noise_rng):
+        """x: [B, T, D] -> ([B, T, D], MoEAux)."""
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        moe_out, aux = self.moe(self.moe_norm(h), token_mask, noise_rng)
+        return h + moe_out, aux
+
+
+_REMAT_POLICIES = {
+    Remat.FULL: None,  # save nothing but the scan carry
+    Remat.SAVE_DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Mixtral(nnx.Module):
+    """The sparse-MoE causal language model.
+
+    Weights: embed.embedding [V, D]; layers.* with a leading [L] axis; final_norm.scale [D];
+    lm_head [D, V] (untied from the embedding, as in Mixtral).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.embed_dim, std=cfg.initializer_range, dtype=dt,
+                           param_dtype=pdt, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(layer_rngs: nnx.Rngs) -> DecoderBlock:
+            return DecoderBlock(cfg, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, dtype=dt, param_dtype=pdt)
+        self.lm_head = nnx.Param(
+            normal_init(cfg.initializer_range)(rngs.params(), (cfg.embed_dim, cfg.vocab_size), pdt))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        noise_rng: jax.Array | None = None,
+    ) -> ModelOutput:
+        """Full-sequence forward pass.
+
+        Args:
+          tokens: [B, T] int token ids.
+          attention_mask: [B, T], 1 for real tokens and 0 for padding (HF semantics: padded keys
+            are hidden; padded positions still get logits, which callers ignore).
+          positions: [B, T] RoPE positions; default 0..T-1 for every row.
+          segment_ids: [B, T] document ids when several documents are packed in a row.
+          noise_rng: PRNG key for router jitter (training only); None is deterministic.
+        Returns:
+          ModelOutput with logits [B, T, V] float32 and the router aux.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = make_attention_mask(t, t, sliding_window=cfg.sliding_window,
+                                   attention_mask=attention_mask, segment_ids=segment_ids)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, H]
+        token_mask = None if attention_mask is None else attention_mask.astype(jnp.float32)
+        layer_rngs = None if noise_rng is None else jax.random.split(noise_rng, cfg.num_layers)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(x, xs):
+            state, rng = xs
+            layer = nnx.merge(graphdef, state)
+            return layer(x, cos, sin, mask, token_mask, rng)
+
+        if cfg.remat != Remat.NONE:
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x = self.embed(tokens)  # [B, T, D]
+        x, layer_aux = jax.lax.scan(body, x, (layer_state, layer_rngs))
+        x = self.final_norm(x)
+        logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t))
+
+
+def _model_aux(layer_aux: MoEAux, batch: int, length: int) -> ModelAux:
+    num_layers, _, num_experts = layer_aux.router_logits.shape
+    layers = layer_aux.replace(
+        router_logits=layer_aux.router_logits.reshape(num_layers, batch, length, num_experts))
+    fraction = jnp.mean(layers.expert_fraction, axis=0)  # [E], every layer sees the same tokens
+    prob = jnp.mean(layers.router_prob, axis=0)  # [E]
+    return ModelAux(
+        layers=layers,
+        load_balance_loss=num_experts * jnp.sum(fraction * prob),
+        router_z_loss=jnp.mean(layers.router_z_loss),
+    )
+
+
+def init(cfg: ModelConfig, seed: int = 0) -> Mixtral:
+    """A randomly initialised model (N(0, initializer_range^2) matrices, unit norm scales)."""
+    return Mixtral(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract(cfg: ModelConfig) -> Mixtral:
+    """The model with jax.ShapeDtypeStruct leaves: shapes and dtypes, no memory."""
+    return nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
+
+
+def get_params(model: Mixtral) -> dict:
+    """The model's parameters as a plain nested dict of arrays (our checkpoint tree)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def set_params(model: Mixtral, params: dict) -> None:
+    """Overwrites the model's parameters from a nested dict shaped like `get_params`'s.
+
+    Raises:
+      ValueError: a leaf is missing, unexpected, or of the wrong shape (named, one line).
+    """
+    state = nnx.state(model, nnx.Param)
+    expected = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+    given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, leaf in expected:
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        if path not in given:
+            raise ValueError(f"parameter {name} missing")
+        if tuple(given[path].shape) != tuple(leaf.shape):
+            raise ValueError(f"parameter {name} has shape {tuple(given[path].shape)}, "
+                             f"expected {tuple(leaf.shape)}")
+    if len(given) != len(expected):
+        extra = sorted(set(given) - {p for p, _ in expected})
+        raise ValueError(f"unexpected parameter {jax.tree_util.keystr(extra[0], simple=True, separator='.')}")
+    dtypes = {path: leaf.dtype for path, leaf in expected}
+    cast = jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(x, dtypes[p]), params)
+    nnx.replace_by_pure_dict(state, cast)
+    nnx.update(model, state)

@@ -1,0 +1,157 @@
+"""Run configs: TOML files in `configs/`, dotted command-line overrides, strict typing.
+
+A run config is a tree of frozen dataclasses. `load_run_config(path, overrides)` reads the TOML,
+applies overrides like `--model.num_layers=4`, and builds the tree. Unknown keys and values of the
+wrong type are errors (one line naming the key), never silently ignored.
+
+The `[model]` table takes `preset = "tiny" | "mixtral-8x7b" | "mixtral-8x22b"` plus any
+`ModelConfig` field to change; `hf_config = "path/to/config.json"` starts from a Hugging Face
+config instead of a preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+import types
+import typing
+from typing import Any
+
+from mixtral_jax.config import ConfigError, ModelConfig, preset
+from mixtral_jax.hf_config import load_hf_config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one run needs. Sections are added here as the trainer and server grow.
+
+    Attributes:
+      model: the model.
+      seed: seed of parameter initialisation and of every random stream derived from it.
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig.tiny)
+    seed: int = 0
+
+
+# ---- reading -------------------------------------------------------------------------------
+def load_run_config(path: str | None, overrides: list[str] = (), cls: type = RunConfig):
+    """Reads `path` (TOML; None = all defaults), applies `overrides` (`a.b=value`), builds `cls`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(data, item)
+    return build(cls, data)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Sets `a.b.c=value` in the nested dict; the value is parsed as TOML, else kept as a string."""
+    item = item[2:] if item.startswith("--") else item
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. model.num_layers=4)")
+    key, raw = item.split("=", 1)
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override key {key!r} is malformed")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a table")
+    node[parts[-1]] = value
+
+
+def build(cls: type, data: dict[str, Any], where: str = ""):
+    """A `cls` dataclass from a nested dict, checking every key and value type."""
+    if cls is ModelConfig:
+        return build_model_config(data, where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {where + unknown[0]!r} "
+                          f"(known: {', '.join(sorted(fields))})")
+    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def build_model_config(data: dict[str, Any], where: str = "model.") -> ModelConfig:
+    """The `[model]` table: a preset (or an HF config.json) with field changes."""
+    data = dict(data)
+    name = data.pop("preset", None)
+    hf_path = data.pop("hf_config", None)
+    if name is not None and hf_path is not None:
+        raise ConfigError(f"{where}preset and {where}hf_config are exclusive: pick one")
+    hints = typing.get_type_hints(ModelConfig)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config key {where + unknown[0]!r}")
+    changes = {k: _coerce(hints[k], v, where + k) for k, v in data.items()}
+    if hf_path is not None:
+        return load_hf_config(hf_path, **changes)
+    return preset(name or "tiny", **changes)
+
+
+def _coerce(hint: Any, value: Any, where: str):
+    """Checks `value` against the annotation `hint`; allows int -> float and str -> enum."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where + ".")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            choices = ", ".join(str(e.value) for e in hint)
+            raise ConfigError(f"{where}={value!r}: must be one of {choices}") from None
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: must be a list")
+        (item,) = set(typing.get_args(hint)) - {Ellipsis} or {Any}
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{where}={value!r}: must be of type {hint.__name__}")
+    return value
+
+
+def to_dict(config) -> dict[str, Any]:
+    """A dataclass tree as plain TOML/JSON-ready values (enums as their strings)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return plain(config)
