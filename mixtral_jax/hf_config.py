@@ -77,7 +77,8 @@ def _read_rope_theta(hf: dict[str, Any]) -> float:
     if isinstance(rope, dict):
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ConfigError(f"config.json rope_type={rope_type!r}: only 'default' RoPE is supported")
+            raise ConfigError(
+                f"config.json rope_type={rope_type!r}: only 'default' RoPE is supported")
         if "rope_theta" in rope:
             return float(rope["rope_theta"])
     return float(hf.get("rope_theta", 1e6))
@@ -92,7 +93,9 @@ def to_hf_dict(cfg: ModelConfig, *, rope_format: str = "v4") -> dict[str, Any]:
         hf[theirs] = getattr(cfg, ours)
     hf.update(head_dim=cfg.head_dim, hidden_act="silu", tie_word_embeddings=False,
               attention_dropout=0.0, dtype=cfg.param_dtype)
-    theta = int(cfg.rope_theta) if math.isclose(cfg.rope_theta, round(cfg.rope_theta)) else cfg.rope_theta
+    theta = cfg.rope_theta
+    if math.isclose(theta, round(theta)):
+        theta = int(theta)  # 1000000, as the published config.json files write it
     if rope_format == "v4":
         hf["rope_theta"] = theta
     else:

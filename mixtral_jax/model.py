@@ -187,7 +187,8 @@ def set_params(model: Mixtral, params: dict) -> None:
                              f"expected {tuple(leaf.shape)}")
     if len(given) != len(expected):
         extra = sorted(set(given) - {p for p, _ in expected})
-        raise ValueError(f"unexpected parameter {jax.tree_util.keystr(extra[0], simple=True, separator='.')}")
+        name = jax.tree_util.keystr(extra[0], simple=True, separator=".")
+        raise ValueError(f"unexpected parameter {name}")
     dtypes = {path: leaf.dtype for path, leaf in expected}
     cast = jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(x, dtypes[p]), params)
     nnx.replace_by_pure_dict(state, cast)

@@ -4,7 +4,7 @@
                ties go to the lower expert index, as `jax.lax.top_k` orders them).
   2. dispatch: get each (token, choice) assignment to its expert. Three implementations of the
                same function, chosen by `ModelConfig.moe_impl`:
-                 dense     every expert on every token, weighted by a [M, E] combine matrix (oracle);
+                 dense     every expert on every token, weighted by routing (the oracle);
                  dropless  stable sort by expert, `grouped_matmul` over ragged groups;
                  capacity  stable sort, gather into [E, C, D] slots, batched matmul; assignments
                            past an expert's C slots are dropped (earlier tokens win).
@@ -213,7 +213,7 @@ class MoE(nnx.Module):
             j = cfg.router_jitter_noise
             x = x * jax.random.uniform(noise_rng, x.shape, dt, 1.0 - j, 1.0 + j)
         routing = route(x, self.router[...], cfg.num_experts_per_tok)
-        weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        weights = tuple(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down))
         if cfg.moe_impl == MoEImpl.DENSE:
             out, dropped = moe_dense(x, routing, *weights)
         elif cfg.moe_impl == MoEImpl.DROPLESS:
