@@ -2,6 +2,8 @@
 
 import html.parser
 import itertools
+import shutil
+import subprocess
 import json
 
 import jax.numpy as jnp
@@ -148,3 +150,23 @@ def test_trace_choices_equal_the_model_routing():
     trace = analyse.collect_trace(model, np.asarray(tokens), np.ones((2, 9), bool))
     counts = trace.experts[..., None] == np.arange(cfg.num_experts)
     np.testing.assert_array_equal(counts.sum(axis=(1, 2, 3)), out.aux.layers.tokens_per_expert)
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="headless Chromium not installed")
+def test_page_and_plots_render_in_headless_chromium(tmp_path):
+    """Opens tokens.html and both PNGs in headless Chromium and checks the screenshots."""
+    model = _hand_routed_model()
+    tokens, mask = analyse.chunk_tokens([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], 6, pad_id=0)
+    trace = analyse.collect_trace(model, tokens, mask)
+    analyse.write_report(str(tmp_path), trace, [[f"w{t} " for t in row] for row in tokens])
+    for name in ("tokens.html", "load_heatmap.png", "coactivation.png"):
+        shot = tmp_path / f"shot-{name}.png"
+        subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             f"--screenshot={shot}", "--window-size=900,500", (tmp_path / name).as_uri()],
+            check=True, capture_output=True, timeout=120)
+        image = matplotlib.image.imread(str(shot))
+        assert image.shape[:2] == (500, 900)
+        assert float(image[..., :3].std()) > 0.05  # something was drawn
