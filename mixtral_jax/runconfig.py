@@ -22,17 +22,128 @@ from mixtral_jax.config import ConfigError, ModelConfig, preset
 from mixtral_jax.hf_config import load_hf_config
 
 
+def _check(section: str, name: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{name}={value!r}: {rule}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation. Loss = CE + aux_loss_coef * load balance + router_z_loss_coef * z-loss.
+
+    Attributes:
+      steps: optimisation steps of the run.
+      batch_size: sequences per step (split into grad_accum micro-batches).
+      seq_len: tokens per sequence (T).
+      grad_accum: micro-batches per step; gradients are summed, CE weighs every token equally.
+      lr, warmup_steps, min_lr_ratio: linear warmup to lr, cosine decay to lr * min_lr_ratio.
+      weight_decay, decay_norms_and_embeddings: AdamW decay (norm scales and the embedding are
+        not decayed unless asked).
+      b1, b2, eps: AdamW moments.
+      clip_norm: global-norm gradient clipping.
+      aux_loss_coef: load-balancing loss weight (Mixtral 8x7B's config: 0.02).
+      router_z_loss_coef: router z-loss weight (ST-MoE: 1e-3).
+      max_bad_steps: consecutive non-finite steps (skipped) after which the run halts.
+      eval_every, eval_batches: held-out loss every this many steps, over this many batches.
+      log_every: steps between progress/metrics lines.
+      peak_tflops: accelerator peak for MFU (0 = from the device kind when known).
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    aux_loss_coef: float = 0.02
+    router_z_loss_coef: float = 1e-3
+    max_bad_steps: int = 5
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    peak_tflops: float = 0.0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps",
+                     "eval_every", "eval_batches", "log_every"):
+            value = getattr(self, name)
+            _check("train", name, value, isinstance(value, int) and value >= 1, "must be >= 1")
+        _check("train", "batch_size", self.batch_size, self.batch_size % self.grad_accum == 0,
+               f"must be divisible by grad_accum={self.grad_accum}")
+        _check("train", "warmup_steps", self.warmup_steps, 0 <= self.warmup_steps, "must be >= 0")
+        for name in ("lr", "clip_norm", "b2", "eps"):
+            value = getattr(self, name)
+            _check("train", name, value, value > 0 and value == value, "must be > 0")
+        for name in ("weight_decay", "aux_loss_coef", "router_z_loss_coef", "peak_tflops"):
+            value = getattr(self, name)
+            _check("train", name, value, value >= 0, "must be >= 0")
+        _check("train", "min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1,
+               "must be in [0, 1]")
+        _check("train", "b1", self.b1, 0 <= self.b1 < 1, "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Attributes:
+      source: `builtin:pydoc`, a .txt / .jsonl / .npy file, or a directory of them.
+      tokenizer: `train` (train a BPE tokenizer on the training documents), `mistral` (the
+        official Mixtral tokenizer from mistral-common), or a sentencepiece model file.
+      vocab_size: vocabulary of a trained tokenizer (the model's vocab_size follows it).
+      eval_fraction: share of documents held out for eval loss and perplexity.
+    """
+
+    source: str = "builtin:pydoc"
+    tokenizer: str = "train"
+    vocab_size: int = 512
+    eval_fraction: float = 0.05
+
+    def __post_init__(self):
+        _check("data", "vocab_size", self.vocab_size, self.vocab_size >= 16, "must be >= 16")
+        _check("data", "eval_fraction", self.eval_fraction, 0 <= self.eval_fraction < 1,
+               "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Attributes:
+      dir: run directory (checkpoints, logs, tokenizer, final model).
+      save_every: steps between checkpoints (the last step is always saved).
+      keep: checkpoints kept (older ones are deleted).
+      async_save: write checkpoints in the background while training continues.
+    """
+
+    dir: str = "runs/tiny"
+    save_every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        _check("checkpoint", "save_every", self.save_every, self.save_every >= 1, "must be >= 1")
+        _check("checkpoint", "keep", self.keep, self.keep >= 1, "must be >= 1")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """Everything one run needs. Sections are added here as the trainer and server grow.
+    """Everything one run needs.
 
     Attributes:
       model: the model.
       seed: seed of parameter initialisation and of every random stream derived from it.
+      train, data, checkpoint: see their classes.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig.tiny)
     seed: int = 0
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
 # ---- reading -------------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""The training objective: masked next-token cross-entropy plus the two router losses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Summed negative log-likelihood of `targets` and the number of counted tokens.
+
+    Args:
+      logits: [B, T, V] float32.
+      targets: [B, T] int next tokens.
+      mask: [B, T] 1 where the prediction counts (same document, not padding).
+    Returns:
+      (sum of NLL over counted tokens, count), both float32 scalars: summing before dividing
+      lets gradient accumulation weigh every token equally.
+    """
+    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def total_loss(ce_mean, load_balance, router_z, *, aux_loss_coef: float, router_z_loss_coef: float):
+    """CE + aux_loss_coef * load-balancing loss + router_z_loss_coef * router z-loss."""
+    return ce_mean + aux_loss_coef * load_balance + router_z_loss_coef * router_z
+
+
+def unigram_entropy(tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Entropy (nats) of the token frequency distribution: the loss of the best context-free
+    predictor, which a model that learned anything must beat."""
+    tokens = np.asarray(tokens).reshape(-1)
+    if mask is not None:
+        tokens = tokens[np.asarray(mask).reshape(-1) > 0]
+    counts = np.bincount(tokens).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

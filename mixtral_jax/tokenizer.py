@@ -1,0 +1,97 @@
+"""SentencePiece tokenizers: Mistral's official one, or one trained on your text.
+
+Encoding follows Mistral's tokenizer: BOS first (id 1), EOS (id 2) only when asked, no padding id
+of its own (padding uses 0 = <unk> under a mask).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable
+
+import sentencepiece as spm
+
+from mixtral_jax.config import ConfigError
+
+MISTRAL_V1 = "tokenizer.model.v1"  # Mixtral 8x7B's 32000-token vocabulary
+
+
+def default_tokenizer_path() -> str:
+    """Mistral's official v1 tokenizer file, as shipped by the `mistral-common` package."""
+    try:
+        import mistral_common
+    except ImportError:
+        raise ConfigError("the default Mistral tokenizer needs `pip install mistral-common`; "
+                          "or pass a tokenizer file") from None
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", MISTRAL_V1)
+    if not os.path.isfile(path):
+        raise ConfigError(f"mistral-common has no {MISTRAL_V1} at {path}")
+    return path
+
+
+class Tokenizer:
+    """A loaded SentencePiece model."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor, path: str | None = None):
+        self._sp = processor
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        if not os.path.isfile(path):
+            raise ConfigError(f"tokenizer file {path} does not exist")
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.Load(path)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"{path} is not a sentencepiece model: {e}") from None
+        return cls(processor, path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """Id used to fill padded positions (always masked): the model's own pad, else <unk>."""
+        return self._sp.pad_id() if self._sp.pad_id() >= 0 else self._sp.unk_id()
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self._sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token as it reads inside a sentence (SentencePiece's '▁' is a space)."""
+        return self._sp.id_to_piece(int(token_id)).replace("\u2581", " ")
+
+
+def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
+    """Trains a BPE SentencePiece model on `texts` with Mistral's special ids and writes `path`.
+
+    Ids: <unk> 0, <s> 1, </s> 2, as Mistral's tokenizer; digits split, byte fallback off (small
+    vocabularies cannot afford 256 byte pieces).
+    """
+    if vocab_size < 16:
+        raise ConfigError(f"tokenizer vocab_size={vocab_size} must be >= 16")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(t for t in texts if t.strip()), model_writer=model,
+        vocab_size=vocab_size, model_type="bpe", character_coverage=1.0, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        max_sentence_length=1 << 20, hard_vocab_limit=False, num_threads=2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    return Tokenizer.load(path)

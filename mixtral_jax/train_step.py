@@ -1,0 +1,164 @@
+"""One optimisation step, compiled: micro-batch gradients, accumulation, clipping, AdamW, guard.
+
+The state is a plain pytree (`TrainState`) and the step is a pure `jax.jit` function with the
+state donated, so XLA updates parameters and optimizer moments in place. The model enters as its
+`graphdef` and a nested dict of parameters (`model.get_params`), merged at the top of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from mixtral_jax import losses
+from mixtral_jax.runconfig import TrainConfig
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data position.
+
+    Attributes:
+      step: [] int32, optimisation steps taken (skipped ones included).
+      params: nested dict of parameters (the model's param_dtype, float32 master weights).
+      opt_state: optax state.
+      rng: [2] uint32 raw PRNG key data (router jitter), split once per step.
+      bad_steps: [] int32 consecutive steps skipped for a non-finite loss or gradient.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    bad_steps: jax.Array
+
+
+def _global_norm(tree):
+    norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+    return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
+def decay_mask(params: dict, decay_norms_and_embeddings: bool) -> dict:
+    """True for leaves that get weight decay: matrices, but not norm scales or the embedding."""
+    def wants_decay(path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        if decay_norms_and_embeddings:
+            return True
+        return not (names[-1] == "scale" or names[:1] == ["embed"])
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to min_lr_ratio * lr at the last step."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig, params: dict) -> optax.GradientTransformation:
+    mask = decay_mask(params, tc.decay_norms_and_embeddings)
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                    weight_decay=tc.weight_decay, mask=mask),
+    )
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed + 1)),
+                      bad_steps=jnp.zeros((), jnp.int32))
+
+
+def _forward(graphdef, params, mb, rng):
+    model = nnx.merge(graphdef, params)
+    return model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
+                 noise_rng=rng)
+
+
+def _routing_entropy(router_logits, token_mask):
+    """[L] mean over real tokens of the router softmax entropy (nats)."""
+    logp = jax.nn.log_softmax(router_logits, axis=-1)  # [L, B, T, E]
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [L, B, T]
+    return jnp.sum(ent * token_mask, axis=(1, 2)) / jnp.maximum(jnp.sum(token_mask), 1.0)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig) -> Callable:
+    """The compiled step: state, batch with a leading [A] micro-batch axis -> state, metrics."""
+
+    def micro_loss(params, mb, rng, total_count):
+        out = _forward(graphdef, params, mb, rng)
+        nll, count = losses.cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
+        aux = out.aux
+        loss = nll / total_count + (tc.aux_loss_coef * aux.load_balance_loss
+                                    + tc.router_z_loss_coef * aux.router_z_loss) / tc.grad_accum
+        real = (mb["segment_ids"] > 0).astype(jnp.float32)
+        stats = {
+            "nll": nll, "count": count, "load_balance_loss": aux.load_balance_loss,
+            "router_z_loss": aux.router_z_loss,
+            "tokens_per_expert": aux.layers.tokens_per_expert,  # [L, E]
+            "dropped_fraction": aux.layers.dropped_fraction,  # [L]
+            "routing_entropy": _routing_entropy(aux.layers.router_logits, real),  # [L]
+        }
+        return loss, stats
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        total_count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        rngs = jax.random.split(jax.random.wrap_key_data(state.rng), tc.grad_accum + 1)
+
+        def accumulate(grads, xs):
+            mb, rng = xs
+            (_, stats), g = grad_fn(state.params, mb, rng, total_count)
+            return jax.tree.map(jnp.add, grads, g), stats
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, stats = jax.lax.scan(accumulate, zeros, (batch, rngs[1:]))
+        grad_norm = _global_norm(grads)
+        ce = jnp.sum(stats["nll"]) / total_count
+        lb, z = jnp.mean(stats["load_balance_loss"]), jnp.mean(stats["router_z_loss"])
+        loss = losses.total_loss(ce, lb, z, aux_loss_coef=tc.aux_loss_coef,
+                                 router_z_loss_coef=tc.router_z_loss_coef)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1, params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state), rng=jax.random.key_data(rngs[0]),
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
+        metrics = {
+            "loss": loss, "ce": ce, "load_balance_loss": lb, "router_z_loss": z,
+            "grad_norm": grad_norm, "finite": finite, "tokens": total_count,
+            "lr": learning_rate_schedule(tc)(state.step),
+            "tokens_per_expert": jnp.sum(stats["tokens_per_expert"], axis=0),
+            "dropped_fraction": jnp.mean(stats["dropped_fraction"], axis=0),
+            "routing_entropy": jnp.mean(stats["routing_entropy"], axis=0),
+        }
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(graphdef) -> Callable:
+    """Compiled held-out evaluation: (params, batch) -> (summed NLL, counted tokens)."""
+
+    def evaluate(params, batch):
+        out = _forward(graphdef, params, batch, None)
+        return losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+
+    return jax.jit(evaluate)
+
+
+def split_micro_batches(batch: dict, grad_accum: int) -> dict:
+    """[B, T] arrays -> [A, B/A, T] micro-batches."""
+    def split(x):
+        if x.shape[0] % grad_accum:
+            raise ValueError(f"batch_size={x.shape[0]} is not divisible by grad_accum={grad_accum}")
+        return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+    return {k: split(v) for k, v in batch.items()}

@@ -1,0 +1,204 @@
+"""The training run: data and tokenizer, model and optimizer, the loop, checkpoints, logs.
+
+`run(cfg)` trains to `cfg.train.steps`, resuming from the newest verified checkpoint of the run
+directory when there is one, so restarting the same command after a crash (or kill -9) picks up
+where the last complete checkpoint left off and ends bit-identical to an uninterrupted run.
+SIGTERM / SIGINT save a checkpoint and exit cleanly. At the end the trained weights are written
+as a model checkpoint (`<run dir>/model`) that `infer.py` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from mixtral_jax import checkpoint, data, losses, metrics
+from mixtral_jax.config import ConfigError
+from mixtral_jax.model import abstract, get_params, init
+from mixtral_jax.runconfig import RunConfig, to_dict
+from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
+from mixtral_jax.train_checkpoint import TrainCheckpointer
+from mixtral_jax.train_step import (TrainState, init_state, make_eval_step, make_optimizer,
+                                    make_train_step, split_micro_batches)
+
+TOKENIZER_FILE = "tokenizer.model"
+MODEL_DIR = "model"
+
+
+class NumericsHalt(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops without saving."""
+
+
+def prepare_tokenizer(cfg: RunConfig, documents) -> Tokenizer:
+    """The run's tokenizer, copied into the run directory (trained on the training documents)."""
+    path = os.path.join(cfg.checkpoint.dir, TOKENIZER_FILE)
+    if os.path.isfile(path):  # a resumed run keeps its tokenizer
+        return Tokenizer.load(path)
+    os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+    if cfg.data.tokenizer == "train":
+        texts = [d for d in documents if isinstance(d, str)]
+        if not texts:
+            raise ConfigError("data.tokenizer='train' needs text documents, not token arrays")
+        paragraphs = [p for t in texts for p in t.split("\n\n")]
+        return train_tokenizer(paragraphs, path, cfg.data.vocab_size)
+    source = default_tokenizer_path() if cfg.data.tokenizer == "mistral" else cfg.data.tokenizer
+    tokenizer = Tokenizer.load(source)
+    shutil.copyfile(source, path)
+    return tokenizer
+
+
+def model_config_for(cfg: RunConfig, tokenizer: Tokenizer):
+    """The model config, its vocabulary fitted to a tokenizer trained for this run."""
+    model_cfg = cfg.model
+    if cfg.data.tokenizer == "train":
+        model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, more than "
+                          f"model.vocab_size={model_cfg.vocab_size}")
+    return model_cfg
+
+
+class _StopFlag:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _set(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def run(cfg: RunConfig, *, show_progress: bool = True) -> dict:
+    """Trains; returns the final metrics (train loss, eval loss and perplexity, unigram entropy)."""
+    tc = cfg.train
+    stop = _StopFlag()  # from the start: a signal during set-up is honoured after one step
+    try:
+        return _run(cfg, stop, show_progress)
+    finally:
+        stop.restore()
+
+
+def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
+    tc = cfg.train
+    documents = data.read_documents(cfg.data.source)
+    train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_fraction, cfg.seed)
+    tokenizer = prepare_tokenizer(cfg, train_docs)
+    model_cfg = model_config_for(cfg, tokenizer)
+    if tc.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len="
+                          f"{model_cfg.max_seq_len}")
+    train_rows = data.pack(data.tokenize_documents(train_docs, tokenizer), tc.seq_len, cfg.seed)
+    batches = data.BatchIterator(train_rows, tc.batch_size, cfg.seed)
+    held_out = (data.eval_batches(data.pack(data.tokenize_documents(eval_docs, tokenizer),
+                                            tc.seq_len, cfg.seed), tc.batch_size,
+                                  tc.eval_batches) if eval_docs else [])
+
+    model = init(model_cfg, cfg.seed)
+    graphdef = nnx.graphdef(model)
+    tx = make_optimizer(tc, get_params(model))
+    state = init_state(get_params(model), tx, cfg.seed)
+    del model
+    ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
+                             async_save=cfg.checkpoint.async_save)
+    if ckpt.steps():
+        step = ckpt.steps()[-1]
+        abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      dataclasses.asdict(state))
+        restored, meta = ckpt.restore(step, abstract_state)
+        state = TrainState(**restored)
+        batches.restore(meta["data"])
+        print(f"resumed from step {step} of {cfg.checkpoint.dir}")
+
+    train_step = make_train_step(graphdef, tx, tc)
+    eval_step = make_eval_step(graphdef)
+    writer = metrics.MetricsWriter(cfg.checkpoint.dir, enabled=jax.process_index() == 0)
+    peak = tc.peak_tflops or metrics.device_peak_tflops()
+    flops = metrics.flops_per_token(model_cfg, tc.seq_len)
+    final: dict = {}
+    start_step = int(state.step)
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not show_progress, unit="step",
+               dynamic_ncols=True)
+    try:
+        last_time, last_tokens = time.perf_counter(), 0.0
+        while int(state.step) < tc.steps:
+            batch = split_micro_batches(next(batches), tc.grad_accum)
+            state, m = train_step(state, jax.tree.map(jnp.asarray, batch))
+            step = int(state.step)
+            last_tokens += float(m["tokens"])
+            if int(state.bad_steps) >= tc.max_bad_steps:
+                raise NumericsHalt(f"{int(state.bad_steps)} consecutive non-finite steps at step "
+                                   f"{step} (train.max_bad_steps={tc.max_bad_steps}): halted, "
+                                   "nothing saved")
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                tok_s = last_tokens / max(now - last_time, 1e-9)
+                last_time, last_tokens = now, 0.0
+                scalars = {k: float(m[k]) for k in ("loss", "ce", "load_balance_loss",
+                                                    "router_z_loss", "grad_norm", "lr")}
+                scalars["tokens_per_s"] = tok_s
+                if peak:
+                    scalars["mfu"] = tok_s * flops / (peak * 1e12 * jax.device_count())
+                writer.write(step, scalars, {k: m[k] for k in (
+                    "tokens_per_expert", "routing_entropy", "dropped_fraction")})
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                                mfu=f"{scalars['mfu']:.1%}" if peak else "n/a")
+                final.update(scalars)
+            if held_out and (step % tc.eval_every == 0 or step == tc.steps):
+                final.update(evaluate(eval_step, state.params, held_out))
+                writer.write(step, {k: final[k] for k in ("eval_loss", "eval_perplexity")})
+            bar.update(step - bar.n)
+            if step % cfg.checkpoint.save_every == 0 or step == tc.steps or stop.signal:
+                ckpt.save(step, dataclasses.asdict(state),
+                          {"data": batches.state, "config": to_dict(cfg)})
+            if stop.signal:
+                print(f"\n{stop.signal}: saved step {step}, exiting")
+                break
+        ckpt.close()
+    finally:
+        bar.close()
+        writer.close()
+    if int(state.step) >= tc.steps:
+        write_model(cfg.checkpoint.dir, state.params, model_cfg)
+    final["step"] = int(state.step)
+    final["unigram_entropy"] = losses.unigram_entropy(train_rows.tokens[:, 1:],
+                                                       train_rows.segments[:, 1:] > 0)
+    return final
+
+
+def evaluate(eval_step, params, batches: list[dict]) -> dict:
+    """Held-out mean loss and perplexity over fixed batches."""
+    nll, count = 0.0, 0.0
+    for batch in batches:
+        b_nll, b_count = eval_step(params, jax.tree.map(jnp.asarray, batch))
+        nll, count = nll + float(b_nll), count + float(b_count)
+    loss = nll / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+
+def write_model(run_dir: str, params, model_cfg) -> str:
+    """Writes the final weights as a model checkpoint at `<run_dir>/model` (replacing one)."""
+    target = os.path.join(run_dir, MODEL_DIR)
+    staging = target + ".new"
+    shutil.rmtree(staging, ignore_errors=True)
+    checkpoint.save_model(staging, jax.device_get(params), model_cfg,
+                          os.path.join(run_dir, TOKENIZER_FILE))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+__all__ = ["run", "evaluate", "write_model", "NumericsHalt", "abstract"]

@@ -1,0 +1,221 @@
+"""Training: learning, exact resume after kill -9, checkpoint integrity, accumulation, guards."""
+
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import mixtral_jax as mj
+from mixtral_jax import data, moe, trainer
+from mixtral_jax.config import ConfigError
+from mixtral_jax.runconfig import load_run_config
+from mixtral_jax.train_checkpoint import TrainCheckpointer
+from mixtral_jax.train_step import (init_state, make_optimizer, make_train_step,
+                                    split_micro_batches)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--model.num_layers=1", "--train.batch_size=4", "--train.seq_len=32",
+         "--data.vocab_size=128", "--train.log_every=1", "--train.eval_every=1000",
+         "--train.warmup_steps=2"]
+
+
+def _config(run_dir, *overrides):
+    return load_run_config(None, [f"checkpoint.dir={run_dir}", *[o[2:] for o in overrides]])
+
+
+def test_default_corpus_loss_falls_well_below_unigram_entropy(tmp_path):
+    cfg = _config(tmp_path, "--train.steps=150", "--train.seq_len=64", "--train.eval_every=150",
+                  "--train.log_every=50")
+    result = trainer.run(cfg, show_progress=False)
+    assert result["unigram_entropy"] > 5.0
+    assert result["eval_loss"] < result["unigram_entropy"] - 0.6
+    assert result["loss"] < result["unigram_entropy"] - 0.6
+    cfg_loaded, params = mj.checkpoint.load_model(str(tmp_path / "model"))
+    assert cfg_loaded.vocab_size == 512 and (tmp_path / "model" / "tokenizer.model").is_file()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 3 and any('"tokens_per_expert": [[' in line for line in lines)
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def _train_cmd(run_dir, steps):
+    return [sys.executable, os.path.join(ROOT, "train.py"), *SMALL, f"--train.steps={steps}",
+            f"--checkpoint.dir={run_dir}", "--checkpoint.save_every=1", "--checkpoint.keep=2"]
+
+
+def _final_state(run_dir):
+    ckpt = TrainCheckpointer(str(run_dir), keep=2, async_save=False)
+    step = ckpt.steps()[-1]
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    state = ckpt.manager.restore(step, args=args)["state"]  # as saved; integrity tested below
+    ckpt.close()
+    return step, state
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path):
+    steps = 14
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run(_train_cmd(tmp_path / "ref", steps), check=True, capture_output=True, env=env,
+                   cwd=ROOT)
+    ref_step, ref = _final_state(tmp_path / "ref")
+    assert ref_step == steps
+    rng = random.Random(0)
+    for trial in range(2):
+        run_dir = tmp_path / f"trial{trial}"
+        for _ in range(2):  # two kills per trial, at a random moment of training (saves each step)
+            proc = subprocess.Popen(_train_cmd(run_dir, steps), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            deadline = time.time() + 120
+            while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.6))
+            proc.kill()  # SIGKILL: no handler runs
+            proc.wait()
+        done = subprocess.run(_train_cmd(run_dir, steps), capture_output=True, text=True, env=env,
+                              cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        step, state = _final_state(run_dir)
+        assert step == steps
+        jax.tree.map(np.testing.assert_array_equal, state, ref)
+
+
+def test_corrupted_checkpoint_is_detected_before_use(tmp_path):
+    cfg = _config(tmp_path, *SMALL, "--train.steps=4", "--checkpoint.save_every=2")
+    trainer.run(cfg, show_progress=False)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "4" / "state")
+             for f in fs if "manifest" not in f and not f.startswith("_")]
+    target = max(files, key=os.path.getsize)
+    blob = bytearray(open(target, "rb").read())
+    for i in range(len(blob) // 2, len(blob) // 2 + 64):
+        blob[i] ^= 0xFF
+    open(target, "wb").write(bytes(blob))
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6))
+    with pytest.raises(ConfigError, match="checkpoint step 4 .* is corrupted"):
+        trainer.run(longer, show_progress=False)
+
+
+def test_interrupted_save_is_never_resumed_from(tmp_path):
+    cfg = _config(tmp_path, *SMALL, "--train.steps=2", "--checkpoint.save_every=1")
+    trainer.run(cfg, show_progress=False)
+    ckpt_dir = tmp_path / "checkpoints"
+    stale = ckpt_dir / "3.orbax-checkpoint-tmp-1234567"  # a save killed half-way
+    (stale / "state").mkdir(parents=True)
+    (stale / "state" / "junk").write_bytes(b"half a checkpoint")
+    ckpt = TrainCheckpointer(str(tmp_path), keep=3, async_save=False)
+    assert ckpt.steps() == [1, 2]
+    assert not stale.exists()  # stale temporary directories are cleaned
+    ckpt.close()
+    os.remove(tmp_path / "manifests" / "2.json")  # finalized but unverifiable
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=3))
+    with pytest.raises(ConfigError, match="step 2 .* has no manifest"):
+        trainer.run(longer, show_progress=False)
+
+
+def _tiny_setup(grad_accum, aux=0.0):
+    cfg = _config("/tmp/unused", *SMALL, f"--train.grad_accum={grad_accum}",
+                  f"--train.aux_loss_coef={aux}", "--train.router_z_loss_coef=0.0",
+                  "--train.batch_size=4")
+    model_cfg = mj.ModelConfig.tiny(num_layers=1, vocab_size=64)
+    model = mj.init(model_cfg, 0)
+    tx = make_optimizer(cfg.train, mj.get_params(model))
+    return cfg.train, nnx.graphdef(model), tx, init_state(mj.get_params(model), tx, 0)
+
+
+def _batch(seed=0):
+    rows = data.pack([np.random.default_rng(seed + i).integers(3, 64, 40).astype(np.int32)
+                      for i in range(6)], 24, seed)
+    return data.make_batch(rows, np.arange(4))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    batch = _batch()
+    states = []
+    for accum in (1, 2, 4):
+        tc, graphdef, tx, state = _tiny_setup(accum)
+        step = make_train_step(graphdef, tx, tc)
+        state, m = step(state, jax.tree.map(jnp.asarray, split_micro_batches(batch, accum)))
+        states.append((state, float(m["ce"])))
+    (ref, ref_ce), *others = states
+    for state, ce in others:
+        assert ce == pytest.approx(ref_ce, rel=1e-6)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    tc, graphdef, tx, state = _tiny_setup(1)
+    step = make_train_step(graphdef, tx, tc)
+    before = jax.tree.map(np.array, state.params)
+    bad = dict(_batch())
+    bad["loss_mask"] = bad["loss_mask"] * np.nan
+    state, m = step(state, jax.tree.map(jnp.asarray, split_micro_batches(bad, 1)))
+    assert not bool(m["finite"]) and int(state.bad_steps) == 1 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, state.params), before)
+    state, m = step(state, jax.tree.map(jnp.asarray, split_micro_batches(_batch(), 1)))
+    assert bool(m["finite"]) and int(state.bad_steps) == 0
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+
+
+def test_router_losses_push_the_right_way():
+    cfg = mj.ModelConfig.tiny(num_experts=4, moe_impl="dense")
+    block = moe.MoE(cfg, rngs=nnx.Rngs(0))
+    router = np.zeros((cfg.embed_dim, 4), np.float32)
+    router[:, 0] = 0.02  # skewed (logit ~1.3 above the rest): most tokens prefer expert 0
+    block.router[...] = jnp.asarray(router)
+    x = jax.random.normal(jax.random.key(0), (4, 16, cfg.embed_dim)) + 1.0
+    graphdef, state = nnx.split(block)
+
+    def aux_of(state):
+        return nnx.merge(graphdef, state)(x)[1]
+
+    for name in ("router_z_loss", "load_balance_loss"):
+        grads = jax.grad(lambda s: getattr(aux_of(s), name))(state)
+        size = 0.01 / float(optax_norm(grads))  # a small step along the negative gradient
+        moved = jax.tree.map(lambda p, g: p - size * g, state, grads)
+        before, after = aux_of(state), aux_of(moved)
+        assert float(getattr(after, name)) < float(getattr(before, name))
+        if name == "router_z_loss":  # logits shrink toward zero
+            logits_before = float(jnp.mean(jnp.abs(before.router_logits)))
+            assert float(jnp.mean(jnp.abs(after.router_logits))) < logits_before
+        else:  # probability mass moves off the overloaded expert
+            assert float(after.router_prob[0]) < float(before.router_prob[0])
+
+
+def test_bad_config_is_a_one_line_error_and_writes_nothing(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--train.steps=0",
+                             f"--checkpoint.dir={tmp_path / 'x'}"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: train.steps=0: must be >= 1"
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen([*_train_cmd(tmp_path, 100000), "--checkpoint.save_every=1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "SIGTERM: saved step" in out
+    ckpt = TrainCheckpointer(str(tmp_path), keep=2, async_save=False)
+    assert len(ckpt.steps()) == 1 and 0 < ckpt.steps()[0] < 100000
+    ckpt.close()

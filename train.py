@@ -1,0 +1,46 @@
+"""Train a Mixtral-style MoE model.
+
+  python train.py                                   # tiny model, built-in corpus, CPU-friendly
+  python train.py --config configs/tiny.toml --train.steps=500 --train.lr=1e-3
+
+Restart the same command after an interruption to resume from the last complete checkpoint.
+"""
+
+import argparse
+import sys
+
+from mixtral_jax.config import ConfigError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML run config (default: built-in defaults)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+    if bad:
+        print(f"error: unrecognised argument {bad[0]!r}: overrides look like --section.key=value",
+              file=sys.stderr)
+        return 2
+    from mixtral_jax import trainer
+    from mixtral_jax.runconfig import load_run_config
+
+    try:
+        cfg = load_run_config(args.config, overrides)
+        result = trainer.run(cfg)
+    except (ConfigError, trainer.NumericsHalt, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.get("step", 0) < cfg.train.steps:
+        return 0  # stopped by a signal, checkpoint saved
+    line = (f"done: step {result['step']}, train loss {result['loss']:.3f}, "
+            f"unigram entropy {result['unigram_entropy']:.3f}")
+    if "eval_loss" in result:
+        line += f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
+    print(line)
+    print(f"model checkpoint: {cfg.checkpoint.dir}/model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
