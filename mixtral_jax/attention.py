@@ -87,10 +87,52 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """x: [B, T, D]; cos, sin: [B, T, H]; mask: [B or 1, T, T] -> [B, T, D]."""
+        q, k, v = self.project(x, cos, sin)
+        out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
+        return self.output(out)
+
+    def project(self, x, cos, sin):
+        """x: [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H]."""
         dt = self.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """[B, T, N, H] -> [B, T, D]."""
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots):
+        """Attention of T new tokens over the cache plus themselves; returns the updated cache.
+
+        Args:
+          x: [B, T, D]; cos, sin: [B, T, H].
+          k_cache, v_cache: [B, S, K, H] this layer's cache before the new tokens.
+          mask: [B, T, S + T] over (cache slots, new tokens), see `cached_attention_mask`.
+          slots: [T'] cache slots that the last T' <= T new tokens are written to.
+        Returns:
+          ([B, T, D], new k_cache, new v_cache).
+        """
+        q, k, v = self.project(x, cos, sin)
+        keys = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)  # [B, S+T, K, H]
+        values = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
+        out = self.output(dot_product_attention(q, keys, values, mask))
+        kept = slots.shape[0]
+        return (out, write_cache(k_cache, k[:, -kept:], slots),
+                write_cache(v_cache, v[:, -kept:], slots))
+
+
+def cached_attention_mask(q_index: jax.Array, key_index: jax.Array, key_valid: jax.Array,
+                          sliding_window: int | None) -> jax.Array:
+    """Mask for queries at absolute indices `q_index` [T] over keys at `key_index` [S]
+    (-1 = empty slot) with `key_valid` [B, S] (False for padding) -> [B, T, S] bool."""
+    allowed = (key_index[None, :] <= q_index[:, None]) & (key_index[None, :] >= 0)  # [T, S]
+    if sliding_window is not None:
+        allowed &= key_index[None, :] > q_index[:, None] - sliding_window
+    return allowed[None] & key_valid[:, None, :]
+
+
+def write_cache(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """Writes new [B, T, K, H] into buffer [B, S, K, H] at slots [T] (distinct slot indices)."""
+    return buffer.at[:, slots].set(new.astype(buffer.dtype))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mixtral_jax.attention import Attention, make_attention_mask
+from mixtral_jax.attention import Attention, cached_attention_mask, make_attention_mask
 from mixtral_jax.config import ModelConfig, Remat
 from mixtral_jax.layers import Embed, RMSNorm, normal_init, rope_cos_sin
 from mixtral_jax.moe import MoE, MoEAux
@@ -47,6 +47,35 @@ class ModelOutput:
     aux: ModelAux
 
 
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding, an explicit pytree.
+
+    Slot s of the buffers holds the token at absolute index `index[s]` (-1: empty). With a
+    sliding window the buffer can be a rolling one of W slots: index i lives in slot i % S.
+
+    Attributes:
+      k, v: [L, B, S, K, H].
+      index: [S] int32 absolute token index held by each slot, -1 when empty.
+      valid: [B, S] bool, False for empty slots and padding.
+      length: [] int32 tokens written so far (the next token's absolute index).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    valid: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
+        shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   index=jnp.full((size,), -1, jnp.int32), valid=jnp.zeros((batch, size), bool),
+                   length=jnp.zeros((), jnp.int32))
+
+
 class DecoderBlock(nnx.Module):
     """x + Attention(RMSNorm(x)), then h + MoE(RMSNorm(h))."""
 
@@ -62,6 +91,14 @@ class DecoderBlock(nnx.Module):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask)
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, noise_rng)
         return h + moe_out, aux
+
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask):
+        """Like __call__ over new tokens with one layer's cache -> ([B, T, D], aux, k, v)."""
+        attn, k_cache, v_cache = self.attn.cached(self.attn_norm(x), cos, sin, k_cache, v_cache,
+                                                  mask, slots)
+        h = x + attn
+        moe_out, aux = self.moe(self.moe_norm(h), token_mask)
+        return h + moe_out, aux, k_cache, v_cache
 
 
 _REMAT_POLICIES = {
@@ -139,6 +176,50 @@ class Mixtral(nnx.Module):
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
                             preferred_element_type=jnp.float32)
         return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t))
+
+
+    def extend(self, tokens: jax.Array, cache: KVCache, *, positions: jax.Array,
+               valid: jax.Array) -> tuple[ModelOutput, KVCache]:
+        """Runs T new tokens on top of `cache` (prefill: T = prompt length; decode: T = 1).
+
+        Args:
+          tokens: [B, T] new token ids, at absolute indices cache.length ... + T - 1.
+          cache: the KV cache so far.
+          positions: [B, T] RoPE positions of the new tokens (per row: left padding shifts them).
+          valid: [B, T] bool, False for padding tokens (never attended to).
+        Returns:
+          (ModelOutput for the new tokens, updated cache).
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        size = cache.index.shape[0]
+        q_index = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
+        key_index = jnp.concatenate([cache.index, q_index])  # [S + T]
+        key_valid = jnp.concatenate([cache.valid, valid.astype(bool)], axis=1)  # [B, S + T]
+        mask = cached_attention_mask(q_index, key_index, key_valid, cfg.sliding_window)
+        kept = min(t, size)  # a rolling buffer keeps only the last S new tokens
+        slots = q_index[t - kept:] % size  # [kept]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        token_mask = valid.astype(jnp.float32)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(x, xs):
+            state, k_cache, v_cache = xs
+            layer = nnx.merge(graphdef, state)
+            x, aux, k_cache, v_cache = layer.cached(x, cos, sin, k_cache, v_cache, mask, slots,
+                                                    token_mask)
+            return x, (aux, k_cache, v_cache)
+
+        x = self.embed(tokens)
+        x, (layer_aux, k, v) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
+        x = self.final_norm(x)
+        logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        new_cache = KVCache(
+            k=k, v=v, index=cache.index.at[slots].set(q_index[t - kept:]),
+            valid=cache.valid.at[:, slots].set(valid[:, t - kept:].astype(bool)),
+            length=cache.length + t)
+        return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
 
 
 def _model_aux(layer_aux: MoEAux, batch: int, length: int) -> ModelAux:

@@ -1,0 +1,107 @@
+"""Cached generation: equals the full forward, equals transformers' greedy generate, sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mixtral_jax as mj
+from hf_reference import make_hf_model, ours_from_hf, torch
+from mixtral_jax.config import ConfigError
+from mixtral_jax.generate import Generator, SamplingParams, sample
+from mixtral_jax.model import KVCache
+
+
+@pytest.mark.parametrize("window,cache_size", [(None, 24), (4, 4), (6, 24)],
+                         ids=["full", "rolling-window", "window-big-cache"])
+def test_cached_decoding_equals_full_forward_at_every_step(window, cache_size):
+    cfg = mj.ModelConfig.tiny(sliding_window=window)
+    model = mj.init(cfg, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16)))
+    # Row 1 is left-padded by 3: positions follow its real tokens, padding is never attended.
+    valid = jnp.ones((2, 16), bool).at[1, :3].set(False)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    full = model(tokens, valid.astype(jnp.int32), positions=positions).logits
+    cache = KVCache.create(cfg, 2, cache_size)
+    out, cache = model.extend(tokens[:, :7], cache, positions=positions[:, :7], valid=valid[:, :7])
+    steps = [out.logits[:, 3:]]  # row 1's padded queries carry no meaning: compare from 3 on
+    reference = [full[:, 3:7]]
+    for t in range(7, 16):
+        out, cache = model.extend(tokens[:, t:t + 1], cache, positions=positions[:, t:t + 1],
+                                  valid=valid[:, t:t + 1])
+        steps.append(out.logits)
+        reference.append(full[:, t:t + 1])
+    got, want = jnp.concatenate(steps, axis=1), jnp.concatenate(reference, axis=1)
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) <= 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 6], ids=["no-window", "window"])
+def test_greedy_generation_equals_transformers_generate(window):
+    cfg = mj.ModelConfig.tiny(sliding_window=window, max_seq_len=128)
+    hf = make_hf_model(cfg, seed=3, std=0.2)
+    ours = ours_from_hf(hf, cfg)
+    rng = np.random.default_rng(1)
+    prompts = [list(map(int, rng.integers(3, cfg.vocab_size, n))) for n in (5, 11, 3)]
+    result = Generator(ours).generate(prompts, max_new_tokens=32, eos_id=cfg.eos_token_id)
+
+    width = max(map(len, prompts))
+    ids = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), np.int64)
+    for row, prompt in enumerate(prompts):  # left padding, as transformers expects
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    with torch.no_grad():
+        generated = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                max_new_tokens=32, do_sample=False, pad_token_id=0)
+    expected = []
+    for row in generated[:, width:].numpy().tolist():
+        expected.append(row[:row.index(cfg.eos_token_id)] if cfg.eos_token_id in row else row)
+    assert result.tokens == expected
+    assert sum(map(len, expected)) > 40  # a real comparison, not three early EOS
+
+
+def _generate(model, sampling, seed, prompts=([1, 7, 9], [1, 4])):
+    return Generator(model).generate(list(prompts), max_new_tokens=12, sampling=sampling,
+                                     seed=seed, eos_id=None).tokens
+
+
+def test_sampling_is_reproducible_and_filters_reduce_to_greedy():
+    model = mj.init(mj.ModelConfig.tiny(), 0)
+    greedy = _generate(model, SamplingParams(), 0)
+    hot = SamplingParams(temperature=1.5)
+    assert _generate(model, hot, 5) == _generate(model, hot, 5)
+    assert _generate(model, hot, 5) != _generate(model, hot, 6)
+    assert _generate(model, SamplingParams(temperature=1.0, top_p=1e-6), 3) == greedy
+    assert _generate(model, SamplingParams(temperature=1.0, top_k=1), 4) == greedy
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    draw = lambda p: np.asarray(jax.vmap(lambda k: sample(logits, k, p)[0])(keys))
+    assert set(draw(SamplingParams(temperature=1.0, top_k=2))) == {0, 1}
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.75))) == {0, 1}
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.85))) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temperature": -0.1}, "temperature=-0.1 must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature=inf must be a finite number >= 0"),
+    ({"temperature": float("nan")}, "temperature=nan must be a finite number >= 0"),
+    ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
+    ({"top_k": -1}, "top_k=-1 must be an integer >= 0"),
+])
+def test_bad_sampling_values_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_empty_prompt_and_too_long_requests_are_refused():
+    model = mj.init(mj.ModelConfig.tiny(max_seq_len=32), 0)
+    generator = Generator(model)
+    with pytest.raises(ConfigError, match="empty prompt"):
+        generator.generate([[1, 2], []], max_new_tokens=4, eos_id=2)
+    with pytest.raises(ConfigError, match="prompt of 20 tokens \\+ max_new_tokens=13 = 33 "
+                                          "exceeds the model's context of 32 tokens"):
+        generator.generate([[1] * 20], max_new_tokens=13, eos_id=2)

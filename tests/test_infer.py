@@ -1,0 +1,115 @@
+"""infer.py end to end: our checkpoints and Hugging Face directories, output modes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mixtral_jax as mj
+from hf_reference import make_hf_model, ours_from_hf
+from mixtral_jax import checkpoint
+from mixtral_jax.generate import Generator
+from mixtral_jax.tokenizer import train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ["The quick brown fox jumps over the lazy dog.", "Mixture of experts routes tokens.",
+        "Sparse models read only the chosen experts.", "def main(): return 0"] * 20
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    tokenizer = train_tokenizer(TEXT, str(root / "tok.model"), 96)
+    cfg = mj.ModelConfig.tiny(vocab_size=tokenizer.vocab_size, max_seq_len=64)
+    hf = make_hf_model(cfg, seed=0, std=0.2)
+    hf.save_pretrained(str(root / "hf"))  # safetensors, transformers' own layout on disk
+    (root / "hf" / "tokenizer.model").write_bytes((root / "tok.model").read_bytes())
+    ours = ours_from_hf(hf, cfg)
+    checkpoint.save_model(str(root / "ckpt"), mj.get_params(ours), cfg, str(root / "tok.model"))
+    return root, tokenizer, ours
+
+
+def _infer(*args, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *args],
+                          capture_output=True, text=True, input=stdin, cwd=ROOT, timeout=300)
+
+
+def test_json_output_equals_the_library_and_hf_directory_equals_checkpoint(setup):
+    root, tokenizer, ours = setup
+    prompts = ["The quick", "Sparse models"]
+    args = ["--prompt", prompts[0], "--prompt", prompts[1], "--json", "--max-new-tokens", "10",
+            "--show-routing"]
+    from_ckpt = _infer("--checkpoint", str(root / "ckpt"), *args)
+    assert from_ckpt.returncode == 0, from_ckpt.stderr
+    result = json.loads(from_ckpt.stdout)
+    expected = Generator(ours).generate([tokenizer.encode(p) for p in prompts],
+                                        max_new_tokens=10, eos_id=tokenizer.eos_id)
+    assert [c["ids"] for c in result["completions"]] == expected.tokens
+    assert result["completions"][0]["prompt_ids"][0] == tokenizer.bos_id  # BOS first
+    assert np.array(result["tokens_per_expert"]).shape == (2, 4)
+    assert result["timing"]["time_to_first_token_s"] > 0
+    from_hf = _infer("--checkpoint", str(root / "hf"), *args)
+    assert from_hf.returncode == 0, from_hf.stderr
+    assert json.loads(from_hf.stdout)["completions"] == result["completions"]
+
+
+def test_streaming_chat_and_stdin(setup):
+    root, tokenizer, _ = setup
+    streamed = _infer("--checkpoint", str(root / "ckpt"), "--chat", "--max-new-tokens", "6",
+                      stdin="Hello experts\n")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.startswith("Hello experts")
+    assert "time to first token" in streamed.stderr and "tokens/s" in streamed.stderr
+    chat = _infer("--checkpoint", str(root / "ckpt"), "--chat", "--json", "--prompt", "Hi",
+                  "--max-new-tokens", "4")
+    ids = json.loads(chat.stdout)["completions"][0]["prompt_ids"]
+    assert ids == tokenizer.encode("[INST] Hi [/INST]")
+
+
+def test_stop_strings_cut_the_text(setup):
+    root, _, _ = setup
+    plain = json.loads(_infer("--checkpoint", str(root / "ckpt"), "--json", "--prompt", "The",
+                              "--max-new-tokens", "24").stdout)["completions"][0]
+    text = plain["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip()
+    cut = json.loads(_infer("--checkpoint", str(root / "ckpt"), "--json", "--prompt", "The",
+                            "--max-new-tokens", "24", "--stop", stop).stdout)["completions"][0]
+    assert cut["finish"] == "stop" and cut["text"] == text[:text.index(stop)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "  "], "error: prompt 1 is empty"),
+    (["--prompt", "The", "--max-new-tokens", "100"],
+     "exceeds the model's context of 64 tokens"),
+    (["--prompt", "a", "--temperature", "-1"], "error: temperature=-1.0 must be"),
+    (["--prompt", "a", "--temperature", "nan"], "error: temperature=nan must be"),
+    (["--prompt", "a", "--top-p", "0"], "error: top_p=0.0 must be in (0, 1]"),
+    (["--prompt", "a", "--top-k", "-2"], "error: top_k=-2 must be an integer >= 0"),
+])
+def test_bad_inputs_give_one_line_errors(setup, args, message):
+    root, _, _ = setup
+    result = _infer("--checkpoint", str(root / "ckpt"), *args)
+    assert result.returncode == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_tokenizer_and_mismatched_checkpoint(setup, tmp_path):
+    root, _, ours = setup
+    no_tok = tmp_path / "no_tok"
+    checkpoint.save_model(str(no_tok), mj.get_params(ours), ours.cfg)
+    result = _infer("--checkpoint", str(no_tok), "--prompt", "a")
+    assert result.returncode == 1 and "no tokenizer at" in result.stderr
+    # A checkpoint whose config.json disagrees with its weights.
+    bad = tmp_path / "bad"
+    checkpoint.save_model(str(bad), mj.get_params(ours), ours.cfg, str(root / "tok.model"))
+    mj.save_hf_config(ours.cfg.replace(num_experts=5), str(bad / "config.json"))
+    result = _infer("--checkpoint", str(bad), "--prompt", "a")
+    assert result.returncode == 1 and "does not match its config.json" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = _infer("--checkpoint", str(tmp_path / "nowhere"), "--prompt", "a")
+    assert result.returncode == 1 and "does not exist" in result.stderr
