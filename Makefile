@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) train.py
-	$(PY) infer.py
+	$(PY) infer.py --checkpoint runs/tiny/model --prompt "The for statement" --max-new-tokens 48
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,0 +1,82 @@
+"""Shared benchmark helpers: device ceilings measured in the same run, big random models on device.
+
+Run from the repository root with PYTHONPATH=. (the GPU machine does not install the package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import mixtral_jax as mj
+
+
+def timed(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
+    """Median seconds of fn(*args) (blocking on the result), after warm-up runs."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_tflops(n: int = 8192) -> float:
+    """bf16 n^3 matmul throughput through XLA on random data (TFLOP/s)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    return 2 * n**3 / timed(f, a, b, repeats=20) / 1e12
+
+
+def copy_bandwidth_tbs(gib: int = 4) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second, TB/s)."""
+    x = jnp.ones((gib * (1 << 30) // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: x + 1)
+    return 2 * x.nbytes / timed(f, x, repeats=20) / 1e12
+
+
+def random_model(cfg: mj.ModelConfig, seed: int = 0) -> mj.Mixtral:
+    """The model with N(0, 0.02^2)-ish random weights made on the device, one layer slice at a
+    time (a full float32 temporary of an 8x7B expert stack would not fit)."""
+    model = mj.abstract(cfg)
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    made = []
+    for key, leaf in zip(keys, leaves):
+        dtype, shape = leaf.dtype, leaf.shape
+
+        @jax.jit
+        def make(key, shape=shape, dtype=dtype):
+            if len(shape) >= 3:  # stacked [L, ...]: one layer at a time
+                return jax.lax.map(lambda k: (0.02 * jax.random.normal(
+                    k, shape[1:], jnp.float32)).astype(dtype), jax.random.split(key, shape[0]))
+            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+        made.append(make(key))
+    params = jax.tree.unflatten(treedef, made)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ones_like(x) if "scale" in jax.tree_util.keystr(p) else x, params)
+    return nnx.merge(graphdef, params)
+
+
+def environment() -> dict:
+    import flax
+    return {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "flax": flax.__version__,
+            "python": platform.python_version(), "device": jax.devices()[0].device_kind,
+            "device_count": jax.device_count()}
+
+
+def write_json(name: str, payload: dict) -> None:
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(payload, f, indent=1)

@@ -1,0 +1,76 @@
+"""Decode speed of the full Mixtral 8x7B (random bf16 weights) on one GPU, beside the floor.
+
+  PYTHONPATH=. python bench/decode.py [--layers 32] [--batches 1,8,64] [--new 128]
+
+The floor: each decode step must read the weights it uses once: attention and router of every
+layer, the experts the batch touches (8 x (1 - (3/4)^B) of 8 per layer, in expectation, for
+top-2), the LM head; at the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+import mixtral_jax as mj
+from bench.common import copy_bandwidth_tbs, environment, random_model, write_json
+from mixtral_jax.generate import Generator
+
+
+def step_bytes(cfg: mj.ModelConfig, batch: int) -> float:
+    """Weight bytes one decode step reads (bf16), experts counted by expected distinct use."""
+    d, f, e, k = cfg.embed_dim, cfg.hidden_dim, cfg.num_experts, cfg.num_experts_per_tok
+    touched = e * (1 - (1 - k / e) ** batch)
+    attention = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + d * e
+    per_layer = attention + touched * 3 * d * f
+    return 2.0 * (cfg.num_layers * per_layer + cfg.vocab_size * d)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--moe-impl", default="dropless")
+    args = p.parse_args()
+    cfg = mj.preset("mixtral-8x7b", num_layers=args.layers, dtype="bfloat16",
+                    param_dtype="bfloat16", moe_impl=args.moe_impl, max_seq_len=4096)
+    bandwidth = copy_bandwidth_tbs()
+    start = time.perf_counter()
+    model = random_model(cfg)
+    print(f"model built on device in {time.perf_counter() - start:.0f} s", flush=True)
+    generator = Generator(model, chunk=16)
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = [list(map(int, rng.integers(3, 32000, 16))) for _ in range(batch)]
+        for _ in range(2):  # the second run is timed without compilation
+            result = generator.generate(prompts, max_new_tokens=args.new, eos_id=None)
+        tok_s = result.decode_tokens / result.decode_s
+        floor_s = step_bytes(cfg, batch) / (bandwidth * 1e12)
+        rows.append({"batch": batch, "decode_tokens_per_s": tok_s,
+                     "step_ms": 1000 * batch / tok_s, "floor_step_ms": 1000 * floor_s,
+                     "share_of_floor": floor_s / (batch / tok_s)})
+        print(rows[-1], flush=True)
+    prompt = [list(map(int, rng.integers(3, 32000, args.prefill)))]
+    ttft = [generator.generate(prompt, max_new_tokens=16, eos_id=None).time_to_first_token_s
+            for _ in range(3)][-1]
+    payload = {"env": environment(), "config": {"layers": args.layers, "moe_impl": args.moe_impl},
+               "copy_bandwidth_tbs": bandwidth, "decode": rows,
+               f"ttft_{args.prefill}_tokens_s": ttft}
+    write_json(f"decode_{args.moe_impl}.json", payload)
+    print(f"\ncopy bandwidth {bandwidth:.2f} TB/s; moe_impl={args.moe_impl}; layers={args.layers}")
+    print(f"{'batch':>6} {'tok/s':>10} {'step ms':>9} {'floor ms':>9} {'of floor':>9}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['decode_tokens_per_s']:>10.1f} {r['step_ms']:>9.2f} "
+              f"{r['floor_step_ms']:>9.2f} {r['share_of_floor']:>9.1%}")
+    print(f"time to first token, {args.prefill}-token prompt: {ttft * 1000:.0f} ms")
+    jax.clear_caches()
+
+
+if __name__ == "__main__":
+    main()

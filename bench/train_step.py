@@ -1,0 +1,91 @@
+"""Training-step throughput of a reduced-depth, full-width Mixtral 8x7B on one GPU.
+
+  PYTHONPATH=. python bench/train_step.py [--layers 2] [--batch 4] [--seq 4096]
+
+bfloat16 compute, float32 master weights and AdamW state, the real train step (CE + router
+losses, clipping, AdamW). MFU counts 6 x active matmul parameters + causal attention per token
+(`metrics.flops_per_token`), against the bf16 matmul peak measured in the same run and the
+989 TFLOP/s datasheet peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import mixtral_jax as mj
+from bench.common import environment, matmul_peak_tflops, random_model, write_json
+from mixtral_jax import metrics
+from mixtral_jax.runconfig import TrainConfig
+from mixtral_jax.train_step import init_state, make_optimizer, make_train_step
+
+
+def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
+    cfg = mj.preset("mixtral-8x7b", num_layers=layers, dtype="bfloat16", param_dtype="float32",
+                    moe_impl=moe_impl, capacity_factor=1.25, max_seq_len=seq)
+    tc = TrainConfig(steps=1000, batch_size=batch, seq_len=seq, warmup_steps=10)
+    model = random_model(cfg)
+    graphdef, params = nnx.graphdef(model), mj.get_params(model)
+    del model
+    tx = make_optimizer(tc, params)
+    state = init_state(params, tx, 0)
+    step = make_train_step(graphdef, tx, tc)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
+    data = {"tokens": tokens[..., :-1], "targets": tokens[..., 1:],
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)),
+            "segment_ids": np.ones((1, batch, seq), np.int32),
+            "loss_mask": np.ones((1, batch, seq), np.float32)}
+    data = jax.tree.map(jnp.asarray, data)
+    compile_start = time.perf_counter()
+    for _ in range(2):
+        state, m = step(state, data)
+    jax.block_until_ready(m["loss"])
+    warm = time.perf_counter() - compile_start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, m = step(state, data)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    tok_s = batch * seq / step_s
+    return {"moe_impl": moe_impl, "layers": layers, "batch": batch, "seq": seq,
+            "step_ms": 1000 * step_s, "tokens_per_s": tok_s, "loss": float(m["loss"]),
+            "flops_per_token": metrics.flops_per_token(cfg, seq), "warmup_s": warm}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--impls", default="capacity,dropless")
+    args = p.parse_args()
+    peak = matmul_peak_tflops()
+    rows = []
+    for impl in args.impls.split(","):
+        row = run(impl, args.layers, args.batch, args.seq, args.steps)
+        achieved = row["tokens_per_s"] * row["flops_per_token"] / 1e12
+        row.update(tflops=achieved, mfu_vs_measured_peak=achieved / peak,
+                   mfu_vs_989=achieved / 989.0)
+        rows.append(row)
+        print(row, flush=True)
+        jax.clear_caches()
+    write_json("train_step.json", {"env": environment(), "matmul_peak_tflops": peak,
+                                   "runs": rows})
+    print(f"\nmeasured bf16 matmul peak: {peak:.0f} TFLOP/s")
+    print(f"{'impl':>9} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU/meas':>9} {'MFU/989':>8}")
+    for r in rows:
+        print(f"{r['moe_impl']:>9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
+              f"{r['tflops']:>8.0f} {r['mfu_vs_measured_peak']:>9.1%} {r['mfu_vs_989']:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
