@@ -77,3 +77,52 @@ class _Getter:
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._get(key)
+
+
+def main(argv=None) -> int:
+    """`python -m mixtral_jax.upcycle --dense DIR --out CKPT [--experts 8 --topk 2 ...]`."""
+    import argparse
+    import json
+    import os
+    import sys
+
+    from mixtral_jax import checkpoint
+    from mixtral_jax.loading import HFWeights
+
+    p = argparse.ArgumentParser(prog="python -m mixtral_jax.upcycle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dense", required=True, help="Hugging Face Mistral/Llama directory")
+    p.add_argument("--out", required=True, help="new model checkpoint directory")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--router-std", type=float, default=0.02)
+    p.add_argument("--expert-noise", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if os.path.exists(args.out):
+            raise ConfigError(f"--out {args.out} already exists: choose a new directory")
+        config_path = os.path.join(args.dense, "config.json")
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"no config.json in {args.dense}")
+        with open(config_path, encoding="utf-8") as f:
+            dense_config = json.load(f)
+        cfg = upcycled_config(dense_config, args.experts, args.topk)
+        weights = HFWeights(args.dense)
+        params = upcycle_params(weights.__getitem__, cfg, router_std=args.router_std,
+                                expert_noise=args.expert_noise, seed=args.seed)
+        tokenizer = os.path.join(args.dense, checkpoint.TOKENIZER_FILE)
+        checkpoint.save_model(args.out, params, cfg,
+                              tokenizer if os.path.isfile(tokenizer) else None)
+    except (ConfigError, ValueError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}) from "
+          f"{args.dense}; {cfg.param_count:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
