@@ -95,3 +95,37 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int) -> Tokeniz
     with open(path, "wb") as f:
         f.write(model.getvalue())
     return Tokenizer.load(path)
+
+
+def main(argv=None) -> int:
+    """`python -m mixtral_jax.tokenizer train-tokenizer --data SOURCE --vocab-size N --out F`."""
+    import argparse
+    import sys
+
+    from mixtral_jax import data
+
+    p = argparse.ArgumentParser(prog="python -m mixtral_jax.tokenizer")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train-tokenizer", help="train a BPE sentencepiece model on text")
+    t.add_argument("--data", default=data.BUILTIN_PYDOC,
+                   help="builtin:pydoc, a .txt/.jsonl file or a directory of them")
+    t.add_argument("--vocab-size", type=int, default=512)
+    t.add_argument("--out", required=True, help="where to write the .model file")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if os.path.exists(args.out):
+            raise ConfigError(f"--out {args.out} already exists")
+        docs = [d for d in data.read_documents(args.data) if isinstance(d, str)]
+        if not docs:
+            raise ConfigError(f"{args.data} holds no text to train a tokenizer on")
+        tokenizer = train_tokenizer([p for d in docs for p in d.split("\n\n")], args.out,
+                                    args.vocab_size)
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {tokenizer.vocab_size} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

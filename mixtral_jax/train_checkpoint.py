@@ -114,6 +114,15 @@ class TrainCheckpointer:
         self.wait()
         self.manager.close()
 
+    def close_after_error(self) -> None:
+        """Lets saves already in flight finish (they hold good, earlier steps), then closes;
+        a second error here would hide the first, so it is only reported."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: while stopping, a pending checkpoint save failed too: {e}")
+
     def _remove_interrupted_saves(self) -> None:
         """Deletes temporary step directories left by a save that never finished (Orbax would
         only do it before its next save; a crashed run should not keep them meanwhile)."""

@@ -167,6 +167,10 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
             if stop.signal:
                 print(f"\n{stop.signal}: saved step {step}, exiting")
                 break
+    except BaseException:
+        ckpt.close_after_error()
+        raise
+    else:
         ckpt.close()
     finally:
         bar.close()

@@ -219,3 +219,44 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     ckpt = TrainCheckpointer(str(tmp_path), keep=2, async_save=False)
     assert len(ckpt.steps()) == 1 and 0 < ckpt.steps()[0] < 100000
     ckpt.close()
+
+
+def test_failed_checkpoint_save_stops_the_run_loudly(tmp_path, monkeypatch):
+    """Orbax reports a failed background save at the next save or wait: the run must stop."""
+    original = ocp.CheckpointManager.save
+
+    def failing_save(self, step, *args, **kwargs):
+        if step == 2:
+            raise OSError("disk full (simulated)")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+    cfg = _config(tmp_path, *SMALL, "--train.steps=4", "--checkpoint.save_every=1")
+    with pytest.raises(RuntimeError, match="checkpoint save failed at step 2: disk full"):
+        trainer.run(cfg, show_progress=False)
+    ckpt = TrainCheckpointer(str(tmp_path), keep=3, async_save=False)
+    assert ckpt.steps() == [1]  # nothing after the failure, and no final model written
+    ckpt.close()
+    assert not (tmp_path / "model").exists()
+
+
+def test_repeated_non_finite_steps_halt_without_bad_weights(tmp_path, monkeypatch):
+    original = data.BatchIterator.__next__
+
+    def poisoned(self):
+        batch = dict(original(self))
+        batch["loss_mask"] = batch["loss_mask"] * np.nan
+        return batch
+
+    monkeypatch.setattr(data.BatchIterator, "__next__", poisoned)
+    cfg = _config(tmp_path, *SMALL, "--train.steps=10", "--train.max_bad_steps=3",
+                  "--checkpoint.save_every=1", "--checkpoint.async_save=false")
+    with pytest.raises(trainer.NumericsHalt, match="3 consecutive non-finite steps at step 3"):
+        trainer.run(cfg, show_progress=False)
+    ckpt = TrainCheckpointer(str(tmp_path), keep=3, async_save=False)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    saved = ckpt.manager.restore(ckpt.steps()[-1], args=args)["state"]
+    ckpt.close()
+    assert ckpt.steps()[-1] == 2  # the halting step is not saved
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved["params"]))
+    assert not (tmp_path / "model").exists()
