@@ -105,3 +105,14 @@ def test_empty_prompt_and_too_long_requests_are_refused():
     with pytest.raises(ConfigError, match="prompt of 20 tokens \\+ max_new_tokens=13 = 33 "
                                           "exceeds the model's context of 32 tokens"):
         generator.generate([[1] * 20], max_new_tokens=13, eos_id=2)
+
+
+def test_prompt_lengths_share_a_bucket_and_do_not_recompile():
+    generator = Generator(mj.init(mj.ModelConfig.tiny(), 0))
+    first = generator.generate([[1, 5, 6]], max_new_tokens=8, eos_id=None)
+    compiled = generator._prefill._cache_size(), generator._decode._cache_size()
+    for prompt in ([1] * 9, [1, 2] * 8, [3] * 14):  # 9, 16, 14 tokens: all in the 16 bucket
+        result = generator.generate([prompt], max_new_tokens=8, eos_id=None)
+        assert result.prompt_bucket == first.prompt_bucket == 16
+    assert (generator._prefill._cache_size(), generator._decode._cache_size()) == compiled
+    assert generator.generate([[1] * 17], max_new_tokens=8, eos_id=None).prompt_bucket == 32
