@@ -48,7 +48,7 @@ def read_prompts(args) -> list[str]:
         if text.strip():
             prompts.append(text.strip())
     if not prompts:
-        prompts = ["The "]
+        raise ConfigError("no prompt: pass --prompt, --prompt-file or text on standard input")
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
             raise ConfigError(f"prompt {i + 1} is empty")

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import mixtral_jax as mj
 from hf_reference import make_hf_model, ours_from_hf
@@ -27,6 +28,13 @@ def setup(tmp_path_factory):
     hf = make_hf_model(cfg, seed=0, std=0.2)
     hf.save_pretrained(str(root / "hf"))  # safetensors, transformers' own layout on disk
     (root / "hf" / "tokenizer.model").write_bytes((root / "tok.model").read_bytes())
+    # The transformers v5 fused layout: the in-memory state dict written as it is.
+    (root / "fused").mkdir()
+    save_file({k: v.detach().numpy().copy() for k, v in hf.state_dict().items()},
+              str(root / "fused" / "model.safetensors"))
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in hf.state_dict())
+    for name in ("config.json", "tokenizer.model"):
+        (root / "fused" / name).write_bytes((root / "hf" / name).read_bytes())
     ours = ours_from_hf(hf, cfg)
     checkpoint.save_model(str(root / "ckpt"), mj.get_params(ours), cfg, str(root / "tok.model"))
     return root, tokenizer, ours
@@ -51,9 +59,10 @@ def test_json_output_equals_the_library_and_hf_directory_equals_checkpoint(setup
     assert result["completions"][0]["prompt_ids"][0] == tokenizer.bos_id  # BOS first
     assert np.array(result["tokens_per_expert"]).shape == (2, 4)
     assert result["timing"]["time_to_first_token_s"] > 0
-    from_hf = _infer("--checkpoint", str(root / "hf"), *args)
-    assert from_hf.returncode == 0, from_hf.stderr
-    assert json.loads(from_hf.stdout)["completions"] == result["completions"]
+    for layout in ("hf", "fused"):
+        from_hf = _infer("--checkpoint", str(root / layout), *args)
+        assert from_hf.returncode == 0, from_hf.stderr
+        assert json.loads(from_hf.stdout)["completions"] == result["completions"]
 
 
 def test_streaming_chat_and_stdin(setup):

@@ -33,8 +33,8 @@ class GenerationResult:
     finish: list[str]
     prompt_bucket: int
     time_to_first_token_s: float
-    decode_s: float  # decode time after the first compiled chunk (compilation excluded)
-    decode_tokens: int  # tokens decoded in that time
+    decode_s: float  # decode time after the first compiled call (compilation excluded),
+    decode_tokens: int  # and tokens decoded in it; all decoding if one call sufficed
     tokens_per_expert: np.ndarray  # [L, E] over prompt and generated tokens
 
 
@@ -153,6 +153,7 @@ class Generator:
         for row in range(batch):
             take(row, [int(first[row])])
         decode_start, produced, chunks = time.perf_counter(), 0, 0
+        decode_first = decode_start
         while not done.all():
             key, chunk_key = jax.random.split(key)
             cache, last, next_pos, _, new, chunk_load = self._decode(
@@ -168,6 +169,9 @@ class Generator:
             for row in range(batch):
                 take(row, new[row].tolist())
         decode_s = time.perf_counter() - decode_start
+        if produced == 0:  # everything fit in the first (compiling) call: count that call
+            produced = sum(len(t) for t in out) - sum(1 for t in out if t)
+            decode_s = time.perf_counter() - decode_first
         return GenerationResult(tokens=out, finish=finish, prompt_bucket=padded,
                                 time_to_first_token_s=ttft, decode_s=decode_s,
                                 decode_tokens=produced, tokens_per_expert=load)
