@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mixtral_jax import checkpoint, data, losses, metrics
 from mixtral_jax.config import ConfigError
-from mixtral_jax.model import abstract, get_params, init
+from mixtral_jax.model import get_params, init
 from mixtral_jax.runconfig import RunConfig, to_dict
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
 from mixtral_jax.train_checkpoint import TrainCheckpointer
@@ -92,7 +92,9 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> dict:
         stop.restore()
 
 
-def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
+def _prepare_data(cfg: RunConfig):
+    """(model config, train rows, train batches, held-out batches); the tokenizer is prepared
+    (trained or copied) into the run directory on the way."""
     tc = cfg.train
     documents = data.read_documents(cfg.data.source)
     train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_fraction, cfg.seed)
@@ -103,13 +105,19 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
                           f"{model_cfg.max_seq_len}")
     train_rows = data.pack(data.tokenize_documents(train_docs, tokenizer), tc.seq_len, cfg.seed)
     batches = data.BatchIterator(train_rows, tc.batch_size, cfg.seed)
-    held_out = (data.eval_batches(data.pack(data.tokenize_documents(eval_docs, tokenizer),
-                                            tc.seq_len, cfg.seed), tc.batch_size,
-                                  tc.eval_batches) if eval_docs else [])
+    held_out = []
+    if eval_docs:
+        eval_rows = data.pack(data.tokenize_documents(eval_docs, tokenizer), tc.seq_len, cfg.seed)
+        held_out = data.eval_batches(eval_rows, tc.batch_size, tc.eval_batches)
+    return model_cfg, train_rows, batches, held_out
 
+
+def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator):
+    """(graphdef, optimizer, state, checkpointer): fresh, or restored from the newest verified
+    checkpoint of the run directory (the data iterator is moved to where that run was)."""
     model = init(model_cfg, cfg.seed)
     graphdef = nnx.graphdef(model)
-    tx = make_optimizer(tc, get_params(model))
+    tx = make_optimizer(cfg.train, get_params(model))
     state = init_state(get_params(model), tx, cfg.seed)
     del model
     ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
@@ -122,45 +130,66 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
         state = TrainState(**restored)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
+    return graphdef, tx, state, ckpt
 
+
+class _Logger:
+    """Turns step metrics into tokens/s and MFU, and writes them to the bar, JSONL and TensorBoard."""
+
+    def __init__(self, cfg: RunConfig, model_cfg, start_step: int, show_progress: bool):
+        self.writer = metrics.MetricsWriter(cfg.checkpoint.dir,
+                                            enabled=jax.process_index() == 0)
+        self.peak = cfg.train.peak_tflops or metrics.device_peak_tflops()
+        self.flops = metrics.flops_per_token(model_cfg, cfg.train.seq_len)
+        self.bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not show_progress,
+                        unit="step", dynamic_ncols=True)
+        self.last_time, self.tokens = time.perf_counter(), 0.0
+
+    def step(self, step: int, m: dict) -> dict:
+        """Logs step `step`; returns its scalars."""
+        now = time.perf_counter()
+        tok_s = self.tokens / max(now - self.last_time, 1e-9)
+        self.last_time, self.tokens = now, 0.0
+        scalars = {k: float(m[k]) for k in ("loss", "ce", "load_balance_loss", "router_z_loss",
+                                            "grad_norm", "lr")}
+        scalars["tokens_per_s"] = tok_s
+        if self.peak:
+            scalars["mfu"] = tok_s * self.flops / (self.peak * 1e12 * jax.device_count())
+        self.writer.write(step, scalars, {k: m[k] for k in (
+            "tokens_per_expert", "routing_entropy", "dropped_fraction")})
+        self.bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                             mfu=f"{scalars['mfu']:.1%}" if self.peak else "n/a")
+        return scalars
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+
+
+def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
+    tc = cfg.train
+    model_cfg, train_rows, batches, held_out = _prepare_data(cfg)
+    graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches)
     train_step = make_train_step(graphdef, tx, tc)
     eval_step = make_eval_step(graphdef)
-    writer = metrics.MetricsWriter(cfg.checkpoint.dir, enabled=jax.process_index() == 0)
-    peak = tc.peak_tflops or metrics.device_peak_tflops()
-    flops = metrics.flops_per_token(model_cfg, tc.seq_len)
+    log = _Logger(cfg, model_cfg, int(state.step), show_progress)
     final: dict = {}
-    start_step = int(state.step)
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not show_progress, unit="step",
-               dynamic_ncols=True)
     try:
-        last_time, last_tokens = time.perf_counter(), 0.0
         while int(state.step) < tc.steps:
             batch = split_micro_batches(next(batches), tc.grad_accum)
             state, m = train_step(state, jax.tree.map(jnp.asarray, batch))
             step = int(state.step)
-            last_tokens += float(m["tokens"])
+            log.tokens += float(m["tokens"])
             if int(state.bad_steps) >= tc.max_bad_steps:
                 raise NumericsHalt(f"{int(state.bad_steps)} consecutive non-finite steps at step "
                                    f"{step} (train.max_bad_steps={tc.max_bad_steps}): halted, "
                                    "nothing saved")
             if step % tc.log_every == 0 or step == tc.steps:
-                now = time.perf_counter()
-                tok_s = last_tokens / max(now - last_time, 1e-9)
-                last_time, last_tokens = now, 0.0
-                scalars = {k: float(m[k]) for k in ("loss", "ce", "load_balance_loss",
-                                                    "router_z_loss", "grad_norm", "lr")}
-                scalars["tokens_per_s"] = tok_s
-                if peak:
-                    scalars["mfu"] = tok_s * flops / (peak * 1e12 * jax.device_count())
-                writer.write(step, scalars, {k: m[k] for k in (
-                    "tokens_per_expert", "routing_entropy", "dropped_fraction")})
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                                mfu=f"{scalars['mfu']:.1%}" if peak else "n/a")
-                final.update(scalars)
+                final.update(log.step(step, m))
             if held_out and (step % tc.eval_every == 0 or step == tc.steps):
                 final.update(evaluate(eval_step, state.params, held_out))
-                writer.write(step, {k: final[k] for k in ("eval_loss", "eval_perplexity")})
-            bar.update(step - bar.n)
+                log.writer.write(step, {k: final[k] for k in ("eval_loss", "eval_perplexity")})
+            log.bar.update(step - log.bar.n)
             if step % cfg.checkpoint.save_every == 0 or step == tc.steps or stop.signal:
                 ckpt.save(step, dataclasses.asdict(state),
                           {"data": batches.state, "config": to_dict(cfg)})
@@ -173,8 +202,7 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
     else:
         ckpt.close()
     finally:
-        bar.close()
-        writer.close()
+        log.close()
     if int(state.step) >= tc.steps:
         write_model(cfg.checkpoint.dir, state.params, model_cfg)
     final["step"] = int(state.step)
@@ -205,4 +233,3 @@ def write_model(run_dir: str, params, model_cfg) -> str:
     return target
 
 
-__all__ = ["run", "evaluate", "write_model", "NumericsHalt", "abstract"]
