@@ -144,3 +144,19 @@ def params_to_hf(params: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
             leaf = leaf[name]
         for index, key in slice_keys(m, cfg):
             yield key, m.to_hf(np.asarray(leaf[index] if index else leaf), cfg)
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF legacy key -> tensor shape ([out, in] for matrices) of every tensor for `cfg`."""
+    d, f, v, e = cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, cfg.num_experts
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    by_leaf = {
+        ("embed", "embedding"): (v, d), ("layers", "attn_norm", "scale"): (d,),
+        ("layers", "attn", "q_proj"): (q, d), ("layers", "attn", "k_proj"): (kv, d),
+        ("layers", "attn", "v_proj"): (kv, d), ("layers", "attn", "o_proj"): (d, q),
+        ("layers", "moe_norm", "scale"): (d,), ("layers", "moe", "router"): (e, d),
+        ("layers", "moe", "w_gate"): (f, d), ("layers", "moe", "w_up"): (f, d),
+        ("layers", "moe", "w_down"): (d, f), ("final_norm", "scale"): (d,),
+        ("lm_head",): (v, d),
+    }
+    return {key: by_leaf[m.path] for m in TABLE for _, key in slice_keys(m, cfg)}
