@@ -76,7 +76,7 @@ def open_source(directory: str, *, allow_pickle: bool = False, dtype: str | None
         raise ConversionError(directory, [f"source directory {directory} does not exist"])
     weights = files.open_weights(directory, problems, allow_pickle=allow_pickle)
     layout = layouts.detect(weights.keys()) if weights is not None else None
-    if weights is not None and layout is None:
+    if weights is not None and layout is None and (weights.keys() or not problems):
         problems.append(f"{directory}: tensor names match no known Mixtral layout "
                         f"(e.g. {sorted(weights.keys())[:3]})")
     cfg = None
