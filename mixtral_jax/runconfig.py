@@ -93,14 +93,15 @@ class TrainConfig:
 class DataConfig:
     """Attributes:
       source: `builtin:pydoc`, a .txt / .jsonl / .npy file, or a directory of them.
-      tokenizer: `train` (train a BPE tokenizer on the training documents), `mistral` (the
-        official Mixtral tokenizer from mistral-common), or a sentencepiece model file.
+      tokenizer: `auto` (the starting checkpoint's tokenizer if `checkpoint.init_from` has one;
+        Mistral's official tokenizer for a 32000- or 32768-token model; else `train`), `train`
+        (train a BPE tokenizer on the training documents), `mistral`, or a sentencepiece file.
       vocab_size: vocabulary of a trained tokenizer (the model's vocab_size follows it).
       eval_fraction: share of documents held out for eval loss and perplexity.
     """
 
     source: str = "builtin:pydoc"
-    tokenizer: str = "train"
+    tokenizer: str = "auto"
     vocab_size: int = 512
     eval_fraction: float = 0.05
 
@@ -117,9 +118,13 @@ class CheckpointConfig:
       save_every: steps between checkpoints (the last step is always saved).
       keep: checkpoints kept (older ones are deleted).
       async_save: write checkpoints in the background while training continues.
+      init_from: a model checkpoint (converted, upcycled, trained) whose weights start a new run;
+        its config.json fixes the model's sizes, the [model] table may still set dtype, param_dtype,
+        remat, moe_impl, capacity_factor and router_jitter_noise. Ignored when resuming.
     """
 
     dir: str = "runs/tiny"
+    init_from: str = ""
     save_every: int = 100
     keep: int = 3
     async_save: bool = True

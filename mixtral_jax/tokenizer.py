@@ -14,19 +14,27 @@ import sentencepiece as spm
 
 from mixtral_jax.config import ConfigError
 
-MISTRAL_V1 = "tokenizer.model.v1"  # Mixtral 8x7B's 32000-token vocabulary
+MISTRAL_FILES = {
+    32000: "tokenizer.model.v1",  # Mixtral 8x7B
+    32768: "mistral_instruct_tokenizer_240323.model.v3",  # Mixtral 8x22B (v3, with control tokens)
+}
 
 
-def default_tokenizer_path() -> str:
-    """Mistral's official v1 tokenizer file, as shipped by the `mistral-common` package."""
+def default_tokenizer_path(vocab_size: int = 32000) -> str:
+    """Mistral's official tokenizer file for a vocabulary size (32000: v1, 32768: v3), as shipped
+    by the `mistral-common` package."""
+    if vocab_size not in MISTRAL_FILES:
+        raise ConfigError(f"no official Mistral tokenizer has {vocab_size} tokens "
+                          f"(known: {', '.join(map(str, MISTRAL_FILES))})")
     try:
         import mistral_common
     except ImportError:
         raise ConfigError("the default Mistral tokenizer needs `pip install mistral-common`; "
                           "or pass a tokenizer file") from None
-    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", MISTRAL_V1)
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data",
+                        MISTRAL_FILES[vocab_size])
     if not os.path.isfile(path):
-        raise ConfigError(f"mistral-common has no {MISTRAL_V1} at {path}")
+        raise ConfigError(f"mistral-common has no {MISTRAL_FILES[vocab_size]} at {path}")
     return path
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mixtral_jax import checkpoint, data, losses, metrics
 from mixtral_jax.config import ConfigError
+from mixtral_jax.hf_config import load_hf_config
 from mixtral_jax.model import get_params, init
 from mixtral_jax.runconfig import RunConfig, to_dict
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
@@ -38,28 +39,57 @@ class NumericsHalt(RuntimeError):
     """Too many consecutive non-finite steps: the run stops without saving."""
 
 
-def prepare_tokenizer(cfg: RunConfig, documents) -> Tokenizer:
-    """The run's tokenizer, copied into the run directory (trained on the training documents)."""
+# Compute settings a run may change on a model it starts from (sizes come from the checkpoint).
+_RUN_SETTINGS = ("dtype", "param_dtype", "remat", "moe_impl", "capacity_factor",
+                 "router_jitter_noise")
+
+
+def base_model_config(cfg: RunConfig):
+    """The run's model config: the [model] table, or the starting checkpoint's config with the
+    run's compute settings applied."""
+    if not cfg.checkpoint.init_from:
+        return cfg.model
+    start = load_hf_config(cfg.checkpoint.init_from)
+    return start.replace(**{k: getattr(cfg.model, k) for k in _RUN_SETTINGS})
+
+
+def tokenizer_choice(cfg: RunConfig, model_cfg) -> str:
+    """`train`, or the path of the tokenizer file the run uses (resolving `auto`, `mistral`)."""
+    choice = cfg.data.tokenizer
+    beside_start = os.path.join(cfg.checkpoint.init_from, TOKENIZER_FILE)
+    if choice == "auto":
+        if cfg.checkpoint.init_from and os.path.isfile(beside_start):
+            return beside_start
+        choice = "mistral" if model_cfg.vocab_size in (32000, 32768) else "train"
+    if choice == "train" and cfg.checkpoint.init_from:
+        raise ConfigError("data.tokenizer='train' cannot go with checkpoint.init_from: the "
+                          "starting weights need their own tokenizer (give its file)")
+    if choice == "mistral":
+        return default_tokenizer_path(model_cfg.vocab_size)
+    return choice
+
+
+def prepare_tokenizer(cfg: RunConfig, model_cfg, documents) -> tuple[Tokenizer, bool]:
+    """(tokenizer, trained_here), the tokenizer copied into the run directory."""
     path = os.path.join(cfg.checkpoint.dir, TOKENIZER_FILE)
+    choice = tokenizer_choice(cfg, model_cfg)
     if os.path.isfile(path):  # a resumed run keeps its tokenizer
-        return Tokenizer.load(path)
+        return Tokenizer.load(path), choice == "train"
     os.makedirs(cfg.checkpoint.dir, exist_ok=True)
-    if cfg.data.tokenizer == "train":
+    if choice == "train":
         texts = [d for d in documents if isinstance(d, str)]
         if not texts:
             raise ConfigError("data.tokenizer='train' needs text documents, not token arrays")
         paragraphs = [p for t in texts for p in t.split("\n\n")]
-        return train_tokenizer(paragraphs, path, cfg.data.vocab_size)
-    source = default_tokenizer_path() if cfg.data.tokenizer == "mistral" else cfg.data.tokenizer
-    tokenizer = Tokenizer.load(source)
-    shutil.copyfile(source, path)
-    return tokenizer
+        return train_tokenizer(paragraphs, path, cfg.data.vocab_size), True
+    tokenizer = Tokenizer.load(choice)
+    shutil.copyfile(choice, path)
+    return tokenizer, False
 
 
-def model_config_for(cfg: RunConfig, tokenizer: Tokenizer):
+def model_config_for(model_cfg, tokenizer: Tokenizer, trained_here: bool):
     """The model config, its vocabulary fitted to a tokenizer trained for this run."""
-    model_cfg = cfg.model
-    if cfg.data.tokenizer == "train":
+    if trained_here:
         model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, more than "
@@ -98,8 +128,9 @@ def _prepare_data(cfg: RunConfig):
     tc = cfg.train
     documents = data.read_documents(cfg.data.source)
     train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_fraction, cfg.seed)
-    tokenizer = prepare_tokenizer(cfg, train_docs)
-    model_cfg = model_config_for(cfg, tokenizer)
+    model_cfg = base_model_config(cfg)
+    tokenizer, trained_here = prepare_tokenizer(cfg, model_cfg, train_docs)
+    model_cfg = model_config_for(model_cfg, tokenizer, trained_here)
     if tc.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len="
                           f"{model_cfg.max_seq_len}")
@@ -117,19 +148,26 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator):
     checkpoint of the run directory (the data iterator is moved to where that run was)."""
     model = init(model_cfg, cfg.seed)
     graphdef = nnx.graphdef(model)
-    tx = make_optimizer(cfg.train, get_params(model))
-    state = init_state(get_params(model), tx, cfg.seed)
+    params = get_params(model)
     del model
+    tx = make_optimizer(cfg.train, params)
+    state = None
     ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     if ckpt.steps():
         step = ckpt.steps()[-1]
-        abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                      dataclasses.asdict(state))
+        abstract_state = jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)),
+                                        params)
         restored, meta = ckpt.restore(step, abstract_state)
         state = TrainState(**restored)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
+    elif cfg.checkpoint.init_from:
+        _, params = checkpoint.load_model(cfg.checkpoint.init_from,
+                                          param_dtype=model_cfg.param_dtype)
+        print(f"starting from the weights of {cfg.checkpoint.init_from}")
+    if state is None:
+        state = init_state(params, tx, cfg.seed)
     return graphdef, tx, state, ckpt
 
 

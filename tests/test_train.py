@@ -260,3 +260,31 @@ def test_repeated_non_finite_steps_halt_without_bad_weights(tmp_path, monkeypatc
     assert ckpt.steps()[-1] == 2  # the halting step is not saved
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved["params"]))
     assert not (tmp_path / "model").exists()
+
+
+def test_training_starts_from_a_model_checkpoint(tmp_path):
+    """An upcycled dense model (issue 8) fine-tunes with train.py: the run starts at its weights."""
+    from mixtral_jax import upcycle
+    from mixtral_jax.tokenizer import train_tokenizer
+    from test_upcycle import _dense_mistral
+
+    _, dense_cfg, state = _dense_mistral(None)
+    cfg = upcycle.upcycled_config(dense_cfg, 4, 2)
+    start = upcycle.upcycle_params(state.__getitem__, cfg)
+    docs = data.read_documents(data.BUILTIN_PYDOC)
+    tok = train_tokenizer([p for d in docs[:20] for p in d.split("\n\n")],
+                          str(tmp_path / "tok.model"), 100)
+    assert tok.vocab_size <= cfg.vocab_size
+    mj.checkpoint.save_model(str(tmp_path / "start"), start, cfg, str(tmp_path / "tok.model"))
+    run_cfg = _config(tmp_path / "run", "--train.steps=2", "--train.batch_size=2",
+                      "--train.seq_len=32", "--train.lr=1e-3", "--train.warmup_steps=0",
+                      f"--checkpoint.init_from={tmp_path / 'start'}")
+    trainer.run(run_cfg, show_progress=False)
+    final_cfg, final = mj.checkpoint.load_model(str(tmp_path / "run" / "model"))
+    assert final_cfg.num_experts == 4 and final_cfg.embed_dim == cfg.embed_dim
+    moved = np.abs(np.asarray(final["layers"]["moe"]["w_up"]) - start["layers"]["moe"]["w_up"])
+    assert 0 < moved.max() <= 2.5e-3  # two AdamW steps of lr 1e-3 from the starting weights
+    with pytest.raises(ConfigError, match="cannot go with checkpoint.init_from"):
+        trainer.run(dataclasses.replace(run_cfg, data=dataclasses.replace(
+            run_cfg.data, tokenizer="train"), checkpoint=dataclasses.replace(
+            run_cfg.checkpoint, dir=str(tmp_path / "other"))), show_progress=False)
