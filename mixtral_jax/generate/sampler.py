@@ -43,6 +43,44 @@ def bucket(length: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(length - 1, 0).bit_length())
 
 
+def left_pad(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """([B, width] int32 ids, [B, width] bool real-token mask), prompts right-aligned."""
+    tokens = np.zeros((len(prompts), width), np.int32)
+    valid = np.zeros((len(prompts), width), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = prompt
+        valid[row, width - len(prompt):] = True
+    return tokens, valid
+
+
+class _Rows:
+    """Host-side bookkeeping of each row: its new tokens, whether and why it finished."""
+
+    def __init__(self, batch, max_new_tokens, eos, on_tokens, should_stop):
+        self.out: list[list[int]] = [[] for _ in range(batch)]
+        self.finish = ["length"] * batch
+        self.done = np.zeros(batch, bool)
+        self.max_new_tokens, self.eos = max_new_tokens, eos
+        self.on_tokens, self.should_stop = on_tokens, should_stop
+
+    def take(self, row: int, new: list[int]) -> None:
+        """Appends a row's new tokens up to EOS and the length limit; streams them; checks stops."""
+        if self.done[row]:
+            return
+        if self.eos in new:
+            new = new[:new.index(self.eos)]
+            self.done[row], self.finish[row] = True, "eos"
+        new = new[: self.max_new_tokens - len(self.out[row])]
+        self.out[row].extend(new)
+        if new and self.on_tokens is not None:
+            self.on_tokens(row, new)
+        if not self.done[row] and self.should_stop is not None and self.should_stop(
+                row, self.out[row]):
+            self.done[row], self.finish[row] = True, "stop"
+        if len(self.out[row]) >= self.max_new_tokens:
+            self.done[row] = True
+
+
 class Generator:
     """Compiled prefill and decode for one model; reuse it across calls to reuse compilations."""
 
@@ -80,6 +118,17 @@ class Generator:
             one, (cache, last, next_pos, done), keys)
         return cache, last, next_pos, done, tokens.T, jnp.sum(load, axis=0)  # tokens [B, steps]
 
+    def _check(self, prompts, max_new_tokens):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("empty prompt: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.cfg.max_seq_len:
+            raise ConfigError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
+                              f"{longest + max_new_tokens} exceeds the model's context of "
+                              f"{self.cfg.max_seq_len} tokens")
+
     # ---- the loop -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), seed: int = 0, eos_id: int | None,
@@ -95,83 +144,46 @@ class Generator:
         Raises:
           ConfigError: an empty prompt, or prompt + max_new_tokens beyond the model's context.
         """
-        cfg = self.cfg
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ConfigError("empty prompt: every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > cfg.max_seq_len:
-            raise ConfigError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
-                              f"{longest + max_new_tokens} exceeds the model's context of "
-                              f"{cfg.max_seq_len} tokens")
-        padded = bucket(longest)
-        batch = len(prompts)
-        tokens = np.zeros((batch, padded), np.int32)
-        valid = np.zeros((batch, padded), bool)
-        for row, prompt in enumerate(prompts):
-            tokens[row, padded - len(prompt):] = prompt
-            valid[row, padded - len(prompt):] = True
-        steps = -(-max_new_tokens // self.chunk) * self.chunk
-        cache_size = padded + steps
-        if cfg.sliding_window is not None:
-            cache_size = min(cache_size, cfg.sliding_window)  # rolling buffer
+        self._check(prompts, max_new_tokens)
+        padded = bucket(max(len(p) for p in prompts))
+        tokens, valid = left_pad(prompts, padded)
+        cache_size = padded + -(-max_new_tokens // self.chunk) * self.chunk
+        if self.cfg.sliding_window is not None:
+            cache_size = min(cache_size, self.cfg.sliding_window)  # rolling buffer
         eos = -1 if eos_id is None else eos_id
+        rows = _Rows(len(prompts), max_new_tokens, eos, on_tokens, should_stop)
 
         start = time.perf_counter()
         logits, cache, next_pos, load = self._prefill(self.state, jnp.asarray(tokens),
                                                       jnp.asarray(valid), cache_size=cache_size)
-        key = jax.random.key(seed)
-        key, first_key = jax.random.split(key)
+        key, first_key = jax.random.split(jax.random.key(seed))
         last = sample(logits, first_key, sampling)
         first = np.asarray(last)
         ttft = time.perf_counter() - start
         load = np.asarray(load)
+        for row in range(len(prompts)):
+            rows.take(row, [int(first[row])])
 
-        out: list[list[int]] = [[] for _ in prompts]
-        finish = ["length"] * batch
-        done = np.zeros(batch, bool)
-
-        def take(row: int, new: list[int]) -> None:
-            if done[row]:
-                return
-            for i, token in enumerate(new):
-                if token == eos:
-                    done[row], finish[row] = True, "eos"
-                    new = new[:i]
-                    break
-            room = max_new_tokens - len(out[row])
-            new = new[:room]
-            out[row].extend(new)
-            if new and on_tokens is not None:
-                on_tokens(row, new)
-            if not done[row] and should_stop is not None and should_stop(row, out[row]):
-                done[row], finish[row] = True, "stop"
-            if len(out[row]) >= max_new_tokens:
-                done[row] = True
-
-        for row in range(batch):
-            take(row, [int(first[row])])
-        decode_start, produced, chunks = time.perf_counter(), 0, 0
-        decode_first = decode_start
-        while not done.all():
+        decode_first = decode_start = time.perf_counter()
+        produced = chunks = 0
+        while not rows.done.all():
             key, chunk_key = jax.random.split(key)
             cache, last, next_pos, _, new, chunk_load = self._decode(
-                self.state, cache, last, next_pos, jnp.asarray(done), chunk_key, eos,
+                self.state, cache, last, next_pos, jnp.asarray(rows.done), chunk_key, eos,
                 sampling=sampling, steps=self.chunk)
-            new = np.asarray(new)
-            load = load + np.asarray(chunk_load)
+            new, load = np.asarray(new), load + np.asarray(chunk_load)
             chunks += 1
             if chunks == 1:  # the first call compiles: time from its end
                 decode_start = time.perf_counter()
             else:
-                produced += int((~done).sum()) * self.chunk
-            for row in range(batch):
-                take(row, new[row].tolist())
+                produced += int((~rows.done).sum()) * self.chunk
+            for row in range(len(prompts)):
+                rows.take(row, new[row].tolist())
         decode_s = time.perf_counter() - decode_start
         if produced == 0:  # everything fit in the first (compiling) call: count that call
-            produced = sum(len(t) for t in out) - sum(1 for t in out if t)
+            produced = sum(max(len(t) - 1, 0) for t in rows.out)
             decode_s = time.perf_counter() - decode_first
+        out, finish = rows.out, rows.finish
         return GenerationResult(tokens=out, finish=finish, prompt_bucket=padded,
                                 time_to_first_token_s=ttft, decode_s=decode_s,
                                 decode_tokens=produced, tokens_per_expert=load)
