@@ -41,8 +41,21 @@ def setup(tmp_path_factory):
 
 
 def _infer(*args, stdin=None):
+    """infer.py in a subprocess: what a user runs (streaming, stdin, exit codes)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *args],
                           capture_output=True, text=True, input=stdin, cwd=ROOT, timeout=300)
+
+
+def _infer_here(capsys, *args):
+    """infer.main in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    sys.path.insert(0, ROOT)
+    try:
+        import infer
+    finally:
+        sys.path.remove(ROOT)
+    code = infer.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_json_output_equals_the_library_and_hf_directory_equals_checkpoint(setup):
@@ -78,15 +91,16 @@ def test_streaming_chat_and_stdin(setup):
     assert ids == tokenizer.encode("[INST] Hi [/INST]")
 
 
-def test_stop_strings_cut_the_text(setup):
+def test_stop_strings_cut_the_text(setup, capsys):
     root, _, _ = setup
-    plain = json.loads(_infer("--checkpoint", str(root / "ckpt"), "--json", "--prompt", "The",
-                              "--max-new-tokens", "24").stdout)["completions"][0]
+    plain = json.loads(_infer_here(capsys, "--checkpoint", str(root / "ckpt"), "--json",
+                                   "--prompt", "The", "--max-new-tokens", "24")[1])["completions"][0]
     text = plain["text"]
     stop = text[len(text) // 2: len(text) // 2 + 2]
     assert stop.strip()
-    cut = json.loads(_infer("--checkpoint", str(root / "ckpt"), "--json", "--prompt", "The",
-                            "--max-new-tokens", "24", "--stop", stop).stdout)["completions"][0]
+    cut = json.loads(_infer_here(capsys, "--checkpoint", str(root / "ckpt"), "--json", "--prompt",
+                                 "The", "--max-new-tokens", "24", "--stop", stop)[1])[
+        "completions"][0]
     assert cut["finish"] == "stop" and cut["text"] == text[:text.index(stop)]
 
 
@@ -99,26 +113,24 @@ def test_stop_strings_cut_the_text(setup):
     (["--prompt", "a", "--top-p", "0"], "error: top_p=0.0 must be in (0, 1]"),
     (["--prompt", "a", "--top-k", "-2"], "error: top_k=-2 must be an integer >= 0"),
 ])
-def test_bad_inputs_give_one_line_errors(setup, args, message):
+def test_bad_inputs_give_one_line_errors(setup, capsys, args, message):
     root, _, _ = setup
-    result = _infer("--checkpoint", str(root / "ckpt"), *args)
-    assert result.returncode == 1
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr
+    code, _, err = _infer_here(capsys, "--checkpoint", str(root / "ckpt"), *args)
+    assert code == 1
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_missing_tokenizer_and_mismatched_checkpoint(setup, tmp_path):
+def test_missing_tokenizer_and_mismatched_checkpoint(setup, capsys, tmp_path):
     root, _, ours = setup
     no_tok = tmp_path / "no_tok"
     checkpoint.save_model(str(no_tok), mj.get_params(ours), ours.cfg)
-    result = _infer("--checkpoint", str(no_tok), "--prompt", "a")
-    assert result.returncode == 1 and "no tokenizer at" in result.stderr
+    code, _, err = _infer_here(capsys, "--checkpoint", str(no_tok), "--prompt", "a")
+    assert code == 1 and "no tokenizer at" in err
     # A checkpoint whose config.json disagrees with its weights.
     bad = tmp_path / "bad"
     checkpoint.save_model(str(bad), mj.get_params(ours), ours.cfg, str(root / "tok.model"))
     mj.save_hf_config(ours.cfg.replace(num_experts=5), str(bad / "config.json"))
-    result = _infer("--checkpoint", str(bad), "--prompt", "a")
-    assert result.returncode == 1 and "does not match its config.json" in result.stderr
-    assert "Traceback" not in result.stderr
-    result = _infer("--checkpoint", str(tmp_path / "nowhere"), "--prompt", "a")
-    assert result.returncode == 1 and "does not exist" in result.stderr
+    code, _, err = _infer_here(capsys, "--checkpoint", str(bad), "--prompt", "a")
+    assert code == 1 and "does not match its config.json" in err
+    code, _, err = _infer_here(capsys, "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "a")
+    assert code == 1 and "does not exist" in err
