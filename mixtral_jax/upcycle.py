@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     import sys
 
     from mixtral_jax import checkpoint
-    from mixtral_jax.loading import HFWeights
+    from mixtral_jax.convert.files import open_weights
 
     p = argparse.ArgumentParser(prog="python -m mixtral_jax.upcycle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,8 +108,11 @@ def main(argv=None) -> int:
         with open(config_path, encoding="utf-8") as f:
             dense_config = json.load(f)
         cfg = upcycled_config(dense_config, args.experts, args.topk)
-        weights = HFWeights(args.dense)
-        params = upcycle_params(weights.__getitem__, cfg, router_std=args.router_std,
+        problems: list[str] = []
+        weights = open_weights(args.dense, problems)
+        if problems or weights is None:
+            raise ConfigError(f"{args.dense}: " + "; ".join(problems or ["no weights"]))
+        params = upcycle_params(weights.read, cfg, router_std=args.router_std,
                                 expert_noise=args.expert_noise, seed=args.seed)
         tokenizer = os.path.join(args.dense, checkpoint.TOKENIZER_FILE)
         checkpoint.save_model(args.out, params, cfg,
