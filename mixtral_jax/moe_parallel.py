@@ -89,3 +89,28 @@ def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh
         in_specs=(tok, tok, tok, P(EXPERT_AXIS), P(EXPERT_AXIS), P(EXPERT_AXIS)),
         out_specs=(tok, P()), check_vma=False)
     return run(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+
+
+_ACTIVE: list[Mesh] = []
+
+
+class expert_parallel:
+    """Context manager: MoE layers traced inside it dispatch with moe_expert_parallel on `mesh`
+    (when its expert axis is > 1). `with expert_parallel(mesh): jax.jit(step)(...)`."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def __enter__(self):
+        _ACTIVE.append(self.mesh)
+        return self.mesh
+
+    def __exit__(self, *exc):
+        _ACTIVE.pop()
+
+
+def active_mesh() -> Mesh | None:
+    """The innermost expert_parallel mesh with an expert axis > 1, else None."""
+    if _ACTIVE and _ACTIVE[-1].shape[EXPERT_AXIS] > 1:
+        return _ACTIVE[-1]
+    return None
