@@ -19,8 +19,9 @@ def _weights(seed):
     return x, router, wg, wu, wd
 
 
-@pytest.mark.parametrize("spec", ["expert=8", "expert=4,data=2", "expert=2,fsdp=2,data=2"])
-@pytest.mark.parametrize("skewed", [False, True])
+@pytest.mark.parametrize("spec, skewed", [("expert=8", True), ("expert=4,data=2", False),
+                                           ("expert=4,data=2", True),
+                                           ("expert=2,fsdp=2,data=2", True)])
 def test_expert_parallel_equals_dense(spec, skewed):
     mesh = sh.make_mesh(sh.MeshConfig.parse(spec))
     x, router, wg, wu, wd = _weights(1)
