@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import mixtral_jax as mj
 from hf_reference import make_hf_model, ours_from_hf, torch
@@ -22,13 +23,16 @@ def test_cached_decoding_equals_full_forward_at_every_step(window, cache_size):
     valid = jnp.ones((2, 16), bool).at[1, :3].set(False)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     full = model(tokens, valid.astype(jnp.int32), positions=positions).logits
+    graphdef, state = nnx.split(model)
+    extend = jax.jit(lambda s, t, c, p, v: nnx.merge(graphdef, s).extend(t, c, positions=p,
+                                                                        valid=v))
     cache = KVCache.create(cfg, 2, cache_size)
-    out, cache = model.extend(tokens[:, :7], cache, positions=positions[:, :7], valid=valid[:, :7])
+    out, cache = extend(state, tokens[:, :7], cache, positions[:, :7], valid[:, :7])
     steps = [out.logits[:, 3:]]  # row 1's padded queries carry no meaning: compare from 3 on
     reference = [full[:, 3:7]]
     for t in range(7, 16):
-        out, cache = model.extend(tokens[:, t:t + 1], cache, positions=positions[:, t:t + 1],
-                                  valid=valid[:, t:t + 1])
+        out, cache = extend(state, tokens[:, t:t + 1], cache, positions[:, t:t + 1],
+                            valid[:, t:t + 1])
         steps.append(out.logits)
         reference.append(full[:, t:t + 1])
     got, want = jnp.concatenate(steps, axis=1), jnp.concatenate(reference, axis=1)
