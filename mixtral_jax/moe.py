@@ -133,8 +133,9 @@ def moe_dropless(x, routing, w_gate, w_up, w_down):
 def moe_gathered(x, routing, w_gate, w_up, w_down):
     """Few-token path (decode): gather only the chosen experts' weights, no sort, no grouped matmul.
 
-    Reads M*k expert matrices instead of all E; measured faster only for one token (batch-1 decode
-    of Mixtral: 2 of 8 experts), so MoE.__call__ uses it only there. Same maths as moe_dropless (nothing dropped).
+    Reads M*k expert matrices instead of all E; measured faster only for one token (batch-1
+    decode of Mixtral: 2 of 8 experts), so `dispatch` uses it only there. Same maths as
+    moe_dropless (nothing dropped).
     x: [M, D]; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> ([M, D] float32, dropped=0).
     """
     g = w_gate[routing.experts]  # [M, k, D, F]
@@ -142,7 +143,8 @@ def moe_gathered(x, routing, w_gate, w_up, w_down):
     dn = w_down[routing.experts]  # [M, k, F, D]
     h = swiglu(jnp.einsum("MD,MkDF->MkF", x, g), jnp.einsum("MD,MkDF->MkF", x, u))
     y = jnp.einsum("MkF,MkFD->MkD", h, dn)  # [M, k, D]
-    return jnp.einsum("MkD,Mk->MD", y.astype(jnp.float32), routing.weights), jnp.zeros((), jnp.int32)
+    out = jnp.einsum("MkD,Mk->MD", y.astype(jnp.float32), routing.weights)
+    return out, jnp.zeros((), jnp.int32)
 
 
 def moe_capacity(x, routing, w_gate, w_up, w_down, capacity: int):
@@ -194,6 +196,30 @@ def routing_aux(routing: Routing, token_mask: jax.Array, dropped: jax.Array) -> 
     )
 
 
+def dispatch(cfg: ModelConfig, x, routing: Routing, weights) -> tuple[jax.Array, jax.Array]:
+    """Runs the experts by `cfg.moe_impl`: ([M, D] float32 output, dropped assignments).
+
+    Inside `moe_parallel.expert_parallel(mesh)` the non-dense paths dispatch over the mesh's
+    expert axis with all-to-all (dropless keeps every assignment; capacity uses its factor). On
+    one device a single token takes `moe_gathered` (batch-1 decode reads only its k experts: H200,
+    one 8x7B layer, 0.52 vs 0.65 ms; from 2 tokens on the gathers cost more, see BENCHMARKS.md).
+    """
+    from mixtral_jax import moe_parallel  # noqa: PLC0415 (moe_parallel imports this module)
+
+    mesh = moe_parallel.active_mesh()
+    if cfg.moe_impl == MoEImpl.DENSE:
+        return moe_dense(x, routing, *weights)
+    if mesh is not None:
+        factor = None if cfg.moe_impl == MoEImpl.DROPLESS else cfg.capacity_factor
+        return moe_parallel.moe_expert_parallel(x, routing, *weights, mesh=mesh,
+                                                capacity_factor=factor)
+    if cfg.moe_impl == MoEImpl.CAPACITY:
+        return moe_capacity(x, routing, *weights, capacity=cfg.capacity(x.shape[0]))
+    if x.shape[0] == 1 and cfg.num_experts_per_tok < cfg.num_experts:
+        return moe_gathered(x, routing, *weights)
+    return moe_dropless(x, routing, *weights)
+
+
 class MoE(nnx.Module):
     """Top-k routed SwiGLU experts.
 
@@ -229,22 +255,7 @@ class MoE(nnx.Module):
             x = x * jax.random.uniform(noise_rng, x.shape, dt, 1.0 - j, 1.0 + j)
         routing = route(x, self.router[...], cfg.num_experts_per_tok)
         weights = tuple(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down))
-        from mixtral_jax import moe_parallel  # noqa: PLC0415 (moe_parallel imports this module)
-        ep_mesh = moe_parallel.active_mesh()
-        if ep_mesh is not None and cfg.moe_impl != MoEImpl.DENSE:  # expert parallel (issue 3)
-            factor = None if cfg.moe_impl == MoEImpl.DROPLESS else cfg.capacity_factor
-            out, dropped = moe_parallel.moe_expert_parallel(x, routing, *weights, mesh=ep_mesh,
-                                                            capacity_factor=factor)
-        elif cfg.moe_impl == MoEImpl.DENSE:
-            out, dropped = moe_dense(x, routing, *weights)
-        elif cfg.moe_impl == MoEImpl.DROPLESS and b * t == 1 and cfg.num_experts_per_tok < cfg.num_experts:
-            # batch-1 decode: read only the chosen experts (H200: 0.52 vs 0.65 ms per 8x7B layer;
-            # from 2 tokens on the gather copies cost more than they save, see BENCHMARKS.md)
-            out, dropped = moe_gathered(x, routing, *weights)
-        elif cfg.moe_impl == MoEImpl.DROPLESS:
-            out, dropped = moe_dropless(x, routing, *weights)
-        else:
-            out, dropped = moe_capacity(x, routing, *weights, capacity=cfg.capacity(b * t))
+        out, dropped = dispatch(cfg, x, routing, weights)
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1)
         aux = routing_aux(routing, mask.astype(jnp.float32), dropped)
         return out.astype(dt).reshape(b, t, d), aux
