@@ -21,7 +21,7 @@ from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert.safetensors_io import StreamWriter
 from mixtral_jax.convert.source import ConversionError
 from mixtral_jax.hf_config import save_hf_config
-from mixtral_jax.hf_weights import TABLE, hf_shapes, slice_keys
+from mixtral_jax.hf_weights import hf_shapes, params_to_hf
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 
@@ -40,16 +40,6 @@ def shard_plan(cfg: ModelConfig, dtype: np.dtype, max_bytes: int) -> list[list[s
     return shards
 
 
-def _hf_tensors(params: dict, cfg: ModelConfig):
-    """(key, HF tensor) in `hf_shapes` order, cut from our leaves one at a time."""
-    for m in TABLE:
-        leaf = params
-        for name in m.path:
-            leaf = leaf[name]
-        for index, key in slice_keys(m, cfg):
-            yield key, m.to_hf(np.asarray(leaf[index] if index else leaf), cfg)
-
-
 def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, tokenizer: str | None = None,
              max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> None:
     """Writes the HF directory `out_dir` (which must not exist) from our numpy params."""
@@ -66,7 +56,7 @@ def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, tokenizer: str | N
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        tensors = _hf_tensors(params, cfg)
+        tensors = params_to_hf(params, cfg)
         total = sum(int(np.prod(s)) for s in shapes.values()) * dtype.itemsize
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
                   disable=not progress) as bar:
