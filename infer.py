@@ -10,7 +10,6 @@ converted in memory). The tokenizer is DIR/tokenizer.model unless --tokenizer na
 
 import argparse
 import json
-import os
 import sys
 
 from mixtral_jax.config import ConfigError

@@ -114,7 +114,6 @@ class _StopFlag:
 
 def run(cfg: RunConfig, *, show_progress: bool = True) -> dict:
     """Trains; returns the final metrics (train loss, eval loss and perplexity, unigram entropy)."""
-    tc = cfg.train
     stop = _StopFlag()  # from the start: a signal during set-up is honoured after one step
     try:
         return _run(cfg, stop, show_progress)

@@ -1,7 +1,5 @@
 """Planner: the analytic per-device parameter/optimizer bytes match what XLA compiled."""
 
-import pytest
-
 import mixtral_jax as mj
 from mixtral_jax import plan, sharding as sh
 
