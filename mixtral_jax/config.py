@@ -37,6 +37,22 @@ class Remat(str, enum.Enum):
     SAVE_DOTS = "save_dots"  # keep matmul outputs, recompute the cheap elementwise work
 
 
+class AttentionImpl(str, enum.Enum):
+    """Which attention kernel the full-sequence forward uses (`attention.py`)."""
+
+    AUTO = "auto"  # cudnn on NVIDIA GPUs in bf16/fp16, xla elsewhere
+    XLA = "xla"  # einsum + softmax: any platform, the oracle
+    CUDNN = "cudnn"  # cuDNN flash attention through jax.nn.dot_product_attention
+
+
+class GmmImpl(str, enum.Enum):
+    """Which grouped matmul the dropless MoE uses (`grouped_matmul.py`)."""
+
+    AUTO = "auto"  # pallas on NVIDIA GPUs, xla elsewhere
+    XLA = "xla"  # jax.lax.ragged_dot (lowers well on TPU; runs every expert densely on GPU)
+    PALLAS = "pallas"  # our Pallas-Triton kernels (gmm_pallas.py)
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -67,6 +83,8 @@ class ModelConfig:
       moe_impl: dispatch implementation, see `MoEImpl`.
       capacity_factor: for `MoEImpl.CAPACITY`, slots per expert = ceil(cf * tokens * k / E).
       remat: rematerialisation policy of the layer scan, see `Remat`.
+      attention_impl: attention kernel, see `AttentionImpl`.
+      gmm_impl: grouped-matmul kernel of the dropless MoE, see `GmmImpl`.
     """
 
     vocab_size: int
@@ -93,10 +111,13 @@ class ModelConfig:
     moe_impl: MoEImpl = MoEImpl.DROPLESS
     capacity_factor: float = 1.25
     remat: Remat = Remat.NONE
+    attention_impl: AttentionImpl = AttentionImpl.AUTO
+    gmm_impl: GmmImpl = GmmImpl.AUTO
 
     def __post_init__(self):
         # Coerce enum fields given as strings (TOML, JSON, CLI).
-        for name, enum_type in (("moe_impl", MoEImpl), ("remat", Remat)):
+        for name, enum_type in (("moe_impl", MoEImpl), ("remat", Remat),
+                                ("attention_impl", AttentionImpl), ("gmm_impl", GmmImpl)):
             value = getattr(self, name)
             if not isinstance(value, enum_type):
                 try:

@@ -120,7 +120,8 @@ class CheckpointConfig:
       async_save: write checkpoints in the background while training continues.
       init_from: a model checkpoint (converted, upcycled, trained) whose weights start a new run;
         its config.json fixes the model's sizes, the [model] table may still set dtype, param_dtype,
-        remat, moe_impl, capacity_factor and router_jitter_noise. Ignored when resuming.
+        remat, moe_impl, capacity_factor, router_jitter_noise, attention_impl and gmm_impl.
+        Ignored when resuming.
     """
 
     dir: str = "runs/tiny"

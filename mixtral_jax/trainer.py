@@ -41,7 +41,7 @@ class NumericsHalt(RuntimeError):
 
 # Compute settings a run may change on a model it starts from (sizes come from the checkpoint).
 _RUN_SETTINGS = ("dtype", "param_dtype", "remat", "moe_impl", "capacity_factor",
-                 "router_jitter_noise")
+                 "router_jitter_noise", "attention_impl", "gmm_impl")
 
 
 def base_model_config(cfg: RunConfig):
