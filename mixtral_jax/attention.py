@@ -3,6 +3,14 @@
 Masks are built from token *indices* (causality, window), a padding mask and optional segment
 ids (packed documents); positions only feed RoPE. This matches Hugging Face, whose causal mask
 uses cache positions while `position_ids` drive the rotary tables.
+
+Two kernels for the full-sequence forward, chosen by `ModelConfig.attention_impl`:
+  xla    `dot_product_attention` below: einsums and a float32 softmax; any platform; the oracle.
+  cudnn  cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`): told
+         the mask is causal (and windowed) so it skips the blocks above the diagonal and outside
+         the window; the boolean mask still rides along for padding and packed documents.
+  auto   cudnn on NVIDIA GPUs in bfloat16/float16 with head_dim <= 128, xla elsewhere.
+The cached path (`Attention.cached`, inference) always uses xla.
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.config import ModelConfig
+from mixtral_jax.config import AttentionImpl, ConfigError, ModelConfig
+from mixtral_jax.grouped_matmul import on_nvidia_gpu
 from mixtral_jax.layers import apply_rope, normal_init
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
@@ -69,6 +78,33 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, t, n, h)
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    sliding_window: int | None, implementation: str = "cudnn") -> jax.Array:
+    """`dot_product_attention` through `jax.nn.dot_product_attention`, for T == S (no cache).
+
+    The mask must already contain causality (and the window): is_causal and local_window_size
+    only let the kernel skip work; the result is that of `mask` alone.
+    q: [B, T, N, H]; k, v: [B, T, K, H]; mask: [B or 1, T, T] bool -> [B, T, N, H].
+    """
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
+                                        local_window_size=window, implementation=implementation)
+
+
+def resolve_attention(impl: AttentionImpl | str, dtype, head_dim: int) -> AttentionImpl:
+    """`auto` -> cudnn where it runs (NVIDIA GPU, bf16/fp16, head_dim <= 128), else xla."""
+    impl = AttentionImpl(impl)
+    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128
+    if impl == AttentionImpl.AUTO:
+        return AttentionImpl.CUDNN if fits and on_nvidia_gpu() else AttentionImpl.XLA
+    if impl == AttentionImpl.CUDNN and not (fits and on_nvidia_gpu()):
+        raise ConfigError(
+            f"attention_impl='cudnn' needs an NVIDIA GPU, dtype bfloat16/float16 and head_dim <= "
+            f"128; got backend {jax.default_backend()!r}, dtype {jnp.dtype(dtype).name}, "
+            f"head_dim {head_dim}; use 'auto' or 'xla'")
+    return impl
+
+
 class Attention(nnx.Module):
     """Self-attention: project, rotate q and k, attend, project out.
 
@@ -84,11 +120,16 @@ class Attention(nnx.Module):
         self.v_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
         self.o_proj = nnx.Param(init(rngs.params(), (n, h, d), pdt))
         self.dtype = jnp.dtype(cfg.dtype)
+        self.sliding_window = cfg.sliding_window
+        self.impl = cfg.attention_impl
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """x: [B, T, D]; cos, sin: [B, T, H]; mask: [B or 1, T, T] -> [B, T, D]."""
         q, k, v = self.project(x, cos, sin)
-        out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
+        if resolve_attention(self.impl, self.dtype, q.shape[-1]) == AttentionImpl.CUDNN:
+            out = fused_attention(q, k, v, mask, self.sliding_window, "cudnn")
+        else:
+            out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
         return self.output(out)
 
     def project(self, x, cos, sin):

@@ -1,8 +1,13 @@
 """The one grouped-matmul entry point of the dropless MoE path.
 
-`grouped_matmul(lhs, rhs, group_sizes)` multiplies consecutive row groups of `lhs` by their own
-matrix of `rhs`. Everything the dropless path needs from a kernel goes through this function, so
-a faster kernel replaces it in one place.
+`grouped_matmul(lhs, rhs, group_sizes, impl)` multiplies consecutive row groups of `lhs` by their
+own matrix of `rhs`. Everything the dropless path needs from a kernel goes through here, and the
+kernel is chosen here, by platform and `ModelConfig.gmm_impl`:
+
+  pallas  our Pallas-Triton kernels with a custom VJP (`gmm_pallas.py`): NVIDIA GPUs. XLA's
+          ragged_dot runs every expert densely there (8x the FLOPs for Mixtral).
+  xla     `jax.lax.ragged_dot`: CPU, and TPU, where it lowers to a grouped kernel of its own.
+  auto    pallas on NVIDIA GPUs, xla elsewhere.
 """
 
 from __future__ import annotations
@@ -10,15 +15,41 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mixtral_jax import gmm_pallas
+from mixtral_jax.config import ConfigError, GmmImpl
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+
+def on_nvidia_gpu() -> bool:
+    """True when computations run on an NVIDIA GPU (the default backend)."""
+    if jax.default_backend() != "gpu":
+        return False
+    return "nvidia" in jax.devices()[0].device_kind.lower()
+
+
+def resolve(impl: GmmImpl | str) -> GmmImpl:
+    """`auto` -> the kernel for this platform; `pallas` off an NVIDIA GPU is refused."""
+    impl = GmmImpl(impl)
+    if impl == GmmImpl.AUTO:
+        return GmmImpl.PALLAS if on_nvidia_gpu() else GmmImpl.XLA
+    if impl == GmmImpl.PALLAS and not on_nvidia_gpu():
+        raise ConfigError(f"gmm_impl='pallas' needs an NVIDIA GPU, but the backend is "
+                          f"{jax.default_backend()!r}; use 'auto' or 'xla'")
+    return impl
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                   impl: GmmImpl | str = GmmImpl.AUTO) -> jax.Array:
     """Rows [start_e, start_e + group_sizes[e]) of lhs times rhs[e], for every group e.
 
     Args:
       lhs: [A, D] rows sorted by group (A = assignments, D = contraction width).
-      rhs: [E, D, F] one matrix per group.
+      rhs: [E, D, F] one matrix per group, in lhs's dtype.
       group_sizes: [E] int32, summing to at most A; rows past the sum come out as zeros.
+      impl: see the module docstring.
     Returns:
       [A, F] in lhs's dtype.
     """
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+    group_sizes = group_sizes.astype(jnp.int32)
+    if resolve(impl) == GmmImpl.PALLAS:
+        return gmm_pallas.gmm(lhs, rhs.astype(lhs.dtype), group_sizes)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)

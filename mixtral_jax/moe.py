@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mixtral_jax.config import ModelConfig, MoEImpl
+from mixtral_jax.config import GmmImpl, ModelConfig, MoEImpl
 from mixtral_jax.grouped_matmul import grouped_matmul
 from mixtral_jax.layers import normal_init
 
@@ -119,14 +119,14 @@ def unsort_and_combine(y_sorted: jax.Array, order: jax.Array, weights: jax.Array
     return jnp.einsum("MkD,Mk->MD", y.astype(jnp.float32), weights)
 
 
-def moe_dropless(x, routing, w_gate, w_up, w_down):
-    """Sort by expert, one grouped matmul per projection, no token dropped."""
+def moe_dropless(x, routing, w_gate, w_up, w_down, gmm_impl: GmmImpl = GmmImpl.AUTO):
+    """Sort by expert, one grouped matmul per projection (kernel: `gmm_impl`), none dropped."""
     topk = routing.experts.shape[1]
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[0])
     x_sorted = x[order // topk]  # [A, D]
-    h = swiglu(grouped_matmul(x_sorted, w_gate, group_sizes),
-               grouped_matmul(x_sorted, w_up, group_sizes))  # [A, F]
-    y_sorted = grouped_matmul(h, w_down, group_sizes)  # [A, D]
+    h = swiglu(grouped_matmul(x_sorted, w_gate, group_sizes, gmm_impl),
+               grouped_matmul(x_sorted, w_up, group_sizes, gmm_impl))  # [A, F]
+    y_sorted = grouped_matmul(h, w_down, group_sizes, gmm_impl)  # [A, D]
     return unsort_and_combine(y_sorted, order, routing.weights), jnp.zeros((), jnp.int32)
 
 
@@ -217,7 +217,7 @@ def dispatch(cfg: ModelConfig, x, routing: Routing, weights) -> tuple[jax.Array,
         return moe_capacity(x, routing, *weights, capacity=cfg.capacity(x.shape[0]))
     if x.shape[0] == 1 and cfg.num_experts_per_tok < cfg.num_experts:
         return moe_gathered(x, routing, *weights)
-    return moe_dropless(x, routing, *weights)
+    return moe_dropless(x, routing, *weights, gmm_impl=cfg.gmm_impl)
 
 
 class MoE(nnx.Module):

@@ -1,0 +1,285 @@
+"""Grouped matmul as Pallas kernels (Triton backend, NVIDIA GPUs), with a custom VJP.
+
+Shapes: A rows (token-expert assignments, sorted by group), G groups (experts), K contraction
+width, N output width. `group_sizes[g]` consecutive rows of `lhs` belong to group g; rows past
+sum(group_sizes) come out as zeros, as with `jax.lax.ragged_dot`.
+
+Three kernels, one per matmul of a linear layer's forward and backward:
+  gmm             out[A, N]    = lhs[A, K] @ rhs[g, K, N]     per row group  (forward)
+  gmm, transposed out[A, K]    = dy[A, N] @ rhs[g, K, N]^T    per row group  (d lhs)
+  tgmm            out[G, K, N] = lhs[rows g]^T @ dy[rows g]   per group      (d rhs)
+
+`gmm` walks a schedule of work items, one per (row tile, group) pair that overlap: a row tile
+that straddles a group boundary is visited once per group, each visit storing only its own rows
+(masked store), so groups need not be multiples of the tile. Rows past the last group form a
+virtual group G that stores zeros. `tgmm` gives each (group, K tile, N tile) output block one
+program that loops over the group's row tiles, masking rows of neighbouring groups on load.
+
+Both kernels map a 1-D program id to (row tile, column tile) in bands of `group_m` row tiles, so
+the tiles running at the same time share operands in L2 (the usual Triton swizzle).
+
+`interpret=True` runs the same kernels through Pallas' interpreter: that is how CPU tests check
+the kernel logic. Kernel correctness oracle: `jax.lax.ragged_dot` (tests/test_gmm_pallas.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes (powers of two, >= 16 for the GPU's matrix units) and launch parameters."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Chosen by the sweep in bench/gmm_tiles.py on one H200 (bfloat16, 32k rows; BENCHMARKS.md):
+# (kernel, K, N) for Mixtral 8x7B's two expert shapes, else the kernel's default. In tgmm,
+# block_m steps over rows (its contraction) and block_k, block_n tile its [K, N] output.
+TUNED = {
+    ("gmm", 4096, 14336): Tiles(128, 256, 64, num_warps=8, num_stages=4),
+    ("gmm", 14336, 4096): Tiles(128, 256, 64, num_warps=8, num_stages=3),
+    ("gmm_t", 4096, 14336): Tiles(128, 256, 64, num_warps=8, num_stages=4),
+    ("gmm_t", 14336, 4096): Tiles(128, 256, 64, num_warps=8, num_stages=4),
+}
+DEFAULT = {
+    "gmm": Tiles(128, 256, 64, num_warps=8, num_stages=4),
+    "gmm_t": Tiles(128, 256, 64, num_warps=8, num_stages=4),
+    "tgmm": Tiles(128, 128, 128, num_warps=8, num_stages=3),
+}
+
+
+def tiles_for(kernel: str, k: int, n: int) -> Tiles:
+    """Tiles of `kernel` for contraction K and output width N (gmm_t: K, N of the weights)."""
+    return TUNED.get((kernel, k, n), DEFAULT[kernel])
+
+
+def _pow2_at_least(n: int, low: int = 16) -> int:
+    return max(low, 1 << max(0, (n - 1).bit_length()))
+
+
+def fit_tiles(tiles: Tiles, m: int, k: int, n: int) -> Tiles:
+    """Shrinks tiles that exceed a (small) problem: no tile larger than the padded dimension."""
+    return dataclasses.replace(
+        tiles,
+        block_m=min(tiles.block_m, _pow2_at_least(m)),
+        block_n=min(tiles.block_n, _pow2_at_least(n)),
+        block_k=min(tiles.block_k, _pow2_at_least(k)))
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    extra = -x.shape[axis] % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _group_bounds(group_sizes: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """[G] sizes -> [G+1] starts and ends; group G (virtual) is every row past the last group."""
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    sizes = jnp.concatenate([sizes, (rows - ends[-1])[None]])
+    ends = jnp.concatenate([ends, jnp.full((1,), rows, jnp.int32)])
+    return ends - sizes, ends
+
+
+def schedule(group_sizes: jax.Array, rows: int, block_m: int):
+    """Work items of `gmm`: (group, row tile) for every overlapping pair, in row order.
+
+    Returns (work_group [W], work_tile [W]) int32, W = rows/block_m + G (the most there can be);
+    unused items have group -1. Includes the virtual group G (rows past the last group).
+    """
+    starts, ends = _group_bounds(group_sizes, rows)
+    first = starts // block_m
+    last = (ends - 1) // block_m
+    tiles = jnp.where(ends > starts, last - first + 1, 0)  # [G+1] row tiles touched per group
+    offsets = jnp.cumsum(tiles) - tiles
+    num_items = rows // block_m + group_sizes.shape[0]
+    item = jnp.arange(num_items, dtype=jnp.int32)
+    group = jnp.searchsorted(jnp.cumsum(tiles), item, side="right").astype(jnp.int32)
+    valid = item < jnp.sum(tiles)
+    group = jnp.minimum(group, tiles.shape[0] - 1)
+    tile = first[group] + item - offsets[group]
+    return jnp.where(valid, group, -1), jnp.where(valid, tile, 0)
+
+
+def _swizzle(pid, num_rows, num_cols, group_m):
+    """1-D program id -> (row index, column index), walking bands of `group_m` rows."""
+    per_band = group_m * num_cols
+    band = pid // per_band
+    first_row = band * group_m
+    band_rows = jnp.minimum(num_rows - first_row, group_m)
+    return first_row + (pid % per_band) % band_rows, (pid % per_band) // band_rows
+
+
+def _gmm_kernel(work_group_ref, work_tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref,
+                *, tiles: Tiles, num_items: int, num_cols: int, contract: int,
+                num_groups: int, transpose_rhs: bool, precision):
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    item, col = _swizzle(pl.program_id(0), num_items, num_cols, tiles.group_m)
+    group = work_group_ref[item]
+    row0 = pl.multiple_of(work_tile_ref[item] * bm, bm)
+    col0 = pl.multiple_of(col * bn, bn)
+    rows = row0 + jnp.arange(bm, dtype=jnp.int32)
+    start, end = starts_ref[jnp.maximum(group, 0)], ends_ref[jnp.maximum(group, 0)]
+    mask = jnp.broadcast_to(((rows >= start) & (rows < end))[:, None], (bm, bn))
+    out_block = out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)]
+
+    @pl.when(group == num_groups)  # rows past the last group
+    def _():
+        plgpu.store(out_block, jnp.zeros((bm, bn), out_ref.dtype), mask=mask)
+
+    @pl.when((group >= 0) & (group < num_groups))
+    def _():
+        g = jnp.maximum(group, 0)
+
+        def step(i, acc):
+            k0 = pl.multiple_of(i * bk, bk)
+            a = lhs_ref[pl.ds(row0, bm), pl.ds(k0, bk)]  # [bm, bk]
+            if transpose_rhs:
+                b = rhs_ref[g, pl.ds(col0, bn), pl.ds(k0, bk)]  # [bn, bk]
+                dims = (((1,), (1,)), ((), ()))
+            else:
+                b = rhs_ref[g, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
+                dims = (((1,), (0,)), ((), ()))
+            return acc + jax.lax.dot_general(a, b, dims, precision=precision,
+                                             preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, contract // bk, step, jnp.zeros((bm, bn), jnp.float32))
+        plgpu.store(out_block, acc.astype(out_ref.dtype), mask=mask)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _gmm_call(lhs, rhs, group_sizes, tiles: Tiles, transpose_rhs: bool, interpret: bool):
+    """lhs [A, K] (padded), rhs [G, K, N] (or [G, N, K] transposed) -> [A, N]; shapes divide."""
+    rows, contract = lhs.shape
+    num_groups = rhs.shape[0]
+    width = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    work_group, work_tile = schedule(group_sizes, rows, tiles.block_m)
+    starts, ends = _group_bounds(group_sizes, rows)
+    num_items, num_cols = work_group.shape[0], width // tiles.block_n
+    kernel = functools.partial(
+        _gmm_kernel, tiles=tiles, num_items=num_items, num_cols=num_cols, contract=contract,
+        num_groups=num_groups, transpose_rhs=transpose_rhs, precision=_precision(lhs.dtype))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((rows, width), lhs.dtype),
+        grid=(num_items * num_cols,),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                             num_stages=tiles.num_stages),
+        interpret=interpret,
+        name="gmm_t" if transpose_rhs else "gmm",
+    )(work_group, work_tile, starts, ends, lhs, rhs)
+
+
+def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dy_ref, out_ref, *, tiles: Tiles,
+                 num_k: int, num_n: int, precision):
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    per_group = num_k * num_n
+    g = pl.program_id(0) // per_group
+    kt, nt = _swizzle(pl.program_id(0) % per_group, num_k, num_n, tiles.group_m)
+    k0, n0 = pl.multiple_of(kt * bk, bk), pl.multiple_of(nt * bn, bn)
+    start, end = starts_ref[g], ends_ref[g]
+
+    def step(t, acc):
+        row0 = pl.multiple_of(t * bm, bm)
+        rows = row0 + jnp.arange(bm, dtype=jnp.int32)
+        inside = ((rows >= start) & (rows < end))[:, None]
+        a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)],
+                       mask=jnp.broadcast_to(inside, (bm, bk)), other=0)  # [bm, bk]
+        b = plgpu.load(dy_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)],
+                       mask=jnp.broadcast_to(inside, (bm, bn)), other=0)  # [bm, bn]
+        return acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32)
+
+    first = start // bm
+    last = jnp.where(end > start, (end - 1) // bm + 1, first)
+    acc = jax.lax.fori_loop(first, last, step, jnp.zeros((bk, bn), jnp.float32))
+    out_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)] = acc.astype(out_ref.dtype)
+
+
+def _tgmm_call(lhs, dy, group_sizes, num_groups: int, tiles: Tiles, interpret: bool):
+    """lhs [A, K], dy [A, N] (padded) -> [G, K, N] = per group lhs_g^T @ dy_g."""
+    rows, contract = lhs.shape
+    width = dy.shape[1]
+    starts, ends = _group_bounds(group_sizes, rows)
+    num_k, num_n = contract // tiles.block_k, width // tiles.block_n
+    kernel = functools.partial(_tgmm_kernel, tiles=tiles, num_k=num_k, num_n=num_n,
+                               precision=_precision(lhs.dtype))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_groups, contract, width), lhs.dtype),
+        grid=(num_groups * num_k * num_n,),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                             num_stages=tiles.num_stages),
+        interpret=interpret,
+        name="tgmm",
+    )(starts, ends, lhs, dy)
+
+
+# Padded wrappers: every dimension padded to its tile, results sliced back.
+
+def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, interpret: bool):
+    rows, contract = lhs.shape
+    width = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    kernel = "gmm_t" if transpose_rhs else "gmm"
+    weights_kn = (width, contract) if transpose_rhs else (contract, width)
+    tiles = fit_tiles(tiles_for(kernel, *weights_kn), rows, contract, width)
+    k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
+    lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
+    rhs_p = _pad_to(_pad_to(rhs, k_axis, tiles.block_k), n_axis, tiles.block_n)
+    out = _gmm_call(lhs_p, rhs_p, group_sizes, tiles, transpose_rhs, interpret)
+    return out[:rows, :width]
+
+
+def _tgmm(lhs, dy, group_sizes, num_groups: int, *, interpret: bool):
+    rows, contract = lhs.shape
+    width = dy.shape[1]
+    tiles = fit_tiles(tiles_for("tgmm", contract, width), rows, contract, width)
+    # tgmm's block_k tiles the output's K rows; rows of lhs/dy are its contraction.
+    lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
+    dy_p = _pad_to(_pad_to(dy, 0, tiles.block_m), 1, tiles.block_n)
+    out = _tgmm_call(lhs_p, dy_p, group_sizes, num_groups, tiles, interpret)
+    return out[:, :contract, :width]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, interpret: bool = False):
+    """Grouped matmul: lhs [A, K] @ rhs [G, K, N] over row groups -> [A, N] in lhs's dtype.
+
+    Same contract as `jax.lax.ragged_dot(lhs, rhs, group_sizes)`, differentiable in lhs and rhs.
+    """
+    return _gmm(lhs, rhs, group_sizes, transpose_rhs=False, interpret=interpret)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, interpret):
+    out = _gmm(lhs, rhs, group_sizes, transpose_rhs=False, interpret=interpret)
+    return out, (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(interpret, residuals, dy):
+    lhs, rhs, group_sizes = residuals
+    dy = dy.astype(lhs.dtype)
+    d_lhs = _gmm(dy, rhs, group_sizes, transpose_rhs=True, interpret=interpret)
+    d_rhs = _tgmm(lhs, dy, group_sizes, rhs.shape[0], interpret=interpret)
+    return d_lhs, d_rhs.astype(rhs.dtype), None
+
+
+gmm.defvjp(_gmm_fwd, _gmm_bwd)
