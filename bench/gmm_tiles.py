@@ -14,6 +14,7 @@ Writes $OUT/gmm_tiles.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 
 import jax
@@ -40,7 +41,8 @@ def correctness() -> list[dict]:
         dy = jax.random.normal(keys[2], (a, n), dtype)
         gs = jnp.asarray(sizes, jnp.int32)
         outs = {}
-        for name, f in (("pallas", gp.gmm), ("ragged_dot", jax.lax.ragged_dot)):
+        exact = functools.partial(jax.lax.ragged_dot, precision=jax.lax.Precision.HIGHEST)
+        for name, f in (("pallas", gp.gmm), ("ragged_dot", exact)):
             out, vjp = jax.vjp(lambda x, w, f=f: f(x, w, gs), lhs, rhs)
             outs[name] = (out, *vjp(dy))
         errs = [rel_err(p, r) for p, r in zip(outs["pallas"], outs["ragged_dot"])]
@@ -52,6 +54,12 @@ def correctness() -> list[dict]:
     return rows
 
 
+TGMM_CONFIGS = [  # tgmm only: block_m steps the rows; (block_k, block_n) tile the output
+    (128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (64, 128, 256, 8, 3),
+    (64, 256, 128, 8, 4), (128, 128, 128, 4, 3), (64, 128, 128, 8, 4), (32, 256, 128, 8, 4),
+    (64, 128, 64, 4, 4), (64, 256, 64, 8, 4),
+]
+
 CONFIGS = [  # block_m, block_n, block_k, num_warps, num_stages
     (128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3), (128, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
@@ -59,7 +67,7 @@ CONFIGS = [  # block_m, block_n, block_k, num_warps, num_stages
 ]
 
 
-def sweep(tokens: int, configs) -> list[dict]:
+def sweep(tokens: int, configs, kernels=("gmm", "gmm_t", "tgmm")) -> list[dict]:
     e, d, f, topk = 8, 4096, 14336, 2
     a = tokens * topk
     rng = np.random.default_rng(0)
@@ -89,6 +97,8 @@ def sweep(tokens: int, configs) -> list[dict]:
             row = {"K": k, "N": n, "tiles": list(cfg), "dense_tflops": dense,
                    "dense_t_tflops": dense_t}
             for name, fn in calls.items():
+                if name not in kernels:
+                    continue
                 try:
                     row[name] = flops / timed(fn, *args[name]) / 1e12
                 except Exception as err:  # a config that does not compile (registers, smem)
@@ -99,19 +109,62 @@ def sweep(tokens: int, configs) -> list[dict]:
     return rows
 
 
+DECODE_CONFIGS = [(16, bn, bk, 4, st) for bn in (32, 64, 128) for bk in (64, 128, 256)
+                  for st in (3, 4)]
+
+
+def decode_sweep(configs) -> list[dict]:
+    """gmm forward at decode sizes (2 and 16 assignments = 1 and 8 tokens), in GB/s of the
+    weights of the experts that have rows (what the kernel must read)."""
+    e, d, f = 8, 4096, 14336
+    rows = []
+    for a, sizes in ((2, [1, 0, 0, 1, 0, 0, 0, 0]), (16, [3, 2, 0, 4, 1, 2, 3, 1])):
+        gs = jnp.asarray(sizes, jnp.int32)
+        used = sum(1 for x in sizes if x)
+        for k, n in ((d, f), (f, d)):
+            lhs = jax.random.normal(jax.random.key(a), (a, k), jnp.bfloat16)
+            rhs = jax.random.normal(jax.random.key(k), (e, k, n), jnp.bfloat16)
+            lhs_p = jnp.pad(lhs, ((0, 16 - a % 16 if a % 16 else 0), (0, 0)))
+            for cfg in configs:
+                tiles = gp.Tiles(block_m=cfg[0], block_n=cfg[1], block_k=cfg[2],
+                                 num_warps=cfg[3], num_stages=cfg[4])
+                fn = jax.jit(lambda x, w, t=tiles: gp._gmm_call(x, w, gs, t, False, False))
+                try:
+                    ms = 1e3 * timed(fn, lhs_p, rhs, repeats=30)
+                    row = {"rows": a, "K": k, "N": n, "tiles": list(cfg), "ms": ms,
+                           "GBps": used * k * n * 2 / ms / 1e6}
+                except Exception as err:
+                    row = {"rows": a, "K": k, "N": n, "tiles": list(cfg),
+                           "error": str(err).splitlines()[0][:200]}
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--quick", action="store_true", help="first two configurations only")
+    p.add_argument("--tgmm-only", action="store_true", help="sweep TGMM_CONFIGS for tgmm")
+    p.add_argument("--decode", action="store_true", help="also sweep DECODE_CONFIGS")
     args = p.parse_args()
     checks = correctness()
-    rows = sweep(args.tokens, CONFIGS[:2] if args.quick else CONFIGS)
+    decode = decode_sweep(DECODE_CONFIGS) if args.decode else []
+    for a in sorted({r["rows"] for r in decode}):
+        for k in sorted({r["K"] for r in decode}):
+            ok = [r for r in decode if r["rows"] == a and r["K"] == k and "ms" in r]
+            best = max(ok, key=lambda r: r["GBps"])
+            print(f"decode rows={a} K={k}: best {best['GBps']:.0f} GB/s with {best['tiles']}")
+    if args.tgmm_only:
+        rows = sweep(args.tokens, TGMM_CONFIGS, kernels=("tgmm",))
+    else:
+        rows = sweep(args.tokens, CONFIGS[:2] if args.quick else CONFIGS)
     write_json("gmm_tiles.json", {"env": environment(), "tokens": args.tokens,
-                                  "correctness": checks, "sweep": rows})
+                                  "correctness": checks, "decode": decode, "sweep": rows})
     print(f"\ncorrectness: {sum(c['pass'] for c in checks)}/{len(checks)} pass")
     for kernel in ("gmm", "gmm_t", "tgmm"):
         for k in sorted({r["K"] for r in rows}):
-            best = max((r for r in rows if r["K"] == k and r[kernel]), key=lambda r: r[kernel],
+            best = max((r for r in rows if r["K"] == k and r.get(kernel)), key=lambda r: r[kernel],
                        default=None)
             if best:
                 print(f"{kernel:>6} K={k:>5}: best {best[kernel]:.0f} TFLOP/s with {best['tiles']}"

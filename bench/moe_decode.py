@@ -1,4 +1,5 @@
-"""One Mixtral 8x7B expert layer at batch-1 decode: moe_gathered vs moe_dropless vs the bandwidth floor.
+"""One Mixtral 8x7B expert layer at decode sizes (1-8 tokens): moe_gathered, moe_dropless with
+the Pallas grouped matmul and with ragged_dot, against the bandwidth floor of the experts used.
 
 Floor: bytes of the k chosen experts' three matrices / copy bandwidth measured in the same run.
 Run: python -m bench.moe_decode  (writes $OUT/moe_decode.json when OUT is set)
@@ -31,13 +32,17 @@ def main():
          ((0, (e, d, f)), (1, (e, d, f)), (2, (e, f, d)))]
     router = jax.random.normal(keys[3], (d, e), dt)
     res = {"jax": jax.__version__, "device": str(jax.devices()[0])}
-    for m in (1, 2, 3):
+    paths = (("gathered", moe.moe_gathered),
+             ("dropless", lambda *a: moe.moe_dropless(*a, gmm_impl="xla")),
+             ("pallas", lambda *a: moe.moe_dropless(*a, gmm_impl="pallas")))
+    sizes = (1, 2, 3, 8)
+    for m in sizes:
         x = jax.random.normal(keys[4], (m, d), dt)
         fns = {name: jax.jit(lambda x, a, b, c, fn=fn: fn(x, moe.route(x, router, k), a, b, c)[0])
-               for name, fn in (("gathered", moe.moe_gathered), ("dropless", moe.moe_dropless))}
+               for name, fn in paths}
         outs = {n: np.asarray(fn(x, *w), np.float32) for n, fn in fns.items()}
-        err = float(np.max(np.abs(outs["gathered"] - outs["dropless"])) /
-                    np.max(np.abs(outs["dropless"])))
+        err = max(float(np.max(np.abs(outs[n] - outs["dropless"])) /
+                        np.max(np.abs(outs["dropless"]))) for n in ("gathered", "pallas"))
         times = {n: timed(fn, x, *w) for n, fn in fns.items()}
         chosen = len(set(np.asarray(moe.route(x, router, k).experts).ravel().tolist()))
         res[f"M={m}"] = {"ms": {n: t * 1e3 for n, t in times.items()}, "rel_err": err,
@@ -47,12 +52,12 @@ def main():
     copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
     bw = 2 * a.nbytes / timed(copy, a)
     res["copy_GBps"] = bw / 1e9
-    for m in (1, 2, 3):
+    for m in sizes:
         r = res[f"M={m}"]
         floor = r["distinct_experts"] * 3 * d * f * 2 / bw
         r["floor_ms"] = floor * 1e3
-        r["gathered_pct_of_floor"] = 100 * floor / (r["ms"]["gathered"] / 1e3)
-        r["dropless_pct_of_floor"] = 100 * floor / (r["ms"]["dropless"] / 1e3)
+        for name, _ in paths:
+            r[f"{name}_pct_of_floor"] = 100 * floor / (r["ms"][name] / 1e3)
     print(json.dumps(res, indent=1))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "moe_decode.json"), "w") as fh:

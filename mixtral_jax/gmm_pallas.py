@@ -61,9 +61,37 @@ DEFAULT = {
 }
 
 
-def tiles_for(kernel: str, k: int, n: int) -> Tiles:
-    """Tiles of `kernel` for contraction K and output width N (gmm_t: K, N of the weights)."""
-    return TUNED.get((kernel, k, n), DEFAULT[kernel])
+# Decode (a few rows): the kernel only streams the used experts' weights, so what counts is
+# enough programs in flight to saturate memory bandwidth: narrow output columns.
+DECODE_ROWS = 64
+DECODE = Tiles(16, 64, 128, num_warps=4, num_stages=4)
+
+SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KiB per block; leave room for the epilogue
+
+
+def tiles_for(kernel: str, k: int, n: int, rows: int, itemsize: int = 2) -> Tiles:
+    """Tiles of `kernel` for `rows` rows, weights [K, N] (gmm_t reads the same weights),
+    shrunk until the software pipeline's buffers fit in shared memory."""
+    if kernel != "tgmm" and rows <= DECODE_ROWS:
+        tiles = DECODE
+    else:
+        tiles = TUNED.get((kernel, k, n), DEFAULT[kernel])
+    return _fit_shared_memory(tiles, kernel, itemsize)
+
+
+def _fit_shared_memory(tiles: Tiles, kernel: str, itemsize: int) -> Tiles:
+    def stage_bytes(t):  # one pipeline stage: an lhs tile and an rhs (or dy) tile
+        other = t.block_m * t.block_n if kernel == "tgmm" else t.block_k * t.block_n
+        return (t.block_m * t.block_k + other) * itemsize
+
+    while tiles.num_stages * stage_bytes(tiles) > SMEM_BYTES:
+        if tiles.num_stages > 2:
+            tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
+        elif tiles.block_n > 16:
+            tiles = dataclasses.replace(tiles, block_n=tiles.block_n // 2)
+        else:
+            tiles = dataclasses.replace(tiles, block_k=max(16, tiles.block_k // 2))
+    return tiles
 
 
 def _pow2_at_least(n: int, low: int = 16) -> int:
@@ -241,7 +269,8 @@ def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, interpret: bool):
     width = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     kernel = "gmm_t" if transpose_rhs else "gmm"
     weights_kn = (width, contract) if transpose_rhs else (contract, width)
-    tiles = fit_tiles(tiles_for(kernel, *weights_kn), rows, contract, width)
+    tiles = fit_tiles(tiles_for(kernel, *weights_kn, rows, lhs.dtype.itemsize), rows, contract,
+                      width)
     k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
     lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
     rhs_p = _pad_to(_pad_to(rhs, k_axis, tiles.block_k), n_axis, tiles.block_n)
@@ -252,7 +281,8 @@ def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, interpret: bool):
 def _tgmm(lhs, dy, group_sizes, num_groups: int, *, interpret: bool):
     rows, contract = lhs.shape
     width = dy.shape[1]
-    tiles = fit_tiles(tiles_for("tgmm", contract, width), rows, contract, width)
+    tiles = fit_tiles(tiles_for("tgmm", contract, width, rows, lhs.dtype.itemsize), rows,
+                      contract, width)
     # tgmm's block_k tiles the output's K rows; rows of lhs/dy are its contraction.
     lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
     dy_p = _pad_to(_pad_to(dy, 0, tiles.block_m), 1, tiles.block_n)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mixtral_jax.config import GmmImpl, ModelConfig, MoEImpl
-from mixtral_jax.grouped_matmul import grouped_matmul
+from mixtral_jax.grouped_matmul import grouped_matmul, resolve as resolve_gmm
 from mixtral_jax.layers import normal_init
 
 
@@ -201,8 +201,10 @@ def dispatch(cfg: ModelConfig, x, routing: Routing, weights) -> tuple[jax.Array,
 
     Inside `moe_parallel.expert_parallel(mesh)` the non-dense paths dispatch over the mesh's
     expert axis with all-to-all (dropless keeps every assignment; capacity uses its factor). On
-    one device a single token takes `moe_gathered` (batch-1 decode reads only its k experts: H200,
-    one 8x7B layer, 0.52 vs 0.65 ms; from 2 tokens on the gathers cost more, see BENCHMARKS.md).
+    one device, where the grouped matmul is ragged_dot (which reads every expert), a single token
+    takes `moe_gathered` instead (reads only its k experts). The Pallas grouped matmul visits only
+    the experts that have tokens, and beats the gathers at every size (H200, one 8x7B layer,
+    1 token: 0.31 ms vs 0.52; BENCHMARKS.md).
     """
     from mixtral_jax import moe_parallel  # noqa: PLC0415 (moe_parallel imports this module)
 
@@ -215,7 +217,8 @@ def dispatch(cfg: ModelConfig, x, routing: Routing, weights) -> tuple[jax.Array,
                                                 capacity_factor=factor)
     if cfg.moe_impl == MoEImpl.CAPACITY:
         return moe_capacity(x, routing, *weights, capacity=cfg.capacity(x.shape[0]))
-    if x.shape[0] == 1 and cfg.num_experts_per_tok < cfg.num_experts:
+    if (x.shape[0] == 1 and cfg.num_experts_per_tok < cfg.num_experts
+            and resolve_gmm(cfg.gmm_impl) == GmmImpl.XLA):
         return moe_gathered(x, routing, *weights)
     return moe_dropless(x, routing, *weights, gmm_impl=cfg.gmm_impl)
 

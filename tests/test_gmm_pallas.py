@@ -62,8 +62,20 @@ def test_schedule_lists_every_overlapping_group_and_tile():
 def test_tiles_fit_small_problems_and_stay_powers_of_two():
     tiles = gmm_pallas.fit_tiles(gmm_pallas.DEFAULT["gmm"], 3, 20, 24)
     assert (tiles.block_m, tiles.block_k, tiles.block_n) == (16, 32, 32)
-    big = gmm_pallas.tiles_for("gmm", 4096, 14336)
+    big = gmm_pallas.tiles_for("gmm", 4096, 14336, 32768)
     assert gmm_pallas.fit_tiles(big, 32768, 4096, 14336) == big
+    assert gmm_pallas.tiles_for("gmm", 4096, 14336, 2) == gmm_pallas.DECODE
+
+
+def test_tiles_shrink_to_fit_shared_memory_for_wider_dtypes():
+    for kernel in ("gmm", "gmm_t", "tgmm"):
+        for itemsize in (2, 4):
+            t = gmm_pallas.tiles_for(kernel, 4096, 14336, 32768, itemsize)
+            other = t.block_m * t.block_n if kernel == "tgmm" else t.block_k * t.block_n
+            assert t.num_stages * (t.block_m * t.block_k + other) * itemsize <= \
+                gmm_pallas.SMEM_BYTES
+    assert gmm_pallas.tiles_for("gmm", 4096, 14336, 32768, 4).num_stages < \
+        gmm_pallas.tiles_for("gmm", 4096, 14336, 32768, 2).num_stages
 
 
 def test_entry_point_chooses_ragged_dot_on_cpu_and_refuses_pallas():
