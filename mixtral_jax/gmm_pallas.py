@@ -53,18 +53,20 @@ TUNED = {
     ("gmm", 14336, 4096): Tiles(128, 256, 64, num_warps=8, num_stages=3),
     ("gmm_t", 4096, 14336): Tiles(128, 256, 64, num_warps=8, num_stages=4),
     ("gmm_t", 14336, 4096): Tiles(128, 256, 64, num_warps=8, num_stages=4),
+    ("tgmm", 4096, 14336): Tiles(64, 256, 128, num_warps=8, num_stages=4),
+    ("tgmm", 14336, 4096): Tiles(64, 256, 128, num_warps=8, num_stages=3),
 }
 DEFAULT = {
     "gmm": Tiles(128, 256, 64, num_warps=8, num_stages=4),
     "gmm_t": Tiles(128, 256, 64, num_warps=8, num_stages=4),
-    "tgmm": Tiles(128, 128, 128, num_warps=8, num_stages=3),
+    "tgmm": Tiles(64, 256, 128, num_warps=8, num_stages=3),
 }
 
 
 # Decode (a few rows): the kernel only streams the used experts' weights, so what counts is
 # enough programs in flight to saturate memory bandwidth: narrow output columns.
 DECODE_ROWS = 64
-DECODE = Tiles(16, 64, 128, num_warps=4, num_stages=4)
+DECODE = Tiles(16, 64, 256, num_warps=4, num_stages=3)
 
 SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KiB per block; leave room for the epilogue
 
@@ -154,12 +156,14 @@ def _swizzle(pid, num_rows, num_cols, group_m):
     return first_row + (pid % per_band) % band_rows, (pid % per_band) // band_rows
 
 
-def _gmm_kernel(work_group_ref, work_tile_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref,
+def _gmm_kernel(work_group_ref, work_tile_ref, starts_ref, ends_ref, layer_ref, lhs_ref, rhs_ref,
+                out_ref,
                 *, tiles: Tiles, num_items: int, num_cols: int, contract: int,
                 num_groups: int, transpose_rhs: bool, precision):
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     item, col = _swizzle(pl.program_id(0), num_items, num_cols, tiles.group_m)
     group = work_group_ref[item]
+    layer = layer_ref[0]
     row0 = pl.multiple_of(work_tile_ref[item] * bm, bm)
     col0 = pl.multiple_of(col * bn, bn)
     rows = row0 + jnp.arange(bm, dtype=jnp.int32)
@@ -179,10 +183,10 @@ def _gmm_kernel(work_group_ref, work_tile_ref, starts_ref, ends_ref, lhs_ref, rh
             k0 = pl.multiple_of(i * bk, bk)
             a = lhs_ref[pl.ds(row0, bm), pl.ds(k0, bk)]  # [bm, bk]
             if transpose_rhs:
-                b = rhs_ref[g, pl.ds(col0, bn), pl.ds(k0, bk)]  # [bn, bk]
+                b = rhs_ref[layer, g, pl.ds(col0, bn), pl.ds(k0, bk)]  # [bn, bk]
                 dims = (((1,), (1,)), ((), ()))
             else:
-                b = rhs_ref[g, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
+                b = rhs_ref[layer, g, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
                 dims = (((1,), (0,)), ((), ()))
             return acc + jax.lax.dot_general(a, b, dims, precision=precision,
                                              preferred_element_type=jnp.float32)
@@ -195,11 +199,18 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _gmm_call(lhs, rhs, group_sizes, tiles: Tiles, transpose_rhs: bool, interpret: bool):
-    """lhs [A, K] (padded), rhs [G, K, N] (or [G, N, K] transposed) -> [A, N]; shapes divide."""
+def _gmm_call(lhs, rhs, group_sizes, tiles: Tiles, transpose_rhs: bool, interpret: bool,
+              layer=None):
+    """lhs [A, K] (padded), rhs [G, K, N] (or [G, N, K] transposed) -> [A, N]; shapes divide.
+
+    With `layer` (an int32 scalar), rhs is a stack [L, G, K, N] read at that layer in place.
+    """
+    if layer is None:
+        rhs, layer = rhs[None], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     rows, contract = lhs.shape
-    num_groups = rhs.shape[0]
-    width = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    num_groups = rhs.shape[1]
+    width = rhs.shape[2] if transpose_rhs else rhs.shape[3]
     work_group, work_tile = schedule(group_sizes, rows, tiles.block_m)
     starts, ends = _group_bounds(group_sizes, rows)
     num_items, num_cols = work_group.shape[0], width // tiles.block_n
@@ -214,7 +225,7 @@ def _gmm_call(lhs, rhs, group_sizes, tiles: Tiles, transpose_rhs: bool, interpre
                                              num_stages=tiles.num_stages),
         interpret=interpret,
         name="gmm_t" if transpose_rhs else "gmm",
-    )(work_group, work_tile, starts, ends, lhs, rhs)
+    )(work_group, work_tile, starts, ends, layer, lhs, rhs)
 
 
 def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dy_ref, out_ref, *, tiles: Tiles,
@@ -288,6 +299,24 @@ def _tgmm(lhs, dy, group_sizes, num_groups: int, *, interpret: bool):
     dy_p = _pad_to(_pad_to(dy, 0, tiles.block_m), 1, tiles.block_n)
     out = _tgmm_call(lhs_p, dy_p, group_sizes, num_groups, tiles, interpret)
     return out[:, :contract, :width]
+
+
+def gmm_stacked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax.Array,
+                interpret: bool = False) -> jax.Array:
+    """gmm(lhs, rhs[layer], group_sizes) reading the stack [L, G, K, N] in place (no gradient).
+
+    Inside a scan over layers, slicing a layer's experts out of the stack for a custom call
+    copies them (8x7B: 2.8 GB per layer per decode step); this reads them where they lie.
+    For inference: the gradient of a stack would be a stack.
+    """
+    rows, contract = lhs.shape
+    width = rhs.shape[3]
+    tiles = fit_tiles(tiles_for("gmm", contract, width, rows, lhs.dtype.itemsize), rows,
+                      contract, width)
+    lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
+    rhs_p = _pad_to(_pad_to(rhs, 2, tiles.block_k), 3, tiles.block_n)
+    out = _gmm_call(lhs_p, rhs_p, group_sizes, tiles, False, interpret, layer=layer)
+    return jax.lax.stop_gradient(out[:rows, :width])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -53,3 +53,17 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     if resolve(impl) == GmmImpl.PALLAS:
         return gmm_pallas.gmm(lhs, rhs.astype(lhs.dtype), group_sizes)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def grouped_matmul_stacked(lhs: jax.Array, stack: jax.Array, group_sizes: jax.Array,
+                           layer: jax.Array, impl: GmmImpl | str = GmmImpl.AUTO) -> jax.Array:
+    """`grouped_matmul(lhs, stack[layer], group_sizes)` for inference inside a layer scan.
+
+    stack: [L, E, D, F]; layer: int32 scalar. The Pallas kernel reads the layer where it lies:
+    slicing it out for a custom call would copy it (2.8 GB per 8x7B layer and decode step).
+    No gradient through the stack.
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    if resolve(impl) == GmmImpl.PALLAS:
+        return gmm_pallas.gmm_stacked(lhs, stack.astype(lhs.dtype), group_sizes, layer)
+    return jax.lax.ragged_dot(lhs, stack[layer], group_sizes)

@@ -92,13 +92,20 @@ class DecoderBlock(nnx.Module):
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, noise_rng)
         return h + moe_out, aux
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask):
-        """Like __call__ over new tokens with one layer's cache -> ([B, T, D], aux, k, v)."""
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask, layer=None):
+        """Like __call__ over new tokens with one layer's cache -> ([B, T, D], aux, k, v).
+
+        With `layer`, the MoE's expert weights are every layer's stacks (see `MoE.__call__`).
+        """
         attn, k_cache, v_cache = self.attn.cached(self.attn_norm(x), cos, sin, k_cache, v_cache,
                                                   mask, slots)
         h = x + attn
-        moe_out, aux = self.moe(self.moe_norm(h), token_mask)
+        moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer)
         return h + moe_out, aux, k_cache, v_cache
+
+
+def _is_expert_stack(path, value) -> bool:
+    return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
 
 
 _REMAT_POLICIES = {
@@ -201,17 +208,20 @@ class Mixtral(nnx.Module):
         slots = q_index[t - kept:] % size  # [kept]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
-        graphdef, layer_state = nnx.split(self.layers)
+        # The expert stacks stay out of the scan's sliced inputs: the MoE reads layer i of the
+        # whole stack in place (a scan slice feeding a custom kernel would be copied).
+        graphdef, expert_stacks, layer_state = nnx.split(self.layers, _is_expert_stack, ...)
 
         def body(x, xs):
-            state, k_cache, v_cache = xs
-            layer = nnx.merge(graphdef, state)
+            state, k_cache, v_cache, index = xs
+            layer = nnx.merge(graphdef, expert_stacks, state)
             x, aux, k_cache, v_cache = layer.cached(x, cos, sin, k_cache, v_cache, mask, slots,
-                                                    token_mask)
+                                                    token_mask, layer=index)
             return x, (aux, k_cache, v_cache)
 
         x = self.embed(tokens)
-        x, (layer_aux, k, v) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
+        indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        x, (layer_aux, k, v) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v, indices))
         x = self.final_norm(x)
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
                             preferred_element_type=jnp.float32)

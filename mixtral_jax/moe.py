@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mixtral_jax.config import GmmImpl, ModelConfig, MoEImpl
-from mixtral_jax.grouped_matmul import grouped_matmul, resolve as resolve_gmm
+from mixtral_jax.grouped_matmul import grouped_matmul, grouped_matmul_stacked, resolve as resolve_gmm
 from mixtral_jax.layers import normal_init
 
 
@@ -119,14 +119,23 @@ def unsort_and_combine(y_sorted: jax.Array, order: jax.Array, weights: jax.Array
     return jnp.einsum("MkD,Mk->MD", y.astype(jnp.float32), weights)
 
 
-def moe_dropless(x, routing, w_gate, w_up, w_down, gmm_impl: GmmImpl = GmmImpl.AUTO):
-    """Sort by expert, one grouped matmul per projection (kernel: `gmm_impl`), none dropped."""
+def moe_dropless(x, routing, w_gate, w_up, w_down, gmm_impl: GmmImpl = GmmImpl.AUTO,
+                 layer: jax.Array | None = None):
+    """Sort by expert, one grouped matmul per projection (kernel: `gmm_impl`), none dropped.
+
+    With `layer`, w_* are stacks [L, E, ...] used at that layer (`grouped_matmul_stacked`).
+    """
     topk = routing.experts.shape[1]
-    order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[0])
+    order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[-3])
     x_sorted = x[order // topk]  # [A, D]
-    h = swiglu(grouped_matmul(x_sorted, w_gate, group_sizes, gmm_impl),
-               grouped_matmul(x_sorted, w_up, group_sizes, gmm_impl))  # [A, F]
-    y_sorted = grouped_matmul(h, w_down, group_sizes, gmm_impl)  # [A, D]
+    if layer is None:
+        def gmm(lhs, w):
+            return grouped_matmul(lhs, w, group_sizes, gmm_impl)
+    else:
+        def gmm(lhs, w):
+            return grouped_matmul_stacked(lhs, w, group_sizes, layer, gmm_impl)
+    h = swiglu(gmm(x_sorted, w_gate), gmm(x_sorted, w_up))  # [A, F]
+    y_sorted = gmm(h, w_down)  # [A, D]
     return unsort_and_combine(y_sorted, order, routing.weights), jnp.zeros((), jnp.int32)
 
 
@@ -196,8 +205,12 @@ def routing_aux(routing: Routing, token_mask: jax.Array, dropped: jax.Array) -> 
     )
 
 
-def dispatch(cfg: ModelConfig, x, routing: Routing, weights) -> tuple[jax.Array, jax.Array]:
+def dispatch(cfg: ModelConfig, x, routing: Routing, weights,
+             layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Runs the experts by `cfg.moe_impl`: ([M, D] float32 output, dropped assignments).
+
+    With `layer`, `weights` are the stacks of all layers in the compute dtype (inference): the
+    single-device dropless path reads them in place, every other path slices the layer out.
 
     Inside `moe_parallel.expert_parallel(mesh)` the non-dense paths dispatch over the mesh's
     expert axis with all-to-all (dropless keeps every assignment; capacity uses its factor). On
@@ -209,6 +222,12 @@ def dispatch(cfg: ModelConfig, x, routing: Routing, weights) -> tuple[jax.Array,
     from mixtral_jax import moe_parallel  # noqa: PLC0415 (moe_parallel imports this module)
 
     mesh = moe_parallel.active_mesh()
+    gathered = (x.shape[0] == 1 and cfg.num_experts_per_tok < cfg.num_experts
+                and resolve_gmm(cfg.gmm_impl) == GmmImpl.XLA)
+    if layer is not None:
+        if cfg.moe_impl == MoEImpl.DROPLESS and mesh is None and not gathered:
+            return moe_dropless(x, routing, *weights, gmm_impl=cfg.gmm_impl, layer=layer)
+        weights = tuple(w[layer] for w in weights)
     if cfg.moe_impl == MoEImpl.DENSE:
         return moe_dense(x, routing, *weights)
     if mesh is not None:
@@ -217,8 +236,7 @@ def dispatch(cfg: ModelConfig, x, routing: Routing, weights) -> tuple[jax.Array,
                                                 capacity_factor=factor)
     if cfg.moe_impl == MoEImpl.CAPACITY:
         return moe_capacity(x, routing, *weights, capacity=cfg.capacity(x.shape[0]))
-    if (x.shape[0] == 1 and cfg.num_experts_per_tok < cfg.num_experts
-            and resolve_gmm(cfg.gmm_impl) == GmmImpl.XLA):
+    if gathered:
         return moe_gathered(x, routing, *weights)
     return moe_dropless(x, routing, *weights, gmm_impl=cfg.gmm_impl)
 
@@ -240,13 +258,16 @@ class MoE(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None,
-                 noise_rng: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
+                 noise_rng: jax.Array | None = None,
+                 layer: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
         """Routes and mixes experts.
 
         Args:
           x: [B, T, D] normalised activations.
           token_mask: [B, T], 1 for real tokens; padding is routed but left out of the statistics.
           noise_rng: PRNG key enabling router jitter (training); None for deterministic.
+          layer: inference inside a layer scan: w_* hold every layer's stack [L, E, ...] and
+            this int32 scalar picks one (the stacks are read in place, not sliced out).
         Returns:
           ([B, T, D] in the compute dtype, MoEAux).
         """
@@ -257,8 +278,11 @@ class MoE(nnx.Module):
             j = cfg.router_jitter_noise
             x = x * jax.random.uniform(noise_rng, x.shape, dt, 1.0 - j, 1.0 + j)
         routing = route(x, self.router[...], cfg.num_experts_per_tok)
-        weights = tuple(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down))
-        out, dropped = dispatch(cfg, x, routing, weights)
+        weights = tuple(w[...] for w in (self.w_gate, self.w_up, self.w_down))
+        if layer is not None and any(w.dtype != dt for w in weights):
+            weights, layer = tuple(w[layer] for w in weights), None  # cast one layer, not all
+        weights = tuple(w.astype(dt) for w in weights)
+        out, dropped = dispatch(cfg, x, routing, weights, layer)
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1)
         aux = routing_aux(routing, mask.astype(jnp.float32), dropped)
         return out.astype(dt).reshape(b, t, d), aux

@@ -107,3 +107,15 @@ def test_moe_dropless_through_the_kernel_equals_the_dense_oracle(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_got, g_want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_kernel_reads_the_chosen_layer_of_the_stack():
+    keys = jax.random.split(jax.random.key(7), 2)
+    lhs = jax.random.normal(keys[0], (20, 16))
+    stack = jax.random.normal(keys[1], (3, 4, 16, 32))  # [L, E, K, N]
+    gs = jnp.asarray([5, 0, 9, 6], jnp.int32)
+    run = jax.jit(lambda x, w, i: gmm_pallas.gmm_stacked(x, w, gs, i, interpret=True))
+    for layer in (0, 2):
+        np.testing.assert_allclose(run(lhs, stack, layer),
+                                   jax.lax.ragged_dot(lhs, stack[layer], gs), rtol=1e-5,
+                                   atol=1e-5)
