@@ -36,7 +36,9 @@ def main():
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--moe-impl", default="dropless")
+    p.add_argument("--unroll", type=int, default=mj.model.EXTEND_SCAN_UNROLL)
     args = p.parse_args()
+    mj.model.EXTEND_SCAN_UNROLL = args.unroll
     cfg = mj.preset("mixtral-8x7b", num_layers=args.layers, dtype="bfloat16",
                     param_dtype="bfloat16", moe_impl=args.moe_impl, max_seq_len=4096)
     bandwidth = copy_bandwidth_tbs()
@@ -59,10 +61,11 @@ def main():
     prompt = [list(map(int, rng.integers(3, 32000, args.prefill)))]
     ttft = [generator.generate(prompt, max_new_tokens=16, eos_id=None).time_to_first_token_s
             for _ in range(3)][-1]
-    payload = {"env": environment(), "config": {"layers": args.layers, "moe_impl": args.moe_impl},
+    payload = {"env": environment(), "config": {"layers": args.layers, "moe_impl": args.moe_impl,
+                                                "unroll": args.unroll},
                "copy_bandwidth_tbs": bandwidth, "decode": rows,
                f"ttft_{args.prefill}_tokens_s": ttft}
-    write_json(f"decode_{args.moe_impl}.json", payload)
+    write_json(f"decode_{args.moe_impl}_unroll{args.unroll}.json", payload)
     print(f"\ncopy bandwidth {bandwidth:.2f} TB/s; moe_impl={args.moe_impl}; layers={args.layers}")
     print(f"{'batch':>6} {'tok/s':>10} {'step ms':>9} {'floor ms':>9} {'of floor':>9}")
     for r in rows:

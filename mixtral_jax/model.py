@@ -104,6 +104,11 @@ class DecoderBlock(nnx.Module):
         return h + moe_out, aux, k_cache, v_cache
 
 
+# Layers unrolled per iteration of extend()'s layer scan (inference only). H200, full 8x7B,
+# batch-1 decode: 1 -> 81.9 tokens/s, 4 -> 93.8, 32 -> 96.4 but a much longer compile.
+EXTEND_SCAN_UNROLL = 4
+
+
 def _is_expert_stack(path, value) -> bool:
     return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
 
@@ -221,7 +226,8 @@ class Mixtral(nnx.Module):
 
         x = self.embed(tokens)
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        x, (layer_aux, k, v) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v, indices))
+        x, (layer_aux, k, v) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v, indices),
+                                            unroll=EXTEND_SCAN_UNROLL)
         x = self.final_norm(x)
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
                             preferred_element_type=jnp.float32)
