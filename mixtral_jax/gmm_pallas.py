@@ -15,6 +15,9 @@ that straddles a group boundary is visited once per group, each visit storing on
 virtual group G that stores zeros. `tgmm` gives each (group, K tile, N tile) output block one
 program that loops over the group's row tiles, masking rows of neighbouring groups on load.
 
+`gmm_stacked` runs the forward kernel on layer l of a stack [L, G, K, N] where it lies (inference
+inside a layer scan, where slicing the layer out for a custom call would copy it).
+
 Both kernels map a 1-D program id to (row tile, column tile) in bands of `group_m` row tiles, so
 the tiles running at the same time share operands in L2 (the usual Triton swizzle).
 
