@@ -11,6 +11,9 @@ losses, clipping, AdamW). MFU counts 6 x active matmul parameters + causal atten
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -60,6 +63,18 @@ def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
             "flops_per_token": metrics.flops_per_token(cfg, seq), "warmup_s": warm}
 
 
+def peer(layers: int, batch: int, seq: int) -> dict:
+    """transformers' MixtralForCausalLM step (bench/peer_train_step.py), in a subprocess that
+    runs before JAX touches the GPU."""
+    try:
+        out = subprocess.run([sys.executable, "bench/peer_train_step.py", "--layers", str(layers),
+                              "--batch", str(batch), "--seq", str(seq)],
+                             capture_output=True, text=True, check=True, timeout=400)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception as err:  # the peer failing must not hide our figures
+        return {"error": str(err)[-500:]}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=2)
@@ -67,7 +82,10 @@ def main():
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--impls", default="capacity,dropless")
+    p.add_argument("--no-peer", action="store_true")
     args = p.parse_args()
+    peer_row = {} if args.no_peer else peer(args.layers, args.batch, args.seq)
+    print("peer:", peer_row, flush=True)
     peak = matmul_peak_tflops()
     rows = []
     for impl in args.impls.split(","):
@@ -78,8 +96,14 @@ def main():
         rows.append(row)
         print(row, flush=True)
         jax.clear_caches()
+    if "tokens_per_s" in peer_row:
+        flops = rows[0]["flops_per_token"]
+        peer_tf = peer_row["tokens_per_s"] * flops / 1e12
+        rows.append({"moe_impl": "peer (transformers)", "step_ms": peer_row["step_ms"],
+                     "tokens_per_s": peer_row["tokens_per_s"], "tflops": peer_tf,
+                     "mfu_vs_measured_peak": peer_tf / peak, "mfu_vs_989": peer_tf / 989.0})
     write_json("train_step.json", {"env": environment(), "matmul_peak_tflops": peak,
-                                   "runs": rows})
+                                   "runs": rows, "peer": peer_row})
     print(f"\nmeasured bf16 matmul peak: {peak:.0f} TFLOP/s")
     print(f"{'impl':>9} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU/meas':>9} {'MFU/989':>8}")
     for r in rows:
