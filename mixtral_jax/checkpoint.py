@@ -7,12 +7,15 @@ Layout of a model checkpoint directory:
   DIR/tokenizer.model  sentencepiece model, when one was given
 
 `train.py` starts from one (fine-tuning), `infer.py` loads one, the converter writes one.
+`save_model` writes a whole in-memory tree; `save_model_streaming` writes leaf by leaf (Orbax
+partial saves), so a converter holds one leaf at a time. Both give the same directory layout.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,58 @@ def save_model(directory: str, params: dict, cfg: ModelConfig,
         os.replace(staging, directory)  # the checkpoint appears whole or not at all
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...], object]],
+                         cfg: ModelConfig, tokenizer_path: str | None = None) -> None:
+    """Like `save_model`, but each (path, array) leaf is written as soon as it is produced.
+
+    Peak memory is about one leaf (plus Orbax's copy of it) instead of the whole tree. Uses
+    Orbax's partial saving (`orbax.checkpoint.experimental.v1.partial`); where that API is
+    missing the leaves are gathered and written by `save_model`. The result reads with
+    `load_model` either way. `directory` must not exist; it appears whole or not at all.
+    """
+    try:
+        from orbax.checkpoint.experimental.v1 import partial
+    except ImportError:
+        partial = None
+    if partial is None:
+        tree: dict = {}
+        for path, leaf in leaves:
+            _put(tree, path, leaf)
+        return save_model(directory, tree, cfg, tokenizer_path)
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        raise FileExistsError(f"checkpoint directory {directory} already exists")
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    staging = directory + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    session = os.path.join(staging, "session")
+    try:
+        for path, leaf in leaves:
+            partial.save(session, _put({}, path, leaf))
+        partial.finalize(session)
+        # The finalized session holds the PyTree checkpoint in `state/`: our params/ directory.
+        os.replace(os.path.join(session, "state"), os.path.join(staging, PARAMS_DIR))
+        metadata = os.path.join(session, "_CHECKPOINT_METADATA")  # as save_model's params/ has
+        if os.path.isfile(metadata):
+            os.replace(metadata, os.path.join(staging, PARAMS_DIR, "_CHECKPOINT_METADATA"))
+        shutil.rmtree(session)
+        save_hf_config(cfg, os.path.join(staging, "config.json"))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, os.path.join(staging, TOKENIZER_FILE))
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _put(tree: dict, path: tuple[str, ...], leaf) -> dict:
+    node = tree
+    for name in path[:-1]:
+        node = node.setdefault(name, {})
+    node[path[-1]] = leaf
+    return tree
 
 
 def is_model_checkpoint(directory: str) -> bool:

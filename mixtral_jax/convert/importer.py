@@ -4,13 +4,16 @@ Order of work, so that a failure leaves nothing behind:
   1. `open_source` checks files, layout, config, names, shapes and dtypes (no tensor data read);
   2. each of our leaves is filled slice by slice from one stored tensor at a time (an expert
      stack at most), with a progress bar in bytes; `--check-finite` scans each slice;
-  3. `checkpoint.save_model` writes into a staging directory and renames it into place.
+  3. `checkpoint.save_model_streaming` writes each leaf as soon as it is complete, into a
+     staging directory that is renamed into place only after the last leaf (and after the
+     finiteness verdict): an error at any point leaves no output behind.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import numpy as np
 from tqdm import tqdm
@@ -31,36 +34,64 @@ def find_tokenizer(directory: str) -> str | None:
     return found[0] if found else None
 
 
-def build_params(src: Source, *, check_finite: bool = False, progress: bool = True,
-                 problems: list[str] | None = None) -> dict:
-    """Our nested parameter dict (numpy, `src.cfg.param_dtype`), one stored tensor at a time.
+def iter_leaves(src: Source, *, check_finite: bool = False, progress: bool = True,
+                scratch: str | None = None, problems: list[str] | None = None):
+    """(path, leaf) of our parameter tree, each leaf filled from one stored tensor at a time.
 
-    Non-finite slices are appended to `problems` (named, with their count) when `check_finite`.
+    Leaves are numpy in `src.cfg.param_dtype`. With `scratch` (a directory), leaves larger
+    than `SCRATCH_MIN_BYTES` live in a memory-mapped file there, so the process's own memory
+    stays near the one leaf Orbax copies while writing. With `check_finite`, non-finite slices
+    go into `problems` (named, with their count) and a `ConversionError` is raised after the
+    last leaf, before anything is finalized.
     """
     cfg, get = src.cfg, src.getter()
     dtype = np.dtype(_np_dtype(cfg.param_dtype))
-    params: dict = {}
+    problems = [] if problems is None else problems
     with tqdm(total=src.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
               desc="convert", disable=not progress) as bar:
         for m in TABLE:
-            keys = slice_keys(m, cfg)
             leaf = None
-            for index, key in keys:
+            for index, key in slice_keys(m, cfg):
                 hf = get(key)
-                if check_finite and problems is not None:
+                if check_finite:
                     bad = int(np.size(hf) - np.count_nonzero(np.isfinite(hf)))
                     if bad:
                         problems.append(f"{key} has {bad} non-finite value(s)")
                 ours = m.to_ours(hf, cfg)
                 if leaf is None:
                     leading = (cfg.num_layers,) * m.per_layer + (cfg.num_experts,) * m.per_expert
-                    leaf = np.empty(leading + ours.shape, dtype)
+                    leaf = _new_leaf(leading + ours.shape, dtype, scratch, m.path)
                 leaf[index] = ours  # casts only when --dtype asked for it
                 bar.update(hf.nbytes)
-            node = params
-            for name in m.path[:-1]:
-                node = node.setdefault(name, {})
-            node[m.path[-1]] = leaf
+            yield m.path, leaf
+            filename = getattr(leaf, "filename", None)
+            del leaf
+            if filename:
+                os.remove(filename)  # written out: give the scratch space back
+    if check_finite and problems:
+        raise ConversionError(src.directory, problems)
+
+
+SCRATCH_MIN_BYTES = 64 * 1024**2
+
+
+def _new_leaf(shape, dtype, scratch, path) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if scratch is None or nbytes < SCRATCH_MIN_BYTES:
+        return np.empty(shape, dtype)
+    os.makedirs(scratch, exist_ok=True)
+    # A raw memory map (no .npy header: numpy's header writer cannot describe bfloat16).
+    return np.memmap(os.path.join(scratch, ".".join(path)), dtype=dtype, mode="w+", shape=shape)
+
+
+def build_params(src: Source, *, check_finite: bool = False, progress: bool = True) -> dict:
+    """Our whole nested parameter dict (numpy) in memory: for tests and small models."""
+    params: dict = {}
+    for path, leaf in iter_leaves(src, check_finite=check_finite, progress=progress):
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = leaf
     return params
 
 
@@ -90,9 +121,11 @@ def to_orbax(source_dir: str, out_dir: str, *, allow_pickle: bool = False,
         raise ConversionError(source_dir, pre + e.problems) from None
     if pre:
         raise ConversionError(source_dir, pre)
-    problems: list[str] = []
-    params = build_params(src, check_finite=check_finite, progress=progress, problems=problems)
-    if problems:
-        raise ConversionError(source_dir, problems)
-    checkpoint.save_model(out_dir, params, src.cfg, tokenizer or find_tokenizer(source_dir))
+    scratch = os.path.abspath(out_dir) + ".scratch"
+    try:
+        leaves = iter_leaves(src, check_finite=check_finite, progress=progress, scratch=scratch)
+        checkpoint.save_model_streaming(out_dir, leaves, src.cfg,
+                                        tokenizer or find_tokenizer(source_dir))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return src
