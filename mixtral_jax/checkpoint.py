@@ -76,10 +76,17 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     session = os.path.join(staging, "session")
+    # Uncompressed: zstd on random-looking bf16 weights saves ~10-25% of disk at ~0.1 GB/s per
+    # core; the sources (safetensors) are uncompressed too. load_model reads either.
+    from orbax.checkpoint.experimental import v1 as ocp_v1
+
+    options = ocp_v1.options.ArrayOptions(
+        saving=ocp_v1.options.ArrayOptions.Saving(use_compression=False))
     try:
-        for path, leaf in leaves:
-            partial.save(session, _put({}, path, leaf))
-        partial.finalize(session)
+        with ocp_v1.Context(array_options=options):
+            for path, leaf in leaves:
+                partial.save(session, _put({}, path, leaf))
+            partial.finalize(session)
         # The finalized session holds the PyTree checkpoint in `state/`: our params/ directory.
         os.replace(os.path.join(session, "state"), os.path.join(staging, PARAMS_DIR))
         metadata = os.path.join(session, "_CHECKPOINT_METADATA")  # as save_model's params/ has
@@ -149,6 +156,65 @@ def _check_shapes(expected: dict, stored, directory: str) -> None:
     if problems:
         raise ConfigError(f"checkpoint {directory} does not match its config.json: "
                           + "; ".join(problems))
+
+
+class LazyParams(dict):
+    """The nested parameter dict of a model checkpoint whose leaves are read on first use.
+
+    Only the most recently used leaf stays in memory, so walking the leaves one after the other
+    (as `hf_weights.params_to_hf` does) holds one leaf at a time. Leaves are numpy arrays in the
+    stored dtype. Build with `LazyParams.open(directory)`.
+    """
+
+    @classmethod
+    def open(cls, directory: str) -> tuple[ModelConfig, "LazyParams"]:
+        cfg = load_hf_config(directory)
+        from mixtral_jax.model import abstract, get_params  # local: model imports stay out of I/O
+
+        expected = get_params(abstract(cfg))
+        params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+        with ocp.StandardCheckpointer() as ckptr:
+            stored = ckptr.metadata(params_dir)
+        _check_shapes(expected, getattr(stored, "item_metadata", stored), directory)
+        cache: dict = {}
+        tree = jax.tree_util.tree_map_with_path(
+            lambda p, _: _LazyLeaf(params_dir, tuple(k.key for k in p), cache), expected)
+        return cfg, cls._wrap(tree)
+
+    @classmethod
+    def _wrap(cls, tree):
+        return cls({k: cls._wrap(v) if isinstance(v, dict) else v for k, v in tree.items()})
+
+
+class _LazyLeaf:
+    """One stored leaf; `np.asarray(leaf)` or `leaf[i]` reads it (evicting the previous one)."""
+
+    def __init__(self, params_dir: str, path: tuple[str, ...], cache: dict):
+        self.params_dir, self.path, self.cache = params_dir, path, cache
+
+    def _value(self) -> np.ndarray:
+        if self.cache.get("path") != self.path:
+            self.cache.clear()  # drop the previous leaf before reading the next
+            item = _put({}, self.path, 0)
+            args = _put({}, self.path, ocp.RestoreArgs(restore_type=np.ndarray))
+            with ocp.PyTreeCheckpointer() as ckptr:
+                tree = ckptr.restore(self.params_dir, args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=args, partial_restore=True))
+            for name in self.path:
+                tree = tree[name]
+            self.cache.update(path=self.path, value=tree)
+        return self.cache["value"]
+
+    def __array__(self, dtype=None, copy=None):
+        value = self._value()
+        return value if dtype is None else value.astype(dtype)
+
+    def __getitem__(self, index):
+        return self._value()[index]
+
+    @property
+    def dtype(self):
+        return self._value().dtype
 
 
 def to_numpy(params: dict) -> dict:

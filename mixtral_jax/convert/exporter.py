@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mixtral_jax import checkpoint
-from mixtral_jax.config import ModelConfig
+from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.convert.safetensors_io import StreamWriter
 from mixtral_jax.convert.source import ConversionError
 from mixtral_jax.hf_config import save_hf_config
@@ -91,8 +91,10 @@ def to_hf(checkpoint_dir: str, out_dir: str, *, max_shard_bytes: int = DEFAULT_S
     if not checkpoint.is_model_checkpoint(checkpoint_dir):
         raise ConversionError(checkpoint_dir, [f"{checkpoint_dir} is not a model checkpoint "
                                                "(needs config.json and params/)"])
-    cfg, params = checkpoint.load_model(checkpoint_dir)
-    params = checkpoint.to_numpy(params)
+    try:  # leaves are read one at a time as the export walks them
+        cfg, params = checkpoint.LazyParams.open(checkpoint_dir)
+    except ConfigError as e:
+        raise ConversionError(checkpoint_dir, [str(e)]) from None
     tokenizer = os.path.join(checkpoint_dir, checkpoint.TOKENIZER_FILE)
     write_hf(params, cfg, out_dir, tokenizer=tokenizer if os.path.isfile(tokenizer) else None,
              max_shard_bytes=max_shard_bytes, progress=progress)

@@ -1,0 +1,110 @@
+"""Conversion throughput and peak memory on a synthetic multi-GB checkpoint (a benchmark, not a
+test; CPU only, no download).
+
+  python bench/convert.py [--layers 2] [--dir /tmp/convert_bench] [--keep]
+
+Builds a Hugging Face Mixtral directory at 8x7B widths and reduced depth (bf16, sharded
+safetensors + index + config.json, written tensor by tensor), then times, each in a fresh
+process under /usr/bin/time:
+  to-orbax  HF directory -> our model checkpoint
+  to-hf     our model checkpoint -> HF directory
+Reports wall time, GB/s (checkpoint bytes / wall time) and peak resident memory, beside the
+checkpoint size and its largest stacked leaf (L x E x D x F, the unit the converter holds).
+Writes $OUT/convert.json (or ./convert.json) and deletes the files unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+
+from mixtral_jax import config as config_lib
+from mixtral_jax.convert.exporter import shard_plan
+from mixtral_jax.convert.safetensors_io import StreamWriter
+from mixtral_jax.hf_config import save_hf_config
+from mixtral_jax.hf_weights import hf_shapes
+
+
+def write_synthetic(cfg, directory: str) -> int:
+    """A random HF checkpoint for cfg, one tensor in memory at a time; returns its bytes."""
+    os.makedirs(directory)
+    dtype = np.dtype(ml_dtypes.bfloat16)
+    shapes = hf_shapes(cfg)
+    shards = shard_plan(cfg, dtype, 2 * 1024**3)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    rng = np.random.default_rng(0)
+    total = 0
+    for name, keys in zip(names, shards):
+        writer = StreamWriter(os.path.join(directory, name), [(k, dtype, shapes[k]) for k in keys])
+        for key in keys:
+            value = (0.02 * rng.standard_normal(shapes[key], np.float32)).astype(dtype)
+            writer.write(key, value)
+            total += value.nbytes
+        writer.close()
+    index = {"metadata": {"total_size": total},
+             "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    save_hf_config(cfg, os.path.join(directory, "config.json"))
+    return total
+
+
+def timed_command(args: list[str]) -> dict:
+    """Runs `python -m mixtral_jax.convert ARGS` under /usr/bin/time -v: wall s, peak RSS."""
+    start = time.perf_counter()
+    out = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "mixtral_jax.convert",
+                          *args, "--quiet"], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if out.returncode:
+        raise SystemExit(f"conversion failed: {out.stderr[-2000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
+    return {"wall_s": wall, "peak_rss_gib": rss_kb / 1024**2}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dir", default="/tmp/convert_bench")
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args()
+    cfg = config_lib.preset("mixtral-8x7b", num_layers=args.layers, param_dtype="bfloat16",
+                            dtype="bfloat16")
+    shutil.rmtree(args.dir, ignore_errors=True)
+    hf, ours, back = (os.path.join(args.dir, n) for n in ("hf", "ours", "hf_back"))
+    try:
+        start = time.perf_counter()
+        size = write_synthetic(cfg, hf)
+        print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s",
+              flush=True)
+        largest = args.layers * cfg.num_experts * cfg.embed_dim * cfg.hidden_dim * 2
+        rows = {"to-orbax": timed_command(["to-orbax", hf, ours]),
+                "to-hf": timed_command(["to-hf", ours, back])}
+        for r in rows.values():
+            r["GB_per_s"] = size / 1e9 / r["wall_s"]
+            r["peak_rss_over_checkpoint"] = r["peak_rss_gib"] * 1024**3 / size
+        payload = {"layers": args.layers, "checkpoint_gb": size / 1e9,
+                   "largest_leaf_gb": largest / 1e9, "cpu_count": os.cpu_count(),
+                   "python": sys.version.split()[0], "rows": rows}
+        with open(os.path.join(os.environ.get("OUT", "."), "convert.json"), "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"checkpoint {size / 1e9:.2f} GB, largest stacked leaf {largest / 1e9:.2f} GB")
+        print(f"{'direction':>9} {'wall s':>7} {'GB/s':>6} {'peak RSS GiB':>13} {'RSS/size':>9}")
+        for name, r in rows.items():
+            print(f"{name:>9} {r['wall_s']:>7.1f} {r['GB_per_s']:>6.2f} {r['peak_rss_gib']:>13.2f}"
+                  f" {r['peak_rss_over_checkpoint']:>9.0%}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
