@@ -80,10 +80,10 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
     # core; the sources (safetensors) are uncompressed too. load_model reads either.
     from orbax.checkpoint.experimental import v1 as ocp_v1
 
-    options = ocp_v1.options.ArrayOptions(
-        saving=ocp_v1.options.ArrayOptions.Saving(use_compression=False))
+    context = ocp_v1.Context()
+    context.array.saving.use_compression = False
     try:
-        with ocp_v1.Context(array_options=options):
+        with context:
             for path, leaf in leaves:
                 partial.save(session, _put({}, path, leaf))
             partial.finalize(session)
