@@ -9,6 +9,7 @@ as a model checkpoint (`<run dir>/model`) that `infer.py` loads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -18,18 +19,25 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mixtral_jax import checkpoint, data, losses, metrics
+from mixtral_jax import checkpoint, data, distributed, losses, metrics, moe_parallel, sharding
 from mixtral_jax.config import ConfigError
 from mixtral_jax.hf_config import load_hf_config
-from mixtral_jax.model import get_params, init
+from mixtral_jax.model import abstract, get_params, init
 from mixtral_jax.runconfig import RunConfig, to_dict
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
 from mixtral_jax.train_checkpoint import TrainCheckpointer
-from mixtral_jax.train_step import (TrainState, init_state, make_eval_step, make_optimizer,
-                                    make_train_step, split_micro_batches)
+from mixtral_jax.train_step import (
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    split_micro_batches,
+)
 
 TOKENIZER_FILE = "tokenizer.model"
 MODEL_DIR = "model"
@@ -142,21 +150,76 @@ def _prepare_data(cfg: RunConfig):
     return model_cfg, train_rows, batches, held_out
 
 
-def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator):
+def make_run_mesh(cfg: RunConfig):
+    """The run's device mesh, or None for the single-device default (all mesh sizes 1)."""
+    if cfg.mesh.single_device:
+        return None
+    m = cfg.mesh
+    mesh_cfg = sharding.MeshConfig(data=m.data, fsdp=m.fsdp, expert=m.expert, tensor=m.tensor)
+    devices = jax.devices()
+    if -1 not in (m.data, m.fsdp, m.expert, m.tensor):
+        wanted = m.data * m.fsdp * m.expert * m.tensor
+        if wanted > len(devices):
+            raise ConfigError(f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x "
+                              f"expert x tensor) needs {wanted} devices, {len(devices)} present")
+        devices = devices[:wanted]
+    try:
+        return sharding.make_mesh(mesh_cfg, devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+
+
+def _check_mesh_fits(cfg: RunConfig, model_cfg, mesh) -> None:
+    if mesh is None:
+        return
+    parts = int(np.prod([mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"]]))
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % parts:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / grad_accum="
+                          f"{cfg.train.grad_accum} = {micro} rows per micro-batch cannot be split "
+                          f"over the mesh's {parts} data-holding devices (data x fsdp x expert)")
+    if model_cfg.num_experts % mesh.shape["expert"]:
+        raise ConfigError(f"mesh.expert={mesh.shape['expert']} does not divide "
+                          f"num_experts={model_cfg.num_experts}")
+
+
+def _batch_sharding(mesh, rank: int, leading: int = 0):
+    """Rows over the mesh's data-holding axes; `leading` unsplit axes first (micro-batches)."""
+    rows = sharding.batch_sharding(mesh, rank - leading).spec[0]
+    return jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*([None] * leading), rows, *([None] * (rank - leading - 1))))
+
+
+def _on_mesh(batch: dict, mesh, leading: int) -> dict:
+    """Host batch -> device arrays: as is without a mesh, else rows split over the mesh."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    return {k: distributed.global_batch(np.asarray(v), _batch_sharding(mesh, v.ndim, leading))
+            for k, v in batch.items()}
+
+
+def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh=None):
     """(graphdef, optimizer, state, checkpointer): fresh, or restored from the newest verified
-    checkpoint of the run directory (the data iterator is moved to where that run was)."""
-    model = init(model_cfg, cfg.seed)
-    graphdef = nnx.graphdef(model)
-    params = get_params(model)
-    del model
+    checkpoint of the run directory (the data iterator is moved to where that run was). With a
+    mesh, parameters and optimizer state are created sharded by the rules table."""
+    graphdef = nnx.graphdef(abstract(model_cfg))
+    if mesh is None:
+        params = get_params(init(model_cfg, cfg.seed))
+    else:
+        params = sharding.init_params(model_cfg, mesh, cfg.seed)
     tx = make_optimizer(cfg.train, params)
     state = None
     ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     if ckpt.steps():
         step = ckpt.steps()[-1]
-        abstract_state = jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)),
-                                        params)
+        if mesh is None:
+            abstract_state = jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)),
+                                            params)
+        else:  # restore straight into the fresh state's shardings
+            abstract_state = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                dataclasses.asdict(_fresh_state(params, tx, cfg.seed, mesh)))
         restored, meta = ckpt.restore(step, abstract_state)
         state = TrainState(**restored)
         batches.restore(meta["data"])
@@ -164,10 +227,28 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator):
     elif cfg.checkpoint.init_from:
         _, params = checkpoint.load_model(cfg.checkpoint.init_from,
                                           param_dtype=model_cfg.param_dtype)
+        if mesh is not None:
+            params = sharding.shard_params(params, model_cfg, mesh)
         print(f"starting from the weights of {cfg.checkpoint.init_from}")
     if state is None:
-        state = init_state(params, tx, cfg.seed)
+        state = _fresh_state(params, tx, cfg.seed, mesh)
     return graphdef, tx, state, ckpt
+
+
+def _fresh_state(params, tx, seed: int, mesh) -> TrainState:
+    """init_state; on a mesh the optimizer moments take their parameters' shardings and the
+    scalars are replicated."""
+    if mesh is None:
+        return init_state(params, tx, seed)
+    shapes = jax.eval_shape(lambda p: init_state(p, tx, seed), params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, shapes.opt_state,
+                                param_shardings, transform_non_params=lambda _: replicated,
+                                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    out = TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated,
+                     bad_steps=replicated)
+    return jax.jit(lambda p: init_state(p, tx, seed), out_shardings=out)(params)
 
 
 class _Logger:
@@ -178,8 +259,9 @@ class _Logger:
                                             enabled=jax.process_index() == 0)
         self.peak = cfg.train.peak_tflops or metrics.device_peak_tflops()
         self.flops = metrics.flops_per_token(model_cfg, cfg.train.seq_len)
-        self.bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not show_progress,
-                        unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step",
+                        disable=not (show_progress and distributed.is_main()),
+                        dynamic_ncols=True)
         self.last_time, self.tokens = time.perf_counter(), 0.0
 
     def step(self, step: int, m: dict) -> dict:
@@ -204,9 +286,17 @@ class _Logger:
 
 
 def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
-    tc = cfg.train
     model_cfg, train_rows, batches, held_out = _prepare_data(cfg)
-    graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches)
+    mesh = make_run_mesh(cfg)
+    _check_mesh_fits(cfg, model_cfg, mesh)
+    # MoE layers traced inside dispatch over the mesh's expert axis (when it is > 1).
+    with moe_parallel.expert_parallel(mesh) if mesh is not None else contextlib.nullcontext():
+        return _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh)
+
+
+def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh) -> dict:
+    tc = cfg.train
+    graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches, mesh)
     train_step = make_train_step(graphdef, tx, tc)
     eval_step = make_eval_step(graphdef)
     log = _Logger(cfg, model_cfg, int(state.step), show_progress)
@@ -214,7 +304,7 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
     try:
         while int(state.step) < tc.steps:
             batch = split_micro_batches(next(batches), tc.grad_accum)
-            state, m = train_step(state, jax.tree.map(jnp.asarray, batch))
+            state, m = train_step(state, _on_mesh(batch, mesh, leading=1))
             step = int(state.step)
             log.tokens += float(m["tokens"])
             if int(state.bad_steps) >= tc.max_bad_steps:
@@ -224,7 +314,7 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
             if step % tc.log_every == 0 or step == tc.steps:
                 final.update(log.step(step, m))
             if held_out and (step % tc.eval_every == 0 or step == tc.steps):
-                final.update(evaluate(eval_step, state.params, held_out))
+                final.update(evaluate(eval_step, state.params, held_out, mesh))
                 log.writer.write(step, {k: final[k] for k in ("eval_loss", "eval_perplexity")})
             log.bar.update(step - log.bar.n)
             if step % cfg.checkpoint.save_every == 0 or step == tc.steps or stop.signal:
@@ -248,11 +338,11 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
     return final
 
 
-def evaluate(eval_step, params, batches: list[dict]) -> dict:
+def evaluate(eval_step, params, batches: list[dict], mesh=None) -> dict:
     """Held-out mean loss and perplexity over fixed batches."""
     nll, count = 0.0, 0.0
     for batch in batches:
-        b_nll, b_count = eval_step(params, jax.tree.map(jnp.asarray, batch))
+        b_nll, b_count = eval_step(params, _on_mesh(batch, mesh, leading=0))
         nll, count = nll + float(b_nll), count + float(b_count)
     loss = nll / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
