@@ -4,6 +4,10 @@
   python train.py --config configs/tiny.toml --train.steps=500 --train.lr=1e-3
 
 Restart the same command after an interruption to resume from the last complete checkpoint.
+
+Several processes (one per host): give each --coordinator HOST:PORT --num-processes N
+--process-id I (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); TPU pods, SLURM
+and Open MPI are detected without flags. The mesh comes from --mesh.data=... etc.
 """
 
 import argparse
@@ -16,16 +20,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML run config (default: built-in defaults)")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
+    parser.add_argument("--num-processes", type=int, help="processes in the run")
+    parser.add_argument("--process-id", type=int, help="this process's index, 0-based")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
         print(f"error: unrecognised argument {bad[0]!r}: overrides look like --section.key=value",
               file=sys.stderr)
         return 2
-    from mixtral_jax import trainer
+    from mixtral_jax import distributed, trainer
     from mixtral_jax.runconfig import load_run_config
 
     try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         cfg = load_run_config(args.config, overrides)
         result = trainer.run(cfg)
     except (ConfigError, trainer.NumericsHalt, RuntimeError, OSError) as e:

@@ -1,0 +1,82 @@
+"""Multi-process start-up: the environment rules, and a real two-process run on CPU (gloo)
+whose sharded loss and gradients equal the single-process result on as many devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from mixtral_jax import distributed
+from mixtral_jax.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_one_process_needs_no_start_up(clean_env):
+    assert distributed.initialize() is False
+    assert distributed.initialize("localhost:1234", 1, 0) is False
+    clean_env.setenv("SLURM_NTASKS", "1")
+    clean_env.setenv("TPU_WORKER_HOSTNAMES", "only-me")
+    assert distributed.initialize() is False
+    assert distributed.is_main()
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (("host:1", None, None), {}, "without both the process count"),
+    (("host:1", 2, 2), {}, r"process_id=2: must be in \[0, num_processes=2\)"),
+    ((None, None, None), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two'"),
+    ((None, 2, 1), {}, "without a coordinator address"),
+])
+def test_incomplete_set_up_is_a_one_line_error(clean_env, args, env, message):
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ConfigError, match=message):
+        distributed.initialize(*args)
+
+
+def test_clusters_are_detected_from_their_environment(clean_env, monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a: calls.append(a))
+    clean_env.setenv("SLURM_NTASKS", "4")
+    assert distributed.initialize() is True and calls == [()]
+    clean_env.delenv("SLURM_NTASKS")
+    clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    clean_env.setenv("JAX_NUM_PROCESSES", "2")
+    clean_env.setenv("JAX_PROCESS_ID", "1")
+    assert distributed.initialize() is True and calls[-1] == ("10.0.0.1:1234", 2, 1)
+
+
+def test_two_processes_equal_one(clean_env):
+    """2 processes x 2 CPU devices, data=4 mesh, each process feeding its own rows."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "distributed_worker.py"),
+                               f"localhost:{port}", "2", str(i)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    got = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert (got["devices"], got["local"]) == (4, 2)
+
+    import jax
+
+    from tests.distributed_reference import loss_and_grad_norm
+
+    loss, norm = loss_and_grad_norm(jax.devices()[:4])
+    assert got["loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["grad_norm"] == pytest.approx(norm, rel=1e-5)
