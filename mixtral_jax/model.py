@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from mixtral_jax import sharding
 from mixtral_jax.attention import Attention, cached_attention_mask, make_attention_mask
 from mixtral_jax.config import ModelConfig, Remat
 from mixtral_jax.layers import Embed, RMSNorm, normal_init, rope_cos_sin
@@ -178,15 +179,18 @@ class Mixtral(nnx.Module):
         def body(x, xs):
             state, rng = xs
             layer = nnx.merge(graphdef, state)
-            return layer(x, cos, sin, mask, token_mask, rng)
+            x, aux = layer(x, cos, sin, mask, token_mask, rng)
+            return sharding.constrain(x, "batch", "length", "embed"), aux
 
         if cfg.remat != Remat.NONE:
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x = self.embed(tokens)  # [B, T, D]
+        # Activation shardings on the active mesh (sharding.active; no-ops without one).
+        x = sharding.constrain(self.embed(tokens), "batch", "length", "embed")  # [B, T, D]
         x, layer_aux = jax.lax.scan(body, x, (layer_state, layer_rngs))
         x = self.final_norm(x)
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
                             preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, "batch", "length", "vocab")
         return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t))
 
 

@@ -19,12 +19,14 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from mixtral_jax import sharding
 from mixtral_jax.moe import Routing, swiglu
 
-TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that split the tokens (see sharding.py)
-EXPERT_AXIS = "expert"
+TOKEN_AXES = sharding.LOGICAL_RULES["batch"]  # mesh axes that split the tokens
+(EXPERT_AXIS,) = sharding.LOGICAL_RULES["experts"]
 
 
 def slots(experts: jax.Array, num_experts: int) -> jax.Array:
@@ -91,26 +93,12 @@ def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh
     return run(x, routing.experts, routing.weights, w_gate, w_up, w_down)
 
 
-_ACTIVE: list[Mesh] = []
-
-
-class expert_parallel:
-    """Context manager: MoE layers traced inside it dispatch with moe_expert_parallel on `mesh`
-    (when its expert axis is > 1). `with expert_parallel(mesh): jax.jit(step)(...)`."""
-
-    def __init__(self, mesh: Mesh):
-        self.mesh = mesh
-
-    def __enter__(self):
-        _ACTIVE.append(self.mesh)
-        return self.mesh
-
-    def __exit__(self, *exc):
-        _ACTIVE.pop()
+expert_parallel = sharding.active  # the context that makes MoE layers expert-parallel
 
 
 def active_mesh() -> Mesh | None:
-    """The innermost expert_parallel mesh with an expert axis > 1, else None."""
-    if _ACTIVE and _ACTIVE[-1].shape[EXPERT_AXIS] > 1:
-        return _ACTIVE[-1]
+    """The active mesh (sharding.active) when its expert axis is > 1, else None."""
+    mesh = sharding.active_mesh()
+    if mesh is not None and mesh.shape[EXPERT_AXIS] > 1:
+        return mesh
     return None

@@ -20,7 +20,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax import model as model_lib
 
 AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -139,6 +138,8 @@ def logical_spec(mesh: Mesh, shape: tuple[int, ...], names: tuple[str, ...]) -> 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
     """NamedShardings for every parameter, as a nested dict shaped like model.get_params."""
+    from mixtral_jax import model as model_lib  # noqa: PLC0415 (the model imports this module)
+
     shapes = model_lib.get_params(model_lib.abstract(cfg))
 
     def one(path, leaf):
@@ -152,6 +153,8 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
 
 def init_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> dict:
     """Random parameters (same values as model.init(cfg, seed)) created directly sharded."""
+    from mixtral_jax import model as model_lib  # noqa: PLC0415
+
     shardings = param_shardings(cfg, mesh)
     make = jax.jit(lambda: model_lib.get_params(model_lib.init(cfg, seed)), out_shardings=shardings)
     return make()
@@ -162,12 +165,43 @@ def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
     return jax.device_put(params, param_shardings(cfg, mesh))
 
 
-def model_from_params(cfg: ModelConfig, params: dict) -> model_lib.Mixtral:
+def model_from_params(cfg: ModelConfig, params: dict):
     """A Mixtral whose parameters are `params` (usable inside jit; shardings are kept)."""
+    from mixtral_jax import model as model_lib  # noqa: PLC0415
+
     graphdef, state = nnx.split(model_lib.abstract(cfg))
     params_state = nnx.state(nnx.merge(graphdef, state), nnx.Param)
     nnx.replace_by_pure_dict(params_state, params)
     return nnx.merge(graphdef, params_state)
+
+
+_ACTIVE: list[Mesh] = []
+
+
+class active:
+    """Context manager: models traced inside it run on `mesh`: activations are constrained by
+    `constrain`, and MoE layers dispatch over the expert axis when it is > 1 (moe_parallel).
+    `with sharding.active(mesh): jax.jit(step)(...)`."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def __enter__(self) -> Mesh:
+        _ACTIVE.append(self.mesh)
+        return self.mesh
+
+    def __exit__(self, *exc):
+        _ACTIVE.pop()
+
+
+def active_mesh() -> Mesh | None:
+    """The innermost `active` mesh, or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def constrain(x: jax.Array, *logical_names: str) -> jax.Array:
+    """`shard` on the active mesh: a no-op outside `active` (one device, inference)."""
+    return shard(x, active_mesh(), *logical_names)
 
 
 def shard(x: jax.Array, mesh: Mesh | None, *logical_names: str) -> jax.Array:

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mixtral_jax import checkpoint, data, distributed, losses, metrics, moe_parallel, sharding
+from mixtral_jax import checkpoint, data, distributed, losses, metrics, sharding
 from mixtral_jax.config import ConfigError
 from mixtral_jax.hf_config import load_hf_config
 from mixtral_jax.model import abstract, get_params, init
@@ -289,8 +289,8 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
     model_cfg, train_rows, batches, held_out = _prepare_data(cfg)
     mesh = make_run_mesh(cfg)
     _check_mesh_fits(cfg, model_cfg, mesh)
-    # MoE layers traced inside dispatch over the mesh's expert axis (when it is > 1).
-    with moe_parallel.expert_parallel(mesh) if mesh is not None else contextlib.nullcontext():
+    # Traced inside: activations constrained to the mesh, MoE layers expert-parallel.
+    with sharding.active(mesh) if mesh is not None else contextlib.nullcontext():
         return _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh)
 
 

@@ -93,3 +93,27 @@ def test_expert_parallel_model_equals_single_device(reference, spec):
     for g, g_ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
         scale = float(np.max(np.abs(np.asarray(g_ref)))) + 1e-12
         np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(g_ref) / scale, atol=1e-5)
+
+
+def test_activations_follow_the_active_mesh():
+    """Inside sharding.active, the model's activations are constrained to the rules table
+    (logits split by batch over data and by vocab over tensor); outside it they are not."""
+    cfg = mj.ModelConfig.tiny()
+    mesh = sh.make_mesh(sh.MeshConfig.parse("data=4,tensor=2"))
+    params = sh.init_params(cfg, mesh, seed=0)
+    tokens = jax.device_put(jnp.zeros((8, 16), jnp.int32), sh.batch_sharding(mesh))
+    forward = lambda p, t: sh.model_from_params(cfg, p)(t).logits  # noqa: E731
+    with sh.active(mesh):
+        logits = jax.jit(forward)(params, tokens)
+    want = sh.logical_spec(mesh, logits.shape, ("batch", "length", "vocab"))
+    assert want == jax.sharding.PartitionSpec("data", None, "tensor")
+    assert logits.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, want), 3)
+    # Fresh functions: jit caches traces per function, and the context is read at trace time.
+    hlo = jax.jit(lambda p, t: forward(p, t)).lower(params, tokens).as_text()
+    with sh.active(mesh):
+        constrained = jax.jit(lambda p, t: forward(p, t)).lower(params, tokens).as_text()
+    marker = "sharding_constraint"  # sdy.sharding_constraint (Shardy) or @Sharding (GSPMD)
+    if marker not in constrained:
+        marker = "@Sharding"
+    assert constrained.count(marker) > hlo.count(marker)
+    assert sh.active_mesh() is None
