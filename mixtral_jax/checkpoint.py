@@ -30,8 +30,12 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def save_model(directory: str, params: dict, cfg: ModelConfig,
-               tokenizer_path: str | None = None) -> None:
-    """Writes a model checkpoint. `directory` must not exist yet (nothing is overwritten)."""
+               tokenizer_path: str | None = None, *, this_process_only: bool = False) -> None:
+    """Writes a model checkpoint. `directory` must not exist yet (nothing is overwritten).
+
+    `this_process_only`: in a multi-process run, only the calling process writes (its params
+    are whole host arrays); the others do not take part.
+    """
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
         raise FileExistsError(f"checkpoint directory {directory} already exists")
@@ -40,7 +44,12 @@ def save_model(directory: str, params: dict, cfg: ModelConfig,
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        options = {}
+        if this_process_only:
+            me = jax.process_index()
+            options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me})
+        with ocp.StandardCheckpointer(**options) as ckptr:
             ckptr.save(os.path.join(staging, PARAMS_DIR), params)
         save_hf_config(cfg, os.path.join(staging, "config.json"))
         if tokenizer_path is not None:

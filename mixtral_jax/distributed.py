@@ -92,3 +92,21 @@ def global_batch(batch: np.ndarray, sharding: Sharding) -> jax.Array:
     """The global array for `batch` (every process holds the same host batch, e.g. from the same
     seeded iterator) in which each process supplies only the slices of its own devices."""
     return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+
+
+def host_array(x) -> np.ndarray:
+    """The whole value of `x` on this host: a plain copy, or an all-gather across processes for a
+    global array whose shards live on several processes (every process must call it)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)

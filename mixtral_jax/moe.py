@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mixtral_jax.config import GmmImpl, ModelConfig, MoEImpl
-from mixtral_jax.grouped_matmul import grouped_matmul, grouped_matmul_stacked, resolve as resolve_gmm
+from mixtral_jax.grouped_matmul import grouped_matmul, grouped_matmul_stacked
+from mixtral_jax.grouped_matmul import resolve as resolve_gmm
 from mixtral_jax.layers import normal_init
 
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mixtral_jax import distributed
 from mixtral_jax.config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -31,8 +32,9 @@ TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being wr
 
 
 def _leaves(tree) -> dict[str, np.ndarray]:
+    """Whole host values (gathered across processes: every process calls this in step)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
+    return {jax.tree_util.keystr(p): distributed.host_array(x) for p, x in flat}
 
 
 def checksums(tree) -> dict[str, str]:
@@ -69,9 +71,10 @@ class TrainCheckpointer:
         """
         manifest = {"step": step, "arrays": checksums(state)}
         path = os.path.join(self.manifest_dir, f"{step}.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(manifest, f)
-        os.replace(path + ".tmp", path)
+        if distributed.is_main():  # one writer; every process computed the same sums
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(manifest, f)
+            os.replace(path + ".tmp", path)
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -135,6 +138,8 @@ class TrainCheckpointer:
 
     def _drop_stale_manifests(self) -> None:
         """Manifests of steps that are gone (keep-N) or never finished and are not in flight."""
+        if not distributed.is_main():
+            return
         live = set(self.steps())
         for name in os.listdir(self.manifest_dir):
             stem = name.split(".")[0]

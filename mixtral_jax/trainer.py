@@ -81,18 +81,27 @@ def prepare_tokenizer(cfg: RunConfig, model_cfg, documents) -> tuple[Tokenizer, 
     """(tokenizer, trained_here), the tokenizer copied into the run directory."""
     path = os.path.join(cfg.checkpoint.dir, TOKENIZER_FILE)
     choice = tokenizer_choice(cfg, model_cfg)
+    if jax.process_count() > 1 and not os.path.isfile(path):  # process 0 makes it, once
+        if distributed.is_main():
+            _make_tokenizer(cfg, choice, documents, path)
+        distributed.barrier("tokenizer")
     if os.path.isfile(path):  # a resumed run keeps its tokenizer
         return Tokenizer.load(path), choice == "train"
+    return _make_tokenizer(cfg, choice, documents, path), choice == "train"
+
+
+def _make_tokenizer(cfg: RunConfig, choice: str, documents, path: str) -> Tokenizer:
+    """Trains the tokenizer into `path`, or copies the chosen file there."""
     os.makedirs(cfg.checkpoint.dir, exist_ok=True)
     if choice == "train":
         texts = [d for d in documents if isinstance(d, str)]
         if not texts:
             raise ConfigError("data.tokenizer='train' needs text documents, not token arrays")
         paragraphs = [p for t in texts for p in t.split("\n\n")]
-        return train_tokenizer(paragraphs, path, cfg.data.vocab_size), True
+        return train_tokenizer(paragraphs, path, cfg.data.vocab_size)
     tokenizer = Tokenizer.load(choice)
     shutil.copyfile(choice, path)
-    return tokenizer, False
+    return tokenizer
 
 
 def model_config_for(model_cfg, tokenizer: Tokenizer, trained_here: bool):
@@ -351,12 +360,15 @@ def evaluate(eval_step, params, batches: list[dict], mesh=None) -> dict:
 def write_model(run_dir: str, params, model_cfg) -> str:
     """Writes the final weights as a model checkpoint at `<run_dir>/model` (replacing one)."""
     target = os.path.join(run_dir, MODEL_DIR)
-    staging = target + ".new"
-    shutil.rmtree(staging, ignore_errors=True)
-    checkpoint.save_model(staging, jax.device_get(params), model_cfg,
-                          os.path.join(run_dir, TOKENIZER_FILE))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    host = jax.tree.map(distributed.host_array, params)  # every process takes part
+    if distributed.is_main():  # one writer
+        staging = target + ".new"
+        shutil.rmtree(staging, ignore_errors=True)
+        checkpoint.save_model(staging, host, model_cfg, os.path.join(run_dir, TOKENIZER_FILE),
+                              this_process_only=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    distributed.barrier("final model")
     return target
 
 

@@ -80,3 +80,47 @@ def test_two_processes_equal_one(clean_env):
     loss, norm = loss_and_grad_norm(jax.devices()[:4])
     assert got["loss"] == pytest.approx(loss, rel=1e-5)
     assert got["grad_norm"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_two_process_training_equals_one_process(clean_env, tmp_path):
+    """train.py in 2 processes x 2 CPU devices (data=4): same loss and final weights as one
+    process on 4 devices; one tokenizer, one manifest per step, one final model."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    small = ["--model.num_layers=1", "--train.batch_size=4", "--train.seq_len=32",
+             "--data.vocab_size=128", "--train.warmup_steps=1", "--train.steps=2",
+             "--train.eval_every=1000", "--checkpoint.save_every=1",
+             "--checkpoint.async_save=false", "--mesh.data=4"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *small,
+                               f"--checkpoint.dir={tmp_path / 'multi'}",
+                               f"--coordinator=localhost:{port}", "--num-processes=2",
+                               f"--process-id={i}"], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+
+    import numpy as np
+
+    from mixtral_jax import checkpoint, trainer
+    from mixtral_jax.runconfig import load_run_config
+
+    cfg = load_run_config(None, [o[2:] for o in small] + [f"checkpoint.dir={tmp_path / 'one'}"])
+    result = trainer.run(cfg, show_progress=False)
+    assert f"train loss {result['loss']:.3f}" in outs[0][0]
+    _, multi = checkpoint.load_model(str(tmp_path / "multi" / "model"))
+    _, one = checkpoint.load_model(str(tmp_path / "one" / "model"))
+    for a, b in zip(jax_leaves(multi), jax_leaves(one), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert sorted(os.listdir(tmp_path / "multi" / "manifests")) == ["1.json", "2.json"]
+
+
+def jax_leaves(tree):
+    import jax
+    import numpy as np
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
