@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mixtral_jax import distributed
 from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.hf_config import load_hf_config, save_hf_config
 
@@ -65,7 +66,8 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
 
     Peak memory is about one leaf (plus Orbax's copy of it) instead of the whole tree. Uses
     Orbax's partial saving (`orbax.checkpoint.experimental.v1.partial`); where that API is
-    missing the leaves are gathered and written by `save_model`. The result reads with
+    missing the leaves are gathered and written by `save_model`. Leaves may be global jax
+    Arrays: in a multi-process run every process calls this and writes its own shards. The result reads with
     `load_model` either way. `directory` must not exist; it appears whole or not at all.
     """
     try:
@@ -80,10 +82,13 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
         raise FileExistsError(f"checkpoint directory {directory} already exists")
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
     staging = directory + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    main = distributed.is_main()  # several processes: process 0 owns the directories
+    if main:
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    distributed.barrier("model checkpoint staging")
     session = os.path.join(staging, "session")
     # Uncompressed: zstd on random-looking bf16 weights saves ~10-25% of disk at ~0.1 GB/s per
     # core; the sources (safetensors) are uncompressed too. load_model reads either.
@@ -96,6 +101,9 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
             for path, leaf in leaves:
                 partial.save(session, _put({}, path, leaf))
             partial.finalize(session)
+        distributed.barrier("model checkpoint written")
+        if not main:
+            return
         # The finalized session holds the PyTree checkpoint in `state/`: our params/ directory.
         os.replace(os.path.join(session, "state"), os.path.join(staging, PARAMS_DIR))
         metadata = os.path.join(session, "_CHECKPOINT_METADATA")  # as save_model's params/ has
@@ -107,7 +115,8 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
             shutil.copyfile(tokenizer_path, os.path.join(staging, TOKENIZER_FILE))
         os.replace(staging, directory)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _put(tree: dict, path: tuple[str, ...], leaf) -> dict:

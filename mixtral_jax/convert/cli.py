@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="cast parameters (default: keep the stored dtype)")
     a.add_argument("--check-finite", action="store_true", help="reject NaN / inf weights")
     a.add_argument("--tokenizer", help="sentencepiece model to store (default: SRC's)")
+    a.add_argument("--mesh", help="write every leaf in its sharding over this device mesh, "
+                   "each process its own shards (e.g. data=2,expert=4; see sharding.py)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     b = sub.add_parser("to-hf", help="our model checkpoint -> HF directory (safetensors)")
     b.add_argument("src", help="model checkpoint directory")
@@ -71,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "to-orbax":
+            mesh = None
+            if args.mesh:
+                from mixtral_jax import sharding
+
+                mesh = sharding.make_mesh(sharding.MeshConfig.parse(args.mesh))
             src = importer.to_orbax(args.src, args.dst, allow_pickle=args.allow_pickle,
                                     dtype=args.dtype, check_finite=args.check_finite,
-                                    tokenizer=args.tokenizer, progress=not args.quiet)
+                                    tokenizer=args.tokenizer, progress=not args.quiet, mesh=mesh)
             print(f"wrote {args.dst} from {args.src} (layout {src.layout}, "
                   f"{src.cfg.param_dtype}, {src.total_bytes / 1e6:.1f} MB)")
         elif args.command == "to-hf":

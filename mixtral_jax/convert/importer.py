@@ -12,6 +12,7 @@ Order of work, so that a failure leaves nothing behind:
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import shutil
 
@@ -95,6 +96,55 @@ def build_params(src: Source, *, check_finite: bool = False, progress: bool = Tr
     return params
 
 
+def iter_sharded_leaves(src: Source, mesh, *, check_finite: bool = False,
+                        problems: list[str] | None = None):
+    """(path, global jax.Array) of our parameter tree, each leaf created straight in the rules
+    table's sharding over `mesh` (sharding.param_shardings).
+
+    Each device's block is filled by a callback that reads only the stored tensors that block
+    overlaps (whole layers / experts on the stacked axes, then sliced), so a process reads and
+    holds only its own shards of one leaf; Orbax then writes each shard from its owner.
+    """
+    import jax  # noqa: PLC0415
+
+    from mixtral_jax import sharding  # noqa: PLC0415
+
+    cfg, get = src.cfg, src.getter()
+    dtype = np.dtype(_np_dtype(cfg.param_dtype))
+    shardings = sharding.param_shardings(cfg, mesh)
+    problems = [] if problems is None else problems
+    for m in TABLE:
+        keys = dict(slice_keys(m, cfg))  # stacked index -> HF key
+        lead = len(next(iter(keys)))
+        node = shardings
+        for name in m.path:
+            node = node[name]
+        first = m.to_ours(get(next(iter(keys.values()))), cfg)
+        shape = (cfg.num_layers,) * m.per_layer + (cfg.num_experts,) * m.per_expert + first.shape
+        seen: set[str] = set()
+
+        def block(index, m=m, keys=keys, lead=lead, shape=shape, seen=seen):
+            ranges = [range(*sl.indices(shape[i])) for i, sl in enumerate(index[:lead])]
+            rest = index[lead:]
+            out = None
+            for pos in itertools.product(*ranges):
+                hf = get(keys[pos])
+                if check_finite and keys[pos] not in seen:
+                    seen.add(keys[pos])
+                    bad = int(np.size(hf) - np.count_nonzero(np.isfinite(hf)))
+                    if bad:
+                        problems.append(f"{keys[pos]} has {bad} non-finite value(s)")
+                piece = m.to_ours(hf, cfg)[rest].astype(dtype, copy=False)
+                if out is None:
+                    out = np.empty(tuple(len(r) for r in ranges) + piece.shape, dtype)
+                out[tuple(p - r.start for p, r in zip(pos, ranges))] = piece
+            return out
+
+        yield m.path, jax.make_array_from_callback(shape, node, block)
+    if check_finite and problems:
+        raise ConversionError(src.directory, problems)
+
+
 def _np_dtype(name: str):
     import ml_dtypes
 
@@ -103,8 +153,11 @@ def _np_dtype(name: str):
 
 def to_orbax(source_dir: str, out_dir: str, *, allow_pickle: bool = False,
              dtype: str | None = None, check_finite: bool = False,
-             tokenizer: str | None = None, progress: bool = True) -> Source:
+             tokenizer: str | None = None, progress: bool = True, mesh=None) -> Source:
     """Converts `source_dir` into a new model checkpoint at `out_dir`.
+
+    With `mesh` (a jax Mesh with sharding.py's axes), every leaf is created in its target
+    sharding and each process writes only its shards (`iter_sharded_leaves`).
 
     Raises:
       ConversionError: every problem with the source, the target or the tokenizer; nothing is
@@ -123,7 +176,11 @@ def to_orbax(source_dir: str, out_dir: str, *, allow_pickle: bool = False,
         raise ConversionError(source_dir, pre)
     scratch = os.path.abspath(out_dir) + ".scratch"
     try:
-        leaves = iter_leaves(src, check_finite=check_finite, progress=progress, scratch=scratch)
+        if mesh is not None:
+            leaves = iter_sharded_leaves(src, mesh, check_finite=check_finite)
+        else:
+            leaves = iter_leaves(src, check_finite=check_finite, progress=progress,
+                                 scratch=scratch)
         checkpoint.save_model_streaming(out_dir, leaves, src.cfg,
                                         tokenizer or find_tokenizer(source_dir))
     finally:
