@@ -40,8 +40,10 @@ def slots(experts: jax.Array, num_experts: int) -> jax.Array:
     return (rank - group_start[flat]).reshape(experts.shape)
 
 
-def _local(x, experts, weights, w_gate, w_up, w_down, *, num_experts, capacity, token_axes):
-    """Runs on one device. x: [m, D]; experts, weights: [m, k]; w_*: [E/X, ...] local experts."""
+def _local(x, experts, weights, real, w_gate, w_up, w_down, *, num_experts, capacity,
+           token_axes):
+    """Runs on one device. x: [m, D]; experts, weights: [m, k]; real: [m] bool (False for the
+    padding rows added to make the tokens split evenly); w_*: [E/X, ...] local experts."""
     m, d = x.shape
     topk = experts.shape[1]
     pos = slots(experts, num_experts)  # [m, k]
@@ -60,7 +62,7 @@ def _local(x, experts, weights, w_gate, w_up, w_down, *, num_experts, capacity, 
     y_a = back[experts, jnp.minimum(pos, capacity - 1)]  # [m, k, D]
     w = jnp.where(keep, weights, 0.0)
     out = jnp.einsum("mkD,mk->mD", y_a.astype(jnp.float32), w)
-    dropped = jax.lax.psum(jnp.sum(~keep).astype(jnp.int32), token_axes)
+    dropped = jax.lax.psum(jnp.sum(~keep & real[:, None]).astype(jnp.int32), token_axes)
     return out, dropped
 
 
@@ -77,9 +79,17 @@ def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh
         raise ValueError(f"{num_experts} experts cannot be split over expert axis of size {x_size}")
     token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1) or (EXPERT_AXIS,)
     parts = math.prod(mesh.shape[a] for a in token_axes)
-    if x.shape[0] % parts:
-        raise ValueError(f"{x.shape[0]} tokens cannot be split over {parts} devices ({token_axes})")
-    m, topk = x.shape[0] // parts, routing.experts.shape[1]
+    # Pad the tokens to split evenly (decode has fewer tokens than devices): padding rows come
+    # last, carry zero router weights, and are not counted as dropped.
+    num_tokens = x.shape[0]
+    pad = -num_tokens % parts
+    real = jnp.arange(num_tokens + pad) < num_tokens
+    experts, weights = routing.experts, routing.weights
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        experts = jnp.pad(experts, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    m, topk = x.shape[0] // parts, experts.shape[1]
     if capacity_factor is None:
         capacity = m * topk
     else:
@@ -88,9 +98,10 @@ def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh
     fn = partial(_local, num_experts=num_experts, capacity=capacity, token_axes=token_axes)
     run = jax.shard_map(
         fn, mesh=mesh,
-        in_specs=(tok, tok, tok, P(EXPERT_AXIS), P(EXPERT_AXIS), P(EXPERT_AXIS)),
+        in_specs=(tok, tok, tok, tok, P(EXPERT_AXIS), P(EXPERT_AXIS), P(EXPERT_AXIS)),
         out_specs=(tok, P()), check_vma=False)
-    return run(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+    out, dropped = run(x, experts, weights, real, w_gate, w_up, w_down)
+    return out[:num_tokens], dropped
 
 
 expert_parallel = sharding.active  # the context that makes MoE layers expert-parallel

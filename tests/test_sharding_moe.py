@@ -71,3 +71,18 @@ def test_indivisible_experts_is_one_line_error():
     routing = moe.route(x, router[:, :6], K)
     with pytest.raises(ValueError, match="6 experts cannot be split over expert axis of size 8"):
         moe_parallel.moe_expert_parallel(x, routing, wg[:6], wu[:6], wd[:6], mesh=mesh)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 13])
+def test_fewer_or_uneven_tokens_are_padded_not_refused(tokens):
+    """Decode sizes (fewer tokens than devices, or not a multiple): padding rows are added and
+    removed; the output equals the dense oracle and nothing counts as dropped."""
+    mesh = sh.make_mesh(sh.MeshConfig.parse("expert=4,data=2"))
+    x, router, wg, wu, wd = _weights(2)
+    x = x[:tokens]
+    routing = moe.route(x, router, K)
+    want, _ = moe.moe_dense(x, routing, wg, wu, wd)
+    got, dropped = jax.jit(lambda *a: moe_parallel.moe_expert_parallel(
+        *a, mesh=mesh, capacity_factor=None))(x, routing, wg, wu, wd)
+    assert got.shape == (tokens, D) and int(dropped) == 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
