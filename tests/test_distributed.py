@@ -1,7 +1,6 @@
-"""Multi-process start-up: the environment rules, and a real two-process run on CPU (gloo)
-whose sharded loss and gradients equal the single-process result on as many devices."""
+"""Multi-process start-up: the environment rules, and a real two-process training run on CPU
+(gloo) that ends with the same weights as one process on as many devices."""
 
-import json
 import os
 import socket
 import subprocess
@@ -55,31 +54,6 @@ def test_clusters_are_detected_from_their_environment(clean_env, monkeypatch):
     clean_env.setenv("JAX_NUM_PROCESSES", "2")
     clean_env.setenv("JAX_PROCESS_ID", "1")
     assert distributed.initialize() is True and calls[-1] == ("10.0.0.1:1234", 2, 1)
-
-
-def test_two_processes_equal_one(clean_env):
-    """2 processes x 2 CPU devices, data=4 mesh, each process feeding its own rows."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "distributed_worker.py"),
-                               f"localhost:{port}", "2", str(i)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-    got = json.loads(outs[0][0].strip().splitlines()[-1])
-    assert (got["devices"], got["local"]) == (4, 2)
-
-    import jax
-
-    from tests.distributed_reference import loss_and_grad_norm
-
-    loss, norm = loss_and_grad_norm(jax.devices()[:4])
-    assert got["loss"] == pytest.approx(loss, rel=1e-5)
-    assert got["grad_norm"] == pytest.approx(norm, rel=1e-5)
 
 
 def test_two_process_training_equals_one_process(clean_env, tmp_path):
