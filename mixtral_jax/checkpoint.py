@@ -67,8 +67,9 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
     Peak memory is about one leaf (plus Orbax's copy of it) instead of the whole tree. Uses
     Orbax's partial saving (`orbax.checkpoint.experimental.v1.partial`); where that API is
     missing the leaves are gathered and written by `save_model`. Leaves may be global jax
-    Arrays: in a multi-process run every process calls this and writes its own shards. The result reads with
-    `load_model` either way. `directory` must not exist; it appears whole or not at all.
+    Arrays: in a multi-process run every process calls this and writes its own shards. The
+    result reads with `load_model` either way. `directory` must not exist; it appears whole or
+    not at all.
     """
     try:
         from orbax.checkpoint.experimental.v1 import partial

@@ -218,7 +218,7 @@ def dispatch(cfg: ModelConfig, x, routing: Routing, weights,
     one device, where the grouped matmul is ragged_dot (which reads every expert), a single token
     takes `moe_gathered` instead (reads only its k experts). The Pallas grouped matmul visits only
     the experts that have tokens, and beats the gathers at every size (H200, one 8x7B layer,
-    1 token: 0.31 ms vs 0.52; BENCHMARKS.md).
+    1 token: 0.24 ms vs 0.52; BENCHMARKS.md).
     """
     from mixtral_jax import moe_parallel  # noqa: PLC0415 (moe_parallel imports this module)
 

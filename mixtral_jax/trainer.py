@@ -195,8 +195,9 @@ def _check_mesh_fits(cfg: RunConfig, model_cfg, mesh) -> None:
 def _batch_sharding(mesh, rank: int, leading: int = 0):
     """Rows over the mesh's data-holding axes; `leading` unsplit axes first (micro-batches)."""
     rows = sharding.batch_sharding(mesh, rank - leading).spec[0]
-    return jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(*([None] * leading), rows, *([None] * (rank - leading - 1))))
+    spec = [None] * rank
+    spec[leading] = rows
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _on_mesh(batch: dict, mesh, leading: int) -> dict:

@@ -7,8 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax.attention import (dot_product_attention, fused_attention, make_attention_mask,
-                                   resolve_attention)
+from mixtral_jax.attention import (
+    dot_product_attention,
+    fused_attention,
+    make_attention_mask,
+    resolve_attention,
+)
 from mixtral_jax.config import AttentionImpl, ConfigError
 
 

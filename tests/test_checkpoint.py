@@ -5,13 +5,12 @@ import json
 import os
 
 import ml_dtypes
-import numpy as np
 import pytest
 
 import mixtral_jax as mj
 from mixtral_jax import checkpoint
-from mixtral_jax.convert import importer, open_source
 from mixtral_jax.config import ConfigError
+from mixtral_jax.convert import importer, open_source
 
 CFG = mj.ModelConfig.tiny(vocab_size=40, embed_dim=16, hidden_dim=24, num_layers=2, num_heads=2,
                           num_kv_heads=1, head_dim=8, num_experts=3, param_dtype="bfloat16")
