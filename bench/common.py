@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import mixtral_jax as mj
@@ -67,6 +70,45 @@ def random_model(cfg: mj.ModelConfig, seed: int = 0) -> mj.Mixtral:
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.ones_like(x) if "scale" in jax.tree_util.keystr(p) else x, params)
     return nnx.merge(graphdef, params)
+
+
+def synthetic_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict:
+    """One training batch of random tokens, as the train step takes it: [1 micro-batch, B, T]."""
+    tokens = np.random.default_rng(seed).integers(3, vocab_size, (1, batch, seq + 1))
+    tokens = tokens.astype(np.int32)
+    return {"tokens": tokens[..., :-1], "targets": tokens[..., 1:],
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)),
+            "segment_ids": np.ones((1, batch, seq), np.int32),
+            "loss_mask": np.ones((1, batch, seq), np.float32)}
+
+
+def time_train_steps(step, state, data, steps: int):
+    """Runs 2 warm-up steps, then `steps` timed ones: (state, last metrics, median step seconds,
+    warm-up seconds)."""
+    start = time.perf_counter()
+    for _ in range(2):
+        state, m = step(state, data)
+    jax.block_until_ready(m["loss"])
+    warm = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, m = step(state, data)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - start)
+    return state, m, float(np.median(times)), warm
+
+
+def run_peer(args: list[str], timeout: int = 400) -> dict:
+    """Runs a PyTorch peer script (`python ARGS`, printing one JSON line last) in a subprocess,
+    before JAX touches the GPU; a failing peer gives {"error": ...} rather than hiding our rows."""
+    try:
+        out = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                             check=True, timeout=timeout)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception as err:  # noqa: BLE001
+        detail = getattr(err, "stderr", None) or str(err)
+        return {"error": str(detail)[-500:]}
 
 
 def environment() -> dict:

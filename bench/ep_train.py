@@ -16,14 +16,12 @@ figures; device kinds nvidia-h200-x2 / -x4).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 import mixtral_jax as mj
-from bench.common import environment, write_json
+from bench.common import environment, synthetic_batch, time_train_steps, write_json
 from mixtral_jax import moe_parallel, sharding, trainer
 from mixtral_jax.runconfig import TrainConfig
 from mixtral_jax.train_step import make_optimizer, make_train_step
@@ -36,26 +34,9 @@ def run(cfg: mj.ModelConfig, tc: TrainConfig, mesh_cfg: sharding.MeshConfig, ste
         tx = make_optimizer(tc, params)
         state = trainer._fresh_state(params, tx, 0, mesh)
         step = make_train_step(nnx.graphdef(mj.abstract(cfg)), tx, tc)
-        rng = np.random.default_rng(0)
         b, t = tc.batch_size, tc.seq_len
-        tokens = rng.integers(3, cfg.vocab_size, (1, b, t + 1)).astype(np.int32)
-        host = {"tokens": tokens[..., :-1], "targets": tokens[..., 1:],
-                "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (1, b, t)),
-                "segment_ids": np.ones((1, b, t), np.int32),
-                "loss_mask": np.ones((1, b, t), np.float32)}
-        batch = trainer._on_mesh(host, mesh, leading=1)
-        start = time.perf_counter()
-        for _ in range(2):
-            state, m = step(state, batch)
-        jax.block_until_ready(m["loss"])
-        warm = time.perf_counter() - start
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, m = step(state, batch)
-            jax.block_until_ready(m["loss"])
-            times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
+        batch = trainer._on_mesh(synthetic_batch(cfg.vocab_size, b, t), mesh, leading=1)
+        state, m, step_s, warm = time_train_steps(step, state, batch, steps)
     n = jax.device_count()
     return {"mesh": str(mesh_cfg), "step_ms": 1e3 * step_s, "tokens_per_s": b * t / step_s,
             "tokens_per_s_per_device": b * t / step_s / n, "loss": float(m["loss"]),

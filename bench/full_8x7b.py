@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
 import mixtral_jax as mj
-from bench.common import environment, matmul_peak_tflops, write_json
+from bench.common import (
+    environment,
+    matmul_peak_tflops,
+    synthetic_batch,
+    time_train_steps,
+    write_json,
+)
 from mixtral_jax import metrics, sharding, trainer
 from mixtral_jax.generate import Generator
 from mixtral_jax.runconfig import TrainConfig
@@ -50,25 +55,8 @@ def train(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
         state = trainer._fresh_state(params, tx, 0, mesh)
         del params
         step = make_train_step(nnx.graphdef(mj.abstract(cfg)), tx, tc)
-        tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, batch, seq + 1))
-        host = {"tokens": tokens[..., :-1].astype(np.int32),
-                "targets": tokens[..., 1:].astype(np.int32),
-                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)),
-                "segment_ids": np.ones((1, batch, seq), np.int32),
-                "loss_mask": np.ones((1, batch, seq), np.float32)}
-        data = trainer._on_mesh(host, mesh, leading=1)
-        start = time.perf_counter()
-        for _ in range(2):
-            state, m = step(state, data)
-        jax.block_until_ready(m["loss"])
-        warm = time.perf_counter() - start
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, m = step(state, data)
-            jax.block_until_ready(m["loss"])
-            times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
+        data = trainer._on_mesh(synthetic_batch(cfg.vocab_size, batch, seq), mesh, leading=1)
+        state, m, step_s, warm = time_train_steps(step, state, data, steps)
     n = jax.device_count()
     return {"step_ms": 1e3 * step_s, "tokens_per_s": batch * seq / step_s,
             "tokens_per_s_per_device": batch * seq / step_s / n, "loss": float(m["loss"]),

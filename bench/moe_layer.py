@@ -17,24 +17,12 @@ Writes $OUT/moe_layer.json.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 
-from bench.common import environment, timed, write_json
+from bench.common import environment, run_peer, timed, write_json
 from mixtral_jax import moe
-
-
-def peer(tokens: int) -> dict:
-    try:
-        out = subprocess.run([sys.executable, "bench/peer_moe.py", "--tokens", str(tokens)],
-                             capture_output=True, text=True, check=True, timeout=300)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except Exception as err:  # the peer missing must not hide our figures
-        return {"error": str(err)[-500:]}
 
 
 def main():
@@ -42,7 +30,7 @@ def main():
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--no-xla", action="store_true", help="skip the slow ragged_dot rows")
     args = p.parse_args()
-    peer_row = peer(args.tokens)
+    peer_row = run_peer(["bench/peer_moe.py", "--tokens", str(args.tokens)], timeout=300)
     print("peer:", peer_row, flush=True)
 
     t, d, f, e, topk = args.tokens, 4096, 14336, 8, 2

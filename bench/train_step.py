@@ -11,18 +11,21 @@ losses, clipping, AdamW). MFU counts 6 x active matmul parameters + causal atten
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import mixtral_jax as mj
-from bench.common import environment, matmul_peak_tflops, random_model, write_json
+from bench.common import (
+    environment,
+    matmul_peak_tflops,
+    random_model,
+    run_peer,
+    synthetic_batch,
+    time_train_steps,
+    write_json,
+)
 from mixtral_jax import metrics
 from mixtral_jax.runconfig import TrainConfig
 from mixtral_jax.train_step import init_state, make_optimizer, make_train_step
@@ -38,41 +41,12 @@ def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
     tx = make_optimizer(tc, params)
     state = init_state(params, tx, 0)
     step = make_train_step(graphdef, tx, tc)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(3, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
-    data = {"tokens": tokens[..., :-1], "targets": tokens[..., 1:],
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)),
-            "segment_ids": np.ones((1, batch, seq), np.int32),
-            "loss_mask": np.ones((1, batch, seq), np.float32)}
-    data = jax.tree.map(jnp.asarray, data)
-    compile_start = time.perf_counter()
-    for _ in range(2):
-        state, m = step(state, data)
-    jax.block_until_ready(m["loss"])
-    warm = time.perf_counter() - compile_start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, m = step(state, data)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
+    data = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch, seq))
+    state, m, step_s, warm = time_train_steps(step, state, data, steps)
     tok_s = batch * seq / step_s
     return {"moe_impl": moe_impl, "layers": layers, "batch": batch, "seq": seq,
             "step_ms": 1000 * step_s, "tokens_per_s": tok_s, "loss": float(m["loss"]),
             "flops_per_token": metrics.flops_per_token(cfg, seq), "warmup_s": warm}
-
-
-def peer(layers: int, batch: int, seq: int) -> dict:
-    """transformers' MixtralForCausalLM step (bench/peer_train_step.py), in a subprocess that
-    runs before JAX touches the GPU."""
-    try:
-        out = subprocess.run([sys.executable, "bench/peer_train_step.py", "--layers", str(layers),
-                              "--batch", str(batch), "--seq", str(seq)],
-                             capture_output=True, text=True, check=True, timeout=400)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except Exception as err:  # the peer failing must not hide our figures
-        return {"error": str(err)[-500:]}
 
 
 def main():
@@ -84,7 +58,9 @@ def main():
     p.add_argument("--impls", default="capacity,dropless")
     p.add_argument("--no-peer", action="store_true")
     args = p.parse_args()
-    peer_row = {} if args.no_peer else peer(args.layers, args.batch, args.seq)
+    peer_row = {} if args.no_peer else run_peer(
+        ["bench/peer_train_step.py", "--layers", str(args.layers), "--batch", str(args.batch),
+         "--seq", str(args.seq)])
     print("peer:", peer_row, flush=True)
     peak = matmul_peak_tflops()
     rows = []

@@ -277,18 +277,19 @@ def _tgmm_call(lhs, dy, group_sizes, num_groups: int, tiles: Tiles, interpret: b
 
 
 # Padded wrappers: every dimension padded to its tile, results sliced back.
-
-def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, interpret: bool):
+def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, interpret: bool, layer=None):
+    """gmm with every dimension padded to its tile. With `layer`, rhs is a stack [L, G, ...]."""
+    lead = 0 if layer is None else 1
     rows, contract = lhs.shape
-    width = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    width = rhs.shape[lead + 1] if transpose_rhs else rhs.shape[lead + 2]
     kernel = "gmm_t" if transpose_rhs else "gmm"
     weights_kn = (width, contract) if transpose_rhs else (contract, width)
     tiles = fit_tiles(tiles_for(kernel, *weights_kn, rows, lhs.dtype.itemsize), rows, contract,
                       width)
-    k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
+    k_axis, n_axis = (lead + 2, lead + 1) if transpose_rhs else (lead + 1, lead + 2)
     lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
     rhs_p = _pad_to(_pad_to(rhs, k_axis, tiles.block_k), n_axis, tiles.block_n)
-    out = _gmm_call(lhs_p, rhs_p, group_sizes, tiles, transpose_rhs, interpret)
+    out = _gmm_call(lhs_p, rhs_p, group_sizes, tiles, transpose_rhs, interpret, layer=layer)
     return out[:rows, :width]
 
 
@@ -312,14 +313,8 @@ def gmm_stacked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: j
     copies them (8x7B: 2.8 GB per layer per decode step); this reads them where they lie.
     For inference: the gradient of a stack would be a stack.
     """
-    rows, contract = lhs.shape
-    width = rhs.shape[3]
-    tiles = fit_tiles(tiles_for("gmm", contract, width, rows, lhs.dtype.itemsize), rows,
-                      contract, width)
-    lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
-    rhs_p = _pad_to(_pad_to(rhs, 2, tiles.block_k), 3, tiles.block_n)
-    out = _gmm_call(lhs_p, rhs_p, group_sizes, tiles, False, interpret, layer=layer)
-    return jax.lax.stop_gradient(out[:rows, :width])
+    out = _gmm(lhs, rhs, group_sizes, transpose_rhs=False, interpret=interpret, layer=layer)
+    return jax.lax.stop_gradient(out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
