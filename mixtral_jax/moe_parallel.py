@@ -1,32 +1,100 @@
 """Expert-parallel MoE dispatch (issue 3): tokens travel to their experts by all-to-all over the
 mesh's expert axis; expert weights never move.
 
-Each device holds M/P tokens (P = devices on the token axes) and E/X experts (X = expert-axis size).
-Per device, every local assignment gets a slot (expert e, position p < C) in a send buffer
-[E, C, D] (C = capacity per source device and expert; p >= C is dropped). An all-to-all over the
-expert axis turns [X, E/X, C, D] "to each expert shard" into [X, E/X, C, D] "from each source";
-the local experts run one batched matmul; a second all-to-all returns the results, which are
-gathered back per assignment and combined with the router weights.
+Each device holds m = M/P tokens (P = devices on the token axes), so A = m*k assignments, and E/X
+experts (X = expert-axis size). Two ways to exchange the assignments (`Exchange`):
 
-Fixed capacity only: with capacity >= M/P * k nothing can be dropped (exactly dropless, at the
-cost of the buffer size). A ragged_all_to_all dropless path is NOT implemented.
+  capacity  Every local assignment gets a slot (expert e, position p < C) in a send buffer
+            [E, C, D] (C = capacity per source device and expert; p >= C is dropped). An
+            all_to_all over the expert axis turns [X, E/X, C, D] "to each expert shard" into
+            [X, E/X, C, D] "from each source"; the local experts run one batched matmul; a second
+            all_to_all returns the results. With C = A (no capacity factor) nothing can be
+            dropped, at the cost of an E*A-row buffer. Works on every backend.
+  ragged    Dropless. The assignments are sorted by expert (so by destination) and
+            `jax.lax.ragged_all_to_all` sends each shard only its rows into an X*A-row receive
+            buffer (the worst case: every source sends all of its rows here). The receiver
+            regroups the rows by local expert, runs the grouped matmul (`grouped_matmul`), and a
+            second ragged_all_to_all returns them. Needs a backend that implements the op: GPU
+            and TPU; XLA:CPU does not (jax 0.10.2: "HLO opcode `ragged-all-to-all` is not
+            supported by XLA:CPU ThunkEmitter").
+
+`Exchange.AUTO` (what the model uses) takes ragged when there is no capacity factor and the
+backend compiles ragged_all_to_all (probed once per platform), else capacity.
+`Exchange.RAGGED_EMULATED` is the ragged path with the collective built from a dense all_to_all
+(`emulated_ragged_all_to_all`, same semantics): it checks the ragged bookkeeping on CPU and is
+never faster than capacity.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from mixtral_jax import sharding
-from mixtral_jax.moe import Routing, swiglu
+from mixtral_jax.config import GmmImpl
+from mixtral_jax.grouped_matmul import grouped_matmul
+from mixtral_jax.moe import Routing, sort_by_expert, swiglu, unsort_and_combine
 
 TOKEN_AXES = sharding.LOGICAL_RULES["batch"]  # mesh axes that split the tokens
 (EXPERT_AXIS,) = sharding.LOGICAL_RULES["experts"]
+
+
+class Exchange(str, enum.Enum):
+    """How assignments reach the devices of their experts (module docstring)."""
+
+    AUTO = "auto"  # ragged where the backend has it and nothing may drop, else capacity
+    CAPACITY = "capacity"
+    RAGGED = "ragged"
+    RAGGED_EMULATED = "ragged_emulated"  # ragged path, collective emulated (checks, CPU)
+
+
+@functools.cache
+def ragged_all_to_all_supported(platform: str) -> bool:
+    """Whether `platform`'s backend compiles jax.lax.ragged_all_to_all (a one-device probe,
+    compiled, not run)."""
+    device = jax.local_devices(backend=platform)[0]
+    mesh = Mesh(np.array([device]), ("probe",))
+
+    def probe(x):
+        zero, one = jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32)
+        return jax.lax.ragged_all_to_all(x, jnp.zeros_like(x), zero, one, zero, one,
+                                         axis_name="probe")
+
+    fn = jax.jit(jax.shard_map(probe, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
+    try:
+        fn.lower(jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001 (XLA raises a runtime error naming the missing opcode)
+        return False
+    return True
+
+
+def resolve_exchange(exchange: Exchange | str, mesh: Mesh,
+                     capacity_factor: float | None) -> Exchange:
+    """The exchange `moe_expert_parallel` runs: AUTO resolved; a ragged choice that cannot be
+    honoured is a ValueError naming why."""
+    exchange = Exchange(exchange)
+    platform = mesh.devices.flat[0].platform
+    ragged = (Exchange.RAGGED, Exchange.RAGGED_EMULATED)
+    if capacity_factor is not None and exchange in ragged:
+        raise ValueError(f"exchange={exchange.value!r} is dropless and takes no capacity_factor "
+                         f"(got {capacity_factor})")
+    if exchange == Exchange.AUTO:
+        if capacity_factor is None and ragged_all_to_all_supported(platform):
+            return Exchange.RAGGED
+        return Exchange.CAPACITY
+    if exchange == Exchange.RAGGED and not ragged_all_to_all_supported(platform):
+        raise ValueError(f"exchange='ragged' needs ragged_all_to_all, which the {platform} "
+                         f"backend of jax {jax.__version__} does not compile; use 'auto' or "
+                         "'capacity'")
+    return exchange
 
 
 def slots(experts: jax.Array, num_experts: int) -> jax.Array:
@@ -40,8 +108,8 @@ def slots(experts: jax.Array, num_experts: int) -> jax.Array:
     return (rank - group_start[flat]).reshape(experts.shape)
 
 
-def _local(x, experts, weights, real, w_gate, w_up, w_down, *, num_experts, capacity,
-           token_axes):
+def _local_capacity(x, experts, weights, real, w_gate, w_up, w_down, *, num_experts, capacity,
+                    token_axes):
     """Runs on one device. x: [m, D]; experts, weights: [m, k]; real: [m] bool (False for the
     padding rows added to make the tokens split evenly); w_*: [E/X, ...] local experts."""
     m, d = x.shape
@@ -66,17 +134,82 @@ def _local(x, experts, weights, real, w_gate, w_up, w_down, *, num_experts, capa
     return out, dropped
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+    """`jax.lax.ragged_all_to_all` (one slice per peer) from a dense all_to_all: every chunk is
+    padded to operand's length. Same result, differentiable; for backends without the op.
+
+    operand: [N, ...]; output: [R, ...]; the four offset/size arrays: [X] int32.
+    """
+    n, x_shards = operand.shape[0], input_offsets.shape[0]
+    r = jnp.arange(n)
+    take = jnp.minimum(input_offsets[:, None] + r, n - 1)  # [X, N]
+    sent = (r < send_sizes[:, None]).reshape(x_shards, n, *([1] * (operand.ndim - 1)))
+    chunks = jnp.where(sent, operand[take], 0)  # [X, N, ...] by destination
+    got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [X, N, ...] by source
+    starts = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # [X] by source
+    dest = jnp.where(r < recv_sizes[:, None], starts[:, None] + r, output.shape[0])  # [X, N]
+    return output.at[dest.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+def _exclusive_cumsum(sizes: jax.Array) -> jax.Array:
+    return jnp.cumsum(sizes) - sizes
+
+
+def _local_ragged(x, experts, weights, w_gate, w_up, w_down, *, num_experts, x_shards,
+                  collective, gmm_impl):
+    """Runs on one device; the dropless ragged exchange. x: [m, D]; experts, weights: [m, k];
+    w_*: [E/X, ...] local experts. Returns ([m, D] float32, 0 dropped)."""
+    m, d = x.shape
+    topk = experts.shape[1]
+    a, local_e = m * topk, num_experts // x_shards
+    order, group_sizes = sort_by_expert(experts, num_experts)  # [A], [E]
+    x_sorted = x[order // topk]  # [A, D] by expert, so by destination shard
+    send_groups = group_sizes.reshape(x_shards, local_e)  # [X, E/X] by destination
+    send_sizes = send_groups.sum(axis=1)  # [X]
+    send_offsets = _exclusive_cumsum(send_sizes)
+    # [X, E/X] rows each source sends here, per local expert
+    recv_groups = jax.lax.all_to_all(send_groups, EXPERT_AXIS, 0, 0, tiled=True)
+    recv_sizes = recv_groups.sum(axis=1)  # [X]
+    recv_offsets = _exclusive_cumsum(recv_sizes)  # where each source's rows start here
+    # where this device's rows start on each receiver
+    remote_offsets = jax.lax.all_to_all(recv_offsets, EXPERT_AXIS, 0, 0, tiled=True)
+    buf = collective(x_sorted, jnp.zeros((x_shards * a, d), x.dtype), send_offsets, send_sizes,
+                     remote_offsets, recv_sizes, axis_name=EXPERT_AXIS)  # [X*A, D]
+    # buf is source-major, expert-minor; regroup by local expert (unused rows sort last).
+    seg_ends = jnp.cumsum(recv_groups.reshape(-1))  # [X*E/X]
+    seg = jnp.searchsorted(seg_ends, jnp.arange(x_shards * a), side="right")  # [X*A]
+    local_expert = jnp.where(seg < x_shards * local_e, seg % local_e, local_e)
+    regroup = jnp.argsort(local_expert, stable=True)  # [X*A]
+    rows, sizes = buf[regroup], recv_groups.sum(axis=0)  # [X*A, D], [E/X]
+
+    def gmm(lhs, w):
+        return grouped_matmul(lhs, w, sizes, gmm_impl)
+
+    y = gmm(swiglu(gmm(rows, w_gate), gmm(rows, w_up)), w_down)  # [X*A, D], unused rows zero
+    y = y[jnp.argsort(regroup)]  # back to buf's order
+    # The way back: each source's rows return to where they left its sorted send buffer.
+    origin = jax.lax.all_to_all(send_offsets, EXPERT_AXIS, 0, 0, tiled=True)  # [X] by source
+    y_sorted = collective(y, jnp.zeros((a, d), y.dtype), recv_offsets, recv_sizes, origin,
+                          send_sizes, axis_name=EXPERT_AXIS)  # [A, D]
+    return unsort_and_combine(y_sorted, order, weights), jnp.zeros((), jnp.int32)
+
+
 def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh,
-                        capacity_factor: float | None = None):
+                        capacity_factor: float | None = None,
+                        exchange: Exchange | str = Exchange.AUTO,
+                        gmm_impl: GmmImpl | str = GmmImpl.AUTO):
     """Expert-parallel MoE. x: [M, D]; w_gate, w_up: [E, D, F]; w_down: [E, F, D].
 
-    capacity_factor None = no drop (capacity = local tokens * k); else capacity per source device
-    and expert = ceil(factor * m * k / E). Returns ([M, D] float32, dropped assignments).
+    capacity_factor None = no drop; else (capacity exchange only) capacity per source device and
+    expert = ceil(factor * m * k / E). exchange: see `Exchange`; gmm_impl: the ragged exchange's
+    grouped matmul. Returns ([M, D] float32, dropped assignments).
     """
     num_experts = w_gate.shape[0]
     x_size = mesh.shape[EXPERT_AXIS]
     if num_experts % x_size:
         raise ValueError(f"{num_experts} experts cannot be split over expert axis of size {x_size}")
+    exchange = resolve_exchange(exchange, mesh, capacity_factor)
     token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1) or (EXPERT_AXIS,)
     parts = math.prod(mesh.shape[a] for a in token_axes)
     # Pad the tokens to split evenly (decode has fewer tokens than devices): padding rows come
@@ -90,17 +223,23 @@ def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh
         experts = jnp.pad(experts, ((0, pad), (0, 0)))
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
     m, topk = x.shape[0] // parts, experts.shape[1]
-    if capacity_factor is None:
+    tok, ex = P(token_axes), P(EXPERT_AXIS)
+    if exchange == Exchange.CAPACITY:
         capacity = m * topk
+        if capacity_factor is not None:
+            capacity = max(1, math.ceil(capacity_factor * m * topk / num_experts))
+        fn = partial(_local_capacity, num_experts=num_experts, capacity=capacity,
+                     token_axes=token_axes)
+        args, in_specs = (x, experts, weights, real), (tok, tok, tok, tok)
     else:
-        capacity = max(1, math.ceil(capacity_factor * m * topk / num_experts))
-    tok = P(token_axes)
-    fn = partial(_local, num_experts=num_experts, capacity=capacity, token_axes=token_axes)
-    run = jax.shard_map(
-        fn, mesh=mesh,
-        in_specs=(tok, tok, tok, tok, P(EXPERT_AXIS), P(EXPERT_AXIS), P(EXPERT_AXIS)),
-        out_specs=(tok, P()), check_vma=False)
-    out, dropped = run(x, experts, weights, real, w_gate, w_up, w_down)
+        collective = (jax.lax.ragged_all_to_all if exchange == Exchange.RAGGED
+                      else emulated_ragged_all_to_all)
+        fn = partial(_local_ragged, num_experts=num_experts, x_shards=x_size,
+                     collective=collective, gmm_impl=gmm_impl)
+        args, in_specs = (x, experts, weights), (tok, tok, tok)
+    run = jax.shard_map(fn, mesh=mesh, in_specs=(*in_specs, ex, ex, ex), out_specs=(tok, P()),
+                        check_vma=False)
+    out, dropped = run(*args, w_gate, w_up, w_down)
     return out[:num_tokens], dropped
 
 
