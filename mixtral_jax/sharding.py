@@ -212,8 +212,11 @@ def shard(x: jax.Array, mesh: Mesh | None, *logical_names: str) -> jax.Array:
         x, NamedSharding(mesh, logical_spec(mesh, x.shape, logical_names)))
 
 
-def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
-    """Sharding of a [B, ...] input batch: B over data, fsdp and expert."""
+def batch_sharding(mesh: Mesh, rank: int = 2, leading: int = 0) -> NamedSharding:
+    """Sharding of a [B, ...] input batch: B over data, fsdp and expert; with `leading`, that
+    many unsplit axes come first ([A, B, T] micro-batches: leading=1)."""
     batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
-    first = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
-    return NamedSharding(mesh, PartitionSpec(first, *([None] * (rank - 1))))
+    rows = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    spec = [None] * rank
+    spec[leading] = rows
+    return NamedSharding(mesh, PartitionSpec(*spec))

@@ -3,10 +3,14 @@
 The state is a plain pytree (`TrainState`) and the step is a pure `jax.jit` function with the
 state donated, so XLA updates parameters and optimizer moments in place. The model enters as its
 `graphdef` and a nested dict of parameters (`model.get_params`), merged at the top of the step.
+On a mesh the step is compiled with explicit shardings: the state's as given (`state_shardings`),
+batch rows over the data-holding axes, metrics replicated; the model is traced inside
+`sharding.active(mesh)` (activation constraints, expert-parallel MoE).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import jax
@@ -14,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from mixtral_jax import losses
+from mixtral_jax import losses, sharding
 from mixtral_jax.runconfig import TrainConfig
 
 
@@ -87,8 +91,31 @@ def _routing_entropy(router_logits, token_mask):
     return jnp.sum(ent * token_mask, axis=(1, 2)) / jnp.maximum(jnp.sum(token_mask), 1.0)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig) -> Callable:
-    """The compiled step: state, batch with a leading [A] micro-batch axis -> state, metrics."""
+def state_shardings(params, tx: optax.GradientTransformation, mesh) -> TrainState:
+    """Shardings of a TrainState on `mesh`: parameters as placed, each optimizer moment like
+    its parameter (FSDP shards the moments with the weights), the scalars replicated."""
+    shapes = jax.eval_shape(lambda p: init_state(p, tx, 0), params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt = optax.tree_map_params(tx, lambda _, where: where, shapes.opt_state, param_shardings,
+                                transform_non_params=lambda _: replicated,
+                                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated,
+                      bad_steps=replicated)
+
+
+def _on(mesh):
+    return sharding.active(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig, *,
+                    mesh=None, shardings: TrainState | None = None) -> Callable:
+    """The compiled step: state, batch with a leading [A] micro-batch axis -> state, metrics.
+
+    With `mesh`, `shardings` (see `state_shardings`) are the state's in and out shardings.
+    """
+    if (mesh is None) != (shardings is None):
+        raise ValueError("make_train_step takes a mesh and the state's shardings together")
 
     def micro_loss(params, mb, rng, total_count):
         out = _forward(graphdef, params, mb, rng)
@@ -112,13 +139,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig)
         total_count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         rngs = jax.random.split(jax.random.wrap_key_data(state.rng), tc.grad_accum + 1)
 
+        def like_params(tree):  # FSDP: gradient accumulators stay sharded like the weights
+            if mesh is None:
+                return tree
+            return jax.lax.with_sharding_constraint(tree, shardings.params)
+
         def accumulate(grads, xs):
             mb, rng = xs
             (_, stats), g = grad_fn(state.params, mb, rng, total_count)
-            return jax.tree.map(jnp.add, grads, g), stats
+            return like_params(jax.tree.map(jnp.add, grads, g)), stats
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, stats = jax.lax.scan(accumulate, zeros, (batch, rngs[1:]))
+        zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
+        with _on(mesh):
+            grads, stats = jax.lax.scan(accumulate, zeros, (batch, rngs[1:]))
         grad_norm = _global_norm(grads)
         ce = jnp.sum(stats["nll"]) / total_count
         lb, z = jnp.mean(stats["load_balance_loss"]), jnp.mean(stats["router_z_loss"])
@@ -142,17 +175,28 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig)
         }
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1)),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, *, mesh=None, param_shardings=None) -> Callable:
     """Compiled held-out evaluation: (params, batch) -> (summed NLL, counted tokens)."""
+    if (mesh is None) != (param_shardings is None):
+        raise ValueError("make_eval_step takes a mesh and the parameters' shardings together")
 
     def evaluate(params, batch):
-        out = _forward(graphdef, params, batch, None)
+        with _on(mesh):
+            out = _forward(graphdef, params, batch, None)
         return losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
 
-    return jax.jit(evaluate)
+    if mesh is None:
+        return jax.jit(evaluate)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(evaluate, in_shardings=(param_shardings, sharding.batch_sharding(mesh, 2)),
+                   out_shardings=replicated)
 
 
 def split_micro_batches(batch: dict, grad_accum: int) -> dict:

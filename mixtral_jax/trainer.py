@@ -19,7 +19,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -37,6 +36,7 @@ from mixtral_jax.train_step import (
     make_optimizer,
     make_train_step,
     split_micro_batches,
+    state_shardings,
 )
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -192,19 +192,12 @@ def _check_mesh_fits(cfg: RunConfig, model_cfg, mesh) -> None:
                           f"num_experts={model_cfg.num_experts}")
 
 
-def _batch_sharding(mesh, rank: int, leading: int = 0):
-    """Rows over the mesh's data-holding axes; `leading` unsplit axes first (micro-batches)."""
-    rows = sharding.batch_sharding(mesh, rank - leading).spec[0]
-    spec = [None] * rank
-    spec[leading] = rows
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-
-
 def _on_mesh(batch: dict, mesh, leading: int) -> dict:
     """Host batch -> device arrays: as is without a mesh, else rows split over the mesh."""
     if mesh is None:
         return jax.tree.map(jnp.asarray, batch)
-    return {k: distributed.global_batch(np.asarray(v), _batch_sharding(mesh, v.ndim, leading))
+    return {k: distributed.global_batch(np.asarray(v),
+                                        sharding.batch_sharding(mesh, v.ndim, leading))
             for k, v in batch.items()}
 
 
@@ -226,10 +219,11 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
         if mesh is None:
             abstract_state = jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)),
                                             params)
-        else:  # restore straight into the fresh state's shardings
+        else:  # restore straight into the shardings a fresh state would have
+            shapes = jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), params)
             abstract_state = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                dataclasses.asdict(_fresh_state(params, tx, cfg.seed, mesh)))
+                lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes,
+                dataclasses.asdict(state_shardings(params, tx, mesh)))
         restored, meta = ckpt.restore(step, abstract_state)
         state = TrainState(**restored)
         batches.restore(meta["data"])
@@ -246,19 +240,11 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
 
 
 def _fresh_state(params, tx, seed: int, mesh) -> TrainState:
-    """init_state; on a mesh the optimizer moments take their parameters' shardings and the
-    scalars are replicated."""
+    """init_state; on a mesh, created in its `state_shardings`."""
     if mesh is None:
         return init_state(params, tx, seed)
-    shapes = jax.eval_shape(lambda p: init_state(p, tx, seed), params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, shapes.opt_state,
-                                param_shardings, transform_non_params=lambda _: replicated,
-                                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    out = TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated,
-                     bad_steps=replicated)
-    return jax.jit(lambda p: init_state(p, tx, seed), out_shardings=out)(params)
+    return jax.jit(lambda p: init_state(p, tx, seed),
+                   out_shardings=state_shardings(params, tx, mesh))(params)
 
 
 class _Logger:
@@ -307,8 +293,12 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
 def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh) -> dict:
     tc = cfg.train
     graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches, mesh)
-    train_step = make_train_step(graphdef, tx, tc)
-    eval_step = make_eval_step(graphdef)
+    if mesh is None:
+        train_step, eval_step = make_train_step(graphdef, tx, tc), make_eval_step(graphdef)
+    else:
+        where = state_shardings(state.params, tx, mesh)
+        train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
+        eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params)
     log = _Logger(cfg, model_cfg, int(state.step), show_progress)
     final: dict = {}
     try:
