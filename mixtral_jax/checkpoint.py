@@ -7,20 +7,26 @@ Layout of a model checkpoint directory:
   DIR/tokenizer.model  sentencepiece model, when one was given
 
 `train.py` starts from one (fine-tuning), `infer.py` loads one, the converter writes one.
-`save_model` writes a whole in-memory tree; `save_model_streaming` writes leaf by leaf (Orbax
-partial saves), so a converter holds one leaf at a time. Both give the same directory layout.
+`save_model` writes a whole in-memory tree. The converter's two writers give the same layout:
+`save_model_streaming` writes host leaves slice by slice (`StreamedLeaf`: one layer / expert of a
+stacked leaf in memory at a time), `save_model_sharded` writes global jax Arrays leaf by leaf
+(Orbax partial saves), each process its shards. `LazyParams` reads a checkpoint slice by slice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import os
 import shutil
-from typing import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from mixtral_jax import distributed
 from mixtral_jax.config import ConfigError, ModelConfig
@@ -60,16 +66,137 @@ def save_model(directory: str, params: dict, cfg: ModelConfig,
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...], object]],
-                         cfg: ModelConfig, tokenizer_path: str | None = None) -> None:
-    """Like `save_model`, but each (path, array) leaf is written as soon as it is produced.
+@dataclasses.dataclass(eq=False)
+class StreamedLeaf:
+    """A host leaf that is produced one slice at a time while it is written.
 
-    Peak memory is about one leaf (plus Orbax's copy of it) instead of the whole tree. Uses
-    Orbax's partial saving (`orbax.checkpoint.experimental.v1.partial`); where that API is
-    missing the leaves are gathered and written by `save_model`. Leaves may be global jax
-    Arrays: in a multi-process run every process calls this and writes its own shards. The
-    result reads with `load_model` either way. `directory` must not exist; it appears whole or
-    not at all.
+    Attributes:
+      shape: the whole leaf's shape.
+      dtype: numpy dtype of every slice.
+      lead: how many leading axes are written one index at a time (0: the leaf is one slice).
+      fill: `fill(index)` -> the numpy slice `leaf[index]`, `index` a tuple of `lead` ints.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    lead: int
+    fill: Callable[[tuple[int, ...]], np.ndarray]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def indices(self) -> Iterable[tuple[int, ...]]:
+        return np.ndindex(*self.shape[:self.lead])
+
+    def materialize(self) -> np.ndarray:
+        """The whole leaf in memory (for small models and tests)."""
+        out = np.empty(self.shape, self.dtype)
+        for index in self.indices():
+            out[index] = self.fill(index)
+        return out
+
+    def __deepcopy__(self, memo):  # Orbax copies host arrays defensively; nothing to copy here
+        return self
+
+
+class _StreamedLeafHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's numpy handler (same files, same `np.ndarray` type in the metadata), except that a
+    `StreamedLeaf` is written slice by slice, one leaf after the other: the next slice is made
+    while the previous one is written, so about two slices are in memory."""
+
+    _lock: asyncio.Lock | None = None
+    _failed = False
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        if not isinstance(value, StreamedLeaf):
+            return await super()._open_and_write(value, tspec, ts_context)
+        if self._lock is None:
+            self._lock = asyncio.Lock()  # Orbax gathers all leaves at once: take turns
+        async with self._lock:
+            if self._failed:  # an earlier leaf failed: write nothing more
+                return
+            self._failed = True  # until this leaf is complete
+            t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+            pending = None
+            try:
+                for index in value.indices():
+                    data = await asyncio.to_thread(value.fill, index)
+                    if data.shape != value.shape[value.lead:] or data.dtype != value.dtype:
+                        raise ValueError(
+                            f"slice {index} is {data.dtype}{list(data.shape)}, expected "
+                            f"{value.dtype}{list(value.shape[value.lead:])}")
+                    if pending is not None:
+                        await pending
+                    pending = t[index].write(data, can_reference_source_data_indefinitely=True)
+                if pending is not None:
+                    await pending
+                pending = None
+                self._failed = False
+            finally:
+                if pending is not None:  # failing: let the write in flight finish first
+                    with contextlib.suppress(Exception):
+                        await pending
+
+
+def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...], object]],
+                         cfg: ModelConfig, tokenizer_path: str | None = None, *,
+                         verify: Callable[[], None] | None = None) -> None:
+    """Like `save_model`, from (path, leaf) pairs whose leaves are host arrays or `StreamedLeaf`s.
+
+    A `StreamedLeaf` is stored in chunks of one slice (one index of its `lead` axes), each
+    written as soon as `fill` makes it, so peak memory is about two slices, not a leaf or the
+    model. One process writes (the caller). `verify()`, when given, runs after the last slice and
+    before the checkpoint is moved into place; whatever it raises leaves nothing behind.
+    `directory` must not exist; it appears whole or not at all. Reads with `load_model`.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        raise FileExistsError(f"checkpoint directory {directory} already exists")
+    tree: dict = {}
+    save_args: dict = {}
+    for path, leaf in leaves:
+        if not isinstance(leaf, StreamedLeaf):
+            leaf = np.asarray(leaf)
+            leaf = StreamedLeaf(leaf.shape, leaf.dtype, 0, lambda _, v=leaf: v)
+        _put(tree, path, leaf)
+        # One storage chunk per slice: a slice write never rewrites a chunk already written.
+        _put(save_args, path, ocp.SaveArgs(shard_axes=tuple(range(leaf.lead))))
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    staging = directory + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (StreamedLeaf, _StreamedLeafHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
+    # Uncompressed: zstd on random-looking bf16 weights saves ~10-25% of disk at ~0.1 GB/s per
+    # core; the sources (safetensors) are uncompressed too. load_model reads either.
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    try:
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(os.path.join(staging, PARAMS_DIR),
+                       args=ocp.args.PyTreeSave(tree, save_args=save_args))
+        if verify is not None:
+            verify()
+        save_hf_config(cfg, os.path.join(staging, "config.json"))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, os.path.join(staging, TOKENIZER_FILE))
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model_sharded(directory: str, leaves: Iterable[tuple[tuple[str, ...], jax.Array]],
+                       cfg: ModelConfig, tokenizer_path: str | None = None) -> None:
+    """Like `save_model`, from (path, global jax.Array) pairs, each written as it is produced.
+
+    Every process calls this and writes its own shards of each leaf (Orbax partial saves,
+    `orbax.checkpoint.experimental.v1.partial`), so a process holds its shards of one leaf at a
+    time; where that API is missing the leaves are gathered and written by `save_model`.
+    `directory` must not exist; it appears whole or not at all.
     """
     try:
         from orbax.checkpoint.experimental.v1 import partial
@@ -91,12 +218,10 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
         os.makedirs(staging)
     distributed.barrier("model checkpoint staging")
     session = os.path.join(staging, "session")
-    # Uncompressed: zstd on random-looking bf16 weights saves ~10-25% of disk at ~0.1 GB/s per
-    # core; the sources (safetensors) are uncompressed too. load_model reads either.
     from orbax.checkpoint.experimental import v1 as ocp_v1
 
     context = ocp_v1.Context()
-    context.array.saving.use_compression = False
+    context.array.saving.use_compression = False  # as save_model_streaming
     try:
         with context:
             for path, leaf in leaves:
@@ -178,15 +303,16 @@ def _check_shapes(expected: dict, stored, directory: str) -> None:
 
 
 class LazyParams(dict):
-    """The nested parameter dict of a model checkpoint whose leaves are read on first use.
+    """The nested parameter dict of a model checkpoint whose leaves read only what is indexed.
 
-    Only the most recently used leaf stays in memory, so walking the leaves one after the other
-    (as `hf_weights.params_to_hf` does) holds one leaf at a time. Leaves are numpy arrays in the
-    stored dtype. Build with `LazyParams.open(directory)`.
+    `leaf[i]` reads the slice `i` from disk (a layer, or one expert of a layer, as
+    `hf_weights.params_to_hf` walks them); `np.asarray(leaf)` reads the whole leaf. Nothing is
+    cached, so walking the slices holds one slice at a time. Values are numpy in the stored
+    dtype. Build with `LazyParams.open(directory)`.
     """
 
     @classmethod
-    def open(cls, directory: str) -> tuple[ModelConfig, "LazyParams"]:
+    def open(cls, directory: str) -> tuple[ModelConfig, LazyParams]:
         cfg = load_hf_config(directory)
         from mixtral_jax.model import abstract, get_params  # local: model imports stay out of I/O
 
@@ -195,9 +321,14 @@ class LazyParams(dict):
         with ocp.StandardCheckpointer() as ckptr:
             stored = ckptr.metadata(params_dir)
         _check_shapes(expected, getattr(stored, "item_metadata", stored), directory)
-        cache: dict = {}
-        tree = jax.tree_util.tree_map_with_path(
-            lambda p, _: _LazyLeaf(params_dir, tuple(k.key for k in p), cache), expected)
+        # "Restoring" with a handler that opens each stored array and reads nothing.
+        registry = ocp.type_handlers.create_type_handler_registry((_LazyLeaf, _OpenHandler()))
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+        with ocp.Checkpointer(handler) as ckptr:
+            tree = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+                item=jax.tree.map(lambda _: 0, expected),
+                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=_LazyLeaf),
+                                          expected)))
         return cfg, cls._wrap(tree)
 
     @classmethod
@@ -206,34 +337,37 @@ class LazyParams(dict):
 
 
 class _LazyLeaf:
-    """One stored leaf; `np.asarray(leaf)` or `leaf[i]` reads it (evicting the previous one)."""
+    """One stored array; `leaf[index]` or `np.asarray(leaf)` reads it."""
 
-    def __init__(self, params_dir: str, path: tuple[str, ...], cache: dict):
-        self.params_dir, self.path, self.cache = params_dir, path, cache
-
-    def _value(self) -> np.ndarray:
-        if self.cache.get("path") != self.path:
-            self.cache.clear()  # drop the previous leaf before reading the next
-            item = _put({}, self.path, 0)
-            args = _put({}, self.path, ocp.RestoreArgs(restore_type=np.ndarray))
-            with ocp.PyTreeCheckpointer() as ckptr:
-                tree = ckptr.restore(self.params_dir, args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=args, partial_restore=True))
-            for name in self.path:
-                tree = tree[name]
-            self.cache.update(path=self.path, value=tree)
-        return self.cache["value"]
-
-    def __array__(self, dtype=None, copy=None):
-        value = self._value()
-        return value if dtype is None else value.astype(dtype)
-
-    def __getitem__(self, index):
-        return self._value()[index]
+    def __init__(self, store: ts.TensorStore):
+        self.store = store
 
     @property
-    def dtype(self):
-        return self._value().dtype
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.store.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.store.dtype.numpy_dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.store[index].read().result()
+
+    def __array__(self, dtype=None, copy=None):
+        value = self.store.read().result()
+        return value if dtype is None else value.astype(dtype)
+
+
+class _OpenHandler(ocp.type_handlers.NumpyHandler):
+    """Restores each array as a `_LazyLeaf` over its open TensorStore (no data read)."""
+
+    async def deserialize(self, infos, args=None):
+        out = []
+        for info in infos:
+            tspec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
+            out.append(_LazyLeaf(await ts.open(ts.Spec(tspec), open=True,
+                                               context=info.ts_context)))
+        return out
 
 
 def to_numpy(params: dict) -> dict:

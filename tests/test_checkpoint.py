@@ -1,16 +1,20 @@
-"""Model checkpoints: whole-tree and streamed (leaf by leaf) saves read back equal; failures
-leave nothing behind; a config that disagrees with the stored shapes is refused."""
+"""Model checkpoints: whole-tree and streamed (slice by slice) saves read back equal; a streamed
+leaf is made, stored and read back one slice at a time; failures leave nothing behind; a config
+that disagrees with the stored shapes is refused."""
 
 import json
 import os
+import weakref
 
 import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import mixtral_jax as mj
 from mixtral_jax import checkpoint
 from mixtral_jax.config import ConfigError
-from mixtral_jax.convert import importer, open_source
+from mixtral_jax.convert import importer, open_source, write_hf
 
 CFG = mj.ModelConfig.tiny(vocab_size=40, embed_dim=16, hidden_dim=24, num_layers=2, num_heads=2,
                           num_kv_heads=1, head_dim=8, num_experts=3, param_dtype="bfloat16")
@@ -69,14 +73,70 @@ def test_config_that_disagrees_with_stored_shapes_is_refused(tmp_path):
         checkpoint.load_model(str(tmp_path / "ckpt"))
 
 
-def test_memory_mapped_scratch_leaves_convert_identically(tmp_path, monkeypatch):
-    params = _params(1)
-    from mixtral_jax.convert import write_hf
+def _streamed(value: np.ndarray, lead: int, log: dict) -> checkpoint.StreamedLeaf:
+    """A StreamedLeaf over `value` that logs which slices were made and how many are alive."""
 
+    def fill(index):
+        log["calls"].append(index)
+        out = value[index].copy()
+        log["alive"] += 1
+        log["peak"] = max(log["peak"], log["alive"])
+        weakref.finalize(out, lambda: log.__setitem__("alive", log["alive"] - 1))
+        return out
+
+    return checkpoint.StreamedLeaf(value.shape, value.dtype, lead, fill)
+
+
+def test_a_streamed_leaf_is_made_stored_and_read_one_slice_at_a_time(tmp_path):
+    params = _params(1)
+    w_gate = params["layers"]["moe"]["w_gate"]  # [L=2, E=3, D, F]: 6 slices
+    log = {"calls": [], "alive": 0, "peak": 0}
+    leaves = [(p, _streamed(v, 2, log) if p == ("layers", "moe", "w_gate") else v)
+              for p, v in _leaves(params)]
+    checkpoint.save_model_streaming(str(tmp_path / "ckpt"), leaves, CFG)
+    assert log["calls"] == [(i, e) for i in range(2) for e in range(3)]  # each once, in order
+    assert log["peak"] <= 2  # the slice being written and the next one, never the leaf
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(str(tmp_path / "ckpt" / "params"))
+    stored = getattr(meta, "item_metadata", meta)["layers"]["moe"]["w_gate"]
+    assert tuple(stored.storage.chunk_shape) == (1, 1) + w_gate.shape[2:]  # a chunk per slice
+    _, loaded = checkpoint.load_model(str(tmp_path / "ckpt"))
+    _assert_same(params, checkpoint.to_numpy(loaded))
+    _, lazy = checkpoint.LazyParams.open(str(tmp_path / "ckpt"))
+    leaf = lazy["layers"]["moe"]["w_gate"]
+    assert leaf.shape == w_gate.shape and leaf.dtype == w_gate.dtype
+    assert leaf[1, 2].tobytes() == w_gate[1, 2].tobytes()
+    assert np.asarray(lazy["lm_head"]).tobytes() == params["lm_head"].tobytes()
+
+
+def test_a_failing_slice_or_verdict_leaves_nothing(tmp_path):
+    params = _params()
+
+    def fill(index):
+        if index == (1,):
+            raise ConfigError("slice 1 is unreadable")
+        return params["layers"]["moe"]["router"][index]
+
+    leaves = [(p, checkpoint.StreamedLeaf(v.shape, v.dtype, 1, fill)
+               if p == ("layers", "moe", "router") else v) for p, v in _leaves(params)]
+    with pytest.raises(Exception, match="slice 1 is unreadable"):
+        checkpoint.save_model_streaming(str(tmp_path / "ckpt"), leaves, CFG)
+    assert os.listdir(tmp_path) == []
+
+    def verify():
+        raise ConfigError("rejected after the last slice")
+
+    with pytest.raises(ConfigError, match="rejected after the last slice"):
+        checkpoint.save_model_streaming(str(tmp_path / "ckpt"), _leaves(params), CFG,
+                                        verify=verify)
+    assert os.listdir(tmp_path) == []
+
+
+def test_converter_output_equals_the_source_and_its_in_memory_build(tmp_path):
+    params = _params(2)
     write_hf(params, CFG, str(tmp_path / "hf"), progress=False)
-    monkeypatch.setattr(importer, "SCRATCH_MIN_BYTES", 0)  # every leaf through a memmap file
     importer.to_orbax(str(tmp_path / "hf"), str(tmp_path / "ours"), progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["hf", "ours"]  # scratch removed
+    assert sorted(os.listdir(tmp_path)) == ["hf", "ours"]
     _, loaded = checkpoint.load_model(str(tmp_path / "ours"))
     _assert_same(params, checkpoint.to_numpy(loaded))
     _assert_same(params, importer.build_params(open_source(str(tmp_path / "hf")),

@@ -2,11 +2,14 @@
 
 Order of work, so that a failure leaves nothing behind:
   1. `open_source` checks files, layout, config, names, shapes and dtypes (no tensor data read);
-  2. each of our leaves is filled slice by slice from one stored tensor at a time (an expert
-     stack at most), with a progress bar in bytes; `--check-finite` scans each slice;
-  3. `checkpoint.save_model_streaming` writes each leaf as soon as it is complete, into a
-     staging directory that is renamed into place only after the last leaf (and after the
-     finiteness verdict): an error at any point leaves no output behind.
+  2. each of our leaves is a `checkpoint.StreamedLeaf`: its slices (one layer, or one expert of
+     a layer) are made from one stored tensor at a time (an expert stack at most) as they are
+     written, with a progress bar in bytes; `--check-finite` scans each slice;
+  3. `checkpoint.save_model_streaming` writes slice after slice into a staging directory that is
+     renamed into place only after the last one (and after the finiteness verdict): an error at
+     any point leaves no output behind.
+With a mesh, each leaf is instead a global jax.Array in its target sharding
+(`iter_sharded_leaves`), written leaf by leaf by `checkpoint.save_model_sharded`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-import shutil
 
 import numpy as np
 from tqdm import tqdm
@@ -35,65 +37,64 @@ def find_tokenizer(directory: str) -> str | None:
     return found[0] if found else None
 
 
-def iter_leaves(src: Source, *, check_finite: bool = False, progress: bool = True,
-                scratch: str | None = None, problems: list[str] | None = None):
-    """(path, leaf) of our parameter tree, each leaf filled from one stored tensor at a time.
+def iter_leaves(src: Source, *, check_finite: bool = False, bar: tqdm | None = None,
+                problems: list[str] | None = None):
+    """(path, `checkpoint.StreamedLeaf`) of our parameter tree; nothing is read until a slice is.
 
-    Leaves are numpy in `src.cfg.param_dtype`. With `scratch` (a directory), leaves larger
-    than `SCRATCH_MIN_BYTES` live in a memory-mapped file there, so the process's own memory
-    stays near the one leaf Orbax copies while writing. With `check_finite`, non-finite slices
-    go into `problems` (named, with their count) and a `ConversionError` is raised after the
-    last leaf, before anything is finalized.
+    Each slice (`leaf[l]` or `leaf[l, e]`) is made from one stored tensor, in
+    `src.cfg.param_dtype`. `bar` counts the stored bytes read. With `check_finite`, non-finite
+    values are listed in `problems` (named, with their count); the caller raises.
     """
     cfg, get = src.cfg, src.getter()
     dtype = np.dtype(_np_dtype(cfg.param_dtype))
+    shapes = _leaf_shapes(cfg)
     problems = [] if problems is None else problems
-    with tqdm(total=src.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-              desc="convert", disable=not progress) as bar:
-        for m in TABLE:
-            leaf = None
-            for index, key in slice_keys(m, cfg):
-                hf = get(key)
-                if check_finite:
-                    bad = int(np.size(hf) - np.count_nonzero(np.isfinite(hf)))
-                    if bad:
-                        problems.append(f"{key} has {bad} non-finite value(s)")
-                ours = m.to_ours(hf, cfg)
-                if leaf is None:
-                    leading = (cfg.num_layers,) * m.per_layer + (cfg.num_experts,) * m.per_expert
-                    leaf = _new_leaf(leading + ours.shape, dtype, scratch, m.path)
-                leaf[index] = ours  # casts only when --dtype asked for it
+    for m in TABLE:
+        keys = dict(slice_keys(m, cfg))  # index along the stacked axes -> HF key
+
+        def fill(index, m=m, keys=keys):
+            hf = get(keys[index])
+            if check_finite:
+                bad = int(np.size(hf) - np.count_nonzero(np.isfinite(hf)))
+                if bad:
+                    problems.append(f"{keys[index]} has {bad} non-finite value(s)")
+            ours = m.to_ours(hf, cfg).astype(dtype, copy=False)  # casts only for --dtype
+            if bar is not None:
                 bar.update(hf.nbytes)
-            yield m.path, leaf
-            filename = getattr(leaf, "filename", None)
-            del leaf
-            if filename:
-                os.remove(filename)  # written out: give the scratch space back
-    if check_finite and problems:
-        raise ConversionError(src.directory, problems)
+            return ours
+
+        yield m.path, checkpoint.StreamedLeaf(shapes[m.path], dtype, m.per_layer + m.per_expert,
+                                              fill)
 
 
-SCRATCH_MIN_BYTES = 64 * 1024**2
+def _leaf_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
+    import jax
 
+    from mixtral_jax.model import abstract, get_params
 
-def _new_leaf(shape, dtype, scratch, path) -> np.ndarray:
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if scratch is None or nbytes < SCRATCH_MIN_BYTES:
-        return np.empty(shape, dtype)
-    os.makedirs(scratch, exist_ok=True)
-    # A raw memory map (no .npy header: numpy's header writer cannot describe bfloat16).
-    return np.memmap(os.path.join(scratch, ".".join(path)), dtype=dtype, mode="w+", shape=shape)
+    flat = jax.tree_util.tree_flatten_with_path(get_params(abstract(cfg)))[0]
+    return {tuple(k.key for k in p): tuple(x.shape) for p, x in flat}
 
 
 def build_params(src: Source, *, check_finite: bool = False, progress: bool = True) -> dict:
     """Our whole nested parameter dict (numpy) in memory: for tests and small models."""
     params: dict = {}
-    for path, leaf in iter_leaves(src, check_finite=check_finite, progress=progress):
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = leaf
+    problems: list[str] = []
+    with _bar(src, progress) as bar:
+        for path, leaf in iter_leaves(src, check_finite=check_finite, bar=bar,
+                                      problems=problems):
+            node = params
+            for name in path[:-1]:
+                node = node.setdefault(name, {})
+            node[path[-1]] = leaf.materialize()
+    if problems:
+        raise ConversionError(src.directory, problems)
     return params
+
+
+def _bar(src: Source, progress: bool) -> tqdm:
+    return tqdm(total=src.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                desc="convert", disable=not progress)
 
 
 def iter_sharded_leaves(src: Source, mesh, *, check_finite: bool = False,
@@ -105,22 +106,22 @@ def iter_sharded_leaves(src: Source, mesh, *, check_finite: bool = False,
     overlaps (whole layers / experts on the stacked axes, then sliced), so a process reads and
     holds only its own shards of one leaf; Orbax then writes each shard from its owner.
     """
-    import jax  # noqa: PLC0415
+    import jax
 
-    from mixtral_jax import sharding  # noqa: PLC0415
+    from mixtral_jax import sharding
 
     cfg, get = src.cfg, src.getter()
     dtype = np.dtype(_np_dtype(cfg.param_dtype))
     shardings = sharding.param_shardings(cfg, mesh)
+    shapes = _leaf_shapes(cfg)
     problems = [] if problems is None else problems
     for m in TABLE:
         keys = dict(slice_keys(m, cfg))  # stacked index -> HF key
-        lead = len(next(iter(keys)))
+        lead = m.per_layer + m.per_expert
         node = shardings
         for name in m.path:
             node = node[name]
-        first = m.to_ours(get(next(iter(keys.values()))), cfg)
-        shape = (cfg.num_layers,) * m.per_layer + (cfg.num_experts,) * m.per_expert + first.shape
+        shape = shapes[m.path]
         seen: set[str] = set()
 
         def block(index, m=m, keys=keys, lead=lead, shape=shape, seen=seen):
@@ -174,15 +175,19 @@ def to_orbax(source_dir: str, out_dir: str, *, allow_pickle: bool = False,
         raise ConversionError(source_dir, pre + e.problems) from None
     if pre:
         raise ConversionError(source_dir, pre)
-    scratch = os.path.abspath(out_dir) + ".scratch"
-    try:
-        if mesh is not None:
-            leaves = iter_sharded_leaves(src, mesh, check_finite=check_finite)
-        else:
-            leaves = iter_leaves(src, check_finite=check_finite, progress=progress,
-                                 scratch=scratch)
+    if mesh is not None:
+        leaves = iter_sharded_leaves(src, mesh, check_finite=check_finite)
+        checkpoint.save_model_sharded(out_dir, leaves, src.cfg,
+                                      tokenizer or find_tokenizer(source_dir))
+        return src
+    problems: list[str] = []
+
+    def verify():  # after the last slice, before the checkpoint is moved into place
+        if problems:
+            raise ConversionError(src.directory, problems)
+
+    with _bar(src, progress) as bar:
+        leaves = iter_leaves(src, check_finite=check_finite, bar=bar, problems=problems)
         checkpoint.save_model_streaming(out_dir, leaves, src.cfg,
-                                        tokenizer or find_tokenizer(source_dir))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+                                        tokenizer or find_tokenizer(source_dir), verify=verify)
     return src
