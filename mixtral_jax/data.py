@@ -9,7 +9,8 @@
   piece. Id 0 marks padding.
 - A held-out share of the documents (chosen by the seed) is kept for eval loss and perplexity.
 - `BatchIterator` walks the rows in a seeded order per epoch; its state is two integers, saved
-  in every checkpoint, so a resumed run sees exactly the batches it would have seen.
+  in every checkpoint, so a resumed run sees exactly the batches it would have seen. In a
+  multi-process run each process loads only its devices' rows of every batch (`select`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,15 @@ class BatchIterator:
                               "of the data: use less batch or more data")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.epoch, self.index = 0, 0
+        self.local: np.ndarray | None = None  # rows of each batch this process loads
+
+    def select(self, local: np.ndarray | None) -> None:
+        """From now on, load only rows `local` (positions 0..batch_size-1) of every batch: the
+        rows of this process's devices in a multi-process run. None = every row."""
+        if local is not None and (len(local) == 0 or local.min() < 0
+                                  or local.max() >= self.batch_size):
+            raise ValueError(f"selected rows must be in [0, batch_size={self.batch_size})")
+        self.local = local
 
     @property
     def state(self) -> dict[str, int]:
@@ -169,7 +179,8 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self.index + self.batch_size > self.rows.num_rows:  # drop the ragged tail
             self.epoch, self.index = self.epoch + 1, 0
-        batch = make_batch(self.rows, self._order()[self.index:self.index + self.batch_size])
+        picked = self._order()[self.index:self.index + self.batch_size]
+        batch = make_batch(self.rows, picked if self.local is None else picked[self.local])
         self.index += self.batch_size
         return batch
 

@@ -10,9 +10,9 @@ JAX computation:
             more than one task (jax.distributed.initialize() without arguments);
   none      one process (the default): nothing to do.
 
-After it, `jax.devices()` lists every process's devices, each process feeds only the rows of a
-global batch that live on its own devices (`global_batch`), and only process 0 logs, shows
-progress and writes metadata (`is_main`).
+After it, `jax.devices()` lists every process's devices, each process loads only the rows of a
+global batch that live on its own devices (`process_rows`) and builds the global array from them
+(`global_batch`), and only process 0 logs, shows progress and writes metadata (`is_main`).
 """
 
 from __future__ import annotations
@@ -88,10 +88,23 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def global_batch(batch: np.ndarray, sharding: Sharding) -> jax.Array:
-    """The global array for `batch` (every process holds the same host batch, e.g. from the same
-    seeded iterator) in which each process supplies only the slices of its own devices."""
-    return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+def process_rows(sharding: Sharding, global_shape: tuple[int, ...], axis: int = 0,
+                 devices=None) -> np.ndarray:
+    """Sorted indices along `axis` of the rows that `devices` (default: this process's) hold of
+    an array of `global_shape` placed with `sharding`: the rows this process must load."""
+    index_map = sharding.devices_indices_map(tuple(global_shape))
+    devices = sharding.addressable_devices if devices is None else devices
+    rows: set[int] = set()
+    for device in devices:
+        rows.update(range(*index_map[device][axis].indices(global_shape[axis])))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def global_batch(local: np.ndarray, sharding: Sharding,
+                 global_shape: tuple[int, ...] | None = None) -> jax.Array:
+    """The global array of `global_shape` whose rows on this process's devices are `local`
+    (this process's rows only, in `process_rows` order; every row with one process)."""
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
 def host_array(x) -> np.ndarray:

@@ -192,13 +192,37 @@ def _check_mesh_fits(cfg: RunConfig, model_cfg, mesh) -> None:
                           f"num_experts={model_cfg.num_experts}")
 
 
-def _on_mesh(batch: dict, mesh, leading: int) -> dict:
-    """Host batch -> device arrays: as is without a mesh, else rows split over the mesh."""
+def _on_mesh(batch: dict, mesh, leading: int, global_rows: int | None = None) -> dict:
+    """Host batch -> device arrays: as is without a mesh, else rows split over the mesh. The
+    batch holds every row (global_rows None: this process keeps its devices' rows), or only
+    this process's rows (`process_rows` order) of a batch of `global_rows` rows."""
     if mesh is None:
         return jax.tree.map(jnp.asarray, batch)
-    return {k: distributed.global_batch(np.asarray(v),
-                                        sharding.batch_sharding(mesh, v.ndim, leading))
-            for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        where = sharding.batch_sharding(mesh, v.ndim, leading)
+        if global_rows is None:
+            shape = v.shape
+            v = np.take(v, distributed.process_rows(where, shape, leading), axis=leading)
+        else:
+            shape = (*v.shape[:leading], global_rows, *v.shape[leading + 1:])
+        out[k] = distributed.global_batch(v, where, shape)
+    return out
+
+
+def _load_local_rows(cfg: RunConfig, mesh, batches: data.BatchIterator) -> int | None:
+    """On a mesh, makes `batches` load only this process's rows of each batch (all of them with
+    one process) and returns the micro-batch row count to pass to `_on_mesh`; None without."""
+    if mesh is None:
+        return None
+    tc = cfg.train
+    rows = tc.batch_size // tc.grad_accum  # per micro-batch, split over the mesh
+    shape = (tc.grad_accum, rows, tc.seq_len)
+    mine = distributed.process_rows(sharding.batch_sharding(mesh, 3, leading=1), shape, 1)
+    # split_micro_batches cuts the flat batch into consecutive micro-batches of `rows` rows
+    batches.select(np.concatenate([g * rows + mine for g in range(tc.grad_accum)]))
+    return rows
 
 
 def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh=None):
@@ -300,11 +324,12 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
         train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
         eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params)
     log = _Logger(cfg, model_cfg, int(state.step), show_progress)
+    global_rows = _load_local_rows(cfg, mesh, batches)
     final: dict = {}
     try:
         while int(state.step) < tc.steps:
             batch = split_micro_batches(next(batches), tc.grad_accum)
-            state, m = train_step(state, _on_mesh(batch, mesh, leading=1))
+            state, m = train_step(state, _on_mesh(batch, mesh, 1, global_rows))
             step = int(state.step)
             log.tokens += float(m["tokens"])
             if int(state.bad_steps) >= tc.max_bad_steps:

@@ -56,9 +56,32 @@ def test_clusters_are_detected_from_their_environment(clean_env, monkeypatch):
     assert distributed.initialize() is True and calls[-1] == ("10.0.0.1:1234", 2, 1)
 
 
+def test_process_rows_are_the_rows_of_the_process_devices():
+    """A process of devices 0-3 (data=2, fsdp=2, tensor=2: tensor pairs share rows) loads rows
+    0-3 of each micro-batch of 8; one of devices 0, 1, 4, 5 loads rows 0, 1, 4, 5, and the
+    global array built from its rows alone holds them in place."""
+    import jax
+    import numpy as np
+
+    from mixtral_jax import sharding as sh
+
+    mesh = sh.make_mesh(sh.MeshConfig.parse("data=2,fsdp=2,tensor=2"))
+    where = sh.batch_sharding(mesh, 3, leading=1)
+    shape = (2, 8, 3)
+    devices = jax.devices()
+    rows = distributed.process_rows(where, shape, 1, devices=devices[:4])
+    np.testing.assert_array_equal(rows, [0, 1, 2, 3])
+    rows = distributed.process_rows(where, shape, 1, devices=[devices[i] for i in (0, 1, 4, 5)])
+    np.testing.assert_array_equal(rows, [0, 1, 4, 5])
+    full = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    np.testing.assert_array_equal(distributed.process_rows(where, shape, 1), np.arange(8))
+    np.testing.assert_array_equal(distributed.global_batch(full, where, shape), full)
+
+
 def test_two_process_training_equals_one_process(clean_env, tmp_path):
-    """train.py in 2 processes x 2 CPU devices (data=4): same loss and final weights as one
-    process on 4 devices; one tokenizer, one manifest per step, one final model."""
+    """train.py in 2 processes x 2 CPU devices (data=4), each loading only its half of every
+    batch: same loss and final weights as one process on 4 devices; one tokenizer, one manifest
+    per step, one final model."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
