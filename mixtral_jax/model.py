@@ -77,6 +77,11 @@ class KVCache:
                    length=jnp.zeros((), jnp.int32))
 
 
+def _pin(x: jax.Array) -> jax.Array:
+    """[B, T, D] activation constrained on the active mesh (sharding.constrain)."""
+    return sharding.constrain(x, "batch", "length", "embed")
+
+
 class DecoderBlock(nnx.Module):
     """x + Attention(RMSNorm(x)), then h + MoE(RMSNorm(h))."""
 
@@ -88,10 +93,11 @@ class DecoderBlock(nnx.Module):
         self.moe = MoE(cfg, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, token_mask, noise_rng):
-        """x: [B, T, D] -> ([B, T, D], MoEAux)."""
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        moe_out, aux = self.moe(self.moe_norm(h), token_mask, noise_rng)
-        return h + moe_out, aux
+        """x: [B, T, D] -> ([B, T, D], MoEAux). On the active mesh, the inputs and outputs of
+        attention and MoE are pinned to the rules table (no-ops without one)."""
+        h = x + _pin(self.attn(_pin(self.attn_norm(x)), cos, sin, mask))
+        moe_out, aux = self.moe(_pin(self.moe_norm(h)), token_mask, noise_rng)
+        return h + _pin(moe_out), aux
 
     def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask, layer=None):
         """Like __call__ over new tokens with one layer's cache -> ([B, T, D], aux, k, v).

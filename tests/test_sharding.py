@@ -117,3 +117,32 @@ def test_activations_follow_the_active_mesh():
         marker = "@Sharding"
     assert constrained.count(marker) > hlo.count(marker)
     assert sh.active_mesh() is None
+
+
+def _count(jaxpr, name: str) -> int:
+    """Equations of primitive `name` in a jaxpr and every jaxpr nested in it (scan, jit, remat)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    n += _count(sub, name)
+    return n
+
+
+def test_key_activations_are_pinned_only_on_a_mesh():
+    """Embeddings, logits and, in the (scanned) block, attention in/out, MoE in/out and the
+    block output carry a sharding constraint on the active mesh; none without a mesh."""
+    cfg = mj.ModelConfig.tiny(num_layers=1)
+    params = mj.model.get_params(mj.model.init(cfg, 0))
+    tokens = jnp.zeros((8, 16), jnp.int32)
+
+    def constraints():  # a fresh function each time: traces are cached per function
+        jaxpr = jax.make_jaxpr(lambda p, t: sh.model_from_params(cfg, p)(t).logits)(params, tokens)
+        return _count(jaxpr.jaxpr, "sharding_constraint")
+
+    assert constraints() == 0
+    with sh.active(sh.make_mesh(sh.MeshConfig.parse("data=4,tensor=2"))):
+        assert constraints() >= 2 + 5
