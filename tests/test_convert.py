@@ -151,10 +151,16 @@ def test_round_trip_is_bit_exact_and_transformers_loads_the_export(sources, tmp_
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_inspect_describes_without_writing(sources, capsys):
+def test_inspect_describes_without_writing(sources, tmp_path, capsys):
     root, _, _ = sources
     before = sorted(os.listdir(root))
     assert cli.main(["inspect", str(root / "hf-fused")]) == 0
     assert "layout hf-fused" in capsys.readouterr().out
-    assert cli.main(["inspect", str(root / "out-hf")]) == 0 if (root / "out-hf").exists() else True
     assert sorted(os.listdir(root)) == before
+    assert cli.main(["to-orbax", str(root / "hf"), str(tmp_path / "ours"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert f"model checkpoint, {CFG.param_count:,} parameters" in out
+    assert f"L={CFG.num_layers} D={CFG.embed_dim}" in out
+    assert sorted(os.listdir(tmp_path)) == ["ours"]

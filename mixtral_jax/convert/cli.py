@@ -54,7 +54,7 @@ def _inspect(src: str, allow_pickle: bool) -> None:
     from mixtral_jax.convert.source import open_source
 
     if checkpoint.is_model_checkpoint(src):
-        cfg, params = checkpoint.load_model(src)
+        cfg, _ = checkpoint.LazyParams.open(src)  # checks the stored shapes, reads no data
         print(f"{src}: model checkpoint, {cfg.param_count:,} parameters, {cfg.param_dtype}")
     else:
         source = open_source(src, allow_pickle=allow_pickle)

@@ -91,7 +91,7 @@ def to_hf(checkpoint_dir: str, out_dir: str, *, max_shard_bytes: int = DEFAULT_S
     if not checkpoint.is_model_checkpoint(checkpoint_dir):
         raise ConversionError(checkpoint_dir, [f"{checkpoint_dir} is not a model checkpoint "
                                                "(needs config.json and params/)"])
-    try:  # leaves are read one at a time as the export walks them
+    try:  # slices are read one at a time as the export walks them
         cfg, params = checkpoint.LazyParams.open(checkpoint_dir)
     except ConfigError as e:
         raise ConversionError(checkpoint_dir, [str(e)]) from None
