@@ -16,7 +16,7 @@ from mixtral_jax import checkpoint
 from mixtral_jax.convert import cli, layouts
 from mixtral_jax.convert import safetensors_io as st
 from mixtral_jax.convert.files import open_weights
-from tests.hf_reference import make_hf_model, legacy_state_dict, torch, transformers
+from tests.hf_reference import legacy_state_dict, make_hf_model, torch, transformers
 
 CFG = mj.ModelConfig.tiny(vocab_size=96, num_layers=2, embed_dim=32, hidden_dim=40, num_heads=4,
                           num_kv_heads=2, head_dim=8, num_experts=3)
@@ -128,7 +128,7 @@ def _tensors(directory) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_round_trip_is_bit_exact_and_transformers_loads_the_export(sources, tmp_path, dtype):
-    root, model, want = sources
+    _, model, want = sources
     src = tmp_path / "src"
     model.to(getattr(torch, dtype)).save_pretrained(str(src))
     model.float()

@@ -1,5 +1,6 @@
 """Conversion straight into a mesh's shardings (8 fake CPU devices): every leaf comes out in the
-rules table's sharding, and the written checkpoint equals the unsharded conversion."""
+rules table's sharding, and the written checkpoint equals the unsharded conversion, also where
+Orbax lacks its partial-save API."""
 
 import os
 
@@ -48,6 +49,25 @@ def test_sharded_conversion_writes_the_same_checkpoint(hf_dir, tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
     assert sorted(os.listdir(tmp_path)) == ["plain", "sharded"]
+
+
+def test_without_orbax_partial_saves_the_sharded_leaves_are_saved_together(hf_dir, tmp_path,
+                                                                           monkeypatch):
+    import sys
+
+    from orbax.checkpoint.experimental import v1
+
+    monkeypatch.delattr(v1, "partial", raising=False)
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint.experimental.v1.partial", None)
+    with pytest.raises(ImportError):
+        from orbax.checkpoint.experimental.v1 import partial  # noqa: F401
+    assert convert_main(["to-orbax", hf_dir, str(tmp_path / "sharded"), "--quiet",
+                         "--mesh", "expert=4,data=2"]) == 0
+    _, got = checkpoint.load_model(str(tmp_path / "sharded"))
+    want = importer.build_params(open_source(hf_dir), progress=False)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.array_equal(np.asarray(x), y)
+    assert sorted(os.listdir(tmp_path)) == ["sharded"]
 
 
 def test_a_mesh_that_does_not_fit_is_a_one_line_error(hf_dir, tmp_path, capsys):
