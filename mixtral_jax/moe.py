@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from mixtral_jax import expert_decode
 from mixtral_jax.config import GmmImpl, ModelConfig, MoEImpl
 from mixtral_jax.grouped_matmul import grouped_matmul, grouped_matmul_stacked
 from mixtral_jax.grouped_matmul import resolve as resolve_gmm
@@ -211,7 +212,9 @@ def dispatch(cfg: ModelConfig, x, routing: Routing, weights,
     """Runs the experts by `cfg.moe_impl`: ([M, D] float32 output, dropped assignments).
 
     With `layer`, `weights` are the stacks of all layers in the compute dtype (inference): the
-    single-device dropless path reads them in place, every other path slices the layer out.
+    single-device dropless path reads them in place, every other path slices the layer out. On an
+    NVIDIA GPU, up to `expert_decode.MAX_TOKENS` tokens (decode) take `expert_decode`: no sort,
+    two kernels that stream only the chosen experts' weights.
 
     Inside `moe_parallel.expert_parallel(mesh)` the non-dense paths dispatch over the mesh's
     expert axis with all-to-all (dropless keeps every assignment; capacity uses its factor). On
@@ -220,14 +223,21 @@ def dispatch(cfg: ModelConfig, x, routing: Routing, weights,
     the experts that have tokens, and beats the gathers at every size (H200, one 8x7B layer,
     1 token: 0.24 ms vs 0.52; BENCHMARKS.md).
     """
-    from mixtral_jax import moe_parallel  # noqa: PLC0415 (moe_parallel imports this module)
+    from mixtral_jax import moe_parallel  # here: moe_parallel imports this module
 
     mesh = moe_parallel.active_mesh()
+    kernel = resolve_gmm(cfg.gmm_impl)
     gathered = (x.shape[0] == 1 and cfg.num_experts_per_tok < cfg.num_experts
-                and resolve_gmm(cfg.gmm_impl) == GmmImpl.XLA)
-    if layer is not None:
-        if cfg.moe_impl == MoEImpl.DROPLESS and mesh is None and not gathered:
+                and kernel == GmmImpl.XLA)
+    if layer is not None and cfg.moe_impl == MoEImpl.DROPLESS and mesh is None:
+        if (kernel == GmmImpl.PALLAS and x.shape[0] <= expert_decode.MAX_TOKENS
+                and expert_decode.supports(cfg.embed_dim, cfg.hidden_dim)):
+            out = expert_decode.decode_experts(x, routing.experts, routing.weights, *weights,
+                                               layer)
+            return out, jnp.zeros((), jnp.int32)
+        if not gathered:
             return moe_dropless(x, routing, *weights, gmm_impl=cfg.gmm_impl, layer=layer)
+    if layer is not None:
         weights = tuple(w[layer] for w in weights)
     if cfg.moe_impl == MoEImpl.DENSE:
         return moe_dense(x, routing, *weights)
@@ -281,7 +291,7 @@ class MoE(nnx.Module):
         routing = route(x, self.router[...], cfg.num_experts_per_tok)
         weights = tuple(w[...] for w in (self.w_gate, self.w_up, self.w_down))
         if layer is not None and any(w.dtype != dt for w in weights):
-            weights, layer = tuple(w[layer] for w in weights), None  # cast one layer, not all
+            weights, layer = tuple(w[layer][None] for w in weights), 0  # cast one layer, not all
         weights = tuple(w.astype(dt) for w in weights)
         out, dropped = dispatch(cfg, x, routing, weights, layer)
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1)
