@@ -5,11 +5,13 @@ Run from the repository root with PYTHONPATH=. (the GPU machine does not install
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -122,3 +124,47 @@ def write_json(name: str, payload: dict) -> None:
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, name), "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def trace_kernels(fn, reps: int = 10) -> list[tuple[str, int, int]]:
+    """Runs fn() `reps` times (after one untraced run) under the JAX profiler and returns the
+    GPU kernels it launched as (name, start ns, duration ns): device time without host gaps."""
+    jax.block_until_ready(fn())
+    where = tempfile.mkdtemp()
+    with jax.profiler.trace(where):
+        out = None
+        for _ in range(reps):
+            out = fn()
+        jax.block_until_ready(out)
+    path = glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True)[0]
+    kernels = set()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" in line.name.lower() and "memcpy" not in line.name.lower():
+                kernels.update((ev.name, int(ev.start_ns), int(ev.duration_ns))
+                               for ev in line.events)
+    return sorted(kernels, key=lambda k: k[1])
+
+
+def kernel_summary(kernels: list[tuple[str, int, int]], per: int = 1) -> dict:
+    """Busy time (union of kernel intervals), span (first start to last end), count and time per
+    kernel name, each divided by `per` (e.g. the number of calls or steps traced), in us."""
+    busy, end_so_far = 0, None
+    for _, start, dur in kernels:
+        end = start + dur
+        if end_so_far is None or start >= end_so_far:
+            busy += dur
+        elif end > end_so_far:
+            busy += end - end_so_far
+        end_so_far = end if end_so_far is None else max(end_so_far, end)
+    by_name: dict[str, list[float]] = {}
+    for name, _, dur in kernels:
+        entry = by_name.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += dur / 1e3
+    span = (max(s + d for _, s, d in kernels) - kernels[0][1]) / 1e3 if kernels else 0.0
+    return {"busy_us": busy / 1e3 / per, "span_us": span / per, "kernels": len(kernels) / per,
+            "by_name": {n: {"count": c / per, "us": t / per}
+                        for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])}}

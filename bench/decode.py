@@ -1,6 +1,11 @@
 """Decode speed of the full Mixtral 8x7B (random bf16 weights) on one GPU, beside the floor.
 
-  PYTHONPATH=. python bench/decode.py [--layers 32] [--batches 1,8,64] [--new 128]
+  PYTHONPATH=. python bench/decode.py [--layers 32] [--batches 1,8,64] [--new 128] [--peer]
+      [--profile]
+
+--peer runs transformers' MixtralForCausalLM generate on the same shapes first, in its own
+process (bench/peer_decode.py). --profile traces batch-1 decode steps and lists the GPU kernels
+of one step (device time per kernel, launches, busy time against the step's span).
 
 The floor: each decode step must read the weights it uses once: attention and router of every
 layer, the experts the batch touches (8 x (1 - (3/4)^B) of 8 per layer, in expectation, for
@@ -13,11 +18,20 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import mixtral_jax as mj
-from bench.common import copy_bandwidth_tbs, environment, random_model, write_json
-from mixtral_jax.generate import Generator
+from bench.common import (
+    copy_bandwidth_tbs,
+    environment,
+    kernel_summary,
+    random_model,
+    run_peer,
+    trace_kernels,
+    write_json,
+)
+from mixtral_jax.generate import Generator, SamplingParams
 
 
 def step_bytes(cfg: mj.ModelConfig, batch: int) -> float:
@@ -29,6 +43,28 @@ def step_bytes(cfg: mj.ModelConfig, batch: int) -> float:
     return 2.0 * (cfg.num_layers * per_layer + cfg.vocab_size * d)
 
 
+def profile_decode(generator: Generator, prompt_len: int = 16, calls: int = 3) -> dict:
+    """GPU kernels of batch-1 decode steps (one compiled chunk of generator.chunk steps per call),
+    per step: busy time, span, launches and the time of each kernel name."""
+    cfg = generator.cfg
+    tokens = jnp.asarray(np.arange(3, 3 + prompt_len, dtype=np.int32)[None])
+    valid = jnp.ones_like(tokens, bool)
+    size = prompt_len + generator.chunk * (calls + 2)
+    _, cache, next_pos, _ = generator._prefill(generator.state, tokens, valid, cache_size=size)
+    carry = {"cache": cache, "last": tokens[:, -1], "pos": next_pos}
+    done, key = jnp.zeros((1,), bool), jax.random.key(0)
+
+    def chunk():
+        out = generator._decode(generator.state, carry["cache"], carry["last"], carry["pos"],
+                                done, key, -1, sampling=SamplingParams(), steps=generator.chunk)
+        carry["cache"], carry["last"], carry["pos"] = out[0], out[1], out[2]
+        return out[4]
+
+    summary = kernel_summary(trace_kernels(chunk, reps=calls), per=calls * generator.chunk)
+    summary["layers"] = cfg.num_layers
+    return summary
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=32)
@@ -37,7 +73,11 @@ def main():
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--moe-impl", default="dropless")
     p.add_argument("--unroll", type=int, default=mj.model.EXTEND_SCAN_UNROLL)
+    p.add_argument("--peer", action="store_true")
+    p.add_argument("--profile", action="store_true")
     args = p.parse_args()
+    peer = (run_peer(["bench/peer_decode.py", "--batches", args.batches, "--new", str(args.new),
+                      "--layers", str(args.layers)], timeout=900) if args.peer else None)
     mj.model.EXTEND_SCAN_UNROLL = args.unroll
     cfg = mj.preset("mixtral-8x7b", num_layers=args.layers, dtype="bfloat16",
                     param_dtype="bfloat16", moe_impl=args.moe_impl, max_seq_len=4096)
@@ -61,10 +101,11 @@ def main():
     prompt = [list(map(int, rng.integers(3, 32000, args.prefill)))]
     ttft = [generator.generate(prompt, max_new_tokens=16, eos_id=None).time_to_first_token_s
             for _ in range(3)][-1]
+    profile = profile_decode(generator) if args.profile else None
     payload = {"env": environment(), "config": {"layers": args.layers, "moe_impl": args.moe_impl,
                                                 "unroll": args.unroll},
                "copy_bandwidth_tbs": bandwidth, "decode": rows,
-               f"ttft_{args.prefill}_tokens_s": ttft}
+               f"ttft_{args.prefill}_tokens_s": ttft, "peer": peer, "profile": profile}
     write_json(f"decode_{args.moe_impl}_unroll{args.unroll}.json", payload)
     print(f"\ncopy bandwidth {bandwidth:.2f} TB/s; moe_impl={args.moe_impl}; layers={args.layers}")
     print(f"{'batch':>6} {'tok/s':>10} {'step ms':>9} {'floor ms':>9} {'of floor':>9}")
@@ -72,6 +113,13 @@ def main():
         print(f"{r['batch']:>6} {r['decode_tokens_per_s']:>10.1f} {r['step_ms']:>9.2f} "
               f"{r['floor_step_ms']:>9.2f} {r['share_of_floor']:>9.1%}")
     print(f"time to first token, {args.prefill}-token prompt: {ttft * 1000:.0f} ms")
+    if peer:
+        print(f"peer (transformers generate): {peer}")
+    if profile:
+        print(f"\nbatch-1 decode step: busy {profile['busy_us']:.0f} us, span "
+              f"{profile['span_us']:.0f} us, {profile['kernels']:.0f} kernel launches")
+        for name, v in list(profile["by_name"].items())[:30]:
+            print(f"  {v['us']:8.1f} us {v['count']:6.1f}x  {name[:90]}")
     jax.clear_caches()
 
 
