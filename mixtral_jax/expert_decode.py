@@ -48,9 +48,12 @@ class DecodeTiles:
     num_stages: int = 4
 
 
-# From bench/expert_decode_tiles.py on one H200 (bfloat16, 8x7B widths): see BENCHMARKS.md.
-GATE_UP = DecodeTiles(block_n=64, block_k=128, num_warps=4, num_stages=4)
-DOWN = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_stages=4)
+# From bench/expert_decode_tiles.py on one H200 (bfloat16, 8x7B widths, 1/8/64 tokens; all
+# stream the weights at 4.1-4.6 TB/s): see BENCHMARKS.md. Splitting F barely matters at one
+# token (54.7 us with 4 splits, 56.1 with none) and costs 5% at 64 tokens (bm = 64).
+GATE_UP = DecodeTiles(block_n=128, block_k=64, num_warps=4, num_stages=4)
+DOWN = DecodeTiles(block_n=128, block_k=64, splits=4, num_warps=4, num_stages=5)
+DOWN_WIDE = DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=4, num_stages=4)  # bm >= 64
 
 SMEM_BYTES = 200 * 1024
 
@@ -209,7 +212,7 @@ def decode_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate:
         interpret=interpret, name="expert_gate_up",
     )(slot_expert, num_used, layer, x_p, w_gate, w_up)
 
-    t2 = fit(down_tiles or DOWN, bm, f, d, 1, itemsize)
+    t2 = fit(down_tiles or (DOWN if bm < 64 else DOWN_WIDE), bm, f, d, 1, itemsize)
     steps = f // (t2.splits * t2.block_k)
     part = pl.pallas_call(
         functools.partial(_down_kernel, tiles=t2, num_cols=d // t2.block_n, steps=steps, rows=m,
