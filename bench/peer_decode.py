@@ -5,7 +5,7 @@ weights) greedy `generate` on CUDA.
 
 Same shapes as ours: 16-token random prompts, `new` tokens forced (min_new_tokens), greedy.
 tokens/s = batch x (new - 1) / (time of generate(new) - time of generate(1)), so the prompt's
-prefill and the first token are left out, as in ours. Median of 3 after a warm-up.
+prefill and the first token are left out, as in ours. Median of --repeats (3) after a warm-up.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main():
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     cfg = MixtralConfig(num_hidden_layers=args.layers)  # defaults: Mixtral 8x7B
     torch.manual_seed(0)
@@ -53,9 +54,9 @@ def main():
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(3, cfg.vocab_size, (batch, 16), device=args.device)
-        seconds(ids, 8)  # warm-up
-        full = sorted(seconds(ids, args.new) for _ in range(3))[1]
-        first = sorted(seconds(ids, 1) for _ in range(3))[1]
+        seconds(ids, 4)  # warm-up
+        full = sorted(seconds(ids, args.new) for _ in range(args.repeats))[args.repeats // 2]
+        first = sorted(seconds(ids, 1) for _ in range(args.repeats))[args.repeats // 2]
         rows.append({"batch": batch, "decode_tokens_per_s": batch * (args.new - 1) / (full - first),
                      "generate_s": full, "first_token_s": first})
     print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
