@@ -10,7 +10,10 @@ Two kernels for the full-sequence forward, chosen by `ModelConfig.attention_impl
          the mask is causal (and windowed) so it skips the blocks above the diagonal and outside
          the window; the boolean mask still rides along for padding and packed documents.
   auto   cudnn on NVIDIA GPUs in bfloat16/float16 with head_dim <= 128, xla elsewhere.
-The cached path (`Attention.cached`, inference) always uses xla.
+The cached path (`Attention.cached`, inference) always uses xla for the attention itself. Its
+projections, for up to `decode_matmul.MAX_TOKENS` tokens on an NVIDIA GPU, read the layer's
+weights in place from the stacks [L, ...] (`Mixtral.extend` passes them; see
+`projections_in_place`) through one Pallas launch for q, k and v and one for the output.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.config import AttentionImpl, ConfigError, ModelConfig
+from mixtral_jax import decode_matmul, sharding
+from mixtral_jax.config import AttentionImpl, ConfigError, GmmImpl, ModelConfig
 from mixtral_jax.grouped_matmul import on_nvidia_gpu
+from mixtral_jax.grouped_matmul import resolve as resolve_kernels
 from mixtral_jax.layers import apply_rope, normal_init
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
@@ -105,6 +110,19 @@ def resolve_attention(impl: AttentionImpl | str, dtype, head_dim: int) -> Attent
     return impl
 
 
+def projections_in_place(cfg: ModelConfig, tokens: int) -> bool:
+    """Whether `Mixtral.extend` over `tokens` (B*T) new tokens hands the attention its weight
+    stacks to read in place (decode_matmul): on an NVIDIA GPU (`gmm_impl` resolving to pallas),
+    at most MAX_TOKENS tokens, weights stored in the compute dtype (a cast would copy the whole
+    stack), no active mesh (sharded stacks stay with XLA)."""
+    q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return (resolve_kernels(cfg.gmm_impl) == GmmImpl.PALLAS
+            and tokens <= decode_matmul.MAX_TOKENS
+            and decode_matmul.supports(cfg.embed_dim, q_width, kv_width)
+            and jnp.dtype(cfg.param_dtype) == jnp.dtype(cfg.dtype)
+            and sharding.active_mesh() is None)
+
+
 class Attention(nnx.Module):
     """Self-attention: project, rotate q and k, attend, project out.
 
@@ -132,19 +150,36 @@ class Attention(nnx.Module):
             out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
         return self.output(out)
 
-    def project(self, x, cos, sin):
-        """x: [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H]."""
+    def project(self, x, cos, sin, layer=None):
+        """x: [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H].
+
+        With `layer`, the projections may be stacks [L, D, N, H] read at that layer in place.
+        """
         dt = self.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+        if layer is not None and self.q_proj.ndim == 4:
+            b, t, d = x.shape
+            stacks = [w[...].reshape(w.shape[0], d, -1) for w in (self.q_proj, self.k_proj,
+                                                                 self.v_proj)]
+            q, k, v = decode_matmul.project_stacked(x.reshape(b * t, d).astype(dt), stacks, layer)
+            q = q.reshape(b, t, *self.q_proj.shape[2:])
+            k = k.reshape(b, t, *self.k_proj.shape[2:])
+            v = v.reshape(b, t, *self.v_proj.shape[2:])
+        else:
+            q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+            k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
+            v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def output(self, out: jax.Array) -> jax.Array:
-        """[B, T, N, H] -> [B, T, D]."""
+    def output(self, out: jax.Array, layer=None) -> jax.Array:
+        """[B, T, N, H] -> [B, T, D]. With `layer`, o_proj may be a stack [L, N, H, D]."""
+        if layer is not None and self.o_proj.ndim == 4:
+            b, t = out.shape[:2]
+            stack = self.o_proj[...].reshape(self.o_proj.shape[0], -1, self.o_proj.shape[-1])
+            (y,) = decode_matmul.project_stacked(out.reshape(b * t, -1), (stack,), layer)
+            return y.reshape(b, t, -1)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots):
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, layer=None):
         """Attention of T new tokens over the cache plus themselves; returns the updated cache.
 
         Args:
@@ -152,13 +187,14 @@ class Attention(nnx.Module):
           k_cache, v_cache: [B, S, K, H] this layer's cache before the new tokens.
           mask: [B, T, S + T] over (cache slots, new tokens), see `cached_attention_mask`.
           slots: [T'] cache slots that the last T' <= T new tokens are written to.
+          layer: with it, the projections may be every layer's stacks (see `project`).
         Returns:
           ([B, T, D], new k_cache, new v_cache).
         """
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, cos, sin, layer)
         keys = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)  # [B, S+T, K, H]
         values = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
-        out = self.output(dot_product_attention(q, keys, values, mask))
+        out = self.output(dot_product_attention(q, keys, values, mask), layer)
         kept = slots.shape[0]
         return (out, write_cache(k_cache, k[:, -kept:], slots),
                 write_cache(v_cache, v[:, -kept:], slots))

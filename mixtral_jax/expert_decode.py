@@ -163,10 +163,14 @@ def _down_kernel(slot_expert_ref, num_used_ref, layer_ref, h_ref, combine_ref, w
 def _slots(experts: jax.Array, weights: jax.Array, num_experts: int):
     """experts, weights [M, k] -> (slot_expert [S] int32, num_used [1] int32, combine [S, M] f32).
 
-    Slot s < num_used holds the s-th used expert (ascending); combine[s, m] is token m's routing
-    weight for that expert, 0 if m did not choose it.
+    Slot s < num_used holds the s-th used expert (ascending; for one token, its k experts in
+    routing order); combine[s, m] is token m's routing weight for that expert, 0 if m did not
+    choose it.
     """
     m, topk = experts.shape
+    if m == 1:  # batch-1 decode: its k experts are distinct, so they are the slots (no sort)
+        return (experts[0].astype(jnp.int32), jnp.full((1,), topk, jnp.int32),
+                weights.astype(jnp.float32).T)
     num_slots = min(num_experts, m * topk)
     dense = jnp.zeros((m, num_experts), jnp.float32).at[
         jnp.arange(m)[:, None], experts].add(weights.astype(jnp.float32))  # [M, E]

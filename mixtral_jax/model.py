@@ -18,7 +18,12 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mixtral_jax import sharding
-from mixtral_jax.attention import Attention, cached_attention_mask, make_attention_mask
+from mixtral_jax.attention import (
+    Attention,
+    cached_attention_mask,
+    make_attention_mask,
+    projections_in_place,
+)
 from mixtral_jax.config import ModelConfig, Remat
 from mixtral_jax.layers import Embed, RMSNorm, normal_init, rope_cos_sin
 from mixtral_jax.moe import MoE, MoEAux
@@ -105,7 +110,7 @@ class DecoderBlock(nnx.Module):
         With `layer`, the MoE's expert weights are every layer's stacks (see `MoE.__call__`).
         """
         attn, k_cache, v_cache = self.attn.cached(self.attn_norm(x), cos, sin, k_cache, v_cache,
-                                                  mask, slots)
+                                                  mask, slots, layer=layer)
         h = x + attn
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer)
         return h + moe_out, aux, k_cache, v_cache
@@ -118,6 +123,12 @@ EXTEND_SCAN_UNROLL = 4
 
 def _is_expert_stack(path, value) -> bool:
     return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
+
+
+def _is_expert_or_projection_stack(path, value) -> bool:
+    return _is_expert_stack(path, value) or (
+        len(path) >= 2 and path[-2] == "attn" and path[-1] in ("q_proj", "k_proj", "v_proj",
+                                                               "o_proj"))
 
 
 _REMAT_POLICIES = {
@@ -224,8 +235,12 @@ class Mixtral(nnx.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
         # The expert stacks stay out of the scan's sliced inputs: the MoE reads layer i of the
-        # whole stack in place (a scan slice feeding a custom kernel would be copied).
-        graphdef, expert_stacks, layer_state = nnx.split(self.layers, _is_expert_stack, ...)
+        # whole stack in place (a scan slice feeding a custom kernel would be copied). So do the
+        # attention projections where their decode kernel applies (XLA copies a sliced layer
+        # before its matmul reads it).
+        in_place = (_is_expert_or_projection_stack if projections_in_place(cfg, b * t)
+                    else _is_expert_stack)
+        graphdef, expert_stacks, layer_state = nnx.split(self.layers, in_place, ...)
 
         def body(x, xs):
             state, k_cache, v_cache, index = xs

@@ -1,6 +1,7 @@
-"""The few-token expert kernels (expert_decode.py), run through Pallas' interpreter on CPU,
-against the dense oracle `moe.moe_dense`; and the model's cached decode through them against the
-full forward. The GPU run of the same check is in bench/expert_decode_tiles.py."""
+"""The few-token (decode) kernels, run through Pallas' interpreter on CPU: the experts
+(expert_decode.py) against the dense oracle `moe.moe_dense`, the stacked projections
+(decode_matmul.py) against a plain matmul, and the model's cached decode through both against the
+full forward. The GPU run of the same checks is in bench/expert_decode_tiles.py."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 
 import mixtral_jax as mj
-from mixtral_jax import expert_decode, moe
+from mixtral_jax import attention, decode_matmul, expert_decode, moe
 from mixtral_jax.config import GmmImpl
 from mixtral_jax.model import KVCache
 
@@ -76,14 +77,20 @@ def test_tiles_divide_the_problem_and_fit_shared_memory():
 
 
 def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
-    """extend() with the GPU choice forced (kernels interpreted): the MoE of every layer, for
-    prefill and each decode step, reads its layer of the expert stacks through decode_experts."""
-    calls = []
-    real = expert_decode.decode_experts
+    """extend() with the GPU choice forced (kernels interpreted): for prefill and each decode
+    step, every layer's MoE reads its layer of the expert stacks through decode_experts and its
+    attention reads q, k, v and o through decode_matmul, all in place."""
+    calls, projections = [], []
+    real, real_projection = expert_decode.decode_experts, decode_matmul.project_stacked
 
     def interpreted(*args, **kw):
         calls.append(args[0].shape[0])
         return real(*args, **kw, interpret=True)
+
+    def interpreted_projection(x, stacks, layer, **kw):
+        assert all(s.shape[0] == 2 for s in stacks)  # whole stacks [L, ...], read at `layer`
+        projections.append(len(stacks))
+        return real_projection(x, stacks, layer, **kw, interpret=True)
 
     cfg = mj.ModelConfig.tiny(moe_impl="dropless")
     model = mj.init(cfg, 1)
@@ -92,7 +99,9 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     full = model(tokens, valid.astype(jnp.int32), positions=positions).logits
     monkeypatch.setattr(moe, "resolve_gmm", lambda impl: GmmImpl.PALLAS)
+    monkeypatch.setattr(attention, "resolve_kernels", lambda impl: GmmImpl.PALLAS)
     monkeypatch.setattr(expert_decode, "decode_experts", interpreted)
+    monkeypatch.setattr(decode_matmul, "project_stacked", interpreted_projection)
     graphdef, state = nnx.split(model)
     extend = jax.jit(lambda s, t, c, p, v: nnx.merge(graphdef, s).extend(t, c, positions=p,
                                                                         valid=v))
@@ -106,3 +115,22 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
     got = jnp.concatenate(steps, axis=1)
     assert float(jnp.max(jnp.abs(got - full)) / jnp.max(jnp.abs(full))) <= 1e-5
     assert sorted(set(calls)) == [2, 12]  # traced once per shape: decode (B=2), prefill (2 x 6)
+    assert sorted(set(projections)) == [1, 3]  # q, k, v in one launch; o in another
+
+
+@pytest.mark.parametrize("m,widths,dtype,tol", [
+    (1, (64, 32, 32), jnp.float32, 1e-5),  # q, k, v of one token in one launch
+    (3, (96,), jnp.float32, 1e-5),  # a width that only a 32-column tile divides
+    (2, (64, 16), jnp.bfloat16, 1e-2),
+])
+def test_stacked_projection_equals_the_matmul_of_the_chosen_layer(m, widths, dtype, tol):
+    keys = jax.random.split(jax.random.key(m), len(widths) + 1)
+    x = jax.random.normal(keys[0], (m, 64), dtype)
+    stacks = [jax.random.normal(k, (3, 64, n), dtype) for k, n in zip(keys[1:], widths)]
+    outs = jax.jit(lambda x, *s: decode_matmul.project_stacked(x, s, 1, interpret=True))(
+        x, *stacks)
+    for out, stack in zip(outs, stacks):
+        want = x.astype(jnp.float32) @ stack[1].astype(jnp.float32)
+        assert out.shape == (m, stack.shape[-1]) and out.dtype == dtype
+        assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - want))
+                     / jnp.max(jnp.abs(want))) <= tol
