@@ -11,7 +11,9 @@
    copy bandwidth measured in the same run.
 3. The whole MoE of one layer (routing included), the decode kernels against the sorted Pallas
    grouped-matmul path (`moe_dropless`, stacked): device time and kernel launches per layer.
-Writes $OUT/expert_decode_tiles.json.
+4. --projection: the attention projections of decode (decode_matmul.project_stacked: q, k, v in
+   one launch, then o) at 8x7B widths, per tile choice, against the bandwidth floor.
+Writes $OUT/expert_decode_tiles.json (or $OUT/decode_projection_tiles.json).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import copy_bandwidth_tbs, environment, kernel_summary, trace_kernels, write_json
+from mixtral_jax import decode_matmul as dm
 from mixtral_jax import expert_decode as ed
 from mixtral_jax import moe
 
@@ -122,11 +125,65 @@ def measure(m: int, key, stacks, router, layers, copy_tbs: float, quick: bool) -
     return size
 
 
+PROJECTION_CONFIGS = [  # block_n, block_k, splits, num_warps, num_stages
+    (64, 128, 4, 4, 4), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (32, 128, 4, 4, 4),
+    (128, 64, 4, 4, 5), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4), (32, 256, 8, 4, 4),
+    (128, 128, 4, 8, 3), (64, 64, 8, 4, 6),
+]
+
+
+def projection_sweep(tokens: list[int]) -> None:
+    """q, k, v (one launch) and o of one layer at 8x7B widths, read from a 4-layer stack."""
+    keys = jax.random.split(jax.random.key(1), 5)
+    shapes = {"q": (LAYERS, D, D), "k": (LAYERS, D, 1024), "v": (LAYERS, D, 1024),
+              "o": (LAYERS, D, D)}
+    w = {n: (0.02 * jax.random.normal(k, s, jnp.float32)).astype(jnp.bfloat16)
+         for k, (n, s) in zip(keys, shapes.items())}
+    layers = [jnp.int32(i) for i in range(LAYERS)]
+    rows = []
+    for m in tokens:
+        x = jax.random.normal(keys[4], (m, D), jnp.bfloat16)
+        run = jax.jit(lambda x, layer, q, k, v, o, t=None: (
+            dm.project_stacked(x, (q, k, v), layer, tiles=t),
+            dm.project_stacked(x, (o,), layer, tiles=t)), static_argnames=("t",))
+        (q, k, v), (o,) = run(x, layers[1], *w.values())
+        err = max(rel_err(got, x.astype(jnp.float32) @ w[n][1].astype(jnp.float32))
+                  for got, n in zip((q, k, v, o), "qkvo"))
+        for cfg in [None, *PROJECTION_CONFIGS]:
+            tiles = None if cfg is None else ed.DecodeTiles(*cfg)
+            state = {"i": 0}
+
+            def call(run=run, x=x, tiles=tiles, state=state):
+                state["i"] += 1
+                return run(x, layers[state["i"] % LAYERS], *w.values(), t=tiles)
+
+            try:
+                s = kernel_summary(trace_kernels(call, reps=20), per=20)
+                us = kernel_us(s, "decode_projection")
+                row = {"tokens": m, "tiles": cfg or "default", "us": us,
+                       "TBps": 2 * (2 * D * D + 2 * D * 1024) / us / 1e6, "rel_err": err,
+                       "busy_us": s["busy_us"], "kernels": s["kernels"]}
+            except Exception as e:  # noqa: BLE001 (a config that does not compile)
+                row = {"tokens": m, "tiles": cfg, "error": str(e)[:200]}
+            rows.append(row)
+            print(row, flush=True)
+    write_json("decode_projection_tiles.json", {"env": environment(), "rows": rows})
+    floor = 2 * (2 * D * D + 2 * D * 1024) / 4.3e6
+    print(f"\nprojections of one layer (q+k+v+o), floor {floor:.1f} us at 4.3 TB/s")
+    for r in sorted((r for r in rows if "us" in r), key=lambda r: (r["tokens"], r["us"])):
+        print(f"  tokens={r['tokens']:>3} {r['tiles']}: {r['us']:.1f} us {r['TBps']:.2f} TB/s "
+              f"(err {r['rel_err']:.1e})")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,8,64")
     p.add_argument("--quick", action="store_true", help="default tiles only (no sweep)")
+    p.add_argument("--projection", action="store_true", help="the projection sweep only")
     args = p.parse_args()
+    if args.projection:
+        projection_sweep([int(t) for t in args.tokens.split(",")])
+        return
     keys = jax.random.split(jax.random.key(0), 5)
 
     @functools.partial(jax.jit, static_argnums=1)

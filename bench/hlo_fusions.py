@@ -1,0 +1,54 @@
+"""Prints the optimized HLO of the costliest XLA kernels of a profiled decode step.
+
+  XLA_FLAGS="--xla_dump_to=DUMP --xla_dump_hlo_module_re=.*decode_fn.*" \
+      python bench/decode.py --profile --batches 1
+  python bench/hlo_fusions.py DUMP $OUT/decode_dropless_unroll4.json [--top 25]
+
+For each kernel name in the profile (Pallas kernels and matmuls skipped), the instruction that
+launches it and the first lines of the computation it runs: what each small kernel does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("dump")
+    p.add_argument("profile_json")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    with open(args.profile_json) as f:
+        profile = json.load(f)["profile"]["by_name"]
+    texts = []
+    for path in glob.glob(f"{args.dump}/*decode_fn*after_optimizations.txt"):
+        with open(path) as f:
+            texts.append(f.read())
+    text = max(texts, key=len)
+    shown = 0
+    for name, v in profile.items():
+        if shown >= args.top:
+            break
+        if name.startswith(("expert_", "decode_projection", "memcpy")):
+            continue
+        shown += 1
+        print(f"\n== {name}: {v['us']:.1f} us per step, {v['count']:.1f} launches")
+        match = re.search(rf"^\s*(ROOT )?%{re.escape(name)} = .*$", text, re.MULTILINE)
+        if not match:
+            print("   (not found)")
+            continue
+        print("   " + match.group(0).strip()[:400])
+        called = re.search(r"calls=%([\w.\-]+)", match.group(0))
+        if called:
+            body = re.search(rf"^%{re.escape(called.group(1))} .*?^}}", text, re.MULTILINE | re.DOTALL)
+            if body:
+                for line in body.group(0).splitlines()[1:14]:
+                    print("      " + line.strip()[:220])
+
+
+if __name__ == "__main__":
+    main()
