@@ -1,11 +1,19 @@
 """Test set-up: 8 fake CPU devices (for mesh tests) before JAX initialises, float32 matmuls.
 
+XLA:CPU's LLVM back end runs without optimisation (--xla_backend_optimization_level=0): the suite
+compiles hundreds of small programs and runs most of them a few times, so LLVM's optimisation
+passes cost far more than they save (the suite takes about a third less time). It changes how the
+host code is generated, not what the XLA program computes: the HLO passes are the same, and
+every comparison here is between two runs on this back end or against a tolerance. Subprocesses
+(train.py, infer.py) inherit the flags through the environment.
+
 (A persistent compilation cache would save minutes here, but XLA:CPU aborted inside a sharded
 train step that loaded a cached executable: left out.)"""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -89,8 +89,9 @@ def test_two_process_training_equals_one_process(clean_env, tmp_path):
              "--data.vocab_size=128", "--train.warmup_steps=1", "--train.steps=2",
              "--train.eval_every=1000", "--checkpoint.save_every=1",
              "--checkpoint.async_save=false", "--mesh.data=4"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",  # unoptimised as conftest
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                        "--xla_backend_optimization_level=0"}
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *small,
                                f"--checkpoint.dir={tmp_path / 'multi'}",
                                f"--coordinator=localhost:{port}", "--num-processes=2",
