@@ -34,8 +34,10 @@ def _config(run_dir, *overrides):
 
 
 def test_default_corpus_loss_falls_well_below_unigram_entropy(tmp_path):
-    cfg = _config(tmp_path, "--train.steps=150", "--train.seq_len=64", "--train.eval_every=150",
-                  "--train.log_every=50")
+    # 100 steps: train and eval loss end 1.0 below the unigram entropy (5.59), 0.4 of headroom
+    # over the 0.6 asked (150 steps reached 1.45; 80 only 0.75).
+    cfg = _config(tmp_path, "--train.steps=100", "--train.seq_len=64", "--train.eval_every=100",
+                  "--train.log_every=25")
     result = trainer.run(cfg, show_progress=False)
     assert result["unigram_entropy"] > 5.0
     assert result["eval_loss"] < result["unigram_entropy"] - 0.6
@@ -47,9 +49,13 @@ def test_default_corpus_loss_falls_well_below_unigram_entropy(tmp_path):
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
 
 
+def _saving_run(steps):
+    return [*SMALL, f"--train.steps={steps}", "--checkpoint.save_every=1", "--checkpoint.keep=2"]
+
+
 def _train_cmd(run_dir, steps):
-    return [sys.executable, os.path.join(ROOT, "train.py"), *SMALL, f"--train.steps={steps}",
-            f"--checkpoint.dir={run_dir}", "--checkpoint.save_every=1", "--checkpoint.keep=2"]
+    return [sys.executable, os.path.join(ROOT, "train.py"), *_saving_run(steps),
+            f"--checkpoint.dir={run_dir}"]
 
 
 def _final_state(run_dir):
@@ -63,10 +69,12 @@ def _final_state(run_dir):
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path):
+    """train.py processes killed at random moments; the run then completed in this process
+    (no interpreter start-up) from what they left on disk equals an uninterrupted run bit for
+    bit."""
     steps = 14
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(_train_cmd(tmp_path / "ref", steps), check=True, capture_output=True, env=env,
-                   cwd=ROOT)
+    trainer.run(_config(tmp_path / "ref", *_saving_run(steps)), show_progress=False)
     ref_step, ref = _final_state(tmp_path / "ref")
     assert ref_step == steps
     rng = random.Random(0)
@@ -81,9 +89,8 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path):
             time.sleep(rng.uniform(0.0, 0.6))
             proc.kill()  # SIGKILL: no handler runs
             proc.wait()
-        done = subprocess.run(_train_cmd(run_dir, steps), capture_output=True, text=True, env=env,
-                              cwd=ROOT)
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = trainer.run(_config(run_dir, *_saving_run(steps)), show_progress=False)
+        assert done["step"] == steps
         step, state = _final_state(run_dir)
         assert step == steps
         jax.tree.map(np.testing.assert_array_equal, state, ref)
