@@ -58,7 +58,7 @@ def _infer_here(capsys, *args):
     return code, out.out, out.err
 
 
-def test_json_output_equals_the_library_and_hf_directory_equals_checkpoint(setup):
+def test_json_output_equals_the_library_and_hf_directory_equals_checkpoint(setup, capsys):
     root, tokenizer, ours = setup
     prompts = ["The quick", "Sparse models"]
     args = ["--prompt", prompts[0], "--prompt", prompts[1], "--json", "--max-new-tokens", "10",
@@ -72,22 +72,23 @@ def test_json_output_equals_the_library_and_hf_directory_equals_checkpoint(setup
     assert result["completions"][0]["prompt_ids"][0] == tokenizer.bos_id  # BOS first
     assert np.array(result["tokens_per_expert"]).shape == (2, 4)
     assert result["timing"]["time_to_first_token_s"] > 0
-    for layout in ("hf", "fused"):
-        from_hf = _infer("--checkpoint", str(root / layout), *args)
-        assert from_hf.returncode == 0, from_hf.stderr
-        assert json.loads(from_hf.stdout)["completions"] == result["completions"]
+    for layout in ("hf", "fused"):  # in this process: the subprocess above covers the CLI
+        code, out, err = _infer_here(capsys, "--checkpoint", str(root / layout), *args)
+        assert code == 0, err
+        assert json.loads(out)["completions"] == result["completions"]
 
 
-def test_streaming_chat_and_stdin(setup):
+def test_streaming_chat_and_stdin(setup, capsys):
     root, tokenizer, _ = setup
     streamed = _infer("--checkpoint", str(root / "ckpt"), "--chat", "--max-new-tokens", "6",
                       stdin="Hello experts\n")
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout.startswith("Hello experts")
     assert "time to first token" in streamed.stderr and "tokens/s" in streamed.stderr
-    chat = _infer("--checkpoint", str(root / "ckpt"), "--chat", "--json", "--prompt", "Hi",
-                  "--max-new-tokens", "4")
-    ids = json.loads(chat.stdout)["completions"][0]["prompt_ids"]
+    code, out, err = _infer_here(capsys, "--checkpoint", str(root / "ckpt"), "--chat", "--json",
+                                 "--prompt", "Hi", "--max-new-tokens", "4")
+    assert code == 0, err
+    ids = json.loads(out)["completions"][0]["prompt_ids"]
     assert ids == tokenizer.encode("[INST] Hi [/INST]")
 
 
