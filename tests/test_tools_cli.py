@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,10 +60,15 @@ def test_drop_command_gives_a_checkpoint_that_loads_generates_and_matches(ckpt, 
     mj.set_params(direct, direct_params)
     loaded = mj.init(cfg, 0)
     mj.set_params(loaded, params)
+    # The loaded model holds the direct model's weights bit for bit (same config, same graph), so
+    # it generates what the direct model generates; one Generator (one compilation) suffices.
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mj.get_params(loaded)),
+                            jax.tree.leaves(mj.get_params(direct)), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
     prompts = [[1, 5, 9, 13], [1, 7]]
     got = Generator(loaded).generate(prompts, max_new_tokens=10, eos_id=None).tokens
-    want = Generator(direct).generate(prompts, max_new_tokens=10, eos_id=None).tokens
-    assert got == want and all(len(t) == 10 for t in got)
+    assert all(len(t) == 10 for t in got)
     tokens = jnp.asarray([[1, 5, 9, 13, 2, 8]])
     np.testing.assert_array_equal(loaded(tokens).logits, direct(tokens).logits)
     assert surgery_cli.main(["drop", "--checkpoint", str(ckpt / "model"), "--out",
