@@ -43,6 +43,15 @@ def step_bytes(cfg: mj.ModelConfig, batch: int) -> float:
     return 2.0 * (cfg.num_layers * per_layer + cfg.vocab_size * d)
 
 
+def route_bf16_operands(x, router, topk):
+    """moe.route with the logits' matmul on bf16 operands (exact products, float32 sums)."""
+    logits = jnp.dot(x, router.astype(x.dtype), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_probs, experts = jax.lax.top_k(probs, topk)
+    weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    return mj.moe.Routing(logits=logits, weights=weights, experts=experts.astype(jnp.int32))
+
+
 def profile_decode(generator: Generator, prompt_len: int = 16, calls: int = 3) -> dict:
     """GPU kernels of batch-1 decode steps (one compiled chunk of generator.chunk steps per call),
     per step: busy time, span, launches and the time of each kernel name."""
@@ -73,12 +82,16 @@ def main():
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--moe-impl", default="dropless")
     p.add_argument("--unroll", type=int, default=mj.model.EXTEND_SCAN_UNROLL)
+    p.add_argument("--router-dot", choices=("f32", "bf16"), default="f32",
+                   help="bf16: router logits from bf16 operands with float32 accumulation")
     p.add_argument("--peer", action="store_true")
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
     peer = (run_peer(["bench/peer_decode.py", "--batches", args.batches, "--new", str(args.new),
                       "--layers", str(args.layers)], timeout=900) if args.peer else None)
     mj.model.EXTEND_SCAN_UNROLL = args.unroll
+    if args.router_dot == "bf16":
+        mj.moe.route = route_bf16_operands
     cfg = mj.preset("mixtral-8x7b", num_layers=args.layers, dtype="bfloat16",
                     param_dtype="bfloat16", moe_impl=args.moe_impl, max_seq_len=4096)
     bandwidth = copy_bandwidth_tbs()
@@ -103,10 +116,12 @@ def main():
             for _ in range(3)][-1]
     profile = profile_decode(generator) if args.profile else None
     payload = {"env": environment(), "config": {"layers": args.layers, "moe_impl": args.moe_impl,
-                                                "unroll": args.unroll},
+                                                "unroll": args.unroll,
+                                                "router_dot": args.router_dot},
                "copy_bandwidth_tbs": bandwidth, "decode": rows,
                f"ttft_{args.prefill}_tokens_s": ttft, "peer": peer, "profile": profile}
-    write_json(f"decode_{args.moe_impl}_unroll{args.unroll}.json", payload)
+    write_json(f"decode_{args.moe_impl}_unroll{args.unroll}_router_{args.router_dot}.json",
+               payload)
     print(f"\ncopy bandwidth {bandwidth:.2f} TB/s; moe_impl={args.moe_impl}; layers={args.layers}")
     print(f"{'batch':>6} {'tok/s':>10} {'step ms':>9} {'floor ms':>9} {'of floor':>9}")
     for r in rows:

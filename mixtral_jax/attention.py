@@ -83,28 +83,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, t, n, h)
 
 
-def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                           mask: jax.Array) -> jax.Array:
-    """`dot_product_attention` for one query per row (decode), as products and reductions.
-
-    XLA's matmul for the [1, H] x [H, S] logits lays them out with S strided, and the softmax's
-    max over S then costs more than the whole attention should (H200, 8x7B decode: 11 us per
-    layer). Written as a multiply and a sum over H, the logits come out with S contiguous. Same
-    maths (float32 products and sums of the same values).
-    q: [B, 1, N, H]; k, v: [B, S, K, H]; mask: [B or 1, 1, S] bool -> [B, 1, N, H].
-    """
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, kv_heads, n // kv_heads, h).astype(jnp.float32)  # [B, K, G, H]
-    keys = jnp.transpose(k, (0, 2, 1, 3)).astype(jnp.float32)  # [B, K, S, H]
-    logits = jnp.sum(q[:, :, :, None, :] * keys[:, :, None], axis=-1) * (h ** -0.5)  # [B,K,G,S]
-    logits = jnp.where(mask[:, :, None, :], logits, _MASKED)  # mask [B, 1, S] -> over K, G
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).astype(jnp.float32)
-    values = jnp.transpose(v, (0, 2, 1, 3)).astype(jnp.float32)  # [B, K, S, H]
-    out = jnp.sum(probs[..., None] * values[:, :, None], axis=-2)  # [B, K, G, H]
-    return out.astype(v.dtype).reshape(b, t, n, h)
-
-
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                     sliding_window: int | None, implementation: str = "cudnn") -> jax.Array:
     """`dot_product_attention` through `jax.nn.dot_product_attention`, for T == S (no cache).
@@ -216,8 +194,7 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, cos, sin, layer)
         keys = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)  # [B, S+T, K, H]
         values = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
-        attend = single_query_attention if q.shape[1] == 1 else dot_product_attention
-        out = self.output(attend(q, keys, values, mask), layer)
+        out = self.output(dot_product_attention(q, keys, values, mask), layer)
         kept = slots.shape[0]
         return (out, write_cache(k_cache, k[:, -kept:], slots),
                 write_cache(v_cache, v[:, -kept:], slots))

@@ -1,7 +1,6 @@
 """The fused-attention call form (attention.fused_attention: is_causal, local_window_size, mask,
 GQA through jax.nn.dot_product_attention) against our einsum attention, and the kernel choice.
-On CPU the call runs with implementation='xla'; bench/attention.py runs it with 'cudnn'. And the
-single-query (decode) form against the same oracle."""
+On CPU the call runs with implementation='xla'; bench/attention.py runs it with 'cudnn'."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,6 @@ from mixtral_jax.attention import (
     fused_attention,
     make_attention_mask,
     resolve_attention,
-    single_query_attention,
 )
 from mixtral_jax.config import AttentionImpl, ConfigError
 
@@ -43,16 +41,3 @@ def test_choice_is_xla_on_cpu_and_cudnn_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
         resolve_attention("cudnn", jnp.bfloat16, 128)
 
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_single_query_attention_equals_einsum_attention(dtype):
-    keys = jax.random.split(jax.random.key(4), 4)
-    q = jax.random.normal(keys[0], (3, 1, 8, 16), dtype)
-    k = jax.random.normal(keys[1], (3, 11, 2, 16), dtype)
-    v = jax.random.normal(keys[2], (3, 11, 2, 16), dtype)
-    mask = jax.random.bernoulli(keys[3], 0.6, (3, 1, 11)).at[:, :, 4].set(True)  # holes, padding
-    got = single_query_attention(q, k, v, mask)
-    want = dot_product_attention(q, k, v, mask)
-    assert got.shape == want.shape and got.dtype == dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=1e-5, atol=1e-5 if dtype == jnp.float32 else 1e-2)
