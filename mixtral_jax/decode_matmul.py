@@ -69,7 +69,7 @@ def _kernel(layer_ref, x_ref, *refs, tiles: DecodeTiles, cols: tuple[int, ...], 
 
 
 def project_stacked(x: jax.Array, stacks: tuple[jax.Array, ...], layer: jax.Array | int, *,
-                    tiles: DecodeTiles | None = None,
+                    out_dtype=None, tiles: DecodeTiles | None = None,
                     interpret: bool = False) -> tuple[jax.Array, ...]:
     """x @ stack[layer] for each stack, in one launch.
 
@@ -77,8 +77,9 @@ def project_stacked(x: jax.Array, stacks: tuple[jax.Array, ...], layer: jax.Arra
       x: [M, K] tokens (M <= MAX_TOKENS) in the compute dtype.
       stacks: each [L, K, N_i] in x's dtype (the same L and K).
       layer: int32 scalar.
+      out_dtype: of the results; x's dtype if None.
     Returns:
-      one [M, N_i] per stack, in x's dtype (float32 accumulation and split sum).
+      one [M, N_i] per stack (float32 accumulation and split sum).
     """
     m, contract = x.shape
     if m > MAX_TOKENS:
@@ -101,4 +102,6 @@ def project_stacked(x: jax.Array, stacks: tuple[jax.Array, ...], layer: jax.Arra
         compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
         interpret=interpret, name="decode_projection",
     )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.pad(x, ((0, bm - m), (0, 0))), *stacks)
-    return tuple(jax.lax.stop_gradient(jnp.sum(p[:, :m], axis=0).astype(x.dtype)) for p in parts)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    return tuple(jax.lax.stop_gradient(jnp.sum(p[:, :m], axis=0).astype(out_dtype))
+                 for p in parts)
