@@ -179,25 +179,36 @@ class Attention(nnx.Module):
             return y.reshape(b, t, -1)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, layer=None):
-        """Attention of T new tokens over the cache plus themselves; returns the updated cache.
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, layer):
+        """Writes T new tokens into one layer of the cache, then attends over it.
+
+        The cache arrives as every layer's stack (the carry of `Mixtral.extend`'s layer scan).
+        Only the new slots are written, in place, and the attention then reads this layer by a
+        dynamic index into the updated stack. Writing first gives XLA the order: a read of the
+        old cache that the write did not depend on would make it copy the whole stack.
 
         Args:
           x: [B, T, D]; cos, sin: [B, T, H].
-          k_cache, v_cache: [B, S, K, H] this layer's cache before the new tokens.
-          mask: [B, T, S + T] over (cache slots, new tokens), see `cached_attention_mask`.
+          k_cache, v_cache: [L, B, S, K, H] every layer's cache before this layer's new tokens.
+          mask: [B, T, S + T - T'] over (cache slots after the write, then the first T - T' new
+            tokens, which did not fit), see `cached_attention_mask`.
           slots: [T'] cache slots that the last T' <= T new tokens are written to.
-          layer: with it, the projections may be every layer's stacks (see `project`).
+          layer: [] int32 this layer's index into the cache stacks (and into the projection
+            weights where those are stacks, see `project`).
         Returns:
-          ([B, T, D], new k_cache, new v_cache).
+          ([B, T, D], k_cache, v_cache) with layer `layer`'s `slots` overwritten.
         """
         q, k, v = self.project(x, cos, sin, layer)
-        keys = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)  # [B, S+T, K, H]
-        values = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
+        dropped = k.shape[1] - slots.shape[0]  # T - T' new tokens that the buffer cannot hold
+        k_cache = write_cache(k_cache, k[:, dropped:], layer, slots)
+        v_cache = write_cache(v_cache, v[:, dropped:], layer, slots)
+        k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]
+        v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+        # [B, S + T - T', K, H]; decode (T = T' = 1) attends over the layer's slots alone.
+        keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :dropped]], axis=1)
+        values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :dropped]], axis=1)
         out = self.output(dot_product_attention(q, keys, values, mask), layer)
-        kept = slots.shape[0]
-        return (out, write_cache(k_cache, k[:, -kept:], slots),
-                write_cache(v_cache, v[:, -kept:], slots))
+        return out, k_cache, v_cache
 
 
 def cached_attention_mask(q_index: jax.Array, key_index: jax.Array, key_valid: jax.Array,
@@ -210,6 +221,12 @@ def cached_attention_mask(q_index: jax.Array, key_index: jax.Array, key_valid: j
     return allowed[None] & key_valid[:, None, :]
 
 
-def write_cache(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """Writes new [B, T, K, H] into buffer [B, S, K, H] at slots [T] (distinct slot indices)."""
-    return buffer.at[:, slots].set(new.astype(buffer.dtype))
+def write_cache(stack: jax.Array, new: jax.Array, layer: jax.Array, slots: jax.Array) -> jax.Array:
+    """Writes new [B, T, K, H] into layer `layer` of stack [L, B, S, K, H] at slots [T].
+
+    A scatter of T slots (a dynamic-update-slice when T == 1), in place on a loop carry; the
+    slots are distinct and in bounds (`Mixtral.extend` takes them modulo S).
+    """
+    # A scalar and an array index around ':' put the indexed axes first (NumPy): [T, B, K, H].
+    new_tbkh = jnp.swapaxes(new, 0, 1).astype(stack.dtype)
+    return stack.at[layer, :, slots].set(new_tbkh, mode="promise_in_bounds")

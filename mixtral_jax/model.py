@@ -104,10 +104,12 @@ class DecoderBlock(nnx.Module):
         moe_out, aux = self.moe(_pin(self.moe_norm(h)), token_mask, noise_rng)
         return h + _pin(moe_out), aux
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask, layer=None):
-        """Like __call__ over new tokens with one layer's cache -> ([B, T, D], aux, k, v).
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask, layer):
+        """Like __call__ over new tokens, reading and writing layer `layer` of the cache.
 
-        With `layer`, the MoE's expert weights are every layer's stacks (see `MoE.__call__`).
+        k_cache, v_cache: [L, B, S, K, H] every layer's cache (see `Attention.cached`); layer:
+        [] int32. Returns ([B, T, D], aux, k_cache, v_cache). The MoE's expert weights (and, where
+        `projections_in_place`, the attention's) are every layer's stacks, read at `layer`.
         """
         attn, k_cache, v_cache = self.attn.cached(self.attn_norm(x), cos, sin, k_cache, v_cache,
                                                   mask, slots, layer=layer)
@@ -230,16 +232,25 @@ class Mixtral(nnx.Module):
           valid: [B, T] bool, False for padding tokens (never attended to).
         Returns:
           (ModelOutput for the new tokens, updated cache).
+
+        The new tokens are written before they attend, so a query sees what the buffer holds
+        after the write plus the new tokens that did not fit. That equals the full forward when
+        the buffer holds the whole sequence, when it starts empty (any T, also T > S), and for a
+        rolling buffer (sliding window W) once it has wrapped if S >= W + T - 1 (decode: S >= W).
         """
         cfg = self.cfg
         b, t = tokens.shape
         size = cache.index.shape[0]
         q_index = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
-        key_index = jnp.concatenate([cache.index, q_index])  # [S + T]
-        key_valid = jnp.concatenate([cache.valid, valid.astype(bool)], axis=1)  # [B, S + T]
-        mask = cached_attention_mask(q_index, key_index, key_valid, cfg.sliding_window)
         kept = min(t, size)  # a rolling buffer keeps only the last S new tokens
         slots = q_index[t - kept:] % size  # [kept]
+        index = cache.index.at[slots].set(q_index[t - kept:])  # [S] after the write
+        slot_valid = cache.valid.at[:, slots].set(valid[:, t - kept:].astype(bool))  # [B, S]
+        # Every layer writes the new tokens first, then attends over its S slots and the
+        # t - kept new tokens that did not fit (Attention.cached).
+        key_index = jnp.concatenate([index, q_index[:t - kept]])  # [S + T - kept]
+        key_valid = jnp.concatenate([slot_valid, valid[:, :t - kept].astype(bool)], axis=1)
+        mask = cached_attention_mask(q_index, key_index, key_valid, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
         # The expert stacks stay out of the scan's sliced inputs: the MoE reads layer i of the
@@ -252,24 +263,26 @@ class Mixtral(nnx.Module):
         if projections:
             _pad_router_stack(expert_stacks)
 
-        def body(x, xs):
-            state, k_cache, v_cache, index = xs
+        # The whole cache [L, B, S, K, H] rides in the scan's carry: layer i reads its slice and
+        # writes only its new slots, which XLA does in place (and in the caller's buffers when
+        # they are donated). As scanned inputs and stacked outputs instead, every call would
+        # read the whole cache and write a fresh copy of it.
+        def body(carry, xs):
+            x, k_cache, v_cache = carry
+            state, index = xs
             layer = nnx.merge(graphdef, expert_stacks, state)
             x, aux, k_cache, v_cache = layer.cached(x, cos, sin, k_cache, v_cache, mask, slots,
                                                     token_mask, layer=index)
-            return x, (aux, k_cache, v_cache)
+            return (x, k_cache, v_cache), aux
 
         x = self.embed(tokens)
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        x, (layer_aux, k, v) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v, indices),
+        (x, k, v), layer_aux = jax.lax.scan(body, (x, cache.k, cache.v), (layer_state, indices),
                                             unroll=EXTEND_SCAN_UNROLL)
         x = self.final_norm(x)
         logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
                             preferred_element_type=jnp.float32)
-        new_cache = KVCache(
-            k=k, v=v, index=cache.index.at[slots].set(q_index[t - kept:]),
-            valid=cache.valid.at[:, slots].set(valid[:, t - kept:].astype(bool)),
-            length=cache.length + t)
+        new_cache = KVCache(k=k, v=v, index=index, valid=slot_valid, length=cache.length + t)
         return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
 
 

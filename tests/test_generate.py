@@ -1,5 +1,7 @@
 """Cached generation: equals the full forward, equals transformers' greedy generate, sampling."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +122,42 @@ def test_prompt_lengths_share_a_bucket_and_do_not_recompile():
         assert result.prompt_bucket == first.prompt_bucket == 16
     assert (generator._prefill._cache_size(), generator._decode._cache_size()) == compiled
     assert generator.generate([[1] * 17], max_new_tokens=8, eos_id=None).prompt_bucket == 32
+
+
+def _instructions(hlo: str) -> dict[str, tuple[str, str, list[str]]]:
+    """Every instruction of an HLO module's text: name -> (result shape, opcode, operands)."""
+    found = {}
+    for line in hlo.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? ([\w-]+)\((.*?)\)", line)
+        if match:
+            name, shape, opcode, operands = match.groups()
+            found[name] = (shape, opcode, re.findall(r"%([\w.-]+)", operands))
+    return found
+
+
+def test_decode_writes_the_donated_cache_in_place():
+    """The compiled decode call (cache donated) writes each layer's new slot into the cache
+    buffers: the only instructions with the whole cache's shape [L, B, S, K, H] are the
+    parameters and dynamic-update-slices of one slot per row (and fusions around those); no
+    copy, concatenation or per-layer stacking of the cache, and the cache aliases the output."""
+    cfg = mj.ModelConfig.tiny(vocab_size=64, embed_dim=32, hidden_dim=32)
+    generator = Generator(mj.abstract(cfg), chunk=2)  # compiled only: shapes suffice
+    batch, size = 2, 24
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, size))
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    done = jax.ShapeDtypeStruct((batch,), bool)
+    hlo = generator._decode.lower(generator.state, cache, rows, rows, done, jax.random.key(0), 0,
+                                  sampling=SamplingParams(), steps=2).compile().as_text()
+    ops = _instructions(hlo)
+    whole = f"f32[{cfg.num_layers},{batch},{size},{cfg.num_kv_heads},{cfg.head_dim}]"
+    one_slot = f"f32[1,{batch},1,{cfg.num_kv_heads},{cfg.head_dim}]"
+    cache_ops = {name: op for name, op in ops.items() if op[0] == whole}
+    assert sorted({opcode for _, opcode, _ in cache_ops.values()}) == [
+        "dynamic-update-slice", "fusion", "get-tuple-element", "parameter"]
+    updates = [ops[operands[1]][0] for _, opcode, operands in cache_ops.values()
+               if opcode == "dynamic-update-slice"]
+    assert len(updates) == 2 * cfg.num_layers and set(updates) == {one_slot}  # k and v
+    parameters = re.findall(r"parameter\((\d+)\), metadata=\{op_name=\"cache\.[kv]\"", hlo)
+    aliased = re.search(r"input_output_alias=\{(.*?) \}, entry_computation_layout", hlo).group(1)
+    assert len(parameters) == 2 and all(f"({p}, {{}}, may-alias)" in aliased
+                                        for p in parameters)
