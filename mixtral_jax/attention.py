@@ -179,7 +179,7 @@ class Attention(nnx.Module):
             return y.reshape(b, t, -1)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, layer):
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, layer, read_first=False):
         """Writes T new tokens into one layer of the cache, then attends over it.
 
         The cache arrives as every layer's stack (the carry of `Mixtral.extend`'s layer scan).
@@ -195,11 +195,22 @@ class Attention(nnx.Module):
           slots: [T'] cache slots that the last T' <= T new tokens are written to.
           layer: [] int32 this layer's index into the cache stacks (and into the projection
             weights where those are stacks, see `project`).
+          read_first: attend over the buffer before the write and all T new tokens (mask over
+            S + T keys), then write: exact where a write could evict a key that an earlier new
+            query sees (see `Mixtral.extend`); XLA copies the stack to keep the old one readable.
         Returns:
           ([B, T, D], k_cache, v_cache) with layer `layer`'s `slots` overwritten.
         """
         q, k, v = self.project(x, cos, sin, layer)
         dropped = k.shape[1] - slots.shape[0]  # T - T' new tokens that the buffer cannot hold
+        if read_first:
+            k_old = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]
+            v_old = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+            keys = jnp.concatenate([k_old.astype(k.dtype), k], axis=1)  # [B, S + T, K, H]
+            values = jnp.concatenate([v_old.astype(v.dtype), v], axis=1)
+            out = self.output(dot_product_attention(q, keys, values, mask), layer)
+            return (out, write_cache(k_cache, k[:, dropped:], layer, slots),
+                    write_cache(v_cache, v[:, dropped:], layer, slots))
         k_cache = write_cache(k_cache, k[:, dropped:], layer, slots)
         v_cache = write_cache(v_cache, v[:, dropped:], layer, slots)
         k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]

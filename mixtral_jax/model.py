@@ -74,7 +74,7 @@ class KVCache:
     length: jax.Array
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
+    def create(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
         shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
         dtype = jnp.dtype(dtype or cfg.dtype)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -104,7 +104,8 @@ class DecoderBlock(nnx.Module):
         moe_out, aux = self.moe(_pin(self.moe_norm(h)), token_mask, noise_rng)
         return h + _pin(moe_out), aux
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask, layer):
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask, layer,
+               read_first=False):
         """Like __call__ over new tokens, reading and writing layer `layer` of the cache.
 
         k_cache, v_cache: [L, B, S, K, H] every layer's cache (see `Attention.cached`); layer:
@@ -112,7 +113,8 @@ class DecoderBlock(nnx.Module):
         `projections_in_place`, the attention's) are every layer's stacks, read at `layer`.
         """
         attn, k_cache, v_cache = self.attn.cached(self.attn_norm(x), cos, sin, k_cache, v_cache,
-                                                  mask, slots, layer=layer)
+                                                  mask, slots, layer=layer,
+                                                  read_first=read_first)
         h = x + attn
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer)
         return h + moe_out, aux, k_cache, v_cache
@@ -233,10 +235,12 @@ class Mixtral(nnx.Module):
         Returns:
           (ModelOutput for the new tokens, updated cache).
 
-        The new tokens are written before they attend, so a query sees what the buffer holds
-        after the write plus the new tokens that did not fit. That equals the full forward when
-        the buffer holds the whole sequence, when it starts empty (any T, also T > S), and for a
-        rolling buffer (sliding window W) once it has wrapped if S >= W + T - 1 (decode: S >= W).
+        Normally the new tokens are written before they attend (in place: see
+        `Attention.cached`), so a query sees the buffer after the write plus the new tokens that
+        did not fit. That equals the full forward unless several new tokens land on a rolling
+        buffer (sliding window W) smaller than W + T - 1, where a write can evict a key that an
+        earlier new query still sees; such calls attend over the buffer before the write and
+        all T new tokens instead (XLA then copies each layer's cache once; prefill only).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -246,10 +250,14 @@ class Mixtral(nnx.Module):
         slots = q_index[t - kept:] % size  # [kept]
         index = cache.index.at[slots].set(q_index[t - kept:])  # [S] after the write
         slot_valid = cache.valid.at[:, slots].set(valid[:, t - kept:].astype(bool))  # [B, S]
-        # Every layer writes the new tokens first, then attends over its S slots and the
-        # t - kept new tokens that did not fit (Attention.cached).
-        key_index = jnp.concatenate([index, q_index[:t - kept]])  # [S + T - kept]
-        key_valid = jnp.concatenate([slot_valid, valid[:, :t - kept].astype(bool)], axis=1)
+        read_first = (cfg.sliding_window is not None and t > 1
+                      and size < cfg.sliding_window + t - 1)
+        if read_first:  # keys: the S slots before the write, then all T new tokens
+            key_index = jnp.concatenate([cache.index, q_index])  # [S + T]
+            key_valid = jnp.concatenate([cache.valid, valid.astype(bool)], axis=1)
+        else:  # keys: the S slots after the write, then the t - kept that did not fit
+            key_index = jnp.concatenate([index, q_index[:t - kept]])  # [S + T - kept]
+            key_valid = jnp.concatenate([slot_valid, valid[:, :t - kept].astype(bool)], axis=1)
         mask = cached_attention_mask(q_index, key_index, key_valid, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
@@ -272,7 +280,8 @@ class Mixtral(nnx.Module):
             state, index = xs
             layer = nnx.merge(graphdef, expert_stacks, state)
             x, aux, k_cache, v_cache = layer.cached(x, cos, sin, k_cache, v_cache, mask, slots,
-                                                    token_mask, layer=index)
+                                                    token_mask, layer=index,
+                                                    read_first=read_first)
             return (x, k_cache, v_cache), aux
 
         x = self.embed(tokens)

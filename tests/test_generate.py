@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_reference import make_hf_model, ours_from_hf, torch
 
 import mixtral_jax as mj
-from hf_reference import make_hf_model, ours_from_hf, torch
 from mixtral_jax.config import ConfigError
 from mixtral_jax.generate import Generator, SamplingParams, sample
 from mixtral_jax.model import KVCache
@@ -39,6 +39,25 @@ def test_cached_decoding_equals_full_forward_at_every_step(window, cache_size):
         reference.append(full[:, t:t + 1])
     got, want = jnp.concatenate(steps, axis=1), jnp.concatenate(reference, axis=1)
     assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) <= 1e-5
+
+
+def test_chunks_of_several_tokens_on_a_wrapped_rolling_buffer_equal_the_full_forward():
+    """Window 4, buffer 4: a chunk of 3 or 5 new tokens on a wrapped buffer would evict keys its
+    first queries still see if it were written before attending (S < W + T - 1)."""
+    cfg = mj.ModelConfig.tiny(sliding_window=4)
+    model = mj.init(cfg, 2)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, (1, 16)))
+    positions = jnp.arange(16)[None]
+    full = model(tokens, jnp.ones((1, 16), jnp.int32), positions=positions).logits
+    graphdef, state = nnx.split(model)
+    extend = jax.jit(lambda s, t, c, p: nnx.merge(graphdef, s).extend(
+        t, c, positions=p, valid=jnp.ones(t.shape, bool)))
+    cache, got = KVCache.create(cfg, 1, 4), []
+    for start, end in ((0, 7), (7, 10), (10, 11), (11, 16)):  # T = 7 (> S), 3, 1, 5
+        out, cache = extend(state, tokens[:, start:end], cache, positions[:, start:end])
+        got.append(out.logits)
+    got = jnp.concatenate(got, axis=1)
+    assert float(jnp.max(jnp.abs(got - full)) / jnp.max(jnp.abs(full))) <= 1e-5
 
 
 @pytest.mark.parametrize("window", [None, 6], ids=["no-window", "window"])
