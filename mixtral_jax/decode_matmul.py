@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mixtral_jax.expert_decode import MAX_TOKENS, DecodeTiles, fit
+from mixtral_jax.expert_decode import MAX_TOKENS, DecodeTiles, dot_f32, fit
+from mixtral_jax.gmm_pallas import matmul_precision, pow2_at_least
 
 # From bench/expert_decode_tiles.py's projection sweep on one H200 (bfloat16, 8x7B widths).
 PROJECTION = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_stages=4)
@@ -58,9 +59,7 @@ def _kernel(layer_ref, x_ref, *refs, tiles: DecodeTiles, cols: tuple[int, ...], 
                 k0 = pl.multiple_of((split * steps + i) * bk, bk)
                 a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
                 b = w_ref[layer, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
-                return acc + jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
-                                                 precision=precision,
-                                                 preferred_element_type=jnp.float32)
+                return acc + dot_f32(a, b, precision)
 
             acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
             plgpu.store(out_ref.at[split, :, pl.ds(col0, bn)], acc, mask=row_mask)
@@ -84,7 +83,7 @@ def project_stacked(x: jax.Array, stacks: tuple[jax.Array, ...], layer: jax.Arra
     m, contract = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"project_stacked takes at most {MAX_TOKENS} tokens, got {m}")
-    bm = max(16, 1 << max(0, (m - 1).bit_length()))
+    bm = pow2_at_least(m)
     widths = [s.shape[-1] for s in stacks]
     base = tiles or PROJECTION
     t = fit(base, bm, contract, min(widths), 1, x.dtype.itemsize)
@@ -94,7 +93,7 @@ def project_stacked(x: jax.Array, stacks: tuple[jax.Array, ...], layer: jax.Arra
                     bm, contract, min(widths), 1, x.dtype.itemsize)
     steps = contract // (t.splits * t.block_k)
     cols = tuple(w // t.block_n for w in widths)
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    precision = matmul_precision(x.dtype)
     parts = pl.pallas_call(
         functools.partial(_kernel, tiles=t, cols=cols, steps=steps, rows=m, precision=precision),
         out_shape=tuple(jax.ShapeDtypeStruct((t.splits, bm, w), jnp.float32) for w in widths),

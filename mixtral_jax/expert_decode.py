@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mixtral_jax.gmm_pallas import matmul_precision, pow2_at_least
+
 MAX_TOKENS = 64  # above this the sorted grouped matmul (gmm_pallas) wastes less arithmetic
 
 
@@ -95,11 +97,8 @@ def fit(tiles: DecodeTiles, rows: int, contract: int, width: int, streams: int,
                                num_stages=stages)
 
 
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-
-def _dot(a, b, precision):
+def dot_f32(a, b, precision):
+    """a [m, k] @ b [k, n] inside a kernel, accumulated in float32."""
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
 
@@ -120,7 +119,7 @@ def _gate_up_kernel(slot_expert_ref, num_used_ref, layer_ref, x_ref, wg_ref, wu_
             a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
             g = wg_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
             u = wu_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]
-            return acc[0] + _dot(a, g, precision), acc[1] + _dot(a, u, precision)
+            return acc[0] + dot_f32(a, g, precision), acc[1] + dot_f32(a, u, precision)
 
         zeros = jnp.zeros((bm, bn), jnp.float32)
         gate, up = jax.lax.fori_loop(0, contract // bk, step, (zeros, zeros))
@@ -149,7 +148,7 @@ def _down_kernel(slot_expert_ref, num_used_ref, layer_ref, h_ref, combine_ref, w
             a = plgpu.load(h_ref.at[slot, :, pl.ds(k0, bk)],
                            mask=jnp.broadcast_to(valid[:, None], (bm, bk)), other=0)  # [bm, bk]
             b = wd_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
-            return acc + _dot(a, b, precision)
+            return acc + dot_f32(a, b, precision)
 
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
         weight = combine_ref[slot, :]  # [bm] float32
@@ -198,13 +197,13 @@ def decode_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate:
     _, num_experts, _, f = w_gate.shape
     if m > MAX_TOKENS:
         raise ValueError(f"decode_experts takes at most {MAX_TOKENS} tokens, got {m}")
-    bm = max(16, 1 << max(0, (m - 1).bit_length()))
+    bm = pow2_at_least(m)
     slot_expert, num_used, combine = _slots(experts, weights, num_experts)
     num_slots = slot_expert.shape[0]
     combine = jnp.pad(combine, ((0, 0), (0, bm - m)))  # [S, bm]
     x_p = jnp.pad(x, ((0, bm - m), (0, 0)))  # [bm, D]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    precision, itemsize = _precision(x.dtype), x.dtype.itemsize
+    precision, itemsize = matmul_precision(x.dtype), x.dtype.itemsize
 
     t1 = fit(gate_up_tiles or GATE_UP, bm, d, f, 2, itemsize)
     h = pl.pallas_call(

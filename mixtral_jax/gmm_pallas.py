@@ -99,7 +99,8 @@ def _fit_shared_memory(tiles: Tiles, kernel: str, itemsize: int) -> Tiles:
     return tiles
 
 
-def _pow2_at_least(n: int, low: int = 16) -> int:
+def pow2_at_least(n: int, low: int = 16) -> int:
+    """The smallest power of two >= n and >= low (a tile that covers n rows)."""
     return max(low, 1 << max(0, (n - 1).bit_length()))
 
 
@@ -107,9 +108,9 @@ def fit_tiles(tiles: Tiles, m: int, k: int, n: int) -> Tiles:
     """Shrinks tiles that exceed a (small) problem: no tile larger than the padded dimension."""
     return dataclasses.replace(
         tiles,
-        block_m=min(tiles.block_m, _pow2_at_least(m)),
-        block_n=min(tiles.block_n, _pow2_at_least(n)),
-        block_k=min(tiles.block_k, _pow2_at_least(k)))
+        block_m=min(tiles.block_m, pow2_at_least(m)),
+        block_n=min(tiles.block_n, pow2_at_least(n)),
+        block_k=min(tiles.block_k, pow2_at_least(k)))
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -198,7 +199,8 @@ def _gmm_kernel(work_group_ref, work_tile_ref, starts_ref, ends_ref, layer_ref, 
         plgpu.store(out_block, acc.astype(out_ref.dtype), mask=mask)
 
 
-def _precision(dtype):
+def matmul_precision(dtype):
+    """In-kernel dot precision: full float32 for float32 operands (else Triton uses tf32)."""
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
@@ -219,7 +221,7 @@ def _gmm_call(lhs, rhs, group_sizes, tiles: Tiles, transpose_rhs: bool, interpre
     num_items, num_cols = work_group.shape[0], width // tiles.block_n
     kernel = functools.partial(
         _gmm_kernel, tiles=tiles, num_items=num_items, num_cols=num_cols, contract=contract,
-        num_groups=num_groups, transpose_rhs=transpose_rhs, precision=_precision(lhs.dtype))
+        num_groups=num_groups, transpose_rhs=transpose_rhs, precision=matmul_precision(lhs.dtype))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((rows, width), lhs.dtype),
@@ -264,7 +266,7 @@ def _tgmm_call(lhs, dy, group_sizes, num_groups: int, tiles: Tiles, interpret: b
     starts, ends = _group_bounds(group_sizes, rows)
     num_k, num_n = contract // tiles.block_k, width // tiles.block_n
     kernel = functools.partial(_tgmm_kernel, tiles=tiles, num_k=num_k, num_n=num_n,
-                               precision=_precision(lhs.dtype))
+                               precision=matmul_precision(lhs.dtype))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, contract, width), lhs.dtype),
