@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import decode_matmul, sharding
+from mixtral_jax import decode_matmul, expert_decode, sharding
 from mixtral_jax.config import AttentionImpl, ConfigError, GmmImpl, ModelConfig
 from mixtral_jax.grouped_matmul import on_nvidia_gpu
 from mixtral_jax.grouped_matmul import resolve as resolve_kernels
@@ -118,7 +118,7 @@ def projections_in_place(cfg: ModelConfig, tokens: int) -> bool:
     q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return (resolve_kernels(cfg.gmm_impl) == GmmImpl.PALLAS
             and tokens <= decode_matmul.MAX_TOKENS
-            and decode_matmul.supports(cfg.embed_dim, q_width, kv_width)
+            and expert_decode.supports(cfg.embed_dim, q_width, kv_width)
             and jnp.dtype(cfg.param_dtype) == jnp.dtype(cfg.dtype)
             and sharding.active_mesh() is None)
 
@@ -203,22 +203,23 @@ class Attention(nnx.Module):
         """
         q, k, v = self.project(x, cos, sin, layer)
         dropped = k.shape[1] - slots.shape[0]  # T - T' new tokens that the buffer cannot hold
-        if read_first:
-            k_old = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]
-            v_old = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
-            keys = jnp.concatenate([k_old.astype(k.dtype), k], axis=1)  # [B, S + T, K, H]
-            values = jnp.concatenate([v_old.astype(v.dtype), v], axis=1)
-            out = self.output(dot_product_attention(q, keys, values, mask), layer)
-            return (out, write_cache(k_cache, k[:, dropped:], layer, slots),
+
+        def write(k_cache, v_cache):
+            return (write_cache(k_cache, k[:, dropped:], layer, slots),
                     write_cache(v_cache, v[:, dropped:], layer, slots))
-        k_cache = write_cache(k_cache, k[:, dropped:], layer, slots)
-        v_cache = write_cache(v_cache, v[:, dropped:], layer, slots)
+
+        # Keys: this layer's S slots, then the new tokens the buffer does not show: all T when
+        # reading first, else the T - T' that did not fit (none for decode, T = T' = 1).
+        beyond = k.shape[1] if read_first else dropped
+        if not read_first:
+            k_cache, v_cache = write(k_cache, v_cache)
         k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]
         v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
-        # [B, S + T - T', K, H]; decode (T = T' = 1) attends over the layer's slots alone.
-        keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :dropped]], axis=1)
-        values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :dropped]], axis=1)
+        keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
+        values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
         out = self.output(dot_product_attention(q, keys, values, mask), layer)
+        if read_first:
+            k_cache, v_cache = write(k_cache, v_cache)
         return out, k_cache, v_cache
 
 

@@ -31,11 +31,6 @@ from mixtral_jax.gmm_pallas import matmul_precision, pow2_at_least
 PROJECTION = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_stages=4)
 
 
-def supports(contract: int, *widths: int) -> bool:
-    """Every width a multiple of 16 (the matrix units' smallest tile)."""
-    return all(w % 16 == 0 for w in (contract, *widths))
-
-
 def _kernel(layer_ref, x_ref, *refs, tiles: DecodeTiles, cols: tuple[int, ...], steps: int,
             rows: int, precision):
     """Program p: stack i whose column tiles hold p, column tile c, split j of K."""

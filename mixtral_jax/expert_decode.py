@@ -60,9 +60,10 @@ DOWN_WIDE = DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=4, num_stag
 SMEM_BYTES = 200 * 1024
 
 
-def supports(embed_dim: int, hidden_dim: int) -> bool:
-    """Both widths must be multiples of 16 (the matrix units' smallest tile)."""
-    return embed_dim % 16 == 0 and hidden_dim % 16 == 0
+def supports(*widths: int) -> bool:
+    """Every width a multiple of 16 (the matrix units' smallest tile): the decode kernels tile
+    weight stacks exactly, since padding a stack would copy it."""
+    return all(w % 16 == 0 for w in widths)
 
 
 def _largest_pow2_dividing(n: int, at_most: int) -> int:
