@@ -6,6 +6,10 @@
 
 DIR is one of our model checkpoints or a Hugging Face Mixtral directory (safetensors, read and
 converted in memory). The tokenizer is DIR/tokenizer.model unless --tokenizer names one.
+
+How the model computes takes train.py's dotted overrides of the compute settings, e.g.
+  --model.dtype=bfloat16 --model.moe_impl=dense --model.decode_expert_impl=off
+(`--dtype X` is short for `--model.dtype=X`); the architecture comes from DIR's config.json.
 """
 
 import argparse
@@ -33,7 +37,22 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="print ids, text and timing as JSON")
     p.add_argument("--show-routing", action="store_true", help="tokens per expert per layer")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype")
-    return p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--model.")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = rest
+    return args
+
+
+def compute_changes(args) -> dict:
+    """ComputeConfig changes from --model.<field>=value (and --dtype)."""
+    from mixtral_jax.runconfig import compute_overrides
+
+    changes = compute_overrides(args.overrides)
+    if args.dtype is not None:
+        changes.setdefault("dtype", args.dtype)
+    return changes
 
 
 def read_prompts(args) -> list[str]:
@@ -68,8 +87,9 @@ def run(args) -> int:
     from mixtral_jax.loading import load_for_inference
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    changes = compute_changes(args)
     prompts = read_prompts(args)
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, dtype=args.dtype)
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, compute=changes)
     texts = [f"[INST] {p} [/INST]" if args.chat else p for p in prompts]
     ids = [tokenizer.encode(t) for t in texts]
     stream = not args.json and len(prompts) == 1  # one prompt: print tokens as they arrive

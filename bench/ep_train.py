@@ -46,10 +46,10 @@ def run(cfg: mj.ModelConfig, tc: TrainConfig, mesh_cfg: sharding.MeshConfig, ste
     state, m, step_s, warm = time_train_steps(step, state, batch, steps)
     exchange = "-"
     if mesh.shape["expert"] > 1:
-        factor = cfg.capacity_factor if cfg.moe_impl == MoEImpl.CAPACITY else None
+        factor = cfg.compute.capacity_factor if cfg.compute.moe_impl == MoEImpl.CAPACITY else None
         exchange = moe_parallel.resolve_exchange("auto", mesh, factor).value
     n = jax.device_count()
-    return {"row": label, "mesh": str(mesh_cfg), "moe_impl": cfg.moe_impl.value,
+    return {"row": label, "mesh": str(mesh_cfg), "moe_impl": cfg.compute.moe_impl.value,
             "exchange": exchange, "step_ms": 1e3 * step_s, "tokens_per_s": b * t / step_s,
             "tokens_per_s_per_device": b * t / step_s / n, "loss": float(m["loss"]),
             "dropped_fraction": float(jax.numpy.mean(m["dropped_fraction"])),

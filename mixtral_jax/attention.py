@@ -4,16 +4,16 @@ Masks are built from token *indices* (causality, window), a padding mask and opt
 ids (packed documents); positions only feed RoPE. This matches Hugging Face, whose causal mask
 uses cache positions while `position_ids` drive the rotary tables.
 
-Two kernels for the full-sequence forward, chosen by `ModelConfig.attention_impl`:
+Two kernels for the full-sequence forward, as the kernel plan says (`kernel_plan.py`, from
+`ComputeConfig.attention_impl`):
   xla    `dot_product_attention` below: einsums and a float32 softmax; any platform; the oracle.
   cudnn  cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`): told
          the mask is causal (and windowed) so it skips the blocks above the diagonal and outside
          the window; the boolean mask still rides along for padding and packed documents.
-  auto   cudnn on NVIDIA GPUs in bfloat16/float16 with head_dim <= 128, xla elsewhere.
-The cached path (`Attention.cached`, inference) always uses xla for the attention itself. Its
-projections, for up to `decode_matmul.MAX_TOKENS` tokens on an NVIDIA GPU, read the layer's
-weights in place from the stacks [L, ...] (`Mixtral.extend` passes them; see
-`projections_in_place`) through one Pallas launch for q, k and v and one for the output.
+The cached path (`Attention.cached`, inference) always uses xla for the attention itself. Where
+the plan's `decode_projections` is pallas (few tokens on an NVIDIA GPU), its projections read the
+layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes them) through one
+Pallas launch for q, k and v and one for the output.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import decode_matmul, expert_decode, sharding
-from mixtral_jax.config import AttentionImpl, ConfigError, GmmImpl, ModelConfig
-from mixtral_jax.grouped_matmul import on_nvidia_gpu
-from mixtral_jax.grouped_matmul import resolve as resolve_kernels
+from mixtral_jax import decode_matmul
+from mixtral_jax.config import AttentionImpl, DecodeProjectionImpl, ModelConfig
+from mixtral_jax.kernel_plan import KernelPlan
 from mixtral_jax.layers import apply_rope, normal_init
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
@@ -96,33 +95,6 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                                         local_window_size=window, implementation=implementation)
 
 
-def resolve_attention(impl: AttentionImpl | str, dtype, head_dim: int) -> AttentionImpl:
-    """`auto` -> cudnn where it runs (NVIDIA GPU, bf16/fp16, head_dim <= 128), else xla."""
-    impl = AttentionImpl(impl)
-    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128
-    if impl == AttentionImpl.AUTO:
-        return AttentionImpl.CUDNN if fits and on_nvidia_gpu() else AttentionImpl.XLA
-    if impl == AttentionImpl.CUDNN and not (fits and on_nvidia_gpu()):
-        raise ConfigError(
-            f"attention_impl='cudnn' needs an NVIDIA GPU, dtype bfloat16/float16 and head_dim <= "
-            f"128; got backend {jax.default_backend()!r}, dtype {jnp.dtype(dtype).name}, "
-            f"head_dim {head_dim}; use 'auto' or 'xla'")
-    return impl
-
-
-def projections_in_place(cfg: ModelConfig, tokens: int) -> bool:
-    """Whether `Mixtral.extend` over `tokens` (B*T) new tokens hands the attention its weight
-    stacks to read in place (decode_matmul): on an NVIDIA GPU (`gmm_impl` resolving to pallas),
-    at most MAX_TOKENS tokens, weights stored in the compute dtype (a cast would copy the whole
-    stack), no active mesh (sharded stacks stay with XLA)."""
-    q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return (resolve_kernels(cfg.gmm_impl) == GmmImpl.PALLAS
-            and tokens <= decode_matmul.MAX_TOKENS
-            and expert_decode.supports(cfg.embed_dim, q_width, kv_width)
-            and jnp.dtype(cfg.param_dtype) == jnp.dtype(cfg.dtype)
-            and sharding.active_mesh() is None)
-
-
 class Attention(nnx.Module):
     """Self-attention: project, rotate q and k, attend, project out.
 
@@ -131,32 +103,33 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         init = normal_init(cfg.initializer_range)
-        pdt = jnp.dtype(cfg.param_dtype)
+        pdt = jnp.dtype(cfg.compute.param_dtype)
         d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = nnx.Param(init(rngs.params(), (d, n, h), pdt))
         self.k_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
         self.v_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
         self.o_proj = nnx.Param(init(rngs.params(), (n, h, d), pdt))
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.compute.dtype)
         self.sliding_window = cfg.sliding_window
-        self.impl = cfg.attention_impl
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 plan: KernelPlan) -> jax.Array:
         """x: [B, T, D]; cos, sin: [B, T, H]; mask: [B or 1, T, T] -> [B, T, D]."""
         q, k, v = self.project(x, cos, sin)
-        if resolve_attention(self.impl, self.dtype, q.shape[-1]) == AttentionImpl.CUDNN:
+        if plan.attention == AttentionImpl.CUDNN:
             out = fused_attention(q, k, v, mask, self.sliding_window, "cudnn")
         else:
             out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
         return self.output(out)
 
-    def project(self, x, cos, sin, layer=None):
+    def project(self, x, cos, sin, layer=None, stacked=False):
         """x: [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H].
 
-        With `layer`, the projections may be stacks [L, D, N, H] read at that layer in place.
+        With `stacked`, the projections are stacks [L, D, N, H] read at `layer` in place by the
+        decode kernel (the plan's `decode_projections`).
         """
         dt = self.dtype
-        if layer is not None and self.q_proj.ndim == 4:
+        if stacked:
             b, t, d = x.shape
             stacks = [w[...].reshape(w.shape[0], d, -1) for w in (self.q_proj, self.k_proj,
                                                                  self.v_proj)]
@@ -170,16 +143,18 @@ class Attention(nnx.Module):
             v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def output(self, out: jax.Array, layer=None) -> jax.Array:
-        """[B, T, N, H] -> [B, T, D]. With `layer`, o_proj may be a stack [L, N, H, D]."""
-        if layer is not None and self.o_proj.ndim == 4:
+    def output(self, out: jax.Array, layer=None, stacked=False) -> jax.Array:
+        """[B, T, N, H] -> [B, T, D]. With `stacked`, o_proj is a stack [L, N, H, D] read at
+        `layer`."""
+        if stacked:
             b, t = out.shape[:2]
             stack = self.o_proj[...].reshape(self.o_proj.shape[0], -1, self.o_proj.shape[-1])
             (y,) = decode_matmul.project_stacked(out.reshape(b * t, -1), (stack,), layer)
             return y.reshape(b, t, -1)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, layer, read_first=False):
+    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, layer, plan: KernelPlan,
+               read_first=False):
         """Writes T new tokens into one layer of the cache, then attends over it.
 
         The cache arrives as every layer's stack (the carry of `Mixtral.extend`'s layer scan).
@@ -195,13 +170,15 @@ class Attention(nnx.Module):
           slots: [T'] cache slots that the last T' <= T new tokens are written to.
           layer: [] int32 this layer's index into the cache stacks (and into the projection
             weights where those are stacks, see `project`).
+          plan: the call's kernels; `decode_projections` pallas: the projections are stacks.
           read_first: attend over the buffer before the write and all T new tokens (mask over
             S + T keys), then write: exact where a write could evict a key that an earlier new
             query sees (see `Mixtral.extend`); XLA copies the stack to keep the old one readable.
         Returns:
           ([B, T, D], k_cache, v_cache) with layer `layer`'s `slots` overwritten.
         """
-        q, k, v = self.project(x, cos, sin, layer)
+        stacked = plan.decode_projections == DecodeProjectionImpl.PALLAS
+        q, k, v = self.project(x, cos, sin, layer, stacked)
         dropped = k.shape[1] - slots.shape[0]  # T - T' new tokens that the buffer cannot hold
 
         def write(k_cache, v_cache):
@@ -217,7 +194,7 @@ class Attention(nnx.Module):
         v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
         keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
         values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
-        out = self.output(dot_product_attention(q, keys, values, mask), layer)
+        out = self.output(dot_product_attention(q, keys, values, mask), layer, stacked)
         if read_first:
             k_cache, v_cache = write(k_cache, v_cache)
         return out, k_cache, v_cache

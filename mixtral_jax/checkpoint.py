@@ -282,7 +282,7 @@ def load_model(directory: str, *, param_dtype: str | None = None,
         stored_tree = getattr(stored, "item_metadata", stored)
         _check_shapes(expected, stored_tree, directory)
         target = jax.tree.map(
-            lambda e: jax.ShapeDtypeStruct(e.shape, jnp.dtype(cfg.param_dtype)), expected)
+            lambda e: jax.ShapeDtypeStruct(e.shape, jnp.dtype(cfg.compute.param_dtype)), expected)
         params = ckptr.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
     return cfg, params
 

@@ -5,7 +5,11 @@ Field names are the project's one vocabulary (see `model.py` for the dimension l
   vocab_size (V), embed_dim (D), hidden_dim (F, the expert FFN width), num_layers (L),
   num_heads (N), num_kv_heads (K), head_dim (H), num_experts (E), num_experts_per_tok (k).
 
-Hugging Face's names are mapped in exactly one place, `hf_config.py`.
+Two classes, kept apart: `ModelConfig` is the architecture, what a checkpoint's `config.json`
+describes (sizes, RoPE, window, token ids); `ComputeConfig` (its `compute` field) is how this run
+computes it (dtypes, remat, MoE dispatch, kernels, capacity, router jitter). A checkpoint fixes
+the first; a run (`train.py`, `infer.py`) chooses the second with the same dotted overrides
+(`--model.dtype=bfloat16`). Hugging Face's names are mapped in exactly one place, `hf_config.py`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,93 @@ class GmmImpl(str, enum.Enum):
     PALLAS = "pallas"  # our Pallas-Triton kernels (gmm_pallas.py)
 
 
+class DecodeExpertImpl(str, enum.Enum):
+    """How the MoE of a call with few tokens (decode) reaches its experts (`kernels.plan`)."""
+
+    AUTO = "auto"  # pallas on NVIDIA GPUs, gather for one token where the grouped matmul is xla
+    OFF = "off"  # the dispatch of `moe_impl` at every size
+    GATHER = "gather"  # gather the chosen experts' weights, no sort (moe_local.moe_gathered)
+    PALLAS = "pallas"  # two Pallas-Triton kernels streaming only used experts (expert_decode.py)
+
+
+class DecodeProjectionImpl(str, enum.Enum):
+    """How a cached call with few tokens runs the attention projections and the router."""
+
+    AUTO = "auto"  # pallas on NVIDIA GPUs, xla elsewhere
+    OFF = "off"  # XLA einsums over the scan's layer slice
+    PALLAS = "pallas"  # one Pallas launch reading layer l of the stacks in place (decode_matmul)
+
+
+class Exchange(str, enum.Enum):
+    """How assignments reach the devices of their experts under expert parallelism
+    (`moe_parallel.py`)."""
+
+    AUTO = "auto"  # ragged where the backend has it and nothing may drop, else capacity
+    CAPACITY = "capacity"
+    RAGGED = "ragged"
+    RAGGED_EMULATED = "ragged_emulated"  # ragged path, collective emulated (checks, CPU)
+
+
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+_ENUM_FIELDS = {"moe_impl": MoEImpl, "remat": Remat, "attention_impl": AttentionImpl,
+                "gmm_impl": GmmImpl, "decode_expert_impl": DecodeExpertImpl,
+                "decode_projection_impl": DecodeProjectionImpl, "expert_exchange": Exchange}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComputeConfig:
+    """How a run computes a model: nothing here changes which function the model is.
+
+    Attributes:
+      param_dtype: storage dtype of parameters.
+      dtype: compute dtype of activations and matmuls (router, norms, softmax stay float32).
+      remat: rematerialisation policy of the layer scan, see `Remat`.
+      moe_impl: dispatch implementation, see `MoEImpl`.
+      capacity_factor: for `MoEImpl.CAPACITY`, slots per expert = ceil(cf * tokens * k / E).
+      router_jitter_noise: in training, inputs to the MoE block are scaled by U(1-j, 1+j).
+      attention_impl: full-sequence attention kernel, see `AttentionImpl`.
+      gmm_impl: grouped-matmul kernel of the dropless MoE, see `GmmImpl`.
+      decode_expert_impl: experts of calls with few tokens, see `DecodeExpertImpl`.
+      decode_projection_impl: attention projections and router of few-token cached calls, see
+        `DecodeProjectionImpl`.
+      expert_exchange: the all-to-all of expert parallelism, see `Exchange`.
+    The kernel choices are resolved once per compiled call into a `kernels.plan.KernelPlan`.
+    """
+
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: Remat = Remat.NONE
+    moe_impl: MoEImpl = MoEImpl.DROPLESS
+    capacity_factor: float = 1.25
+    router_jitter_noise: float = 0.0
+    attention_impl: AttentionImpl = AttentionImpl.AUTO
+    gmm_impl: GmmImpl = GmmImpl.AUTO
+    decode_expert_impl: DecodeExpertImpl = DecodeExpertImpl.AUTO
+    decode_projection_impl: DecodeProjectionImpl = DecodeProjectionImpl.AUTO
+    expert_exchange: Exchange = Exchange.AUTO
+
+    def __post_init__(self):
+        for name, enum_type in _ENUM_FIELDS.items():  # strings from TOML, JSON, the CLI
+            value = getattr(self, name)
+            if not isinstance(value, enum_type):
+                try:
+                    object.__setattr__(self, name, enum_type(value))
+                except ValueError:
+                    choices = ", ".join(e.value for e in enum_type)
+                    _fail(name, value, f"must be one of {choices}")
+        _validate_compute(self)
+
+    def replace(self, **changes: Any) -> "ComputeConfig":
+        """A copy with `changes` applied (validated like a new config)."""
+        unknown = sorted(set(changes) - COMPUTE_FIELDS)
+        if unknown:
+            raise ConfigError(f"ComputeConfig has no field {unknown[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+
+COMPUTE_FIELDS = frozenset(f.name for f in dataclasses.fields(ComputeConfig))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,17 +164,11 @@ class ModelConfig:
       rms_norm_eps: epsilon inside RMSNorm.
       max_seq_len: longest sequence the model is used with (positions beyond are rejected upstream).
       sliding_window: if set, a query sees at most this many keys (itself included).
-      router_jitter_noise: in training, inputs to the MoE block are scaled by U(1-j, 1+j).
       router_aux_loss_coef: load-balancing loss weight (kept here because HF configs carry it).
       initializer_range: standard deviation of the normal init of every matrix.
       bos_token_id, eos_token_id, pad_token_id: special token ids (pad may be None).
-      param_dtype: storage dtype of parameters.
-      dtype: compute dtype of activations and matmuls (router, norms, softmax stay float32).
-      moe_impl: dispatch implementation, see `MoEImpl`.
-      capacity_factor: for `MoEImpl.CAPACITY`, slots per expert = ceil(cf * tokens * k / E).
-      remat: rematerialisation policy of the layer scan, see `Remat`.
-      attention_impl: attention kernel, see `AttentionImpl`.
-      gmm_impl: grouped-matmul kernel of the dropless MoE, see `GmmImpl`.
+      compute: how this run computes the model, see `ComputeConfig`. `replace` and the
+        presets take its fields by name too: `cfg.replace(dtype="bfloat16")`.
     """
 
     vocab_size: int
@@ -100,31 +184,16 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     max_seq_len: int = 32768
     sliding_window: int | None = None
-    router_jitter_noise: float = 0.0
     router_aux_loss_coef: float = 0.02
     initializer_range: float = 0.02
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = None
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    moe_impl: MoEImpl = MoEImpl.DROPLESS
-    capacity_factor: float = 1.25
-    remat: Remat = Remat.NONE
-    attention_impl: AttentionImpl = AttentionImpl.AUTO
-    gmm_impl: GmmImpl = GmmImpl.AUTO
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
 
     def __post_init__(self):
-        # Coerce enum fields given as strings (TOML, JSON, CLI).
-        for name, enum_type in (("moe_impl", MoEImpl), ("remat", Remat),
-                                ("attention_impl", AttentionImpl), ("gmm_impl", GmmImpl)):
-            value = getattr(self, name)
-            if not isinstance(value, enum_type):
-                try:
-                    object.__setattr__(self, name, enum_type(value))
-                except ValueError:
-                    choices = ", ".join(e.value for e in enum_type)
-                    _fail(name, value, f"must be one of {choices}")
+        if not isinstance(self.compute, ComputeConfig):
+            _fail("compute", self.compute, "must be a ComputeConfig")
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -152,14 +221,25 @@ class ModelConfig:
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert in the capacity path for `num_tokens` tokens."""
-        slots = self.capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts
+        slots = (self.compute.capacity_factor * num_tokens * self.num_experts_per_tok
+                 / self.num_experts)
         return max(1, math.ceil(slots))
 
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The architecture fields (what `config.json` describes), without `compute`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "compute"}
+
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with `changes` applied (validated like a new config)."""
+        """A copy with `changes` applied (validated like a new config). Names of
+        `ComputeConfig` fields change `compute`."""
+        compute = {k: changes.pop(k) for k in list(changes) if k in COMPUTE_FIELDS}
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ConfigError(f"ModelConfig has no field {unknown[0]!r}")
+        if compute:
+            changes["compute"] = changes.get("compute", self.compute).replace(**compute)
         return dataclasses.replace(self, **changes)
 
     # ---- presets ---------------------------------------------------------------------------
@@ -239,7 +319,7 @@ def _validate(c: ModelConfig) -> None:
               f"must be <= num_experts={c.num_experts}")
     if c.head_dim % 2:
         _fail("head_dim", c.head_dim, "must be even (rotary embeddings rotate pairs)")
-    for name in ("rope_theta", "rms_norm_eps", "capacity_factor", "initializer_range"):
+    for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
         value = getattr(c, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             _fail(name, value, "must be a number")
@@ -247,13 +327,21 @@ def _validate(c: ModelConfig) -> None:
             _fail(name, value, "must be a finite number > 0")
     if not isinstance(c.router_aux_loss_coef, (int, float)) or not c.router_aux_loss_coef >= 0:
         _fail("router_aux_loss_coef", c.router_aux_loss_coef, "must be a number >= 0")
-    if not isinstance(c.router_jitter_noise, (int, float)) or not 0 <= c.router_jitter_noise < 1:
-        _fail("router_jitter_noise", c.router_jitter_noise, "must be in [0, 1)")
     if c.sliding_window is not None:
         if not isinstance(c.sliding_window, int) or isinstance(c.sliding_window, bool):
             _fail("sliding_window", c.sliding_window, "must be an integer or None")
         if c.sliding_window < 1:
             _fail("sliding_window", c.sliding_window, "must be >= 1 (or None for no window)")
+
+
+def _validate_compute(c: ComputeConfig) -> None:
+    value = c.capacity_factor
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        _fail("capacity_factor", value, "must be a number")
+    if not math.isfinite(value) or value <= 0:
+        _fail("capacity_factor", value, "must be a finite number > 0")
+    if not isinstance(c.router_jitter_noise, (int, float)) or not 0 <= c.router_jitter_noise < 1:
+        _fail("router_jitter_noise", c.router_jitter_noise, "must be in [0, 1)")
     for name in ("param_dtype", "dtype"):
         if getattr(c, name) not in DTYPES:
             _fail(name, getattr(c, name), f"must be one of {', '.join(DTYPES)}")

@@ -2,12 +2,12 @@
 
 `grouped_matmul(lhs, rhs, group_sizes, impl)` multiplies consecutive row groups of `lhs` by their
 own matrix of `rhs`. Everything the dropless path needs from a kernel goes through here, and the
-kernel is chosen here, by platform and `ModelConfig.gmm_impl`:
+kernel is the one the kernel plan resolved from `ComputeConfig.gmm_impl` (`kernel_plan.py`):
 
   pallas  our Pallas-Triton kernels with a custom VJP (`gmm_pallas.py`): NVIDIA GPUs. XLA's
           ragged_dot runs every expert densely there (8x the FLOPs for Mixtral).
   xla     `jax.lax.ragged_dot`: CPU, and TPU, where it lowers to a grouped kernel of its own.
-  auto    pallas on NVIDIA GPUs, xla elsewhere.
+  auto    resolved here by `kernel_plan.resolve_gmm` (direct callers: benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -16,25 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax import gmm_pallas
-from mixtral_jax.config import ConfigError, GmmImpl
+from mixtral_jax.config import GmmImpl
+from mixtral_jax.kernel_plan import resolve_gmm
 
 
-def on_nvidia_gpu() -> bool:
-    """True when computations run on an NVIDIA GPU (the default backend)."""
-    if jax.default_backend() != "gpu":
-        return False
-    return "nvidia" in jax.devices()[0].device_kind.lower()
-
-
-def resolve(impl: GmmImpl | str) -> GmmImpl:
-    """`auto` -> the kernel for this platform; `pallas` off an NVIDIA GPU is refused."""
+def _resolved(impl: GmmImpl | str) -> GmmImpl:
+    """The plan's choice as given; only `auto` (direct callers) is resolved here."""
     impl = GmmImpl(impl)
-    if impl == GmmImpl.AUTO:
-        return GmmImpl.PALLAS if on_nvidia_gpu() else GmmImpl.XLA
-    if impl == GmmImpl.PALLAS and not on_nvidia_gpu():
-        raise ConfigError(f"gmm_impl='pallas' needs an NVIDIA GPU, but the backend is "
-                          f"{jax.default_backend()!r}; use 'auto' or 'xla'")
-    return impl
+    return resolve_gmm(impl) if impl == GmmImpl.AUTO else impl
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
@@ -50,7 +39,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
       [A, F] in lhs's dtype.
     """
     group_sizes = group_sizes.astype(jnp.int32)
-    if resolve(impl) == GmmImpl.PALLAS:
+    if _resolved(impl) == GmmImpl.PALLAS:
         return gmm_pallas.gmm(lhs, rhs.astype(lhs.dtype), group_sizes)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
@@ -64,6 +53,6 @@ def grouped_matmul_stacked(lhs: jax.Array, stack: jax.Array, group_sizes: jax.Ar
     No gradient through the stack.
     """
     group_sizes = group_sizes.astype(jnp.int32)
-    if resolve(impl) == GmmImpl.PALLAS:
+    if _resolved(impl) == GmmImpl.PALLAS:
         return gmm_pallas.gmm_stacked(lhs, stack.astype(lhs.dtype), group_sizes, layer)
     return jax.lax.ragged_dot(lhs, stack[layer], group_sizes)

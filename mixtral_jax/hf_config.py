@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from mixtral_jax.config import ConfigError, ModelConfig
+from mixtral_jax.config import COMPUTE_FIELDS, ComputeConfig, ConfigError, ModelConfig
 
 # Our field <- HF field, for the fields that map one to one.
 _HF_NAMES = {
@@ -26,13 +26,16 @@ _HF_NAMES = {
     "rms_norm_eps": "rms_norm_eps",
     "max_seq_len": "max_position_embeddings",
     "sliding_window": "sliding_window",
-    "router_jitter_noise": "router_jitter_noise",
     "router_aux_loss_coef": "router_aux_loss_coef",
     "initializer_range": "initializer_range",
     "bos_token_id": "bos_token_id",
     "eos_token_id": "eos_token_id",
     "pad_token_id": "pad_token_id",
 }
+
+# Our ComputeConfig field <- HF field: a config.json also carries how its weights are stored and
+# the training-time router jitter.
+_HF_COMPUTE_NAMES = {"router_jitter_noise": "router_jitter_noise"}
 
 _HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -54,7 +57,7 @@ def from_hf_dict(hf: dict[str, Any], **changes: Any) -> ModelConfig:
         raise ConfigError("config.json tie_word_embeddings=true: Mixtral's LM head is untied")
 
     fields: dict[str, Any] = {}
-    for ours, theirs in _HF_NAMES.items():
+    for ours, theirs in {**_HF_NAMES, **_HF_COMPUTE_NAMES}.items():
         if theirs in hf:
             fields[ours] = hf[theirs]
     for required in ("vocab_size", "embed_dim", "hidden_dim", "num_layers", "num_heads"):
@@ -69,7 +72,8 @@ def from_hf_dict(hf: dict[str, Any], **changes: Any) -> ModelConfig:
     if dtype in _HF_DTYPES:
         fields["param_dtype"] = _HF_DTYPES[dtype]
     fields.update(changes)
-    return ModelConfig(**fields)
+    compute = {k: fields.pop(k) for k in list(fields) if k in COMPUTE_FIELDS}
+    return ModelConfig(**fields, compute=ComputeConfig(**compute))
 
 
 def _read_rope_theta(hf: dict[str, Any]) -> float:
@@ -91,8 +95,10 @@ def to_hf_dict(cfg: ModelConfig, *, rope_format: str = "v4") -> dict[str, Any]:
     hf: dict[str, Any] = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
     for ours, theirs in _HF_NAMES.items():
         hf[theirs] = getattr(cfg, ours)
+    for ours, theirs in _HF_COMPUTE_NAMES.items():
+        hf[theirs] = getattr(cfg.compute, ours)
     hf.update(head_dim=cfg.head_dim, hidden_act="silu", tie_word_embeddings=False,
-              attention_dropout=0.0, dtype=cfg.param_dtype)
+              attention_dropout=0.0, dtype=cfg.compute.param_dtype)
     theta = cfg.rope_theta
     if math.isclose(theta, round(theta)):
         theta = int(theta)  # 1000000, as the published config.json files write it

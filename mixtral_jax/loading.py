@@ -23,13 +23,19 @@ def load_foreign_directory(directory: str, **config_changes):
     return source.cfg.replace(**config_changes), params
 
 
-def load_for_inference(path: str, tokenizer_path: str | None = None, *, dtype: str | None = None):
-    """(model, tokenizer) from a model checkpoint or a Hugging Face / Mistral directory."""
+def load_for_inference(path: str, tokenizer_path: str | None = None, *,
+                       dtype: str | None = None, compute: dict | None = None):
+    """(model, tokenizer) from a model checkpoint or a Hugging Face / Mistral directory.
+
+    `compute`: ComputeConfig changes (how to compute; the architecture is the checkpoint's);
+    `dtype` is short for compute={"dtype": dtype}."""
     from mixtral_jax.model import init, set_params
 
     if not os.path.isdir(path):
         raise ConfigError(f"checkpoint {path} does not exist")
-    changes = {} if dtype is None else {"dtype": dtype}
+    changes = dict(compute or {})
+    if dtype is not None:
+        changes["dtype"] = dtype
     if checkpoint.is_model_checkpoint(path):
         cfg, params = checkpoint.load_model(path, **changes)
     else:

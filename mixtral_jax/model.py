@@ -17,14 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mixtral_jax import sharding
-from mixtral_jax.attention import (
-    Attention,
-    cached_attention_mask,
-    make_attention_mask,
-    projections_in_place,
-)
-from mixtral_jax.config import ModelConfig, Remat
+from mixtral_jax import kernel_plan, sharding
+from mixtral_jax.attention import Attention, cached_attention_mask, make_attention_mask
+from mixtral_jax.config import DecodeProjectionImpl, ModelConfig, Remat
+from mixtral_jax.kernel_plan import KernelPlan
 from mixtral_jax.layers import Embed, RMSNorm, normal_init, rope_cos_sin
 from mixtral_jax.moe import MoE, MoEAux
 
@@ -76,7 +72,7 @@ class KVCache:
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
         shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-        dtype = jnp.dtype(dtype or cfg.dtype)
+        dtype = jnp.dtype(dtype or cfg.compute.dtype)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    index=jnp.full((size,), -1, jnp.int32), valid=jnp.zeros((batch, size), bool),
                    length=jnp.zeros((), jnp.int32))
@@ -91,32 +87,32 @@ class DecoderBlock(nnx.Module):
     """x + Attention(RMSNorm(x)), then h + MoE(RMSNorm(h))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dt, pdt = jnp.dtype(cfg.compute.dtype), jnp.dtype(cfg.compute.param_dtype)
         self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, dtype=dt, param_dtype=pdt)
         self.attn = Attention(cfg, rngs=rngs)
         self.moe_norm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, dtype=dt, param_dtype=pdt)
         self.moe = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, token_mask, noise_rng):
+    def __call__(self, x, cos, sin, mask, token_mask, noise_rng, plan: KernelPlan):
         """x: [B, T, D] -> ([B, T, D], MoEAux). On the active mesh, the inputs and outputs of
         attention and MoE are pinned to the rules table (no-ops without one)."""
-        h = x + _pin(self.attn(_pin(self.attn_norm(x)), cos, sin, mask))
-        moe_out, aux = self.moe(_pin(self.moe_norm(h)), token_mask, noise_rng)
+        h = x + _pin(self.attn(_pin(self.attn_norm(x)), cos, sin, mask, plan))
+        moe_out, aux = self.moe(_pin(self.moe_norm(h)), token_mask, noise_rng, plan=plan)
         return h + _pin(moe_out), aux
 
     def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask, layer,
-               read_first=False):
+               plan: KernelPlan, read_first=False):
         """Like __call__ over new tokens, reading and writing layer `layer` of the cache.
 
         k_cache, v_cache: [L, B, S, K, H] every layer's cache (see `Attention.cached`); layer:
-        [] int32. Returns ([B, T, D], aux, k_cache, v_cache). The MoE's expert weights (and, where
-        `projections_in_place`, the attention's) are every layer's stacks, read at `layer`.
+        [] int32. Returns ([B, T, D], aux, k_cache, v_cache). The weights named by the plan's
+        `stacked_weights` are every layer's stacks, read at `layer`.
         """
         attn, k_cache, v_cache = self.attn.cached(self.attn_norm(x), cos, sin, k_cache, v_cache,
-                                                  mask, slots, layer=layer,
+                                                  mask, slots, layer=layer, plan=plan,
                                                   read_first=read_first)
         h = x + attn
-        moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer)
+        moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
         return h + moe_out, aux, k_cache, v_cache
 
 
@@ -125,14 +121,10 @@ class DecoderBlock(nnx.Module):
 EXTEND_SCAN_UNROLL = 4
 
 
-def _is_expert_stack(path, value) -> bool:
-    return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
-
-
-def _is_expert_or_projection_stack(path, value) -> bool:
-    return _is_expert_stack(path, value) or (len(path) >= 2 and (
-        (path[-2] == "attn" and path[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        or (path[-2] == "moe" and path[-1] == "router")))
+def _stacked_filter(plan: KernelPlan):
+    """An nnx filter selecting the block weights that `plan` reads as whole stacks."""
+    names = set(plan.stacked_weights)
+    return lambda path, value: len(path) >= 2 and (path[-2], path[-1]) in names
 
 
 def _pad_router_stack(stacks: nnx.State) -> None:
@@ -157,7 +149,7 @@ class Mixtral(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dt, pdt = jnp.dtype(cfg.compute.dtype), jnp.dtype(cfg.compute.param_dtype)
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.embed_dim, std=cfg.initializer_range, dtype=dt,
                            param_dtype=pdt, rngs=rngs)
@@ -180,6 +172,7 @@ class Mixtral(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         noise_rng: jax.Array | None = None,
+        plan: KernelPlan | None = None,
     ) -> ModelOutput:
         """Full-sequence forward pass.
 
@@ -190,11 +183,15 @@ class Mixtral(nnx.Module):
           positions: [B, T] RoPE positions; default 0..T-1 for every row.
           segment_ids: [B, T] document ids when several documents are packed in a row.
           noise_rng: PRNG key for router jitter (training only); None is deterministic.
+          plan: the kernels of this call; default `kernel_plan.resolve` for B*T tokens on the
+            active mesh (the one decision, passed to every layer).
         Returns:
           ModelOutput with logits [B, T, V] float32 and the router aux.
         """
         cfg = self.cfg
         b, t = tokens.shape
+        if plan is None:
+            plan = kernel_plan.resolve(cfg, b * t, cached=False)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask = make_attention_mask(t, t, sliding_window=cfg.sliding_window,
@@ -208,11 +205,12 @@ class Mixtral(nnx.Module):
         def body(x, xs):
             state, rng = xs
             layer = nnx.merge(graphdef, state)
-            x, aux = layer(x, cos, sin, mask, token_mask, rng)
+            x, aux = layer(x, cos, sin, mask, token_mask, rng, plan)
             return sharding.constrain(x, "batch", "length", "embed"), aux
 
-        if cfg.remat != Remat.NONE:
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        remat = cfg.compute.remat
+        if remat != Remat.NONE:
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
         # Activation shardings on the active mesh (sharding.active; no-ops without one).
         x = sharding.constrain(self.embed(tokens), "batch", "length", "embed")  # [B, T, D]
         x, layer_aux = jax.lax.scan(body, x, (layer_state, layer_rngs))
@@ -224,7 +222,8 @@ class Mixtral(nnx.Module):
 
 
     def extend(self, tokens: jax.Array, cache: KVCache, *, positions: jax.Array,
-               valid: jax.Array) -> tuple[ModelOutput, KVCache]:
+               valid: jax.Array,
+               plan: KernelPlan | None = None) -> tuple[ModelOutput, KVCache]:
         """Runs T new tokens on top of `cache` (prefill: T = prompt length; decode: T = 1).
 
         Args:
@@ -232,6 +231,7 @@ class Mixtral(nnx.Module):
           cache: the KV cache so far.
           positions: [B, T] RoPE positions of the new tokens (per row: left padding shifts them).
           valid: [B, T] bool, False for padding tokens (never attended to).
+          plan: the kernels of this call; default `kernel_plan.resolve` for B*T cached tokens.
         Returns:
           (ModelOutput for the new tokens, updated cache).
 
@@ -244,6 +244,8 @@ class Mixtral(nnx.Module):
         """
         cfg = self.cfg
         b, t = tokens.shape
+        if plan is None:
+            plan = kernel_plan.resolve(cfg, b * t, cached=True)
         size = cache.index.shape[0]
         q_index = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
         kept = min(t, size)  # a rolling buffer keeps only the last S new tokens
@@ -261,14 +263,11 @@ class Mixtral(nnx.Module):
         mask = cached_attention_mask(q_index, key_index, key_valid, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
-        # The expert stacks stay out of the scan's sliced inputs: the MoE reads layer i of the
-        # whole stack in place (a scan slice feeding a custom kernel would be copied). So do the
-        # attention projections and the router where their decode kernel applies (XLA copies a
-        # sliced layer before its matmul reads it).
-        projections = projections_in_place(cfg, b * t)
-        in_place = _is_expert_or_projection_stack if projections else _is_expert_stack
-        graphdef, expert_stacks, layer_state = nnx.split(self.layers, in_place, ...)
-        if projections:
+        # The plan's stacked weights stay out of the scan's sliced inputs: the layer reads layer
+        # i of the whole stack in place (a scan slice feeding a custom kernel would be copied;
+        # XLA copies a sliced layer before its matmul reads it).
+        graphdef, expert_stacks, layer_state = nnx.split(self.layers, _stacked_filter(plan), ...)
+        if plan.decode_projections == DecodeProjectionImpl.PALLAS:
             _pad_router_stack(expert_stacks)
 
         # The whole cache [L, B, S, K, H] rides in the scan's carry: layer i reads its slice and
@@ -280,7 +279,7 @@ class Mixtral(nnx.Module):
             state, index = xs
             layer = nnx.merge(graphdef, expert_stacks, state)
             x, aux, k_cache, v_cache = layer.cached(x, cos, sin, k_cache, v_cache, mask, slots,
-                                                    token_mask, layer=index,
+                                                    token_mask, layer=index, plan=plan,
                                                     read_first=read_first)
             return (x, k_cache, v_cache), aux
 

@@ -18,7 +18,8 @@ experts (X = expert-axis size). Two ways to exchange the assignments (`Exchange`
             and TPU; XLA:CPU does not (jax 0.10.2: "HLO opcode `ragged-all-to-all` is not
             supported by XLA:CPU ThunkEmitter").
 
-`Exchange.AUTO` (what the model uses) takes ragged when there is no capacity factor and the
+The model's exchange is `ComputeConfig.expert_exchange` as the kernel plan resolves it
+(`kernel_plan.resolve_exchange`): `auto` takes ragged when there is no capacity factor and the
 backend compiles ragged_all_to_all (probed once per platform), else capacity.
 `Exchange.RAGGED_EMULATED` is the ragged path with the collective built from a dense all_to_all
 (`emulated_ragged_all_to_all`, same semantics): it checks the ragged bookkeeping on CPU and is
@@ -27,85 +28,29 @@ never faster than capacity.
 
 from __future__ import annotations
 
-import enum
-import functools
 import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from mixtral_jax import sharding
-from mixtral_jax.config import GmmImpl
+from mixtral_jax.config import Exchange, GmmImpl
 from mixtral_jax.grouped_matmul import grouped_matmul
-from mixtral_jax.moe import Routing, sort_by_expert, swiglu, unsort_and_combine
+from mixtral_jax.kernel_plan import resolve_exchange
+from mixtral_jax.moe_ops import (
+    Routing,
+    exclusive_cumsum,
+    group_positions,
+    sort_by_expert,
+    swiglu,
+    unsort_and_combine,
+)
 
 TOKEN_AXES = sharding.LOGICAL_RULES["batch"]  # mesh axes that split the tokens
 (EXPERT_AXIS,) = sharding.LOGICAL_RULES["experts"]
-
-
-class Exchange(str, enum.Enum):
-    """How assignments reach the devices of their experts (module docstring)."""
-
-    AUTO = "auto"  # ragged where the backend has it and nothing may drop, else capacity
-    CAPACITY = "capacity"
-    RAGGED = "ragged"
-    RAGGED_EMULATED = "ragged_emulated"  # ragged path, collective emulated (checks, CPU)
-
-
-@functools.cache
-def ragged_all_to_all_supported(platform: str) -> bool:
-    """Whether `platform`'s backend compiles jax.lax.ragged_all_to_all (a one-device probe,
-    compiled, not run)."""
-    device = jax.local_devices(backend=platform)[0]
-    mesh = Mesh(np.array([device]), ("probe",))
-
-    def probe(x):
-        zero, one = jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32)
-        return jax.lax.ragged_all_to_all(x, jnp.zeros_like(x), zero, one, zero, one,
-                                         axis_name="probe")
-
-    fn = jax.jit(jax.shard_map(probe, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
-    try:
-        fn.lower(jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
-    except Exception:  # noqa: BLE001 (XLA raises a runtime error naming the missing opcode)
-        return False
-    return True
-
-
-def resolve_exchange(exchange: Exchange | str, mesh: Mesh,
-                     capacity_factor: float | None) -> Exchange:
-    """The exchange `moe_expert_parallel` runs: AUTO resolved; a ragged choice that cannot be
-    honoured is a ValueError naming why."""
-    exchange = Exchange(exchange)
-    platform = mesh.devices.flat[0].platform
-    ragged = (Exchange.RAGGED, Exchange.RAGGED_EMULATED)
-    if capacity_factor is not None and exchange in ragged:
-        raise ValueError(f"exchange={exchange.value!r} is dropless and takes no capacity_factor "
-                         f"(got {capacity_factor})")
-    if exchange == Exchange.AUTO:
-        if capacity_factor is None and ragged_all_to_all_supported(platform):
-            return Exchange.RAGGED
-        return Exchange.CAPACITY
-    if exchange == Exchange.RAGGED and not ragged_all_to_all_supported(platform):
-        raise ValueError(f"exchange='ragged' needs ragged_all_to_all, which the {platform} "
-                         f"backend of jax {jax.__version__} does not compile; use 'auto' or "
-                         "'capacity'")
-    return exchange
-
-
-def slots(experts: jax.Array, num_experts: int) -> jax.Array:
-    """experts: [m, k] int32 -> [m, k] position of each assignment inside its expert's group
-    (assignments in token order, stable)."""
-    flat = experts.reshape(-1)  # [A]
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=num_experts)
-    group_start = jnp.cumsum(group_sizes) - group_sizes  # [E]
-    rank = jnp.zeros_like(flat).at[order].set(jnp.arange(flat.shape[0], dtype=flat.dtype))
-    return (rank - group_start[flat]).reshape(experts.shape)
 
 
 def _local_capacity(x, experts, weights, real, w_gate, w_up, w_down, *, num_experts, capacity,
@@ -114,7 +59,7 @@ def _local_capacity(x, experts, weights, real, w_gate, w_up, w_down, *, num_expe
     padding rows added to make the tokens split evenly); w_*: [E/X, ...] local experts."""
     m, d = x.shape
     topk = experts.shape[1]
-    pos = slots(experts, num_experts)  # [m, k]
+    pos = group_positions(experts, num_experts)  # [m, k]
     keep = pos < capacity
     tok = jnp.broadcast_to(jnp.arange(m)[:, None], (m, topk))
     send = jnp.zeros((num_experts, capacity, d), x.dtype)
@@ -152,10 +97,6 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
     return output.at[dest.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-def _exclusive_cumsum(sizes: jax.Array) -> jax.Array:
-    return jnp.cumsum(sizes) - sizes
-
-
 def _local_ragged(x, experts, weights, w_gate, w_up, w_down, *, num_experts, x_shards,
                   collective, gmm_impl):
     """Runs on one device; the dropless ragged exchange. x: [m, D]; experts, weights: [m, k];
@@ -167,11 +108,11 @@ def _local_ragged(x, experts, weights, w_gate, w_up, w_down, *, num_experts, x_s
     x_sorted = x[order // topk]  # [A, D] by expert, so by destination shard
     send_groups = group_sizes.reshape(x_shards, local_e)  # [X, E/X] by destination
     send_sizes = send_groups.sum(axis=1)  # [X]
-    send_offsets = _exclusive_cumsum(send_sizes)
+    send_offsets = exclusive_cumsum(send_sizes)
     # [X, E/X] rows each source sends here, per local expert
     recv_groups = jax.lax.all_to_all(send_groups, EXPERT_AXIS, 0, 0, tiled=True)
     recv_sizes = recv_groups.sum(axis=1)  # [X]
-    recv_offsets = _exclusive_cumsum(recv_sizes)  # where each source's rows start here
+    recv_offsets = exclusive_cumsum(recv_sizes)  # where each source's rows start here
     # where this device's rows start on each receiver
     remote_offsets = jax.lax.all_to_all(recv_offsets, EXPERT_AXIS, 0, 0, tiled=True)
     buf = collective(x_sorted, jnp.zeros((x_shards * a, d), x.dtype), send_offsets, send_sizes,
@@ -241,14 +182,3 @@ def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh
                         check_vma=False)
     out, dropped = run(*args, w_gate, w_up, w_down)
     return out[:num_tokens], dropped
-
-
-expert_parallel = sharding.active  # the context that makes MoE layers expert-parallel
-
-
-def active_mesh() -> Mesh | None:
-    """The active mesh (sharding.active) when its expert axis is > 1, else None."""
-    mesh = sharding.active_mesh()
-    if mesh is not None and mesh.shape[EXPERT_AXIS] > 1:
-        return mesh
-    return None

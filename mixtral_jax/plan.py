@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from mixtral_jax import config as config_lib
 from mixtral_jax import sharding as sh
-from mixtral_jax.moe_parallel import expert_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +71,7 @@ def plan(cfg: config_lib.ModelConfig, mesh_cfg: sh.MeshConfig, batch: int, seq: 
             lambda p, a, b: (p - 1e-4 * a / (jnp.sqrt(b) + 1e-8)).astype(p.dtype), params, m, v)
         return params, m, v
 
-    with expert_parallel(mesh):
+    with sh.active(mesh):
         compiled = jax.jit(step, in_shardings=(pshard, pshard, pshard, sh.batch_sharding(mesh)),
                            out_shardings=(pshard, pshard, pshard),
                            donate_argnums=(0, 1, 2)).lower(shapes, moments, moments, tokens).compile()

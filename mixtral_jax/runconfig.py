@@ -5,8 +5,9 @@ applies overrides like `--model.num_layers=4`, and builds the tree. Unknown keys
 wrong type are errors (one line naming the key), never silently ignored.
 
 The `[model]` table takes `preset = "tiny" | "mixtral-8x7b" | "mixtral-8x22b"` plus any
-`ModelConfig` field to change; `hf_config = "path/to/config.json"` starts from a Hugging Face
-config instead of a preset.
+`ModelConfig` (architecture) or `ComputeConfig` field to change; `hf_config =
+"path/to/config.json"` starts from a Hugging Face config instead of a preset. `infer.py` takes
+the same `--model.<compute field>=value` overrides (`compute_overrides`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import types
 import typing
 from typing import Any
 
-from mixtral_jax.config import ConfigError, ModelConfig, preset
+from mixtral_jax.config import COMPUTE_FIELDS, ComputeConfig, ConfigError, ModelConfig, preset
 from mixtral_jax.hf_config import load_hf_config
 
 
@@ -242,7 +243,8 @@ def build_model_config(data: dict[str, Any], where: str = "model.") -> ModelConf
     hf_path = data.pop("hf_config", None)
     if name is not None and hf_path is not None:
         raise ConfigError(f"{where}preset and {where}hf_config are exclusive: pick one")
-    hints = typing.get_type_hints(ModelConfig)
+    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(ComputeConfig)}
+    hints.pop("compute")
     unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ConfigError(f"unknown config key {where + unknown[0]!r}")
@@ -250,6 +252,30 @@ def build_model_config(data: dict[str, Any], where: str = "model.") -> ModelConf
     if hf_path is not None:
         return load_hf_config(hf_path, **changes)
     return preset(name or "tiny", **changes)
+
+
+def compute_overrides(overrides: list[str], where: str = "model.") -> dict[str, Any]:
+    """`ComputeConfig` changes from `model.<field>=value` overrides (infer.py, the server): the
+    architecture comes from the checkpoint, so any other key is refused, naming it."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        apply_override(data, item)
+    unknown = sorted(set(data) - {where.rstrip(".")})
+    if unknown:
+        raise ConfigError(f"override {unknown[0]!r}: only {where}<compute setting> is taken here")
+    table = data.get(where.rstrip("."), {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"override {where.rstrip('.')!r} must name a field: {where}dtype=...")
+    hints = typing.get_type_hints(ComputeConfig)
+    for key in table:
+        if key not in COMPUTE_FIELDS:
+            rule = ("is architecture, fixed by the checkpoint's config.json"
+                    if key in typing.get_type_hints(ModelConfig) else "is no setting")
+            raise ConfigError(f"{where}{key} {rule}; compute settings: "
+                              f"{', '.join(sorted(COMPUTE_FIELDS))}")
+    changes = {k: _coerce(hints[k], v, where + k) for k, v in table.items()}
+    ComputeConfig(**changes)  # validates the values now, before any weights are read
+    return changes
 
 
 def _coerce(hint: Any, value: Any, where: str):

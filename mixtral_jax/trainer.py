@@ -47,18 +47,12 @@ class NumericsHalt(RuntimeError):
     """Too many consecutive non-finite steps: the run stops without saving."""
 
 
-# Compute settings a run may change on a model it starts from (sizes come from the checkpoint).
-_RUN_SETTINGS = ("dtype", "param_dtype", "remat", "moe_impl", "capacity_factor",
-                 "router_jitter_noise", "attention_impl", "gmm_impl")
-
-
 def base_model_config(cfg: RunConfig):
-    """The run's model config: the [model] table, or the starting checkpoint's config with the
-    run's compute settings applied."""
+    """The run's model config: the [model] table, or the starting checkpoint's architecture
+    computed as this run's [model] table says (`ComputeConfig`)."""
     if not cfg.checkpoint.init_from:
         return cfg.model
-    start = load_hf_config(cfg.checkpoint.init_from)
-    return start.replace(**{k: getattr(cfg.model, k) for k in _RUN_SETTINGS})
+    return load_hf_config(cfg.checkpoint.init_from).replace(compute=cfg.model.compute)
 
 
 def tokenizer_choice(cfg: RunConfig, model_cfg) -> str:
@@ -256,7 +250,7 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
         return graphdef, tx, TrainState(**restored), ckpt
     if cfg.checkpoint.init_from:
         _, params = checkpoint.load_model(cfg.checkpoint.init_from,
-                                          param_dtype=model_cfg.param_dtype)
+                                          param_dtype=model_cfg.compute.param_dtype)
         if mesh is not None:
             params = sharding.shard_params(params, model_cfg, mesh)
         print(f"starting from the weights of {cfg.checkpoint.init_from}")

@@ -11,8 +11,8 @@ from mixtral_jax.attention import (
     dot_product_attention,
     fused_attention,
     make_attention_mask,
-    resolve_attention,
 )
+from mixtral_jax.kernel_plan import resolve_attention
 from mixtral_jax.config import AttentionImpl, ConfigError
 
 

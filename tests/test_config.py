@@ -50,7 +50,7 @@ def test_unknown_field_and_preset_are_errors():
 
 def test_strings_become_enums():
     cfg = mj.ModelConfig.tiny(moe_impl="capacity", remat="save_dots")
-    assert cfg.moe_impl is mj.MoEImpl.CAPACITY and cfg.remat is mj.Remat.SAVE_DOTS
+    assert cfg.compute.moe_impl is mj.MoEImpl.CAPACITY and cfg.compute.remat is mj.Remat.SAVE_DOTS
 
 
 def test_capacity_rounds_up():

@@ -133,7 +133,7 @@ def test_round_trip_is_bit_exact_and_transformers_loads_the_export(sources, tmp_
     model.to(getattr(torch, dtype)).save_pretrained(str(src))
     model.float()
     assert cli.main(["to-orbax", str(src), str(tmp_path / "ours"), "--quiet"]) == 0
-    assert mj.load_hf_config(str(tmp_path / "ours")).param_dtype == dtype
+    assert mj.load_hf_config(str(tmp_path / "ours")).compute.param_dtype == dtype
     assert cli.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "back"), "--quiet",
                      "--max-shard-gb", "0.00003"]) == 0  # ~32 KB shards: several files
     assert (tmp_path / "back" / "model.safetensors.index.json").is_file()

@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 
 import mixtral_jax as mj
-from mixtral_jax import attention, decode_matmul, expert_decode, moe
-from mixtral_jax.config import GmmImpl
+from mixtral_jax import decode_matmul, expert_decode, kernel_plan, moe
 from mixtral_jax.model import KVCache
 
 
@@ -98,8 +97,7 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
     valid = jnp.ones((2, 9), bool)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     full = model(tokens, valid.astype(jnp.int32), positions=positions).logits
-    monkeypatch.setattr(moe, "resolve_gmm", lambda impl: GmmImpl.PALLAS)
-    monkeypatch.setattr(attention, "resolve_kernels", lambda impl: GmmImpl.PALLAS)
+    monkeypatch.setattr(kernel_plan, "platform", lambda: kernel_plan.NVIDIA_GPU)
     monkeypatch.setattr(expert_decode, "decode_experts", interpreted)
     monkeypatch.setattr(decode_matmul, "project_stacked", interpreted_projection)
     graphdef, state = nnx.split(model)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax import gmm_pallas, grouped_matmul, moe
+from mixtral_jax import gmm_pallas, grouped_matmul, kernel_plan, moe
 from mixtral_jax.config import ConfigError, GmmImpl
 
 
@@ -79,14 +79,13 @@ def test_tiles_shrink_to_fit_shared_memory_for_wider_dtypes():
 
 
 def test_entry_point_chooses_ragged_dot_on_cpu_and_refuses_pallas():
-    assert grouped_matmul.resolve("auto") == GmmImpl.XLA
+    assert kernel_plan.resolve_gmm("auto") == GmmImpl.XLA
     with pytest.raises(ConfigError, match="gmm_impl='pallas' needs an NVIDIA GPU"):
-        grouped_matmul.resolve("pallas")
+        kernel_plan.resolve_gmm("pallas")
 
 
 def test_moe_dropless_through_the_kernel_equals_the_dense_oracle(monkeypatch):
     """The whole dropless MoE with the Pallas kernel (interpreted) in place of ragged_dot."""
-    monkeypatch.setattr(grouped_matmul, "resolve", lambda impl: GmmImpl.PALLAS)
     real = gmm_pallas.gmm
     monkeypatch.setattr(gmm_pallas, "gmm", lambda l, r, g: real(l, r, g, True))
     m, d, f, e = 12, 16, 32, 4
@@ -102,7 +101,8 @@ def test_moe_dropless_through_the_kernel_equals_the_dense_oracle(monkeypatch):
 
     grad = jax.jit(lambda fn, *a: jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2, 3),
                                                      has_aux=True)(*a), static_argnums=0)
-    (_, got), g_got = grad(moe.moe_dropless, x, *w)
+    pallas = functools.partial(moe.moe_dropless, gmm_impl=GmmImpl.PALLAS)  # the plan's choice
+    (_, got), g_got = grad(pallas, x, *w)
     (_, want), g_want = grad(moe.moe_dense, x, *w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_got, g_want):

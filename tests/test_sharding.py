@@ -79,13 +79,12 @@ def test_bad_mesh_is_one_line_error(text, message):
 
 @pytest.mark.parametrize("spec", ["expert=4,data=2", "data=2,fsdp=2,expert=2"])
 def test_expert_parallel_model_equals_single_device(reference, spec):
-    """The whole model with MoE layers dispatching by all-to-all (moe_parallel.expert_parallel)."""
-    from mixtral_jax import moe_parallel
+    """The whole model with MoE layers dispatching by all-to-all (sharding.active)."""
     cfg, params, tokens, logits_ref, grads_ref = reference
     mesh = sh.make_mesh(sh.MeshConfig.parse(spec))
     sharded = sh.shard_params(params, cfg, mesh)
     toks = jax.device_put(tokens, sh.batch_sharding(mesh))
-    with moe_parallel.expert_parallel(mesh):
+    with sh.active(mesh):
         step = jax.jit(jax.value_and_grad(lambda p, t: _loss(cfg, p, t), has_aux=True))
         assert "all-to-all" in step.lower(sharded, toks).as_text(dialect="hlo")
         (_, logits), grads = step(sharded, toks)

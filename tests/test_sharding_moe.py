@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as PS
 
-from mixtral_jax import moe, moe_parallel
+from mixtral_jax import kernel_plan, moe, moe_ops, moe_parallel
+from mixtral_jax.config import Exchange
 from mixtral_jax import sharding as sh
 
 E, D, F, M, K = 8, 16, 24, 64, 2
@@ -61,7 +62,7 @@ def test_capacity_drops_match_capacity_oracle():
     got, dropped = jax.jit(lambda *a: moe_parallel.moe_expert_parallel(
         *a, mesh=mesh, capacity_factor=1.0))(x, routing, wg, wu, wd)
     cap = int(np.ceil(1.0 * (M // 8) * K / E))
-    keep = np.concatenate([np.asarray(moe_parallel.slots(routing.experts[i:i + M // 8], E)) < cap
+    keep = np.concatenate([np.asarray(moe_ops.group_positions(routing.experts[i:i + M // 8], E)) < cap
                            for i in range(0, M, M // 8)])
     assert int(dropped) == int((~keep).sum()) > 0
     kept = routing.replace(weights=jnp.where(keep, routing.weights, 0.0))
@@ -116,15 +117,15 @@ def test_exchange_choice_follows_what_the_backend_compiles():
     one-line errors."""
     mesh = sh.make_mesh(sh.MeshConfig.parse("expert=4,data=2"))
     supported = _real_ragged_all_to_all_runs()
-    assert moe_parallel.ragged_all_to_all_supported(jax.devices()[0].platform) == supported
-    auto = moe_parallel.resolve_exchange("auto", mesh, None)
-    assert auto == (moe_parallel.Exchange.RAGGED if supported else moe_parallel.Exchange.CAPACITY)
-    assert moe_parallel.resolve_exchange("auto", mesh, 1.25) == moe_parallel.Exchange.CAPACITY
+    assert kernel_plan.ragged_all_to_all_supported(jax.devices()[0].platform) == supported
+    auto = kernel_plan.resolve_exchange("auto", mesh, None)
+    assert auto == (Exchange.RAGGED if supported else Exchange.CAPACITY)
+    assert kernel_plan.resolve_exchange("auto", mesh, 1.25) == Exchange.CAPACITY
     with pytest.raises(ValueError, match="'ragged_emulated' is dropless and takes no capacity"):
-        moe_parallel.resolve_exchange("ragged_emulated", mesh, 1.25)
+        kernel_plan.resolve_exchange("ragged_emulated", mesh, 1.25)
     if not supported:
         with pytest.raises(ValueError, match="'ragged' needs ragged_all_to_all, which the cpu"):
-            moe_parallel.resolve_exchange("ragged", mesh, None)
+            kernel_plan.resolve_exchange("ragged", mesh, None)
 
 
 def test_emulated_ragged_all_to_all_follows_the_documented_example():

@@ -55,12 +55,12 @@ def _inspect(src: str, allow_pickle: bool) -> None:
 
     if checkpoint.is_model_checkpoint(src):
         cfg, _ = checkpoint.LazyParams.open(src)  # checks the stored shapes, reads no data
-        print(f"{src}: model checkpoint, {cfg.param_count:,} parameters, {cfg.param_dtype}")
+        print(f"{src}: model checkpoint, {cfg.param_count:,} parameters, {cfg.compute.param_dtype}")
     else:
         source = open_source(src, allow_pickle=allow_pickle)
         cfg = source.cfg
         print(f"{src}: layout {source.layout}, {len(source.plan.expected)} tensors, "
-              f"{source.total_bytes / 1e6:.1f} MB {cfg.param_dtype}, "
+              f"{source.total_bytes / 1e6:.1f} MB {cfg.compute.param_dtype}, "
               f"{cfg.param_count:,} parameters")
     print(f"  L={cfg.num_layers} D={cfg.embed_dim} F={cfg.hidden_dim} N={cfg.num_heads} "
           f"K={cfg.num_kv_heads} H={cfg.head_dim} E={cfg.num_experts} "
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                                     dtype=args.dtype, check_finite=args.check_finite,
                                     tokenizer=args.tokenizer, progress=not args.quiet, mesh=mesh)
             print(f"wrote {args.dst} from {args.src} (layout {src.layout}, "
-                  f"{src.cfg.param_dtype}, {src.total_bytes / 1e6:.1f} MB)")
+                  f"{src.cfg.compute.param_dtype}, {src.total_bytes / 1e6:.1f} MB)")
         elif args.command == "to-hf":
             if not args.max_shard_gb > 0:
                 raise ConfigError(f"--max-shard-gb={args.max_shard_gb}: must be > 0")

@@ -42,11 +42,11 @@ def iter_leaves(src: Source, *, check_finite: bool = False, bar: tqdm | None = N
     """(path, `checkpoint.StreamedLeaf`) of our parameter tree; nothing is read until a slice is.
 
     Each slice (`leaf[l]` or `leaf[l, e]`) is made from one stored tensor, in
-    `src.cfg.param_dtype`. `bar` counts the stored bytes read. With `check_finite`, non-finite
+    `src.cfg.compute.param_dtype`. `bar` counts the stored bytes read. With `check_finite`, non-finite
     values are listed in `problems` (named, with their count); the caller raises.
     """
     cfg, get = src.cfg, src.getter()
-    dtype = np.dtype(_np_dtype(cfg.param_dtype))
+    dtype = np.dtype(_np_dtype(cfg.compute.param_dtype))
     shapes = _leaf_shapes(cfg)
     problems = [] if problems is None else problems
     for m in TABLE:
@@ -111,7 +111,7 @@ def iter_sharded_leaves(src: Source, mesh, *, check_finite: bool = False,
     from mixtral_jax import sharding
 
     cfg, get = src.cfg, src.getter()
-    dtype = np.dtype(_np_dtype(cfg.param_dtype))
+    dtype = np.dtype(_np_dtype(cfg.compute.param_dtype))
     shardings = sharding.param_shardings(cfg, mesh)
     shapes = _leaf_shapes(cfg)
     problems = [] if problems is None else problems

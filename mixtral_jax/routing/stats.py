@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixtral_jax.moe_ops import route_logits
+
 
 @dataclasses.dataclass(frozen=True)
 class RoutingTrace:
@@ -44,9 +46,11 @@ class RoutingTrace:
 
 
 def trace_from_logits(router_logits, topk: int, mask=None) -> RoutingTrace:
-    """A trace from router logits [L, B, T, E], choosing as the model does (ties to lower index)."""
-    probs = jax.nn.softmax(jnp.asarray(router_logits, jnp.float32), axis=-1)
-    _, experts = jax.lax.top_k(probs, topk)
+    """A trace from router logits [L, B, T, E], choosing as the model does (the one routing
+    rule, `moe_ops.route_logits`: ties to the lower index)."""
+    logits = jnp.asarray(router_logits, jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    experts = route_logits(logits, topk).experts  # [L, B, T, k]
     shape = router_logits.shape[1:3]
     mask = np.ones(shape, bool) if mask is None else np.asarray(mask).astype(bool)
     return RoutingTrace(experts=np.asarray(experts), probs=np.asarray(probs), mask=mask)
