@@ -1,6 +1,6 @@
 """mixtral_jax: Mixtral-style sparse Mixture-of-Experts decoders in JAX / Flax NNX."""
 
-from mixtral_jax.config import ConfigError, ModelConfig, MoEImpl, Remat, preset
+from mixtral_jax.config import ComputeConfig, ConfigError, ModelConfig, MoEImpl, Remat, preset
 from mixtral_jax.hf_config import from_hf_dict, load_hf_config, save_hf_config, to_hf_dict
 from mixtral_jax.model import (
     Mixtral, ModelAux, ModelOutput, abstract, get_params, init, set_params,
@@ -8,7 +8,7 @@ from mixtral_jax.model import (
 from mixtral_jax.moe import MoEAux
 
 __all__ = [
-    "ConfigError", "ModelConfig", "MoEImpl", "Remat", "preset",
+    "ComputeConfig", "ConfigError", "ModelConfig", "MoEImpl", "Remat", "preset",
     "from_hf_dict", "load_hf_config", "save_hf_config", "to_hf_dict",
     "Mixtral", "ModelAux", "ModelOutput", "MoEAux", "abstract", "get_params", "init", "set_params",
 ]

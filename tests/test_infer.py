@@ -135,3 +135,21 @@ def test_missing_tokenizer_and_mismatched_checkpoint(setup, capsys, tmp_path):
     assert code == 1 and "does not match its config.json" in err
     code, _, err = _infer_here(capsys, "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "a")
     assert code == 1 and "does not exist" in err
+
+
+def test_compute_overrides_reach_the_model_and_architecture_ones_are_refused(setup, capsys):
+    """--model.<compute field> as train.py takes it: the dense oracle dispatch and the default
+    give the same greedy tokens; an architecture field is one line naming the rule."""
+    root, _, _ = setup
+    args = ["--checkpoint", str(root / "ckpt"), "--json", "--prompt", "The", "--max-new-tokens",
+            "8"]
+    code, default, err = _infer_here(capsys, *args)
+    assert code == 0, err
+    code, dense, err = _infer_here(capsys, *args, "--model.moe_impl=dense",
+                                   "--model.decode_expert_impl=off")
+    assert code == 0, err
+    assert json.loads(dense)["completions"][0]["ids"] == json.loads(default)["completions"][0][
+        "ids"]
+    code, out, err = _infer_here(capsys, *args, "--model.num_layers=3")
+    assert code == 1 and not out
+    assert "model.num_layers is architecture" in err and len(err.strip().splitlines()) == 1

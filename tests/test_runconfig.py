@@ -6,7 +6,7 @@ import pytest
 
 import mixtral_jax as mj
 from mixtral_jax.config import ConfigError
-from mixtral_jax.runconfig import RunConfig, load_run_config, to_dict
+from mixtral_jax.runconfig import RunConfig, compute_overrides, load_run_config, to_dict
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -57,3 +57,19 @@ def test_model_from_a_hugging_face_config(tmp_path):
     mj.save_hf_config(mj.preset("tiny", sliding_window=8), str(tmp_path))
     cfg = load_run_config(None, [f"model.hf_config={tmp_path}", "model.dtype=bfloat16"])
     assert cfg.model == mj.preset("tiny", sliding_window=8, dtype="bfloat16")
+
+
+def test_architecture_and_compute_are_separate_and_infer_takes_compute_overrides():
+    cfg = mj.preset("tiny", dtype="bfloat16", moe_impl="dense")
+    assert cfg.compute == mj.ComputeConfig(dtype="bfloat16", moe_impl="dense")
+    assert "dtype" not in cfg.architecture and cfg.architecture["num_layers"] == 2
+    assert mj.to_hf_dict(cfg)["dtype"] == "float32"  # the storage dtype, not how a run computes
+    assert compute_overrides(["--model.dtype=bfloat16", "model.moe_impl=dense"]) == {
+        "dtype": "bfloat16", "moe_impl": mj.MoEImpl.DENSE}
+    with pytest.raises(ConfigError, match="model.num_layers is architecture, fixed by the "
+                                          "checkpoint's config.json"):
+        compute_overrides(["--model.num_layers=3"])
+    with pytest.raises(ConfigError, match="ModelConfig.dtype='int8': must be one of"):
+        compute_overrides(["--model.dtype=int8"])
+    with pytest.raises(ConfigError, match="only model.<compute setting> is taken here"):
+        compute_overrides(["--train.steps=3"])
