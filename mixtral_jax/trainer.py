@@ -161,10 +161,9 @@ def _prepare_data(cfg: RunConfig):
 
 def make_run_mesh(cfg: RunConfig):
     """The run's device mesh, or None for the single-device default (all mesh sizes 1)."""
-    if cfg.mesh.single_device:
-        return None
     m = cfg.mesh
-    mesh_cfg = sharding.MeshConfig(data=m.data, fsdp=m.fsdp, expert=m.expert, tensor=m.tensor)
+    if m == sharding.MeshConfig():
+        return None
     devices = jax.devices()
     if -1 not in (m.data, m.fsdp, m.expert, m.tensor):
         wanted = m.data * m.fsdp * m.expert * m.tensor
@@ -173,7 +172,7 @@ def make_run_mesh(cfg: RunConfig):
                               f"expert x tensor) needs {wanted} devices, {len(devices)} present")
         devices = devices[:wanted]
     try:
-        return sharding.make_mesh(mesh_cfg, devices)
+        return sharding.make_mesh(m, devices)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
 
