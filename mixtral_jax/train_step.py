@@ -11,6 +11,7 @@ expert-parallel MoE).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -111,13 +112,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
     Compiled for `mesh` (a 1x1x1x1 mesh on one device) with `shardings` (see `state_shardings`)
     as the state's in and out shardings; batch [A, B/A, T] rows split over the data-holding axes.
     """
+    total_loss = functools.partial(losses.total_loss, aux_loss_coef=tc.aux_loss_coef,
+                                   router_z_loss_coef=tc.router_z_loss_coef)
 
     def micro_loss(params, mb, rng, total_count):
         out = _forward(graphdef, params, mb, rng)
         nll, count = losses.cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
         aux = out.aux
-        loss = nll / total_count + (tc.aux_loss_coef * aux.load_balance_loss
-                                    + tc.router_z_loss_coef * aux.router_z_loss) / tc.grad_accum
+        # This micro-batch's share of the step's total_loss: its CE over all the step's tokens,
+        # the router terms (total_loss without CE) over the micro-batch count.
+        router = total_loss(0.0, aux.load_balance_loss, aux.router_z_loss)
+        loss = nll / total_count + router / tc.grad_accum
         real = (mb["segment_ids"] > 0).astype(jnp.float32)
         stats = {
             "nll": nll, "count": count, "load_balance_loss": aux.load_balance_loss,
@@ -148,8 +153,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
         grad_norm = _global_norm(grads)
         ce = jnp.sum(stats["nll"]) / total_count
         lb, z = jnp.mean(stats["load_balance_loss"]), jnp.mean(stats["router_z_loss"])
-        loss = losses.total_loss(ce, lb, z, aux_loss_coef=tc.aux_loss_coef,
-                                 router_z_loss_coef=tc.router_z_loss_coef)
+        loss = total_loss(ce, lb, z)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
