@@ -227,18 +227,15 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     fine-tuning run loads its start weights, and only a fresh run draws random ones (making and
     discarding them first would double the start-up memory: 187 GB for 8x7B in float32)."""
     graphdef = nnx.graphdef(abstract(model_cfg))
-    shapes = jax.tree.map(
-        lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
-        jax.eval_shape(lambda: init_params(model_cfg, mesh, cfg.seed)),
-        sharding.param_shardings(model_cfg, mesh))
+    shapes = _placed(jax.eval_shape(lambda: init_params(model_cfg, mesh, cfg.seed)),
+                     sharding.param_shardings(model_cfg, mesh))
     tx = make_optimizer(cfg.train, shapes)
     ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     if ckpt.steps():
         step = ckpt.steps()[-1]
         # restored straight into the shardings a fresh state would have
-        abstract_state = jax.tree.map(
-            lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+        abstract_state = _placed(
             jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), shapes),
             dataclasses.asdict(state_shardings(shapes, tx, mesh)))
         restored, meta = ckpt.restore(step, abstract_state)
@@ -253,6 +250,12 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     else:
         params = init_params(model_cfg, mesh, cfg.seed)
     return graphdef, tx, _fresh_state(params, tx, cfg.seed, mesh), ckpt
+
+
+def _placed(shapes, shardings):
+    """`shapes` (a tree of ShapeDtypeStructs) carrying the matching tree of `shardings`."""
+    return jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                        shapes, shardings)
 
 
 def _fresh_state(params, tx, seed: int, mesh) -> TrainState:
