@@ -35,7 +35,7 @@ from bench.common import (
 from mixtral_jax import metrics, sharding, trainer
 from mixtral_jax.generate import Generator
 from mixtral_jax.runconfig import TrainConfig
-from mixtral_jax.train_step import make_optimizer, make_train_step
+from mixtral_jax.train_step import make_optimizer, make_train_step, state_shardings
 
 
 def peak_memory_gib() -> list[float | None]:
@@ -54,7 +54,8 @@ def train(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
         tx = make_optimizer(tc, params)
         state = trainer._fresh_state(params, tx, 0, mesh)
         del params
-        step = make_train_step(nnx.graphdef(mj.abstract(cfg)), tx, tc)
+        step = make_train_step(nnx.graphdef(mj.abstract(cfg)), tx, tc, mesh=mesh,
+                               shardings=state_shardings(state.params, tx, mesh))
         data = trainer._on_mesh(synthetic_batch(cfg.vocab_size, batch, seq), mesh, leading=1)
         state, m, step_s, warm = time_train_steps(step, state, data, steps)
     n = jax.device_count()

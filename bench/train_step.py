@@ -26,9 +26,9 @@ from bench.common import (
     time_train_steps,
     write_json,
 )
-from mixtral_jax import metrics
+from mixtral_jax import metrics, sharding
 from mixtral_jax.runconfig import TrainConfig
-from mixtral_jax.train_step import init_state, make_optimizer, make_train_step
+from mixtral_jax.train_step import init_state, make_optimizer, make_train_step, state_shardings
 
 
 def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
@@ -40,7 +40,9 @@ def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
     del model
     tx = make_optimizer(tc, params)
     state = init_state(params, tx, 0)
-    step = make_train_step(graphdef, tx, tc)
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])  # one device
+    step = make_train_step(graphdef, tx, tc, mesh=mesh,
+                           shardings=state_shardings(state.params, tx, mesh))
     data = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch, seq))
     state, m, step_s, warm = time_train_steps(step, state, data, steps)
     tok_s = batch * seq / step_s

@@ -25,7 +25,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
 
 
 def total_loss(ce_mean, load_balance, router_z, *, aux_loss_coef: float, router_z_loss_coef: float):
-    """CE + aux_loss_coef * load-balancing loss + router_z_loss_coef * router z-loss."""
+    """CE + aux_loss_coef * load-balancing loss + router_z_loss_coef * router z-loss: the one
+    place of the rule (scalars; ce_mean = 0 gives the router terms alone, which the train step
+    spreads over its micro-batches)."""
     return ce_mean + aux_loss_coef * load_balance + router_z_loss_coef * router_z
 
 

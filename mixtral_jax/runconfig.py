@@ -21,6 +21,7 @@ from typing import Any
 
 from mixtral_jax.config import COMPUTE_FIELDS, ComputeConfig, ConfigError, ModelConfig, preset
 from mixtral_jax.hf_config import load_hf_config
+from mixtral_jax.sharding import MeshConfig
 
 
 def _check(section: str, name: str, value, ok: bool, rule: str) -> None:
@@ -137,41 +138,16 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MeshSection:
-    """The device mesh of a run (`sharding.py` owns the axes and the rules table).
-
-    Attributes:
-      data, fsdp, expert, tensor: axis sizes; one may be -1 (= the devices left). All 1 (the
-        default) trains on one device without a mesh. Otherwise the mesh spans the first
-        data*fsdp*expert*tensor devices (every device when one axis is -1).
-    """
-
-    data: int = 1
-    fsdp: int = 1
-    expert: int = 1
-    tensor: int = 1
-
-    def __post_init__(self):
-        for axis in ("data", "fsdp", "expert", "tensor"):
-            value = getattr(self, axis)
-            _check("mesh", axis, value, value == -1 or value >= 1, "must be >= 1 or -1")
-        free = [a for a in ("data", "fsdp", "expert", "tensor") if getattr(self, a) == -1]
-        _check("mesh", free[-1] if free else "data", -1, len(free) <= 1,
-               "only one mesh axis may be -1")
-
-    @property
-    def single_device(self) -> bool:
-        return (self.data, self.fsdp, self.expert, self.tensor) == (1, 1, 1, 1)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything one run needs.
 
     Attributes:
       model: the model.
       seed: seed of parameter initialisation and of every random stream derived from it.
-      train, data, checkpoint, mesh: see their classes.
+      train, data, checkpoint: see their classes.
+      mesh: the device mesh (`sharding.MeshConfig`: data, fsdp, expert, tensor sizes, one may be
+        -1). The run uses the first data*fsdp*expert*tensor devices (every device when one axis
+        is -1); the all-1 default is a 1x1x1x1 mesh over the first device.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig.tiny)
@@ -179,7 +155,7 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 
 # ---- reading -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixtral_jax.config import ModelConfig
+from mixtral_jax.config import ConfigError, ModelConfig
 
 AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -61,12 +61,28 @@ PARAM_LOGICAL_AXES: dict[str, tuple[str, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the four mesh axes; at most one may be -1 (= the devices that are left)."""
+    """Sizes of the four mesh axes: the `[mesh]` table of a run config, `--mesh` of the tools.
+
+    Attributes:
+      data, fsdp, expert, tensor: axis sizes, each >= 1 or -1 (= the devices that are left; at
+        most one axis). All 1 (the default) is a 1x1x1x1 mesh over one device.
+    Raises ConfigError (one line naming the axis) for a size that breaks those rules.
+    """
 
     data: int = 1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        for axis in AXES:
+            value = getattr(self, axis)
+            if not (value == -1 or value >= 1):
+                raise ConfigError(f"mesh.{axis}={value!r}: must be >= 1 or -1")
+        free = [a for a in AXES if getattr(self, a) == -1]
+        if len(free) > 1:
+            raise ConfigError(f"mesh.{free[-1]}=-1: only one mesh axis may be -1 "
+                              f"({' and '.join(free)} are; at most one may be)")
 
     @classmethod
     def parse(cls, text: str) -> "MeshConfig":
@@ -88,12 +104,7 @@ class MeshConfig:
     def resolve(self, num_devices: int) -> dict[str, int]:
         """Axis sizes with -1 filled in; raises ValueError unless they multiply to num_devices."""
         sizes = dataclasses.asdict(self)
-        bad = [f"{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
-        if bad:
-            raise ValueError(f"mesh axis {bad[0]}: size must be >= 1 or -1")
         free = [k for k, v in sizes.items() if v == -1]
-        if len(free) > 1:
-            raise ValueError(f"mesh axes {', '.join(free)} are all -1; at most one may be")
         fixed = math.prod(v for v in sizes.values() if v != -1)
         if free:
             if num_devices % fixed:

@@ -3,14 +3,15 @@
 The state is a plain pytree (`TrainState`) and the step is a pure `jax.jit` function with the
 state donated, so XLA updates parameters and optimizer moments in place. The model enters as its
 `graphdef` and a nested dict of parameters (`model.get_params`), merged at the top of the step.
-On a mesh the step is compiled with explicit shardings: the state's as given (`state_shardings`),
-batch rows over the data-holding axes, metrics replicated; the model is traced inside
-`sharding.active(mesh)` (activation constraints, expert-parallel MoE).
+The step always runs on a mesh (one device is a 1x1x1x1 mesh) and is compiled with explicit
+shardings: the state's as given (`state_shardings`), batch rows over the data-holding axes,
+metrics replicated; the model is traced inside `sharding.active(mesh)` (activation constraints,
+expert-parallel MoE).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from typing import Any, Callable
 
 import jax
@@ -104,25 +105,24 @@ def state_shardings(params, tx: optax.GradientTransformation, mesh) -> TrainStat
                       bad_steps=replicated)
 
 
-def _on(mesh):
-    return sharding.active(mesh) if mesh is not None else contextlib.nullcontext()
-
-
 def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig, *,
-                    mesh=None, shardings: TrainState | None = None) -> Callable:
+                    mesh, shardings: TrainState) -> Callable:
     """The compiled step: state, batch with a leading [A] micro-batch axis -> state, metrics.
 
-    With `mesh`, `shardings` (see `state_shardings`) are the state's in and out shardings.
+    Compiled for `mesh` (a 1x1x1x1 mesh on one device) with `shardings` (see `state_shardings`)
+    as the state's in and out shardings; batch [A, B/A, T] rows split over the data-holding axes.
     """
-    if (mesh is None) != (shardings is None):
-        raise ValueError("make_train_step takes a mesh and the state's shardings together")
+    total_loss = functools.partial(losses.total_loss, aux_loss_coef=tc.aux_loss_coef,
+                                   router_z_loss_coef=tc.router_z_loss_coef)
 
     def micro_loss(params, mb, rng, total_count):
         out = _forward(graphdef, params, mb, rng)
         nll, count = losses.cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
         aux = out.aux
-        loss = nll / total_count + (tc.aux_loss_coef * aux.load_balance_loss
-                                    + tc.router_z_loss_coef * aux.router_z_loss) / tc.grad_accum
+        # This micro-batch's share of the step's total_loss: its CE over all the step's tokens,
+        # the router terms (total_loss without CE) over the micro-batch count.
+        router = total_loss(0.0, aux.load_balance_loss, aux.router_z_loss)
+        loss = nll / total_count + router / tc.grad_accum
         real = (mb["segment_ids"] > 0).astype(jnp.float32)
         stats = {
             "nll": nll, "count": count, "load_balance_loss": aux.load_balance_loss,
@@ -140,8 +140,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
         rngs = jax.random.split(jax.random.wrap_key_data(state.rng), tc.grad_accum + 1)
 
         def like_params(tree):  # FSDP: gradient accumulators stay sharded like the weights
-            if mesh is None:
-                return tree
             return jax.lax.with_sharding_constraint(tree, shardings.params)
 
         def accumulate(grads, xs):
@@ -150,13 +148,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
             return like_params(jax.tree.map(jnp.add, grads, g)), stats
 
         zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
-        with _on(mesh):
+        with sharding.active(mesh):
             grads, stats = jax.lax.scan(accumulate, zeros, (batch, rngs[1:]))
         grad_norm = _global_norm(grads)
         ce = jnp.sum(stats["nll"]) / total_count
         lb, z = jnp.mean(stats["load_balance_loss"]), jnp.mean(stats["router_z_loss"])
-        loss = losses.total_loss(ce, lb, z, aux_loss_coef=tc.aux_loss_coef,
-                                 router_z_loss_coef=tc.router_z_loss_coef)
+        loss = total_loss(ce, lb, z)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -175,25 +172,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
         }
         return new_state, metrics
 
-    if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1)),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(graphdef, *, mesh=None, param_shardings=None) -> Callable:
-    """Compiled held-out evaluation: (params, batch) -> (summed NLL, counted tokens)."""
-    if (mesh is None) != (param_shardings is None):
-        raise ValueError("make_eval_step takes a mesh and the parameters' shardings together")
+def make_eval_step(graphdef, *, mesh, param_shardings) -> Callable:
+    """Compiled held-out evaluation: (params, batch [B, T] arrays) -> (summed NLL, counted
+    tokens), for `mesh` with the parameters in `param_shardings`."""
 
     def evaluate(params, batch):
-        with _on(mesh):
+        with sharding.active(mesh):
             out = _forward(graphdef, params, batch, None)
         return losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
 
-    if mesh is None:
-        return jax.jit(evaluate)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(evaluate, in_shardings=(param_shardings, sharding.batch_sharding(mesh, 2)),
                    out_shardings=replicated)

@@ -9,15 +9,14 @@ as a model checkpoint (`<run dir>/model`) that `infer.py` loads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -25,8 +24,9 @@ from tqdm import tqdm
 from mixtral_jax import checkpoint, data, distributed, losses, metrics, sharding
 from mixtral_jax.config import ConfigError
 from mixtral_jax.hf_config import load_hf_config
-from mixtral_jax.model import abstract, get_params, init
+from mixtral_jax.model import abstract
 from mixtral_jax.runconfig import RunConfig, to_dict
+from mixtral_jax.sharding import init_params
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
 from mixtral_jax.train_checkpoint import TrainCheckpointer
 from mixtral_jax.train_step import (
@@ -153,28 +153,25 @@ def _prepare_data(cfg: RunConfig):
     return model_cfg, train_rows, batches, held_out
 
 
-def make_run_mesh(cfg: RunConfig):
-    """The run's device mesh, or None for the single-device default (all mesh sizes 1)."""
-    if cfg.mesh.single_device:
-        return None
+def make_run_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
+    """The run's device mesh over the first data*fsdp*expert*tensor devices (every device when
+    one axis is -1); the all-1 default is a 1x1x1x1 mesh over the first device."""
     m = cfg.mesh
-    mesh_cfg = sharding.MeshConfig(data=m.data, fsdp=m.fsdp, expert=m.expert, tensor=m.tensor)
     devices = jax.devices()
     if -1 not in (m.data, m.fsdp, m.expert, m.tensor):
-        wanted = m.data * m.fsdp * m.expert * m.tensor
+        wanted = math.prod((m.data, m.fsdp, m.expert, m.tensor))
         if wanted > len(devices):
             raise ConfigError(f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x "
                               f"expert x tensor) needs {wanted} devices, {len(devices)} present")
         devices = devices[:wanted]
     try:
-        return sharding.make_mesh(mesh_cfg, devices)
+        return sharding.make_mesh(m, devices)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
 
 
 def _check_mesh_fits(cfg: RunConfig, model_cfg, mesh) -> None:
-    if mesh is None:
-        return
+    """ConfigError unless the micro-batch rows and the experts split evenly over the mesh."""
     parts = int(np.prod([mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"]]))
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % parts:
@@ -187,11 +184,9 @@ def _check_mesh_fits(cfg: RunConfig, model_cfg, mesh) -> None:
 
 
 def _on_mesh(batch: dict, mesh, leading: int, global_rows: int | None = None) -> dict:
-    """Host batch -> device arrays: as is without a mesh, else rows split over the mesh. The
-    batch holds every row (global_rows None: this process keeps its devices' rows), or only
-    this process's rows (`process_rows` order) of a batch of `global_rows` rows."""
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, batch)
+    """Host batch -> device arrays, rows (axis `leading`) split over the mesh. The batch holds
+    every row (global_rows None: this process keeps its devices' rows), or only this process's
+    rows (`process_rows` order) of a batch of `global_rows` rows."""
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
@@ -205,11 +200,9 @@ def _on_mesh(batch: dict, mesh, leading: int, global_rows: int | None = None) ->
     return out
 
 
-def _load_local_rows(cfg: RunConfig, mesh, batches: data.BatchIterator) -> int | None:
-    """On a mesh, makes `batches` load only this process's rows of each batch (all of them with
-    one process) and returns the micro-batch row count to pass to `_on_mesh`; None without."""
-    if mesh is None:
-        return None
+def _load_local_rows(cfg: RunConfig, mesh, batches: data.BatchIterator) -> int:
+    """Makes `batches` load only this process's rows of each batch (all of them with one
+    process) and returns the micro-batch row count to pass to `_on_mesh`."""
     tc = cfg.train
     rows = tc.batch_size // tc.grad_accum  # per micro-batch, split over the mesh
     shape = (tc.grad_accum, rows, tc.seq_len)
@@ -219,31 +212,26 @@ def _load_local_rows(cfg: RunConfig, mesh, batches: data.BatchIterator) -> int |
     return rows
 
 
-def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh=None):
+def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh):
     """(graphdef, optimizer, state, checkpointer): fresh, or restored from the newest verified
-    checkpoint of the run directory (the data iterator is moved to where that run was). With a
-    mesh, parameters and optimizer state are created sharded by the rules table.
+    checkpoint of the run directory (the data iterator is moved to where that run was).
+    Parameters and optimizer state are created (or restored) sharded on `mesh` by the rules table.
 
     No weights are made before they are needed: a resumed run restores into abstract shapes, a
     fine-tuning run loads its start weights, and only a fresh run draws random ones (making and
     discarding them first would double the start-up memory: 187 GB for 8x7B in float32)."""
     graphdef = nnx.graphdef(abstract(model_cfg))
-    shapes = jax.eval_shape(lambda: get_params(init(model_cfg, cfg.seed)))
-    if mesh is not None:
-        shapes = jax.tree.map(
-            lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes,
-            sharding.param_shardings(model_cfg, mesh))
+    shapes = _placed(jax.eval_shape(lambda: init_params(model_cfg, mesh, cfg.seed)),
+                     sharding.param_shardings(model_cfg, mesh))
     tx = make_optimizer(cfg.train, shapes)
     ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     if ckpt.steps():
         step = ckpt.steps()[-1]
-        abstract_state = jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)),
-                                        shapes)
-        if mesh is not None:  # restore straight into the shardings a fresh state would have
-            abstract_state = jax.tree.map(
-                lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
-                abstract_state, dataclasses.asdict(state_shardings(shapes, tx, mesh)))
+        # restored straight into the shardings a fresh state would have
+        abstract_state = _placed(
+            jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), shapes),
+            dataclasses.asdict(state_shardings(shapes, tx, mesh)))
         restored, meta = ckpt.restore(step, abstract_state)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
@@ -251,20 +239,21 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     if cfg.checkpoint.init_from:
         _, params = checkpoint.load_model(cfg.checkpoint.init_from,
                                           param_dtype=model_cfg.compute.param_dtype)
-        if mesh is not None:
-            params = sharding.shard_params(params, model_cfg, mesh)
+        params = sharding.shard_params(params, model_cfg, mesh)
         print(f"starting from the weights of {cfg.checkpoint.init_from}")
-    elif mesh is None:
-        params = get_params(init(model_cfg, cfg.seed))
     else:
-        params = sharding.init_params(model_cfg, mesh, cfg.seed)
+        params = init_params(model_cfg, mesh, cfg.seed)
     return graphdef, tx, _fresh_state(params, tx, cfg.seed, mesh), ckpt
 
 
+def _placed(shapes, shardings):
+    """`shapes` (a tree of ShapeDtypeStructs) carrying the matching tree of `shardings`."""
+    return jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                        shapes, shardings)
+
+
 def _fresh_state(params, tx, seed: int, mesh) -> TrainState:
-    """init_state; on a mesh, created in its `state_shardings`."""
-    if mesh is None:
-        return init_state(params, tx, seed)
+    """init_state, created in its `state_shardings` on `mesh`."""
     return jax.jit(lambda p: init_state(p, tx, seed),
                    out_shardings=state_shardings(params, tx, mesh))(params)
 
@@ -307,20 +296,15 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
     model_cfg, train_rows, batches, held_out = _prepare_data(cfg)
     mesh = make_run_mesh(cfg)
     _check_mesh_fits(cfg, model_cfg, mesh)
-    # Traced inside: activations constrained to the mesh, MoE layers expert-parallel.
-    with sharding.active(mesh) if mesh is not None else contextlib.nullcontext():
-        return _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh)
+    return _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh)
 
 
 def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh) -> dict:
     tc = cfg.train
     graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches, mesh)
-    if mesh is None:
-        train_step, eval_step = make_train_step(graphdef, tx, tc), make_eval_step(graphdef)
-    else:
-        where = state_shardings(state.params, tx, mesh)
-        train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
-        eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params)
+    where = state_shardings(state.params, tx, mesh)
+    train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
+    eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params)
     log = _Logger(cfg, model_cfg, int(state.step), show_progress)
     global_rows = _load_local_rows(cfg, mesh, batches)
     final: dict = {}
@@ -361,8 +345,8 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     return final
 
 
-def evaluate(eval_step, params, batches: list[dict], mesh=None) -> dict:
-    """Held-out mean loss and perplexity over fixed batches."""
+def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
+    """Held-out mean loss and perplexity over fixed [B, T] batches, rows split over `mesh`."""
     nll, count = 0.0, 0.0
     for batch in batches:
         b_nll, b_count = eval_step(params, _on_mesh(batch, mesh, leading=0))

@@ -21,7 +21,7 @@ from mixtral_jax.config import ConfigError
 from mixtral_jax.runconfig import load_run_config
 from mixtral_jax.train_checkpoint import TrainCheckpointer
 from mixtral_jax.train_step import (init_state, make_optimizer, make_train_step,
-                                    split_micro_batches)
+                                    split_micro_batches, state_shardings)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--model.num_layers=1", "--train.batch_size=4", "--train.seq_len=32",
@@ -138,6 +138,13 @@ def _tiny_setup(grad_accum, aux=0.0):
     return cfg.train, nnx.graphdef(model), tx, init_state(mj.get_params(model), tx, 0)
 
 
+def _one_device_step(graphdef, tx, tc, state):
+    """make_train_step on the 1x1x1x1 mesh a run without a [mesh] table gets."""
+    mesh = trainer.make_run_mesh(_config("/tmp/unused"))
+    return make_train_step(graphdef, tx, tc, mesh=mesh,
+                           shardings=state_shardings(state.params, tx, mesh))
+
+
 def _batch(seed=0):
     rows = data.pack([np.random.default_rng(seed + i).integers(3, 64, 40).astype(np.int32)
                       for i in range(6)], 24, seed)
@@ -149,7 +156,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     states = []
     for accum in (1, 2, 4):
         tc, graphdef, tx, state = _tiny_setup(accum)
-        step = make_train_step(graphdef, tx, tc)
+        step = _one_device_step(graphdef, tx, tc, state)
         state, m = step(state, jax.tree.map(jnp.asarray, split_micro_batches(batch, accum)))
         states.append((state, float(m["ce"])))
     (ref, ref_ce), *others = states
@@ -161,7 +168,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_non_finite_step_is_skipped_and_counted():
     tc, graphdef, tx, state = _tiny_setup(1)
-    step = make_train_step(graphdef, tx, tc)
+    step = _one_device_step(graphdef, tx, tc, state)
     before = jax.tree.map(np.array, state.params)
     bad = dict(_batch())
     bad["loss_mask"] = bad["loss_mask"] * np.nan

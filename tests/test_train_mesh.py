@@ -14,7 +14,6 @@ from mixtral_jax.config import ConfigError
 from mixtral_jax.runconfig import TrainConfig, load_run_config
 from mixtral_jax.train_checkpoint import TrainCheckpointer
 from mixtral_jax.train_step import (
-    init_state,
     make_optimizer,
     make_train_step,
     split_micro_batches,
@@ -104,35 +103,31 @@ def _synthetic_batch(vocab: int, rows: int, seq: int, grad_accum: int) -> dict:
 
 
 def _two_steps(mesh):
-    """Two train steps of a 1-layer tiny model (2 micro-batches): (losses, host params)."""
+    """Two train steps of a 1-layer tiny model (2 micro-batches) on `mesh` (a 1x1x1x1 mesh for
+    one device): (losses, host params)."""
     cfg = mj.ModelConfig.tiny(num_layers=1, router_jitter_noise=0.1)
     tc = TrainConfig(batch_size=16, seq_len=16, grad_accum=2, warmup_steps=1)
     graphdef = nnx.graphdef(mj.model.abstract(cfg))
     host = _synthetic_batch(cfg.vocab_size, 16, 16, 2)
-    if mesh is None:
-        params = mj.model.get_params(mj.model.init(cfg, 0))
-        tx = make_optimizer(tc, params)
-        state, step = init_state(params, tx, 0), make_train_step(graphdef, tx, tc)
-    else:
-        params = sharding.init_params(cfg, mesh, 0)
-        tx = make_optimizer(tc, params)
-        state = trainer._fresh_state(params, tx, 0, mesh)
-        where = state_shardings(params, tx, mesh)
-        step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
+    params = sharding.init_params(cfg, mesh, 0)
+    tx = make_optimizer(tc, params)
+    state = trainer._fresh_state(params, tx, 0, mesh)
+    where = state_shardings(params, tx, mesh)
+    step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
     batch = trainer._on_mesh(host, mesh, leading=1)
     losses = []
     for _ in range(2):
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
-    if mesh is not None:  # the step kept every parameter and moment where the rules put it
-        for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(where), strict=True):
-            assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+    # the step kept every parameter and moment where the rules put it
+    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(where), strict=True):
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
     return losses, [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
 @pytest.fixture(scope="module")
 def two_steps_one_device():
-    return _two_steps(None)
+    return _two_steps(sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1]))
 
 
 @pytest.mark.parametrize("spec", ["fsdp=2,expert=2,tensor=2"])

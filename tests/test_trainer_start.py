@@ -3,7 +3,6 @@ and a fine-tuning run loads its start weights; only a fresh run draws random one
 float32, drawing and dropping them would double the start-up memory)."""
 
 import jax
-from flax import nnx
 
 from mixtral_jax import trainer
 from mixtral_jax.runconfig import load_run_config
@@ -13,15 +12,15 @@ SMALL = ["model.num_layers=1", "train.batch_size=2", "train.seq_len=16", "data.v
 
 
 def test_only_a_fresh_run_draws_random_weights(tmp_path, monkeypatch):
-    drawn = []  # one entry per model init: True when it made real (not abstract) weights
-    real_init = trainer.init
+    drawn = []  # one entry per parameter init: True when it made real (not abstract) weights
+    real_init = trainer.init_params
 
-    def recording_init(model_cfg, seed=0):
-        model = real_init(model_cfg, seed)
-        drawn.append(not isinstance(jax.tree.leaves(nnx.state(model))[0], jax.core.Tracer))
-        return model
+    def recording_init(model_cfg, mesh, seed=0):
+        params = real_init(model_cfg, mesh, seed)
+        drawn.append(not isinstance(jax.tree.leaves(params)[0], jax.core.Tracer))
+        return params
 
-    monkeypatch.setattr(trainer, "init", recording_init)
+    monkeypatch.setattr(trainer, "init_params", recording_init)
     run_dir = tmp_path / "run"
     trainer.run(load_run_config(None, [f"checkpoint.dir={run_dir}", "train.steps=2", *SMALL]),
                 show_progress=False)
