@@ -108,7 +108,7 @@ def evaluate(args) -> int:
     import jax.numpy as jnp
 
     from mixtral_jax import checkpoint, data, losses
-    from mixtral_jax.model import init, set_params
+    from mixtral_jax.model import from_params
     from mixtral_jax.tokenizer import Tokenizer
 
     tokenizer_path = args.tokenizer or os.path.join(args.checkpoint[0], checkpoint.TOKENIZER_FILE)
@@ -119,8 +119,7 @@ def evaluate(args) -> int:
     print(f"{'checkpoint':<40} {'experts':>7} {'top-k':>5} {'loss':>8} {'perplexity':>10}")
     for path in args.checkpoint:
         cfg, params = checkpoint.load_model(path)
-        model = init(cfg, 0)
-        set_params(model, params)
+        model = from_params(cfg, params)
         out = jax.jit(lambda t, p, s: model(t, positions=p, segment_ids=s).logits)(
             jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
             jnp.asarray(batch["segment_ids"]))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mixtral_jax import checkpoint, data, distributed, losses, metrics, sharding
 from mixtral_jax.config import ConfigError
 from mixtral_jax.hf_config import load_hf_config
-from mixtral_jax.model import abstract, get_params, init
+from mixtral_jax.model import abstract, get_params, init, init_params
 from mixtral_jax.runconfig import RunConfig, to_dict
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
 from mixtral_jax.train_checkpoint import TrainCheckpointer
@@ -238,7 +238,7 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     if mesh is not None:
         shapes = jax.tree.map(
             lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes,
-            sharding.param_shardings(model_cfg, mesh))
+            sharding.param_shardings(shapes, mesh))
     tx = make_optimizer(cfg.train, shapes)
     ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
@@ -258,12 +258,12 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
         _, params = checkpoint.load_model(cfg.checkpoint.init_from,
                                           param_dtype=model_cfg.param_dtype)
         if mesh is not None:
-            params = sharding.shard_params(params, model_cfg, mesh)
+            params = sharding.shard_params(params, mesh)
         print(f"starting from the weights of {cfg.checkpoint.init_from}")
     elif mesh is None:
         params = get_params(init(model_cfg, cfg.seed))
     else:
-        params = sharding.init_params(model_cfg, mesh, cfg.seed)
+        params = init_params(model_cfg, mesh, cfg.seed)
     return graphdef, tx, _fresh_state(params, tx, cfg.seed, mesh), ckpt
 
 

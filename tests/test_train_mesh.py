@@ -70,7 +70,7 @@ def test_state_is_created_sharded_by_the_rules_table(tmp_path):
     mesh = trainer.make_run_mesh(cfg)
     _, tx, state, ckpt = trainer._init_or_resume(cfg, model_cfg, batches, mesh)
     ckpt.close()
-    want = sharding.param_shardings(model_cfg, mesh)
+    want = sharding.param_shardings(mj.param_shapes(model_cfg), mesh)
     flat_want = jax.tree.leaves(want)
     for leaf, w in zip(jax.tree.leaves(state.params), flat_want, strict=True):
         assert leaf.sharding.is_equivalent_to(w, leaf.ndim)
@@ -114,7 +114,7 @@ def _two_steps(mesh):
         tx = make_optimizer(tc, params)
         state, step = init_state(params, tx, 0), make_train_step(graphdef, tx, tc)
     else:
-        params = sharding.init_params(cfg, mesh, 0)
+        params = mj.init_params(cfg, mesh, 0)
         tx = make_optimizer(tc, params)
         state = trainer._fresh_state(params, tx, 0, mesh)
         where = state_shardings(params, tx, mesh)
