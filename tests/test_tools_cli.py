@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import mixtral_jax as mj
-from mixtral_jax import checkpoint, surgery_cli, upcycle
+from mixtral_jax import checkpoint, upcycle
 from mixtral_jax.generate import Generator
 from mixtral_jax.routing.__main__ import main as routing_main
+from mixtral_jax.surgery import cli as surgery_cli
 from mixtral_jax.tokenizer import train_tokenizer
 
 TEXT = ["Experts are chosen per token by a router.", "The router is a linear layer.",

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
 
 
 def operate(args) -> int:
-    from mixtral_jax import checkpoint, surgery
+    from mixtral_jax import checkpoint
+    from mixtral_jax.surgery import ops as surgery
 
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out} already exists: choose a new directory")
