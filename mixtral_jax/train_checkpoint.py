@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from mixtral_jax import distributed
 from mixtral_jax.config import ConfigError
+from mixtral_jax.fileio import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 MANIFESTS = "manifests"
@@ -72,9 +73,7 @@ class TrainCheckpointer:
         manifest = {"step": step, "arrays": checksums(state)}
         path = os.path.join(self.manifest_dir, f"{step}.json")
         if distributed.is_main():  # one writer; every process computed the same sums
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(manifest, f)
-            os.replace(path + ".tmp", path)
+            atomic_write_text(path, json.dumps(manifest))
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

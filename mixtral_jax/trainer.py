@@ -382,12 +382,8 @@ def write_model(run_dir: str, params, model_cfg) -> str:
     target = os.path.join(run_dir, MODEL_DIR)
     host = jax.tree.map(distributed.host_array, params)  # every process takes part
     if distributed.is_main():  # one writer
-        staging = target + ".new"
-        shutil.rmtree(staging, ignore_errors=True)
-        checkpoint.save_model(staging, host, model_cfg, os.path.join(run_dir, TOKENIZER_FILE),
-                              this_process_only=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        checkpoint.save_model(target, host, model_cfg, os.path.join(run_dir, TOKENIZER_FILE),
+                              this_process_only=True, overwrite=True)
     distributed.barrier("final model")
     return target
 
