@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from mixtral_jax import distributed
 from mixtral_jax.config import ConfigError
-from mixtral_jax.fileio import atomic_write_text
+from mixtral_jax.fileio import atomic_write_text, read_json
 
 CHECKPOINTS = "checkpoints"
 MANIFESTS = "manifests"
@@ -95,8 +95,7 @@ class TrainCheckpointer:
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint step {step} in {self.run_dir} has no manifest: "
                               "refusing to use it unverified")
-        with open(path, encoding="utf-8") as f:
-            expected = json.load(f)["arrays"]
+        expected = read_json(path, "checkpoint manifest")["arrays"]
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

@@ -13,11 +13,12 @@ copied); `eval` prints held-out perplexity of each checkpoint on the same text, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
+
+from mixtral_jax.fileio import read_json
 
 
 def _ints(text: str) -> list[int]:
@@ -95,8 +96,7 @@ def operate(args) -> int:
 
 
 def _load_shares(path: str, cfg) -> np.ndarray:
-    with open(path, encoding="utf-8") as f:
-        report = json.load(f)
+    report = read_json(path, "routing report")
     shares = np.array([layer["load_share"] for layer in report["layers"]])
     if shares.shape != (cfg.num_layers, cfg.num_experts):
         raise ValueError(f"report {path} is for {shares.shape[0]} layers x {shares.shape[1]} "
