@@ -17,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import mixtral_jax as mj
 
@@ -52,9 +51,7 @@ def copy_bandwidth_tbs(gib: int = 4) -> float:
 def random_model(cfg: mj.ModelConfig, seed: int = 0) -> mj.Mixtral:
     """The model with N(0, 0.02^2)-ish random weights made on the device, one layer slice at a
     time (a full float32 temporary of an 8x7B expert stack would not fit)."""
-    model = mj.abstract(cfg)
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
+    leaves, treedef = jax.tree.flatten(mj.param_shapes(cfg))
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     made = []
     for key, leaf in zip(keys, leaves):
@@ -71,7 +68,7 @@ def random_model(cfg: mj.ModelConfig, seed: int = 0) -> mj.Mixtral:
     params = jax.tree.unflatten(treedef, made)
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.ones_like(x) if "scale" in jax.tree_util.keystr(p) else x, params)
-    return nnx.merge(graphdef, params)
+    return mj.from_params(cfg, params)
 
 
 def synthetic_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict:

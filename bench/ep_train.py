@@ -36,7 +36,7 @@ from mixtral_jax.train_step import make_optimizer, make_train_step, state_shardi
 def run(cfg: mj.ModelConfig, tc: TrainConfig, mesh_cfg: sharding.MeshConfig, steps: int,
         label: str) -> dict:
     mesh = sharding.make_mesh(mesh_cfg)
-    params = sharding.init_params(cfg, mesh, seed=0)
+    params = mj.init_params(cfg, mesh, seed=0)
     tx = make_optimizer(tc, params)
     state = trainer._fresh_state(params, tx, 0, mesh)
     step = make_train_step(nnx.graphdef(mj.abstract(cfg)), tx, tc, mesh=mesh,

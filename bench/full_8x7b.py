@@ -50,7 +50,7 @@ def peak_memory_gib() -> list[float | None]:
 def train(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
     tc = TrainConfig(steps=1000, batch_size=batch, seq_len=seq, warmup_steps=10)
     with sharding.active(mesh):
-        params = sharding.init_params(cfg, mesh, seed=0)
+        params = mj.init_params(cfg, mesh, seed=0)
         tx = make_optimizer(tc, params)
         state = trainer._fresh_state(params, tx, 0, mesh)
         del params
@@ -67,8 +67,8 @@ def train(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
 
 def decode(cfg, mesh, batches: list[int], new: int) -> list[dict]:
     cfg = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
-    params = sharding.init_params(cfg, mesh, seed=1)
-    model = sharding.model_from_params(cfg, params)
+    params = mj.init_params(cfg, mesh, seed=1)
+    model = mj.from_params(cfg, params)
     rows = []
     with sharding.active(mesh):
         generator = Generator(model, chunk=16)

@@ -33,7 +33,7 @@ def meshes(n: int) -> list[str]:
 
 
 def loss_fn(cfg, params, tokens):
-    out = sh.model_from_params(cfg, params)(tokens)
+    out = mj.from_params(cfg, params)(tokens)
     logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)
     return jnp.mean(nll) + cfg.router_aux_loss_coef * out.aux.load_balance_loss, out.logits
@@ -56,8 +56,8 @@ def main():
     rows, ok = [], True
     for spec in meshes(n):
         mesh = sh.make_mesh(sh.MeshConfig.parse(spec))
-        sharded = sh.init_params(cfg, mesh, seed=3)
-        want = sh.param_shardings(cfg, mesh)
+        sharded = mj.init_params(cfg, mesh, seed=3)
+        want = sh.param_shardings(mj.param_shapes(cfg), mesh)
         placed = all(x.sharding.is_equivalent_to(w, x.ndim) for x, w in
                      zip(jax.tree.leaves(sharded), jax.tree.leaves(want)))
         init_err = max(max_rel(x, y) for x, y in zip(jax.tree.leaves(sharded),

@@ -3,12 +3,14 @@
 from mixtral_jax.config import ComputeConfig, ConfigError, ModelConfig, MoEImpl, Remat, preset
 from mixtral_jax.hf_config import from_hf_dict, load_hf_config, save_hf_config, to_hf_dict
 from mixtral_jax.model import (
-    Mixtral, ModelAux, ModelOutput, abstract, get_params, init, set_params,
+    Mixtral, ModelAux, ModelOutput, abstract, from_params, get_params, init, init_params,
+    param_shapes, set_params,
 )
 from mixtral_jax.moe import MoEAux
 
 __all__ = [
     "ComputeConfig", "ConfigError", "ModelConfig", "MoEImpl", "Remat", "preset",
     "from_hf_dict", "load_hf_config", "save_hf_config", "to_hf_dict",
-    "Mixtral", "ModelAux", "ModelOutput", "MoEAux", "abstract", "get_params", "init", "set_params",
+    "Mixtral", "ModelAux", "ModelOutput", "MoEAux", "abstract", "from_params", "get_params", "init",
+    "init_params", "param_shapes", "set_params",
 ]

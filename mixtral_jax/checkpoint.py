@@ -30,6 +30,7 @@ import tensorstore as ts
 
 from mixtral_jax import distributed
 from mixtral_jax.config import ConfigError, ModelConfig
+from mixtral_jax.fileio import atomic_directory
 from mixtral_jax.hf_config import load_hf_config, save_hf_config
 
 PARAMS_DIR = "params"
@@ -37,33 +38,33 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def save_model(directory: str, params: dict, cfg: ModelConfig,
-               tokenizer_path: str | None = None, *, this_process_only: bool = False) -> None:
-    """Writes a model checkpoint. `directory` must not exist yet (nothing is overwritten).
+               tokenizer_path: str | None = None, *, this_process_only: bool = False,
+               overwrite: bool = False) -> None:
+    """Writes a model checkpoint; it appears whole or not at all (`fileio.atomic_directory`).
 
-    `this_process_only`: in a multi-process run, only the calling process writes (its params
-    are whole host arrays); the others do not take part.
+    `directory` must not exist yet, unless `overwrite` (then it is replaced once the new one is
+    complete). `this_process_only`: in a multi-process run, only the calling process writes (its
+    params are whole host arrays); the others do not take part.
     """
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory):
-        raise FileExistsError(f"checkpoint directory {directory} already exists")
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    staging = directory + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
-        options = {}
-        if this_process_only:
-            me = jax.process_index()
-            options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me})
+    if not overwrite and os.path.exists(directory):
+        raise FileExistsError(f"checkpoint directory {os.path.abspath(directory)} already exists")
+    options = {}
+    if this_process_only:
+        me = jax.process_index()
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me})
+    with atomic_directory(directory, overwrite=overwrite) as staging:
         with ocp.StandardCheckpointer(**options) as ckptr:
             ckptr.save(os.path.join(staging, PARAMS_DIR), params)
-        save_hf_config(cfg, os.path.join(staging, "config.json"))
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, os.path.join(staging, TOKENIZER_FILE))
-        os.replace(staging, directory)  # the checkpoint appears whole or not at all
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _write_config_and_tokenizer(staging, cfg, tokenizer_path)
+
+
+def _write_config_and_tokenizer(directory: str, cfg: ModelConfig,
+                                tokenizer_path: str | None) -> None:
+    """config.json, and a copy of the tokenizer when there is one, into `directory`."""
+    save_hf_config(cfg, os.path.join(directory, "config.json"))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER_FILE))
 
 
 @dataclasses.dataclass(eq=False)
@@ -166,27 +167,18 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
         _put(tree, path, leaf)
         # One storage chunk per slice: a slice write never rewrites a chunk already written.
         _put(save_args, path, ocp.SaveArgs(shard_axes=tuple(range(leaf.lead))))
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    staging = directory + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
     registry = ocp.type_handlers.create_type_handler_registry(
         (StreamedLeaf, _StreamedLeafHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
     # Uncompressed: zstd on random-looking bf16 weights saves ~10-25% of disk at ~0.1 GB/s per
     # core; the sources (safetensors) are uncompressed too. load_model reads either.
     handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
-    try:
+    with atomic_directory(directory) as staging:
         with ocp.Checkpointer(handler) as ckptr:
             ckptr.save(os.path.join(staging, PARAMS_DIR),
                        args=ocp.args.PyTreeSave(tree, save_args=save_args))
         if verify is not None:
             verify()
-        save_hf_config(cfg, os.path.join(staging, "config.json"))
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, os.path.join(staging, TOKENIZER_FILE))
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _write_config_and_tokenizer(staging, cfg, tokenizer_path)
 
 
 def save_model_sharded(directory: str, leaves: Iterable[tuple[tuple[str, ...], jax.Array]],
@@ -207,22 +199,16 @@ def save_model_sharded(directory: str, leaves: Iterable[tuple[tuple[str, ...], j
         for path, leaf in leaves:
             _put(tree, path, leaf)
         return save_model(directory, tree, cfg, tokenizer_path)
-    directory = os.path.abspath(directory)
     if os.path.exists(directory):
-        raise FileExistsError(f"checkpoint directory {directory} already exists")
-    staging = directory + ".partial"
-    main = distributed.is_main()  # several processes: process 0 owns the directories
-    if main:
-        os.makedirs(os.path.dirname(directory), exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-    distributed.barrier("model checkpoint staging")
-    session = os.path.join(staging, "session")
+        raise FileExistsError(f"checkpoint directory {os.path.abspath(directory)} already exists")
     from orbax.checkpoint.experimental import v1 as ocp_v1
 
     context = ocp_v1.Context()
     context.array.saving.use_compression = False  # as save_model_streaming
-    try:
+    main = distributed.is_main()  # several processes: process 0 owns the directories
+    with atomic_directory(directory, owner=main) as staging:
+        distributed.barrier("model checkpoint staging")
+        session = os.path.join(staging, "session")
         with context:
             for path, leaf in leaves:
                 partial.save(session, _put({}, path, leaf))
@@ -236,13 +222,7 @@ def save_model_sharded(directory: str, leaves: Iterable[tuple[tuple[str, ...], j
         if os.path.isfile(metadata):
             os.replace(metadata, os.path.join(staging, PARAMS_DIR, "_CHECKPOINT_METADATA"))
         shutil.rmtree(session)
-        save_hf_config(cfg, os.path.join(staging, "config.json"))
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, os.path.join(staging, TOKENIZER_FILE))
-        os.replace(staging, directory)
-    finally:
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
+        _write_config_and_tokenizer(staging, cfg, tokenizer_path)
 
 
 def _put(tree: dict, path: tuple[str, ...], leaf) -> dict:

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from mixtral_jax.config import COMPUTE_FIELDS, ComputeConfig, ConfigError, ModelConfig
+from mixtral_jax.fileio import read_json
 
 # Our field <- HF field, for the fields that map one to one.
 _HF_NAMES = {
@@ -113,14 +114,7 @@ def load_hf_config(path: str, **changes: Any) -> ModelConfig:
     """Reads `path` (a `config.json` or a directory holding one)."""
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return from_hf_dict(hf, **changes)
+    return from_hf_dict(read_json(path, "config.json"), **changes)
 
 
 def save_hf_config(cfg: ModelConfig, path: str, *, rope_format: str = "v4") -> None:

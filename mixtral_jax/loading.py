@@ -29,7 +29,7 @@ def load_for_inference(path: str, tokenizer_path: str | None = None, *,
 
     `compute`: ComputeConfig changes (how to compute; the architecture is the checkpoint's);
     `dtype` is short for compute={"dtype": dtype}."""
-    from mixtral_jax.model import init, set_params
+    from mixtral_jax.model import from_params
 
     if not os.path.isdir(path):
         raise ConfigError(f"checkpoint {path} does not exist")
@@ -47,9 +47,8 @@ def load_for_inference(path: str, tokenizer_path: str | None = None, *,
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only "
                           f"{cfg.vocab_size}")
-    model = init(cfg, 0)
     try:
-        set_params(model, params)
+        model = from_params(cfg, params)
     except ValueError as e:
         raise ConfigError(f"{path}: weights do not match config.json: {e}") from None
     return model, tokenizer

@@ -317,6 +317,32 @@ def abstract(cfg: ModelConfig) -> Mixtral:
     return nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
 
 
+def param_shapes(cfg: ModelConfig) -> dict:
+    """`get_params`'s tree of jax.ShapeDtypeStruct leaves (param dtype): what a model holds."""
+    return get_params(abstract(cfg))
+
+
+def from_params(cfg: ModelConfig, params: dict) -> Mixtral:
+    """The model whose parameters are `params` (shaped like `get_params`'s), drawing nothing.
+
+    Built from `abstract(cfg)`'s structure with the given leaves cast to cfg.param_dtype (a leaf
+    already of that dtype is used as it is). Usable inside jax.jit; leaves keep their shardings.
+
+    Raises:
+      ValueError: a leaf is missing, unexpected, or of the wrong shape (named, one line).
+    """
+    graphdef, state = nnx.split(abstract(cfg))
+    nnx.replace_by_pure_dict(state, _checked_params(nnx.to_pure_dict(state), params))
+    return nnx.merge(graphdef, state)
+
+
+def init_params(cfg: ModelConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> dict:
+    """Random parameters (same values as init(cfg, seed)) created directly sharded on `mesh` by
+    the rules table (sharding.param_shardings): no device ever holds a full copy."""
+    shardings = sharding.param_shardings(param_shapes(cfg), mesh)
+    return jax.jit(lambda: get_params(init(cfg, seed)), out_shardings=shardings)()
+
+
 def get_params(model: Mixtral) -> dict:
     """The model's parameters as a plain nested dict of arrays (our checkpoint tree)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -329,7 +355,14 @@ def set_params(model: Mixtral, params: dict) -> None:
       ValueError: a leaf is missing, unexpected, or of the wrong shape (named, one line).
     """
     state = nnx.state(model, nnx.Param)
-    expected = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+    nnx.replace_by_pure_dict(state, _checked_params(nnx.to_pure_dict(state), params))
+    nnx.update(model, state)
+
+
+def _checked_params(expected: dict, params: dict) -> dict:
+    """`params` cast to `expected`'s dtypes after checking it has exactly `expected`'s leaves
+    and shapes; raises ValueError naming the first leaf that is missing, misshapen or extra."""
+    expected = jax.tree_util.tree_flatten_with_path(expected)[0]
     given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for path, leaf in expected:
         name = jax.tree_util.keystr(path, simple=True, separator=".")
@@ -343,6 +376,4 @@ def set_params(model: Mixtral, params: dict) -> None:
         name = jax.tree_util.keystr(extra[0], simple=True, separator=".")
         raise ValueError(f"unexpected parameter {name}")
     dtypes = {path: leaf.dtype for path, leaf in expected}
-    cast = jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(x, dtypes[p]), params)
-    nnx.replace_by_pure_dict(state, cast)
-    nnx.update(model, state)
+    return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(x, dtypes[p]), params)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax import config as config_lib
+from mixtral_jax import model as model_lib
 from mixtral_jax import sharding as sh
 
 
@@ -52,16 +53,15 @@ def per_device_bytes(shapes: dict, shardings: dict, itemsize: int | None = None)
 def plan(cfg: config_lib.ModelConfig, mesh_cfg: sh.MeshConfig, batch: int, seq: int,
          devices=None) -> Plan:
     """Compiles (does not run) a training step on the mesh and reads its memory analysis."""
-    from mixtral_jax import model as model_lib
     mesh = sh.make_mesh(mesh_cfg, devices)
-    shapes = model_lib.get_params(model_lib.abstract(cfg))
-    pshard = sh.param_shardings(cfg, mesh)
+    shapes = model_lib.param_shapes(cfg)
+    pshard = sh.param_shardings(shapes, mesh)
     moments = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
 
     def step(params, m, v, tokens):
         def loss(p):
-            out = sh.model_from_params(cfg, p)(tokens)
+            out = model_lib.from_params(cfg, p)(tokens)
             logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
             return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
         grads = jax.grad(loss)(params)

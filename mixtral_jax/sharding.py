@@ -1,12 +1,13 @@
-"""Device mesh, logical-axis rules and sharded parameter creation (issue 3).
+"""Device mesh, logical-axis rules and parameter shardings (issue 3).
 
 The ONLY place the mesh axis names appear: data, fsdp, expert, tensor. Everything else names
 dimensions logically (batch, embed, vocab, heads, kv_heads, mlp, experts, layers, ...) and asks
 this module which mesh axes hold them.
 
 A mesh is described by a `MeshConfig` ("data=2,fsdp=1,expert=4,tensor=1"; one axis may be -1 =
-the devices that are left). Parameters are created already sharded: the initialiser runs under
-`jax.jit` with the rules table's shardings as `out_shardings`, so no device ever holds a full copy.
+the devices that are left). `param_shardings` gives a parameter tree's shardings from its shapes;
+this module never builds a model (`model.init_params` creates parameters already sharded: the
+initialiser runs under `jax.jit` with these shardings as `out_shardings`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import math
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixtral_jax.config import ConfigError, ModelConfig
+from mixtral_jax.config import ConfigError
 
 AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -147,11 +147,12 @@ def logical_spec(mesh: Mesh, shape: tuple[int, ...], names: tuple[str, ...]) -> 
     return PartitionSpec(*spec)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    """NamedShardings for every parameter, as a nested dict shaped like model.get_params."""
-    from mixtral_jax import model as model_lib  # noqa: PLC0415 (the model imports this module)
+def param_shardings(shapes: dict, mesh: Mesh) -> dict:
+    """NamedShardings for every parameter, as a nested dict shaped like `shapes`.
 
-    shapes = model_lib.get_params(model_lib.abstract(cfg))
+    shapes: a parameter tree shaped like model.get_params's whose leaves have `.shape` (arrays
+    or jax.ShapeDtypeStructs, e.g. model.param_shapes(cfg)).
+    """
 
     def one(path, leaf):
         name = jax.tree_util.keystr(path, simple=True, separator=".")
@@ -162,28 +163,9 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
     return jax.tree_util.tree_map_with_path(one, shapes)
 
 
-def init_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> dict:
-    """Random parameters (same values as model.init(cfg, seed)) created directly sharded."""
-    from mixtral_jax import model as model_lib  # noqa: PLC0415
-
-    shardings = param_shardings(cfg, mesh)
-    make = jax.jit(lambda: model_lib.get_params(model_lib.init(cfg, seed)), out_shardings=shardings)
-    return make()
-
-
-def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
+def shard_params(params: dict, mesh: Mesh) -> dict:
     """Places an existing parameter tree on the mesh per the rules table."""
-    return jax.device_put(params, param_shardings(cfg, mesh))
-
-
-def model_from_params(cfg: ModelConfig, params: dict):
-    """A Mixtral whose parameters are `params` (usable inside jit; shardings are kept)."""
-    from mixtral_jax import model as model_lib  # noqa: PLC0415
-
-    graphdef, state = nnx.split(model_lib.abstract(cfg))
-    params_state = nnx.state(nnx.merge(graphdef, state), nnx.Param)
-    nnx.replace_by_pure_dict(params_state, params)
-    return nnx.merge(graphdef, params_state)
+    return jax.device_put(params, param_shardings(params, mesh))
 
 
 _ACTIVE: list[Mesh] = []

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from mixtral_jax import distributed
 from mixtral_jax.config import ConfigError
+from mixtral_jax.fileio import atomic_write_text, read_json
 
 CHECKPOINTS = "checkpoints"
 MANIFESTS = "manifests"
@@ -72,9 +73,7 @@ class TrainCheckpointer:
         manifest = {"step": step, "arrays": checksums(state)}
         path = os.path.join(self.manifest_dir, f"{step}.json")
         if distributed.is_main():  # one writer; every process computed the same sums
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(manifest, f)
-            os.replace(path + ".tmp", path)
+            atomic_write_text(path, json.dumps(manifest))
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -96,8 +95,7 @@ class TrainCheckpointer:
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint step {step} in {self.run_dir} has no manifest: "
                               "refusing to use it unverified")
-        with open(path, encoding="utf-8") as f:
-            expected = json.load(f)["arrays"]
+        expected = read_json(path, "checkpoint manifest")["arrays"]
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

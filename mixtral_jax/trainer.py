@@ -24,9 +24,8 @@ from tqdm import tqdm
 from mixtral_jax import checkpoint, data, distributed, losses, metrics, sharding
 from mixtral_jax.config import ConfigError
 from mixtral_jax.hf_config import load_hf_config
-from mixtral_jax.model import abstract
+from mixtral_jax.model import abstract, init_params, param_shapes
 from mixtral_jax.runconfig import RunConfig, to_dict
-from mixtral_jax.sharding import init_params
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
 from mixtral_jax.train_checkpoint import TrainCheckpointer
 from mixtral_jax.train_step import (
@@ -221,8 +220,8 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     fine-tuning run loads its start weights, and only a fresh run draws random ones (making and
     discarding them first would double the start-up memory: 187 GB for 8x7B in float32)."""
     graphdef = nnx.graphdef(abstract(model_cfg))
-    shapes = _placed(jax.eval_shape(lambda: init_params(model_cfg, mesh, cfg.seed)),
-                     sharding.param_shardings(model_cfg, mesh))
+    shapes = param_shapes(model_cfg)
+    shapes = _placed(shapes, sharding.param_shardings(shapes, mesh))
     tx = make_optimizer(cfg.train, shapes)
     ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
@@ -239,7 +238,7 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     if cfg.checkpoint.init_from:
         _, params = checkpoint.load_model(cfg.checkpoint.init_from,
                                           param_dtype=model_cfg.compute.param_dtype)
-        params = sharding.shard_params(params, model_cfg, mesh)
+        params = sharding.shard_params(params, mesh)
         print(f"starting from the weights of {cfg.checkpoint.init_from}")
     else:
         params = init_params(model_cfg, mesh, cfg.seed)
@@ -360,12 +359,8 @@ def write_model(run_dir: str, params, model_cfg) -> str:
     target = os.path.join(run_dir, MODEL_DIR)
     host = jax.tree.map(distributed.host_array, params)  # every process takes part
     if distributed.is_main():  # one writer
-        staging = target + ".new"
-        shutil.rmtree(staging, ignore_errors=True)
-        checkpoint.save_model(staging, host, model_cfg, os.path.join(run_dir, TOKENIZER_FILE),
-                              this_process_only=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        checkpoint.save_model(target, host, model_cfg, os.path.join(run_dir, TOKENIZER_FILE),
+                              this_process_only=True, overwrite=True)
     distributed.barrier("final model")
     return target
 

@@ -82,12 +82,12 @@ class _Getter:
 def main(argv=None) -> int:
     """`python -m mixtral_jax.upcycle --dense DIR --out CKPT [--experts 8 --topk 2 ...]`."""
     import argparse
-    import json
     import os
     import sys
 
     from mixtral_jax import checkpoint
     from mixtral_jax.convert.files import open_weights
+    from mixtral_jax.fileio import read_json
 
     p = argparse.ArgumentParser(prog="python -m mixtral_jax.upcycle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,11 +102,7 @@ def main(argv=None) -> int:
     try:
         if os.path.exists(args.out):
             raise ConfigError(f"--out {args.out} already exists: choose a new directory")
-        config_path = os.path.join(args.dense, "config.json")
-        if not os.path.isfile(config_path):
-            raise ConfigError(f"no config.json in {args.dense}")
-        with open(config_path, encoding="utf-8") as f:
-            dense_config = json.load(f)
+        dense_config = read_json(os.path.join(args.dense, "config.json"), "config.json")
         cfg = upcycled_config(dense_config, args.experts, args.topk)
         problems: list[str] = []
         weights = open_weights(args.dense, problems)

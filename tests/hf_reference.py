@@ -63,8 +63,6 @@ def legacy_state_dict(model) -> dict[str, np.ndarray]:
     return out
 
 
-def ours_from_hf(model, cfg: mj.ModelConfig, seed: int = 123) -> mj.Mixtral:
+def ours_from_hf(model, cfg: mj.ModelConfig) -> mj.Mixtral:
     """Our model (config `cfg`) carrying the HF model's weights."""
-    ours = mj.init(cfg, seed)
-    mj.set_params(ours, hf_weights.params_from_hf(legacy_state_dict(model), cfg))
-    return ours
+    return mj.from_params(cfg, hf_weights.params_from_hf(legacy_state_dict(model), cfg))

@@ -93,8 +93,7 @@ def sources(tmp_path_factory):
 
 def our_logits(ckpt_dir) -> np.ndarray:
     cfg, params = checkpoint.load_model(str(ckpt_dir))
-    model = mj.init(cfg, 0)
-    mj.set_params(model, params)
+    model = mj.from_params(cfg, params)
     return np.asarray(model(TOKENS).logits)
 
 

@@ -28,7 +28,7 @@ def hf_dir(tmp_path_factory):
 @pytest.mark.parametrize("spec", ["expert=4,data=2", "fsdp=2,tensor=2,expert=2"])
 def test_leaves_are_created_in_their_target_sharding(hf_dir, spec):
     mesh = sharding.make_mesh(sharding.MeshConfig.parse(spec))
-    want = sharding.param_shardings(CFG, mesh)
+    want = sharding.param_shardings(mj.param_shapes(CFG), mesh)
     plain = importer.build_params(open_source(hf_dir), progress=False)
     for path, leaf in importer.iter_sharded_leaves(open_source(hf_dir), mesh):
         target, ref = want, plain

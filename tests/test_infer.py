@@ -5,14 +5,17 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import save_file
 
 import mixtral_jax as mj
 from hf_reference import make_hf_model, ours_from_hf
 from mixtral_jax import checkpoint
 from mixtral_jax.generate import Generator
+from mixtral_jax.loading import load_for_inference
 from mixtral_jax.tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,3 +156,25 @@ def test_compute_overrides_reach_the_model_and_architecture_ones_are_refused(set
     code, out, err = _infer_here(capsys, *args, "--model.num_layers=3")
     assert code == 1 and not out
     assert "model.num_layers is architecture" in err and len(err.strip().splitlines()) == 1
+
+
+def test_loading_draws_no_random_weights(setup, monkeypatch):
+    """load_for_inference builds the model from the loaded weights: Mixtral.__init__ runs only
+    abstractly (tracer leaves), never drawing real random weights, and the logits are those of
+    the model the files were written from."""
+    root, _, ours = setup
+    drawn = []  # one entry per Mixtral.__init__: True when it made real (not abstract) weights
+    real_init = mj.Mixtral.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        drawn.append(not isinstance(jax.tree.leaves(nnx.state(self))[0], jax.core.Tracer))
+
+    monkeypatch.setattr(mj.Mixtral, "__init__", recording_init)
+    tokens = np.array([[1, 5, 9, 2, 7, 3]], np.int32)
+    want = np.asarray(ours(tokens).logits)
+    for layout in ("ckpt", "hf", "fused"):
+        drawn.clear()
+        model, _ = load_for_inference(str(root / layout))
+        assert drawn and not any(drawn), layout
+        np.testing.assert_allclose(np.asarray(model(tokens).logits), want, rtol=1e-5, atol=1e-5)

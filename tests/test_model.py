@@ -111,21 +111,39 @@ def test_packed_documents_equal_separate_runs():
     np.testing.assert_allclose(out[:, 5:], model(doc_b).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_set_params_names_missing_and_misshapen_leaves():
+@pytest.mark.parametrize("build", ["set_params", "from_params"])
+def test_set_params_names_missing_and_misshapen_leaves(build):
     cfg = mj.ModelConfig.tiny()
     model = mj.init(cfg, 0)
+    load = (lambda p: mj.set_params(model, p)) if build == "set_params" else (
+        lambda p: mj.from_params(cfg, p))
     params = mj.get_params(model)
     del params["layers"]["moe"]["w_up"]
     with pytest.raises(ValueError, match="parameter layers.moe.w_up missing"):
-        mj.set_params(model, params)
+        load(params)
     params = mj.get_params(model)
     params["lm_head"] = jnp.zeros((3, 3))
     with pytest.raises(ValueError, match=r"parameter lm_head has shape \(3, 3\), expected \(64, 512\)"):
-        mj.set_params(model, params)
+        load(params)
     params = mj.get_params(model)
     params["extra"] = jnp.zeros(2)
     with pytest.raises(ValueError, match="unexpected parameter extra"):
-        mj.set_params(model, params)
+        load(params)
+
+
+def test_from_params_casts_and_equals_set_params_in_and_out_of_jit():
+    """from_params gives set_params's model (leaves cast to param_dtype), also inside jit."""
+    cfg = mj.ModelConfig.tiny(num_layers=2)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), mj.get_params(mj.init(cfg, 4)))
+    model = mj.init(cfg, 0)
+    mj.set_params(model, params)
+    built = mj.from_params(cfg, params)
+    assert {x.dtype for x in jax.tree.leaves(mj.get_params(built))} == {jnp.dtype(cfg.param_dtype)}
+    tokens = jnp.array([[3, 1, 4, 1, 5]])
+    want = model(tokens).logits
+    np.testing.assert_array_equal(built(tokens).logits, want)
+    jitted = jax.jit(lambda p, t: mj.from_params(cfg, p)(t).logits)
+    np.testing.assert_allclose(jitted(mj.get_params(model), tokens), want, rtol=1e-6, atol=1e-6)
 
 
 def test_init_is_deterministic_per_seed_and_layers_differ():

@@ -12,7 +12,7 @@ MESHES = ["data=8", "expert=4,data=2", "fsdp=4,tensor=2", "data=2,fsdp=2,expert=
 
 
 def _loss(cfg, params, tokens):
-    out = sh.model_from_params(cfg, params)(tokens)
+    out = mj.from_params(cfg, params)(tokens)
     logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)
     return jnp.mean(nll) + cfg.router_aux_loss_coef * out.aux.load_balance_loss, out.logits
@@ -34,9 +34,9 @@ def reference():
 def test_sharded_forward_and_grads_equal_single_device(reference, spec):
     cfg, params, tokens, logits_ref, grads_ref = reference
     mesh = sh.make_mesh(sh.MeshConfig.parse(spec))
-    sharded = sh.init_params(cfg, mesh, seed=3)
+    sharded = mj.init_params(cfg, mesh, seed=3)
     # created sharded, with model.init's values, and every leaf placed per the rules table
-    expected = sh.param_shardings(cfg, mesh)
+    expected = sh.param_shardings(mj.param_shapes(cfg), mesh)
     for (path, leaf), want, ref in zip(jax.tree_util.tree_leaves_with_path(sharded),
                                        jax.tree_util.tree_leaves(expected),
                                        jax.tree_util.tree_leaves(params)):
@@ -59,7 +59,8 @@ def test_sharded_forward_and_grads_equal_single_device(reference, spec):
 
 def test_rules_table_specs():
     mesh = sh.make_mesh(sh.MeshConfig.parse("expert=4,tensor=2"))
-    specs = jax.tree_util.tree_map(lambda s: s.spec, sh.param_shardings(mj.ModelConfig.tiny(), mesh))
+    shardings = sh.param_shardings(mj.param_shapes(mj.ModelConfig.tiny()), mesh)
+    specs = jax.tree_util.tree_map(lambda s: s.spec, shardings)
     assert specs["layers"]["moe"]["w_gate"] == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
     assert specs["layers"]["attn"]["o_proj"] == jax.sharding.PartitionSpec(None, "tensor", None, None)
     assert specs["lm_head"] == jax.sharding.PartitionSpec(None, "tensor")
@@ -82,7 +83,7 @@ def test_expert_parallel_model_equals_single_device(reference, spec):
     """The whole model with MoE layers dispatching by all-to-all (sharding.active)."""
     cfg, params, tokens, logits_ref, grads_ref = reference
     mesh = sh.make_mesh(sh.MeshConfig.parse(spec))
-    sharded = sh.shard_params(params, cfg, mesh)
+    sharded = sh.shard_params(params, mesh)
     toks = jax.device_put(tokens, sh.batch_sharding(mesh))
     with sh.active(mesh):
         step = jax.jit(jax.value_and_grad(lambda p, t: _loss(cfg, p, t), has_aux=True))
@@ -99,9 +100,9 @@ def test_activations_follow_the_active_mesh():
     (logits split by batch over data and by vocab over tensor); outside it they are not."""
     cfg = mj.ModelConfig.tiny()
     mesh = sh.make_mesh(sh.MeshConfig.parse("data=4,tensor=2"))
-    params = sh.init_params(cfg, mesh, seed=0)
+    params = mj.init_params(cfg, mesh, seed=0)
     tokens = jax.device_put(jnp.zeros((8, 16), jnp.int32), sh.batch_sharding(mesh))
-    forward = lambda p, t: sh.model_from_params(cfg, p)(t).logits  # noqa: E731
+    forward = lambda p, t: mj.from_params(cfg, p)(t).logits  # noqa: E731
     with sh.active(mesh):
         logits = jax.jit(forward)(params, tokens)
     want = sh.logical_spec(mesh, logits.shape, ("batch", "length", "vocab"))
@@ -139,7 +140,7 @@ def test_key_activations_are_pinned_only_on_a_mesh():
     tokens = jnp.zeros((8, 16), jnp.int32)
 
     def constraints():  # a fresh function each time: traces are cached per function
-        jaxpr = jax.make_jaxpr(lambda p, t: sh.model_from_params(cfg, p)(t).logits)(params, tokens)
+        jaxpr = jax.make_jaxpr(lambda p, t: mj.from_params(cfg, p)(t).logits)(params, tokens)
         return _count(jaxpr.jaxpr, "sharding_constraint")
 
     assert constraints() == 0

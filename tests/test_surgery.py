@@ -30,8 +30,7 @@ def test_dropping_no_expert_is_bit_exact():
     for path in ("w_gate", "w_up", "w_down", "router"):
         np.testing.assert_array_equal(new_params["layers"]["moe"][path],
                                       params["layers"]["moe"][path])
-    again = mj.init(new_cfg, 1)
-    mj.set_params(again, new_params)
+    again = mj.from_params(new_cfg, new_params)
     np.testing.assert_array_equal(again(_tokens(cfg)).logits, model(_tokens(cfg)).logits)
 
 
@@ -56,8 +55,7 @@ def test_dropped_checkpoint_equals_a_directly_built_smaller_model(tmp_path):
     checkpoint.save_model(str(tmp_path / "cut"), cut_params, cut_cfg)
     loaded_cfg, loaded = checkpoint.load_model(str(tmp_path / "cut"))
     assert loaded_cfg.num_experts == 3
-    model = mj.init(loaded_cfg, 0)
-    mj.set_params(model, loaded)
+    model = mj.from_params(loaded_cfg, loaded)
     tokens = _tokens(small_cfg)
     np.testing.assert_array_equal(model(tokens).logits, small(tokens).logits)
 
@@ -103,8 +101,7 @@ def test_merge_is_the_weighted_average_and_keeps_the_rest():
     r = params["layers"]["moe"]["router"]
     np.testing.assert_allclose(merged["layers"]["moe"]["router"][:, :, 1],
                                (0.2 * r[:, :, 1] + 0.4 * r[:, :, 3]) / 0.6, rtol=1e-6, atol=1e-8)
-    model = mj.init(merged_cfg, 0)
-    mj.set_params(model, merged)
+    model = mj.from_params(merged_cfg, merged)
     assert bool(jnp.all(jnp.isfinite(model(_tokens(cfg)).logits)))
     with pytest.raises(ConfigError, match="appears in two merge groups"):
         surgery.merge_experts(params, cfg, [[0, 1], [1, 2]])

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import mixtral_jax as mj
-from mixtral_jax import checkpoint, surgery_cli, upcycle
+from mixtral_jax import checkpoint, upcycle
 from mixtral_jax.generate import Generator
 from mixtral_jax.routing.__main__ import main as routing_main
+from mixtral_jax.surgery import cli as surgery_cli
 from mixtral_jax.tokenizer import train_tokenizer
 
 TEXT = ["Experts are chosen per token by a router.", "The router is a linear layer.",
@@ -51,15 +52,13 @@ def test_drop_command_gives_a_checkpoint_that_loads_generates_and_matches(ckpt, 
     assert cfg.num_experts == 3 and (out / "tokenizer.model").is_file()
     # The same weights built directly as a 3-expert model.
     base_cfg, base = checkpoint.load_model(str(ckpt / "model"))
-    direct = mj.init(cfg, 9)
     direct_params = checkpoint.to_numpy(base)
     for name in ("w_gate", "w_up", "w_down"):
         direct_params["layers"]["moe"][name] = direct_params["layers"]["moe"][name][:, [0, 2, 4]]
     direct_params["layers"]["moe"]["router"] = direct_params["layers"]["moe"]["router"][
         :, :, [0, 2, 4]]
-    mj.set_params(direct, direct_params)
-    loaded = mj.init(cfg, 0)
-    mj.set_params(loaded, params)
+    direct = mj.from_params(cfg, direct_params)
+    loaded = mj.from_params(cfg, params)
     # The loaded model holds the direct model's weights bit for bit (same config, same graph), so
     # it generates what the direct model generates; one Generator (one compilation) suffices.
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mj.get_params(loaded)),
@@ -100,8 +99,7 @@ def test_upcycle_command_from_a_transformers_mistral_directory(tmp_path):
     assert upcycle.main(["--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"),
                          "--experts", "4", "--topk", "2", "--router-std", "0.3"]) == 0
     cfg, params = checkpoint.load_model(str(tmp_path / "moe"))
-    model = mj.init(cfg, 0)
-    mj.set_params(model, params)
+    model = mj.from_params(cfg, params)
     tokens = np.random.default_rng(0).integers(0, 101, (2, 9))
     with torch.no_grad():
         ref = dense(torch.tensor(tokens)).logits.numpy()

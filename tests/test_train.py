@@ -122,8 +122,11 @@ def test_interrupted_save_is_never_resumed_from(tmp_path):
     assert ckpt.steps() == [1, 2]
     assert not stale.exists()  # stale temporary directories are cleaned
     ckpt.close()
-    os.remove(tmp_path / "manifests" / "2.json")  # finalized but unverifiable
+    (tmp_path / "manifests" / "2.json").write_text('{"step": 2, "arr')  # cut short
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=3))
+    with pytest.raises(ConfigError, match="manifests/2.json is not valid JSON"):
+        trainer.run(longer, show_progress=False)
+    os.remove(tmp_path / "manifests" / "2.json")  # finalized but unverifiable
     with pytest.raises(ConfigError, match="step 2 .* has no manifest"):
         trainer.run(longer, show_progress=False)
 

@@ -69,7 +69,7 @@ def test_state_is_created_sharded_by_the_rules_table(tmp_path):
     mesh = trainer.make_run_mesh(cfg)
     _, tx, state, ckpt = trainer._init_or_resume(cfg, model_cfg, batches, mesh)
     ckpt.close()
-    want = sharding.param_shardings(model_cfg, mesh)
+    want = sharding.param_shardings(mj.param_shapes(model_cfg), mesh)
     flat_want = jax.tree.leaves(want)
     for leaf, w in zip(jax.tree.leaves(state.params), flat_want, strict=True):
         assert leaf.sharding.is_equivalent_to(w, leaf.ndim)
@@ -109,7 +109,7 @@ def _two_steps(mesh):
     tc = TrainConfig(batch_size=16, seq_len=16, grad_accum=2, warmup_steps=1)
     graphdef = nnx.graphdef(mj.model.abstract(cfg))
     host = _synthetic_batch(cfg.vocab_size, 16, 16, 2)
-    params = sharding.init_params(cfg, mesh, 0)
+    params = mj.init_params(cfg, mesh, 0)
     tx = make_optimizer(tc, params)
     state = trainer._fresh_state(params, tx, 0, mesh)
     where = state_shardings(params, tx, mesh)

@@ -37,8 +37,7 @@ def test_upcycled_model_equals_dense_model_at_step_zero(num_experts, topk, windo
     w = params["layers"]["moe"]["w_gate"]  # [L, E, D, F]: every expert is the dense MLP
     np.testing.assert_array_equal(w[:, 0], w[:, -1])
     assert float(np.abs(params["layers"]["moe"]["router"]).max()) > 0  # router is random
-    model = mj.init(cfg, 0)
-    mj.set_params(model, params)
+    model = mj.from_params(cfg, params)
     tokens = np.random.default_rng(0).integers(0, 101, (2, 13))
     with torch.no_grad():
         ref = dense(torch.tensor(tokens)).logits.numpy()

@@ -20,6 +20,7 @@ from mixtral_jax import checkpoint
 from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.convert.safetensors_io import StreamWriter
 from mixtral_jax.convert.source import ConversionError
+from mixtral_jax.fileio import atomic_directory
 from mixtral_jax.hf_config import save_hf_config
 from mixtral_jax.hf_weights import hf_shapes, params_to_hf
 
@@ -52,10 +53,7 @@ def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, tokenizer: str | N
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     where = {key: names[i] for i, keys in enumerate(shards) for key in keys}
-    staging = os.path.abspath(out_dir) + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
+    with atomic_directory(out_dir) as staging:
         tensors = params_to_hf(params, cfg)
         total = sum(int(np.prod(s)) for s in shapes.values()) * dtype.itemsize
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
@@ -77,9 +75,6 @@ def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, tokenizer: str | N
         save_hf_config(cfg, os.path.join(staging, "config.json"))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, os.path.join(staging, checkpoint.TOKENIZER_FILE))
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def to_hf(checkpoint_dir: str, out_dir: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,

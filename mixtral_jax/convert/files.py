@@ -14,13 +14,14 @@ builds tensors and nothing else. torch is imported on that path only.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Callable
 
 import numpy as np
 
+from mixtral_jax.config import ConfigError
 from mixtral_jax.convert import safetensors_io as st
+from mixtral_jax.fileio import read_json
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
@@ -99,12 +100,14 @@ def _safetensors(directory: str, names: list[str], problems: list[str],
 
 def _read_index(directory: str, name: str, problems: list[str]) -> dict[str, str] | None:
     try:
-        with open(os.path.join(directory, name), encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(os.path.join(directory, name), "shard index")["weight_map"]
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise TypeError("weight_map is not an object of strings")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except ConfigError as e:
+        problems.append(f"{name} is not a valid shard index: {e}")
+        return None
+    except (KeyError, TypeError) as e:
         problems.append(f"{name} is not a valid shard index ({type(e).__name__}: {e})")
         return None
     return weight_map

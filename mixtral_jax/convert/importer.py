@@ -70,9 +70,9 @@ def iter_leaves(src: Source, *, check_finite: bool = False, bar: tqdm | None = N
 def _leaf_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
     import jax
 
-    from mixtral_jax.model import abstract, get_params
+    from mixtral_jax.model import param_shapes
 
-    flat = jax.tree_util.tree_flatten_with_path(get_params(abstract(cfg)))[0]
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
     return {tuple(k.key for k in p): tuple(x.shape) for p, x in flat}
 
 
@@ -109,10 +109,11 @@ def iter_sharded_leaves(src: Source, mesh, *, check_finite: bool = False,
     import jax
 
     from mixtral_jax import sharding
+    from mixtral_jax.model import param_shapes
 
     cfg, get = src.cfg, src.getter()
     dtype = np.dtype(_np_dtype(cfg.compute.param_dtype))
-    shardings = sharding.param_shardings(cfg, mesh)
+    shardings = sharding.param_shardings(param_shapes(cfg), mesh)
     shapes = _leaf_shapes(cfg)
     problems = [] if problems is None else problems
     for m in TABLE:

@@ -20,13 +20,13 @@ permuted so HF's rotate-half computes the same function (`mistral_to_hf_rows`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable
 
 import numpy as np
 
 from mixtral_jax.config import ConfigError, ModelConfig
+from mixtral_jax.fileio import read_json
 from mixtral_jax.hf_config import from_hf_dict
 from mixtral_jax.hf_weights import hf_shapes
 
@@ -153,13 +153,7 @@ def plan(layout: str, cfg: ModelConfig) -> Plan:
 
 def mistral_params_config(path: str) -> ModelConfig:
     """Our config from Mistral's `params.json` (native names, or the HF names of Dec 2023)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            p = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"no params.json at {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    p = read_json(path, "params.json")
     if "dim" not in p:  # the Dec-2023 params.json uses HF's names
         return from_hf_dict(dict(p, model_type="mixtral"))
     moe = p.get("moe") or {}

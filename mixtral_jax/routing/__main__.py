@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from mixtral_jax import checkpoint
-    from mixtral_jax.model import init, set_params
+    from mixtral_jax.model import from_params
     from mixtral_jax.routing.analyse import chunk_tokens, collect_trace, write_report
     from mixtral_jax.tokenizer import Tokenizer
 
@@ -68,8 +68,7 @@ def run(args) -> int:
     tokenizer = Tokenizer.load(tokenizer_path)
     ids = tokenizer.encode(text)[: args.max_tokens]
     tokens, mask = chunk_tokens(ids, args.seq_len, pad_id=0)
-    model = init(cfg, 0)
-    set_params(model, params)
+    model = from_params(cfg, params)
     trace = collect_trace(model, tokens, mask, args.batch_size)
     pieces = [[tokenizer.piece(t) if m else "" for t, m in zip(row, row_mask)]
               for row, row_mask in zip(tokens, mask)]

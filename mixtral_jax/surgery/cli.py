@@ -13,11 +13,12 @@ copied); `eval` prints held-out perplexity of each checkpoint on the same text, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
+
+from mixtral_jax.fileio import read_json
 
 
 def _ints(text: str) -> list[int]:
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
 
 
 def operate(args) -> int:
-    from mixtral_jax import checkpoint, surgery
+    from mixtral_jax import checkpoint
+    from mixtral_jax.surgery import ops as surgery
 
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out} already exists: choose a new directory")
@@ -94,8 +96,7 @@ def operate(args) -> int:
 
 
 def _load_shares(path: str, cfg) -> np.ndarray:
-    with open(path, encoding="utf-8") as f:
-        report = json.load(f)
+    report = read_json(path, "routing report")
     shares = np.array([layer["load_share"] for layer in report["layers"]])
     if shares.shape != (cfg.num_layers, cfg.num_experts):
         raise ValueError(f"report {path} is for {shares.shape[0]} layers x {shares.shape[1]} "
@@ -108,7 +109,7 @@ def evaluate(args) -> int:
     import jax.numpy as jnp
 
     from mixtral_jax import checkpoint, data, losses
-    from mixtral_jax.model import init, set_params
+    from mixtral_jax.model import from_params
     from mixtral_jax.tokenizer import Tokenizer
 
     tokenizer_path = args.tokenizer or os.path.join(args.checkpoint[0], checkpoint.TOKENIZER_FILE)
@@ -119,8 +120,7 @@ def evaluate(args) -> int:
     print(f"{'checkpoint':<40} {'experts':>7} {'top-k':>5} {'loss':>8} {'perplexity':>10}")
     for path in args.checkpoint:
         cfg, params = checkpoint.load_model(path)
-        model = init(cfg, 0)
-        set_params(model, params)
+        model = from_params(cfg, params)
         out = jax.jit(lambda t, p, s: model(t, positions=p, segment_ids=s).logits)(
             jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
             jnp.asarray(batch["segment_ids"]))

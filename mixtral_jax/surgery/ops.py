@@ -134,11 +134,3 @@ def merge_experts(params: dict, cfg: ModelConfig, groups: Sequence[Sequence[int]
 def set_topk(cfg: ModelConfig, topk: int) -> ModelConfig:
     """The config with `topk` experts per token (validated against num_experts)."""
     return cfg.replace(num_experts_per_tok=topk)
-
-
-if __name__ == "__main__":  # python -m mixtral_jax.surgery {drop,merge,topk,eval} ...
-    import sys
-
-    from mixtral_jax.surgery_cli import main
-
-    sys.exit(main())
