@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mixtral_jax import checkpoint, data, distributed, losses, metrics, sharding
 from mixtral_jax.config import ConfigError
 from mixtral_jax.hf_config import load_hf_config
-from mixtral_jax.model import abstract, init_params, param_shapes
+from mixtral_jax.model import abstract, init_params
 from mixtral_jax.runconfig import RunConfig, to_dict
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
 from mixtral_jax.train_checkpoint import TrainCheckpointer
@@ -163,6 +163,11 @@ def make_run_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
             raise ConfigError(f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x "
                               f"expert x tensor) needs {wanted} devices, {len(devices)} present")
         devices = devices[:wanted]
+    processes = {d.process_index for d in devices}
+    if len(processes) < jax.process_count():
+        raise ConfigError(f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x expert x "
+                          f"tensor) spans {len(processes)} of the run's {jax.process_count()} "
+                          "processes: give it every device (e.g. mesh.data=-1)")
     try:
         return sharding.make_mesh(m, devices)
     except ValueError as e:
@@ -220,7 +225,7 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     fine-tuning run loads its start weights, and only a fresh run draws random ones (making and
     discarding them first would double the start-up memory: 187 GB for 8x7B in float32)."""
     graphdef = nnx.graphdef(abstract(model_cfg))
-    shapes = param_shapes(model_cfg)
+    shapes = jax.eval_shape(lambda: init_params(model_cfg, mesh, cfg.seed))  # nothing drawn
     shapes = _placed(shapes, sharding.param_shardings(shapes, mesh))
     tx = make_optimizer(cfg.train, shapes)
     ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
