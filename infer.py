@@ -20,10 +20,14 @@ from mixtral_jax.config import ConfigError
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/tiny/model",
-                   help="model checkpoint or Hugging Face directory (default: the demo's)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="runs/tiny/model",
+        help="model checkpoint or Hugging Face directory (default: the demo's)",
+    )
     p.add_argument("--tokenizer", help="sentencepiece model file")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     p.add_argument("--prompt-file", help="one prompt per line ('-' = standard input)")
@@ -100,7 +104,7 @@ def run(args) -> int:
         if stream:  # decode everything so far: pieces alone lose SentencePiece's spaces
             so_far.extend(new)
             text = cut_at_stop(tokenizer.decode(so_far), args.stop)
-            sys.stdout.write(text[printed[0]:])
+            sys.stdout.write(text[printed[0] :])
             sys.stdout.flush()
             printed[0] = len(text)
 
@@ -110,31 +114,56 @@ def run(args) -> int:
     if stream:
         sys.stdout.write(prompts[0])
     result = Generator(model).generate(
-        ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-        eos_id=tokenizer.eos_id, on_tokens=on_tokens, should_stop=should_stop if args.stop else None)
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        eos_id=tokenizer.eos_id,
+        on_tokens=on_tokens,
+        should_stop=should_stop if args.stop else None,
+    )
     outputs = [cut_at_stop(tokenizer.decode(t), args.stop) for t in result.tokens]
-    timing = {"time_to_first_token_s": result.time_to_first_token_s,
-              "decode_tokens_per_s": result.decode_tokens / max(result.decode_s, 1e-9),
-              "prompt_bucket": result.prompt_bucket}
+    timing = {
+        "time_to_first_token_s": result.time_to_first_token_s,
+        "decode_tokens_per_s": result.decode_tokens / max(result.decode_s, 1e-9),
+        "prompt_bucket": result.prompt_bucket,
+    }
     if args.json:
-        print(json.dumps({"completions": [
-            {"prompt": p, "prompt_ids": i, "ids": t, "text": o, "finish": f}
-            for p, i, t, o, f in zip(prompts, ids, result.tokens, outputs, result.finish)],
-            "timing": timing,
-            **({"tokens_per_expert": result.tokens_per_expert.tolist()}
-               if args.show_routing else {})}))
+        print(
+            json.dumps(
+                {
+                    "completions": [
+                        {"prompt": p, "prompt_ids": i, "ids": t, "text": o, "finish": f}
+                        for p, i, t, o, f in zip(
+                            prompts, ids, result.tokens, outputs, result.finish
+                        )
+                    ],
+                    "timing": timing,
+                    **(
+                        {"tokens_per_expert": result.tokens_per_expert.tolist()}
+                        if args.show_routing
+                        else {}
+                    ),
+                }
+            )
+        )
         return 0
     if stream:
         print(flush=True)
     else:
         for prompt, output in zip(prompts, outputs):
             print(f"--- {prompt}\n{prompt}{output}", flush=True)
-    print(f"[time to first token {timing['time_to_first_token_s'] * 1000:.0f} ms, "
-          f"decode {timing['decode_tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+    print(
+        f"[time to first token {timing['time_to_first_token_s'] * 1000:.0f} ms, "
+        f"decode {timing['decode_tokens_per_s']:.1f} tokens/s]",
+        file=sys.stderr,
+    )
     if args.show_routing:
         for layer, row in enumerate(result.tokens_per_expert):
-            print(f"layer {layer:3d} tokens per expert: {' '.join(f'{int(c):6d}' for c in row)}",
-                  file=sys.stderr)
+            print(
+                f"layer {layer:3d} tokens per expert: {' '.join(f'{int(c):6d}' for c in row)}",
+                file=sys.stderr,
+            )
     return 0
 
 

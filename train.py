@@ -17,8 +17,9 @@ from mixtral_jax.config import ConfigError
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="TOML run config (default: built-in defaults)")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int, help="processes in the run")
@@ -26,8 +27,10 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
-        print(f"error: unrecognised argument {bad[0]!r}: overrides look like --section.key=value",
-              file=sys.stderr)
+        print(
+            f"error: unrecognised argument {bad[0]!r}: overrides look like --section.key=value",
+            file=sys.stderr,
+        )
         return 2
     from mixtral_jax import distributed, trainer
     from mixtral_jax.runconfig import load_run_config
@@ -41,10 +44,14 @@ def main(argv=None) -> int:
         return 1
     if result.get("step", 0) < cfg.train.steps:
         return 0  # stopped by a signal, checkpoint saved
-    line = (f"done: step {result['step']}, train loss {result['loss']:.3f}, "
-            f"unigram entropy {result['unigram_entropy']:.3f}")
+    line = (
+        f"done: step {result['step']}, train loss {result['loss']:.3f}, "
+        f"unigram entropy {result['unigram_entropy']:.3f}"
+    )
     if "eval_loss" in result:
-        line += f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
+        line += (
+            f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
+        )
     print(line)
     print(f"model checkpoint: {cfg.checkpoint.dir}/model")
     return 0

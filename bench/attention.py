@@ -34,8 +34,12 @@ def main():
     docs = np.cumsum(np.random.default_rng(0).random((b, s)) < 4 / s, axis=1) + 1
     padding = np.ones((b, s), np.int32)
     padding[:, :100] = 0
-    cases = {"causal": (None, {}), "packed documents": (None, {"segment_ids": jnp.asarray(docs)}),
-             "window 1024": (1024, {}), "left padding": (None, {"attention_mask": padding})}
+    cases = {
+        "causal": (None, {}),
+        "packed documents": (None, {"segment_ids": jnp.asarray(docs)}),
+        "window 1024": (1024, {}),
+        "left padding": (None, {"attention_mask": padding}),
+    }
     flops = 4 * b * s * s * n * h / 2  # causal: half the score matrix
     rows = {}
     for name, (window, extra) in cases.items():
@@ -43,8 +47,10 @@ def main():
         seen = np.broadcast_to(np.asarray(mask.any(-1)), (b, s))  # rows with a visible key
         # Rows that see no key carry no loss in training: their output gradient is zero.
         dy_seen = dy * jnp.asarray(seen, dy.dtype)[:, :, None, None]
-        fns = {"xla": lambda q, k, v, m=mask: dot_product_attention(q, k, v, m),
-               "cudnn": lambda q, k, v, m=mask, w=window: fused_attention(q, k, v, m, w, "cudnn")}
+        fns = {
+            "xla": lambda q, k, v, m=mask: dot_product_attention(q, k, v, m),
+            "cudnn": lambda q, k, v, m=mask, w=window: fused_attention(q, k, v, m, w, "cudnn"),
+        }
         outs, row = {}, {}
         for impl, fn in fns.items():
             grad = jax.jit(lambda q, k, v, fn=fn: jax.vjp(fn, q, k, v)[1](dy_seen))
@@ -57,10 +63,13 @@ def main():
             if i == 0:  # the output: rows that see a key
                 got, want = got[seen], want[seen]
             errs.append(float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
-        row.update(rel_err_out_dq_dk_dv=errs,
-                   cudnn_finite=bool(all(np.isfinite(np.asarray(o, np.float32)).all()
-                                         for o in outs["cudnn"])),
-                   cudnn_forward_tflops=flops / row["cudnn_forward_ms"] / 1e9)
+        row.update(
+            rel_err_out_dq_dk_dv=errs,
+            cudnn_finite=bool(
+                all(np.isfinite(np.asarray(o, np.float32)).all() for o in outs["cudnn"])
+            ),
+            cudnn_forward_tflops=flops / row["cudnn_forward_ms"] / 1e9,
+        )
         rows[name] = row
         print(name, row, flush=True)
     write_json("attention.json", {"env": environment(), "batch": b, "seq": s, "rows": rows})

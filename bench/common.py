@@ -60,14 +60,17 @@ def random_model(cfg: mj.ModelConfig, seed: int = 0) -> mj.Mixtral:
         @jax.jit
         def make(key, shape=shape, dtype=dtype):
             if len(shape) >= 3:  # stacked [L, ...]: one layer at a time
-                return jax.lax.map(lambda k: (0.02 * jax.random.normal(
-                    k, shape[1:], jnp.float32)).astype(dtype), jax.random.split(key, shape[0]))
+                return jax.lax.map(
+                    lambda k: (0.02 * jax.random.normal(k, shape[1:], jnp.float32)).astype(dtype),
+                    jax.random.split(key, shape[0]),
+                )
             return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
         made.append(make(key))
     params = jax.tree.unflatten(treedef, made)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.ones_like(x) if "scale" in jax.tree_util.keystr(p) else x, params)
+        lambda p, x: jnp.ones_like(x) if "scale" in jax.tree_util.keystr(p) else x, params
+    )
     return mj.from_params(cfg, params)
 
 
@@ -75,10 +78,13 @@ def synthetic_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dic
     """One training batch of random tokens, as the train step takes it: [1 micro-batch, B, T]."""
     tokens = np.random.default_rng(seed).integers(3, vocab_size, (1, batch, seq + 1))
     tokens = tokens.astype(np.int32)
-    return {"tokens": tokens[..., :-1], "targets": tokens[..., 1:],
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)),
-            "segment_ids": np.ones((1, batch, seq), np.int32),
-            "loss_mask": np.ones((1, batch, seq), np.float32)}
+    return {
+        "tokens": tokens[..., :-1],
+        "targets": tokens[..., 1:],
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)),
+        "segment_ids": np.ones((1, batch, seq), np.int32),
+        "loss_mask": np.ones((1, batch, seq), np.float32),
+    }
 
 
 def time_train_steps(step, state, data, steps: int):
@@ -102,8 +108,9 @@ def run_peer(args: list[str], timeout: int = 400) -> dict:
     """Runs a PyTorch peer script (`python ARGS`, printing one JSON line last) in a subprocess,
     before JAX touches the GPU; a failing peer gives {"error": ...} rather than hiding our rows."""
     try:
-        out = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                             check=True, timeout=timeout)
+        out = subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, check=True, timeout=timeout
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as err:  # noqa: BLE001
         detail = getattr(err, "stderr", None) or str(err)
@@ -112,9 +119,15 @@ def run_peer(args: list[str], timeout: int = 400) -> dict:
 
 def environment() -> dict:
     import flax
-    return {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "flax": flax.__version__,
-            "python": platform.python_version(), "device": jax.devices()[0].device_kind,
-            "device_count": jax.device_count()}
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+        "device": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+    }
 
 
 def write_json(name: str, payload: dict) -> None:
@@ -140,8 +153,9 @@ def trace_kernels(fn, reps: int = 10) -> list[tuple[str, int, int]]:
             continue
         for line in plane.lines:
             if "stream" in line.name.lower() and "memcpy" not in line.name.lower():
-                kernels.update((ev.name, int(ev.start_ns), int(ev.duration_ns))
-                               for ev in line.events)
+                kernels.update(
+                    (ev.name, int(ev.start_ns), int(ev.duration_ns)) for ev in line.events
+                )
     return sorted(kernels, key=lambda k: k[1])
 
 
@@ -162,6 +176,12 @@ def kernel_summary(kernels: list[tuple[str, int, int]], per: int = 1) -> dict:
         entry[0] += 1
         entry[1] += dur / 1e3
     span = (max(s + d for _, s, d in kernels) - kernels[0][1]) / 1e3 if kernels else 0.0
-    return {"busy_us": busy / 1e3 / per, "span_us": span / per, "kernels": len(kernels) / per,
-            "by_name": {n: {"count": c / per, "us": t / per}
-                        for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])}}
+    return {
+        "busy_us": busy / 1e3 / per,
+        "span_us": span / per,
+        "kernels": len(kernels) / per,
+        "by_name": {
+            n: {"count": c / per, "us": t / per}
+            for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])
+        },
+    }

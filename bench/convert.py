@@ -52,8 +52,10 @@ def write_synthetic(cfg, directory: str) -> int:
             writer.write(key, value)
             total += value.nbytes
         writer.close()
-    index = {"metadata": {"total_size": total},
-             "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
+    }
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f)
     save_hf_config(cfg, os.path.join(directory, "config.json"))
@@ -63,8 +65,12 @@ def write_synthetic(cfg, directory: str) -> int:
 def timed_command(args: list[str]) -> dict:
     """Runs `python -m mixtral_jax.convert ARGS` under /usr/bin/time -v: wall s, peak RSS."""
     start = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "mixtral_jax.convert",
-                          *args, "--quiet"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-m", "mixtral_jax.convert", *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     wall = time.perf_counter() - start
     if out.returncode:
         raise SystemExit(f"conversion failed: {out.stderr[-2000:]}")
@@ -83,38 +89,55 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dir", default="/tmp/convert_bench")
     p.add_argument("--keep", action="store_true")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                 "convert_cpu.json"))
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "convert_cpu.json")
+    )
     args = p.parse_args()
-    cfg = config_lib.preset("mixtral-8x7b", num_layers=args.layers, param_dtype="bfloat16",
-                            dtype="bfloat16")
+    cfg = config_lib.preset(
+        "mixtral-8x7b", num_layers=args.layers, param_dtype="bfloat16", dtype="bfloat16"
+    )
     shutil.rmtree(args.dir, ignore_errors=True)
     hf, ours, back = (os.path.join(args.dir, n) for n in ("hf", "ours", "hf_back"))
     try:
         start = time.perf_counter()
         size = write_synthetic(cfg, hf)
-        print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s",
-              flush=True)
+        print(
+            f"synthetic checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         largest = args.layers * cfg.num_experts * cfg.embed_dim * cfg.hidden_dim * 2
         slice_bytes = max(cfg.embed_dim * cfg.hidden_dim, cfg.vocab_size * cfg.embed_dim) * 2
-        rows = {"to-orbax": timed_command(["to-orbax", hf, ours]),
-                "to-hf": timed_command(["to-hf", ours, back])}
+        rows = {
+            "to-orbax": timed_command(["to-orbax", hf, ours]),
+            "to-hf": timed_command(["to-hf", ours, back]),
+        }
         for r in rows.values():
             r["GB_per_s"] = size / 1e9 / r["wall_s"]
             r["peak_rss_over_checkpoint"] = r["peak_rss_gib"] * 1024**3 / size
-        payload = {"layers": args.layers, "checkpoint_gb": size / 1e9,
-                   "largest_leaf_gb": largest / 1e9, "largest_slice_gb": slice_bytes / 1e9,
-                   "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-                   "versions": _versions(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+        payload = {
+            "layers": args.layers,
+            "checkpoint_gb": size / 1e9,
+            "largest_leaf_gb": largest / 1e9,
+            "largest_slice_gb": slice_bytes / 1e9,
+            "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "versions": _versions(),
+            "date": time.strftime("%Y-%m-%d"),
+            "rows": rows,
+        }
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(payload, f, indent=1)
-        print(f"checkpoint {size / 1e9:.2f} GB, largest stacked leaf {largest / 1e9:.2f} GB, "
-              f"largest slice {slice_bytes / 1e9:.2f} GB; JSON in {args.out}")
+        print(
+            f"checkpoint {size / 1e9:.2f} GB, largest stacked leaf {largest / 1e9:.2f} GB, "
+            f"largest slice {slice_bytes / 1e9:.2f} GB; JSON in {args.out}"
+        )
         print(f"{'direction':>9} {'wall s':>7} {'GB/s':>6} {'peak RSS GiB':>13} {'RSS/size':>9}")
         for name, r in rows.items():
-            print(f"{name:>9} {r['wall_s']:>7.1f} {r['GB_per_s']:>6.2f} {r['peak_rss_gib']:>13.2f}"
-                  f" {r['peak_rss_over_checkpoint']:>9.0%}")
+            print(
+                f"{name:>9} {r['wall_s']:>7.1f} {r['GB_per_s']:>6.2f} {r['peak_rss_gib']:>13.2f}"
+                f" {r['peak_rss_over_checkpoint']:>9.0%}"
+            )
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

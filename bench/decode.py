@@ -64,8 +64,17 @@ def profile_decode(generator: Generator, prompt_len: int = 16, calls: int = 3) -
     done, key = jnp.zeros((1,), bool), jax.random.key(0)
 
     def chunk():
-        out = generator._decode(generator.state, carry["cache"], carry["last"], carry["pos"],
-                                done, key, -1, sampling=SamplingParams(), steps=generator.chunk)
+        out = generator._decode(
+            generator.state,
+            carry["cache"],
+            carry["last"],
+            carry["pos"],
+            done,
+            key,
+            -1,
+            sampling=SamplingParams(),
+            steps=generator.chunk,
+        )
         carry["cache"], carry["last"], carry["pos"] = out[0], out[1], out[2]
         return out[4]
 
@@ -82,18 +91,42 @@ def main():
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--moe-impl", default="dropless")
     p.add_argument("--unroll", type=int, default=mj.model.EXTEND_SCAN_UNROLL)
-    p.add_argument("--router-dot", choices=("f32", "bf16"), default="f32",
-                   help="bf16: router logits from bf16 operands with float32 accumulation")
+    p.add_argument(
+        "--router-dot",
+        choices=("f32", "bf16"),
+        default="f32",
+        help="bf16: router logits from bf16 operands with float32 accumulation",
+    )
     p.add_argument("--peer", action="store_true")
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
-    peer = (run_peer(["bench/peer_decode.py", "--batches", args.batches, "--new", str(args.new),
-                      "--layers", str(args.layers)], timeout=900) if args.peer else None)
+    peer = (
+        run_peer(
+            [
+                "bench/peer_decode.py",
+                "--batches",
+                args.batches,
+                "--new",
+                str(args.new),
+                "--layers",
+                str(args.layers),
+            ],
+            timeout=900,
+        )
+        if args.peer
+        else None
+    )
     mj.model.EXTEND_SCAN_UNROLL = args.unroll
     if args.router_dot == "bf16":
         mj.moe.route = route_bf16_operands
-    cfg = mj.preset("mixtral-8x7b", num_layers=args.layers, dtype="bfloat16",
-                    param_dtype="bfloat16", moe_impl=args.moe_impl, max_seq_len=4096)
+    cfg = mj.preset(
+        "mixtral-8x7b",
+        num_layers=args.layers,
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+        moe_impl=args.moe_impl,
+        max_seq_len=4096,
+    )
     bandwidth = copy_bandwidth_tbs()
     start = time.perf_counter()
     model = random_model(cfg)
@@ -107,32 +140,52 @@ def main():
             result = generator.generate(prompts, max_new_tokens=args.new, eos_id=None)
         tok_s = result.decode_tokens / result.decode_s
         floor_s = step_bytes(cfg, batch) / (bandwidth * 1e12)
-        rows.append({"batch": batch, "decode_tokens_per_s": tok_s,
-                     "step_ms": 1000 * batch / tok_s, "floor_step_ms": 1000 * floor_s,
-                     "share_of_floor": floor_s / (batch / tok_s)})
+        rows.append(
+            {
+                "batch": batch,
+                "decode_tokens_per_s": tok_s,
+                "step_ms": 1000 * batch / tok_s,
+                "floor_step_ms": 1000 * floor_s,
+                "share_of_floor": floor_s / (batch / tok_s),
+            }
+        )
         print(rows[-1], flush=True)
     prompt = [list(map(int, rng.integers(3, 32000, args.prefill)))]
-    ttft = [generator.generate(prompt, max_new_tokens=16, eos_id=None).time_to_first_token_s
-            for _ in range(3)][-1]
+    ttft = [
+        generator.generate(prompt, max_new_tokens=16, eos_id=None).time_to_first_token_s
+        for _ in range(3)
+    ][-1]
     profile = profile_decode(generator) if args.profile else None
-    payload = {"env": environment(), "config": {"layers": args.layers, "moe_impl": args.moe_impl,
-                                                "unroll": args.unroll,
-                                                "router_dot": args.router_dot},
-               "copy_bandwidth_tbs": bandwidth, "decode": rows,
-               f"ttft_{args.prefill}_tokens_s": ttft, "peer": peer, "profile": profile}
-    write_json(f"decode_{args.moe_impl}_unroll{args.unroll}_router_{args.router_dot}.json",
-               payload)
+    payload = {
+        "env": environment(),
+        "config": {
+            "layers": args.layers,
+            "moe_impl": args.moe_impl,
+            "unroll": args.unroll,
+            "router_dot": args.router_dot,
+        },
+        "copy_bandwidth_tbs": bandwidth,
+        "decode": rows,
+        f"ttft_{args.prefill}_tokens_s": ttft,
+        "peer": peer,
+        "profile": profile,
+    }
+    write_json(f"decode_{args.moe_impl}_unroll{args.unroll}_router_{args.router_dot}.json", payload)
     print(f"\ncopy bandwidth {bandwidth:.2f} TB/s; moe_impl={args.moe_impl}; layers={args.layers}")
     print(f"{'batch':>6} {'tok/s':>10} {'step ms':>9} {'floor ms':>9} {'of floor':>9}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['decode_tokens_per_s']:>10.1f} {r['step_ms']:>9.2f} "
-              f"{r['floor_step_ms']:>9.2f} {r['share_of_floor']:>9.1%}")
+        print(
+            f"{r['batch']:>6} {r['decode_tokens_per_s']:>10.1f} {r['step_ms']:>9.2f} "
+            f"{r['floor_step_ms']:>9.2f} {r['share_of_floor']:>9.1%}"
+        )
     print(f"time to first token, {args.prefill}-token prompt: {ttft * 1000:.0f} ms")
     if peer:
         print(f"peer (transformers generate): {peer}")
     if profile:
-        print(f"\nbatch-1 decode step: busy {profile['busy_us']:.0f} us, span "
-              f"{profile['span_us']:.0f} us, {profile['kernels']:.0f} kernel launches")
+        print(
+            f"\nbatch-1 decode step: busy {profile['busy_us']:.0f} us, span "
+            f"{profile['span_us']:.0f} us, {profile['kernels']:.0f} kernel launches"
+        )
         for name, v in list(profile["by_name"].items())[:30]:
             print(f"  {v['us']:8.1f} us {v['count']:6.1f}x  {name[:90]}")
     jax.clear_caches()

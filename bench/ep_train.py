@@ -33,14 +33,20 @@ from mixtral_jax.runconfig import TrainConfig
 from mixtral_jax.train_step import make_optimizer, make_train_step, state_shardings
 
 
-def run(cfg: mj.ModelConfig, tc: TrainConfig, mesh_cfg: sharding.MeshConfig, steps: int,
-        label: str) -> dict:
+def run(
+    cfg: mj.ModelConfig, tc: TrainConfig, mesh_cfg: sharding.MeshConfig, steps: int, label: str
+) -> dict:
     mesh = sharding.make_mesh(mesh_cfg)
     params = mj.init_params(cfg, mesh, seed=0)
     tx = make_optimizer(tc, params)
     state = trainer._fresh_state(params, tx, 0, mesh)
-    step = make_train_step(nnx.graphdef(mj.abstract(cfg)), tx, tc, mesh=mesh,
-                           shardings=state_shardings(params, tx, mesh))
+    step = make_train_step(
+        nnx.graphdef(mj.abstract(cfg)),
+        tx,
+        tc,
+        mesh=mesh,
+        shardings=state_shardings(params, tx, mesh),
+    )
     b, t = tc.batch_size, tc.seq_len
     batch = trainer._on_mesh(synthetic_batch(cfg.vocab_size, b, t), mesh, leading=1)
     state, m, step_s, warm = time_train_steps(step, state, batch, steps)
@@ -49,11 +55,18 @@ def run(cfg: mj.ModelConfig, tc: TrainConfig, mesh_cfg: sharding.MeshConfig, ste
         factor = cfg.compute.capacity_factor if cfg.compute.moe_impl == MoEImpl.CAPACITY else None
         exchange = moe_parallel.resolve_exchange("auto", mesh, factor).value
     n = jax.device_count()
-    return {"row": label, "mesh": str(mesh_cfg), "moe_impl": cfg.compute.moe_impl.value,
-            "exchange": exchange, "step_ms": 1e3 * step_s, "tokens_per_s": b * t / step_s,
-            "tokens_per_s_per_device": b * t / step_s / n, "loss": float(m["loss"]),
-            "dropped_fraction": float(jax.numpy.mean(m["dropped_fraction"])),
-            "warmup_s": warm}
+    return {
+        "row": label,
+        "mesh": str(mesh_cfg),
+        "moe_impl": cfg.compute.moe_impl.value,
+        "exchange": exchange,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": b * t / step_s,
+        "tokens_per_s_per_device": b * t / step_s / n,
+        "loss": float(m["loss"]),
+        "dropped_fraction": float(jax.numpy.mean(m["dropped_fraction"])),
+        "warmup_s": warm,
+    }
 
 
 def main():
@@ -71,15 +84,22 @@ def main():
         cfg = mj.preset("tiny", moe_impl="dropless")
         seq, steps = 32, 2
     else:
-        cfg = mj.preset("mixtral-8x7b", num_layers=args.layers, dtype="bfloat16",
-                        param_dtype="float32", moe_impl="dropless", max_seq_len=args.seq)
+        cfg = mj.preset(
+            "mixtral-8x7b",
+            num_layers=args.layers,
+            dtype="bfloat16",
+            param_dtype="float32",
+            moe_impl="dropless",
+            max_seq_len=args.seq,
+        )
         seq, steps = args.seq, args.steps
     capped = cfg.replace(moe_impl="capacity", capacity_factor=1.25)
-    tc = TrainConfig(steps=1000, batch_size=args.batch_per_device * n, seq_len=seq,
-                     warmup_steps=10)
-    variants = [("replicated", cfg, sharding.MeshConfig(data=n)),
-                ("expert", cfg, sharding.MeshConfig(expert=n)),
-                ("expert cap 1.25", capped, sharding.MeshConfig(expert=n))]
+    tc = TrainConfig(steps=1000, batch_size=args.batch_per_device * n, seq_len=seq, warmup_steps=10)
+    variants = [
+        ("replicated", cfg, sharding.MeshConfig(data=n)),
+        ("expert", cfg, sharding.MeshConfig(expert=n)),
+        ("expert cap 1.25", capped, sharding.MeshConfig(expert=n)),
+    ]
     if n >= 4:
         variants.append(("fsdp+expert", cfg, sharding.MeshConfig(fsdp=2, expert=n // 2)))
     rows = []
@@ -87,18 +107,31 @@ def main():
         rows.append(run(model_cfg, tc, mesh_cfg, steps, label))
         print(rows[-1], flush=True)
         jax.clear_caches()
-    write_json("ep_train.json", {"env": environment(), "layers": cfg.num_layers, "seq": seq,
-                                 "batch": tc.batch_size, "runs": rows})
+    write_json(
+        "ep_train.json",
+        {
+            "env": environment(),
+            "layers": cfg.num_layers,
+            "seq": seq,
+            "batch": tc.batch_size,
+            "runs": rows,
+        },
+    )
     print(f"\n{n} devices, {cfg.num_layers} layers, batch {tc.batch_size} x {seq}")
-    print(f"{'row':>16} {'mesh':>44} {'exchange':>9} {'step ms':>9} {'tok/s/device':>13} "
-          f"{'loss':>8} {'dropped':>8}")
+    print(
+        f"{'row':>16} {'mesh':>44} {'exchange':>9} {'step ms':>9} {'tok/s/device':>13} "
+        f"{'loss':>8} {'dropped':>8}"
+    )
     for r in rows:
-        print(f"{r['row']:>16} {r['mesh']:>44} {r['exchange']:>9} {r['step_ms']:>9.1f} "
-              f"{r['tokens_per_s_per_device']:>13.0f} {r['loss']:>8.4f} "
-              f"{r['dropped_fraction']:>8.2%}")
+        print(
+            f"{r['row']:>16} {r['mesh']:>44} {r['exchange']:>9} {r['step_ms']:>9.1f} "
+            f"{r['tokens_per_s_per_device']:>13.0f} {r['loss']:>8.4f} "
+            f"{r['dropped_fraction']:>8.2%}"
+        )
     dropless = [r["loss"] for r in rows if r["moe_impl"] == "dropless"]
     spread = max(dropless) - min(dropless)
     print(f"dropless rows' loss spread: {spread:.2e} (same weights and batch: bf16 noise only)")
+
 
 if __name__ == "__main__":
     main()

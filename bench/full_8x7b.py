@@ -54,15 +54,25 @@ def train(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
         tx = make_optimizer(tc, params)
         state = trainer._fresh_state(params, tx, 0, mesh)
         del params
-        step = make_train_step(nnx.graphdef(mj.abstract(cfg)), tx, tc, mesh=mesh,
-                               shardings=state_shardings(state.params, tx, mesh))
+        step = make_train_step(
+            nnx.graphdef(mj.abstract(cfg)),
+            tx,
+            tc,
+            mesh=mesh,
+            shardings=state_shardings(state.params, tx, mesh),
+        )
         data = trainer._on_mesh(synthetic_batch(cfg.vocab_size, batch, seq), mesh, leading=1)
         state, m, step_s, warm = time_train_steps(step, state, data, steps)
     n = jax.device_count()
-    return {"step_ms": 1e3 * step_s, "tokens_per_s": batch * seq / step_s,
-            "tokens_per_s_per_device": batch * seq / step_s / n, "loss": float(m["loss"]),
-            "warmup_s": warm, "flops_per_token": metrics.flops_per_token(cfg, seq),
-            "peak_memory_gib_per_device": peak_memory_gib()}
+    return {
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": batch * seq / step_s,
+        "tokens_per_s_per_device": batch * seq / step_s / n,
+        "loss": float(m["loss"]),
+        "warmup_s": warm,
+        "flops_per_token": metrics.flops_per_token(cfg, seq),
+        "peak_memory_gib_per_device": peak_memory_gib(),
+    }
 
 
 def decode(cfg, mesh, batches: list[int], new: int) -> list[dict]:
@@ -77,9 +87,13 @@ def decode(cfg, mesh, batches: list[int], new: int) -> list[dict]:
             prompts = [list(map(int, rng.integers(3, cfg.vocab_size, 16))) for _ in range(batch)]
             for _ in range(2):  # the second run is timed without compilation
                 result = generator.generate(prompts, max_new_tokens=new, eos_id=None)
-            rows.append({"batch": batch,
-                         "tokens_per_s": result.decode_tokens / result.decode_s,
-                         "time_to_first_token_s": result.time_to_first_token_s})
+            rows.append(
+                {
+                    "batch": batch,
+                    "tokens_per_s": result.decode_tokens / result.decode_s,
+                    "time_to_first_token_s": result.time_to_first_token_s,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -87,8 +101,9 @@ def decode(cfg, mesh, batches: list[int], new: int) -> list[dict]:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--mesh", default="", help="default: expert = gcd(devices, experts), "
-                   "fsdp = the rest")
+    p.add_argument(
+        "--mesh", default="", help="default: expert = gcd(devices, experts), fsdp = the rest"
+    )
     p.add_argument("--batch-per-device", type=int, default=1)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=20)
@@ -102,13 +117,22 @@ def main():
         cfg = mj.preset("tiny", num_experts=8, moe_impl=args.moe_impl, capacity_factor=2.0)
         seq, steps, new = 32, 2, 8
     else:
-        cfg = mj.preset("mixtral-8x7b", num_layers=args.layers, dtype="bfloat16",
-                        param_dtype=args.param_dtype, moe_impl=args.moe_impl,
-                        capacity_factor=1.25, max_seq_len=max(args.seq, 4096))
+        cfg = mj.preset(
+            "mixtral-8x7b",
+            num_layers=args.layers,
+            dtype="bfloat16",
+            param_dtype=args.param_dtype,
+            moe_impl=args.moe_impl,
+            capacity_factor=1.25,
+            max_seq_len=max(args.seq, 4096),
+        )
         seq, steps, new = args.seq, args.steps, 64
     expert = math.gcd(n, cfg.num_experts)
-    mesh_cfg = (sharding.MeshConfig.parse(args.mesh) if args.mesh
-                else sharding.MeshConfig(fsdp=n // expert, expert=expert))
+    mesh_cfg = (
+        sharding.MeshConfig.parse(args.mesh)
+        if args.mesh
+        else sharding.MeshConfig(fsdp=n // expert, expert=expert)
+    )
     mesh = sharding.make_mesh(mesh_cfg)
     peak = matmul_peak_tflops(1024 if args.tiny else 8192)
     row = train(cfg, mesh, args.batch_per_device * n, seq, steps)
@@ -117,13 +141,24 @@ def main():
     print(row, flush=True)
     jax.clear_caches()
     dec = decode(cfg, mesh, [int(b) for b in args.decode_batches.split(",")], new)
-    write_json("full_8x7b.json", {"env": environment(), "mesh": str(mesh_cfg),
-                                  "layers": cfg.num_layers, "seq": seq, "train": row,
-                                  "decode": dec, "matmul_peak_tflops": peak})
+    write_json(
+        "full_8x7b.json",
+        {
+            "env": environment(),
+            "mesh": str(mesh_cfg),
+            "layers": cfg.num_layers,
+            "seq": seq,
+            "train": row,
+            "decode": dec,
+            "matmul_peak_tflops": peak,
+        },
+    )
     print(f"\n{n} devices, mesh {mesh_cfg}, {cfg.num_layers} layers, seq {seq}")
-    print(f"train: {row['tokens_per_s_per_device']:,.0f} tokens/s per device "
-          f"(MaxText: ~5,960 per H200), MFU {row['mfu_vs_measured_peak']:.1%} of the measured "
-          f"peak, peak memory per device (GiB) {row['peak_memory_gib_per_device']}")
+    print(
+        f"train: {row['tokens_per_s_per_device']:,.0f} tokens/s per device "
+        f"(MaxText: ~5,960 per H200), MFU {row['mfu_vs_measured_peak']:.1%} of the measured "
+        f"peak, peak memory per device (GiB) {row['peak_memory_gib_per_device']}"
+    )
     for r in dec:
         print(f"decode batch {r['batch']:>3}: {r['tokens_per_s']:,.1f} tokens/s")
 

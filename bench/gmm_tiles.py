@@ -31,8 +31,12 @@ def rel_err(a, b) -> float:
 
 
 def correctness() -> list[dict]:
-    cases = [(256, 128, 256, [0, 100, 0, 156]), (1000, 192, 320, [37, 0, 500, 63, 0, 400]),
-             (4096, 512, 1024, [1024, 1, 2047, 0, 1000, 0, 0, 0]), (300, 64, 96, [10, 20, 30])]
+    cases = [
+        (256, 128, 256, [0, 100, 0, 156]),
+        (1000, 192, 320, [37, 0, 500, 63, 0, 400]),
+        (4096, 512, 1024, [1024, 1, 2047, 0, 1000, 0, 0, 0]),
+        (300, 64, 96, [10, 20, 30]),
+    ]
     rows = []
     for (a, k, n, sizes), dtype in itertools.product(cases, (jnp.float32, jnp.bfloat16)):
         keys = jax.random.split(jax.random.key(a + k + n), 3)
@@ -50,23 +54,43 @@ def correctness() -> list[dict]:
         # The stacked form (decode inside the layer scan) reads layer 1 of a 2-layer stack.
         stack = jnp.stack([rhs[::-1], rhs])
         errs.append(rel_err(gp.gmm_stacked(lhs, stack, gs, jnp.int32(1)), outs["ragged_dot"][0]))
-        row = {"shape": [a, k, n], "groups": sizes, "dtype": jnp.dtype(dtype).name,
-               "rel_err_out_dlhs_drhs_stacked": errs, "pass": max(errs) <= limit}
+        row = {
+            "shape": [a, k, n],
+            "groups": sizes,
+            "dtype": jnp.dtype(dtype).name,
+            "rel_err_out_dlhs_drhs_stacked": errs,
+            "pass": max(errs) <= limit,
+        }
         print(row, flush=True)
         rows.append(row)
     return rows
 
 
 TGMM_CONFIGS = [  # tgmm only: block_m steps the rows; (block_k, block_n) tile the output
-    (128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (64, 128, 256, 8, 3),
-    (64, 256, 128, 8, 4), (128, 128, 128, 4, 3), (64, 128, 128, 8, 4), (32, 256, 128, 8, 4),
-    (64, 128, 64, 4, 4), (64, 256, 64, 8, 4),
+    (128, 128, 128, 8, 3),
+    (64, 128, 128, 4, 4),
+    (64, 256, 128, 8, 3),
+    (64, 128, 256, 8, 3),
+    (64, 256, 128, 8, 4),
+    (128, 128, 128, 4, 3),
+    (64, 128, 128, 8, 4),
+    (32, 256, 128, 8, 4),
+    (64, 128, 64, 4, 4),
+    (64, 256, 64, 8, 4),
 ]
 
 CONFIGS = [  # block_m, block_n, block_k, num_warps, num_stages
-    (128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3), (128, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
-    (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 32, 4, 5),
+    (128, 128, 64, 4, 3),
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 128, 4, 3),
+    (128, 128, 128, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 4),
+    (128, 128, 32, 4, 5),
 ]
 
 
@@ -86,19 +110,24 @@ def sweep(tokens: int, configs, kernels=("gmm", "gmm_t", "tgmm")) -> list[dict]:
         flops = 2 * a * k * n
         dense = flops / timed(jax.jit(lambda x, w: x @ w), lhs, w) / 1e12
         dense_t = flops / timed(jax.jit(lambda g, w: g @ w.T), dy, w) / 1e12
-        print(f"K={k} N={n}: dense {dense:.0f} TFLOP/s, dense transposed {dense_t:.0f}",
-              flush=True)
+        print(f"K={k} N={n}: dense {dense:.0f} TFLOP/s, dense transposed {dense_t:.0f}", flush=True)
         for cfg in configs:
-            tiles = gp.Tiles(block_m=cfg[0], block_n=cfg[1], block_k=cfg[2], num_warps=cfg[3],
-                             num_stages=cfg[4])
+            tiles = gp.Tiles(
+                block_m=cfg[0], block_n=cfg[1], block_k=cfg[2], num_warps=cfg[3], num_stages=cfg[4]
+            )
             calls = {
                 "gmm": jax.jit(lambda x, w, t=tiles: gp._gmm_call(x, w, gs, t, False, False)),
                 "gmm_t": jax.jit(lambda g, w, t=tiles: gp._gmm_call(g, w, gs, t, True, False)),
                 "tgmm": jax.jit(lambda x, g, t=tiles: gp._tgmm_call(x, g, gs, e, t, False)),
             }
             args = {"gmm": (lhs, rhs), "gmm_t": (dy, rhs), "tgmm": (lhs, dy)}
-            row = {"K": k, "N": n, "tiles": list(cfg), "dense_tflops": dense,
-                   "dense_t_tflops": dense_t}
+            row = {
+                "K": k,
+                "N": n,
+                "tiles": list(cfg),
+                "dense_tflops": dense,
+                "dense_t_tflops": dense_t,
+            }
             for name, fn in calls.items():
                 if name not in kernels:
                     continue
@@ -112,8 +141,9 @@ def sweep(tokens: int, configs, kernels=("gmm", "gmm_t", "tgmm")) -> list[dict]:
     return rows
 
 
-DECODE_CONFIGS = [(16, bn, bk, 4, st) for bn in (32, 64, 128) for bk in (64, 128, 256)
-                  for st in (3, 4)]
+DECODE_CONFIGS = [
+    (16, bn, bk, 4, st) for bn in (32, 64, 128) for bk in (64, 128, 256) for st in (3, 4)
+]
 
 
 def decode_sweep(configs) -> list[dict]:
@@ -129,16 +159,32 @@ def decode_sweep(configs) -> list[dict]:
             rhs = jax.random.normal(jax.random.key(k), (e, k, n), jnp.bfloat16)
             lhs_p = jnp.pad(lhs, ((0, 16 - a % 16 if a % 16 else 0), (0, 0)))
             for cfg in configs:
-                tiles = gp.Tiles(block_m=cfg[0], block_n=cfg[1], block_k=cfg[2],
-                                 num_warps=cfg[3], num_stages=cfg[4])
+                tiles = gp.Tiles(
+                    block_m=cfg[0],
+                    block_n=cfg[1],
+                    block_k=cfg[2],
+                    num_warps=cfg[3],
+                    num_stages=cfg[4],
+                )
                 fn = jax.jit(lambda x, w, t=tiles: gp._gmm_call(x, w, gs, t, False, False))
                 try:
                     ms = 1e3 * timed(fn, lhs_p, rhs, repeats=30)
-                    row = {"rows": a, "K": k, "N": n, "tiles": list(cfg), "ms": ms,
-                           "GBps": used * k * n * 2 / ms / 1e6}
+                    row = {
+                        "rows": a,
+                        "K": k,
+                        "N": n,
+                        "tiles": list(cfg),
+                        "ms": ms,
+                        "GBps": used * k * n * 2 / ms / 1e6,
+                    }
                 except Exception as err:
-                    row = {"rows": a, "K": k, "N": n, "tiles": list(cfg),
-                           "error": str(err).splitlines()[0][:200]}
+                    row = {
+                        "rows": a,
+                        "K": k,
+                        "N": n,
+                        "tiles": list(cfg),
+                        "error": str(err).splitlines()[0][:200],
+                    }
                 print(row, flush=True)
                 rows.append(row)
     return rows
@@ -167,16 +213,29 @@ def main():
         rows = sweep(args.tokens, TGMM_CONFIGS, kernels=("tgmm",))
     else:
         rows = sweep(args.tokens, CONFIGS[:2] if args.quick else CONFIGS)
-    write_json("gmm_tiles.json", {"env": environment(), "tokens": args.tokens,
-                                  "correctness": checks, "decode": decode, "sweep": rows})
+    write_json(
+        "gmm_tiles.json",
+        {
+            "env": environment(),
+            "tokens": args.tokens,
+            "correctness": checks,
+            "decode": decode,
+            "sweep": rows,
+        },
+    )
     print(f"\ncorrectness: {sum(c['pass'] for c in checks)}/{len(checks)} pass")
     for kernel in ("gmm", "gmm_t", "tgmm"):
         for k in sorted({r["K"] for r in rows}):
-            best = max((r for r in rows if r["K"] == k and r.get(kernel)), key=lambda r: r[kernel],
-                       default=None)
+            best = max(
+                (r for r in rows if r["K"] == k and r.get(kernel)),
+                key=lambda r: r[kernel],
+                default=None,
+            )
             if best:
-                print(f"{kernel:>6} K={k:>5}: best {best[kernel]:.0f} TFLOP/s with {best['tiles']}"
-                      f" (dense {best['dense_tflops']:.0f})")
+                print(
+                    f"{kernel:>6} K={k:>5}: best {best[kernel]:.0f} TFLOP/s with {best['tiles']}"
+                    f" (dense {best['dense_tflops']:.0f})"
+                )
 
 
 if __name__ == "__main__":

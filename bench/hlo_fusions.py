@@ -45,7 +45,9 @@ def main():
         print("   " + match.group(0).strip()[:400])
         called = re.search(r"calls=%([\w.\-]+)", match.group(0))
         if called:
-            body = re.search(rf"^%{re.escape(called.group(1))} .*?^}}", text, re.MULTILINE | re.DOTALL)
+            body = re.search(
+                rf"^%{re.escape(called.group(1))} .*?^}}", text, re.MULTILINE | re.DOTALL
+            )
             if body:
                 for line in body.group(0).splitlines()[1:14]:
                     print("      " + line.strip()[:220])

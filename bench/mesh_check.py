@@ -58,27 +58,41 @@ def main():
         mesh = sh.make_mesh(sh.MeshConfig.parse(spec))
         sharded = mj.init_params(cfg, mesh, seed=3)
         want = sh.param_shardings(mj.param_shapes(cfg), mesh)
-        placed = all(x.sharding.is_equivalent_to(w, x.ndim) for x, w in
-                     zip(jax.tree.leaves(sharded), jax.tree.leaves(want)))
-        init_err = max(max_rel(x, y) for x, y in zip(jax.tree.leaves(sharded),
-                                                      jax.tree.leaves(params)))
+        placed = all(
+            x.sharding.is_equivalent_to(w, x.ndim)
+            for x, w in zip(jax.tree.leaves(sharded), jax.tree.leaves(want))
+        )
+        init_err = max(
+            max_rel(x, y) for x, y in zip(jax.tree.leaves(sharded), jax.tree.leaves(params))
+        )
         with sh.active(mesh):
             step = jax.jit(lambda p, t: grad(p, t))  # fresh trace inside the mesh context
             (_, logits), grads = step(sharded, jax.device_put(tokens, sh.batch_sharding(mesh)))
         logit_err = max_rel(logits, logits_1)
-        grad_err = max(max_rel(g, g1) for g, g1 in zip(jax.tree.leaves(grads),
-                                                         jax.tree.leaves(grads_1)))
+        grad_err = max(
+            max_rel(g, g1) for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1))
+        )
         passed = placed and init_err <= 1e-6 and logit_err <= 1e-5 and grad_err <= 1e-5
         ok &= passed
-        rows.append({"mesh": spec, "shardings_match_rules": placed, "init_rel_err": init_err,
-                     "logits_rel_err": logit_err, "grads_rel_err": grad_err, "pass": passed})
+        rows.append(
+            {
+                "mesh": spec,
+                "shardings_match_rules": placed,
+                "init_rel_err": init_err,
+                "logits_rel_err": logit_err,
+                "grads_rel_err": grad_err,
+                "pass": passed,
+            }
+        )
         print(rows[-1], flush=True)
     write_json("mesh_check.json", {"env": environment(), "rows": rows})
     print(f"\n{n} devices ({jax.devices()[0].device_kind})")
     print(f"{'mesh':>28} {'rules':>6} {'logits err':>11} {'grads err':>10} {'':>5}")
     for r in rows:
-        print(f"{r['mesh']:>28} {str(r['shardings_match_rules']):>6} {r['logits_rel_err']:>11.1e} "
-              f"{r['grads_rel_err']:>10.1e} {'PASS' if r['pass'] else 'FAIL':>5}")
+        print(
+            f"{r['mesh']:>28} {r['shardings_match_rules']!s:>6} {r['logits_rel_err']:>11.1e} "
+            f"{r['grads_rel_err']:>10.1e} {'PASS' if r['pass'] else 'FAIL':>5}"
+        )
     sys.exit(0 if ok else 1)
 
 

@@ -28,25 +28,36 @@ def timed(fn, *args, reps=50):
 def main():
     d, f, e, k, dt = 4096, 14336, 8, 2, jnp.bfloat16
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
-    w = [jax.random.normal(keys[i], s, dt) * 0.02 for i, s in
-         ((0, (e, d, f)), (1, (e, d, f)), (2, (e, f, d)))]
+    w = [
+        jax.random.normal(keys[i], s, dt) * 0.02
+        for i, s in ((0, (e, d, f)), (1, (e, d, f)), (2, (e, f, d)))
+    ]
     router = jax.random.normal(keys[3], (d, e), dt)
     res = {"jax": jax.__version__, "device": str(jax.devices()[0])}
-    paths = (("gathered", moe.moe_gathered),
-             ("dropless", lambda *a: moe.moe_dropless(*a, gmm_impl="xla")),
-             ("pallas", lambda *a: moe.moe_dropless(*a, gmm_impl="pallas")))
+    paths = (
+        ("gathered", moe.moe_gathered),
+        ("dropless", lambda *a: moe.moe_dropless(*a, gmm_impl="xla")),
+        ("pallas", lambda *a: moe.moe_dropless(*a, gmm_impl="pallas")),
+    )
     sizes = (1, 2, 3, 8)
     for m in sizes:
         x = jax.random.normal(keys[4], (m, d), dt)
-        fns = {name: jax.jit(lambda x, a, b, c, fn=fn: fn(x, moe.route(x, router, k), a, b, c)[0])
-               for name, fn in paths}
+        fns = {
+            name: jax.jit(lambda x, a, b, c, fn=fn: fn(x, moe.route(x, router, k), a, b, c)[0])
+            for name, fn in paths
+        }
         outs = {n: np.asarray(fn(x, *w), np.float32) for n, fn in fns.items()}
-        err = max(float(np.max(np.abs(outs[n] - outs["dropless"])) /
-                        np.max(np.abs(outs["dropless"]))) for n in ("gathered", "pallas"))
+        err = max(
+            float(np.max(np.abs(outs[n] - outs["dropless"])) / np.max(np.abs(outs["dropless"])))
+            for n in ("gathered", "pallas")
+        )
         times = {n: timed(fn, x, *w) for n, fn in fns.items()}
         chosen = len(set(np.asarray(moe.route(x, router, k).experts).ravel().tolist()))
-        res[f"M={m}"] = {"ms": {n: t * 1e3 for n, t in times.items()}, "rel_err": err,
-                         "distinct_experts": chosen}
+        res[f"M={m}"] = {
+            "ms": {n: t * 1e3 for n, t in times.items()},
+            "rel_err": err,
+            "distinct_experts": chosen,
+        }
     # Copy bandwidth in the same run: read+write one expert-sized bf16 array.
     a = w[0]
     copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))

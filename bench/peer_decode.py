@@ -45,8 +45,9 @@ def main():
         sync()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 pad_token_id=0)
+            out = model.generate(
+                ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+            )
         sync()
         assert out.shape[1] == ids.shape[1] + new
         return time.perf_counter() - start
@@ -57,12 +58,27 @@ def main():
         seconds(ids, 4)  # warm-up
         full = sorted(seconds(ids, args.new) for _ in range(args.repeats))[args.repeats // 2]
         first = sorted(seconds(ids, 1) for _ in range(args.repeats))[args.repeats // 2]
-        rows.append({"batch": batch, "decode_tokens_per_s": batch * (args.new - 1) / (full - first),
-                     "generate_s": full, "first_token_s": first})
-    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
-                      "experts_implementation": str(getattr(cfg, "_experts_implementation", None)),
-                      "attn_implementation": str(getattr(cfg, "_attn_implementation", None)),
-                      "layers": args.layers, "new": args.new, "decode": rows}))
+        rows.append(
+            {
+                "batch": batch,
+                "decode_tokens_per_s": batch * (args.new - 1) / (full - first),
+                "generate_s": full,
+                "first_token_s": first,
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "experts_implementation": str(getattr(cfg, "_experts_implementation", None)),
+                "attn_implementation": str(getattr(cfg, "_attn_implementation", None)),
+                "layers": args.layers,
+                "new": args.new,
+                "decode": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
     args = p.parse_args()
-    cfg = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
-                        num_experts_per_tok=2)
+    cfg = MixtralConfig(
+        hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2
+    )
     torch.manual_seed(0)
     block = MixtralSparseMoeBlock(cfg).to("cuda", torch.bfloat16)
     for prm in block.parameters():
@@ -54,11 +55,18 @@ def main():
             times.append(time.perf_counter() - start)
         return 1e3 * sorted(times)[len(times) // 2]
 
-    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
-                      "experts_implementation": str(getattr(cfg, "_experts_implementation",
-                                                            None)),
-                      "tokens": args.tokens, "forward_ms": median_ms(forward),
-                      "forward_backward_ms": median_ms(forward_backward)}))
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "experts_implementation": str(getattr(cfg, "_experts_implementation", None)),
+                "tokens": args.tokens,
+                "forward_ms": median_ms(forward),
+                "forward_backward_ms": median_ms(forward_backward),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,11 +26,20 @@ def main():
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
-    cfg = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                        num_hidden_layers=args.layers, num_attention_heads=32,
-                        num_key_value_heads=8, max_position_embeddings=args.seq,
-                        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
-                        output_router_logits=True, attn_implementation="sdpa")
+    cfg = MixtralConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=args.seq,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.02,
+        output_router_logits=True,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = MixtralForCausalLM(cfg)
@@ -58,11 +67,21 @@ def main():
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step_s = sorted(times)[len(times) // 2]
-    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
-                      "layers": args.layers, "batch": args.batch, "seq": args.seq,
-                      "step_ms": 1e3 * step_s, "tokens_per_s": args.batch * args.seq / step_s,
-                      "loss": float(loss), "peak_memory_gib":
-                      torch.cuda.max_memory_allocated() / 2**30}))
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "layers": args.layers,
+                "batch": args.batch,
+                "seq": args.seq,
+                "step_ms": 1e3 * step_s,
+                "tokens_per_s": args.batch * args.seq / step_s,
+                "loss": float(loss),
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,15 @@ from mixtral_jax.train_step import init_state, make_optimizer, make_train_step, 
 
 
 def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
-    cfg = mj.preset("mixtral-8x7b", num_layers=layers, dtype="bfloat16", param_dtype="float32",
-                    moe_impl=moe_impl, capacity_factor=1.25, max_seq_len=seq)
+    cfg = mj.preset(
+        "mixtral-8x7b",
+        num_layers=layers,
+        dtype="bfloat16",
+        param_dtype="float32",
+        moe_impl=moe_impl,
+        capacity_factor=1.25,
+        max_seq_len=seq,
+    )
     tc = TrainConfig(steps=1000, batch_size=batch, seq_len=seq, warmup_steps=10)
     model = random_model(cfg)
     graphdef, params = nnx.graphdef(model), mj.get_params(model)
@@ -41,14 +48,23 @@ def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
     tx = make_optimizer(tc, params)
     state = init_state(params, tx, 0)
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])  # one device
-    step = make_train_step(graphdef, tx, tc, mesh=mesh,
-                           shardings=state_shardings(state.params, tx, mesh))
+    step = make_train_step(
+        graphdef, tx, tc, mesh=mesh, shardings=state_shardings(state.params, tx, mesh)
+    )
     data = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch, seq))
     state, m, step_s, warm = time_train_steps(step, state, data, steps)
     tok_s = batch * seq / step_s
-    return {"moe_impl": moe_impl, "layers": layers, "batch": batch, "seq": seq,
-            "step_ms": 1000 * step_s, "tokens_per_s": tok_s, "loss": float(m["loss"]),
-            "flops_per_token": metrics.flops_per_token(cfg, seq), "warmup_s": warm}
+    return {
+        "moe_impl": moe_impl,
+        "layers": layers,
+        "batch": batch,
+        "seq": seq,
+        "step_ms": 1000 * step_s,
+        "tokens_per_s": tok_s,
+        "loss": float(m["loss"]),
+        "flops_per_token": metrics.flops_per_token(cfg, seq),
+        "warmup_s": warm,
+    }
 
 
 def main():
@@ -60,33 +76,57 @@ def main():
     p.add_argument("--impls", default="capacity,dropless")
     p.add_argument("--no-peer", action="store_true")
     args = p.parse_args()
-    peer_row = {} if args.no_peer else run_peer(
-        ["bench/peer_train_step.py", "--layers", str(args.layers), "--batch", str(args.batch),
-         "--seq", str(args.seq)])
+    peer_row = (
+        {}
+        if args.no_peer
+        else run_peer(
+            [
+                "bench/peer_train_step.py",
+                "--layers",
+                str(args.layers),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ]
+        )
+    )
     print("peer:", peer_row, flush=True)
     peak = matmul_peak_tflops()
     rows = []
     for impl in args.impls.split(","):
         row = run(impl, args.layers, args.batch, args.seq, args.steps)
         achieved = row["tokens_per_s"] * row["flops_per_token"] / 1e12
-        row.update(tflops=achieved, mfu_vs_measured_peak=achieved / peak,
-                   mfu_vs_989=achieved / 989.0)
+        row.update(
+            tflops=achieved, mfu_vs_measured_peak=achieved / peak, mfu_vs_989=achieved / 989.0
+        )
         rows.append(row)
         print(row, flush=True)
         jax.clear_caches()
     if "tokens_per_s" in peer_row:
         flops = rows[0]["flops_per_token"]
         peer_tf = peer_row["tokens_per_s"] * flops / 1e12
-        rows.append({"moe_impl": "peer (transformers)", "step_ms": peer_row["step_ms"],
-                     "tokens_per_s": peer_row["tokens_per_s"], "tflops": peer_tf,
-                     "mfu_vs_measured_peak": peer_tf / peak, "mfu_vs_989": peer_tf / 989.0})
-    write_json("train_step.json", {"env": environment(), "matmul_peak_tflops": peak,
-                                   "runs": rows, "peer": peer_row})
+        rows.append(
+            {
+                "moe_impl": "peer (transformers)",
+                "step_ms": peer_row["step_ms"],
+                "tokens_per_s": peer_row["tokens_per_s"],
+                "tflops": peer_tf,
+                "mfu_vs_measured_peak": peer_tf / peak,
+                "mfu_vs_989": peer_tf / 989.0,
+            }
+        )
+    write_json(
+        "train_step.json",
+        {"env": environment(), "matmul_peak_tflops": peak, "runs": rows, "peer": peer_row},
+    )
     print(f"\nmeasured bf16 matmul peak: {peak:.0f} TFLOP/s")
     print(f"{'impl':>9} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU/meas':>9} {'MFU/989':>8}")
     for r in rows:
-        print(f"{r['moe_impl']:>9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
-              f"{r['tflops']:>8.0f} {r['mfu_vs_measured_peak']:>9.1%} {r['mfu_vs_989']:>8.1%}")
+        print(
+            f"{r['moe_impl']:>9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
+            f"{r['tflops']:>8.0f} {r['mfu_vs_measured_peak']:>9.1%} {r['mfu_vs_989']:>8.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,14 +3,39 @@
 from mixtral_jax.config import ComputeConfig, ConfigError, ModelConfig, MoEImpl, Remat, preset
 from mixtral_jax.hf_config import from_hf_dict, load_hf_config, save_hf_config, to_hf_dict
 from mixtral_jax.model import (
-    Mixtral, ModelAux, ModelOutput, abstract, from_params, get_params, init, init_params,
-    param_shapes, set_params,
+    Mixtral,
+    ModelAux,
+    ModelOutput,
+    abstract,
+    from_params,
+    get_params,
+    init,
+    init_params,
+    param_shapes,
+    set_params,
 )
 from mixtral_jax.moe import MoEAux
 
 __all__ = [
-    "ComputeConfig", "ConfigError", "ModelConfig", "MoEImpl", "Remat", "preset",
-    "from_hf_dict", "load_hf_config", "save_hf_config", "to_hf_dict",
-    "Mixtral", "ModelAux", "ModelOutput", "MoEAux", "abstract", "from_params", "get_params", "init",
-    "init_params", "param_shapes", "set_params",
+    "ComputeConfig",
+    "ConfigError",
+    "Mixtral",
+    "MoEAux",
+    "MoEImpl",
+    "ModelAux",
+    "ModelConfig",
+    "ModelOutput",
+    "Remat",
+    "abstract",
+    "from_hf_dict",
+    "from_params",
+    "get_params",
+    "init",
+    "init_params",
+    "load_hf_config",
+    "param_shapes",
+    "preset",
+    "save_hf_config",
+    "set_params",
+    "to_hf_dict",
 ]

@@ -58,7 +58,7 @@ def make_attention_mask(
     if attention_mask is not None:
         allowed = allowed & attention_mask.astype(bool)[:, None, :]
     if segment_ids is not None:
-        q_seg = segment_ids[:, num_keys - num_queries:]  # [B, T]
+        q_seg = segment_ids[:, num_keys - num_queries :]  # [B, T]
         allowed = allowed & (q_seg[:, :, None] == segment_ids[:, None, :])
     return allowed
 
@@ -75,15 +75,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (h ** -0.5)
+    logits = logits * (h**-0.5)
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                    sliding_window: int | None, implementation: str = "cudnn") -> jax.Array:
+def fused_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    sliding_window: int | None,
+    implementation: str = "cudnn",
+) -> jax.Array:
     """`dot_product_attention` through `jax.nn.dot_product_attention`, for T == S (no cache).
 
     The mask must already contain causality (and the window): is_causal and local_window_size
@@ -91,8 +97,15 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     q: [B, T, N, H]; k, v: [B, T, K, H]; mask: [B or 1, T, T] bool -> [B, T, N, H].
     """
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
-                                        local_window_size=window, implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask[:, None],
+        is_causal=True,
+        local_window_size=window,
+        implementation=implementation,
+    )
 
 
 class Attention(nnx.Module):
@@ -112,8 +125,9 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.compute.dtype)
         self.sliding_window = cfg.sliding_window
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 plan: KernelPlan) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, plan: KernelPlan
+    ) -> jax.Array:
         """x: [B, T, D]; cos, sin: [B, T, H]; mask: [B or 1, T, T] -> [B, T, D]."""
         q, k, v = self.project(x, cos, sin)
         if plan.attention == AttentionImpl.CUDNN:
@@ -131,8 +145,9 @@ class Attention(nnx.Module):
         dt = self.dtype
         if stacked:
             b, t, d = x.shape
-            stacks = [w[...].reshape(w.shape[0], d, -1) for w in (self.q_proj, self.k_proj,
-                                                                 self.v_proj)]
+            stacks = [
+                w[...].reshape(w.shape[0], d, -1) for w in (self.q_proj, self.k_proj, self.v_proj)
+            ]
             q, k, v = decode_matmul.project_stacked(x.reshape(b * t, d).astype(dt), stacks, layer)
             q = q.reshape(b, t, *self.q_proj.shape[2:])
             k = k.reshape(b, t, *self.k_proj.shape[2:])
@@ -153,8 +168,9 @@ class Attention(nnx.Module):
             return y.reshape(b, t, -1)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, layer, plan: KernelPlan,
-               read_first=False):
+    def cached(
+        self, x, cos, sin, k_cache, v_cache, mask, slots, layer, plan: KernelPlan, read_first=False
+    ):
         """Writes T new tokens into one layer of the cache, then attends over it.
 
         The cache arrives as every layer's stack (the carry of `Mixtral.extend`'s layer scan).
@@ -182,8 +198,10 @@ class Attention(nnx.Module):
         dropped = k.shape[1] - slots.shape[0]  # T - T' new tokens that the buffer cannot hold
 
         def write(k_cache, v_cache):
-            return (write_cache(k_cache, k[:, dropped:], layer, slots),
-                    write_cache(v_cache, v[:, dropped:], layer, slots))
+            return (
+                write_cache(k_cache, k[:, dropped:], layer, slots),
+                write_cache(v_cache, v[:, dropped:], layer, slots),
+            )
 
         # Keys: this layer's S slots, then the new tokens the buffer does not show: all T when
         # reading first, else the T - T' that did not fit (none for decode, T = T' = 1).
@@ -200,8 +218,9 @@ class Attention(nnx.Module):
         return out, k_cache, v_cache
 
 
-def cached_attention_mask(q_index: jax.Array, key_index: jax.Array, key_valid: jax.Array,
-                          sliding_window: int | None) -> jax.Array:
+def cached_attention_mask(
+    q_index: jax.Array, key_index: jax.Array, key_valid: jax.Array, sliding_window: int | None
+) -> jax.Array:
     """Mask for queries at absolute indices `q_index` [T] over keys at `key_index` [S]
     (-1 = empty slot) with `key_valid` [B, S] (False for padding) -> [B, T, S] bool."""
     allowed = (key_index[None, :] <= q_index[:, None]) & (key_index[None, :] >= 0)  # [T, S]

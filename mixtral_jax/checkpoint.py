@@ -37,9 +37,15 @@ PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def save_model(directory: str, params: dict, cfg: ModelConfig,
-               tokenizer_path: str | None = None, *, this_process_only: bool = False,
-               overwrite: bool = False) -> None:
+def save_model(
+    directory: str,
+    params: dict,
+    cfg: ModelConfig,
+    tokenizer_path: str | None = None,
+    *,
+    this_process_only: bool = False,
+    overwrite: bool = False,
+) -> None:
     """Writes a model checkpoint; it appears whole or not at all (`fileio.atomic_directory`).
 
     `directory` must not exist yet, unless `overwrite` (then it is replaced once the new one is
@@ -52,15 +58,17 @@ def save_model(directory: str, params: dict, cfg: ModelConfig,
     if this_process_only:
         me = jax.process_index()
         options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
-            primary_host=me, active_processes={me})
+            primary_host=me, active_processes={me}
+        )
     with atomic_directory(directory, overwrite=overwrite) as staging:
         with ocp.StandardCheckpointer(**options) as ckptr:
             ckptr.save(os.path.join(staging, PARAMS_DIR), params)
         _write_config_and_tokenizer(staging, cfg, tokenizer_path)
 
 
-def _write_config_and_tokenizer(directory: str, cfg: ModelConfig,
-                                tokenizer_path: str | None) -> None:
+def _write_config_and_tokenizer(
+    directory: str, cfg: ModelConfig, tokenizer_path: str | None
+) -> None:
     """config.json, and a copy of the tokenizer when there is one, into `directory`."""
     save_hf_config(cfg, os.path.join(directory, "config.json"))
     if tokenizer_path is not None:
@@ -92,7 +100,7 @@ class StreamedLeaf:
         return len(self.shape)
 
     def indices(self) -> Iterable[tuple[int, ...]]:
-        return np.ndindex(*self.shape[:self.lead])
+        return np.ndindex(*self.shape[: self.lead])
 
     def materialize(self) -> np.ndarray:
         """The whole leaf in memory (for small models and tests)."""
@@ -127,10 +135,11 @@ class _StreamedLeafHandler(ocp.type_handlers.NumpyHandler):
             try:
                 for index in value.indices():
                     data = await asyncio.to_thread(value.fill, index)
-                    if data.shape != value.shape[value.lead:] or data.dtype != value.dtype:
+                    if data.shape != value.shape[value.lead :] or data.dtype != value.dtype:
                         raise ValueError(
                             f"slice {index} is {data.dtype}{list(data.shape)}, expected "
-                            f"{value.dtype}{list(value.shape[value.lead:])}")
+                            f"{value.dtype}{list(value.shape[value.lead :])}"
+                        )
                     if pending is not None:
                         await pending
                     pending = t[index].write(data, can_reference_source_data_indefinitely=True)
@@ -144,9 +153,14 @@ class _StreamedLeafHandler(ocp.type_handlers.NumpyHandler):
                         await pending
 
 
-def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...], object]],
-                         cfg: ModelConfig, tokenizer_path: str | None = None, *,
-                         verify: Callable[[], None] | None = None) -> None:
+def save_model_streaming(
+    directory: str,
+    leaves: Iterable[tuple[tuple[str, ...], object]],
+    cfg: ModelConfig,
+    tokenizer_path: str | None = None,
+    *,
+    verify: Callable[[], None] | None = None,
+) -> None:
     """Like `save_model`, from (path, leaf) pairs whose leaves are host arrays or `StreamedLeaf`s.
 
     A `StreamedLeaf` is stored in chunks of one slice (one index of its `lead` axes), each
@@ -168,21 +182,28 @@ def save_model_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...],
         # One storage chunk per slice: a slice write never rewrites a chunk already written.
         _put(save_args, path, ocp.SaveArgs(shard_axes=tuple(range(leaf.lead))))
     registry = ocp.type_handlers.create_type_handler_registry(
-        (StreamedLeaf, _StreamedLeafHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
+        (StreamedLeaf, _StreamedLeafHandler()), (jax.Array, ocp.type_handlers.ArrayHandler())
+    )
     # Uncompressed: zstd on random-looking bf16 weights saves ~10-25% of disk at ~0.1 GB/s per
     # core; the sources (safetensors) are uncompressed too. load_model reads either.
     handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
     with atomic_directory(directory) as staging:
         with ocp.Checkpointer(handler) as ckptr:
-            ckptr.save(os.path.join(staging, PARAMS_DIR),
-                       args=ocp.args.PyTreeSave(tree, save_args=save_args))
+            ckptr.save(
+                os.path.join(staging, PARAMS_DIR),
+                args=ocp.args.PyTreeSave(tree, save_args=save_args),
+            )
         if verify is not None:
             verify()
         _write_config_and_tokenizer(staging, cfg, tokenizer_path)
 
 
-def save_model_sharded(directory: str, leaves: Iterable[tuple[tuple[str, ...], jax.Array]],
-                       cfg: ModelConfig, tokenizer_path: str | None = None) -> None:
+def save_model_sharded(
+    directory: str,
+    leaves: Iterable[tuple[tuple[str, ...], jax.Array]],
+    cfg: ModelConfig,
+    tokenizer_path: str | None = None,
+) -> None:
     """Like `save_model`, from (path, global jax.Array) pairs, each written as it is produced.
 
     Every process calls this and writes its own shards of each leaf (Orbax partial saves,
@@ -235,11 +256,13 @@ def _put(tree: dict, path: tuple[str, ...], leaf) -> dict:
 
 def is_model_checkpoint(directory: str) -> bool:
     return os.path.isdir(os.path.join(directory, PARAMS_DIR)) and os.path.isfile(
-        os.path.join(directory, "config.json"))
+        os.path.join(directory, "config.json")
+    )
 
 
-def load_model(directory: str, *, param_dtype: str | None = None,
-               **config_changes) -> tuple[ModelConfig, dict]:
+def load_model(
+    directory: str, *, param_dtype: str | None = None, **config_changes
+) -> tuple[ModelConfig, dict]:
     """Reads a model checkpoint: (config, params as a nested dict of jax arrays).
 
     Args:
@@ -250,7 +273,9 @@ def load_model(directory: str, *, param_dtype: str | None = None,
       ConfigError: not a model checkpoint, or the weights disagree with the config.
     """
     if not is_model_checkpoint(directory):
-        raise ConfigError(f"{directory} is not a model checkpoint (needs config.json and {PARAMS_DIR}/)")
+        raise ConfigError(
+            f"{directory} is not a model checkpoint (needs config.json and {PARAMS_DIR}/)"
+        )
     cfg = load_hf_config(directory, **config_changes)
     if param_dtype is not None:
         cfg = cfg.replace(param_dtype=param_dtype)
@@ -262,24 +287,34 @@ def load_model(directory: str, *, param_dtype: str | None = None,
         stored_tree = getattr(stored, "item_metadata", stored)
         _check_shapes(expected, stored_tree, directory)
         target = jax.tree.map(
-            lambda e: jax.ShapeDtypeStruct(e.shape, jnp.dtype(cfg.compute.param_dtype)), expected)
+            lambda e: jax.ShapeDtypeStruct(e.shape, jnp.dtype(cfg.compute.param_dtype)), expected
+        )
         params = ckptr.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
     return cfg, params
 
 
 def _check_shapes(expected: dict, stored, directory: str) -> None:
-    want = {jax.tree_util.keystr(p, simple=True, separator="."): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    have = {jax.tree_util.keystr(p, simple=True, separator="."): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(
-                stored, is_leaf=lambda x: hasattr(x, "shape"))[0]}
+    want = {
+        jax.tree_util.keystr(p, simple=True, separator="."): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
+    have = {
+        jax.tree_util.keystr(p, simple=True, separator="."): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(
+            stored, is_leaf=lambda x: hasattr(x, "shape")
+        )[0]
+    }
     problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
     problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
-    problems += [f"{k} has shape {have[k]}, config says {want[k]}"
-                 for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+    problems += [
+        f"{k} has shape {have[k]}, config says {want[k]}"
+        for k in sorted(set(want) & set(have))
+        if want[k] != have[k]
+    ]
     if problems:
-        raise ConfigError(f"checkpoint {directory} does not match its config.json: "
-                          + "; ".join(problems))
+        raise ConfigError(
+            f"checkpoint {directory} does not match its config.json: " + "; ".join(problems)
+        )
 
 
 class LazyParams(dict):
@@ -305,10 +340,15 @@ class LazyParams(dict):
         registry = ocp.type_handlers.create_type_handler_registry((_LazyLeaf, _OpenHandler()))
         handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
         with ocp.Checkpointer(handler) as ckptr:
-            tree = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-                item=jax.tree.map(lambda _: 0, expected),
-                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=_LazyLeaf),
-                                          expected)))
+            tree = ckptr.restore(
+                params_dir,
+                args=ocp.args.PyTreeRestore(
+                    item=jax.tree.map(lambda _: 0, expected),
+                    restore_args=jax.tree.map(
+                        lambda _: ocp.RestoreArgs(restore_type=_LazyLeaf), expected
+                    ),
+                ),
+            )
         return cfg, cls._wrap(tree)
 
     @classmethod
@@ -345,8 +385,7 @@ class _OpenHandler(ocp.type_handlers.NumpyHandler):
         out = []
         for info in infos:
             tspec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
-            out.append(_LazyLeaf(await ts.open(ts.Spec(tspec), open=True,
-                                               context=info.ts_context)))
+            out.append(_LazyLeaf(await ts.open(ts.Spec(tspec), open=True, context=info.ts_context)))
         return out
 
 

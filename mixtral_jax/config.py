@@ -87,9 +87,15 @@ class Exchange(str, enum.Enum):
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-_ENUM_FIELDS = {"moe_impl": MoEImpl, "remat": Remat, "attention_impl": AttentionImpl,
-                "gmm_impl": GmmImpl, "decode_expert_impl": DecodeExpertImpl,
-                "decode_projection_impl": DecodeProjectionImpl, "expert_exchange": Exchange}
+_ENUM_FIELDS = {
+    "moe_impl": MoEImpl,
+    "remat": Remat,
+    "attention_impl": AttentionImpl,
+    "gmm_impl": GmmImpl,
+    "decode_expert_impl": DecodeExpertImpl,
+    "decode_projection_impl": DecodeProjectionImpl,
+    "expert_exchange": Exchange,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -135,7 +141,7 @@ class ComputeConfig:
                     _fail(name, value, f"must be one of {choices}")
         _validate_compute(self)
 
-    def replace(self, **changes: Any) -> "ComputeConfig":
+    def replace(self, **changes: Any) -> ComputeConfig:
         """A copy with `changes` applied (validated like a new config)."""
         unknown = sorted(set(changes) - COMPUTE_FIELDS)
         if unknown:
@@ -221,17 +227,19 @@ class ModelConfig:
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert in the capacity path for `num_tokens` tokens."""
-        slots = (self.compute.capacity_factor * num_tokens * self.num_experts_per_tok
-                 / self.num_experts)
+        slots = (
+            self.compute.capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts
+        )
         return max(1, math.ceil(slots))
 
     @property
     def architecture(self) -> dict[str, Any]:
         """The architecture fields (what `config.json` describes), without `compute`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "compute"}
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "compute"
+        }
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes` applied (validated like a new config). Names of
         `ComputeConfig` fields change `compute`."""
         compute = {k: changes.pop(k) for k in list(changes) if k in COMPUTE_FIELDS}
@@ -244,31 +252,61 @@ class ModelConfig:
 
     # ---- presets ---------------------------------------------------------------------------
     @classmethod
-    def mixtral_8x7b(cls, **changes: Any) -> "ModelConfig":
+    def mixtral_8x7b(cls, **changes: Any) -> ModelConfig:
         """mistralai/Mixtral-8x7B-v0.1: 46.7B parameters, 12.9B active."""
         base = cls(
-            vocab_size=32000, embed_dim=4096, hidden_dim=14336, num_layers=32, num_heads=32,
-            num_kv_heads=8, head_dim=128, num_experts=8, num_experts_per_tok=2, rope_theta=1e6,
-            rms_norm_eps=1e-5, max_seq_len=32768, sliding_window=None, router_aux_loss_coef=0.02,
+            vocab_size=32000,
+            embed_dim=4096,
+            hidden_dim=14336,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            num_experts=8,
+            num_experts_per_tok=2,
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+            max_seq_len=32768,
+            sliding_window=None,
+            router_aux_loss_coef=0.02,
         )
         return base.replace(**changes)
 
     @classmethod
-    def mixtral_8x22b(cls, **changes: Any) -> "ModelConfig":
+    def mixtral_8x22b(cls, **changes: Any) -> ModelConfig:
         """mistralai/Mixtral-8x22B-v0.1: 140.6B parameters (published "141B"), 39.2B active."""
         base = cls(
-            vocab_size=32768, embed_dim=6144, hidden_dim=16384, num_layers=56, num_heads=48,
-            num_kv_heads=8, head_dim=128, num_experts=8, num_experts_per_tok=2, rope_theta=1e6,
-            rms_norm_eps=1e-5, max_seq_len=65536, sliding_window=None, router_aux_loss_coef=0.001,
+            vocab_size=32768,
+            embed_dim=6144,
+            hidden_dim=16384,
+            num_layers=56,
+            num_heads=48,
+            num_kv_heads=8,
+            head_dim=128,
+            num_experts=8,
+            num_experts_per_tok=2,
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+            max_seq_len=65536,
+            sliding_window=None,
+            router_aux_loss_coef=0.001,
         )
         return base.replace(**changes)
 
     @classmethod
-    def tiny(cls, **changes: Any) -> "ModelConfig":
+    def tiny(cls, **changes: Any) -> ModelConfig:
         """A CPU-sized model with co-prime-ish sizes, so transposed dimensions cannot hide."""
         base = cls(
-            vocab_size=512, embed_dim=64, hidden_dim=96, num_layers=2, num_heads=4,
-            num_kv_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, rope_theta=10000.0,
+            vocab_size=512,
+            embed_dim=64,
+            hidden_dim=96,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            rope_theta=10000.0,
             max_seq_len=256,
         )
         return base.replace(**changes)
@@ -294,8 +332,16 @@ def _fail(field: str, value: Any, rule: str):
 
 
 _POSITIVE_INTS = (
-    "vocab_size", "embed_dim", "hidden_dim", "num_layers", "num_heads", "num_kv_heads",
-    "head_dim", "num_experts", "num_experts_per_tok", "max_seq_len",
+    "vocab_size",
+    "embed_dim",
+    "hidden_dim",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "num_experts",
+    "num_experts_per_tok",
+    "max_seq_len",
 )
 
 
@@ -315,8 +361,9 @@ def _validate(c: ModelConfig) -> None:
     if c.num_heads % c.num_kv_heads:
         _fail("num_heads", c.num_heads, f"must be divisible by num_kv_heads={c.num_kv_heads}")
     if c.num_experts_per_tok > c.num_experts:
-        _fail("num_experts_per_tok", c.num_experts_per_tok,
-              f"must be <= num_experts={c.num_experts}")
+        _fail(
+            "num_experts_per_tok", c.num_experts_per_tok, f"must be <= num_experts={c.num_experts}"
+        )
     if c.head_dim % 2:
         _fail("head_dim", c.head_dim, "must be even (rotary embeddings rotate pairs)")
     for name in ("rope_theta", "rms_norm_eps", "initializer_range"):

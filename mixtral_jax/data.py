@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -36,8 +36,11 @@ def read_documents(source: str) -> list[str] | list[np.ndarray]:
     if not os.path.exists(source):
         raise ConfigError(f"data source {source} does not exist")
     if os.path.isdir(source):
-        files = sorted(os.path.join(source, f) for f in os.listdir(source)
-                       if f.endswith((".txt", ".jsonl", ".npy")))
+        files = sorted(
+            os.path.join(source, f)
+            for f in os.listdir(source)
+            if f.endswith((".txt", ".jsonl", ".npy"))
+        )
         if not files:
             raise ConfigError(f"data directory {source} holds no .txt, .jsonl or .npy file")
         return [doc for f in files for doc in read_documents(f)]
@@ -50,8 +53,9 @@ def read_documents(source: str) -> list[str] | list[np.ndarray]:
                 try:
                     docs.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"{source}:{line_no} is not a JSON object with a 'text' "
-                                      "field") from None
+                    raise ConfigError(
+                        f"{source}:{line_no} is not a JSON object with a 'text' field"
+                    ) from None
         return docs
     if source.endswith(".npy"):
         return [np.load(source).astype(np.int32)]
@@ -87,7 +91,7 @@ class PackedRows:
 def pack(documents: list[np.ndarray], seq_len: int, seed: int) -> PackedRows:
     """Cuts documents into pieces of <= seq_len+1 tokens and packs them first-fit into rows."""
     width = seq_len + 1
-    pieces = [doc[i:i + width] for doc in documents for i in range(0, len(doc), width)]
+    pieces = [doc[i : i + width] for doc in documents for i in range(0, len(doc), width)]
     pieces = [p for p in pieces if len(p) >= 2]  # a 1-token piece predicts nothing
     if not pieces:
         raise ConfigError("the data holds no document of 2 or more tokens")
@@ -114,9 +118,9 @@ def pack(documents: list[np.ndarray], seq_len: int, seed: int) -> PackedRows:
     for r, row in enumerate(rows):
         at = 0
         for s, piece in enumerate(row, 1):
-            tokens[r, at:at + len(piece)] = piece
-            segments[r, at:at + len(piece)] = s
-            positions[r, at:at + len(piece)] = np.arange(len(piece))
+            tokens[r, at : at + len(piece)] = piece
+            segments[r, at : at + len(piece)] = s
+            positions[r, at : at + len(piece)] = np.arange(len(piece))
             at += len(piece)
     return PackedRows(tokens, segments, positions)
 
@@ -129,8 +133,10 @@ def split_documents(documents: list, eval_fraction: float, seed: int) -> tuple[l
     n_eval = 0 if eval_fraction == 0 or n < 2 else max(1, round(n * eval_fraction))
     order = np.random.default_rng(seed + 1).permutation(n)
     held = set(order[:n_eval].tolist())
-    return ([d for i, d in enumerate(documents) if i not in held],
-            [d for i, d in enumerate(documents) if i in held])
+    return (
+        [d for i, d in enumerate(documents) if i not in held],
+        [d for i, d in enumerate(documents) if i in held],
+    )
 
 
 def make_batch(rows: PackedRows, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -139,8 +145,11 @@ def make_batch(rows: PackedRows, index: np.ndarray) -> dict[str, np.ndarray]:
     tok, seg, pos = rows.tokens[index], rows.segments[index], rows.positions[index]
     same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
     return {
-        "tokens": tok[:, :-1], "targets": tok[:, 1:], "positions": pos[:, :-1],
-        "segment_ids": seg[:, :-1], "loss_mask": same_doc.astype(np.float32),
+        "tokens": tok[:, :-1],
+        "targets": tok[:, 1:],
+        "positions": pos[:, :-1],
+        "segment_ids": seg[:, :-1],
+        "loss_mask": same_doc.astype(np.float32),
     }
 
 
@@ -149,8 +158,10 @@ class BatchIterator:
 
     def __init__(self, rows: PackedRows, batch_size: int, seed: int):
         if rows.num_rows < batch_size:
-            raise ConfigError(f"batch_size={batch_size} exceeds the {rows.num_rows} packed rows "
-                              "of the data: use less batch or more data")
+            raise ConfigError(
+                f"batch_size={batch_size} exceeds the {rows.num_rows} packed rows "
+                "of the data: use less batch or more data"
+            )
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.epoch, self.index = 0, 0
         self.local: np.ndarray | None = None  # rows of each batch this process loads
@@ -158,8 +169,9 @@ class BatchIterator:
     def select(self, local: np.ndarray | None) -> None:
         """From now on, load only rows `local` (positions 0..batch_size-1) of every batch: the
         rows of this process's devices in a multi-process run. None = every row."""
-        if local is not None and (len(local) == 0 or local.min() < 0
-                                  or local.max() >= self.batch_size):
+        if local is not None and (
+            len(local) == 0 or local.min() < 0 or local.max() >= self.batch_size
+        ):
             raise ValueError(f"selected rows must be in [0, batch_size={self.batch_size})")
         self.local = local
 
@@ -179,7 +191,7 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self.index + self.batch_size > self.rows.num_rows:  # drop the ragged tail
             self.epoch, self.index = self.epoch + 1, 0
-        picked = self._order()[self.index:self.index + self.batch_size]
+        picked = self._order()[self.index : self.index + self.batch_size]
         batch = make_batch(self.rows, picked if self.local is None else picked[self.local])
         self.index += self.batch_size
         return batch
@@ -188,5 +200,4 @@ class BatchIterator:
 def eval_batches(rows: PackedRows, batch_size: int, max_batches: int) -> list[dict]:
     """Fixed held-out batches (in row order) for eval loss and perplexity."""
     count = min(rows.num_rows // batch_size, max_batches)
-    return [make_batch(rows, np.arange(i * batch_size, (i + 1) * batch_size))
-            for i in range(count)]
+    return [make_batch(rows, np.arange(i * batch_size, (i + 1) * batch_size)) for i in range(count)]

@@ -31,8 +31,16 @@ from mixtral_jax.gmm_pallas import matmul_precision, pow2_at_least
 PROJECTION = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_stages=4)
 
 
-def _kernel(layer_ref, x_ref, *refs, tiles: DecodeTiles, cols: tuple[int, ...], steps: int,
-            rows: int, precision):
+def _kernel(
+    layer_ref,
+    x_ref,
+    *refs,
+    tiles: DecodeTiles,
+    cols: tuple[int, ...],
+    steps: int,
+    rows: int,
+    precision,
+):
     """Program p: stack i whose column tiles hold p, column tile c, split j of K."""
     num = len(cols)
     w_refs, out_refs = refs[:num], refs[num:]
@@ -62,9 +70,15 @@ def _kernel(layer_ref, x_ref, *refs, tiles: DecodeTiles, cols: tuple[int, ...], 
         first = last
 
 
-def project_stacked(x: jax.Array, stacks: tuple[jax.Array, ...], layer: jax.Array | int, *,
-                    out_dtype=None, tiles: DecodeTiles | None = None,
-                    interpret: bool = False) -> tuple[jax.Array, ...]:
+def project_stacked(
+    x: jax.Array,
+    stacks: tuple[jax.Array, ...],
+    layer: jax.Array | int,
+    *,
+    out_dtype=None,
+    tiles: DecodeTiles | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
     """x @ stack[layer] for each stack, in one launch.
 
     Args:
@@ -84,8 +98,14 @@ def project_stacked(x: jax.Array, stacks: tuple[jax.Array, ...], layer: jax.Arra
     t = fit(base, bm, contract, min(widths), 1, x.dtype.itemsize)
     for w in widths:  # one column tile for all stacks: the largest that divides every width
         while w % t.block_n:
-            t = fit(DecodeTiles(t.block_n // 2, t.block_k, t.splits, t.num_warps, t.num_stages),
-                    bm, contract, min(widths), 1, x.dtype.itemsize)
+            t = fit(
+                DecodeTiles(t.block_n // 2, t.block_k, t.splits, t.num_warps, t.num_stages),
+                bm,
+                contract,
+                min(widths),
+                1,
+                x.dtype.itemsize,
+            )
     steps = contract // (t.splits * t.block_k)
     cols = tuple(w // t.block_n for w in widths)
     precision = matmul_precision(x.dtype)
@@ -94,8 +114,8 @@ def project_stacked(x: jax.Array, stacks: tuple[jax.Array, ...], layer: jax.Arra
         out_shape=tuple(jax.ShapeDtypeStruct((t.splits, bm, w), jnp.float32) for w in widths),
         grid=(sum(cols) * t.splits,),
         compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
-        interpret=interpret, name="decode_projection",
+        interpret=interpret,
+        name="decode_projection",
     )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.pad(x, ((0, bm - m), (0, 0))), *stacks)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    return tuple(jax.lax.stop_gradient(jnp.sum(p[:, :m], axis=0).astype(out_dtype))
-                 for p in parts)
+    return tuple(jax.lax.stop_gradient(jnp.sum(p[:, :m], axis=0).astype(out_dtype)) for p in parts)

@@ -26,7 +26,9 @@ from jax.sharding import Sharding
 from mixtral_jax.config import ConfigError
 
 _DETECTED_CLUSTER_ENV = {  # variable -> minimum value that means "more than one process"
-    "SLURM_NTASKS": 2, "OMPI_COMM_WORLD_SIZE": 2, "TPU_WORKER_HOSTNAMES": None,
+    "SLURM_NTASKS": 2,
+    "OMPI_COMM_WORLD_SIZE": 2,
+    "TPU_WORKER_HOSTNAMES": None,
 }
 
 
@@ -50,8 +52,9 @@ def _int(value, name: str) -> int:
         raise ConfigError(f"{name}={value!r}: must be an integer") from None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Starts JAX's multi-process runtime when asked for; returns whether it did.
 
     Raises ConfigError (one line) for an incomplete or inconsistent explicit set-up.
@@ -63,20 +66,25 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         process_id = _int(os.environ["JAX_PROCESS_ID"], "JAX_PROCESS_ID")
     if coordinator:
         if num_processes is None or process_id is None:
-            raise ConfigError(f"coordinator {coordinator!r} given without both the process count "
-                              "and this process's id (--num-processes, --process-id)")
+            raise ConfigError(
+                f"coordinator {coordinator!r} given without both the process count "
+                "and this process's id (--num-processes, --process-id)"
+            )
         if num_processes < 1:
             raise ConfigError(f"num_processes={num_processes}: must be >= 1")
         if not 0 <= process_id < num_processes:
-            raise ConfigError(f"process_id={process_id}: must be in [0, num_processes="
-                              f"{num_processes})")
+            raise ConfigError(
+                f"process_id={process_id}: must be in [0, num_processes={num_processes})"
+            )
         if num_processes == 1:
             return False
         jax.distributed.initialize(coordinator, num_processes, process_id)
         return True
     if num_processes not in (None, 1) or process_id not in (None, 0):
-        raise ConfigError("a process count or id was given without a coordinator address "
-                          "(--coordinator or JAX_COORDINATOR_ADDRESS)")
+        raise ConfigError(
+            "a process count or id was given without a coordinator address "
+            "(--coordinator or JAX_COORDINATOR_ADDRESS)"
+        )
     if _cluster_detected():
         jax.distributed.initialize()
         return True
@@ -88,8 +96,9 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def process_rows(sharding: Sharding, global_shape: tuple[int, ...], axis: int = 0,
-                 devices=None) -> np.ndarray:
+def process_rows(
+    sharding: Sharding, global_shape: tuple[int, ...], axis: int = 0, devices=None
+) -> np.ndarray:
     """Sorted indices along `axis` of the rows that `devices` (default: this process's) hold of
     an array of `global_shape` placed with `sharding`: the rows this process must load."""
     index_map = sharding.devices_indices_map(tuple(global_shape))
@@ -100,8 +109,9 @@ def process_rows(sharding: Sharding, global_shape: tuple[int, ...], axis: int = 
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def global_batch(local: np.ndarray, sharding: Sharding,
-                 global_shape: tuple[int, ...] | None = None) -> jax.Array:
+def global_batch(
+    local: np.ndarray, sharding: Sharding, global_shape: tuple[int, ...] | None = None
+) -> jax.Array:
     """The global array of `global_shape` whose rows on this process's devices are `local`
     (this process's rows only, in `process_rows` order; every row with one process)."""
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
@@ -111,7 +121,7 @@ def host_array(x) -> np.ndarray:
     """The whole value of `x` on this host: a plain copy, or an all-gather across processes for a
     global array whose shards live on several processes (every process must call it)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
+        from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
@@ -120,6 +130,6 @@ def host_array(x) -> np.ndarray:
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier `name` (nothing with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
+        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)

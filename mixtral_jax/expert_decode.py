@@ -73,8 +73,9 @@ def _largest_pow2_dividing(n: int, at_most: int) -> int:
     return size
 
 
-def fit(tiles: DecodeTiles, rows: int, contract: int, width: int, streams: int,
-        itemsize: int) -> DecodeTiles:
+def fit(
+    tiles: DecodeTiles, rows: int, contract: int, width: int, streams: int, itemsize: int
+) -> DecodeTiles:
     """Tiles that divide the problem exactly (no padding of weight stacks, which would copy them)
     and whose pipeline fits in shared memory. `streams` weight tiles are loaded per step."""
     block_n = _largest_pow2_dividing(width, tiles.block_n)
@@ -94,18 +95,33 @@ def fit(tiles: DecodeTiles, rows: int, contract: int, width: int, streams: int,
             block_n //= 2
         else:
             block_k //= 2  # halving a power of two that divides still divides
-    return dataclasses.replace(tiles, block_n=block_n, block_k=block_k, splits=splits,
-                               num_stages=stages)
+    return dataclasses.replace(
+        tiles, block_n=block_n, block_k=block_k, splits=splits, num_stages=stages
+    )
 
 
 def dot_f32(a, b, precision):
     """a [m, k] @ b [k, n] inside a kernel, accumulated in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
 
-def _gate_up_kernel(slot_expert_ref, num_used_ref, layer_ref, x_ref, wg_ref, wu_ref, h_ref, *,
-                    tiles: DecodeTiles, num_cols: int, contract: int, rows: int, precision):
+def _gate_up_kernel(
+    slot_expert_ref,
+    num_used_ref,
+    layer_ref,
+    x_ref,
+    wg_ref,
+    wu_ref,
+    h_ref,
+    *,
+    tiles: DecodeTiles,
+    num_cols: int,
+    contract: int,
+    rows: int,
+    precision,
+):
     """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c])."""
     bm, bn, bk = x_ref.shape[0], tiles.block_n, tiles.block_k
     slot, col = pl.program_id(0) // num_cols, pl.program_id(0) % num_cols
@@ -128,8 +144,21 @@ def _gate_up_kernel(slot_expert_ref, num_used_ref, layer_ref, x_ref, wg_ref, wu_
         plgpu.store(h_ref.at[slot, :, pl.ds(col0, bn)], h.astype(h_ref.dtype), mask=row_mask)
 
 
-def _down_kernel(slot_expert_ref, num_used_ref, layer_ref, h_ref, combine_ref, wd_ref, out_ref, *,
-                 tiles: DecodeTiles, num_cols: int, steps: int, rows: int, precision):
+def _down_kernel(
+    slot_expert_ref,
+    num_used_ref,
+    layer_ref,
+    h_ref,
+    combine_ref,
+    wd_ref,
+    out_ref,
+    *,
+    tiles: DecodeTiles,
+    num_cols: int,
+    steps: int,
+    rows: int,
+    precision,
+):
     """Program (slot s, column tile c, split j): part[j, s, :, c] = combine[s] * h[s, :, split j]
     @ Wd[e_s][split j, c]; slots past the used ones store zeros."""
     bm, bn, bk, splits = h_ref.shape[1], tiles.block_n, tiles.block_k, tiles.splits
@@ -146,8 +175,11 @@ def _down_kernel(slot_expert_ref, num_used_ref, layer_ref, h_ref, combine_ref, w
     def _():
         def step(i, acc):
             k0 = pl.multiple_of((split * steps + i) * bk, bk)
-            a = plgpu.load(h_ref.at[slot, :, pl.ds(k0, bk)],
-                           mask=jnp.broadcast_to(valid[:, None], (bm, bk)), other=0)  # [bm, bk]
+            a = plgpu.load(
+                h_ref.at[slot, :, pl.ds(k0, bk)],
+                mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
+                other=0,
+            )  # [bm, bk]
             b = wd_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
             return acc + dot_f32(a, b, precision)
 
@@ -169,21 +201,36 @@ def _slots(experts: jax.Array, weights: jax.Array, num_experts: int):
     """
     m, topk = experts.shape
     if m == 1:  # batch-1 decode: its k experts are distinct, so they are the slots (no sort)
-        return (experts[0].astype(jnp.int32), jnp.full((1,), topk, jnp.int32),
-                weights.astype(jnp.float32).T)
+        return (
+            experts[0].astype(jnp.int32),
+            jnp.full((1,), topk, jnp.int32),
+            weights.astype(jnp.float32).T,
+        )
     num_slots = min(num_experts, m * topk)
-    dense = jnp.zeros((m, num_experts), jnp.float32).at[
-        jnp.arange(m)[:, None], experts].add(weights.astype(jnp.float32))  # [M, E]
+    dense = (
+        jnp.zeros((m, num_experts), jnp.float32)
+        .at[jnp.arange(m)[:, None], experts]
+        .add(weights.astype(jnp.float32))
+    )  # [M, E]
     used = jnp.zeros((num_experts,), bool).at[experts.reshape(-1)].set(True)
     slot_expert = jnp.argsort(~used, stable=True)[:num_slots].astype(jnp.int32)
     num_used = jnp.sum(used, dtype=jnp.int32).reshape(1)
     return slot_expert, num_used, dense[:, slot_expert].T
 
 
-def decode_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array,
-                   w_up: jax.Array, w_down: jax.Array, layer: jax.Array | int = 0, *,
-                   gate_up_tiles: DecodeTiles | None = None, down_tiles: DecodeTiles | None = None,
-                   interpret: bool = False) -> jax.Array:
+def decode_experts(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    layer: jax.Array | int = 0,
+    *,
+    gate_up_tiles: DecodeTiles | None = None,
+    down_tiles: DecodeTiles | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """The routed SwiGLU experts of a few tokens, reading only the experts they chose.
 
     Args:
@@ -208,22 +255,36 @@ def decode_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate:
 
     t1 = fit(gate_up_tiles or GATE_UP, bm, d, f, 2, itemsize)
     h = pl.pallas_call(
-        functools.partial(_gate_up_kernel, tiles=t1, num_cols=f // t1.block_n, contract=d,
-                          rows=m, precision=precision),
+        functools.partial(
+            _gate_up_kernel,
+            tiles=t1,
+            num_cols=f // t1.block_n,
+            contract=d,
+            rows=m,
+            precision=precision,
+        ),
         out_shape=jax.ShapeDtypeStruct((num_slots, bm, f), x.dtype),
         grid=(num_slots * (f // t1.block_n),),
         compiler_params=plgpu.CompilerParams(num_warps=t1.num_warps, num_stages=t1.num_stages),
-        interpret=interpret, name="expert_gate_up",
+        interpret=interpret,
+        name="expert_gate_up",
     )(slot_expert, num_used, layer, x_p, w_gate, w_up)
 
     t2 = fit(down_tiles or (DOWN if bm < 64 else DOWN_WIDE), bm, f, d, 1, itemsize)
     steps = f // (t2.splits * t2.block_k)
     part = pl.pallas_call(
-        functools.partial(_down_kernel, tiles=t2, num_cols=d // t2.block_n, steps=steps, rows=m,
-                          precision=precision),
+        functools.partial(
+            _down_kernel,
+            tiles=t2,
+            num_cols=d // t2.block_n,
+            steps=steps,
+            rows=m,
+            precision=precision,
+        ),
         out_shape=jax.ShapeDtypeStruct((t2.splits, num_slots, bm, d), jnp.float32),
         grid=(num_slots * (d // t2.block_n) * t2.splits,),
         compiler_params=plgpu.CompilerParams(num_warps=t2.num_warps, num_stages=t2.num_stages),
-        interpret=interpret, name="expert_down",
+        interpret=interpret,
+        name="expert_down",
     )(slot_expert, num_used, layer, h, combine, w_down)
     return jax.lax.stop_gradient(jnp.sum(part[:, :, :m], axis=(0, 1)))

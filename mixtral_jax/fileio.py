@@ -18,8 +18,9 @@ from mixtral_jax.config import ConfigError
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str, *, overwrite: bool = False, owner: bool = True,
-                     suffix: str = ".partial") -> Iterator[str]:
+def atomic_directory(
+    target: str, *, overwrite: bool = False, owner: bool = True, suffix: str = ".partial"
+) -> Iterator[str]:
     """Yields a fresh, empty staging directory `target + suffix` that becomes `target`.
 
     When the block ends normally the staging directory is renamed to `target` (with `overwrite`,
@@ -74,7 +75,8 @@ def read_json(path: str, what: str) -> Any:
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: not UTF-8 ({e.reason} at byte "
-                          f"{e.start})") from None
+        raise ConfigError(
+            f"{path} is not valid JSON: not UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None

@@ -110,7 +110,8 @@ def fit_tiles(tiles: Tiles, m: int, k: int, n: int) -> Tiles:
         tiles,
         block_m=min(tiles.block_m, pow2_at_least(m)),
         block_n=min(tiles.block_n, pow2_at_least(n)),
-        block_k=min(tiles.block_k, pow2_at_least(k)))
+        block_k=min(tiles.block_k, pow2_at_least(k)),
+    )
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -160,10 +161,24 @@ def _swizzle(pid, num_rows, num_cols, group_m):
     return first_row + (pid % per_band) % band_rows, (pid % per_band) // band_rows
 
 
-def _gmm_kernel(work_group_ref, work_tile_ref, starts_ref, ends_ref, layer_ref, lhs_ref, rhs_ref,
-                out_ref,
-                *, tiles: Tiles, num_items: int, num_cols: int, contract: int,
-                num_groups: int, transpose_rhs: bool, precision):
+def _gmm_kernel(
+    work_group_ref,
+    work_tile_ref,
+    starts_ref,
+    ends_ref,
+    layer_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    tiles: Tiles,
+    num_items: int,
+    num_cols: int,
+    contract: int,
+    num_groups: int,
+    transpose_rhs: bool,
+    precision,
+):
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     item, col = _swizzle(pl.program_id(0), num_items, num_cols, tiles.group_m)
     group = work_group_ref[item]
@@ -192,8 +207,9 @@ def _gmm_kernel(work_group_ref, work_tile_ref, starts_ref, ends_ref, layer_ref, 
             else:
                 b = rhs_ref[layer, g, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
                 dims = (((1,), (0,)), ((), ()))
-            return acc + jax.lax.dot_general(a, b, dims, precision=precision,
-                                             preferred_element_type=jnp.float32)
+            return acc + jax.lax.dot_general(
+                a, b, dims, precision=precision, preferred_element_type=jnp.float32
+            )
 
         acc = jax.lax.fori_loop(0, contract // bk, step, jnp.zeros((bm, bn), jnp.float32))
         plgpu.store(out_block, acc.astype(out_ref.dtype), mask=mask)
@@ -204,8 +220,9 @@ def matmul_precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _gmm_call(lhs, rhs, group_sizes, tiles: Tiles, transpose_rhs: bool, interpret: bool,
-              layer=None):
+def _gmm_call(
+    lhs, rhs, group_sizes, tiles: Tiles, transpose_rhs: bool, interpret: bool, layer=None
+):
     """lhs [A, K] (padded), rhs [G, K, N] (or [G, N, K] transposed) -> [A, N]; shapes divide.
 
     With `layer` (an int32 scalar), rhs is a stack [L, G, K, N] read at that layer in place.
@@ -220,21 +237,39 @@ def _gmm_call(lhs, rhs, group_sizes, tiles: Tiles, transpose_rhs: bool, interpre
     starts, ends = _group_bounds(group_sizes, rows)
     num_items, num_cols = work_group.shape[0], width // tiles.block_n
     kernel = functools.partial(
-        _gmm_kernel, tiles=tiles, num_items=num_items, num_cols=num_cols, contract=contract,
-        num_groups=num_groups, transpose_rhs=transpose_rhs, precision=matmul_precision(lhs.dtype))
+        _gmm_kernel,
+        tiles=tiles,
+        num_items=num_items,
+        num_cols=num_cols,
+        contract=contract,
+        num_groups=num_groups,
+        transpose_rhs=transpose_rhs,
+        precision=matmul_precision(lhs.dtype),
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((rows, width), lhs.dtype),
         grid=(num_items * num_cols,),
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                             num_stages=tiles.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages
+        ),
         interpret=interpret,
         name="gmm_t" if transpose_rhs else "gmm",
     )(work_group, work_tile, starts, ends, layer, lhs, rhs)
 
 
-def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dy_ref, out_ref, *, tiles: Tiles,
-                 num_k: int, num_n: int, precision):
+def _tgmm_kernel(
+    starts_ref,
+    ends_ref,
+    lhs_ref,
+    dy_ref,
+    out_ref,
+    *,
+    tiles: Tiles,
+    num_k: int,
+    num_n: int,
+    precision,
+):
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     per_group = num_k * num_n
     g = pl.program_id(0) // per_group
@@ -246,12 +281,19 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dy_ref, out_ref, *, tiles: Tiles
         row0 = pl.multiple_of(t * bm, bm)
         rows = row0 + jnp.arange(bm, dtype=jnp.int32)
         inside = ((rows >= start) & (rows < end))[:, None]
-        a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)],
-                       mask=jnp.broadcast_to(inside, (bm, bk)), other=0)  # [bm, bk]
-        b = plgpu.load(dy_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)],
-                       mask=jnp.broadcast_to(inside, (bm, bn)), other=0)  # [bm, bn]
-        return acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
-                                         preferred_element_type=jnp.float32)
+        a = plgpu.load(
+            lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)],
+            mask=jnp.broadcast_to(inside, (bm, bk)),
+            other=0,
+        )  # [bm, bk]
+        b = plgpu.load(
+            dy_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)],
+            mask=jnp.broadcast_to(inside, (bm, bn)),
+            other=0,
+        )  # [bm, bn]
+        return acc + jax.lax.dot_general(
+            a, b, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
 
     first = start // bm
     last = jnp.where(end > start, (end - 1) // bm + 1, first)
@@ -265,14 +307,16 @@ def _tgmm_call(lhs, dy, group_sizes, num_groups: int, tiles: Tiles, interpret: b
     width = dy.shape[1]
     starts, ends = _group_bounds(group_sizes, rows)
     num_k, num_n = contract // tiles.block_k, width // tiles.block_n
-    kernel = functools.partial(_tgmm_kernel, tiles=tiles, num_k=num_k, num_n=num_n,
-                               precision=matmul_precision(lhs.dtype))
+    kernel = functools.partial(
+        _tgmm_kernel, tiles=tiles, num_k=num_k, num_n=num_n, precision=matmul_precision(lhs.dtype)
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, contract, width), lhs.dtype),
         grid=(num_groups * num_k * num_n,),
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                             num_stages=tiles.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages
+        ),
         interpret=interpret,
         name="tgmm",
     )(starts, ends, lhs, dy)
@@ -286,8 +330,9 @@ def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, interpret: bool, layer=N
     width = rhs.shape[lead + 1] if transpose_rhs else rhs.shape[lead + 2]
     kernel = "gmm_t" if transpose_rhs else "gmm"
     weights_kn = (width, contract) if transpose_rhs else (contract, width)
-    tiles = fit_tiles(tiles_for(kernel, *weights_kn, rows, lhs.dtype.itemsize), rows, contract,
-                      width)
+    tiles = fit_tiles(
+        tiles_for(kernel, *weights_kn, rows, lhs.dtype.itemsize), rows, contract, width
+    )
     k_axis, n_axis = (lead + 2, lead + 1) if transpose_rhs else (lead + 1, lead + 2)
     lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
     rhs_p = _pad_to(_pad_to(rhs, k_axis, tiles.block_k), n_axis, tiles.block_n)
@@ -298,8 +343,9 @@ def _gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, interpret: bool, layer=N
 def _tgmm(lhs, dy, group_sizes, num_groups: int, *, interpret: bool):
     rows, contract = lhs.shape
     width = dy.shape[1]
-    tiles = fit_tiles(tiles_for("tgmm", contract, width, rows, lhs.dtype.itemsize), rows,
-                      contract, width)
+    tiles = fit_tiles(
+        tiles_for("tgmm", contract, width, rows, lhs.dtype.itemsize), rows, contract, width
+    )
     # tgmm's block_k tiles the output's K rows; rows of lhs/dy are its contraction.
     lhs_p = _pad_to(_pad_to(lhs, 0, tiles.block_m), 1, tiles.block_k)
     dy_p = _pad_to(_pad_to(dy, 0, tiles.block_m), 1, tiles.block_n)
@@ -307,8 +353,13 @@ def _tgmm(lhs, dy, group_sizes, num_groups: int, *, interpret: bool):
     return out[:, :contract, :width]
 
 
-def gmm_stacked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax.Array,
-                interpret: bool = False) -> jax.Array:
+def gmm_stacked(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    layer: jax.Array,
+    interpret: bool = False,
+) -> jax.Array:
     """gmm(lhs, rhs[layer], group_sizes) reading the stack [L, G, K, N] in place (no gradient).
 
     Inside a scan over layers, slicing a layer's experts out of the stack for a custom call

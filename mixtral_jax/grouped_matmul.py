@@ -26,8 +26,9 @@ def _resolved(impl: GmmImpl | str) -> GmmImpl:
     return resolve_gmm(impl) if impl == GmmImpl.AUTO else impl
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-                   impl: GmmImpl | str = GmmImpl.AUTO) -> jax.Array:
+def grouped_matmul(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: GmmImpl | str = GmmImpl.AUTO
+) -> jax.Array:
     """Rows [start_e, start_e + group_sizes[e]) of lhs times rhs[e], for every group e.
 
     Args:
@@ -44,8 +45,13 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
-def grouped_matmul_stacked(lhs: jax.Array, stack: jax.Array, group_sizes: jax.Array,
-                           layer: jax.Array, impl: GmmImpl | str = GmmImpl.AUTO) -> jax.Array:
+def grouped_matmul_stacked(
+    lhs: jax.Array,
+    stack: jax.Array,
+    group_sizes: jax.Array,
+    layer: jax.Array,
+    impl: GmmImpl | str = GmmImpl.AUTO,
+) -> jax.Array:
     """`grouped_matmul(lhs, stack[layer], group_sizes)` for inference inside a layer scan.
 
     stack: [L, E, D, F]; layer: int32 scalar. The Pallas kernel reads the layer where it lies:

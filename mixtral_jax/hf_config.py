@@ -83,7 +83,8 @@ def _read_rope_theta(hf: dict[str, Any]) -> float:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ConfigError(
-                f"config.json rope_type={rope_type!r}: only 'default' RoPE is supported")
+                f"config.json rope_type={rope_type!r}: only 'default' RoPE is supported"
+            )
         if "rope_theta" in rope:
             return float(rope["rope_theta"])
     return float(hf.get("rope_theta", 1e6))
@@ -98,8 +99,13 @@ def to_hf_dict(cfg: ModelConfig, *, rope_format: str = "v4") -> dict[str, Any]:
         hf[theirs] = getattr(cfg, ours)
     for ours, theirs in _HF_COMPUTE_NAMES.items():
         hf[theirs] = getattr(cfg.compute, ours)
-    hf.update(head_dim=cfg.head_dim, hidden_act="silu", tie_word_embeddings=False,
-              attention_dropout=0.0, dtype=cfg.compute.param_dtype)
+    hf.update(
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        dtype=cfg.compute.param_dtype,
+    )
     theta = cfg.rope_theta
     if math.isclose(theta, round(theta)):
         theta = int(theta)  # 1000000, as the published config.json files write it

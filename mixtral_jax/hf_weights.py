@@ -13,7 +13,7 @@ the conversion tool.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def transpose(w: np.ndarray, rows: int = 256) -> np.ndarray:
         return np.ascontiguousarray(w.T)
     out = np.empty(w.shape[::-1], w.dtype)
     for start in range(0, w.shape[0], rows):
-        out[:, start:start + rows] = w[start:start + rows].T
+        out[:, start : start + rows] = w[start : start + rows].T
     return out
 
 
@@ -97,11 +97,15 @@ TABLE: tuple[TensorMap, ...] = (
     TensorMap(("layers", "attn", "q_proj"), _LAYER + "self_attn.q_proj.weight", *_q),
     TensorMap(("layers", "attn", "k_proj"), _LAYER + "self_attn.k_proj.weight", *_kv),
     TensorMap(("layers", "attn", "v_proj"), _LAYER + "self_attn.v_proj.weight", *_kv),
-    TensorMap(("layers", "attn", "o_proj"), _LAYER + "self_attn.o_proj.weight", _o_to_ours, _o_to_hf),
-    TensorMap(("layers", "moe_norm", "scale"), _LAYER + "post_attention_layernorm.weight",
-              _same, _same),
-    TensorMap(("layers", "moe", "router"), _LAYER + "block_sparse_moe.gate.weight",
-              _transpose, _transpose),
+    TensorMap(
+        ("layers", "attn", "o_proj"), _LAYER + "self_attn.o_proj.weight", _o_to_ours, _o_to_hf
+    ),
+    TensorMap(
+        ("layers", "moe_norm", "scale"), _LAYER + "post_attention_layernorm.weight", _same, _same
+    ),
+    TensorMap(
+        ("layers", "moe", "router"), _LAYER + "block_sparse_moe.gate.weight", _transpose, _transpose
+    ),
     TensorMap(("layers", "moe", "w_gate"), _EXPERT + "w1.weight", _transpose, _transpose),
     TensorMap(("layers", "moe", "w_up"), _EXPERT + "w3.weight", _transpose, _transpose),
     TensorMap(("layers", "moe", "w_down"), _EXPERT + "w2.weight", _transpose, _transpose),
@@ -162,12 +166,18 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, f, v, e = cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, cfg.num_experts
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     by_leaf = {
-        ("embed", "embedding"): (v, d), ("layers", "attn_norm", "scale"): (d,),
-        ("layers", "attn", "q_proj"): (q, d), ("layers", "attn", "k_proj"): (kv, d),
-        ("layers", "attn", "v_proj"): (kv, d), ("layers", "attn", "o_proj"): (d, q),
-        ("layers", "moe_norm", "scale"): (d,), ("layers", "moe", "router"): (e, d),
-        ("layers", "moe", "w_gate"): (f, d), ("layers", "moe", "w_up"): (f, d),
-        ("layers", "moe", "w_down"): (d, f), ("final_norm", "scale"): (d,),
+        ("embed", "embedding"): (v, d),
+        ("layers", "attn_norm", "scale"): (d,),
+        ("layers", "attn", "q_proj"): (q, d),
+        ("layers", "attn", "k_proj"): (kv, d),
+        ("layers", "attn", "v_proj"): (kv, d),
+        ("layers", "attn", "o_proj"): (d, q),
+        ("layers", "moe_norm", "scale"): (d,),
+        ("layers", "moe", "router"): (e, d),
+        ("layers", "moe", "w_gate"): (f, d),
+        ("layers", "moe", "w_up"): (f, d),
+        ("layers", "moe", "w_down"): (d, f),
+        ("final_norm", "scale"): (d,),
         ("lm_head",): (v, d),
     }
     return {key: by_leaf[m.path] for m in TABLE for _, key in slice_keys(m, cfg)}

@@ -99,12 +99,23 @@ class KernelPlan:
         experts = (("moe", "w_gate"), ("moe", "w_up"), ("moe", "w_down"))
         if self.decode_projections != DecodeProjectionImpl.PALLAS:
             return experts
-        return experts + (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"),
-                          ("attn", "o_proj"), ("moe", "router"))
+        return experts + (
+            ("attn", "q_proj"),
+            ("attn", "k_proj"),
+            ("attn", "v_proj"),
+            ("attn", "o_proj"),
+            ("moe", "router"),
+        )
 
 
-def resolve(cfg: ModelConfig, tokens: int, *, cached: bool, mesh: Mesh | None = None,
-            where: str | None = None) -> KernelPlan:
+def resolve(
+    cfg: ModelConfig,
+    tokens: int,
+    *,
+    cached: bool,
+    mesh: Mesh | None = None,
+    where: str | None = None,
+) -> KernelPlan:
     """The plan of a call over `tokens` (B*T) tokens, reading a KV cache if `cached`.
 
     Args:
@@ -130,13 +141,17 @@ def resolve(cfg: ModelConfig, tokens: int, *, cached: bool, mesh: Mesh | None = 
         decode_projections=_decode_projections(cfg, tokens, cached, one_device, where),
         moe=c.moe_impl,
         expert_mesh=expert_mesh,
-        exchange=(resolve_exchange(c.expert_exchange, expert_mesh, factor)
-                  if expert_mesh is not None else Exchange.CAPACITY),
+        exchange=(
+            resolve_exchange(c.expert_exchange, expert_mesh, factor)
+            if expert_mesh is not None
+            else Exchange.CAPACITY
+        ),
     )
 
 
-def resolve_attention(impl: AttentionImpl | str, dtype, head_dim: int,
-                      where: str | None = None) -> AttentionImpl:
+def resolve_attention(
+    impl: AttentionImpl | str, dtype, head_dim: int, where: str | None = None
+) -> AttentionImpl:
     """`auto` -> cudnn where it runs (NVIDIA GPU, bf16/fp16, head_dim <= 128), else xla."""
     impl, where = AttentionImpl(impl), platform() if where is None else where
     fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128
@@ -146,7 +161,8 @@ def resolve_attention(impl: AttentionImpl | str, dtype, head_dim: int,
         raise ConfigError(
             f"attention_impl='cudnn' needs an NVIDIA GPU, dtype bfloat16/float16 and head_dim <= "
             f"128; got platform {where!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}; "
-            "use 'auto' or 'xla'")
+            "use 'auto' or 'xla'"
+        )
     return impl
 
 
@@ -156,25 +172,29 @@ def resolve_gmm(impl: GmmImpl | str, where: str | None = None) -> GmmImpl:
     if impl == GmmImpl.AUTO:
         return GmmImpl.PALLAS if where == NVIDIA_GPU else GmmImpl.XLA
     if impl == GmmImpl.PALLAS and where != NVIDIA_GPU:
-        raise ConfigError(f"gmm_impl='pallas' needs an NVIDIA GPU, but the platform is "
-                          f"{where!r}; use 'auto' or 'xla'")
+        raise ConfigError(
+            f"gmm_impl='pallas' needs an NVIDIA GPU, but the platform is "
+            f"{where!r}; use 'auto' or 'xla'"
+        )
     return impl
 
 
 def _needs_nvidia(field: str, value: str, where: str) -> None:
     if where != NVIDIA_GPU:
-        raise ConfigError(f"{field}='{value}' needs an NVIDIA GPU, but the platform is "
-                          f"{where!r}; use 'auto' or 'off'")
+        raise ConfigError(
+            f"{field}='{value}' needs an NVIDIA GPU, but the platform is "
+            f"{where!r}; use 'auto' or 'off'"
+        )
 
 
-def _decode_experts(cfg: ModelConfig, tokens: int, cached: bool, gmm: GmmImpl, local: bool,
-                    where: str) -> DecodeExpertImpl:
+def _decode_experts(
+    cfg: ModelConfig, tokens: int, cached: bool, gmm: GmmImpl, local: bool, where: str
+) -> DecodeExpertImpl:
     """The decode-expert choice: only for dropless dispatch on one expert shard, few tokens."""
     impl = cfg.compute.decode_expert_impl
     if impl == DecodeExpertImpl.PALLAS:
         _needs_nvidia("decode_expert_impl", impl.value, where)
-    applies = (cfg.compute.moe_impl == MoEImpl.DROPLESS and local
-               and tokens <= MAX_DECODE_TOKENS)
+    applies = cfg.compute.moe_impl == MoEImpl.DROPLESS and local and tokens <= MAX_DECODE_TOKENS
     if impl == DecodeExpertImpl.OFF or not applies:
         return DecodeExpertImpl.OFF
     pallas_fits = cached and expert_decode.supports(cfg.embed_dim, cfg.hidden_dim)
@@ -188,8 +208,9 @@ def _decode_experts(cfg: ModelConfig, tokens: int, cached: bool, gmm: GmmImpl, l
     return impl
 
 
-def _decode_projections(cfg: ModelConfig, tokens: int, cached: bool, one_device: bool,
-                        where: str) -> DecodeProjectionImpl:
+def _decode_projections(
+    cfg: ModelConfig, tokens: int, cached: bool, one_device: bool, where: str
+) -> DecodeProjectionImpl:
     """Stacked projections where they apply: a cached call of few tokens on one device, weights
     stored in the compute dtype (a cast would copy the whole stack), widths the tiles divide."""
     c = cfg.compute
@@ -198,10 +219,15 @@ def _decode_projections(cfg: ModelConfig, tokens: int, cached: bool, one_device:
         _needs_nvidia("decode_projection_impl", impl.value, where)
     if impl == DecodeProjectionImpl.OFF or where != NVIDIA_GPU:
         return DecodeProjectionImpl.OFF
-    applies = (cached and one_device and tokens <= MAX_DECODE_TOKENS
-               and jnp.dtype(c.param_dtype) == jnp.dtype(c.dtype)
-               and expert_decode.supports(cfg.embed_dim, cfg.num_heads * cfg.head_dim,
-                               cfg.num_kv_heads * cfg.head_dim))
+    applies = (
+        cached
+        and one_device
+        and tokens <= MAX_DECODE_TOKENS
+        and jnp.dtype(c.param_dtype) == jnp.dtype(c.dtype)
+        and expert_decode.supports(
+            cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        )
+    )
     return DecodeProjectionImpl.PALLAS if applies else DecodeProjectionImpl.OFF
 
 
@@ -214,8 +240,9 @@ def ragged_all_to_all_supported(backend: str) -> bool:
 
     def probe(x):
         zero, one = jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32)
-        return jax.lax.ragged_all_to_all(x, jnp.zeros_like(x), zero, one, zero, one,
-                                         axis_name="probe")
+        return jax.lax.ragged_all_to_all(
+            x, jnp.zeros_like(x), zero, one, zero, one, axis_name="probe"
+        )
 
     fn = jax.jit(jax.shard_map(probe, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
     try:
@@ -225,22 +252,27 @@ def ragged_all_to_all_supported(backend: str) -> bool:
     return True
 
 
-def resolve_exchange(exchange: Exchange | str, mesh: Mesh,
-                     capacity_factor: float | None) -> Exchange:
+def resolve_exchange(
+    exchange: Exchange | str, mesh: Mesh, capacity_factor: float | None
+) -> Exchange:
     """The expert-parallel exchange: AUTO resolved; a ragged choice that cannot be honoured is a
     ValueError naming why."""
     exchange = Exchange(exchange)
     backend = mesh.devices.flat[0].platform
     ragged = (Exchange.RAGGED, Exchange.RAGGED_EMULATED)
     if capacity_factor is not None and exchange in ragged:
-        raise ValueError(f"exchange={exchange.value!r} is dropless and takes no capacity_factor "
-                         f"(got {capacity_factor})")
+        raise ValueError(
+            f"exchange={exchange.value!r} is dropless and takes no capacity_factor "
+            f"(got {capacity_factor})"
+        )
     if exchange == Exchange.AUTO:
         if capacity_factor is None and ragged_all_to_all_supported(backend):
             return Exchange.RAGGED
         return Exchange.CAPACITY
     if exchange == Exchange.RAGGED and not ragged_all_to_all_supported(backend):
-        raise ValueError(f"exchange='ragged' needs ragged_all_to_all, which the {backend} "
-                         f"backend of jax {jax.__version__} does not compile; use 'auto' or "
-                         "'capacity'")
+        raise ValueError(
+            f"exchange='ragged' needs ragged_all_to_all, which the {backend} "
+            f"backend of jax {jax.__version__} does not compile; use 'auto' or "
+            "'capacity'"
+        )
     return exchange

@@ -37,8 +37,16 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding table [V, D]."""
 
-    def __init__(self, vocab_size: int, dim: int, *, std: float, dtype: jnp.dtype,
-                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        std: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
         self.embedding = nnx.Param(normal_init(std)(rngs.params(), (vocab_size, dim), param_dtype))
         self.dtype = dtype
 

@@ -23,8 +23,13 @@ def load_foreign_directory(directory: str, **config_changes):
     return source.cfg.replace(**config_changes), params
 
 
-def load_for_inference(path: str, tokenizer_path: str | None = None, *,
-                       dtype: str | None = None, compute: dict | None = None):
+def load_for_inference(
+    path: str,
+    tokenizer_path: str | None = None,
+    *,
+    dtype: str | None = None,
+    compute: dict | None = None,
+):
     """(model, tokenizer) from a model checkpoint or a Hugging Face / Mistral directory.
 
     `compute`: ComputeConfig changes (how to compute; the architecture is the checkpoint's);
@@ -45,8 +50,9 @@ def load_for_inference(path: str, tokenizer_path: str | None = None, *,
         raise ConfigError(f"no tokenizer at {tokenizer_path}: pass --tokenizer")
     tokenizer = Tokenizer.load(tokenizer_path)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                          f"{cfg.vocab_size}")
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}"
+        )
     try:
         model = from_params(cfg, params)
     except ValueError as e:

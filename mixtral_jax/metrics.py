@@ -11,8 +11,16 @@ import numpy as np
 from mixtral_jax.config import ModelConfig
 
 # Dense bf16 peak per chip (vendor datasheets), for MFU when the run does not name its own.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v5p": 459.0,
-               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v6": 918.0, "TPU v4": 275.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v6": 918.0,
+    "TPU v4": 275.0,
+}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -73,9 +73,13 @@ class KVCache:
     def create(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
         shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
         dtype = jnp.dtype(dtype or cfg.compute.dtype)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   index=jnp.full((size,), -1, jnp.int32), valid=jnp.zeros((batch, size), bool),
-                   length=jnp.zeros((), jnp.int32))
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            index=jnp.full((size,), -1, jnp.int32),
+            valid=jnp.zeros((batch, size), bool),
+            length=jnp.zeros((), jnp.int32),
+        )
 
 
 def _pin(x: jax.Array) -> jax.Array:
@@ -100,17 +104,38 @@ class DecoderBlock(nnx.Module):
         moe_out, aux = self.moe(_pin(self.moe_norm(h)), token_mask, noise_rng, plan=plan)
         return h + _pin(moe_out), aux
 
-    def cached(self, x, cos, sin, k_cache, v_cache, mask, slots, token_mask, layer,
-               plan: KernelPlan, read_first=False):
+    def cached(
+        self,
+        x,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        mask,
+        slots,
+        token_mask,
+        layer,
+        plan: KernelPlan,
+        read_first=False,
+    ):
         """Like __call__ over new tokens, reading and writing layer `layer` of the cache.
 
         k_cache, v_cache: [L, B, S, K, H] every layer's cache (see `Attention.cached`); layer:
         [] int32. Returns ([B, T, D], aux, k_cache, v_cache). The weights named by the plan's
         `stacked_weights` are every layer's stacks, read at `layer`.
         """
-        attn, k_cache, v_cache = self.attn.cached(self.attn_norm(x), cos, sin, k_cache, v_cache,
-                                                  mask, slots, layer=layer, plan=plan,
-                                                  read_first=read_first)
+        attn, k_cache, v_cache = self.attn.cached(
+            self.attn_norm(x),
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            mask,
+            slots,
+            layer=layer,
+            plan=plan,
+            read_first=read_first,
+        )
         h = x + attn
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
         return h + moe_out, aux, k_cache, v_cache
@@ -132,7 +157,8 @@ def _pad_router_stack(stacks: nnx.State) -> None:
     decode projection kernel's smallest tile: once per call, 2 MB for 8x7B."""
     router = stacks["moe"]["router"]
     stacks["moe"]["router"] = router.replace(
-        jnp.pad(router[...], ((0, 0), (0, 0), (0, -router.shape[-1] % 16))))
+        jnp.pad(router[...], ((0, 0), (0, 0), (0, -router.shape[-1] % 16)))
+    )
 
 
 _REMAT_POLICIES = {
@@ -151,8 +177,14 @@ class Mixtral(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt, pdt = jnp.dtype(cfg.compute.dtype), jnp.dtype(cfg.compute.param_dtype)
         self.cfg = cfg
-        self.embed = Embed(cfg.vocab_size, cfg.embed_dim, std=cfg.initializer_range, dtype=dt,
-                           param_dtype=pdt, rngs=rngs)
+        self.embed = Embed(
+            cfg.vocab_size,
+            cfg.embed_dim,
+            std=cfg.initializer_range,
+            dtype=dt,
+            param_dtype=pdt,
+            rngs=rngs,
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -162,7 +194,8 @@ class Mixtral(nnx.Module):
         self.layers = make_layers(rngs)
         self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.rms_norm_eps, dtype=dt, param_dtype=pdt)
         self.lm_head = nnx.Param(
-            normal_init(cfg.initializer_range)(rngs.params(), (cfg.embed_dim, cfg.vocab_size), pdt))
+            normal_init(cfg.initializer_range)(rngs.params(), (cfg.embed_dim, cfg.vocab_size), pdt)
+        )
 
     def __call__(
         self,
@@ -194,8 +227,13 @@ class Mixtral(nnx.Module):
             plan = kernel_plan.resolve(cfg, b * t, cached=False)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = make_attention_mask(t, t, sliding_window=cfg.sliding_window,
-                                   attention_mask=attention_mask, segment_ids=segment_ids)
+        mask = make_attention_mask(
+            t,
+            t,
+            sliding_window=cfg.sliding_window,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+        )
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, H]
         token_mask = None if attention_mask is None else attention_mask.astype(jnp.float32)
         layer_rngs = None if noise_rng is None else jax.random.split(noise_rng, cfg.num_layers)
@@ -215,15 +253,21 @@ class Mixtral(nnx.Module):
         x = sharding.constrain(self.embed(tokens), "batch", "length", "embed")  # [B, T, D]
         x, layer_aux = jax.lax.scan(body, x, (layer_state, layer_rngs))
         x = self.final_norm(x)
-        logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32
+        )
         logits = sharding.constrain(logits, "batch", "length", "vocab")
         return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t))
 
-
-    def extend(self, tokens: jax.Array, cache: KVCache, *, positions: jax.Array,
-               valid: jax.Array,
-               plan: KernelPlan | None = None) -> tuple[ModelOutput, KVCache]:
+    def extend(
+        self,
+        tokens: jax.Array,
+        cache: KVCache,
+        *,
+        positions: jax.Array,
+        valid: jax.Array,
+        plan: KernelPlan | None = None,
+    ) -> tuple[ModelOutput, KVCache]:
         """Runs T new tokens on top of `cache` (prefill: T = prompt length; decode: T = 1).
 
         Args:
@@ -249,17 +293,16 @@ class Mixtral(nnx.Module):
         size = cache.index.shape[0]
         q_index = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
         kept = min(t, size)  # a rolling buffer keeps only the last S new tokens
-        slots = q_index[t - kept:] % size  # [kept]
-        index = cache.index.at[slots].set(q_index[t - kept:])  # [S] after the write
-        slot_valid = cache.valid.at[:, slots].set(valid[:, t - kept:].astype(bool))  # [B, S]
-        read_first = (cfg.sliding_window is not None and t > 1
-                      and size < cfg.sliding_window + t - 1)
+        slots = q_index[t - kept :] % size  # [kept]
+        index = cache.index.at[slots].set(q_index[t - kept :])  # [S] after the write
+        slot_valid = cache.valid.at[:, slots].set(valid[:, t - kept :].astype(bool))  # [B, S]
+        read_first = cfg.sliding_window is not None and t > 1 and size < cfg.sliding_window + t - 1
         if read_first:  # keys: the S slots before the write, then all T new tokens
             key_index = jnp.concatenate([cache.index, q_index])  # [S + T]
             key_valid = jnp.concatenate([cache.valid, valid.astype(bool)], axis=1)
         else:  # keys: the S slots after the write, then the t - kept that did not fit
-            key_index = jnp.concatenate([index, q_index[:t - kept]])  # [S + T - kept]
-            key_valid = jnp.concatenate([slot_valid, valid[:, :t - kept].astype(bool)], axis=1)
+            key_index = jnp.concatenate([index, q_index[: t - kept]])  # [S + T - kept]
+            key_valid = jnp.concatenate([slot_valid, valid[:, : t - kept].astype(bool)], axis=1)
         mask = cached_attention_mask(q_index, key_index, key_valid, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
@@ -278,18 +321,30 @@ class Mixtral(nnx.Module):
             x, k_cache, v_cache = carry
             state, index = xs
             layer = nnx.merge(graphdef, expert_stacks, state)
-            x, aux, k_cache, v_cache = layer.cached(x, cos, sin, k_cache, v_cache, mask, slots,
-                                                    token_mask, layer=index, plan=plan,
-                                                    read_first=read_first)
+            x, aux, k_cache, v_cache = layer.cached(
+                x,
+                cos,
+                sin,
+                k_cache,
+                v_cache,
+                mask,
+                slots,
+                token_mask,
+                layer=index,
+                plan=plan,
+                read_first=read_first,
+            )
             return (x, k_cache, v_cache), aux
 
         x = self.embed(tokens)
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, k, v), layer_aux = jax.lax.scan(body, (x, cache.k, cache.v), (layer_state, indices),
-                                            unroll=EXTEND_SCAN_UNROLL)
+        (x, k, v), layer_aux = jax.lax.scan(
+            body, (x, cache.k, cache.v), (layer_state, indices), unroll=EXTEND_SCAN_UNROLL
+        )
         x = self.final_norm(x)
-        logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32
+        )
         new_cache = KVCache(k=k, v=v, index=index, valid=slot_valid, length=cache.length + t)
         return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
 
@@ -297,7 +352,8 @@ class Mixtral(nnx.Module):
 def _model_aux(layer_aux: MoEAux, batch: int, length: int) -> ModelAux:
     num_layers, _, num_experts = layer_aux.router_logits.shape
     layers = layer_aux.replace(
-        router_logits=layer_aux.router_logits.reshape(num_layers, batch, length, num_experts))
+        router_logits=layer_aux.router_logits.reshape(num_layers, batch, length, num_experts)
+    )
     fraction = jnp.mean(layers.expert_fraction, axis=0)  # [E], every layer sees the same tokens
     prob = jnp.mean(layers.router_prob, axis=0)  # [E]
     return ModelAux(
@@ -369,8 +425,10 @@ def _checked_params(expected: dict, params: dict) -> dict:
         if path not in given:
             raise ValueError(f"parameter {name} missing")
         if tuple(given[path].shape) != tuple(leaf.shape):
-            raise ValueError(f"parameter {name} has shape {tuple(given[path].shape)}, "
-                             f"expected {tuple(leaf.shape)}")
+            raise ValueError(
+                f"parameter {name} has shape {tuple(given[path].shape)}, "
+                f"expected {tuple(leaf.shape)}"
+            )
     if len(given) != len(expected):
         extra = sorted(set(given) - {p for p, _ in expected})
         name = jax.tree_util.keystr(extra[0], simple=True, separator=".")

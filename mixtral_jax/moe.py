@@ -74,8 +74,9 @@ def routing_aux(routing: Routing, token_mask: jax.Array, dropped: jax.Array) -> 
     )
 
 
-def dispatch(cfg: ModelConfig, plan: KernelPlan, x, routing: Routing, weights,
-             layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def dispatch(
+    cfg: ModelConfig, plan: KernelPlan, x, routing: Routing, weights, layer: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Runs the experts as `plan` says: ([M, D] float32 output, dropped assignments).
 
     With `layer`, `weights` are the stacks of all layers in the compute dtype (a cached call):
@@ -94,9 +95,15 @@ def dispatch(cfg: ModelConfig, plan: KernelPlan, x, routing: Routing, weights,
         return moe_dense(x, routing, *weights)
     if plan.expert_mesh is not None:
         factor = None if plan.moe == MoEImpl.DROPLESS else cfg.compute.capacity_factor
-        return moe_parallel.moe_expert_parallel(x, routing, *weights, mesh=plan.expert_mesh,
-                                                capacity_factor=factor, exchange=plan.exchange,
-                                                gmm_impl=plan.grouped_matmul)
+        return moe_parallel.moe_expert_parallel(
+            x,
+            routing,
+            *weights,
+            mesh=plan.expert_mesh,
+            capacity_factor=factor,
+            exchange=plan.exchange,
+            gmm_impl=plan.grouped_matmul,
+        )
     if plan.moe == MoEImpl.CAPACITY:
         return moe_capacity(x, routing, *weights, capacity=cfg.capacity(x.shape[0]))
     if plan.decode_experts == DecodeExpertImpl.GATHER:
@@ -120,9 +127,14 @@ class MoE(nnx.Module):
         self.w_down = nnx.Param(init(rngs.params(), (e, f, d), pdt))
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None,
-                 noise_rng: jax.Array | None = None, layer: jax.Array | None = None,
-                 plan: KernelPlan | None = None) -> tuple[jax.Array, MoEAux]:
+    def __call__(
+        self,
+        x: jax.Array,
+        token_mask: jax.Array | None = None,
+        noise_rng: jax.Array | None = None,
+        layer: jax.Array | None = None,
+        plan: KernelPlan | None = None,
+    ) -> tuple[jax.Array, MoEAux]:
         """Routes and mixes experts.
 
         Args:
@@ -148,9 +160,10 @@ class MoE(nnx.Module):
             # Decode on a GPU: every layer's router [L, D, E'], E' >= E padded to the kernel's
             # tile (Mixtral.extend), read at `layer` in place. XLA turns the [1, D] x [D, 8]
             # product into a reduction down 4096 rows with 8 outputs: 11 us per layer on an H200.
-            (logits,) = decode_matmul.project_stacked(x, (self.router[...].astype(dt),), layer,
-                                                      out_dtype=jnp.float32)
-            routing = route_logits(logits[:, :cfg.num_experts], cfg.num_experts_per_tok)
+            (logits,) = decode_matmul.project_stacked(
+                x, (self.router[...].astype(dt),), layer, out_dtype=jnp.float32
+            )
+            routing = route_logits(logits[:, : cfg.num_experts], cfg.num_experts_per_tok)
         else:
             routing = route(x, self.router[...], cfg.num_experts_per_tok)
         weights = tuple(w[...] for w in (self.w_gate, self.w_up, self.w_down))

@@ -27,16 +27,24 @@ def moe_dense(x, routing, w_gate, w_up, w_down):
     x: [M, D]; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> ([M, D] float32, dropped=0).
     """
     num_experts = w_gate.shape[0]
-    combine = jnp.sum(jax.nn.one_hot(routing.experts, num_experts) * routing.weights[..., None],
-                      axis=1)  # [M, E]
+    combine = jnp.sum(
+        jax.nn.one_hot(routing.experts, num_experts) * routing.weights[..., None], axis=1
+    )  # [M, E]
     h = swiglu(jnp.einsum("MD,EDF->EMF", x, w_gate), jnp.einsum("MD,EDF->EMF", x, w_up))
     y = jnp.einsum("EMF,EFD->EMD", h, w_down)  # [E, M, D]
     out = jnp.einsum("EMD,ME->MD", y.astype(jnp.float32), combine)
     return out, jnp.zeros((), jnp.int32)
 
 
-def moe_dropless(x, routing, w_gate, w_up, w_down, gmm_impl: GmmImpl = GmmImpl.AUTO,
-                 layer: jax.Array | None = None):
+def moe_dropless(
+    x,
+    routing,
+    w_gate,
+    w_up,
+    w_down,
+    gmm_impl: GmmImpl = GmmImpl.AUTO,
+    layer: jax.Array | None = None,
+):
     """Sort by expert, one grouped matmul per projection (kernel: `gmm_impl`, as the kernel plan
     resolved it; `auto` resolves by platform), none dropped.
 
@@ -46,11 +54,14 @@ def moe_dropless(x, routing, w_gate, w_up, w_down, gmm_impl: GmmImpl = GmmImpl.A
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[-3])
     x_sorted = x[order // topk]  # [A, D]
     if layer is None:
+
         def gmm(lhs, w):
             return grouped_matmul(lhs, w, group_sizes, gmm_impl)
     else:
+
         def gmm(lhs, w):
             return grouped_matmul_stacked(lhs, w, group_sizes, layer, gmm_impl)
+
     h = swiglu(gmm(x_sorted, w_gate), gmm(x_sorted, w_up))  # [A, F]
     y_sorted = gmm(h, w_down)  # [A, D]
     return unsort_and_combine(y_sorted, order, routing.weights), jnp.zeros((), jnp.int32)

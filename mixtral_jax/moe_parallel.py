@@ -53,8 +53,9 @@ TOKEN_AXES = sharding.LOGICAL_RULES["batch"]  # mesh axes that split the tokens
 (EXPERT_AXIS,) = sharding.LOGICAL_RULES["experts"]
 
 
-def _local_capacity(x, experts, weights, real, w_gate, w_up, w_down, *, num_experts, capacity,
-                    token_axes):
+def _local_capacity(
+    x, experts, weights, real, w_gate, w_up, w_down, *, num_experts, capacity, token_axes
+):
     """Runs on one device. x: [m, D]; experts, weights: [m, k]; real: [m] bool (False for the
     padding rows added to make the tokens split evenly); w_*: [E/X, ...] local experts."""
     m, d = x.shape
@@ -79,8 +80,9 @@ def _local_capacity(x, experts, weights, real, w_gate, w_up, w_down, *, num_expe
     return out, dropped
 
 
-def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
-                               recv_sizes, *, axis_name):
+def emulated_ragged_all_to_all(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
     """`jax.lax.ragged_all_to_all` (one slice per peer) from a dense all_to_all: every chunk is
     padded to operand's length. Same result, differentiable; for backends without the op.
 
@@ -97,8 +99,9 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
     return output.at[dest.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-def _local_ragged(x, experts, weights, w_gate, w_up, w_down, *, num_experts, x_shards,
-                  collective, gmm_impl):
+def _local_ragged(
+    x, experts, weights, w_gate, w_up, w_down, *, num_experts, x_shards, collective, gmm_impl
+):
     """Runs on one device; the dropless ragged exchange. x: [m, D]; experts, weights: [m, k];
     w_*: [E/X, ...] local experts. Returns ([m, D] float32, 0 dropped)."""
     m, d = x.shape
@@ -115,8 +118,15 @@ def _local_ragged(x, experts, weights, w_gate, w_up, w_down, *, num_experts, x_s
     recv_offsets = exclusive_cumsum(recv_sizes)  # where each source's rows start here
     # where this device's rows start on each receiver
     remote_offsets = jax.lax.all_to_all(recv_offsets, EXPERT_AXIS, 0, 0, tiled=True)
-    buf = collective(x_sorted, jnp.zeros((x_shards * a, d), x.dtype), send_offsets, send_sizes,
-                     remote_offsets, recv_sizes, axis_name=EXPERT_AXIS)  # [X*A, D]
+    buf = collective(
+        x_sorted,
+        jnp.zeros((x_shards * a, d), x.dtype),
+        send_offsets,
+        send_sizes,
+        remote_offsets,
+        recv_sizes,
+        axis_name=EXPERT_AXIS,
+    )  # [X*A, D]
     # buf is source-major, expert-minor; regroup by local expert (unused rows sort last).
     seg_ends = jnp.cumsum(recv_groups.reshape(-1))  # [X*E/X]
     seg = jnp.searchsorted(seg_ends, jnp.arange(x_shards * a), side="right")  # [X*A]
@@ -131,15 +141,30 @@ def _local_ragged(x, experts, weights, w_gate, w_up, w_down, *, num_experts, x_s
     y = y[jnp.argsort(regroup)]  # back to buf's order
     # The way back: each source's rows return to where they left its sorted send buffer.
     origin = jax.lax.all_to_all(send_offsets, EXPERT_AXIS, 0, 0, tiled=True)  # [X] by source
-    y_sorted = collective(y, jnp.zeros((a, d), y.dtype), recv_offsets, recv_sizes, origin,
-                          send_sizes, axis_name=EXPERT_AXIS)  # [A, D]
+    y_sorted = collective(
+        y,
+        jnp.zeros((a, d), y.dtype),
+        recv_offsets,
+        recv_sizes,
+        origin,
+        send_sizes,
+        axis_name=EXPERT_AXIS,
+    )  # [A, D]
     return unsort_and_combine(y_sorted, order, weights), jnp.zeros((), jnp.int32)
 
 
-def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh,
-                        capacity_factor: float | None = None,
-                        exchange: Exchange | str = Exchange.AUTO,
-                        gmm_impl: GmmImpl | str = GmmImpl.AUTO):
+def moe_expert_parallel(
+    x,
+    routing: Routing,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    mesh: Mesh,
+    capacity_factor: float | None = None,
+    exchange: Exchange | str = Exchange.AUTO,
+    gmm_impl: GmmImpl | str = GmmImpl.AUTO,
+):
     """Expert-parallel MoE. x: [M, D]; w_gate, w_up: [E, D, F]; w_down: [E, F, D].
 
     capacity_factor None = no drop; else (capacity exchange only) capacity per source device and
@@ -169,16 +194,24 @@ def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, mesh: Mesh
         capacity = m * topk
         if capacity_factor is not None:
             capacity = max(1, math.ceil(capacity_factor * m * topk / num_experts))
-        fn = partial(_local_capacity, num_experts=num_experts, capacity=capacity,
-                     token_axes=token_axes)
+        fn = partial(
+            _local_capacity, num_experts=num_experts, capacity=capacity, token_axes=token_axes
+        )
         args, in_specs = (x, experts, weights, real), (tok, tok, tok, tok)
     else:
-        collective = (jax.lax.ragged_all_to_all if exchange == Exchange.RAGGED
-                      else emulated_ragged_all_to_all)
-        fn = partial(_local_ragged, num_experts=num_experts, x_shards=x_size,
-                     collective=collective, gmm_impl=gmm_impl)
+        collective = (
+            jax.lax.ragged_all_to_all if exchange == Exchange.RAGGED else emulated_ragged_all_to_all
+        )
+        fn = partial(
+            _local_ragged,
+            num_experts=num_experts,
+            x_shards=x_size,
+            collective=collective,
+            gmm_impl=gmm_impl,
+        )
         args, in_specs = (x, experts, weights), (tok, tok, tok)
-    run = jax.shard_map(fn, mesh=mesh, in_specs=(*in_specs, ex, ex, ex), out_specs=(tok, P()),
-                        check_vma=False)
+    run = jax.shard_map(
+        fn, mesh=mesh, in_specs=(*in_specs, ex, ex, ex), out_specs=(tok, P()), check_vma=False
+    )
     out, dropped = run(*args, w_gate, w_up, w_down)
     return out[:num_tokens], dropped

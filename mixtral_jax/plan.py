@@ -35,10 +35,13 @@ class Plan:
 
     def lines(self) -> list[str]:
         gib = lambda n: f"{n / 2**30:10.3f} GiB"
-        return [f"params      {gib(self.params)}", f"optimizer   {gib(self.optimizer)}",
-                f"activations {gib(self.compiled_temp)}  (XLA temp)",
-                f"arguments   {gib(self.compiled_arguments)}  (XLA)",
-                f"total       {gib(self.compiled_arguments + self.compiled_temp)}"]
+        return [
+            f"params      {gib(self.params)}",
+            f"optimizer   {gib(self.optimizer)}",
+            f"activations {gib(self.compiled_temp)}  (XLA temp)",
+            f"arguments   {gib(self.compiled_arguments)}  (XLA)",
+            f"total       {gib(self.compiled_arguments + self.compiled_temp)}",
+        ]
 
 
 def per_device_bytes(shapes: dict, shardings: dict, itemsize: int | None = None) -> int:
@@ -50,8 +53,9 @@ def per_device_bytes(shapes: dict, shardings: dict, itemsize: int | None = None)
     return total
 
 
-def plan(cfg: config_lib.ModelConfig, mesh_cfg: sh.MeshConfig, batch: int, seq: int,
-         devices=None) -> Plan:
+def plan(
+    cfg: config_lib.ModelConfig, mesh_cfg: sh.MeshConfig, batch: int, seq: int, devices=None
+) -> Plan:
     """Compiles (does not run) a training step on the mesh and reads its memory analysis."""
     mesh = sh.make_mesh(mesh_cfg, devices)
     shapes = model_lib.param_shapes(cfg)
@@ -64,27 +68,40 @@ def plan(cfg: config_lib.ModelConfig, mesh_cfg: sh.MeshConfig, batch: int, seq: 
             out = model_lib.from_params(cfg, p)(tokens)
             logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
             return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
         grads = jax.grad(loss)(params)
         m = jax.tree_util.tree_map(lambda a, g: 0.9 * a + 0.1 * g, m, grads)
         v = jax.tree_util.tree_map(lambda a, g: 0.999 * a + 0.001 * g * g, v, grads)
         params = jax.tree_util.tree_map(
-            lambda p, a, b: (p - 1e-4 * a / (jnp.sqrt(b) + 1e-8)).astype(p.dtype), params, m, v)
+            lambda p, a, b: (p - 1e-4 * a / (jnp.sqrt(b) + 1e-8)).astype(p.dtype), params, m, v
+        )
         return params, m, v
 
     with sh.active(mesh):
-        compiled = jax.jit(step, in_shardings=(pshard, pshard, pshard, sh.batch_sharding(mesh)),
-                           out_shardings=(pshard, pshard, pshard),
-                           donate_argnums=(0, 1, 2)).lower(shapes, moments, moments, tokens).compile()
+        compiled = (
+            jax.jit(
+                step,
+                in_shardings=(pshard, pshard, pshard, sh.batch_sharding(mesh)),
+                out_shardings=(pshard, pshard, pshard),
+                donate_argnums=(0, 1, 2),
+            )
+            .lower(shapes, moments, moments, tokens)
+            .compile()
+        )
     mem = compiled.memory_analysis()
-    return Plan(params=per_device_bytes(shapes, pshard),
-                optimizer=2 * per_device_bytes(moments, pshard),
-                compiled_arguments=int(mem.argument_size_in_bytes),
-                compiled_outputs=int(mem.output_size_in_bytes),
-                compiled_temp=int(mem.temp_size_in_bytes))
+    return Plan(
+        params=per_device_bytes(shapes, pshard),
+        optimizer=2 * per_device_bytes(moments, pshard),
+        compiled_arguments=int(mem.argument_size_in_bytes),
+        compiled_outputs=int(mem.output_size_in_bytes),
+        compiled_temp=int(mem.temp_size_in_bytes),
+    )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mixtral_jax.plan", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m mixtral_jax.plan", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--preset", default="tiny", choices=sorted(config_lib.PRESETS))
     ap.add_argument("--mesh", default="data=-1")
     ap.add_argument("--batch", type=int, default=8)
@@ -93,8 +110,9 @@ def main(argv=None) -> int:
     try:
         if args.batch < 1 or args.seq < 2:
             raise ValueError(f"--batch {args.batch} / --seq {args.seq}: need batch >= 1, seq >= 2")
-        result = plan(config_lib.preset(args.preset), sh.MeshConfig.parse(args.mesh),
-                      args.batch, args.seq)
+        result = plan(
+            config_lib.preset(args.preset), sh.MeshConfig.parse(args.mesh), args.batch, args.seq
+        )
     except (ValueError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

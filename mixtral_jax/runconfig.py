@@ -73,12 +73,25 @@ class TrainConfig:
     peak_tflops: float = 0.0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps",
-                     "eval_every", "eval_batches", "log_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "max_bad_steps",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+        ):
             value = getattr(self, name)
             _check("train", name, value, isinstance(value, int) and value >= 1, "must be >= 1")
-        _check("train", "batch_size", self.batch_size, self.batch_size % self.grad_accum == 0,
-               f"must be divisible by grad_accum={self.grad_accum}")
+        _check(
+            "train",
+            "batch_size",
+            self.batch_size,
+            self.batch_size % self.grad_accum == 0,
+            f"must be divisible by grad_accum={self.grad_accum}",
+        )
         _check("train", "warmup_steps", self.warmup_steps, 0 <= self.warmup_steps, "must be >= 0")
         for name in ("lr", "clip_norm", "b2", "eps"):
             value = getattr(self, name)
@@ -86,20 +99,25 @@ class TrainConfig:
         for name in ("weight_decay", "aux_loss_coef", "router_z_loss_coef", "peak_tflops"):
             value = getattr(self, name)
             _check("train", name, value, value >= 0, "must be >= 0")
-        _check("train", "min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1,
-               "must be in [0, 1]")
+        _check(
+            "train",
+            "min_lr_ratio",
+            self.min_lr_ratio,
+            0 <= self.min_lr_ratio <= 1,
+            "must be in [0, 1]",
+        )
         _check("train", "b1", self.b1, 0 <= self.b1 < 1, "must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Attributes:
-      source: `builtin:pydoc`, a .txt / .jsonl / .npy file, or a directory of them.
-      tokenizer: `auto` (the starting checkpoint's tokenizer if `checkpoint.init_from` has one;
-        Mistral's official tokenizer for a 32000- or 32768-token model; else `train`), `train`
-        (train a BPE tokenizer on the training documents), `mistral`, or a sentencepiece file.
-      vocab_size: vocabulary of a trained tokenizer (the model's vocab_size follows it).
-      eval_fraction: share of documents held out for eval loss and perplexity.
+    source: `builtin:pydoc`, a .txt / .jsonl / .npy file, or a directory of them.
+    tokenizer: `auto` (the starting checkpoint's tokenizer if `checkpoint.init_from` has one;
+      Mistral's official tokenizer for a 32000- or 32768-token model; else `train`), `train`
+      (train a BPE tokenizer on the training documents), `mistral`, or a sentencepiece file.
+    vocab_size: vocabulary of a trained tokenizer (the model's vocab_size follows it).
+    eval_fraction: share of documents held out for eval loss and perplexity.
     """
 
     source: str = "builtin:pydoc"
@@ -109,21 +127,26 @@ class DataConfig:
 
     def __post_init__(self):
         _check("data", "vocab_size", self.vocab_size, self.vocab_size >= 16, "must be >= 16")
-        _check("data", "eval_fraction", self.eval_fraction, 0 <= self.eval_fraction < 1,
-               "must be in [0, 1)")
+        _check(
+            "data",
+            "eval_fraction",
+            self.eval_fraction,
+            0 <= self.eval_fraction < 1,
+            "must be in [0, 1)",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     """Attributes:
-      dir: run directory (checkpoints, logs, tokenizer, final model).
-      save_every: steps between checkpoints (the last step is always saved).
-      keep: checkpoints kept (older ones are deleted).
-      async_save: write checkpoints in the background while training continues.
-      init_from: a model checkpoint (converted, upcycled, trained) whose weights start a new run;
-        its config.json fixes the model's sizes, the [model] table may still set dtype, param_dtype,
-        remat, moe_impl, capacity_factor, router_jitter_noise, attention_impl and gmm_impl.
-        Ignored when resuming.
+    dir: run directory (checkpoints, logs, tokenizer, final model).
+    save_every: steps between checkpoints (the last step is always saved).
+    keep: checkpoints kept (older ones are deleted).
+    async_save: write checkpoints in the background while training continues.
+    init_from: a model checkpoint (converted, upcycled, trained) whose weights start a new run;
+      its config.json fixes the model's sizes, the [model] table may still set dtype, param_dtype,
+      remat, moe_impl, capacity_factor, router_jitter_noise, attention_impl and gmm_impl.
+      Ignored when resuming.
     """
 
     dir: str = "runs/tiny"
@@ -177,7 +200,7 @@ def load_run_config(path: str | None, overrides: list[str] = (), cls: type = Run
 
 def apply_override(data: dict, item: str) -> None:
     """Sets `a.b.c=value` in the nested dict; the value is parsed as TOML, else kept as a string."""
-    item = item[2:] if item.startswith("--") else item
+    item = item.removeprefix("--")
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value (e.g. model.num_layers=4)")
     key, raw = item.split("=", 1)
@@ -206,8 +229,9 @@ def build(cls: type, data: dict[str, Any], where: str = ""):
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key {where + unknown[0]!r} "
-                          f"(known: {', '.join(sorted(fields))})")
+        raise ConfigError(
+            f"unknown config key {where + unknown[0]!r} (known: {', '.join(sorted(fields))})"
+        )
     kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
     return cls(**kwargs)
 
@@ -245,10 +269,14 @@ def compute_overrides(overrides: list[str], where: str = "model.") -> dict[str, 
     hints = typing.get_type_hints(ComputeConfig)
     for key in table:
         if key not in COMPUTE_FIELDS:
-            rule = ("is architecture, fixed by the checkpoint's config.json"
-                    if key in typing.get_type_hints(ModelConfig) else "is no setting")
-            raise ConfigError(f"{where}{key} {rule}; compute settings: "
-                              f"{', '.join(sorted(COMPUTE_FIELDS))}")
+            rule = (
+                "is architecture, fixed by the checkpoint's config.json"
+                if key in typing.get_type_hints(ModelConfig)
+                else "is no setting"
+            )
+            raise ConfigError(
+                f"{where}{key} {rule}; compute settings: {', '.join(sorted(COMPUTE_FIELDS))}"
+            )
     changes = {k: _coerce(hints[k], v, where + k) for k, v in table.items()}
     ComputeConfig(**changes)  # validates the values now, before any weights are read
     return changes
@@ -294,6 +322,7 @@ def _coerce(hint: Any, value: Any, where: str):
 
 def to_dict(config) -> dict[str, Any]:
     """A dataclass tree as plain TOML/JSON-ready values (enums as their strings)."""
+
     def plain(v):
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -302,4 +331,5 @@ def to_dict(config) -> dict[str, Any]:
         if isinstance(v, tuple):
             return [plain(x) for x in v]
         return v
+
     return plain(config)

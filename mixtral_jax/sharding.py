@@ -81,24 +81,30 @@ class MeshConfig:
                 raise ConfigError(f"mesh.{axis}={value!r}: must be >= 1 or -1")
         free = [a for a in AXES if getattr(self, a) == -1]
         if len(free) > 1:
-            raise ConfigError(f"mesh.{free[-1]}=-1: only one mesh axis may be -1 "
-                              f"({' and '.join(free)} are; at most one may be)")
+            raise ConfigError(
+                f"mesh.{free[-1]}=-1: only one mesh axis may be -1 "
+                f"({' and '.join(free)} are; at most one may be)"
+            )
 
     @classmethod
-    def parse(cls, text: str) -> "MeshConfig":
+    def parse(cls, text: str) -> MeshConfig:
         """Parses "data=2,expert=4" (missing axes are 1). Raises ValueError naming the bad item."""
         sizes = {}
         for item in filter(None, (s.strip() for s in text.split(","))):
             name, sep, value = item.partition("=")
             name = name.strip()
             if not sep or name not in AXES:
-                raise ValueError(f"mesh item {item!r}: expected one of {', '.join(AXES)} as name=size")
+                raise ValueError(
+                    f"mesh item {item!r}: expected one of {', '.join(AXES)} as name=size"
+                )
             if name in sizes:
                 raise ValueError(f"mesh axis {name!r} given twice")
             try:
                 sizes[name] = int(value)
             except ValueError:
-                raise ValueError(f"mesh axis {name}={value.strip()!r}: size must be an integer") from None
+                raise ValueError(
+                    f"mesh axis {name}={value.strip()!r}: size must be an integer"
+                ) from None
         return cls(**sizes)
 
     def resolve(self, num_devices: int) -> dict[str, int]:
@@ -108,8 +114,10 @@ class MeshConfig:
         fixed = math.prod(v for v in sizes.values() if v != -1)
         if free:
             if num_devices % fixed:
-                raise ValueError(f"mesh {self}: fixed axes use {fixed} devices, "
-                                 f"which does not divide the {num_devices} devices")
+                raise ValueError(
+                    f"mesh {self}: fixed axes use {fixed} devices, "
+                    f"which does not divide the {num_devices} devices"
+                )
             sizes[free[0]] = num_devices // fixed
         elif fixed != num_devices:
             raise ValueError(f"mesh {self} uses {fixed} devices, but {num_devices} are present")
@@ -140,7 +148,11 @@ def logical_spec(mesh: Mesh, shape: tuple[int, ...], names: tuple[str, ...]) -> 
         axes = []
         for axis in LOGICAL_RULES[name]:
             n = mesh.shape[axis]
-            if n > 1 and axis not in used and size % (math.prod(mesh.shape[a] for a in axes) * n) == 0:
+            if (
+                n > 1
+                and axis not in used
+                and size % (math.prod(mesh.shape[a] for a in axes) * n) == 0
+            ):
                 axes.append(axis)
                 used.add(axis)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
@@ -202,7 +214,8 @@ def shard(x: jax.Array, mesh: Mesh | None, *logical_names: str) -> jax.Array:
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, logical_spec(mesh, x.shape, logical_names)))
+        x, NamedSharding(mesh, logical_spec(mesh, x.shape, logical_names))
+    )
 
 
 def batch_sharding(mesh: Mesh, rank: int = 2, leading: int = 0) -> NamedSharding:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import sentencepiece as spm
 
@@ -24,15 +24,18 @@ def default_tokenizer_path(vocab_size: int = 32000) -> str:
     """Mistral's official tokenizer file for a vocabulary size (32000: v1, 32768: v3), as shipped
     by the `mistral-common` package."""
     if vocab_size not in MISTRAL_FILES:
-        raise ConfigError(f"no official Mistral tokenizer has {vocab_size} tokens "
-                          f"(known: {', '.join(map(str, MISTRAL_FILES))})")
+        raise ConfigError(
+            f"no official Mistral tokenizer has {vocab_size} tokens "
+            f"(known: {', '.join(map(str, MISTRAL_FILES))})"
+        )
     try:
         import mistral_common
     except ImportError:
-        raise ConfigError("the default Mistral tokenizer needs `pip install mistral-common`; "
-                          "or pass a tokenizer file") from None
-    path = os.path.join(os.path.dirname(mistral_common.__file__), "data",
-                        MISTRAL_FILES[vocab_size])
+        raise ConfigError(
+            "the default Mistral tokenizer needs `pip install mistral-common`; "
+            "or pass a tokenizer file"
+        ) from None
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", MISTRAL_FILES[vocab_size])
     if not os.path.isfile(path):
         raise ConfigError(f"mistral-common has no {MISTRAL_FILES[vocab_size]} at {path}")
     return path
@@ -46,7 +49,7 @@ class Tokenizer:
         self.path = path
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
+    def load(cls, path: str) -> Tokenizer:
         if not os.path.isfile(path):
             raise ConfigError(f"tokenizer file {path} does not exist")
         processor = spm.SentencePieceProcessor()
@@ -95,10 +98,21 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int) -> Tokeniz
         raise ConfigError(f"tokenizer vocab_size={vocab_size} must be >= 16")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(t for t in texts if t.strip()), model_writer=model,
-        vocab_size=vocab_size, model_type="bpe", character_coverage=1.0, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        max_sentence_length=1 << 20, hard_vocab_limit=False, num_threads=2)
+        sentence_iterator=iter(t for t in texts if t.strip()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        max_sentence_length=1 << 20,
+        hard_vocab_limit=False,
+        num_threads=2,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(model.getvalue())
@@ -115,8 +129,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mixtral_jax.tokenizer")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-tokenizer", help="train a BPE sentencepiece model on text")
-    t.add_argument("--data", default=data.BUILTIN_PYDOC,
-                   help="builtin:pydoc, a .txt/.jsonl file or a directory of them")
+    t.add_argument(
+        "--data",
+        default=data.BUILTIN_PYDOC,
+        help="builtin:pydoc, a .txt/.jsonl file or a directory of them",
+    )
     t.add_argument("--vocab-size", type=int, default=512)
     t.add_argument("--out", required=True, help="where to write the .model file")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -126,8 +143,9 @@ def main(argv=None) -> int:
         docs = [d for d in data.read_documents(args.data) if isinstance(d, str)]
         if not docs:
             raise ConfigError(f"{args.data} holds no text to train a tokenizer on")
-        tokenizer = train_tokenizer([p for d in docs for p in d.split("\n\n")], args.out,
-                                    args.vocab_size)
+        tokenizer = train_tokenizer(
+            [p for d in docs for p in d.split("\n\n")], args.out, args.vocab_size
+        )
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -55,10 +55,11 @@ class TrainCheckpointer:
         os.makedirs(self.manifest_dir, exist_ok=True)
         self._remove_interrupted_saves()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        )
         self.manager = ocp.CheckpointManager(
-            os.path.join(self.run_dir, CHECKPOINTS), options=options,
-            item_names=("state", "meta"))
+            os.path.join(self.run_dir, CHECKPOINTS), options=options, item_names=("state", "meta")
+        )
 
     def steps(self) -> list[int]:
         """Finished checkpoints (an interrupted save is never listed)."""
@@ -75,9 +76,14 @@ class TrainCheckpointer:
         if distributed.is_main():  # one writer; every process computed the same sums
             atomic_write_text(path, json.dumps(manifest))
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-        except Exception as e:  # noqa: BLE001 - surfaced as one clear error
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:
             raise RuntimeError(f"checkpoint save failed at step {step}: {e}") from e
         self._drop_stale_manifests()
 
@@ -85,7 +91,7 @@ class TrainCheckpointer:
         """Blocks until pending saves are written; raises if one failed."""
         try:
             self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise RuntimeError(f"checkpoint save failed: {e}") from e
         self._drop_stale_manifests()
 
@@ -93,22 +99,32 @@ class TrainCheckpointer:
         """(state, meta) of `step`, after checking every array against the manifest."""
         path = os.path.join(self.manifest_dir, f"{step}.json")
         if not os.path.isfile(path):
-            raise ConfigError(f"checkpoint step {step} in {self.run_dir} has no manifest: "
-                              "refusing to use it unverified")
+            raise ConfigError(
+                f"checkpoint step {step} in {self.run_dir} has no manifest: "
+                "refusing to use it unverified"
+            )
         expected = read_json(path, "checkpoint manifest")["arrays"]
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"checkpoint step {step} in {self.run_dir} is corrupted: "
-                              f"{str(e).splitlines()[0][:200]}") from None
+            raise ConfigError(
+                f"checkpoint step {step} in {self.run_dir} is corrupted: "
+                f"{str(e).splitlines()[0][:200]}"
+            ) from None
         got = checksums(restored["state"])
         bad = sorted(k for k in expected if got.get(k) != expected[k])
         if bad or set(got) != set(expected):
             name = bad[0] if bad else sorted(set(got) ^ set(expected))[0]
-            raise ConfigError(f"checkpoint step {step} in {self.run_dir} is corrupted: array "
-                              f"{name} does not match its checksum ({len(bad)} of "
-                              f"{len(expected)} arrays differ)")
+            raise ConfigError(
+                f"checkpoint step {step} in {self.run_dir} is corrupted: array "
+                f"{name} does not match its checksum ({len(bad)} of "
+                f"{len(expected)} arrays differ)"
+            )
         return restored["state"], restored["meta"]
 
     def close(self) -> None:

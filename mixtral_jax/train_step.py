@@ -12,7 +12,8 @@ expert-parallel MoE).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,40 +50,57 @@ def _global_norm(tree):
 
 def decay_mask(params: dict, decay_norms_and_embeddings: bool) -> dict:
     """True for leaves that get weight decay: matrices, but not norm scales or the embedding."""
+
     def wants_decay(path, leaf):
         names = [getattr(k, "key", str(k)) for k in path]
         if decay_norms_and_embeddings:
             return True
         return not (names[-1] == "scale" or names[:1] == ["embed"])
+
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0, then cosine decay to min_lr_ratio * lr at the last step."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
-        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+        init_value=0.0,
+        peak_value=tc.lr,
+        warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1),
+        end_value=tc.lr * tc.min_lr_ratio,
+    )
 
 
 def make_optimizer(tc: TrainConfig, params: dict) -> optax.GradientTransformation:
     mask = decay_mask(params, tc.decay_norms_and_embeddings)
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),
-        optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                    weight_decay=tc.weight_decay, mask=mask),
+        optax.adamw(
+            learning_rate_schedule(tc),
+            b1=tc.b1,
+            b2=tc.b2,
+            eps=tc.eps,
+            weight_decay=tc.weight_decay,
+            mask=mask,
+        ),
     )
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed + 1)),
-                      bad_steps=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed + 1)),
+        bad_steps=jnp.zeros((), jnp.int32),
+    )
 
 
 def _forward(graphdef, params, mb, rng):
     model = nnx.merge(graphdef, params)
-    return model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
-                 noise_rng=rng)
+    return model(
+        mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"], noise_rng=rng
+    )
 
 
 def _routing_entropy(router_logits, token_mask):
@@ -98,22 +116,30 @@ def state_shardings(params, tx: optax.GradientTransformation, mesh) -> TrainStat
     shapes = jax.eval_shape(lambda p: init_state(p, tx, 0), params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt = optax.tree_map_params(tx, lambda _, where: where, shapes.opt_state, param_shardings,
-                                transform_non_params=lambda _: replicated,
-                                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated,
-                      bad_steps=replicated)
+    opt = optax.tree_map_params(
+        tx,
+        lambda _, where: where,
+        shapes.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    return TrainState(
+        step=replicated, params=param_shardings, opt_state=opt, rng=replicated, bad_steps=replicated
+    )
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig, *,
-                    mesh, shardings: TrainState) -> Callable:
+def make_train_step(
+    graphdef, tx: optax.GradientTransformation, tc: TrainConfig, *, mesh, shardings: TrainState
+) -> Callable:
     """The compiled step: state, batch with a leading [A] micro-batch axis -> state, metrics.
 
     Compiled for `mesh` (a 1x1x1x1 mesh on one device) with `shardings` (see `state_shardings`)
     as the state's in and out shardings; batch [A, B/A, T] rows split over the data-holding axes.
     """
-    total_loss = functools.partial(losses.total_loss, aux_loss_coef=tc.aux_loss_coef,
-                                   router_z_loss_coef=tc.router_z_loss_coef)
+    total_loss = functools.partial(
+        losses.total_loss, aux_loss_coef=tc.aux_loss_coef, router_z_loss_coef=tc.router_z_loss_coef
+    )
 
     def micro_loss(params, mb, rng, total_count):
         out = _forward(graphdef, params, mb, rng)
@@ -125,7 +151,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
         loss = nll / total_count + router / tc.grad_accum
         real = (mb["segment_ids"] > 0).astype(jnp.float32)
         stats = {
-            "nll": nll, "count": count, "load_balance_loss": aux.load_balance_loss,
+            "nll": nll,
+            "count": count,
+            "load_balance_loss": aux.load_balance_loss,
             "router_z_loss": aux.router_z_loss,
             "tokens_per_expert": aux.layers.tokens_per_expert,  # [L, E]
             "dropped_fraction": aux.layers.dropped_fraction,  # [L]
@@ -159,12 +187,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(
-            step=state.step + 1, params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state), rng=jax.random.key_data(rngs[0]),
-            bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            rng=jax.random.key_data(rngs[0]),
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        )
         metrics = {
-            "loss": loss, "ce": ce, "load_balance_loss": lb, "router_z_loss": z,
-            "grad_norm": grad_norm, "finite": finite, "tokens": total_count,
+            "loss": loss,
+            "ce": ce,
+            "load_balance_loss": lb,
+            "router_z_loss": z,
+            "grad_norm": grad_norm,
+            "finite": finite,
+            "tokens": total_count,
             "lr": learning_rate_schedule(tc)(state.step),
             "tokens_per_expert": jnp.sum(stats["tokens_per_expert"], axis=0),
             "dropped_fraction": jnp.mean(stats["dropped_fraction"], axis=0),
@@ -173,8 +209,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
         return new_state, metrics
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1)),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+    return jax.jit(
+        step,
+        in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1)),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
 
 
 def make_eval_step(graphdef, *, mesh, param_shardings) -> Callable:
@@ -187,14 +227,19 @@ def make_eval_step(graphdef, *, mesh, param_shardings) -> Callable:
         return losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(evaluate, in_shardings=(param_shardings, sharding.batch_sharding(mesh, 2)),
-                   out_shardings=replicated)
+    return jax.jit(
+        evaluate,
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh, 2)),
+        out_shardings=replicated,
+    )
 
 
 def split_micro_batches(batch: dict, grad_accum: int) -> dict:
     """[B, T] arrays -> [A, B/A, T] micro-batches."""
+
     def split(x):
         if x.shape[0] % grad_accum:
             raise ValueError(f"batch_size={x.shape[0]} is not divisible by grad_accum={grad_accum}")
         return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+
     return {k: split(v) for k, v in batch.items()}

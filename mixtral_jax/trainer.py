@@ -63,8 +63,10 @@ def tokenizer_choice(cfg: RunConfig, model_cfg) -> str:
             return beside_start
         choice = "mistral" if model_cfg.vocab_size in (32000, 32768) else "train"
     if choice == "train" and cfg.checkpoint.init_from:
-        raise ConfigError("data.tokenizer='train' cannot go with checkpoint.init_from: the "
-                          "starting weights need their own tokenizer (give its file)")
+        raise ConfigError(
+            "data.tokenizer='train' cannot go with checkpoint.init_from: the "
+            "starting weights need their own tokenizer (give its file)"
+        )
     if choice == "mistral":
         return default_tokenizer_path(model_cfg.vocab_size)
     return choice
@@ -102,8 +104,10 @@ def model_config_for(model_cfg, tokenizer: Tokenizer, trained_here: bool):
     if trained_here:
         model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, more than "
-                          f"model.vocab_size={model_cfg.vocab_size}")
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, more than "
+            f"model.vocab_size={model_cfg.vocab_size}"
+        )
     return model_cfg
 
 
@@ -141,8 +145,9 @@ def _prepare_data(cfg: RunConfig):
     tokenizer, trained_here = prepare_tokenizer(cfg, model_cfg, train_docs)
     model_cfg = model_config_for(model_cfg, tokenizer, trained_here)
     if tc.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len="
-                          f"{model_cfg.max_seq_len}")
+        raise ConfigError(
+            f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
+        )
     train_rows = data.pack(data.tokenize_documents(train_docs, tokenizer), tc.seq_len, cfg.seed)
     batches = data.BatchIterator(train_rows, tc.batch_size, cfg.seed)
     held_out = []
@@ -160,14 +165,18 @@ def make_run_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
     if -1 not in (m.data, m.fsdp, m.expert, m.tensor):
         wanted = math.prod((m.data, m.fsdp, m.expert, m.tensor))
         if wanted > len(devices):
-            raise ConfigError(f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x "
-                              f"expert x tensor) needs {wanted} devices, {len(devices)} present")
+            raise ConfigError(
+                f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x "
+                f"expert x tensor) needs {wanted} devices, {len(devices)} present"
+            )
         devices = devices[:wanted]
     processes = {d.process_index for d in devices}
     if len(processes) < jax.process_count():
-        raise ConfigError(f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x expert x "
-                          f"tensor) spans {len(processes)} of the run's {jax.process_count()} "
-                          "processes: give it every device (e.g. mesh.data=-1)")
+        raise ConfigError(
+            f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x expert x "
+            f"tensor) spans {len(processes)} of the run's {jax.process_count()} "
+            "processes: give it every device (e.g. mesh.data=-1)"
+        )
     try:
         return sharding.make_mesh(m, devices)
     except ValueError as e:
@@ -179,12 +188,16 @@ def _check_mesh_fits(cfg: RunConfig, model_cfg, mesh) -> None:
     parts = int(np.prod([mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"]]))
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % parts:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / grad_accum="
-                          f"{cfg.train.grad_accum} = {micro} rows per micro-batch cannot be split "
-                          f"over the mesh's {parts} data-holding devices (data x fsdp x expert)")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / grad_accum="
+            f"{cfg.train.grad_accum} = {micro} rows per micro-batch cannot be split "
+            f"over the mesh's {parts} data-holding devices (data x fsdp x expert)"
+        )
     if model_cfg.num_experts % mesh.shape["expert"]:
-        raise ConfigError(f"mesh.expert={mesh.shape['expert']} does not divide "
-                          f"num_experts={model_cfg.num_experts}")
+        raise ConfigError(
+            f"mesh.expert={mesh.shape['expert']} does not divide "
+            f"num_experts={model_cfg.num_experts}"
+        )
 
 
 def _on_mesh(batch: dict, mesh, leading: int, global_rows: int | None = None) -> dict:
@@ -199,7 +212,7 @@ def _on_mesh(batch: dict, mesh, leading: int, global_rows: int | None = None) ->
             shape = v.shape
             v = np.take(v, distributed.process_rows(where, shape, leading), axis=leading)
         else:
-            shape = (*v.shape[:leading], global_rows, *v.shape[leading + 1:])
+            shape = (*v.shape[:leading], global_rows, *v.shape[leading + 1 :])
         out[k] = distributed.global_batch(v, where, shape)
     return out
 
@@ -228,21 +241,24 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     shapes = jax.eval_shape(lambda: init_params(model_cfg, mesh, cfg.seed))  # nothing drawn
     shapes = _placed(shapes, sharding.param_shardings(shapes, mesh))
     tx = make_optimizer(cfg.train, shapes)
-    ckpt = TrainCheckpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
-                             async_save=cfg.checkpoint.async_save)
+    ckpt = TrainCheckpointer(
+        cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
     if ckpt.steps():
         step = ckpt.steps()[-1]
         # restored straight into the shardings a fresh state would have
         abstract_state = _placed(
             jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), shapes),
-            dataclasses.asdict(state_shardings(shapes, tx, mesh)))
+            dataclasses.asdict(state_shardings(shapes, tx, mesh)),
+        )
         restored, meta = ckpt.restore(step, abstract_state)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
         return graphdef, tx, TrainState(**restored), ckpt
     if cfg.checkpoint.init_from:
-        _, params = checkpoint.load_model(cfg.checkpoint.init_from,
-                                          param_dtype=model_cfg.compute.param_dtype)
+        _, params = checkpoint.load_model(
+            cfg.checkpoint.init_from, param_dtype=model_cfg.compute.param_dtype
+        )
         params = sharding.shard_params(params, mesh)
         print(f"starting from the weights of {cfg.checkpoint.init_from}")
     else:
@@ -252,27 +268,32 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
 
 def _placed(shapes, shardings):
     """`shapes` (a tree of ShapeDtypeStructs) carrying the matching tree of `shardings`."""
-    return jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
-                        shapes, shardings)
+    return jax.tree.map(
+        lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes, shardings
+    )
 
 
 def _fresh_state(params, tx, seed: int, mesh) -> TrainState:
     """init_state, created in its `state_shardings` on `mesh`."""
-    return jax.jit(lambda p: init_state(p, tx, seed),
-                   out_shardings=state_shardings(params, tx, mesh))(params)
+    return jax.jit(
+        lambda p: init_state(p, tx, seed), out_shardings=state_shardings(params, tx, mesh)
+    )(params)
 
 
 class _Logger:
     """Turns step metrics into tokens/s and MFU, and writes them to the bar, JSONL and TensorBoard."""
 
     def __init__(self, cfg: RunConfig, model_cfg, start_step: int, show_progress: bool):
-        self.writer = metrics.MetricsWriter(cfg.checkpoint.dir,
-                                            enabled=jax.process_index() == 0)
+        self.writer = metrics.MetricsWriter(cfg.checkpoint.dir, enabled=jax.process_index() == 0)
         self.peak = cfg.train.peak_tflops or metrics.device_peak_tflops()
         self.flops = metrics.flops_per_token(model_cfg, cfg.train.seq_len)
-        self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step",
-                        disable=not (show_progress and distributed.is_main()),
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=cfg.train.steps,
+            initial=start_step,
+            unit="step",
+            disable=not (show_progress and distributed.is_main()),
+            dynamic_ncols=True,
+        )
         self.last_time, self.tokens = time.perf_counter(), 0.0
 
     def step(self, step: int, m: dict) -> dict:
@@ -280,15 +301,23 @@ class _Logger:
         now = time.perf_counter()
         tok_s = self.tokens / max(now - self.last_time, 1e-9)
         self.last_time, self.tokens = now, 0.0
-        scalars = {k: float(m[k]) for k in ("loss", "ce", "load_balance_loss", "router_z_loss",
-                                            "grad_norm", "lr")}
+        scalars = {
+            k: float(m[k])
+            for k in ("loss", "ce", "load_balance_loss", "router_z_loss", "grad_norm", "lr")
+        }
         scalars["tokens_per_s"] = tok_s
         if self.peak:
             scalars["mfu"] = tok_s * self.flops / (self.peak * 1e12 * jax.device_count())
-        self.writer.write(step, scalars, {k: m[k] for k in (
-            "tokens_per_expert", "routing_entropy", "dropped_fraction")})
-        self.bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                             mfu=f"{scalars['mfu']:.1%}" if self.peak else "n/a")
+        self.writer.write(
+            step,
+            scalars,
+            {k: m[k] for k in ("tokens_per_expert", "routing_entropy", "dropped_fraction")},
+        )
+        self.bar.set_postfix(
+            loss=f"{scalars['loss']:.3f}",
+            tok_s=f"{tok_s:,.0f}",
+            mfu=f"{scalars['mfu']:.1%}" if self.peak else "n/a",
+        )
         return scalars
 
     def close(self):
@@ -319,9 +348,11 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
             step = int(state.step)
             log.tokens += float(m["tokens"])
             if int(state.bad_steps) >= tc.max_bad_steps:
-                raise NumericsHalt(f"{int(state.bad_steps)} consecutive non-finite steps at step "
-                                   f"{step} (train.max_bad_steps={tc.max_bad_steps}): halted, "
-                                   "nothing saved")
+                raise NumericsHalt(
+                    f"{int(state.bad_steps)} consecutive non-finite steps at step "
+                    f"{step} (train.max_bad_steps={tc.max_bad_steps}): halted, "
+                    "nothing saved"
+                )
             if step % tc.log_every == 0 or step == tc.steps:
                 final.update(log.step(step, m))
             if held_out and (step % tc.eval_every == 0 or step == tc.steps):
@@ -329,8 +360,9 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
                 log.writer.write(step, {k: final[k] for k in ("eval_loss", "eval_perplexity")})
             log.bar.update(step - log.bar.n)
             if step % cfg.checkpoint.save_every == 0 or step == tc.steps or stop.signal:
-                ckpt.save(step, dataclasses.asdict(state),
-                          {"data": batches.state, "config": to_dict(cfg)})
+                ckpt.save(
+                    step, dataclasses.asdict(state), {"data": batches.state, "config": to_dict(cfg)}
+                )
             if stop.signal:
                 print(f"\n{stop.signal}: saved step {step}, exiting")
                 break
@@ -344,8 +376,9 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     if int(state.step) >= tc.steps:
         write_model(cfg.checkpoint.dir, state.params, model_cfg)
     final["step"] = int(state.step)
-    final["unigram_entropy"] = losses.unigram_entropy(train_rows.tokens[:, 1:],
-                                                       train_rows.segments[:, 1:] > 0)
+    final["unigram_entropy"] = losses.unigram_entropy(
+        train_rows.tokens[:, 1:], train_rows.segments[:, 1:] > 0
+    )
     return final
 
 
@@ -364,9 +397,13 @@ def write_model(run_dir: str, params, model_cfg) -> str:
     target = os.path.join(run_dir, MODEL_DIR)
     host = jax.tree.map(distributed.host_array, params)  # every process takes part
     if distributed.is_main():  # one writer
-        checkpoint.save_model(target, host, model_cfg, os.path.join(run_dir, TOKENIZER_FILE),
-                              this_process_only=True, overwrite=True)
+        checkpoint.save_model(
+            target,
+            host,
+            model_cfg,
+            os.path.join(run_dir, TOKENIZER_FILE),
+            this_process_only=True,
+            overwrite=True,
+        )
     distributed.barrier("final model")
     return target
-
-

@@ -13,7 +13,8 @@ table of `hf_weights` does the layout work; only the MoE keys are translated her
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -21,24 +22,37 @@ from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.hf_config import from_hf_dict
 from mixtral_jax.hf_weights import params_from_hf
 
-_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_EXPERT_KEY = re.compile(
+    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"
+)
 _ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
 _DENSE_NAME = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def upcycled_config(dense_hf_config: dict[str, Any], num_experts: int, topk: int,
-                    **changes: Any) -> ModelConfig:
+def upcycled_config(
+    dense_hf_config: dict[str, Any], num_experts: int, topk: int, **changes: Any
+) -> ModelConfig:
     """Our config for the upcycled model, from the dense model's HF `config.json` contents."""
     model_type = dense_hf_config.get("model_type", "mistral")
     if model_type not in ("mistral", "llama"):
         raise ConfigError(f"dense config model_type={model_type!r}: expected 'mistral' or 'llama'")
-    hf = dict(dense_hf_config, model_type="mixtral", num_local_experts=num_experts,
-              num_experts_per_tok=topk)
+    hf = dict(
+        dense_hf_config,
+        model_type="mixtral",
+        num_local_experts=num_experts,
+        num_experts_per_tok=topk,
+    )
     return from_hf_dict(hf, **changes)
 
 
-def upcycle_params(get_dense: Callable[[str], np.ndarray], cfg: ModelConfig, *,
-                   router_std: float = 0.02, expert_noise: float = 0.0, seed: int = 0) -> dict:
+def upcycle_params(
+    get_dense: Callable[[str], np.ndarray],
+    cfg: ModelConfig,
+    *,
+    router_std: float = 0.02,
+    expert_noise: float = 0.0,
+    seed: int = 0,
+) -> dict:
     """Our parameter tree for `cfg`, reading the dense weights through `get_dense(hf_key)`.
 
     Args:
@@ -56,14 +70,16 @@ def upcycle_params(get_dense: Callable[[str], np.ndarray], cfg: ModelConfig, *,
         expert = _EXPERT_KEY.match(key)
         if expert:
             layer, _, name = expert.groups()
-            w = np.asarray(get_dense(f"model.layers.{layer}.mlp.{_DENSE_NAME[name]}.weight"),
-                           np.float32)
+            w = np.asarray(
+                get_dense(f"model.layers.{layer}.mlp.{_DENSE_NAME[name]}.weight"), np.float32
+            )
             if expert_noise:
                 w = w + expert_noise * float(w.std()) * rng.standard_normal(w.shape, np.float32)
             return w
         if _ROUTER_KEY.match(key):
             return (router_std * rng.standard_normal((cfg.num_experts, cfg.embed_dim))).astype(
-                np.float32)
+                np.float32
+            )
         return get_dense(key)
 
     return params_from_hf(_Getter(get), cfg)
@@ -89,8 +105,11 @@ def main(argv=None) -> int:
     from mixtral_jax.convert.files import open_weights
     from mixtral_jax.fileio import read_json
 
-    p = argparse.ArgumentParser(prog="python -m mixtral_jax.upcycle", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mixtral_jax.upcycle",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--dense", required=True, help="Hugging Face Mistral/Llama directory")
     p.add_argument("--out", required=True, help="new model checkpoint directory")
     p.add_argument("--experts", type=int, default=8)
@@ -108,16 +127,24 @@ def main(argv=None) -> int:
         weights = open_weights(args.dense, problems)
         if problems or weights is None:
             raise ConfigError(f"{args.dense}: " + "; ".join(problems or ["no weights"]))
-        params = upcycle_params(weights.read, cfg, router_std=args.router_std,
-                                expert_noise=args.expert_noise, seed=args.seed)
+        params = upcycle_params(
+            weights.read,
+            cfg,
+            router_std=args.router_std,
+            expert_noise=args.expert_noise,
+            seed=args.seed,
+        )
         tokenizer = os.path.join(args.dense, checkpoint.TOKENIZER_FILE)
-        checkpoint.save_model(args.out, params, cfg,
-                              tokenizer if os.path.isfile(tokenizer) else None)
+        checkpoint.save_model(
+            args.out, params, cfg, tokenizer if os.path.isfile(tokenizer) else None
+        )
     except (ConfigError, ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}) from "
-          f"{args.dense}; {cfg.param_count:,} parameters")
+    print(
+        f"wrote {args.out}: {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}) from "
+        f"{args.dense}; {cfg.param_count:,} parameters"
+    )
     return 0
 
 

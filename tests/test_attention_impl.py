@@ -12,8 +12,8 @@ from mixtral_jax.attention import (
     fused_attention,
     make_attention_mask,
 )
-from mixtral_jax.kernel_plan import resolve_attention
 from mixtral_jax.config import AttentionImpl, ConfigError
+from mixtral_jax.kernel_plan import resolve_attention
 
 
 @pytest.mark.parametrize("window", [None, 1, 3])
@@ -31,8 +31,9 @@ def test_fused_call_equals_einsum_attention(window):
         got = fused_attention(q, k, v, mask, window, implementation="xla")
         rows = np.asarray(mask.any(-1))  # rows with at least one visible key
         rows = np.broadcast_to(rows, (b, t))
-        np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(got)[rows], np.asarray(want)[rows], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_choice_is_xla_on_cpu_and_cudnn_is_refused_with_the_reason():
@@ -40,4 +41,3 @@ def test_choice_is_xla_on_cpu_and_cudnn_is_refused_with_the_reason():
     assert resolve_attention("xla", jnp.float32, 256) == AttentionImpl.XLA
     with pytest.raises(ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
         resolve_attention("cudnn", jnp.bfloat16, 128)
-

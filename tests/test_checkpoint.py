@@ -16,8 +16,17 @@ from mixtral_jax import checkpoint
 from mixtral_jax.config import ConfigError
 from mixtral_jax.convert import importer, open_source, write_hf
 
-CFG = mj.ModelConfig.tiny(vocab_size=40, embed_dim=16, hidden_dim=24, num_layers=2, num_heads=2,
-                          num_kv_heads=1, head_dim=8, num_experts=3, param_dtype="bfloat16")
+CFG = mj.ModelConfig.tiny(
+    vocab_size=40,
+    embed_dim=16,
+    hidden_dim=24,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    num_experts=3,
+    param_dtype="bfloat16",
+)
 
 
 def _params(seed=0):
@@ -68,8 +77,11 @@ def test_config_that_disagrees_with_stored_shapes_is_refused(tmp_path):
     hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     hf["num_local_experts"] = 4
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ConfigError, match=r"layers.moe.router has shape \(2, 16, 3\), config "
-                                          r"says \(2, 16, 4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"layers.moe.router has shape \(2, 16, 3\), config "
+        r"says \(2, 16, 4\)",
+    ):
         checkpoint.load_model(str(tmp_path / "ckpt"))
 
 
@@ -91,8 +103,10 @@ def test_a_streamed_leaf_is_made_stored_and_read_one_slice_at_a_time(tmp_path):
     params = _params(1)
     w_gate = params["layers"]["moe"]["w_gate"]  # [L=2, E=3, D, F]: 6 slices
     log = {"calls": [], "alive": 0, "peak": 0}
-    leaves = [(p, _streamed(v, 2, log) if p == ("layers", "moe", "w_gate") else v)
-              for p, v in _leaves(params)]
+    leaves = [
+        (p, _streamed(v, 2, log) if p == ("layers", "moe", "w_gate") else v)
+        for p, v in _leaves(params)
+    ]
     checkpoint.save_model_streaming(str(tmp_path / "ckpt"), leaves, CFG)
     assert log["calls"] == [(i, e) for i in range(2) for e in range(3)]  # each once, in order
     assert log["peak"] <= 2  # the slice being written and the next one, never the leaf
@@ -117,8 +131,15 @@ def test_a_failing_slice_or_verdict_leaves_nothing(tmp_path):
             raise ConfigError("slice 1 is unreadable")
         return params["layers"]["moe"]["router"][index]
 
-    leaves = [(p, checkpoint.StreamedLeaf(v.shape, v.dtype, 1, fill)
-               if p == ("layers", "moe", "router") else v) for p, v in _leaves(params)]
+    leaves = [
+        (
+            p,
+            checkpoint.StreamedLeaf(v.shape, v.dtype, 1, fill)
+            if p == ("layers", "moe", "router")
+            else v,
+        )
+        for p, v in _leaves(params)
+    ]
     with pytest.raises(Exception, match="slice 1 is unreadable"):
         checkpoint.save_model_streaming(str(tmp_path / "ckpt"), leaves, CFG)
     assert os.listdir(tmp_path) == []
@@ -127,8 +148,7 @@ def test_a_failing_slice_or_verdict_leaves_nothing(tmp_path):
         raise ConfigError("rejected after the last slice")
 
     with pytest.raises(ConfigError, match="rejected after the last slice"):
-        checkpoint.save_model_streaming(str(tmp_path / "ckpt"), _leaves(params), CFG,
-                                        verify=verify)
+        checkpoint.save_model_streaming(str(tmp_path / "ckpt"), _leaves(params), CFG, verify=verify)
     assert os.listdir(tmp_path) == []
 
 
@@ -139,5 +159,4 @@ def test_converter_output_equals_the_source_and_its_in_memory_build(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["hf", "ours"]
     _, loaded = checkpoint.load_model(str(tmp_path / "ours"))
     _assert_same(params, checkpoint.to_numpy(loaded))
-    _assert_same(params, importer.build_params(open_source(str(tmp_path / "hf")),
-                                               progress=False))
+    _assert_same(params, importer.build_params(open_source(str(tmp_path / "hf")), progress=False))

@@ -19,21 +19,39 @@ def test_presets_have_published_sizes():
     assert mj.preset("tiny").num_groups == 2
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"num_heads": 6, "num_kv_heads": 4}, "ModelConfig.num_heads=6: must be divisible by num_kv_heads=4"),
-    ({"num_experts_per_tok": 5, "num_experts": 4}, "ModelConfig.num_experts_per_tok=5: must be <= num_experts=4"),
-    ({"embed_dim": -8}, "ModelConfig.embed_dim=-8: must be >= 1"),
-    ({"num_layers": 0}, "ModelConfig.num_layers=0: must be >= 1"),
-    ({"hidden_dim": 2.5}, "ModelConfig.hidden_dim=2.5: must be an integer"),
-    ({"head_dim": 15}, "ModelConfig.head_dim=15: must be even"),
-    ({"sliding_window": 0}, "ModelConfig.sliding_window=0: must be >= 1"),
-    ({"rope_theta": -1.0}, "ModelConfig.rope_theta=-1.0: must be a finite number > 0"),
-    ({"rms_norm_eps": float("nan")}, "ModelConfig.rms_norm_eps=nan: must be a finite number > 0"),
-    ({"router_jitter_noise": 1.5}, "ModelConfig.router_jitter_noise=1.5: must be in [0, 1)"),
-    ({"dtype": "int8"}, "ModelConfig.dtype='int8': must be one of float32, bfloat16, float16"),
-    ({"moe_impl": "magic"}, "ModelConfig.moe_impl='magic': must be one of dense, dropless, capacity"),
-    ({"eos_token_id": 600}, "ModelConfig.eos_token_id=600: must be an integer in [0, vocab_size=512)"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"num_heads": 6, "num_kv_heads": 4},
+            "ModelConfig.num_heads=6: must be divisible by num_kv_heads=4",
+        ),
+        (
+            {"num_experts_per_tok": 5, "num_experts": 4},
+            "ModelConfig.num_experts_per_tok=5: must be <= num_experts=4",
+        ),
+        ({"embed_dim": -8}, "ModelConfig.embed_dim=-8: must be >= 1"),
+        ({"num_layers": 0}, "ModelConfig.num_layers=0: must be >= 1"),
+        ({"hidden_dim": 2.5}, "ModelConfig.hidden_dim=2.5: must be an integer"),
+        ({"head_dim": 15}, "ModelConfig.head_dim=15: must be even"),
+        ({"sliding_window": 0}, "ModelConfig.sliding_window=0: must be >= 1"),
+        ({"rope_theta": -1.0}, "ModelConfig.rope_theta=-1.0: must be a finite number > 0"),
+        (
+            {"rms_norm_eps": float("nan")},
+            "ModelConfig.rms_norm_eps=nan: must be a finite number > 0",
+        ),
+        ({"router_jitter_noise": 1.5}, "ModelConfig.router_jitter_noise=1.5: must be in [0, 1)"),
+        ({"dtype": "int8"}, "ModelConfig.dtype='int8': must be one of float32, bfloat16, float16"),
+        (
+            {"moe_impl": "magic"},
+            "ModelConfig.moe_impl='magic': must be one of dense, dropless, capacity",
+        ),
+        (
+            {"eos_token_id": 600},
+            "ModelConfig.eos_token_id=600: must be an integer in [0, vocab_size=512)",
+        ),
+    ],
+)
 def test_bad_values_give_one_line_errors_naming_field_value_and_rule(changes, message):
     with pytest.raises(ConfigError) as err:
         mj.ModelConfig.tiny(**changes)
@@ -72,25 +90,48 @@ def test_hf_config_round_trip(rope_format, tmp_path):
 
 def test_reads_the_published_8x7b_config_json():
     published = {  # mistralai/Mixtral-8x7B-v0.1 config.json (transformers v4 form)
-        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
-        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-        "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mixtral",
-        "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
-        "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
-        "rms_norm_eps": 1e-05, "rope_theta": 1e6, "router_aux_loss_coef": 0.02,
-        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.36.0.dev0", "use_cache": True, "vocab_size": 32000,
+        "architectures": ["MixtralForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 14336,
+        "max_position_embeddings": 32768,
+        "model_type": "mixtral",
+        "num_attention_heads": 32,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1e6,
+        "router_aux_loss_coef": 0.02,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.36.0.dev0",
+        "use_cache": True,
+        "vocab_size": 32000,
     }
     assert mj.from_hf_dict(published) == mj.preset("mixtral-8x7b", param_dtype="bfloat16")
 
 
-@pytest.mark.parametrize("hf_change,message", [
-    ({"model_type": "llama"}, "model_type='llama'"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"tie_word_embeddings": True}, "tie_word_embeddings=true"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_type='yarn'"),
-    ({"num_attention_heads": 7}, "ModelConfig.num_heads=7: must be divisible by num_kv_heads=8"),
-])
+@pytest.mark.parametrize(
+    "hf_change,message",
+    [
+        ({"model_type": "llama"}, "model_type='llama'"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_type='yarn'"),
+        (
+            {"num_attention_heads": 7},
+            "ModelConfig.num_heads=7: must be divisible by num_kv_heads=8",
+        ),
+    ],
+)
 def test_unsupported_hf_configs_are_refused(hf_change, message):
     hf = mj.to_hf_dict(mj.preset("mixtral-8x7b"))
     hf.update(hf_change)

@@ -18,8 +18,16 @@ from mixtral_jax.convert import safetensors_io as st
 from mixtral_jax.convert.files import open_weights
 from tests.hf_reference import legacy_state_dict, make_hf_model, torch, transformers
 
-CFG = mj.ModelConfig.tiny(vocab_size=96, num_layers=2, embed_dim=32, hidden_dim=40, num_heads=4,
-                          num_kv_heads=2, head_dim=8, num_experts=3)
+CFG = mj.ModelConfig.tiny(
+    vocab_size=96,
+    num_layers=2,
+    embed_dim=32,
+    hidden_dim=40,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    num_experts=3,
+)
 TOKENS = np.array([[5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 12, 50]], np.int32)
 
 
@@ -33,17 +41,22 @@ def write_safetensors(path, tensors: dict) -> None:
 def mistral_dir(root, state: dict, cfg: mj.ModelConfig, stacked: bool):
     """A Mistral-format directory holding `state` (HF legacy keys, HF rotary convention)."""
     root.mkdir()
-    out = {"tok_embeddings.weight": state["model.embed_tokens.weight"],
-           "norm.weight": state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
+    out = {
+        "tok_embeddings.weight": state["model.embed_tokens.weight"],
+        "norm.weight": state["model.norm.weight"],
+        "output.weight": state["lm_head.weight"],
+    }
     moe = "block_sparse_moe" if stacked else "feed_forward"
     for i in range(cfg.num_layers):
         hf, ms = f"model.layers.{i}.", f"layers.{i}."
         out[ms + "attention_norm.weight"] = state[hf + "input_layernorm.weight"]
         out[ms + "ffn_norm.weight"] = state[hf + "post_attention_layernorm.weight"]
         out[ms + "attention.wq.weight"] = layouts.hf_to_mistral_rows(
-            state[hf + "self_attn.q_proj.weight"], cfg.num_heads)
+            state[hf + "self_attn.q_proj.weight"], cfg.num_heads
+        )
         out[ms + "attention.wk.weight"] = layouts.hf_to_mistral_rows(
-            state[hf + "self_attn.k_proj.weight"], cfg.num_kv_heads)
+            state[hf + "self_attn.k_proj.weight"], cfg.num_kv_heads
+        )
         out[ms + "attention.wv.weight"] = state[hf + "self_attn.v_proj.weight"]
         out[ms + "attention.wo.weight"] = state[hf + "self_attn.o_proj.weight"]
         out[f"{ms}{moe}.gate.weight"] = state[hf + "block_sparse_moe.gate.weight"]
@@ -52,7 +65,8 @@ def mistral_dir(root, state: dict, cfg: mj.ModelConfig, stacked: bool):
             if stacked:  # [E*F, D]; w2 stored per expert as [F, D]
                 parts = [state[p + w + ".weight"] for p in experts]
                 out[f"{ms}{moe}.{w}"] = np.ascontiguousarray(
-                    np.concatenate([x.T if w == "w2" else x for x in parts]))
+                    np.concatenate([x.T if w == "w2" else x for x in parts])
+                )
             else:
                 for e, p in enumerate(experts):
                     out[f"{ms}{moe}.experts.{e}.{w}.weight"] = state[p + w + ".weight"]
@@ -60,12 +74,18 @@ def mistral_dir(root, state: dict, cfg: mj.ModelConfig, stacked: bool):
     if stacked:
         params = {k: v for k, v in mj.to_hf_dict(cfg).items() if k not in ("architectures",)}
     else:
-        params = {"dim": cfg.embed_dim, "n_layers": cfg.num_layers, "head_dim": cfg.head_dim,
-                  "hidden_dim": cfg.hidden_dim, "n_heads": cfg.num_heads,
-                  "n_kv_heads": cfg.num_kv_heads, "norm_eps": cfg.rms_norm_eps,
-                  "vocab_size": cfg.vocab_size, "rope_theta": cfg.rope_theta,
-                  "moe": {"num_experts": cfg.num_experts,
-                          "num_experts_per_tok": cfg.num_experts_per_tok}}
+        params = {
+            "dim": cfg.embed_dim,
+            "n_layers": cfg.num_layers,
+            "head_dim": cfg.head_dim,
+            "hidden_dim": cfg.hidden_dim,
+            "n_heads": cfg.num_heads,
+            "n_kv_heads": cfg.num_kv_heads,
+            "norm_eps": cfg.rms_norm_eps,
+            "vocab_size": cfg.vocab_size,
+            "rope_theta": cfg.rope_theta,
+            "moe": {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok},
+        }
     (root / "params.json").write_text(json.dumps(params))
 
 
@@ -83,8 +103,10 @@ def sources(tmp_path_factory):
     mistral_dir(root / "mistral", state, CFG, stacked=False)
     mistral_dir(root / "mistral-stacked", state, CFG, stacked=True)
     (root / "pickle").mkdir()
-    torch.save({k: torch.from_numpy(v) for k, v in state.items()},
-               str(root / "pickle" / "pytorch_model.bin"))
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in state.items()},
+        str(root / "pickle" / "pytorch_model.bin"),
+    )
     (root / "pickle" / "config.json").write_bytes((root / "hf" / "config.json").read_bytes())
     with torch.no_grad():
         want = model(torch.from_numpy(TOKENS).long()).logits.numpy()
@@ -97,13 +119,25 @@ def our_logits(ckpt_dir) -> np.ndarray:
     return np.asarray(model(TOKENS).logits)
 
 
-@pytest.mark.parametrize("layout", ["hf", "hf-sharded", "hf-fused", "mistral",
-                                    "mistral-stacked", "pickle"])
+@pytest.mark.parametrize(
+    "layout", ["hf", "hf-sharded", "hf-fused", "mistral", "mistral-stacked", "pickle"]
+)
 def test_every_layout_gives_transformers_logits(sources, layout, capsys):
     root, _, want = sources
     extra = ["--allow-pickle"] if layout == "pickle" else []
-    assert cli.main(["to-orbax", str(root / layout), str(root / f"out-{layout}"), "--quiet",
-                     "--check-finite", *extra]) == 0
+    assert (
+        cli.main(
+            [
+                "to-orbax",
+                str(root / layout),
+                str(root / f"out-{layout}"),
+                "--quiet",
+                "--check-finite",
+                *extra,
+            ]
+        )
+        == 0
+    )
     expected = layout.removesuffix("-sharded").replace("pickle", "hf")
     assert f"(layout {expected}," in capsys.readouterr().out
     got = our_logits(root / f"out-{layout}")
@@ -133,8 +167,19 @@ def test_round_trip_is_bit_exact_and_transformers_loads_the_export(sources, tmp_
     model.float()
     assert cli.main(["to-orbax", str(src), str(tmp_path / "ours"), "--quiet"]) == 0
     assert mj.load_hf_config(str(tmp_path / "ours")).compute.param_dtype == dtype
-    assert cli.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "back"), "--quiet",
-                     "--max-shard-gb", "0.00003"]) == 0  # ~32 KB shards: several files
+    assert (
+        cli.main(
+            [
+                "to-hf",
+                str(tmp_path / "ours"),
+                str(tmp_path / "back"),
+                "--quiet",
+                "--max-shard-gb",
+                "0.00003",
+            ]
+        )
+        == 0
+    )  # ~32 KB shards: several files
     assert (tmp_path / "back" / "model.safetensors.index.json").is_file()
     a, b = _tensors(src), _tensors(tmp_path / "back")
     assert sorted(a) == sorted(b)

@@ -17,8 +17,16 @@ from mixtral_jax.convert import cli
 from mixtral_jax.convert import safetensors_io as st
 from mixtral_jax.hf_weights import hf_shapes
 
-CFG = mj.ModelConfig.tiny(vocab_size=32, embed_dim=16, hidden_dim=24, num_layers=2, num_heads=2,
-                          num_kv_heads=1, head_dim=8, num_experts=3)
+CFG = mj.ModelConfig.tiny(
+    vocab_size=32,
+    embed_dim=16,
+    hidden_dim=24,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    num_experts=3,
+)
 
 
 def state(cfg=CFG, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -59,20 +67,29 @@ def test_missing_unexpected_and_misshapen_tensors_are_listed_together(tmp_path, 
     t["lm_head.bias"] = np.zeros(32, np.float32)
     t["model.layers.0.self_attn.q_proj.weight"] = np.zeros((16, 17), np.float32)
     src = hf_dir(tmp_path / "src", t)
-    err = fails(tmp_path, capsys, ["to-orbax", src], "3 problem(s), nothing was written",
-                "missing tensor model.layers.1.block_sparse_moe.experts.2.w2.weight",
-                "unexpected tensor lm_head.bias",
-                "size mismatch for model.layers.0.self_attn.q_proj.weight: "
-                "checkpoint [16, 17], config [16, 16]")
+    err = fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", src],
+        "3 problem(s), nothing was written",
+        "missing tensor model.layers.1.block_sparse_moe.experts.2.w2.weight",
+        "unexpected tensor lm_head.bias",
+        "size mismatch for model.layers.0.self_attn.q_proj.weight: "
+        "checkpoint [16, 17], config [16, 16]",
+    )
     assert err.startswith("error: ")
 
 
 def test_config_that_disagrees_with_the_weights(tmp_path, capsys):
     src = hf_dir(tmp_path / "src", state(), num_local_experts=2, num_experts_per_tok=1)
-    fails(tmp_path, capsys, ["to-orbax", src],
-          "unexpected tensor model.layers.0.block_sparse_moe.experts.2.w1.weight",
-          "size mismatch for model.layers.0.block_sparse_moe.gate.weight: checkpoint [3, 16], "
-          "config [2, 16]")
+    fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", src],
+        "unexpected tensor model.layers.0.block_sparse_moe.experts.2.w1.weight",
+        "size mismatch for model.layers.0.block_sparse_moe.gate.weight: checkpoint [3, 16], "
+        "config [2, 16]",
+    )
 
 
 def test_invalid_config_is_reported(tmp_path, capsys):
@@ -80,13 +97,16 @@ def test_invalid_config_is_reported(tmp_path, capsys):
     fails(tmp_path, capsys, ["to-orbax", src], "num_experts_per_tok=9: must be <= num_experts=3")
 
 
-@pytest.mark.parametrize("keep,message", [
-    (0, "truncated (0 bytes, no header length)"),
-    (7, "truncated (7 bytes, no header length)"),
-    (20, "header length 3752 exceeds the file (20 bytes)"),
-    ("half", "truncated: data ends at byte"),
-    (-1, "truncated: data ends at byte"),
-])
+@pytest.mark.parametrize(
+    "keep,message",
+    [
+        (0, "truncated (0 bytes, no header length)"),
+        (7, "truncated (7 bytes, no header length)"),
+        (20, "header length 3752 exceeds the file (20 bytes)"),
+        ("half", "truncated: data ends at byte"),
+        (-1, "truncated: data ends at byte"),
+    ],
+)
 def test_truncated_files(tmp_path, capsys, keep, message):
     src = hf_dir(tmp_path / "src")
     data = (src / "model.safetensors").read_bytes()
@@ -100,22 +120,42 @@ def _header(entries: dict, data: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-@pytest.mark.parametrize("blob,message", [
-    (struct.pack("<Q", 2**63) + b"{}", "exceeds the file"),
-    (struct.pack("<Q", 4) + b"\xff\xfe{}", "not valid UTF-8 JSON"),
-    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
-    (struct.pack("<Q", 47) + b'{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"a":1}'[:47]
-     + b"\0" * 4, "not valid UTF-8 JSON"),
-    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
-     "overlapping or gapped offsets"),
-    (_header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
-     "spans 8 bytes, its shape [3] x float32 needs 12"),
-    (_header({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
-     "malformed entry"),
-    (_header({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
-     "malformed entry"),
-])
+@pytest.mark.parametrize(
+    "blob,message",
+    [
+        (struct.pack("<Q", 2**63) + b"{}", "exceeds the file"),
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "not valid UTF-8 JSON"),
+        (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+        (
+            struct.pack("<Q", 47)
+            + b'{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"a":1}'[:47]
+            + b"\0" * 4,
+            "not valid UTF-8 JSON",
+        ),
+        (
+            _header(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                b"\0" * 12,
+            ),
+            "overlapping or gapped offsets",
+        ),
+        (
+            _header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "spans 8 bytes, its shape [3] x float32 needs 12",
+        ),
+        (
+            _header({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "malformed entry",
+        ),
+        (
+            _header({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "malformed entry",
+        ),
+    ],
+)
 def test_corrupt_headers(tmp_path, capsys, blob, message):
     src = hf_dir(tmp_path / "src")
     (src / "model.safetensors").write_bytes(blob)
@@ -124,7 +164,7 @@ def test_corrupt_headers(tmp_path, capsys, blob, message):
 
 def test_duplicate_tensor_names_in_a_header(tmp_path, capsys):
     entry = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
-    raw = ('{"a":' + entry + ',"a":' + entry + '}').encode()
+    raw = ('{"a":' + entry + ',"a":' + entry + "}").encode()
     src = hf_dir(tmp_path / "src")
     (src / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
     fails(tmp_path, capsys, ["to-orbax", src], "duplicate tensor name 'a'")
@@ -152,9 +192,14 @@ def test_broken_shard_indexes(tmp_path, capsys):
     index["weight_map"]["more.weight"] = "c.safetensors"  # a shard that does not exist
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     write(tmp_path / "outside.safetensors", {"extra.weight": np.zeros(1, np.float32)})
-    fails(tmp_path, capsys, ["to-orbax", src],
-          f"index maps {keys[0]!r} to b.safetensors, but it is in a.safetensors",
-          "shard '../outside.safetensors' points outside", "shard 'c.safetensors' does not exist")
+    fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", src],
+        f"index maps {keys[0]!r} to b.safetensors, but it is in a.safetensors",
+        "shard '../outside.safetensors' points outside",
+        "shard 'c.safetensors' does not exist",
+    )
 
 
 def test_symlinked_shard_out_of_the_directory_and_bad_index_json(tmp_path, capsys):
@@ -170,12 +215,20 @@ def test_symlinked_shard_out_of_the_directory_and_bad_index_json(tmp_path, capsy
 def test_wrong_and_mixed_dtypes(tmp_path, capsys):
     t = state()
     t["model.norm.weight"] = t["model.norm.weight"].astype(np.float64)
-    fails(tmp_path, capsys, ["to-orbax", hf_dir(tmp_path / "f64", t)],
-          "model.norm.weight has dtype float64: weights must be float32, bfloat16 or float16")
+    fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", hf_dir(tmp_path / "f64", t)],
+        "model.norm.weight has dtype float64: weights must be float32, bfloat16 or float16",
+    )
     t = state()
     t["model.norm.weight"] = t["model.norm.weight"].astype(np.float16)
-    fails(tmp_path, capsys, ["to-orbax", hf_dir(tmp_path / "mixed", t)],
-          "tensors mix dtypes ['float16', 'float32']: pass --dtype")
+    fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", hf_dir(tmp_path / "mixed", t)],
+        "tensors mix dtypes ['float16', 'float32']: pass --dtype",
+    )
 
 
 def test_check_finite_names_every_bad_tensor(tmp_path, capsys):
@@ -183,9 +236,13 @@ def test_check_finite_names_every_bad_tensor(tmp_path, capsys):
     t["model.layers.0.block_sparse_moe.experts.1.w3.weight"][2, 3] = np.nan
     t["lm_head.weight"][0, :2] = np.inf
     src = hf_dir(tmp_path / "src", t)
-    fails(tmp_path, capsys, ["to-orbax", src, "--check-finite"],
-          "model.layers.0.block_sparse_moe.experts.1.w3.weight has 1 non-finite value(s)",
-          "lm_head.weight has 2 non-finite value(s)")
+    fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", src, "--check-finite"],
+        "model.layers.0.block_sparse_moe.experts.1.w3.weight has 1 non-finite value(s)",
+        "lm_head.weight has 2 non-finite value(s)",
+    )
 
 
 def test_existing_output_and_missing_source(tmp_path, capsys):
@@ -199,8 +256,12 @@ def test_existing_output_and_missing_source(tmp_path, capsys):
     (tmp_path / "dst").rmdir()
     fails(tmp_path, capsys, ["to-orbax", tmp_path / "nowhere"], "does not exist")
     fails(tmp_path, capsys, ["to-hf", src], "is not a model checkpoint")
-    fails(tmp_path, capsys, ["to-orbax", tmp_path / "src", "--tokenizer", "/no/tok.model"],
-          "tokenizer /no/tok.model does not exist")
+    fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", tmp_path / "src", "--tokenizer", "/no/tok.model"],
+        "tokenizer /no/tok.model does not exist",
+    )
 
 
 class _Exploit:
@@ -222,9 +283,18 @@ def test_pickles_are_refused_and_a_malicious_one_never_runs(tmp_path, capsys):
     with open(src / "pytorch_model.bin", "wb") as f:
         pickle.dump({"model.norm.weight": _Exploit(sentinel)}, f)
     torch.save({"model.norm.weight": _Exploit(sentinel)}, str(src / "consolidated.00.pth"))
-    fails(tmp_path, capsys, ["to-orbax", src], "holds only pickle weights",
-          "convert them to safetensors, or pass --allow-pickle")
-    fails(tmp_path, capsys, ["to-orbax", src, "--allow-pickle"],
-          "pytorch_model.bin: refused by torch.load(weights_only=True)",
-          "consolidated.00.pth: refused by torch.load(weights_only=True)")
+    fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", src],
+        "holds only pickle weights",
+        "convert them to safetensors, or pass --allow-pickle",
+    )
+    fails(
+        tmp_path,
+        capsys,
+        ["to-orbax", src, "--allow-pickle"],
+        "pytorch_model.bin: refused by torch.load(weights_only=True)",
+        "consolidated.00.pth: refused by torch.load(weights_only=True)",
+    )
     assert not sentinel.exists()

@@ -105,8 +105,20 @@ def test_mistral_tokenizer_and_train_tokenizer_command(tmp_path, capsys):
     assert mistral.decode(mistral.encode("Hello world")) == "Hello world"
     (tmp_path / "c.txt").write_text("the cat sat on the mat\n\nthe dog sat on the log\n" * 30)
     out = tmp_path / "t.model"
-    assert tokenizer.main(["train-tokenizer", "--data", str(tmp_path / "c.txt"),
-                           "--vocab-size", "40", "--out", str(out)]) == 0
+    assert (
+        tokenizer.main(
+            [
+                "train-tokenizer",
+                "--data",
+                str(tmp_path / "c.txt"),
+                "--vocab-size",
+                "40",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     trained = tokenizer.Tokenizer.load(str(out))
     assert trained.bos_id == 1 and trained.eos_id == 2
     assert trained.decode(trained.encode("the cat sat")) == "the cat sat"

@@ -16,8 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                 "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    for name in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -31,12 +37,15 @@ def test_one_process_needs_no_start_up(clean_env):
     assert distributed.is_main()
 
 
-@pytest.mark.parametrize("args,env,message", [
-    (("host:1", None, None), {}, "without both the process count"),
-    (("host:1", 2, 2), {}, r"process_id=2: must be in \[0, num_processes=2\)"),
-    ((None, None, None), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two'"),
-    ((None, 2, 1), {}, "without a coordinator address"),
-])
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (("host:1", None, None), {}, "without both the process count"),
+        (("host:1", 2, 2), {}, r"process_id=2: must be in \[0, num_processes=2\)"),
+        ((None, None, None), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two'"),
+        ((None, 2, 1), {}, "without a coordinator address"),
+    ],
+)
 def test_incomplete_set_up_is_a_one_line_error(clean_env, args, env, message):
     for k, v in env.items():
         clean_env.setenv(k, v)
@@ -85,19 +94,43 @@ def test_two_process_training_equals_one_process(clean_env, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    small = ["--model.num_layers=1", "--train.batch_size=4", "--train.seq_len=32",
-             "--data.vocab_size=128", "--train.warmup_steps=1", "--train.steps=2",
-             "--train.eval_every=1000", "--checkpoint.save_every=1",
-             "--checkpoint.async_save=false", "--mesh.data=4"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",  # unoptimised as conftest
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
-                        "--xla_backend_optimization_level=0"}
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *small,
-                               f"--checkpoint.dir={tmp_path / 'multi'}",
-                               f"--coordinator=localhost:{port}", "--num-processes=2",
-                               f"--process-id={i}"], env=env, cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for i in range(2)]
+    small = [
+        "--model.num_layers=1",
+        "--train.batch_size=4",
+        "--train.seq_len=32",
+        "--data.vocab_size=128",
+        "--train.warmup_steps=1",
+        "--train.steps=2",
+        "--train.eval_every=1000",
+        "--checkpoint.save_every=1",
+        "--checkpoint.async_save=false",
+        "--mesh.data=4",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",  # unoptimised as conftest
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(ROOT, "train.py"),
+                *small,
+                f"--checkpoint.dir={tmp_path / 'multi'}",
+                f"--coordinator=localhost:{port}",
+                "--num-processes=2",
+                f"--process-id={i}",
+            ],
+            env=env,
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

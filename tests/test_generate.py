@@ -15,8 +15,11 @@ from mixtral_jax.generate import Generator, SamplingParams, sample
 from mixtral_jax.model import KVCache
 
 
-@pytest.mark.parametrize("window,cache_size", [(None, 24), (4, 4), (6, 24)],
-                         ids=["full", "rolling-window", "window-big-cache"])
+@pytest.mark.parametrize(
+    "window,cache_size",
+    [(None, 24), (4, 4), (6, 24)],
+    ids=["full", "rolling-window", "window-big-cache"],
+)
 def test_cached_decoding_equals_full_forward_at_every_step(window, cache_size):
     cfg = mj.ModelConfig.tiny(sliding_window=window)
     model = mj.init(cfg, 0)
@@ -26,17 +29,19 @@ def test_cached_decoding_equals_full_forward_at_every_step(window, cache_size):
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     full = model(tokens, valid.astype(jnp.int32), positions=positions).logits
     graphdef, state = nnx.split(model)
-    extend = jax.jit(lambda s, t, c, p, v: nnx.merge(graphdef, s).extend(t, c, positions=p,
-                                                                        valid=v))
+    extend = jax.jit(
+        lambda s, t, c, p, v: nnx.merge(graphdef, s).extend(t, c, positions=p, valid=v)
+    )
     cache = KVCache.create(cfg, 2, cache_size)
     out, cache = extend(state, tokens[:, :7], cache, positions[:, :7], valid[:, :7])
     steps = [out.logits[:, 3:]]  # row 1's padded queries carry no meaning: compare from 3 on
     reference = [full[:, 3:7]]
     for t in range(7, 16):
-        out, cache = extend(state, tokens[:, t:t + 1], cache, positions[:, t:t + 1],
-                            valid[:, t:t + 1])
+        out, cache = extend(
+            state, tokens[:, t : t + 1], cache, positions[:, t : t + 1], valid[:, t : t + 1]
+        )
         steps.append(out.logits)
-        reference.append(full[:, t:t + 1])
+        reference.append(full[:, t : t + 1])
     got, want = jnp.concatenate(steps, axis=1), jnp.concatenate(reference, axis=1)
     assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) <= 1e-5
 
@@ -50,8 +55,11 @@ def test_chunks_of_several_tokens_on_a_wrapped_rolling_buffer_equal_the_full_for
     positions = jnp.arange(16)[None]
     full = model(tokens, jnp.ones((1, 16), jnp.int32), positions=positions).logits
     graphdef, state = nnx.split(model)
-    extend = jax.jit(lambda s, t, c, p: nnx.merge(graphdef, s).extend(
-        t, c, positions=p, valid=jnp.ones(t.shape, bool)))
+    extend = jax.jit(
+        lambda s, t, c, p: nnx.merge(graphdef, s).extend(
+            t, c, positions=p, valid=jnp.ones(t.shape, bool)
+        )
+    )
     cache, got = KVCache.create(cfg, 1, 4), []
     for start, end in ((0, 7), (7, 10), (10, 11), (11, 16)):  # T = 7 (> S), 3, 1, 5
         out, cache = extend(state, tokens[:, start:end], cache, positions[:, start:end])
@@ -73,21 +81,29 @@ def test_greedy_generation_equals_transformers_generate(window):
     ids = np.zeros((3, width), np.int64)
     mask = np.zeros((3, width), np.int64)
     for row, prompt in enumerate(prompts):  # left padding, as transformers expects
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     with torch.no_grad():
-        generated = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                                max_new_tokens=32, do_sample=False, pad_token_id=0)
+        generated = hf.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+        )
     expected = []
     for row in generated[:, width:].numpy().tolist():
-        expected.append(row[:row.index(cfg.eos_token_id)] if cfg.eos_token_id in row else row)
+        expected.append(row[: row.index(cfg.eos_token_id)] if cfg.eos_token_id in row else row)
     assert result.tokens == expected
     assert sum(map(len, expected)) > 40  # a real comparison, not three early EOS
 
 
 def _generate(model, sampling, seed, prompts=([1, 7, 9], [1, 4])):
-    return Generator(model).generate(list(prompts), max_new_tokens=12, sampling=sampling,
-                                     seed=seed, eos_id=None).tokens
+    return (
+        Generator(model)
+        .generate(list(prompts), max_new_tokens=12, sampling=sampling, seed=seed, eos_id=None)
+        .tokens
+    )
 
 
 def test_sampling_is_reproducible_and_filters_reduce_to_greedy():
@@ -109,14 +125,17 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert set(draw(SamplingParams(temperature=1.0, top_p=0.85))) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"temperature": -0.1}, "temperature=-0.1 must be a finite number >= 0"),
-    ({"temperature": float("inf")}, "temperature=inf must be a finite number >= 0"),
-    ({"temperature": float("nan")}, "temperature=nan must be a finite number >= 0"),
-    ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
-    ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
-    ({"top_k": -1}, "top_k=-1 must be an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": -0.1}, "temperature=-0.1 must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature=inf must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature=nan must be a finite number >= 0"),
+        ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k=-1 must be an integer >= 0"),
+    ],
+)
 def test_bad_sampling_values_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SamplingParams(**kwargs)
@@ -127,8 +146,11 @@ def test_empty_prompt_and_too_long_requests_are_refused():
     generator = Generator(model)
     with pytest.raises(ConfigError, match="empty prompt"):
         generator.generate([[1, 2], []], max_new_tokens=4, eos_id=2)
-    with pytest.raises(ConfigError, match="prompt of 20 tokens \\+ max_new_tokens=13 = 33 "
-                                          "exceeds the model's context of 32 tokens"):
+    with pytest.raises(
+        ConfigError,
+        match="prompt of 20 tokens \\+ max_new_tokens=13 = 33 "
+        "exceeds the model's context of 32 tokens",
+    ):
         generator.generate([[1] * 20], max_new_tokens=13, eos_id=2)
 
 
@@ -165,18 +187,37 @@ def test_decode_writes_the_donated_cache_in_place():
     cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, size))
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     done = jax.ShapeDtypeStruct((batch,), bool)
-    hlo = generator._decode.lower(generator.state, cache, rows, rows, done, jax.random.key(0), 0,
-                                  sampling=SamplingParams(), steps=2).compile().as_text()
+    hlo = (
+        generator._decode.lower(
+            generator.state,
+            cache,
+            rows,
+            rows,
+            done,
+            jax.random.key(0),
+            0,
+            sampling=SamplingParams(),
+            steps=2,
+        )
+        .compile()
+        .as_text()
+    )
     ops = _instructions(hlo)
     whole = f"f32[{cfg.num_layers},{batch},{size},{cfg.num_kv_heads},{cfg.head_dim}]"
     one_slot = f"f32[1,{batch},1,{cfg.num_kv_heads},{cfg.head_dim}]"
     cache_ops = {name: op for name, op in ops.items() if op[0] == whole}
     assert sorted({opcode for _, opcode, _ in cache_ops.values()}) == [
-        "dynamic-update-slice", "fusion", "get-tuple-element", "parameter"]
-    updates = [ops[operands[1]][0] for _, opcode, operands in cache_ops.values()
-               if opcode == "dynamic-update-slice"]
+        "dynamic-update-slice",
+        "fusion",
+        "get-tuple-element",
+        "parameter",
+    ]
+    updates = [
+        ops[operands[1]][0]
+        for _, opcode, operands in cache_ops.values()
+        if opcode == "dynamic-update-slice"
+    ]
     assert len(updates) == 2 * cfg.num_layers and set(updates) == {one_slot}  # k and v
     parameters = re.findall(r"parameter\((\d+)\), metadata=\{op_name=\"cache\.[kv]\"", hlo)
     aliased = re.search(r"input_output_alias=\{(.*?) \}, entry_computation_layout", hlo).group(1)
-    assert len(parameters) == 2 and all(f"({p}, {{}}, may-alias)" in aliased
-                                        for p in parameters)
+    assert len(parameters) == 2 and all(f"({p}, {{}}, may-alias)" in aliased for p in parameters)

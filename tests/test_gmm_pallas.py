@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax import gmm_pallas, grouped_matmul, kernel_plan, moe
+from mixtral_jax import gmm_pallas, kernel_plan, moe
 from mixtral_jax.config import ConfigError, GmmImpl
 
 
@@ -18,12 +18,15 @@ def _vjp_both(fn, lhs, rhs, dy):
     return (out, *vjp(dy))
 
 
-@pytest.mark.parametrize("rows,k,n,sizes,dtype", [
-    (40, 16, 24, [7, 0, 20, 5], jnp.float32),  # sum < rows: the last 8 rows come out zero
-    (50, 20, 16, [3, 0, 0, 30, 17], jnp.float32),  # empty groups, none a tile multiple
-    (64, 32, 32, [0, 64, 0], jnp.float32),  # one group holds everything
-    (48, 32, 16, [16, 1, 31], jnp.bfloat16),
-])
+@pytest.mark.parametrize(
+    "rows,k,n,sizes,dtype",
+    [
+        (40, 16, 24, [7, 0, 20, 5], jnp.float32),  # sum < rows: the last 8 rows come out zero
+        (50, 20, 16, [3, 0, 0, 30, 17], jnp.float32),  # empty groups, none a tile multiple
+        (64, 32, 32, [0, 64, 0], jnp.float32),  # one group holds everything
+        (48, 32, 16, [16, 1, 31], jnp.bfloat16),
+    ],
+)
 def test_kernel_equals_ragged_dot_forward_and_both_gradients(rows, k, n, sizes, dtype):
     keys = jax.random.split(jax.random.key(rows + k + n), 3)
     lhs = jax.random.normal(keys[0], (rows, k), dtype)
@@ -38,7 +41,7 @@ def test_kernel_equals_ragged_dot_forward_and_both_gradients(rows, k, n, sizes, 
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
     if sum(sizes) < rows:
-        assert np.all(np.asarray(kernel(lhs, rhs, dy)[0])[sum(sizes):] == 0)
+        assert np.all(np.asarray(kernel(lhs, rhs, dy)[0])[sum(sizes) :] == 0)
 
 
 def test_schedule_lists_every_overlapping_group_and_tile():
@@ -50,8 +53,9 @@ def test_schedule_lists_every_overlapping_group_and_tile():
         sizes = np.diff(np.concatenate([[0], cuts])).astype(np.int32)
         want, start = [], 0
         for g, size in enumerate(list(sizes) + [rows - sizes.sum()]):  # + the rows past the end
-            want += [(g, t) for t in range(start // block, (start + size - 1) // block + 1)
-                     if size > 0]
+            want += [
+                (g, t) for t in range(start // block, (start + size - 1) // block + 1) if size > 0
+            ]
             start += size
         group, tile = schedule(jnp.asarray(sizes), rows, block)
         got = [(int(g), int(t)) for g, t in zip(group, tile) if g >= 0]
@@ -72,10 +76,13 @@ def test_tiles_shrink_to_fit_shared_memory_for_wider_dtypes():
         for itemsize in (2, 4):
             t = gmm_pallas.tiles_for(kernel, 4096, 14336, 32768, itemsize)
             other = t.block_m * t.block_n if kernel == "tgmm" else t.block_k * t.block_n
-            assert t.num_stages * (t.block_m * t.block_k + other) * itemsize <= \
-                gmm_pallas.SMEM_BYTES
-    assert gmm_pallas.tiles_for("gmm", 4096, 14336, 32768, 4).num_stages < \
-        gmm_pallas.tiles_for("gmm", 4096, 14336, 32768, 2).num_stages
+            assert (
+                t.num_stages * (t.block_m * t.block_k + other) * itemsize <= gmm_pallas.SMEM_BYTES
+            )
+    assert (
+        gmm_pallas.tiles_for("gmm", 4096, 14336, 32768, 4).num_stages
+        < gmm_pallas.tiles_for("gmm", 4096, 14336, 32768, 2).num_stages
+    )
 
 
 def test_entry_point_chooses_ragged_dot_on_cpu_and_refuses_pallas():
@@ -92,15 +99,21 @@ def test_moe_dropless_through_the_kernel_equals_the_dense_oracle(monkeypatch):
     keys = jax.random.split(jax.random.key(3), 5)
     x = jax.random.normal(keys[0], (m, d))
     router = jax.random.normal(keys[1], (d, e))
-    w = [jax.random.normal(keys[i], s) * 0.3 for i, s in ((2, (e, d, f)), (3, (e, d, f)),
-                                                        (4, (e, f, d)))]
+    w = [
+        jax.random.normal(keys[i], s) * 0.3
+        for i, s in ((2, (e, d, f)), (3, (e, d, f)), (4, (e, f, d)))
+    ]
 
     def loss(fn, x, *w):
         out, _ = fn(x, moe.route(x, router, 2), *w)
         return jnp.sum(jnp.sin(out)), out
 
-    grad = jax.jit(lambda fn, *a: jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2, 3),
-                                                     has_aux=True)(*a), static_argnums=0)
+    grad = jax.jit(
+        lambda fn, *a: jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2, 3), has_aux=True)(
+            *a
+        ),
+        static_argnums=0,
+    )
     pallas = functools.partial(moe.moe_dropless, gmm_impl=GmmImpl.PALLAS)  # the plan's choice
     (_, got), g_got = grad(pallas, x, *w)
     (_, want), g_want = grad(moe.moe_dense, x, *w)
@@ -116,6 +129,6 @@ def test_stacked_kernel_reads_the_chosen_layer_of_the_stack():
     gs = jnp.asarray([5, 0, 9, 6], jnp.int32)
     run = jax.jit(lambda x, w, i: gmm_pallas.gmm_stacked(x, w, gs, i, interpret=True))
     for layer in (0, 2):
-        np.testing.assert_allclose(run(lhs, stack, layer),
-                                   jax.lax.ragged_dot(lhs, stack[layer], gs), rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            run(lhs, stack, layer), jax.lax.ragged_dot(lhs, stack[layer], gs), rtol=1e-5, atol=1e-5
+        )

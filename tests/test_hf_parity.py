@@ -3,19 +3,28 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import make_hf_model, ours_from_hf, torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import mixtral_jax as mj
-from hf_reference import make_hf_model, ours_from_hf, torch
-
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 CONFIGS = {
     "gqa-top2": mj.ModelConfig.tiny(),
     "window-top2": mj.ModelConfig.tiny(sliding_window=5, num_layers=3),
     "mha-top1": mj.ModelConfig.tiny(num_kv_heads=4, num_experts_per_tok=1, num_experts=3),
-    "odd-top3": mj.ModelConfig(vocab_size=97, embed_dim=40, hidden_dim=56, num_layers=3,
-                               num_heads=6, num_kv_heads=2, head_dim=12, num_experts=5,
-                               num_experts_per_tok=3, rope_theta=1e6, max_seq_len=64),
+    "odd-top3": mj.ModelConfig(
+        vocab_size=97,
+        embed_dim=40,
+        hidden_dim=56,
+        num_layers=3,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=12,
+        num_experts=5,
+        num_experts_per_tok=3,
+        rope_theta=1e6,
+        max_seq_len=64,
+    ),
     "window1-mqa": mj.ModelConfig.tiny(sliding_window=1, num_kv_heads=1, num_experts=6),
 }
 
@@ -41,8 +50,11 @@ def test_logits_router_logits_and_balance_loss_match_transformers(name, padded):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length))
     mask = _left_padding(batch, length) if padded else None
     with torch.no_grad():
-        ref = hf(torch.tensor(tokens), attention_mask=None if mask is None else torch.tensor(mask),
-                 output_router_logits=True)
+        ref = hf(
+            torch.tensor(tokens),
+            attention_mask=None if mask is None else torch.tensor(mask),
+            output_router_logits=True,
+        )
     out = ours(jnp.asarray(tokens), None if mask is None else jnp.asarray(mask))
 
     real = np.ones((batch, length), bool) if mask is None else mask.astype(bool)
@@ -52,8 +64,12 @@ def test_logits_router_logits_and_balance_loss_match_transformers(name, padded):
     got_router = np.asarray(out.aux.layers.router_logits)
     assert _rel_err(ref_router[:, real], got_router[:, real]) <= 1e-5
 
-    ref_lb = load_balancing_loss_func(ref.router_logits, cfg.num_experts, cfg.num_experts_per_tok,
-                                      None if mask is None else torch.tensor(mask))
+    ref_lb = load_balancing_loss_func(
+        ref.router_logits,
+        cfg.num_experts,
+        cfg.num_experts_per_tok,
+        None if mask is None else torch.tensor(mask),
+    )
     np.testing.assert_allclose(float(out.aux.load_balance_loss), float(ref_lb), rtol=1e-5)
 
 
@@ -67,8 +83,9 @@ def test_padding_changes_balance_loss_like_transformers():
     with torch.no_grad():
         ref = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask), output_router_logits=True)
     unmasked = float(load_balancing_loss_func(ref.router_logits, cfg.num_experts, 2))
-    masked = float(load_balancing_loss_func(ref.router_logits, cfg.num_experts, 2,
-                                            torch.tensor(mask)))
+    masked = float(
+        load_balancing_loss_func(ref.router_logits, cfg.num_experts, 2, torch.tensor(mask))
+    )
     assert abs(unmasked - masked) > 1e-4
     ours_masked = ours(jnp.asarray(tokens), jnp.asarray(mask)).aux.load_balance_loss
     np.testing.assert_allclose(float(ours_masked), masked, rtol=1e-5)

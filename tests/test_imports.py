@@ -31,7 +31,7 @@ def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     if not node.level:
         return node.module
     parts = module.split(".")
-    parts = parts[:len(parts) - node.level + (1 if is_package else 0)]
+    parts = parts[: len(parts) - node.level + (1 if is_package else 0)]
     return ".".join(parts + ([node.module] if node.module else []))
 
 
@@ -136,6 +136,11 @@ def test_the_reader_sees_local_imports_submodules_and_cycles(tmp_path):
     (pkg / "sub" / "b.py").write_text("import os\nfrom pkg import c\n")
     (pkg / "c.py").write_text("from pkg import f\nfrom . import a\n")
     graph = import_graph(str(pkg))
-    assert graph == {"pkg": {"pkg.a": 1}, "pkg.a": {"pkg.sub.b": 2}, "pkg.sub": {},
-                     "pkg.sub.b": {"pkg.c": 2}, "pkg.c": {"pkg": 1, "pkg.a": 2}}
+    assert graph == {
+        "pkg": {"pkg.a": 1},
+        "pkg.a": {"pkg.sub.b": 2},
+        "pkg.sub": {},
+        "pkg.sub.b": {"pkg.c": 2},
+        "pkg.c": {"pkg": 1, "pkg.a": 2},
+    }
     assert cycles(graph) == [["pkg", "pkg.a", "pkg.sub.b", "pkg.c", "pkg"]]

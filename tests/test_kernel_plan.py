@@ -26,12 +26,22 @@ GPU_BF16 = mj.ModelConfig.tiny(dtype="bfloat16", param_dtype="bfloat16")
 def test_auto_resolves_by_platform():
     cpu = resolve(mj.ModelConfig.tiny(), 1, cached=True, where="cpu")
     assert (cpu.attention, cpu.grouped_matmul, cpu.decode_experts, cpu.decode_projections) == (
-        AttentionImpl.XLA, GmmImpl.XLA, DecodeExpertImpl.GATHER, DecodeProjectionImpl.OFF)
-    assert resolve(mj.ModelConfig.tiny(), 2, cached=True, where="cpu").decode_experts == \
-        DecodeExpertImpl.OFF  # gathering only pays for one token
+        AttentionImpl.XLA,
+        GmmImpl.XLA,
+        DecodeExpertImpl.GATHER,
+        DecodeProjectionImpl.OFF,
+    )
+    assert (
+        resolve(mj.ModelConfig.tiny(), 2, cached=True, where="cpu").decode_experts
+        == DecodeExpertImpl.OFF
+    )  # gathering only pays for one token
     gpu = resolve(GPU_BF16, 8, cached=True, where=NVIDIA_GPU)
     assert (gpu.attention, gpu.grouped_matmul, gpu.decode_experts, gpu.decode_projections) == (
-        AttentionImpl.CUDNN, GmmImpl.PALLAS, DecodeExpertImpl.PALLAS, DecodeProjectionImpl.PALLAS)
+        AttentionImpl.CUDNN,
+        GmmImpl.PALLAS,
+        DecodeExpertImpl.PALLAS,
+        DecodeProjectionImpl.PALLAS,
+    )
     assert gpu.stacked_weights[-1] == ("moe", "router")
     assert hash(gpu) == hash(resolve(GPU_BF16, 8, cached=True, where=NVIDIA_GPU))  # static
 
@@ -39,10 +49,14 @@ def test_auto_resolves_by_platform():
 def test_token_count_cache_dtype_and_mesh_switch_the_decode_kernels_off():
     prefill = resolve(GPU_BF16, 65, cached=True, where=NVIDIA_GPU)
     assert (prefill.decode_experts, prefill.decode_projections) == (
-        DecodeExpertImpl.OFF, DecodeProjectionImpl.OFF)
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
+    )
     uncached = resolve(GPU_BF16, 8, cached=False, where=NVIDIA_GPU)
     assert (uncached.decode_experts, uncached.decode_projections) == (
-        DecodeExpertImpl.OFF, DecodeProjectionImpl.OFF)
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
+    )
     mixed = resolve(GPU_BF16.replace(param_dtype="float32"), 1, cached=True, where=NVIDIA_GPU)
     assert mixed.decode_projections == DecodeProjectionImpl.OFF  # a cast would copy the stacks
     assert mixed.decode_experts == DecodeExpertImpl.PALLAS
@@ -50,7 +64,9 @@ def test_token_count_cache_dtype_and_mesh_switch_the_decode_kernels_off():
     sharded = resolve(GPU_BF16, 8, cached=True, mesh=mesh, where=NVIDIA_GPU)
     assert sharded.expert_mesh is mesh
     assert (sharded.decode_experts, sharded.decode_projections) == (
-        DecodeExpertImpl.OFF, DecodeProjectionImpl.OFF)
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
+    )
     assert resolve(GPU_BF16, 8, cached=True, where="cpu").expert_mesh is None
 
 
@@ -58,23 +74,39 @@ def test_each_choice_has_its_own_field():
     off = GPU_BF16.replace(decode_expert_impl="off", decode_projection_impl="off")
     plan = resolve(off, 1, cached=True, where=NVIDIA_GPU)
     assert (plan.grouped_matmul, plan.decode_experts, plan.decode_projections) == (
-        GmmImpl.PALLAS, DecodeExpertImpl.OFF, DecodeProjectionImpl.OFF)
+        GmmImpl.PALLAS,
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
+    )
     xla = resolve(GPU_BF16.replace(gmm_impl="xla"), 1, cached=True, where=NVIDIA_GPU)
     assert (xla.grouped_matmul, xla.decode_experts, xla.decode_projections) == (
-        GmmImpl.XLA, DecodeExpertImpl.PALLAS, DecodeProjectionImpl.PALLAS)
-    gather = resolve(GPU_BF16.replace(decode_expert_impl="gather"), 7, cached=True,
-                     where=NVIDIA_GPU)
+        GmmImpl.XLA,
+        DecodeExpertImpl.PALLAS,
+        DecodeProjectionImpl.PALLAS,
+    )
+    gather = resolve(
+        GPU_BF16.replace(decode_expert_impl="gather"), 7, cached=True, where=NVIDIA_GPU
+    )
     assert gather.decode_experts == DecodeExpertImpl.GATHER
     dense = resolve(GPU_BF16.replace(moe_impl="dense"), 1, cached=True, where=NVIDIA_GPU)
     assert dense.decode_experts == DecodeExpertImpl.OFF  # the oracle stays the oracle
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"gmm_impl": "pallas"}, "gmm_impl='pallas' needs an NVIDIA GPU, but the platform is 'cpu'"),
-    ({"decode_expert_impl": "pallas"}, "decode_expert_impl='pallas' needs an NVIDIA GPU"),
-    ({"decode_projection_impl": "pallas"}, "decode_projection_impl='pallas' needs an NVIDIA GPU"),
-    ({"attention_impl": "cudnn"}, "attention_impl='cudnn' needs an NVIDIA GPU"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"gmm_impl": "pallas"},
+            "gmm_impl='pallas' needs an NVIDIA GPU, but the platform is 'cpu'",
+        ),
+        ({"decode_expert_impl": "pallas"}, "decode_expert_impl='pallas' needs an NVIDIA GPU"),
+        (
+            {"decode_projection_impl": "pallas"},
+            "decode_projection_impl='pallas' needs an NVIDIA GPU",
+        ),
+        ({"attention_impl": "cudnn"}, "attention_impl='cudnn' needs an NVIDIA GPU"),
+    ],
+)
 def test_an_explicit_choice_that_cannot_run_is_one_line(change, message):
     with pytest.raises(ConfigError, match=message) as e:
         resolve(mj.ModelConfig.tiny(**change), 1, cached=True, where="cpu")

@@ -22,10 +22,12 @@ def test_gathered_equals_dense_oracle_forward_and_gradients(tokens, topk):
         out, _ = fn(x, moe.route(x, router, topk), wg, wu, wd)
         return jnp.sum(out * jnp.cos(out)), out
 
-    (l1, o1), g1 = jax.value_and_grad(lambda *a: loss(moe.moe_gathered, *a), (0, 1, 2, 3),
-                                      has_aux=True)(x, wg, wu, wd)
-    (l2, o2), g2 = jax.value_and_grad(lambda *a: loss(moe.moe_dense, *a), (0, 1, 2, 3),
-                                      has_aux=True)(x, wg, wu, wd)
+    (l1, o1), g1 = jax.value_and_grad(
+        lambda *a: loss(moe.moe_gathered, *a), (0, 1, 2, 3), has_aux=True
+    )(x, wg, wu, wd)
+    (l2, o2), g2 = jax.value_and_grad(
+        lambda *a: loss(moe.moe_dense, *a), (0, 1, 2, 3), has_aux=True
+    )(x, wg, wu, wd)
     np.testing.assert_allclose(o1, o2, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -37,6 +39,7 @@ def test_gathered_equals_dense_oracle_forward_and_gradients(tokens, topk):
 
 def test_moe_block_single_token_takes_the_gathered_path_with_the_dense_result(monkeypatch):
     from flax import nnx
+
     from mixtral_jax.config import preset
 
     cfg = preset("tiny", moe_impl="dropless", dtype="float32", param_dtype="float32")

@@ -24,8 +24,9 @@ def test_rope_is_identity_at_position_zero_and_preserves_norms():
     cos, sin = rope_cos_sin(jnp.arange(5)[None], 8, 10000.0)
     rotated = apply_rope(x, cos, sin)
     np.testing.assert_allclose(rotated[:, 0], x[:, 0], rtol=1e-6)
-    np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5
+    )
 
 
 def test_rope_rotates_half_pairs_by_position_times_frequency():
@@ -59,11 +60,13 @@ def test_causal_sliding_padding_and_segment_masks():
     w = np.asarray(make_attention_mask(5, 5, sliding_window=2))[0]
     expected = np.tril(np.ones((5, 5), bool)) & ~np.tril(np.ones((5, 5), bool), -2)
     np.testing.assert_array_equal(w, expected)  # each query sees itself and one key back
-    pad = np.asarray(make_attention_mask(4, 4, sliding_window=None,
-                                         attention_mask=jnp.array([[0, 1, 1, 1]])))[0]
+    pad = np.asarray(
+        make_attention_mask(4, 4, sliding_window=None, attention_mask=jnp.array([[0, 1, 1, 1]]))
+    )[0]
     assert not pad[:, 0].any() and pad[3, 1:].all()
-    seg = np.asarray(make_attention_mask(4, 4, sliding_window=None,
-                                         segment_ids=jnp.array([[1, 1, 2, 2]])))[0]
+    seg = np.asarray(
+        make_attention_mask(4, 4, sliding_window=None, segment_ids=jnp.array([[1, 1, 2, 2]]))
+    )[0]
     np.testing.assert_array_equal(seg, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
     tail = np.asarray(make_attention_mask(2, 5, sliding_window=3))[0]  # last 2 queries of 5
     np.testing.assert_array_equal(tail, [[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
@@ -78,7 +81,9 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_kv():
     mask = make_attention_mask(t, t, sliding_window=None)
     grouped = dot_product_attention(q, k, v, mask)
     repeat = n // kv
-    mha = dot_product_attention(q, jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2), mask)
+    mha = dot_product_attention(
+        q, jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2), mask
+    )
     np.testing.assert_allclose(grouped, mha, rtol=1e-5, atol=1e-6)
     # Against a numpy loop over heads.
     qn, kn, vn = map(np.asarray, (q, k, v))
@@ -87,5 +92,6 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_kv():
         s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
-        np.testing.assert_allclose(grouped[:, :, head], p @ vn[:, :, head // repeat], rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            grouped[:, :, head], p @ vn[:, :, head // repeat], rtol=1e-5, atol=1e-6
+        )

@@ -40,7 +40,7 @@ def _grads(cfg, params, tokens, mask=None):
 
     def loss(state):
         out = nnx.merge(graphdef, state)(tokens, mask)
-        return jnp.mean(out.logits ** 2) + out.aux.load_balance_loss + out.aux.router_z_loss, out
+        return jnp.mean(out.logits**2) + out.aux.load_balance_loss + out.aux.router_z_loss, out
 
     (_, out), grads = jax.value_and_grad(loss, has_aux=True)(state)
     return out, grads
@@ -52,12 +52,16 @@ def _assert_trees_close(a, b, rtol):
         assert float(jnp.max(jnp.abs(x - y))) <= rtol * max(scale, 1e-30)
 
 
-@pytest.mark.parametrize("changes", [
-    {"moe_impl": "dropless"},
-    {"moe_impl": "capacity", "capacity_factor": 4.0},
-    {"moe_impl": "dropless", "remat": "full"},
-    {"moe_impl": "dropless", "remat": "save_dots"},
-], ids=["dropless", "capacity", "remat-full", "remat-save-dots"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"moe_impl": "dropless"},
+        {"moe_impl": "capacity", "capacity_factor": 4.0},
+        {"moe_impl": "dropless", "remat": "full"},
+        {"moe_impl": "dropless", "remat": "save_dots"},
+    ],
+    ids=["dropless", "capacity", "remat-full", "remat-save-dots"],
+)
 def test_whole_model_paths_equal_dense_oracle_on_logits_and_gradients(changes):
     cfg = mj.ModelConfig.tiny(num_layers=3, sliding_window=6)
     params = mj.get_params(mj.init(cfg, 1))
@@ -76,7 +80,8 @@ def test_layers_are_scanned_not_unrolled():
     model = mj.init(cfg, 0)
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t).logits)(
-        state, jnp.zeros((1, 4), jnp.int32))
+        state, jnp.zeros((1, 4), jnp.int32)
+    )
     text = str(jaxpr)
     assert text.count("scan[") == 1 and "length=5" in text
     assert text.count("ragged_dot_general[") == 3  # gate, up, down of ONE layer body
@@ -115,15 +120,20 @@ def test_packed_documents_equal_separate_runs():
 def test_set_params_names_missing_and_misshapen_leaves(build):
     cfg = mj.ModelConfig.tiny()
     model = mj.init(cfg, 0)
-    load = (lambda p: mj.set_params(model, p)) if build == "set_params" else (
-        lambda p: mj.from_params(cfg, p))
+    load = (
+        (lambda p: mj.set_params(model, p))
+        if build == "set_params"
+        else (lambda p: mj.from_params(cfg, p))
+    )
     params = mj.get_params(model)
     del params["layers"]["moe"]["w_up"]
     with pytest.raises(ValueError, match="parameter layers.moe.w_up missing"):
         load(params)
     params = mj.get_params(model)
     params["lm_head"] = jnp.zeros((3, 3))
-    with pytest.raises(ValueError, match=r"parameter lm_head has shape \(3, 3\), expected \(64, 512\)"):
+    with pytest.raises(
+        ValueError, match=r"parameter lm_head has shape \(3, 3\), expected \(64, 512\)"
+    ):
         load(params)
     params = mj.get_params(model)
     params["extra"] = jnp.zeros(2)
@@ -148,7 +158,11 @@ def test_from_params_casts_and_equals_set_params_in_and_out_of_jit():
 
 def test_init_is_deterministic_per_seed_and_layers_differ():
     cfg = mj.ModelConfig.tiny()
-    a, b, c = mj.get_params(mj.init(cfg, 3)), mj.get_params(mj.init(cfg, 3)), mj.get_params(mj.init(cfg, 4))
+    a, b, c = (
+        mj.get_params(mj.init(cfg, 3)),
+        mj.get_params(mj.init(cfg, 3)),
+        mj.get_params(mj.init(cfg, 4)),
+    )
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert not np.array_equal(a["lm_head"], c["lm_head"])
     w = a["layers"]["moe"]["w_gate"]

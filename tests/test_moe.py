@@ -54,8 +54,9 @@ def test_dispatch_paths_equal_dense_oracle_forward_and_gradients(impl, capacity_
 
 def test_capacity_drops_later_tokens_exactly():
     """Hand-built: 6 tokens, 2 experts, top-1; 5 tokens want expert 0, whose capacity is 2."""
-    cfg = mj.ModelConfig.tiny(num_experts=2, num_experts_per_tok=1, moe_impl="capacity",
-                              capacity_factor=2 * 2 / 6)  # C = ceil(cf * 6 * 1 / 2) = 2
+    cfg = mj.ModelConfig.tiny(
+        num_experts=2, num_experts_per_tok=1, moe_impl="capacity", capacity_factor=2 * 2 / 6
+    )  # C = ceil(cf * 6 * 1 / 2) = 2
     assert cfg.capacity(6) == 2
     block = moe.MoE(cfg, rngs=nnx.Rngs(0))
     d = cfg.embed_dim

@@ -1,7 +1,8 @@
 """Planner: the analytic per-device parameter/optimizer bytes match what XLA compiled."""
 
 import mixtral_jax as mj
-from mixtral_jax import plan, sharding as sh
+from mixtral_jax import plan
+from mixtral_jax import sharding as sh
 
 
 def test_plan_matches_compiled_arguments():
@@ -11,8 +12,12 @@ def test_plan_matches_compiled_arguments():
     assert result.compiled_arguments == result.params + result.optimizer + (8 // 8) * 16 * 4
     assert result.compiled_temp > 0
     # a sharded table holds less than the whole model on each device
-    whole = sum(x.size * 4 for x in __import__("jax").tree_util.tree_leaves(
-        mj.model.get_params(mj.model.abstract(cfg))))
+    whole = sum(
+        x.size * 4
+        for x in __import__("jax").tree_util.tree_leaves(
+            mj.model.get_params(mj.model.abstract(cfg))
+        )
+    )
     assert result.params < whole
 
 

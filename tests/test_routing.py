@@ -2,9 +2,9 @@
 
 import html.parser
 import itertools
+import json
 import shutil
 import subprocess
-import json
 
 import jax.numpy as jnp
 import matplotlib.image
@@ -25,8 +25,7 @@ def _choices(layer: int, token: int) -> tuple[int, int]:
 
 
 def _hand_routed_model():
-    cfg = mj.ModelConfig.tiny(num_experts=E, num_experts_per_tok=2, num_layers=2,
-                              moe_impl="dense")
+    cfg = mj.ModelConfig.tiny(num_experts=E, num_experts_per_tok=2, num_layers=2, moe_impl="dense")
     model = mj.init(cfg, 0)
     p = jax_zeros_like_tree(mj.get_params(model))
     p["layers"]["attn_norm"]["scale"] = np.ones_like(p["layers"]["attn_norm"]["scale"])
@@ -50,8 +49,10 @@ def _hand_routed_model():
 
 
 def jax_zeros_like_tree(tree):
-    return {k: jax_zeros_like_tree(v) if isinstance(v, dict) else np.zeros(v.shape, np.float32)
-            for k, v in tree.items()}
+    return {
+        k: jax_zeros_like_tree(v) if isinstance(v, dict) else np.zeros(v.shape, np.float32)
+        for k, v in tree.items()
+    }
 
 
 def _expected(sequences):
@@ -162,11 +163,25 @@ def test_page_and_plots_render_in_headless_chromium(tmp_path):
     for name in ("tokens.html", "load_heatmap.png", "coactivation.png"):
         shot = tmp_path / f"shot-{name}.png"
         subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-             f"--screenshot={shot}", "--window-size=900,500", (tmp_path / name).as_uri()],
-            check=True, capture_output=True, timeout=120)
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                f"--screenshot={shot}",
+                "--window-size=900,500",
+                (tmp_path / name).as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         image = matplotlib.image.imread(str(shot))
         assert image.shape[:2] == (500, 900)
         assert float(image[..., :3].std()) > 0.05  # something was drawn

@@ -19,23 +19,34 @@ def test_shipped_configs_load(name):
 
 
 def test_presets_overrides_and_defaults():
-    cfg = load_run_config(os.path.join(CONFIGS, "mixtral_8x7b.toml"),
-                          ["--model.num_layers=4", "train.lr=2e-4", "checkpoint.async_save=false"])
+    cfg = load_run_config(
+        os.path.join(CONFIGS, "mixtral_8x7b.toml"),
+        ["--model.num_layers=4", "train.lr=2e-4", "checkpoint.async_save=false"],
+    )
     assert cfg.model == mj.preset("mixtral-8x7b", num_layers=4, dtype="bfloat16", remat="full")
     assert cfg.train.lr == 2e-4 and cfg.checkpoint.async_save is False
     assert load_run_config(None).model == mj.preset("tiny")
 
 
-@pytest.mark.parametrize("toml,message", [
-    ("[trian]\nsteps = 3\n", "unknown config key 'trian'"),
-    ("[train]\nstep = 3\n", "unknown config key 'train.step'"),
-    ("[model]\npreset = 'tiny'\nexperts = 3\n", "unknown config key 'model.experts'"),
-    ("[train]\nsteps = 'ten'\n", "train.steps='ten': must be of type int"),
-    ("[train]\nlr = true\n", "train.lr=True: must be of type float"),
-    ("[model]\npreset = 'tiny'\nhf_config = 'x'\n", "model.preset and model.hf_config are exclusive"),
-    ("[model]\nmoe_impl = 'sparse'\n", "model.moe_impl='sparse': must be one of dense, dropless, capacity"),
-    ("seed = 1\n[train\n", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ("[trian]\nsteps = 3\n", "unknown config key 'trian'"),
+        ("[train]\nstep = 3\n", "unknown config key 'train.step'"),
+        ("[model]\npreset = 'tiny'\nexperts = 3\n", "unknown config key 'model.experts'"),
+        ("[train]\nsteps = 'ten'\n", "train.steps='ten': must be of type int"),
+        ("[train]\nlr = true\n", "train.lr=True: must be of type float"),
+        (
+            "[model]\npreset = 'tiny'\nhf_config = 'x'\n",
+            "model.preset and model.hf_config are exclusive",
+        ),
+        (
+            "[model]\nmoe_impl = 'sparse'\n",
+            "model.moe_impl='sparse': must be one of dense, dropless, capacity",
+        ),
+        ("seed = 1\n[train\n", "is not valid TOML"),
+    ],
+)
 def test_bad_files_are_one_line_errors(tmp_path, toml, message):
     path = tmp_path / "run.toml"
     path.write_text(toml)
@@ -65,9 +76,12 @@ def test_architecture_and_compute_are_separate_and_infer_takes_compute_overrides
     assert "dtype" not in cfg.architecture and cfg.architecture["num_layers"] == 2
     assert mj.to_hf_dict(cfg)["dtype"] == "float32"  # the storage dtype, not how a run computes
     assert compute_overrides(["--model.dtype=bfloat16", "model.moe_impl=dense"]) == {
-        "dtype": "bfloat16", "moe_impl": mj.MoEImpl.DENSE}
-    with pytest.raises(ConfigError, match="model.num_layers is architecture, fixed by the "
-                                          "checkpoint's config.json"):
+        "dtype": "bfloat16",
+        "moe_impl": mj.MoEImpl.DENSE,
+    }
+    with pytest.raises(
+        ConfigError, match="model.num_layers is architecture, fixed by the checkpoint's config.json"
+    ):
         compute_overrides(["--model.num_layers=3"])
     with pytest.raises(ConfigError, match="ModelConfig.dtype='int8': must be one of"):
         compute_overrides(["--model.dtype=int8"])

@@ -26,7 +26,8 @@ def reference():
     one = jax.devices()[:1]
     params1, tokens1 = jax.device_put((params, tokens), one[0])
     (_, logits), grads = jax.jit(jax.value_and_grad(lambda p, t: _loss(cfg, p, t), has_aux=True))(
-        params1, tokens1)
+        params1, tokens1
+    )
     return cfg, params, tokens, logits, grads
 
 
@@ -37,42 +38,55 @@ def test_sharded_forward_and_grads_equal_single_device(reference, spec):
     sharded = mj.init_params(cfg, mesh, seed=3)
     # created sharded, with model.init's values, and every leaf placed per the rules table
     expected = sh.param_shardings(mj.param_shapes(cfg), mesh)
-    for (path, leaf), want, ref in zip(jax.tree_util.tree_leaves_with_path(sharded),
-                                       jax.tree_util.tree_leaves(expected),
-                                       jax.tree_util.tree_leaves(params)):
+    for (path, leaf), want, ref in zip(
+        jax.tree_util.tree_leaves_with_path(sharded),
+        jax.tree_util.tree_leaves(expected),
+        jax.tree_util.tree_leaves(params),
+    ):
         name = jax.tree_util.keystr(path, simple=True, separator=".")
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim), name
         # jit-compiled init may fuse the scale multiply: equal to a float32 ulp
         np.testing.assert_allclose(np.asarray(leaf), np.asarray(ref), rtol=1e-6, err_msg=name)
     toks = jax.device_put(tokens, sh.batch_sharding(mesh))
-    step = jax.jit(jax.value_and_grad(lambda p, t: _loss(cfg, p, t), has_aux=True),
-                   out_shardings=((None, None), expected))
+    step = jax.jit(
+        jax.value_and_grad(lambda p, t: _loss(cfg, p, t), has_aux=True),
+        out_shardings=((None, None), expected),
+    )
     (_, logits), grads = step(sharded, toks)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_ref), rtol=1e-5, atol=1e-5)
-    for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
-                                jax.tree_util.tree_leaves(grads_ref)):
+    for (path, g), g_ref in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_ref)
+    ):
         name = jax.tree_util.keystr(path, simple=True, separator=".")
         scale = float(np.max(np.abs(np.asarray(g_ref)))) + 1e-12
-        np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(g_ref) / scale, atol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(g) / scale, np.asarray(g_ref) / scale, atol=1e-5, err_msg=name
+        )
 
 
 def test_rules_table_specs():
     mesh = sh.make_mesh(sh.MeshConfig.parse("expert=4,tensor=2"))
     shardings = sh.param_shardings(mj.param_shapes(mj.ModelConfig.tiny()), mesh)
     specs = jax.tree_util.tree_map(lambda s: s.spec, shardings)
-    assert specs["layers"]["moe"]["w_gate"] == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
-    assert specs["layers"]["attn"]["o_proj"] == jax.sharding.PartitionSpec(None, "tensor", None, None)
+    assert specs["layers"]["moe"]["w_gate"] == jax.sharding.PartitionSpec(
+        None, "expert", None, "tensor"
+    )
+    assert specs["layers"]["attn"]["o_proj"] == jax.sharding.PartitionSpec(
+        None, "tensor", None, None
+    )
     assert specs["lm_head"] == jax.sharding.PartitionSpec(None, "tensor")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("data=3", "uses 3 devices, but 8 are present"),
-    ("data=-1,expert=-1", "at most one may be"),
-    ("pipeline=2", "expected one of data, fsdp, expert, tensor"),
-    ("data=x", "size must be an integer"),
-    ("expert=3,data=-1", "does not divide"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data=3", "uses 3 devices, but 8 are present"),
+        ("data=-1,expert=-1", "at most one may be"),
+        ("pipeline=2", "expected one of data, fsdp, expert, tensor"),
+        ("data=x", "size must be an integer"),
+        ("expert=3,data=-1", "does not divide"),
+    ],
+)
 def test_bad_mesh_is_one_line_error(text, message):
     with pytest.raises(ValueError, match=message):
         sh.MeshConfig.parse(text).resolve(len(jax.devices()))
@@ -102,7 +116,7 @@ def test_activations_follow_the_active_mesh():
     mesh = sh.make_mesh(sh.MeshConfig.parse("data=4,tensor=2"))
     params = mj.init_params(cfg, mesh, seed=0)
     tokens = jax.device_put(jnp.zeros((8, 16), jnp.int32), sh.batch_sharding(mesh))
-    forward = lambda p, t: mj.from_params(cfg, p)(t).logits  # noqa: E731
+    forward = lambda p, t: mj.from_params(cfg, p)(t).logits
     with sh.active(mesh):
         logits = jax.jit(forward)(params, tokens)
     want = sh.logical_spec(mesh, logits.shape, ("batch", "length", "vocab"))

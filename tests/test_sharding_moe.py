@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as PS
 
 from mixtral_jax import kernel_plan, moe, moe_ops, moe_parallel
-from mixtral_jax.config import Exchange
 from mixtral_jax import sharding as sh
+from mixtral_jax.config import Exchange
 
 E, D, F, M, K = 8, 16, 24, 64, 2
 
@@ -24,9 +24,15 @@ def _weights(seed):
     return x, router, wg, wu, wd
 
 
-@pytest.mark.parametrize("spec, skewed", [("expert=8", True), ("expert=4,data=2", False),
-                                           ("expert=4,data=2", True),
-                                           ("expert=2,fsdp=2,data=2", True)])
+@pytest.mark.parametrize(
+    "spec, skewed",
+    [
+        ("expert=8", True),
+        ("expert=4,data=2", False),
+        ("expert=4,data=2", True),
+        ("expert=2,fsdp=2,data=2", True),
+    ],
+)
 def test_expert_parallel_equals_dense(spec, skewed):
     mesh = sh.make_mesh(sh.MeshConfig.parse(spec))
     x, router, wg, wu, wd = _weights(1)
@@ -59,11 +65,16 @@ def test_capacity_drops_match_capacity_oracle():
     x, router, wg, wu, wd = _weights(2)
     router = router.at[:, 0].add(5.0)
     routing = moe.route(x, router, K)
-    got, dropped = jax.jit(lambda *a: moe_parallel.moe_expert_parallel(
-        *a, mesh=mesh, capacity_factor=1.0))(x, routing, wg, wu, wd)
+    got, dropped = jax.jit(
+        lambda *a: moe_parallel.moe_expert_parallel(*a, mesh=mesh, capacity_factor=1.0)
+    )(x, routing, wg, wu, wd)
     cap = int(np.ceil(1.0 * (M // 8) * K / E))
-    keep = np.concatenate([np.asarray(moe_ops.group_positions(routing.experts[i:i + M // 8], E)) < cap
-                           for i in range(0, M, M // 8)])
+    keep = np.concatenate(
+        [
+            np.asarray(moe_ops.group_positions(routing.experts[i : i + M // 8], E)) < cap
+            for i in range(0, M, M // 8)
+        ]
+    )
     assert int(dropped) == int((~keep).sum()) > 0
     kept = routing.replace(weights=jnp.where(keep, routing.weights, 0.0))
     want, _ = moe.moe_dense(x, kept, wg, wu, wd)
@@ -87,8 +98,9 @@ def test_fewer_or_uneven_tokens_are_padded_not_refused(tokens):
     x = x[:tokens]
     routing = moe.route(x, router, K)
     want, _ = moe.moe_dense(x, routing, wg, wu, wd)
-    got, dropped = jax.jit(lambda *a: moe_parallel.moe_expert_parallel(
-        *a, mesh=mesh, capacity_factor=None))(x, routing, wg, wu, wd)
+    got, dropped = jax.jit(
+        lambda *a: moe_parallel.moe_expert_parallel(*a, mesh=mesh, capacity_factor=None)
+    )(x, routing, wg, wu, wd)
     assert got.shape == (tokens, D) and int(dropped) == 0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -101,11 +113,14 @@ def _real_ragged_all_to_all_runs() -> bool:
 
     def f(x):
         zero, one = jnp.zeros((2,), jnp.int32), jnp.ones((2,), jnp.int32)
-        return jax.lax.ragged_all_to_all(x, jnp.zeros_like(x), zero.at[1].set(1), one, zero,
-                                         one, axis_name="data")
+        return jax.lax.ragged_all_to_all(
+            x, jnp.zeros_like(x), zero.at[1].set(1), one, zero, one, axis_name="data"
+        )
+
     try:
-        jax.jit(jax.shard_map(f, mesh=mesh, in_specs=PS("data"), out_specs=PS("data"),
-                              check_vma=False))(jnp.arange(4.0))
+        jax.jit(
+            jax.shard_map(f, mesh=mesh, in_specs=PS("data"), out_specs=PS("data"), check_vma=False)
+        )(jnp.arange(4.0))
     except Exception:  # noqa: BLE001
         return False
     return True
@@ -133,12 +148,20 @@ def test_emulated_ragged_all_to_all_follows_the_documented_example():
     mesh = sh.make_mesh(sh.MeshConfig(data=2), jax.devices()[:2])
     i32 = lambda *rows: jnp.array(rows, jnp.int32)
     operand = jnp.array([[1, 2, 2], [3, 4, 0]], jnp.float32)
-    args = (operand, jnp.zeros((2, 4)), i32([0, 1], [0, 1]), i32([1, 2], [1, 1]),
-            i32([0, 0], [1, 2]), i32([1, 1], [2, 1]))
-    fn = lambda *a: moe_parallel.emulated_ragged_all_to_all(
-        *(v[0] for v in a), axis_name="data")[None]
-    got = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=PS("data"), out_specs=PS("data"),
-                                check_vma=False))(*args)
+    args = (
+        operand,
+        jnp.zeros((2, 4)),
+        i32([0, 1], [0, 1]),
+        i32([1, 2], [1, 1]),
+        i32([0, 0], [1, 2]),
+        i32([1, 1], [2, 1]),
+    )
+    fn = lambda *a: moe_parallel.emulated_ragged_all_to_all(*(v[0] for v in a), axis_name="data")[
+        None
+    ]
+    got = jax.jit(
+        jax.shard_map(fn, mesh=mesh, in_specs=PS("data"), out_specs=PS("data"), check_vma=False)
+    )(*args)
     np.testing.assert_array_equal(got, [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
@@ -155,14 +178,14 @@ def test_ragged_exchange_equals_dense(spec, bias):
     if bias > 5:
         assert bool(jnp.all(routing.experts < 2))
     want, _ = moe.moe_dense(x, routing, wg, wu, wd)
-    ep = lambda *a: moe_parallel.moe_expert_parallel(
-        *a, mesh=mesh, exchange="ragged_emulated")
+    ep = lambda *a: moe_parallel.moe_expert_parallel(*a, mesh=mesh, exchange="ragged_emulated")
     got, dropped = jax.jit(ep)(x, routing, wg, wu, wd)
     assert int(dropped) == 0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
     def loss(fn, *a):
         return jnp.sum(fn(a[0], moe.route(a[0], router, K), *a[1:])[0] * jnp.cos(jnp.arange(D)))
+
     g_ref = jax.grad(partial(loss, moe.moe_dense), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
     g_ep = jax.jit(jax.grad(partial(loss, ep), argnums=(0, 1, 2, 3)))(x, wg, wu, wd)
     for a, b in zip(g_ep, g_ref):
@@ -174,6 +197,7 @@ def test_ragged_exchange_pads_few_tokens():
     x, router, wg, wu, wd = _weights(2)
     routing = moe.route(x[:3], router, K)
     want, _ = moe.moe_dense(x[:3], routing, wg, wu, wd)
-    got, _ = jax.jit(lambda *a: moe_parallel.moe_expert_parallel(
-        *a, mesh=mesh, exchange="ragged_emulated"))(x[:3], routing, wg, wu, wd)
+    got, _ = jax.jit(
+        lambda *a: moe_parallel.moe_expert_parallel(*a, mesh=mesh, exchange="ragged_emulated")
+    )(x[:3], routing, wg, wu, wd)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

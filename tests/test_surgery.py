@@ -28,8 +28,9 @@ def test_dropping_no_expert_is_bit_exact():
     new_params, new_cfg = surgery.drop_experts(params, cfg, [])
     assert new_cfg == cfg
     for path in ("w_gate", "w_up", "w_down", "router"):
-        np.testing.assert_array_equal(new_params["layers"]["moe"][path],
-                                      params["layers"]["moe"][path])
+        np.testing.assert_array_equal(
+            new_params["layers"]["moe"][path], params["layers"]["moe"][path]
+        )
     again = mj.from_params(new_cfg, new_params)
     np.testing.assert_array_equal(again(_tokens(cfg)).logits, model(_tokens(cfg)).logits)
 
@@ -68,19 +69,23 @@ def test_per_layer_drop_and_least_used():
     w = params["layers"]["moe"]["w_down"]
     np.testing.assert_array_equal(new_params["layers"]["moe"]["w_down"][0], w[0, [1, 2, 3]])
     np.testing.assert_array_equal(new_params["layers"]["moe"]["w_down"][1], w[1, [0, 1, 4]])
-    np.testing.assert_array_equal(new_params["layers"]["moe"]["router"][1],
-                                  params["layers"]["moe"]["router"][1][:, [0, 1, 4]])
+    np.testing.assert_array_equal(
+        new_params["layers"]["moe"]["router"][1], params["layers"]["moe"]["router"][1][:, [0, 1, 4]]
+    )
     share = np.array([[0.3, 0.05, 0.3, 0.3, 0.05], [0.1, 0.2, 0.3, 0.0, 0.4]])
     assert surgery.least_used(share, 2) == [[1, 4], [0, 3]]
 
 
-@pytest.mark.parametrize("drop,message", [
-    ([7], "expert 7 out of range [0, 4)"),
-    ([1, 1], "repeats an expert"),
-    ([[0], [0, 1]], "same number of experts"),
-    ([0, 1, 2], "1 experts left < top-k 2"),
-    ([[0]], "drop lists for 1 layers, model has 2"),
-])
+@pytest.mark.parametrize(
+    "drop,message",
+    [
+        ([7], "expert 7 out of range [0, 4)"),
+        ([1, 1], "repeats an expert"),
+        ([[0], [0, 1]], "same number of experts"),
+        ([0, 1, 2], "1 experts left < top-k 2"),
+        ([[0]], "drop lists for 1 layers, model has 2"),
+    ],
+)
 def test_bad_drops_are_refused(drop, message):
     cfg = mj.ModelConfig.tiny()
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
@@ -94,13 +99,21 @@ def test_merge_is_the_weighted_average_and_keeps_the_rest():
     merged, merged_cfg = surgery.merge_experts(params, cfg, [[1, 3]], weights)
     assert merged_cfg.num_experts == 3  # groups ordered by smallest member: [0], [1, 3], [2]
     w = params["layers"]["moe"]["w_gate"]
-    np.testing.assert_allclose(merged["layers"]["moe"]["w_gate"][:, 1],
-                               (0.2 * w[:, 1] + 0.4 * w[:, 3]) / 0.6, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        merged["layers"]["moe"]["w_gate"][:, 1],
+        (0.2 * w[:, 1] + 0.4 * w[:, 3]) / 0.6,
+        rtol=1e-6,
+        atol=1e-8,
+    )
     np.testing.assert_array_equal(merged["layers"]["moe"]["w_gate"][:, 0], w[:, 0])
     np.testing.assert_array_equal(merged["layers"]["moe"]["w_gate"][:, 2], w[:, 2])
     r = params["layers"]["moe"]["router"]
-    np.testing.assert_allclose(merged["layers"]["moe"]["router"][:, :, 1],
-                               (0.2 * r[:, :, 1] + 0.4 * r[:, :, 3]) / 0.6, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        merged["layers"]["moe"]["router"][:, :, 1],
+        (0.2 * r[:, :, 1] + 0.4 * r[:, :, 3]) / 0.6,
+        rtol=1e-6,
+        atol=1e-8,
+    )
     model = mj.from_params(merged_cfg, merged)
     assert bool(jnp.all(jnp.isfinite(model(_tokens(cfg)).logits)))
     with pytest.raises(ConfigError, match="appears in two merge groups"):

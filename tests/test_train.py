@@ -20,13 +20,24 @@ from mixtral_jax import data, moe, trainer
 from mixtral_jax.config import ConfigError
 from mixtral_jax.runconfig import load_run_config
 from mixtral_jax.train_checkpoint import TrainCheckpointer
-from mixtral_jax.train_step import (init_state, make_optimizer, make_train_step,
-                                    split_micro_batches, state_shardings)
+from mixtral_jax.train_step import (
+    init_state,
+    make_optimizer,
+    make_train_step,
+    split_micro_batches,
+    state_shardings,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--model.num_layers=1", "--train.batch_size=4", "--train.seq_len=32",
-         "--data.vocab_size=128", "--train.log_every=1", "--train.eval_every=1000",
-         "--train.warmup_steps=2"]
+SMALL = [
+    "--model.num_layers=1",
+    "--train.batch_size=4",
+    "--train.seq_len=32",
+    "--data.vocab_size=128",
+    "--train.log_every=1",
+    "--train.eval_every=1000",
+    "--train.warmup_steps=2",
+]
 
 
 def _config(run_dir, *overrides):
@@ -36,8 +47,13 @@ def _config(run_dir, *overrides):
 def test_default_corpus_loss_falls_well_below_unigram_entropy(tmp_path):
     # 100 steps: train and eval loss end 1.0 below the unigram entropy (5.59), 0.4 of headroom
     # over the 0.6 asked (150 steps reached 1.45; 80 only 0.75).
-    cfg = _config(tmp_path, "--train.steps=100", "--train.seq_len=64", "--train.eval_every=100",
-                  "--train.log_every=25")
+    cfg = _config(
+        tmp_path,
+        "--train.steps=100",
+        "--train.seq_len=64",
+        "--train.eval_every=100",
+        "--train.log_every=25",
+    )
     result = trainer.run(cfg, show_progress=False)
     assert result["unigram_entropy"] > 5.0
     assert result["eval_loss"] < result["unigram_entropy"] - 0.6
@@ -54,8 +70,12 @@ def _saving_run(steps):
 
 
 def _train_cmd(run_dir, steps):
-    return [sys.executable, os.path.join(ROOT, "train.py"), *_saving_run(steps),
-            f"--checkpoint.dir={run_dir}"]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        *_saving_run(steps),
+        f"--checkpoint.dir={run_dir}",
+    ]
 
 
 def _final_state(run_dir):
@@ -81,8 +101,13 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path):
     for trial in range(2):
         run_dir = tmp_path / f"trial{trial}"
         for _ in range(2):  # two kills per trial, at a random moment of training (saves each step)
-            proc = subprocess.Popen(_train_cmd(run_dir, steps), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            proc = subprocess.Popen(
+                _train_cmd(run_dir, steps),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
             deadline = time.time() + 120
             while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
                 time.sleep(0.05)
@@ -99,8 +124,12 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path):
 def test_corrupted_checkpoint_is_detected_before_use(tmp_path):
     cfg = _config(tmp_path, *SMALL, "--train.steps=4", "--checkpoint.save_every=2")
     trainer.run(cfg, show_progress=False)
-    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "4" / "state")
-             for f in fs if "manifest" not in f and not f.startswith("_")]
+    files = [
+        os.path.join(d, f)
+        for d, _, fs in os.walk(tmp_path / "checkpoints" / "4" / "state")
+        for f in fs
+        if "manifest" not in f and not f.startswith("_")
+    ]
     target = max(files, key=os.path.getsize)
     blob = bytearray(open(target, "rb").read())
     for i in range(len(blob) // 2, len(blob) // 2 + 64):
@@ -132,9 +161,14 @@ def test_interrupted_save_is_never_resumed_from(tmp_path):
 
 
 def _tiny_setup(grad_accum, aux=0.0):
-    cfg = _config("/tmp/unused", *SMALL, f"--train.grad_accum={grad_accum}",
-                  f"--train.aux_loss_coef={aux}", "--train.router_z_loss_coef=0.0",
-                  "--train.batch_size=4")
+    cfg = _config(
+        "/tmp/unused",
+        *SMALL,
+        f"--train.grad_accum={grad_accum}",
+        f"--train.aux_loss_coef={aux}",
+        "--train.router_z_loss_coef=0.0",
+        "--train.batch_size=4",
+    )
     model_cfg = mj.ModelConfig.tiny(num_layers=1, vocab_size=64)
     model = mj.init(model_cfg, 0)
     tx = make_optimizer(cfg.train, mj.get_params(model))
@@ -144,13 +178,17 @@ def _tiny_setup(grad_accum, aux=0.0):
 def _one_device_step(graphdef, tx, tc, state):
     """make_train_step on the 1x1x1x1 mesh a run without a [mesh] table gets."""
     mesh = trainer.make_run_mesh(_config("/tmp/unused"))
-    return make_train_step(graphdef, tx, tc, mesh=mesh,
-                           shardings=state_shardings(state.params, tx, mesh))
+    return make_train_step(
+        graphdef, tx, tc, mesh=mesh, shardings=state_shardings(state.params, tx, mesh)
+    )
 
 
 def _batch(seed=0):
-    rows = data.pack([np.random.default_rng(seed + i).integers(3, 64, 40).astype(np.int32)
-                      for i in range(6)], 24, seed)
+    rows = data.pack(
+        [np.random.default_rng(seed + i).integers(3, 64, 40).astype(np.int32) for i in range(6)],
+        24,
+        seed,
+    )
     return data.make_batch(rows, np.arange(4))
 
 
@@ -212,9 +250,17 @@ def test_router_losses_push_the_right_way():
 
 
 def test_bad_config_is_a_one_line_error_and_writes_nothing(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--train.steps=0",
-                             f"--checkpoint.dir={tmp_path / 'x'}"], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--train.steps=0",
+            f"--checkpoint.dir={tmp_path / 'x'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == "error: train.steps=0: must be >= 1"
     assert not (tmp_path / "x").exists()
@@ -222,9 +268,14 @@ def test_bad_config_is_a_one_line_error_and_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen([*_train_cmd(tmp_path, 100000), "--checkpoint.save_every=1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [*_train_cmd(tmp_path, 100000), "--checkpoint.save_every=1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     log = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
@@ -266,8 +317,14 @@ def test_repeated_non_finite_steps_halt_without_bad_weights(tmp_path, monkeypatc
         return batch
 
     monkeypatch.setattr(data.BatchIterator, "__next__", poisoned)
-    cfg = _config(tmp_path, *SMALL, "--train.steps=10", "--train.max_bad_steps=3",
-                  "--checkpoint.save_every=1", "--checkpoint.async_save=false")
+    cfg = _config(
+        tmp_path,
+        *SMALL,
+        "--train.steps=10",
+        "--train.max_bad_steps=3",
+        "--checkpoint.save_every=1",
+        "--checkpoint.async_save=false",
+    )
     with pytest.raises(trainer.NumericsHalt, match="3 consecutive non-finite steps at step 3"):
         trainer.run(cfg, show_progress=False)
     ckpt = TrainCheckpointer(str(tmp_path), keep=3, async_save=False)
@@ -281,27 +338,40 @@ def test_repeated_non_finite_steps_halt_without_bad_weights(tmp_path, monkeypatc
 
 def test_training_starts_from_a_model_checkpoint(tmp_path):
     """An upcycled dense model (issue 8) fine-tunes with train.py: the run starts at its weights."""
+    from test_upcycle import _dense_mistral
+
     from mixtral_jax import upcycle
     from mixtral_jax.tokenizer import train_tokenizer
-    from test_upcycle import _dense_mistral
 
     _, dense_cfg, state = _dense_mistral(None)
     cfg = upcycle.upcycled_config(dense_cfg, 4, 2)
     start = upcycle.upcycle_params(state.__getitem__, cfg)
     docs = data.read_documents(data.BUILTIN_PYDOC)
-    tok = train_tokenizer([p for d in docs[:20] for p in d.split("\n\n")],
-                          str(tmp_path / "tok.model"), 100)
+    tok = train_tokenizer(
+        [p for d in docs[:20] for p in d.split("\n\n")], str(tmp_path / "tok.model"), 100
+    )
     assert tok.vocab_size <= cfg.vocab_size
     mj.checkpoint.save_model(str(tmp_path / "start"), start, cfg, str(tmp_path / "tok.model"))
-    run_cfg = _config(tmp_path / "run", "--train.steps=2", "--train.batch_size=2",
-                      "--train.seq_len=32", "--train.lr=1e-3", "--train.warmup_steps=0",
-                      f"--checkpoint.init_from={tmp_path / 'start'}")
+    run_cfg = _config(
+        tmp_path / "run",
+        "--train.steps=2",
+        "--train.batch_size=2",
+        "--train.seq_len=32",
+        "--train.lr=1e-3",
+        "--train.warmup_steps=0",
+        f"--checkpoint.init_from={tmp_path / 'start'}",
+    )
     trainer.run(run_cfg, show_progress=False)
     final_cfg, final = mj.checkpoint.load_model(str(tmp_path / "run" / "model"))
     assert final_cfg.num_experts == 4 and final_cfg.embed_dim == cfg.embed_dim
     moved = np.abs(np.asarray(final["layers"]["moe"]["w_up"]) - start["layers"]["moe"]["w_up"])
     assert 0 < moved.max() <= 2.5e-3  # two AdamW steps of lr 1e-3 from the starting weights
     with pytest.raises(ConfigError, match="cannot go with checkpoint.init_from"):
-        trainer.run(dataclasses.replace(run_cfg, data=dataclasses.replace(
-            run_cfg.data, tokenizer="train"), checkpoint=dataclasses.replace(
-            run_cfg.checkpoint, dir=str(tmp_path / "other"))), show_progress=False)
+        trainer.run(
+            dataclasses.replace(
+                run_cfg,
+                data=dataclasses.replace(run_cfg.data, tokenizer="train"),
+                checkpoint=dataclasses.replace(run_cfg.checkpoint, dir=str(tmp_path / "other")),
+            ),
+            show_progress=False,
+        )

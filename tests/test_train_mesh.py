@@ -20,14 +20,30 @@ from mixtral_jax.train_step import (
     state_shardings,
 )
 
-SMALL = ["model.num_layers=2", "model.num_experts=4", "train.batch_size=8", "train.seq_len=32",
-         "data.vocab_size=128", "train.log_every=1", "train.eval_every=1000",
-         "train.warmup_steps=1", "checkpoint.async_save=false"]
+SMALL = [
+    "model.num_layers=2",
+    "model.num_experts=4",
+    "train.batch_size=8",
+    "train.seq_len=32",
+    "data.vocab_size=128",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.warmup_steps=1",
+    "checkpoint.async_save=false",
+]
 
 
 def _config(run_dir, steps, mesh=(), extra=()):
-    return load_run_config(None, [f"checkpoint.dir={run_dir}", f"train.steps={steps}", *SMALL,
-                                  *[f"mesh.{m}" for m in mesh], *extra])
+    return load_run_config(
+        None,
+        [
+            f"checkpoint.dir={run_dir}",
+            f"train.steps={steps}",
+            *SMALL,
+            *[f"mesh.{m}" for m in mesh],
+            *extra,
+        ],
+    )
 
 
 def _params(run_dir) -> dict:
@@ -59,8 +75,7 @@ def test_mesh_run_with_a_resume_equals_the_single_device_run(tmp_path, single):
     params = _params(tmp_path)
     assert params.keys() == params_1.keys()
     for name in params:
-        np.testing.assert_allclose(params[name], params_1[name], rtol=1e-4, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(params[name], params_1[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_state_is_created_sharded_by_the_rules_table(tmp_path):
@@ -73,8 +88,9 @@ def test_state_is_created_sharded_by_the_rules_table(tmp_path):
     flat_want = jax.tree.leaves(want)
     for leaf, w in zip(jax.tree.leaves(state.params), flat_want, strict=True):
         assert leaf.sharding.is_equivalent_to(w, leaf.ndim)
-    moments = optax.tree_map_params(tx, lambda x: x, state.opt_state,
-                                    transform_non_params=lambda _: None)
+    moments = optax.tree_map_params(
+        tx, lambda x: x, state.opt_state, transform_non_params=lambda _: None
+    )
     adam = [m for m in jax.tree.leaves(moments) if m is not None]
     assert len(adam) == 2 * len(flat_want)  # mu and nu, each sharded like its parameter
     for leaf, w in zip(adam, flat_want * 2):
@@ -82,12 +98,15 @@ def test_state_is_created_sharded_by_the_rules_table(tmp_path):
     assert any(not leaf.sharding.is_fully_replicated for leaf in adam)
 
 
-@pytest.mark.parametrize("mesh,message", [
-    (("data=16",), "needs 16 devices, 8 present"),
-    (("data=-1", "expert=-1"), "only one mesh axis may be -1"),
-    (("expert=8",), "mesh.expert=8 does not divide num_experts=4"),
-    (("data=0",), "mesh.data=0: must be >= 1 or -1"),
-])
+@pytest.mark.parametrize(
+    "mesh,message",
+    [
+        (("data=16",), "needs 16 devices, 8 present"),
+        (("data=-1", "expert=-1"), "only one mesh axis may be -1"),
+        (("expert=8",), "mesh.expert=8 does not divide num_experts=4"),
+        (("data=0",), "mesh.data=0: must be >= 1 or -1"),
+    ],
+)
 def test_bad_mesh_is_a_one_line_error(tmp_path, mesh, message):
     with pytest.raises(ConfigError, match=message):
         trainer.run(_config(tmp_path, 1, mesh), show_progress=False)
@@ -95,10 +114,13 @@ def test_bad_mesh_is_a_one_line_error(tmp_path, mesh, message):
 
 def _synthetic_batch(vocab: int, rows: int, seq: int, grad_accum: int) -> dict:
     tokens = np.random.default_rng(0).integers(3, vocab, (rows, seq + 1)).astype(np.int32)
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)),
-             "segment_ids": np.ones((rows, seq), np.int32),
-             "loss_mask": np.ones((rows, seq), np.float32)}
+    batch = {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)),
+        "segment_ids": np.ones((rows, seq), np.int32),
+        "loss_mask": np.ones((rows, seq), np.float32),
+    }
     return split_micro_batches(batch, grad_accum)
 
 

@@ -3,18 +3,27 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import torch, transformers
 
 import mixtral_jax as mj
-from hf_reference import torch, transformers
 from mixtral_jax import upcycle
 from mixtral_jax.config import ConfigError
 
 
 def _dense_mistral(window):
     cfg = transformers.MistralConfig(
-        vocab_size=101, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=12, sliding_window=window,
-        max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=False)
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        sliding_window=window,
+        max_position_embeddings=64,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(cfg).float().eval()
@@ -22,8 +31,10 @@ def _dense_mistral(window):
     with torch.no_grad():
         for name, p in model.named_parameters():
             scale = 0.1 if name.endswith("norm.weight") else 0.2
-            p.copy_((1.0 if name.endswith("norm.weight") else 0.0)
-                    + scale * torch.randn(p.shape, generator=gen))
+            p.copy_(
+                (1.0 if name.endswith("norm.weight") else 0.0)
+                + scale * torch.randn(p.shape, generator=gen)
+            )
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return model, cfg.to_dict(), state
 

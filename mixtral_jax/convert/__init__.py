@@ -14,5 +14,12 @@ from mixtral_jax.convert.exporter import to_hf, write_hf
 from mixtral_jax.convert.importer import build_params, to_orbax
 from mixtral_jax.convert.source import ConversionError, Source, open_source
 
-__all__ = ["ConversionError", "Source", "build_params", "open_source", "to_hf", "to_orbax",
-           "write_hf"]
+__all__ = [
+    "ConversionError",
+    "Source",
+    "build_params",
+    "open_source",
+    "to_hf",
+    "to_orbax",
+    "write_hf",
+]

@@ -41,26 +41,42 @@ def shard_plan(cfg: ModelConfig, dtype: np.dtype, max_bytes: int) -> list[list[s
     return shards
 
 
-def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, tokenizer: str | None = None,
-             max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> None:
+def write_hf(
+    params: dict,
+    cfg: ModelConfig,
+    out_dir: str,
+    *,
+    tokenizer: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> None:
     """Writes the HF directory `out_dir` (which must not exist) from our numpy params."""
     if os.path.exists(out_dir):
-        raise ConversionError(out_dir, [f"output {out_dir} already exists: choose a new "
-                                        "directory"])
+        raise ConversionError(out_dir, [f"output {out_dir} already exists: choose a new directory"])
     dtype = np.asarray(params["embed"]["embedding"]).dtype
     shapes = hf_shapes(cfg)
     shards = shard_plan(cfg, dtype, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     where = {key: names[i] for i, keys in enumerate(shards) for key in keys}
     with atomic_directory(out_dir) as staging:
         tensors = params_to_hf(params, cfg)
         total = sum(int(np.prod(s)) for s in shapes.values()) * dtype.itemsize
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="export",
+            disable=not progress,
+        ) as bar:
             for name, keys in zip(names, shards):
-                writer = StreamWriter(os.path.join(staging, name),
-                                      [(k, dtype, shapes[k]) for k in keys])
+                writer = StreamWriter(
+                    os.path.join(staging, name), [(k, dtype, shapes[k]) for k in keys]
+                )
                 try:
                     for _ in keys:
                         key, value = next(tensors)
@@ -77,20 +93,34 @@ def write_hf(params: dict, cfg: ModelConfig, out_dir: str, *, tokenizer: str | N
             shutil.copyfile(tokenizer, os.path.join(staging, checkpoint.TOKENIZER_FILE))
 
 
-def to_hf(checkpoint_dir: str, out_dir: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-          progress: bool = True) -> ModelConfig:
+def to_hf(
+    checkpoint_dir: str,
+    out_dir: str,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> ModelConfig:
     """Exports the model checkpoint `checkpoint_dir` as the HF directory `out_dir`."""
     if os.path.exists(out_dir):
-        raise ConversionError(checkpoint_dir, [f"output {out_dir} already exists: choose a "
-                                               "new directory"])
+        raise ConversionError(
+            checkpoint_dir, [f"output {out_dir} already exists: choose a new directory"]
+        )
     if not checkpoint.is_model_checkpoint(checkpoint_dir):
-        raise ConversionError(checkpoint_dir, [f"{checkpoint_dir} is not a model checkpoint "
-                                               "(needs config.json and params/)"])
+        raise ConversionError(
+            checkpoint_dir,
+            [f"{checkpoint_dir} is not a model checkpoint (needs config.json and params/)"],
+        )
     try:  # slices are read one at a time as the export walks them
         cfg, params = checkpoint.LazyParams.open(checkpoint_dir)
     except ConfigError as e:
         raise ConversionError(checkpoint_dir, [str(e)]) from None
     tokenizer = os.path.join(checkpoint_dir, checkpoint.TOKENIZER_FILE)
-    write_hf(params, cfg, out_dir, tokenizer=tokenizer if os.path.isfile(tokenizer) else None,
-             max_shard_bytes=max_shard_bytes, progress=progress)
+    write_hf(
+        params,
+        cfg,
+        out_dir,
+        tokenizer=tokenizer if os.path.isfile(tokenizer) else None,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+    )
     return cfg

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,8 +32,12 @@ MIN_TORCH = (2, 6)
 class WeightFiles:
     """Tensors of a directory by name: `shape(k)`, `dtype(k)`, `read(k)`, `nbytes(k)`."""
 
-    def __init__(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
-                 reader: Callable[[str], np.ndarray], files: list[str]):
+    def __init__(
+        self,
+        specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+        reader: Callable[[str], np.ndarray],
+        files: list[str],
+    ):
         self.specs = specs
         self._reader = reader
         self.files = files
@@ -71,8 +75,9 @@ def _inside(directory: str, relative: str, problems: list[str], what: str) -> st
     return path
 
 
-def _safetensors(directory: str, names: list[str], problems: list[str],
-                 weight_map: dict[str, str] | None) -> WeightFiles:
+def _safetensors(
+    directory: str, names: list[str], problems: list[str], weight_map: dict[str, str] | None
+) -> WeightFiles:
     infos: dict[str, st.TensorInfo] = {}
     where: dict[str, str] = {}
     paths = []
@@ -102,7 +107,8 @@ def _read_index(directory: str, name: str, problems: list[str]) -> dict[str, str
     try:
         weight_map = read_json(os.path.join(directory, name), "shard index")["weight_map"]
         if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
             raise TypeError("weight_map is not an object of strings")
     except ConfigError as e:
         problems.append(f"{name} is not a valid shard index: {e}")
@@ -119,24 +125,33 @@ def find_weight_files(directory: str) -> tuple[str, list[str]]:
         return "index", [HF_INDEX]
     if os.path.isfile(os.path.join(directory, HF_SINGLE)):
         return "safetensors", [HF_SINGLE]
-    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory,
-                                                                       "consolidated*.safetensors")))
+    found = sorted(
+        os.path.basename(p) for p in glob.glob(os.path.join(directory, "consolidated*.safetensors"))
+    )
     if found:
         return "safetensors", found
-    pickles = sorted({os.path.basename(p) for pattern in PICKLE_PATTERNS
-                      for p in glob.glob(os.path.join(directory, pattern))})
+    pickles = sorted(
+        {
+            os.path.basename(p)
+            for pattern in PICKLE_PATTERNS
+            for p in glob.glob(os.path.join(directory, pattern))
+        }
+    )
     if pickles:
         return "pickle", pickles
     return "none", []
 
 
-def open_weights(directory: str, problems: list[str], *, allow_pickle: bool = False
-                 ) -> WeightFiles | None:
+def open_weights(
+    directory: str, problems: list[str], *, allow_pickle: bool = False
+) -> WeightFiles | None:
     """The checked tensor table of `directory`, or None with the reasons in `problems`."""
     kind, names = find_weight_files(directory)
     if kind == "none":
-        problems.append(f"{directory} holds no weights (model.safetensors, its index, "
-                        "consolidated*.safetensors, or pickles)")
+        problems.append(
+            f"{directory} holds no weights (model.safetensors, its index, "
+            "consolidated*.safetensors, or pickles)"
+        )
         return None
     if kind == "index":
         weight_map = _read_index(directory, HF_INDEX, problems)
@@ -146,9 +161,11 @@ def open_weights(directory: str, problems: list[str], *, allow_pickle: bool = Fa
     if kind == "safetensors":
         return _safetensors(directory, names, problems, None)
     if not allow_pickle:
-        problems.append(f"{directory} holds only pickle weights ({', '.join(names)}), which can "
-                        "run code when loaded: convert them to safetensors, or pass "
-                        "--allow-pickle to load them with torch.load(weights_only=True)")
+        problems.append(
+            f"{directory} holds only pickle weights ({', '.join(names)}), which can "
+            "run code when loaded: convert them to safetensors, or pass "
+            "--allow-pickle to load them with torch.load(weights_only=True)"
+        )
         return None
     return _pickles(directory, [n for n in names if not n.endswith(".index.json")], problems)
 
@@ -161,8 +178,10 @@ def _pickles(directory: str, names: list[str], problems: list[str]) -> WeightFil
         return None
     version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     if version < MIN_TORCH:
-        problems.append(f"--allow-pickle needs torch >= 2.6 (weights_only loading is not safe "
-                        f"before it, CVE-2025-32434); found {torch.__version__}")
+        problems.append(
+            f"--allow-pickle needs torch >= 2.6 (weights_only loading is not safe "
+            f"before it, CVE-2025-32434); found {torch.__version__}"
+        )
         return None
     tensors: dict = {}
     for name in names:
@@ -173,8 +192,10 @@ def _pickles(directory: str, names: list[str], problems: list[str]) -> WeightFil
             # weights_only=True: the restricted unpickler; never retried without it.
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - any refusal is reported, never retried
-            problems.append(f"{name}: refused by torch.load(weights_only=True) "
-                            f"({type(e).__name__}); convert it to safetensors")
+            problems.append(
+                f"{name}: refused by torch.load(weights_only=True) "
+                f"({type(e).__name__}); convert it to safetensors"
+            )
             continue
         if not isinstance(state, dict):
             problems.append(f"{name}: holds a {type(state).__name__}, not a state dict")
@@ -192,8 +213,13 @@ def _pickles(directory: str, names: list[str], problems: list[str]) -> WeightFil
 
 def _numpy_dtype(torch_dtype) -> np.dtype:
     name = str(torch_dtype).removeprefix("torch.")
-    return np.dtype(st.DTYPES["BF16"]) if name == "bfloat16" else np.dtype(
-        {"float32": np.float32, "float16": np.float16, "float64": np.float64}.get(name, np.void))
+    return (
+        np.dtype(st.DTYPES["BF16"])
+        if name == "bfloat16"
+        else np.dtype(
+            {"float32": np.float32, "float16": np.float16, "float64": np.float64}.get(name, np.void)
+        )
+    )
 
 
 def _to_numpy(tensor) -> np.ndarray:

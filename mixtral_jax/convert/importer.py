@@ -37,8 +37,13 @@ def find_tokenizer(directory: str) -> str | None:
     return found[0] if found else None
 
 
-def iter_leaves(src: Source, *, check_finite: bool = False, bar: tqdm | None = None,
-                problems: list[str] | None = None):
+def iter_leaves(
+    src: Source,
+    *,
+    check_finite: bool = False,
+    bar: tqdm | None = None,
+    problems: list[str] | None = None,
+):
     """(path, `checkpoint.StreamedLeaf`) of our parameter tree; nothing is read until a slice is.
 
     Each slice (`leaf[l]` or `leaf[l, e]`) is made from one stored tensor, in
@@ -63,8 +68,10 @@ def iter_leaves(src: Source, *, check_finite: bool = False, bar: tqdm | None = N
                 bar.update(hf.nbytes)
             return ours
 
-        yield m.path, checkpoint.StreamedLeaf(shapes[m.path], dtype, m.per_layer + m.per_expert,
-                                              fill)
+        yield (
+            m.path,
+            checkpoint.StreamedLeaf(shapes[m.path], dtype, m.per_layer + m.per_expert, fill),
+        )
 
 
 def _leaf_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -81,8 +88,7 @@ def build_params(src: Source, *, check_finite: bool = False, progress: bool = Tr
     params: dict = {}
     problems: list[str] = []
     with _bar(src, progress) as bar:
-        for path, leaf in iter_leaves(src, check_finite=check_finite, bar=bar,
-                                      problems=problems):
+        for path, leaf in iter_leaves(src, check_finite=check_finite, bar=bar, problems=problems):
             node = params
             for name in path[:-1]:
                 node = node.setdefault(name, {})
@@ -93,12 +99,19 @@ def build_params(src: Source, *, check_finite: bool = False, progress: bool = Tr
 
 
 def _bar(src: Source, progress: bool) -> tqdm:
-    return tqdm(total=src.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                desc="convert", disable=not progress)
+    return tqdm(
+        total=src.total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="convert",
+        disable=not progress,
+    )
 
 
-def iter_sharded_leaves(src: Source, mesh, *, check_finite: bool = False,
-                        problems: list[str] | None = None):
+def iter_sharded_leaves(
+    src: Source, mesh, *, check_finite: bool = False, problems: list[str] | None = None
+):
     """(path, global jax.Array) of our parameter tree, each leaf created straight in the rules
     table's sharding over `mesh` (sharding.param_shardings).
 
@@ -153,9 +166,17 @@ def _np_dtype(name: str):
     return ml_dtypes.bfloat16 if name == "bfloat16" else name
 
 
-def to_orbax(source_dir: str, out_dir: str, *, allow_pickle: bool = False,
-             dtype: str | None = None, check_finite: bool = False,
-             tokenizer: str | None = None, progress: bool = True, mesh=None) -> Source:
+def to_orbax(
+    source_dir: str,
+    out_dir: str,
+    *,
+    allow_pickle: bool = False,
+    dtype: str | None = None,
+    check_finite: bool = False,
+    tokenizer: str | None = None,
+    progress: bool = True,
+    mesh=None,
+) -> Source:
     """Converts `source_dir` into a new model checkpoint at `out_dir`.
 
     With `mesh` (a jax Mesh with sharding.py's axes), every leaf is created in its target
@@ -178,8 +199,9 @@ def to_orbax(source_dir: str, out_dir: str, *, allow_pickle: bool = False,
         raise ConversionError(source_dir, pre)
     if mesh is not None:
         leaves = iter_sharded_leaves(src, mesh, check_finite=check_finite)
-        checkpoint.save_model_sharded(out_dir, leaves, src.cfg,
-                                      tokenizer or find_tokenizer(source_dir))
+        checkpoint.save_model_sharded(
+            out_dir, leaves, src.cfg, tokenizer or find_tokenizer(source_dir)
+        )
         return src
     problems: list[str] = []
 
@@ -189,6 +211,7 @@ def to_orbax(source_dir: str, out_dir: str, *, allow_pickle: bool = False,
 
     with _bar(src, progress) as bar:
         leaves = iter_leaves(src, check_finite=check_finite, bar=bar, problems=problems)
-        checkpoint.save_model_streaming(out_dir, leaves, src.cfg,
-                                        tokenizer or find_tokenizer(source_dir), verify=verify)
+        checkpoint.save_model_streaming(
+            out_dir, leaves, src.cfg, tokenizer or find_tokenizer(source_dir), verify=verify
+        )
     return src

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,14 +45,16 @@ def mistral_to_hf_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Mistral wq/wk [heads*H, D] -> HF q/k_proj: per head, rows (0,1),(2,3).. -> halves."""
     hd, d = w.shape
     return np.ascontiguousarray(  # [heads, H/2, 2, D] -> [heads, 2, H/2, D]
-        w.reshape(heads, hd // heads // 2, 2, d).transpose(0, 2, 1, 3).reshape(hd, d))
+        w.reshape(heads, hd // heads // 2, 2, d).transpose(0, 2, 1, 3).reshape(hd, d)
+    )
 
 
 def hf_to_mistral_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """The inverse of `mistral_to_hf_rows`."""
     hd, d = w.shape
     return np.ascontiguousarray(  # [heads, 2, H/2, D] -> [heads, H/2, 2, D]
-        w.reshape(heads, 2, hd // heads // 2, d).transpose(0, 2, 1, 3).reshape(hd, d))
+        w.reshape(heads, 2, hd // heads // 2, d).transpose(0, 2, 1, 3).reshape(hd, d)
+    )
 
 
 def _identity(a):
@@ -84,11 +86,19 @@ def _plan_hf_fused(cfg: ModelConfig) -> Plan:
     return Plan(expected, sources)
 
 
-_MISTRAL_LAYER = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-                  "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo"}
-_MISTRAL_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight",
-                "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+_MISTRAL_LAYER = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+}
+_MISTRAL_TOP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def _plan_mistral(cfg: ModelConfig, stacked: bool) -> Plan:
@@ -105,9 +115,9 @@ def _plan_mistral(cfg: ModelConfig, stacked: bool) -> Plan:
             if module in _MISTRAL_LAYER:
                 name, fn = f"layers.{i}.{_MISTRAL_LAYER[module]}.weight", _identity
                 if module == "self_attn.q_proj":
-                    fn = lambda a: mistral_to_hf_rows(a, cfg.num_heads)  # noqa: E731
+                    fn = lambda a: mistral_to_hf_rows(a, cfg.num_heads)
                 elif module == "self_attn.k_proj":
-                    fn = lambda a: mistral_to_hf_rows(a, cfg.num_kv_heads)  # noqa: E731
+                    fn = lambda a: mistral_to_hf_rows(a, cfg.num_kv_heads)
             elif module == "block_sparse_moe.gate":
                 name, fn = f"layers.{i}.{moe}.gate.weight", _identity
             elif not stacked:  # block_sparse_moe.experts.X.wN
@@ -116,8 +126,11 @@ def _plan_mistral(cfg: ModelConfig, stacked: bool) -> Plan:
                 _, _, x, w = module.split(".")
                 x = int(x)
                 name = f"layers.{i}.block_sparse_moe.{w}"
-                fn = (lambda a, x=x: a[x * f:(x + 1) * f].T) if w == "w2" else (
-                    lambda a, x=x: a[x * f:(x + 1) * f])
+                fn = (
+                    (lambda a, x=x: a[x * f : (x + 1) * f].T)
+                    if w == "w2"
+                    else (lambda a, x=x: a[x * f : (x + 1) * f])
+                )
                 expected[name] = (e * f, cfg.embed_dim)
                 sources[key] = (name, fn)
                 continue
@@ -158,14 +171,21 @@ def mistral_params_config(path: str) -> ModelConfig:
         return from_hf_dict(dict(p, model_type="mixtral"))
     moe = p.get("moe") or {}
     try:
-        hf = {"model_type": "mixtral", "hidden_size": p["dim"], "num_hidden_layers": p["n_layers"],
-              "intermediate_size": p["hidden_dim"], "num_attention_heads": p["n_heads"],
-              "num_key_value_heads": p.get("n_kv_heads", p["n_heads"]),
-              "head_dim": p.get("head_dim"), "rms_norm_eps": p.get("norm_eps", 1e-5),
-              "vocab_size": p["vocab_size"], "rope_theta": p.get("rope_theta", 1e6),
-              "num_local_experts": moe["num_experts"],
-              "num_experts_per_tok": moe["num_experts_per_tok"],
-              "sliding_window": p.get("sliding_window")}
+        hf = {
+            "model_type": "mixtral",
+            "hidden_size": p["dim"],
+            "num_hidden_layers": p["n_layers"],
+            "intermediate_size": p["hidden_dim"],
+            "num_attention_heads": p["n_heads"],
+            "num_key_value_heads": p.get("n_kv_heads", p["n_heads"]),
+            "head_dim": p.get("head_dim"),
+            "rms_norm_eps": p.get("norm_eps", 1e-5),
+            "vocab_size": p["vocab_size"],
+            "rope_theta": p.get("rope_theta", 1e6),
+            "num_local_experts": moe["num_experts"],
+            "num_experts_per_tok": moe["num_experts_per_tok"],
+            "sliding_window": p.get("sliding_window"),
+        }
     except KeyError as e:
         raise ConfigError(f"{path} lacks {e.args[0]!r}") from None
     return from_hf_dict(hf)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -26,9 +26,15 @@ import numpy as np
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit of the reference implementation
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -37,7 +43,7 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 class TensorInfo:
     """Where one tensor lives: file, dtype, shape, absolute byte range."""
 
-    __slots__ = ("path", "dtype", "shape", "start", "end")
+    __slots__ = ("dtype", "end", "path", "shape", "start")
 
     def __init__(self, path: str, dtype: np.dtype, shape: tuple[int, ...], start: int, end: int):
         self.path, self.dtype, self.shape, self.start, self.end = path, dtype, shape, start, end
@@ -68,8 +74,10 @@ def read_header(path: str, problems: list[str]) -> dict[str, TensorInfo]:
                 return {}
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or n > size - 8:
-                problems.append(f"{name}: header length {n} exceeds the file ({size} bytes) "
-                                f"or the {MAX_HEADER_BYTES}-byte limit (truncated or corrupt)")
+                problems.append(
+                    f"{name}: header length {n} exceeds the file ({size} bytes) "
+                    f"or the {MAX_HEADER_BYTES}-byte limit (truncated or corrupt)"
+                )
                 return {}
             raw = f.read(n)
     except OSError as e:
@@ -104,8 +112,10 @@ def _tensor_infos(path, name, header, data_start, size, problems) -> dict[str, T
             continue
         want = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if end - begin != want:
-            problems.append(f"{name}: tensor {key!r} spans {end - begin} bytes, its shape "
-                            f"{list(shape)} x {dtype} needs {want}")
+            problems.append(
+                f"{name}: tensor {key!r} spans {end - begin} bytes, its shape "
+                f"{list(shape)} x {dtype} needs {want}"
+            )
             continue
         infos[key] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
     if len(problems) > before:
@@ -113,8 +123,10 @@ def _tensor_infos(path, name, header, data_start, size, problems) -> dict[str, T
     cursor = data_start
     for key, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if info.start != cursor:
-            problems.append(f"{name}: tensor {key!r} starts at byte {info.start - data_start}, "
-                            f"expected {cursor - data_start} (overlapping or gapped offsets)")
+            problems.append(
+                f"{name}: tensor {key!r} starts at byte {info.start - data_start}, "
+                f"expected {cursor - data_start} (overlapping or gapped offsets)"
+            )
             return {}
         cursor = info.end
     if cursor != size:
@@ -135,15 +147,19 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return out.reshape(info.shape)
 
 
-def header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> bytes:
+def header_bytes(
+    specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> bytes:
     """The length prefix and JSON header for tensors written in the given order."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for key, dtype, shape in specs:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[key] = {"dtype": NAMES[np.dtype(dtype)], "shape": list(shape),
-                       "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
@@ -162,8 +178,10 @@ class StreamWriter:
     def write(self, key: str, array: np.ndarray) -> None:
         want_key, dtype, shape = self._specs[self._next]
         if key != want_key or array.dtype != dtype or tuple(array.shape) != tuple(shape):
-            raise ValueError(f"tensor {key} {array.dtype}{list(array.shape)} written where "
-                             f"{want_key} {dtype}{list(shape)} was declared")
+            raise ValueError(
+                f"tensor {key} {array.dtype}{list(array.shape)} written where "
+                f"{want_key} {dtype}{list(shape)} was declared"
+            )
         self._file.flush()
         np.ascontiguousarray(array).tofile(self._file)  # no bytes copy
         self._next += 1

@@ -60,8 +60,7 @@ class Source:
         return get
 
 
-def open_source(directory: str, *, allow_pickle: bool = False, dtype: str | None = None
-                ) -> Source:
+def open_source(directory: str, *, allow_pickle: bool = False, dtype: str | None = None) -> Source:
     """The checked source at `directory`.
 
     Args:
@@ -77,8 +76,10 @@ def open_source(directory: str, *, allow_pickle: bool = False, dtype: str | None
     weights = files.open_weights(directory, problems, allow_pickle=allow_pickle)
     layout = layouts.detect(weights.keys()) if weights is not None else None
     if weights is not None and layout is None and (weights.keys() or not problems):
-        problems.append(f"{directory}: tensor names match no known Mixtral layout "
-                        f"(e.g. {sorted(weights.keys())[:3]})")
+        problems.append(
+            f"{directory}: tensor names match no known Mixtral layout "
+            f"(e.g. {sorted(weights.keys())[:3]})"
+        )
     cfg = None
     if layout is not None:
         try:
@@ -100,17 +101,26 @@ def open_source(directory: str, *, allow_pickle: bool = False, dtype: str | None
 
 def compare(weights: files.WeightFiles, plan: layouts.Plan) -> list[str]:
     """Missing / unexpected tensors, shape mismatches, unsupported dtypes."""
-    problems = [f"missing tensor {k} (shape {list(s)})"
-                for k, s in plan.expected.items() if k not in weights]
-    problems += [f"unexpected tensor {k} (shape {list(weights.shape(k))})"
-                 for k in sorted(set(weights.keys()) - set(plan.expected))]
+    problems = [
+        f"missing tensor {k} (shape {list(s)})"
+        for k, s in plan.expected.items()
+        if k not in weights
+    ]
+    problems += [
+        f"unexpected tensor {k} (shape {list(weights.shape(k))})"
+        for k in sorted(set(weights.keys()) - set(plan.expected))
+    ]
     for key, shape in plan.expected.items():
         if key not in weights:
             continue
         if tuple(weights.shape(key)) != tuple(shape):
-            problems.append(f"size mismatch for {key}: checkpoint {list(weights.shape(key))}, "
-                            f"config {list(shape)}")
+            problems.append(
+                f"size mismatch for {key}: checkpoint {list(weights.shape(key))}, "
+                f"config {list(shape)}"
+            )
         if weights.dtype(key) not in WEIGHT_DTYPES:
-            problems.append(f"{key} has dtype {weights.dtype(key)}: weights must be float32, "
-                            "bfloat16 or float16")
+            problems.append(
+                f"{key} has dtype {weights.dtype(key)}: weights must be float32, "
+                "bfloat16 or float16"
+            )
     return problems

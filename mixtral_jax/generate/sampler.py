@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,8 @@ def left_pad(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarr
     tokens = np.zeros((len(prompts), width), np.int32)
     valid = np.zeros((len(prompts), width), bool)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):] = prompt
-        valid[row, width - len(prompt):] = True
+        tokens[row, width - len(prompt) :] = prompt
+        valid[row, width - len(prompt) :] = True
     return tokens, valid
 
 
@@ -68,14 +68,17 @@ class _Rows:
         if self.done[row]:
             return
         if self.eos in new:
-            new = new[:new.index(self.eos)]
+            new = new[: new.index(self.eos)]
             self.done[row], self.finish[row] = True, "eos"
         new = new[: self.max_new_tokens - len(self.out[row])]
         self.out[row].extend(new)
         if new and self.on_tokens is not None:
             self.on_tokens(row, new)
-        if not self.done[row] and self.should_stop is not None and self.should_stop(
-                row, self.out[row]):
+        if (
+            not self.done[row]
+            and self.should_stop is not None
+            and self.should_stop(row, self.out[row])
+        ):
             self.done[row], self.finish[row] = True, "stop"
         if len(self.out[row]) >= self.max_new_tokens:
             self.done[row] = True
@@ -89,8 +92,9 @@ class Generator:
         self.chunk = chunk
         self.graphdef, self.state = nnx.split(model)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_size",))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "steps"),
-                               donate_argnums=(1,))
+        self._decode = jax.jit(
+            self._decode_fn, static_argnames=("sampling", "steps"), donate_argnums=(1,)
+        )
 
     # ---- compiled pieces ------------------------------------------------------------------
     def _prefill_fn(self, state, tokens, valid, cache_size):
@@ -106,8 +110,9 @@ class Generator:
         def one(carry, step_key):
             cache, last, next_pos, done = carry
             # Finished rows keep stepping (fixed shapes) but are masked out of the statistics.
-            out, cache = model.extend(last[:, None], cache, positions=next_pos[:, None],
-                                      valid=~done[:, None])
+            out, cache = model.extend(
+                last[:, None], cache, positions=next_pos[:, None], valid=~done[:, None]
+            )
             token = sample(out.logits[:, 0], step_key, sampling)
             token = jnp.where(done, eos_id, token)
             new_done = done | (token == eos_id)
@@ -115,7 +120,8 @@ class Generator:
 
         keys = jax.random.split(key, steps)
         (cache, last, next_pos, done), (tokens, load) = jax.lax.scan(
-            one, (cache, last, next_pos, done), keys)
+            one, (cache, last, next_pos, done), keys
+        )
         return cache, last, next_pos, done, tokens.T, jnp.sum(load, axis=0)  # tokens [B, steps]
 
     def _check(self, prompts, max_new_tokens):
@@ -125,15 +131,24 @@ class Generator:
             raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.cfg.max_seq_len:
-            raise ConfigError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
-                              f"{longest + max_new_tokens} exceeds the model's context of "
-                              f"{self.cfg.max_seq_len} tokens")
+            raise ConfigError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
+                f"{longest + max_new_tokens} exceeds the model's context of "
+                f"{self.cfg.max_seq_len} tokens"
+            )
 
     # ---- the loop -------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), seed: int = 0, eos_id: int | None,
-                 on_tokens: Callable[[int, list[int]], None] | None = None,
-                 should_stop: Callable[[int, list[int]], bool] | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int = 0,
+        eos_id: int | None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+        should_stop: Callable[[int, list[int]], bool] | None = None,
+    ) -> GenerationResult:
         """Generates up to `max_new_tokens` per prompt.
 
         Args:
@@ -154,8 +169,9 @@ class Generator:
         rows = _Rows(len(prompts), max_new_tokens, eos, on_tokens, should_stop)
 
         start = time.perf_counter()
-        logits, cache, next_pos, load = self._prefill(self.state, jnp.asarray(tokens),
-                                                      jnp.asarray(valid), cache_size=cache_size)
+        logits, cache, next_pos, load = self._prefill(
+            self.state, jnp.asarray(tokens), jnp.asarray(valid), cache_size=cache_size
+        )
         key, first_key = jax.random.split(jax.random.key(seed))
         last = sample(logits, first_key, sampling)
         first = np.asarray(last)
@@ -169,8 +185,16 @@ class Generator:
         while not rows.done.all():
             key, chunk_key = jax.random.split(key)
             cache, last, next_pos, _, new, chunk_load = self._decode(
-                self.state, cache, last, next_pos, jnp.asarray(rows.done), chunk_key, eos,
-                sampling=sampling, steps=self.chunk)
+                self.state,
+                cache,
+                last,
+                next_pos,
+                jnp.asarray(rows.done),
+                chunk_key,
+                eos,
+                sampling=sampling,
+                steps=self.chunk,
+            )
             new, load = np.asarray(new), load + np.asarray(chunk_load)
             chunks += 1
             if chunks == 1:  # the first call compiles: time from its end
@@ -184,6 +208,12 @@ class Generator:
             produced = sum(max(len(t) - 1, 0) for t in rows.out)
             decode_s = time.perf_counter() - decode_first
         out, finish = rows.out, rows.finish
-        return GenerationResult(tokens=out, finish=finish, prompt_bucket=padded,
-                                time_to_first_token_s=ttft, decode_s=decode_s,
-                                decode_tokens=produced, tokens_per_expert=load)
+        return GenerationResult(
+            tokens=out,
+            finish=finish,
+            prompt_bucket=padded,
+            time_to_first_token_s=ttft,
+            decode_s=decode_s,
+            decode_tokens=produced,
+            tokens_per_expert=load,
+        )

@@ -13,8 +13,11 @@ import sys
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mixtral_jax.routing", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mixtral_jax.routing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="model checkpoint directory")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="text file to analyse ('-' for standard input)")
@@ -24,10 +27,18 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=256, help="tokens per analysed row")
     p.add_argument("--max-tokens", type=int, default=8192, help="analyse at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dead-below", type=float, default=0.25,
-                   help="flag experts whose load share is under this / E")
-    p.add_argument("--overloaded-above", type=float, default=2.0,
-                   help="flag experts whose load share is over this / E")
+    p.add_argument(
+        "--dead-below",
+        type=float,
+        default=0.25,
+        help="flag experts whose load share is under this / E",
+    )
+    p.add_argument(
+        "--overloaded-above",
+        type=float,
+        default=2.0,
+        help="flag experts whose load share is over this / E",
+    )
     return p.parse_args(argv)
 
 
@@ -64,18 +75,30 @@ def run(args) -> int:
         raise ValueError(f"no tokenizer at {tokenizer_path}: pass --tokenizer")
     cfg, params = checkpoint.load_model(args.checkpoint)
     if args.seq_len > cfg.max_seq_len:
-        raise ValueError(f"--seq-len={args.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        raise ValueError(
+            f"--seq-len={args.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}"
+        )
     tokenizer = Tokenizer.load(tokenizer_path)
     ids = tokenizer.encode(text)[: args.max_tokens]
     tokens, mask = chunk_tokens(ids, args.seq_len, pad_id=0)
     model = from_params(cfg, params)
     trace = collect_trace(model, tokens, mask, args.batch_size)
-    pieces = [[tokenizer.piece(t) if m else "" for t, m in zip(row, row_mask)]
-              for row, row_mask in zip(tokens, mask)]
-    report = write_report(args.out, trace, pieces, title=f"Routing of {args.checkpoint}",
-                          dead_below=args.dead_below, overloaded_above=args.overloaded_above)
-    print(f"analysed {report['num_tokens']} tokens over {report['num_layers']} layers; "
-          f"wrote {args.out}/report.json, load_heatmap.png, coactivation.png, tokens.html")
+    pieces = [
+        [tokenizer.piece(t) if m else "" for t, m in zip(row, row_mask)]
+        for row, row_mask in zip(tokens, mask)
+    ]
+    report = write_report(
+        args.out,
+        trace,
+        pieces,
+        title=f"Routing of {args.checkpoint}",
+        dead_below=args.dead_below,
+        overloaded_above=args.overloaded_above,
+    )
+    print(
+        f"analysed {report['num_tokens']} tokens over {report['num_layers']} layers; "
+        f"wrote {args.out}/report.json, load_heatmap.png, coactivation.png, tokens.html"
+    )
     for layer in report["layers"]:
         flags = []
         if layer["dead_experts"]:

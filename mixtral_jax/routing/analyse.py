@@ -32,14 +32,15 @@ def chunk_tokens(ids: list[int], seq_len: int, pad_id: int) -> tuple[np.ndarray,
     tokens = np.full((rows, seq_len), pad_id, np.int32)
     mask = np.zeros((rows, seq_len), bool)
     for r in range(rows):
-        piece = ids[r * seq_len:(r + 1) * seq_len]
-        tokens[r, :len(piece)] = piece
-        mask[r, :len(piece)] = True
+        piece = ids[r * seq_len : (r + 1) * seq_len]
+        tokens[r, : len(piece)] = piece
+        mask[r, : len(piece)] = True
     return tokens, mask
 
 
-def collect_trace(model: Mixtral, tokens: np.ndarray, mask: np.ndarray,
-                  batch_size: int = 8) -> RoutingTrace:
+def collect_trace(
+    model: Mixtral, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 8
+) -> RoutingTrace:
     """Router decisions of `model` on [B, T] tokens (padding masked), batch by batch."""
     graphdef, state = nnx.split(model)
 
@@ -60,9 +61,15 @@ def collect_trace(model: Mixtral, tokens: np.ndarray, mask: np.ndarray,
     return trace_from_logits(np.concatenate(parts, axis=1), model.cfg.num_experts_per_tok, mask)
 
 
-def write_report(out_dir: str, trace: RoutingTrace, pieces: list[list[str]], *,
-                 title: str = "Routing report", dead_below: float = 0.25,
-                 overloaded_above: float = 2.0) -> dict:
+def write_report(
+    out_dir: str,
+    trace: RoutingTrace,
+    pieces: list[list[str]],
+    *,
+    title: str = "Routing report",
+    dead_below: float = 0.25,
+    overloaded_above: float = 2.0,
+) -> dict:
     """Writes the four report files into `out_dir` (created) and returns the report dict."""
     os.makedirs(out_dir, exist_ok=True)
     report = routing_report(trace, dead_below=dead_below, overloaded_above=overloaded_above)

@@ -26,8 +26,9 @@ def expert_colours(num_experts: int) -> list[str]:
 def render_token_page(trace: RoutingTrace, pieces: list[list[str]], title: str) -> str:
     """The page for `trace` over sequences whose token strings are `pieces` ([B][T])."""
     colours = expert_colours(trace.num_experts)
-    legend = "".join(f'<span class="tok" style="background:{c}">expert {e}</span>'
-                     for e, c in enumerate(colours))
+    legend = "".join(
+        f'<span class="tok" style="background:{c}">expert {e}</span>' for e, c in enumerate(colours)
+    )
     options = "".join(f'<option value="{i}">layer {i}</option>' for i in range(trace.num_layers))
     blocks = [_layer_block(trace, pieces, layer, colours) for layer in range(trace.num_layers)]
     return f"""<!DOCTYPE html>
@@ -43,7 +44,7 @@ body {{ font-family: sans-serif; margin: 1.5em; max-width: 70em; }}
 {trace.topk} choices and their probabilities.</p>
 <p class="legend">{legend}</p>
 <label>Layer <select id="layer" onchange="show(this.value)">{options}</select></label>
-{''.join(blocks)}
+{"".join(blocks)}
 <script>
 function show(i) {{
   document.querySelectorAll('.layer').forEach(function (b) {{ b.classList.remove('shown'); }});
@@ -65,9 +66,11 @@ def _layer_block(trace: RoutingTrace, pieces, layer: int, colours: list[str]) ->
             chosen = trace.experts[layer, b, t]
             probs = trace.probs[layer, b, t]
             tip = ", ".join(f"e{int(e)}: {float(probs[e]):.2f}" for e in chosen)
-            spans.append(f'<span class="tok" data-expert="{int(chosen[0])}" '
-                         f'style="background:{colours[int(chosen[0])]}" title="{tip}">'
-                         f"{html.escape(piece)}</span>")
+            spans.append(
+                f'<span class="tok" data-expert="{int(chosen[0])}" '
+                f'style="background:{colours[int(chosen[0])]}" title="{tip}">'
+                f"{html.escape(piece)}</span>"
+            )
         rows.append(f'<div class="seq">{"".join(spans)}</div>')
     return f'<div class="layer" id="layer-{layer}">{"".join(rows)}</div>'
 

@@ -10,8 +10,8 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_load_heatmap(report: dict, path: str) -> None:
@@ -19,8 +19,13 @@ def plot_load_heatmap(report: dict, path: str) -> None:
     share = np.array([layer["load_share"] for layer in report["layers"]])  # [L, E]
     num_layers, num_experts = share.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * num_experts, 1.2 + 0.3 * num_layers))
-    image = ax.imshow(share, cmap="viridis", aspect="auto", vmin=0.0,
-                      vmax=max(float(share.max()), 2.0 / num_experts))
+    image = ax.imshow(
+        share,
+        cmap="viridis",
+        aspect="auto",
+        vmin=0.0,
+        vmax=max(float(share.max()), 2.0 / num_experts),
+    )
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(num_experts))
@@ -28,13 +33,23 @@ def plot_load_heatmap(report: dict, path: str) -> None:
     ax.set_title(f"load share per expert (uniform = {1 / num_experts:.3f})")
     for layer in report["layers"]:
         for e in layer["dead_experts"] + layer["overloaded_experts"]:
-            ax.add_patch(plt.Rectangle((e - 0.5, layer["layer"] - 0.5), 1, 1, fill=False,
-                                       edgecolor="red", linewidth=2))
+            ax.add_patch(
+                plt.Rectangle(
+                    (e - 0.5, layer["layer"] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2
+                )
+            )
     if num_experts * num_layers <= 256:
         for i in range(num_layers):
             for j in range(num_experts):
-                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] < share.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{share[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] < share.max() / 2 else "black",
+                )
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

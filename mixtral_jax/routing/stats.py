@@ -94,8 +94,9 @@ def routing_entropy(trace: RoutingTrace) -> np.ndarray:
     return (ent * trace.mask).sum(axis=(1, 2)) / max(int(trace.mask.sum()), 1)
 
 
-def routing_report(trace: RoutingTrace, *, dead_below: float = 0.25,
-                   overloaded_above: float = 2.0) -> dict:
+def routing_report(
+    trace: RoutingTrace, *, dead_below: float = 0.25, overloaded_above: float = 2.0
+) -> dict:
     """The full report as JSON-ready values.
 
     An expert is flagged dead when its load share is under `dead_below / E`, overloaded when
@@ -107,23 +108,31 @@ def routing_report(trace: RoutingTrace, *, dead_below: float = 0.25,
     same_first, shared_any = consecutive_agreement(trace)
     entropy = routing_entropy(trace)
     e = trace.num_experts
-    load_entropy = -np.sum(np.where(load_share > 0, load_share * np.log(
-        np.where(load_share > 0, load_share, 1.0)), 0.0), axis=1)
+    load_entropy = -np.sum(
+        np.where(
+            load_share > 0, load_share * np.log(np.where(load_share > 0, load_share, 1.0)), 0.0
+        ),
+        axis=1,
+    )
     layers = []
     for layer in range(trace.num_layers):
         share = load_share[layer]
-        layers.append({
-            "layer": layer,
-            "tokens_per_expert": counts[layer].tolist(),
-            "load_share": share.tolist(),
-            "token_share": (counts[layer] / max(num_tokens, 1)).tolist(),
-            "router_entropy": float(entropy[layer]),
-            "load_entropy": float(load_entropy[layer]),
-            "same_first_choice_next_token": float(same_first[layer]),
-            "shared_expert_next_token": float(shared_any[layer]),
-            "dead_experts": [int(i) for i in np.flatnonzero(share < dead_below / e)],
-            "overloaded_experts": [int(i) for i in np.flatnonzero(share > overloaded_above / e)],
-        })
+        layers.append(
+            {
+                "layer": layer,
+                "tokens_per_expert": counts[layer].tolist(),
+                "load_share": share.tolist(),
+                "token_share": (counts[layer] / max(num_tokens, 1)).tolist(),
+                "router_entropy": float(entropy[layer]),
+                "load_entropy": float(load_entropy[layer]),
+                "same_first_choice_next_token": float(same_first[layer]),
+                "shared_expert_next_token": float(shared_any[layer]),
+                "dead_experts": [int(i) for i in np.flatnonzero(share < dead_below / e)],
+                "overloaded_experts": [
+                    int(i) for i in np.flatnonzero(share > overloaded_above / e)
+                ],
+            }
+        )
     return {
         "num_layers": trace.num_layers,
         "num_experts": e,
@@ -131,8 +140,10 @@ def routing_report(trace: RoutingTrace, *, dead_below: float = 0.25,
         "num_tokens": num_tokens,
         "uniform_share": 1.0 / e,
         "max_router_entropy": float(np.log(e)),
-        "thresholds": {"dead_below_share": dead_below / e,
-                       "overloaded_above_share": overloaded_above / e},
+        "thresholds": {
+            "dead_below_share": dead_below / e,
+            "overloaded_above_share": overloaded_above / e,
+        },
         "layers": layers,
         "coactivation": coactivation(trace).tolist(),
     }

@@ -6,7 +6,11 @@ Modules: `ops` (the operations on our parameter tree), `cli` (the commands).
 """
 
 from mixtral_jax.surgery.ops import (
-    drop_experts, keep_per_layer, least_used, merge_experts, set_topk,
+    drop_experts,
+    keep_per_layer,
+    least_used,
+    merge_experts,
+    set_topk,
 )
 
 __all__ = ["drop_experts", "keep_per_layer", "least_used", "merge_experts", "set_topk"]

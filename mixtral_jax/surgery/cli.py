@@ -26,8 +26,11 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mixtral_jax.surgery", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mixtral_jax.surgery",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     drop = sub.add_parser("drop", help="remove experts")
     merge = sub.add_parser("merge", help="average groups of experts")
@@ -45,8 +48,11 @@ def parse_args(argv):
     topk.add_argument("--k", type=int, required=True)
     ev = sub.add_parser("eval", help="held-out perplexity of checkpoints on one text")
     ev.add_argument("--checkpoint", action="append", required=True)
-    ev.add_argument("--text", required=True,
-                    help="held-out text: a .txt/.jsonl file, a directory, or builtin:pydoc")
+    ev.add_argument(
+        "--text",
+        required=True,
+        help="held-out text: a .txt/.jsonl file, a directory, or builtin:pydoc",
+    )
     ev.add_argument("--tokenizer", help="sentencepiece model (default: the first checkpoint's)")
     ev.add_argument("--seq-len", type=int, default=128)
     ev.add_argument("--max-rows", type=int, default=64)
@@ -90,8 +96,10 @@ def operate(args) -> int:
         cfg = surgery.set_topk(cfg, args.k)
     tokenizer = os.path.join(args.checkpoint, checkpoint.TOKENIZER_FILE)
     checkpoint.save_model(args.out, params, cfg, tokenizer if os.path.isfile(tokenizer) else None)
-    print(f"wrote {args.out}: {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}, "
-          f"{cfg.param_count:,} parameters ({cfg.active_param_count:,} active)")
+    print(
+        f"wrote {args.out}: {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}, "
+        f"{cfg.param_count:,} parameters ({cfg.active_param_count:,} active)"
+    )
     return 0
 
 
@@ -99,8 +107,10 @@ def _load_shares(path: str, cfg) -> np.ndarray:
     report = read_json(path, "routing report")
     shares = np.array([layer["load_share"] for layer in report["layers"]])
     if shares.shape != (cfg.num_layers, cfg.num_experts):
-        raise ValueError(f"report {path} is for {shares.shape[0]} layers x {shares.shape[1]} "
-                         f"experts, the checkpoint has {cfg.num_layers} x {cfg.num_experts}")
+        raise ValueError(
+            f"report {path} is for {shares.shape[0]} layers x {shares.shape[1]} "
+            f"experts, the checkpoint has {cfg.num_layers} x {cfg.num_experts}"
+        )
     return shares
 
 
@@ -122,13 +132,18 @@ def evaluate(args) -> int:
         cfg, params = checkpoint.load_model(path)
         model = from_params(cfg, params)
         out = jax.jit(lambda t, p, s: model(t, positions=p, segment_ids=s).logits)(
-            jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
-            jnp.asarray(batch["segment_ids"]))
-        nll, count = losses.cross_entropy(out, jnp.asarray(batch["targets"]),
-                                          jnp.asarray(batch["loss_mask"]))
+            jnp.asarray(batch["tokens"]),
+            jnp.asarray(batch["positions"]),
+            jnp.asarray(batch["segment_ids"]),
+        )
+        nll, count = losses.cross_entropy(
+            out, jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"])
+        )
         loss = float(nll / count)
-        print(f"{path:<40} {cfg.num_experts:>7} {cfg.num_experts_per_tok:>5} {loss:>8.4f} "
-              f"{float(np.exp(loss)):>10.2f}")
+        print(
+            f"{path:<40} {cfg.num_experts:>7} {cfg.num_experts_per_tok:>5} {loss:>8.4f} "
+            f"{float(np.exp(loss)):>10.2f}"
+        )
     return 0
 
 

@@ -15,7 +15,7 @@ Letters: L layers, E experts (E' after surgery), D embed width, F expert width.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,8 +39,11 @@ def keep_per_layer(cfg: ModelConfig, drop: Sequence[int] | Sequence[Sequence[int
     Raises:
       ConfigError: an index out of range or repeated, unequal counts per layer, or nothing left.
     """
-    per_layer = [list(d) for d in drop] if drop and not np.isscalar(drop[0]) else \
-        [list(drop)] * cfg.num_layers
+    per_layer = (
+        [list(d) for d in drop]
+        if drop and not np.isscalar(drop[0])
+        else [list(drop)] * cfg.num_layers
+    )
     if len(per_layer) != cfg.num_layers:
         raise ConfigError(f"drop lists for {len(per_layer)} layers, model has {cfg.num_layers}")
     keep = []
@@ -58,13 +61,16 @@ def keep_per_layer(cfg: ModelConfig, drop: Sequence[int] | Sequence[Sequence[int
     if size == 0:
         raise ConfigError("cannot drop every expert")
     if size < cfg.num_experts_per_tok:
-        raise ConfigError(f"{size} experts left < top-k {cfg.num_experts_per_tok}: "
-                          f"also lower top-k (--topk {size})")
+        raise ConfigError(
+            f"{size} experts left < top-k {cfg.num_experts_per_tok}: "
+            f"also lower top-k (--topk {size})"
+        )
     return np.array(keep, np.int64)
 
 
-def drop_experts(params: dict, cfg: ModelConfig,
-                 drop: Sequence[int] | Sequence[Sequence[int]]) -> tuple[dict, ModelConfig]:
+def drop_experts(
+    params: dict, cfg: ModelConfig, drop: Sequence[int] | Sequence[Sequence[int]]
+) -> tuple[dict, ModelConfig]:
     """Removes experts (the same ones in every layer, or per-layer lists of equal length)."""
     keep = keep_per_layer(cfg, drop)  # [L, E']
     layer_index = np.arange(cfg.num_layers)[:, None]
@@ -82,8 +88,12 @@ def least_used(load_share: np.ndarray, count: int) -> list[list[int]]:
     return [sorted(int(e) for e in row[:count]) for row in order]
 
 
-def merge_experts(params: dict, cfg: ModelConfig, groups: Sequence[Sequence[int]],
-                  weights: Sequence[float] | None = None) -> tuple[dict, ModelConfig]:
+def merge_experts(
+    params: dict,
+    cfg: ModelConfig,
+    groups: Sequence[Sequence[int]],
+    weights: Sequence[float] | None = None,
+) -> tuple[dict, ModelConfig]:
     """Replaces each group of experts by its weighted average, in every layer.
 
     Experts in no group stay as they are. The merged model's experts are ordered by the smallest
@@ -98,7 +108,9 @@ def merge_experts(params: dict, cfg: ModelConfig, groups: Sequence[Sequence[int]
     for group in groups:
         for e in group:
             if not 0 <= e < e_total:
-                raise ConfigError(f"merge group {list(group)}: expert {e} out of range [0, {e_total})")
+                raise ConfigError(
+                    f"merge group {list(group)}: expert {e} out of range [0, {e_total})"
+                )
             if e in seen:
                 raise ConfigError(f"expert {e} appears in two merge groups")
             seen.add(e)
@@ -111,8 +123,9 @@ def merge_experts(params: dict, cfg: ModelConfig, groups: Sequence[Sequence[int]
         if w[group].sum() <= 0:
             raise ConfigError(f"merge group {group} has zero total weight")
     if len(all_groups) < cfg.num_experts_per_tok:
-        raise ConfigError(f"{len(all_groups)} experts left < top-k {cfg.num_experts_per_tok}: "
-                          "also lower top-k")
+        raise ConfigError(
+            f"{len(all_groups)} experts left < top-k {cfg.num_experts_per_tok}: also lower top-k"
+        )
 
     def average(leaf: np.ndarray, axis: int) -> np.ndarray:
         parts = []
