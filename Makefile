@@ -20,6 +20,8 @@ demo: $(STAMP)
 	$(PY) infer.py --checkpoint runs/tiny/model --prompt "The for statement" --max-new-tokens 48
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 clean:

@@ -51,7 +51,7 @@ def parse_args(argv):
 
 def compute_changes(args) -> dict:
     """ComputeConfig changes from --model.<field>=value (and --dtype)."""
-    from mixtral_jax.runconfig import compute_overrides
+    from mixtral_jax.train.config import compute_overrides
 
     changes = compute_overrides(args.overrides)
     if args.dtype is not None:
@@ -62,9 +62,12 @@ def compute_changes(args) -> dict:
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        stream = sys.stdin if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8")
-        with stream:
-            prompts += [line.rstrip("\n") for line in stream if line.strip()]
+        if args.prompt_file == "-":
+            lines = sys.stdin.readlines()
+        else:
+            with open(args.prompt_file, encoding="utf-8") as stream:
+                lines = stream.readlines()
+        prompts += [line.rstrip("\n") for line in lines if line.strip()]
     if not prompts and not sys.stdin.isatty():
         text = sys.stdin.read()
         if text.strip():
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from mixtral_jax.generate import Generator, SamplingParams
-    from mixtral_jax.loading import load_for_inference
+    from mixtral_jax.generate.loading import load_for_inference
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     changes = compute_changes(args)

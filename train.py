@@ -32,8 +32,9 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    from mixtral_jax import distributed, trainer
-    from mixtral_jax.runconfig import load_run_config
+    from mixtral_jax.parallel import distributed
+    from mixtral_jax.train import trainer
+    from mixtral_jax.train.config import load_run_config
 
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment, timed, write_json
-from mixtral_jax.attention import dot_product_attention, fused_attention, make_attention_mask
+from mixtral_jax.model.attention import dot_product_attention, fused_attention, make_attention_mask
 
 
 def main():
@@ -53,7 +53,7 @@ def main():
         }
         outs, row = {}, {}
         for impl, fn in fns.items():
-            grad = jax.jit(lambda q, k, v, fn=fn: jax.vjp(fn, q, k, v)[1](dy_seen))
+            grad = jax.jit(lambda q, k, v, fn=fn, dy=dy_seen: jax.vjp(fn, q, k, v)[1](dy))
             outs[impl] = (jax.jit(fn)(q, k, v), *grad(q, k, v))
             row[impl + "_forward_ms"] = 1e3 * timed(jax.jit(fn), q, k, v)
             row[impl + "_forward_backward_ms"] = 1e3 * timed(grad, q, k, v)

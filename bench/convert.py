@@ -32,8 +32,8 @@ import numpy as np
 from mixtral_jax import config as config_lib
 from mixtral_jax.convert.exporter import shard_plan
 from mixtral_jax.convert.safetensors_io import StreamWriter
-from mixtral_jax.hf_config import save_hf_config
-from mixtral_jax.hf_weights import hf_shapes
+from mixtral_jax.hf.config import save_hf_config
+from mixtral_jax.hf.weights import hf_shapes
 
 
 def write_synthetic(cfg, directory: str) -> int:

@@ -32,6 +32,9 @@ from bench.common import (
     write_json,
 )
 from mixtral_jax.generate import Generator, SamplingParams
+from mixtral_jax.model import transformer
+from mixtral_jax.model import moe as moe_block
+from mixtral_jax.moe import ops as moe_ops
 
 
 def step_bytes(cfg: mj.ModelConfig, batch: int) -> float:
@@ -49,7 +52,7 @@ def route_bf16_operands(x, router, topk):
     probs = jax.nn.softmax(logits, axis=-1)
     top_probs, experts = jax.lax.top_k(probs, topk)
     weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-    return mj.moe.Routing(logits=logits, weights=weights, experts=experts.astype(jnp.int32))
+    return moe_ops.Routing(logits=logits, weights=weights, experts=experts.astype(jnp.int32))
 
 
 def profile_decode(generator: Generator, prompt_len: int = 16, calls: int = 3) -> dict:
@@ -90,7 +93,7 @@ def main():
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--moe-impl", default="dropless")
-    p.add_argument("--unroll", type=int, default=mj.model.EXTEND_SCAN_UNROLL)
+    p.add_argument("--unroll", type=int, default=transformer.EXTEND_SCAN_UNROLL)
     p.add_argument(
         "--router-dot",
         choices=("f32", "bf16"),
@@ -116,9 +119,9 @@ def main():
         if args.peer
         else None
     )
-    mj.model.EXTEND_SCAN_UNROLL = args.unroll
+    transformer.EXTEND_SCAN_UNROLL = args.unroll
     if args.router_dot == "bf16":
-        mj.moe.route = route_bf16_operands
+        moe_block.route = route_bf16_operands
     cfg = mj.preset(
         "mixtral-8x7b",
         num_layers=args.layers,

@@ -27,10 +27,12 @@ from flax import nnx
 
 import mixtral_jax as mj
 from bench.common import environment, synthetic_batch, time_train_steps, write_json
-from mixtral_jax import moe_parallel, sharding, trainer
 from mixtral_jax.config import MoEImpl
-from mixtral_jax.runconfig import TrainConfig
-from mixtral_jax.train_step import make_optimizer, make_train_step, state_shardings
+from mixtral_jax.moe import expert_parallel as moe_parallel
+from mixtral_jax.parallel import sharding
+from mixtral_jax.train import trainer
+from mixtral_jax.train.config import TrainConfig
+from mixtral_jax.train.step import make_optimizer, make_train_step, state_shardings
 
 
 def run(

@@ -3,7 +3,7 @@
   PYTHONPATH=. python bench/expert_decode_tiles.py [--tokens 1,8,64] [--quick]
 
 1. Correctness: `decode_experts` at layer 1 of a 4-layer bf16 stack equals the dense oracle
-   (`moe.moe_dense` in float32) for each token count.
+   (`moe_local.moe_dense` in float32) for each token count.
 2. Tile sweep (kernel device time from the profiler, so launch gaps are left out): the gate/up
    kernel's tiles with the down kernel's default, then the down kernel's tiles (splits of F
    included) with the gate/up default; achieved bandwidth = the used experts' weight bytes the
@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import copy_bandwidth_tbs, environment, kernel_summary, trace_kernels, write_json
-from mixtral_jax import decode_matmul as dm
-from mixtral_jax import expert_decode as ed
-from mixtral_jax import moe
+from mixtral_jax.kernels import decode_matmul as dm
+from mixtral_jax.kernels import expert_decode as ed
+from mixtral_jax.moe import local as moe_local
+from mixtral_jax.moe import ops as moe_ops
 
 D, F, E, K, LAYERS = 4096, 14336, 8, 2, 4
 
@@ -76,7 +77,7 @@ def kernel_us(summary: dict, part: str) -> float:
 def measure(m: int, key, stacks, router, layers, copy_tbs: float, quick: bool) -> dict:
     """Correctness, tile sweep and whole-layer comparison at m tokens."""
     x = jax.random.normal(key, (m, D), jnp.bfloat16)
-    routing = moe.route(x, router, K)
+    routing = moe_ops.route(x, router, K)
     used = len(set(np.asarray(routing.experts).ravel().tolist()))
     expert_bytes = used * D * F * 2  # one matrix of each used expert
     run = jax.jit(
@@ -86,7 +87,7 @@ def measure(m: int, key, stacks, router, layers, copy_tbs: float, quick: bool) -
         static_argnames=("t1", "t2"),
     )
     got = run(x, routing.experts, routing.weights, layers[1], *stacks)
-    want = moe.moe_dense(
+    want = moe_local.moe_dense(
         x.astype(jnp.float32), routing, *(s[1].astype(jnp.float32) for s in stacks)
     )[0]
     size = {
@@ -149,8 +150,8 @@ def measure(m: int, key, stacks, router, layers, copy_tbs: float, quick: bool) -
             lambda x, layer, *w: ed.decode_experts(x, *_route(x, router), *w, layer)
         ),
         "sorted_gmm": jax.jit(
-            lambda x, layer, *w: moe.moe_dropless(
-                x, moe.route(x, router, K), *w, gmm_impl="pallas", layer=layer
+            lambda x, layer, *w: moe_local.moe_dropless(
+                x, moe_ops.route(x, router, K), *w, gmm_impl="pallas", layer=layer
             )[0]
         ),
     }
@@ -307,7 +308,7 @@ def main():
 
 
 def _route(x, router):
-    routing = moe.route(x, router, K)
+    routing = moe_ops.route(x, router, K)
     return routing.experts, routing.weights
 
 

@@ -32,10 +32,11 @@ from bench.common import (
     time_train_steps,
     write_json,
 )
-from mixtral_jax import metrics, sharding, trainer
 from mixtral_jax.generate import Generator
-from mixtral_jax.runconfig import TrainConfig
-from mixtral_jax.train_step import make_optimizer, make_train_step, state_shardings
+from mixtral_jax.parallel import sharding
+from mixtral_jax.train import metrics, trainer
+from mixtral_jax.train.config import TrainConfig
+from mixtral_jax.train.step import make_optimizer, make_train_step, state_shardings
 
 
 def peak_memory_gib() -> list[float | None]:

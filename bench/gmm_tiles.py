@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment, timed, write_json
-from mixtral_jax import gmm_pallas as gp
+from mixtral_jax.kernels import gmm_pallas as gp
 
 
 def rel_err(a, b) -> float:
@@ -47,7 +47,7 @@ def correctness() -> list[dict]:
         outs = {}
         exact = functools.partial(jax.lax.ragged_dot, precision=jax.lax.Precision.HIGHEST)
         for name, f in (("pallas", gp.gmm), ("ragged_dot", exact)):
-            out, vjp = jax.vjp(lambda x, w, f=f: f(x, w, gs), lhs, rhs)
+            out, vjp = jax.vjp(lambda x, w, f=f, gs=gs: f(x, w, gs), lhs, rhs)
             outs[name] = (out, *vjp(dy))
         errs = [rel_err(p, r) for p, r in zip(outs["pallas"], outs["ragged_dot"])]
         limit = 1e-5 if dtype == jnp.float32 else 1e-2
@@ -116,7 +116,9 @@ def sweep(tokens: int, configs, kernels=("gmm", "gmm_t", "tgmm")) -> list[dict]:
                 block_m=cfg[0], block_n=cfg[1], block_k=cfg[2], num_warps=cfg[3], num_stages=cfg[4]
             )
             calls = {
-                "gmm": jax.jit(lambda x, w, t=tiles: gp._gmm_call(x, w, gs, t, False, False)),
+                "gmm": jax.jit(
+                    lambda x, w, t=tiles, gs=gs: gp._gmm_call(x, w, gs, t, False, False)
+                ),
                 "gmm_t": jax.jit(lambda g, w, t=tiles: gp._gmm_call(g, w, gs, t, True, False)),
                 "tgmm": jax.jit(lambda x, g, t=tiles: gp._tgmm_call(x, g, gs, e, t, False)),
             }
@@ -133,7 +135,7 @@ def sweep(tokens: int, configs, kernels=("gmm", "gmm_t", "tgmm")) -> list[dict]:
                     continue
                 try:
                     row[name] = flops / timed(fn, *args[name]) / 1e12
-                except Exception as err:  # a config that does not compile (registers, smem)
+                except Exception as err:  # noqa: BLE001 (a config that does not compile: registers, smem)
                     row[name] = None
                     row[name + "_error"] = str(err).splitlines()[0][:200]
             print(row, flush=True)
@@ -166,7 +168,7 @@ def decode_sweep(configs) -> list[dict]:
                     num_warps=cfg[3],
                     num_stages=cfg[4],
                 )
-                fn = jax.jit(lambda x, w, t=tiles: gp._gmm_call(x, w, gs, t, False, False))
+                fn = jax.jit(lambda x, w, t=tiles, gs=gs: gp._gmm_call(x, w, gs, t, False, False))
                 try:
                     ms = 1e3 * timed(fn, lhs_p, rhs, repeats=30)
                     row = {
@@ -177,7 +179,7 @@ def decode_sweep(configs) -> list[dict]:
                         "ms": ms,
                         "GBps": used * k * n * 2 / ms / 1e6,
                     }
-                except Exception as err:
+                except Exception as err:  # noqa: BLE001 (a config that does not compile)
                     row = {
                         "rows": a,
                         "K": k,

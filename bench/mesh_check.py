@@ -20,7 +20,7 @@ import numpy as np
 
 import mixtral_jax as mj
 from bench.common import environment, write_json
-from mixtral_jax import sharding as sh
+from mixtral_jax.parallel import sharding as sh
 
 
 def meshes(n: int) -> list[str]:

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax import moe
+from mixtral_jax.moe import local as moe_local
+from mixtral_jax.moe import ops as moe_ops
 
 
 def timed(fn, *args, reps=50):
@@ -35,15 +36,15 @@ def main():
     router = jax.random.normal(keys[3], (d, e), dt)
     res = {"jax": jax.__version__, "device": str(jax.devices()[0])}
     paths = (
-        ("gathered", moe.moe_gathered),
-        ("dropless", lambda *a: moe.moe_dropless(*a, gmm_impl="xla")),
-        ("pallas", lambda *a: moe.moe_dropless(*a, gmm_impl="pallas")),
+        ("gathered", moe_local.moe_gathered),
+        ("dropless", lambda *a: moe_local.moe_dropless(*a, gmm_impl="xla")),
+        ("pallas", lambda *a: moe_local.moe_dropless(*a, gmm_impl="pallas")),
     )
     sizes = (1, 2, 3, 8)
     for m in sizes:
         x = jax.random.normal(keys[4], (m, d), dt)
         fns = {
-            name: jax.jit(lambda x, a, b, c, fn=fn: fn(x, moe.route(x, router, k), a, b, c)[0])
+            name: jax.jit(lambda x, a, b, c, fn=fn: fn(x, moe_ops.route(x, router, k), a, b, c)[0])
             for name, fn in paths
         }
         outs = {n: np.asarray(fn(x, *w), np.float32) for n, fn in fns.items()}
@@ -52,7 +53,7 @@ def main():
             for n in ("gathered", "pallas")
         )
         times = {n: timed(fn, x, *w) for n, fn in fns.items()}
-        chosen = len(set(np.asarray(moe.route(x, router, k).experts).ravel().tolist()))
+        chosen = len(set(np.asarray(moe_ops.route(x, router, k).experts).ravel().tolist()))
         res[f"M={m}"] = {
             "ms": {n: t * 1e3 for n, t in times.items()},
             "rel_err": err,

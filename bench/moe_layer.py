@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import environment, run_peer, timed, write_json
-from mixtral_jax import moe
+from mixtral_jax.moe import local as moe_local
+from mixtral_jax.moe import ops as moe_ops
 
 
 def main():
@@ -52,10 +53,12 @@ def main():
     def layer(impl):
         if impl == "capacity":
             cap = int(-(-1.25 * t * topk // e))
-            return lambda x, *w: moe.moe_capacity(x, moe.route(x, router, topk), *w, capacity=cap)[
-                0
-            ]
-        return lambda x, *w: moe.moe_dropless(x, moe.route(x, router, topk), *w, gmm_impl=impl)[0]
+            return lambda x, *w: moe_local.moe_capacity(
+                x, moe_ops.route(x, router, topk), *w, capacity=cap
+            )[0]
+        return lambda x, *w: moe_local.moe_dropless(
+            x, moe_ops.route(x, router, topk), *w, gmm_impl=impl
+        )[0]
 
     def fwd_bwd(fn):
         return jax.jit(

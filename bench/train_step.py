@@ -26,9 +26,10 @@ from bench.common import (
     time_train_steps,
     write_json,
 )
-from mixtral_jax import metrics, sharding
-from mixtral_jax.runconfig import TrainConfig
-from mixtral_jax.train_step import init_state, make_optimizer, make_train_step, state_shardings
+from mixtral_jax.parallel import sharding
+from mixtral_jax.train import metrics
+from mixtral_jax.train.config import TrainConfig
+from mixtral_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
 
 
 def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:

@@ -1,11 +1,8 @@
 """mixtral_jax: Mixtral-style sparse Mixture-of-Experts decoders in JAX / Flax NNX."""
 
 from mixtral_jax.config import ComputeConfig, ConfigError, ModelConfig, MoEImpl, Remat, preset
-from mixtral_jax.hf_config import from_hf_dict, load_hf_config, save_hf_config, to_hf_dict
-from mixtral_jax.model import (
-    Mixtral,
-    ModelAux,
-    ModelOutput,
+from mixtral_jax.hf.config import from_hf_dict, load_hf_config, save_hf_config, to_hf_dict
+from mixtral_jax.model.params import (
     abstract,
     from_params,
     get_params,
@@ -14,7 +11,8 @@ from mixtral_jax.model import (
     param_shapes,
     set_params,
 )
-from mixtral_jax.moe import MoEAux
+from mixtral_jax.model.transformer import Mixtral, ModelAux, ModelOutput
+from mixtral_jax.model.moe import MoEAux
 
 __all__ = [
     "ComputeConfig",

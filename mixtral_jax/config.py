@@ -1,6 +1,6 @@
 """Model configuration: one frozen dataclass, its presets, and validation.
 
-Field names are the project's one vocabulary (see `model.py` for the dimension letters):
+Field names are the project's one vocabulary (see `model/transformer.py` for the dimension letters):
 
   vocab_size (V), embed_dim (D), hidden_dim (F, the expert FFN width), num_layers (L),
   num_heads (N), num_kv_heads (K), head_dim (H), num_experts (E), num_experts_per_tok (k).
@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 
 class MoEImpl(str, enum.Enum):
-    """How tokens reach their experts. All three compute the same function (`moe.py`)."""
+    """How tokens reach their experts. All three compute the same function (`moe/`)."""
 
     DENSE = "dense"  # every expert on every token, masked: the slow, obvious oracle
     DROPLESS = "dropless"  # sort by expert, grouped matmul over ragged groups
@@ -62,7 +62,7 @@ class DecodeExpertImpl(str, enum.Enum):
 
     AUTO = "auto"  # pallas on NVIDIA GPUs, gather for one token where the grouped matmul is xla
     OFF = "off"  # the dispatch of `moe_impl` at every size
-    GATHER = "gather"  # gather the chosen experts' weights, no sort (moe_local.moe_gathered)
+    GATHER = "gather"  # gather the chosen experts' weights, no sort (moe/local.py)
     PALLAS = "pallas"  # two Pallas-Triton kernels streaming only used experts (expert_decode.py)
 
 
@@ -76,7 +76,7 @@ class DecodeProjectionImpl(str, enum.Enum):
 
 class Exchange(str, enum.Enum):
     """How assignments reach the devices of their experts under expert parallelism
-    (`moe_parallel.py`)."""
+    (`moe/expert_parallel.py`)."""
 
     AUTO = "auto"  # ragged where the backend has it and nothing may drop, else capacity
     CAPACITY = "capacity"

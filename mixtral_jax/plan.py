@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from mixtral_jax import config as config_lib
 from mixtral_jax import model as model_lib
-from mixtral_jax import sharding as sh
+from mixtral_jax.parallel import sharding as sh
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from mixtral_jax import data
+    from mixtral_jax.train import data
 
     p = argparse.ArgumentParser(prog="python -m mixtral_jax.tokenizer")
     sub = p.add_subparsers(dest="command", required=True)

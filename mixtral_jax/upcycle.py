@@ -7,7 +7,7 @@ the renormalised top-k weights sum to 1. `expert_noise` (relative to each weight
 symmetry for training, at the price of that equality.
 
 The attention, norms, embedding and head keys are shared by Mistral and Mixtral, so the weight
-table of `hf_weights` does the layout work; only the MoE keys are translated here.
+table of `hf/weights.py` does the layout work; only the MoE keys are translated here.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from mixtral_jax.config import ConfigError, ModelConfig
-from mixtral_jax.hf_config import from_hf_dict
-from mixtral_jax.hf_weights import params_from_hf
+from mixtral_jax.hf.config import from_hf_dict
+from mixtral_jax.hf.weights import params_from_hf
 
 _EXPERT_KEY = re.compile(
     r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"

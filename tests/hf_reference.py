@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mixtral_jax as mj
-from mixtral_jax import hf_weights
+from mixtral_jax.hf import weights as hf_weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

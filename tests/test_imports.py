@@ -8,6 +8,7 @@ is no edge to `mixtral_jax/__init__`.
 """
 
 import ast
+import itertools
 import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mixtral_jax")
@@ -115,16 +116,46 @@ def _shortest_cycle(graph, start: str, part: set[str]) -> list[str]:
 
 def _describe(graph, part: set[str]) -> str:
     cycle = _shortest_cycle(graph, min(part), part)
-    text = " -> ".join(f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:]))
+    text = " -> ".join(f"{a} (line {graph[a][b]})" for a, b in itertools.pairwise(cycle))
     rest = sorted(part - set(cycle))
     return f"{text} -> {cycle[-1]}" + (f"; also tangled: {', '.join(rest)}" if rest else "")
 
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "mixtral_jax.sharding" in graph["mixtral_jax.model"]  # the reader sees the imports
+    # the reader sees the imports
+    assert "mixtral_jax.parallel.sharding" in graph["mixtral_jax.model.transformer"]
     found = tangles(graph)
     assert not found, "import cycles:\n" + "\n".join(_describe(graph, p) for p in found)
+
+
+# The package's layers, lowest first (README's layout): a module imports only from its own layer
+# or an earlier one. One layer is a top-level module or a subpackage.
+LAYERS = [
+    "config", "fileio", "hf", "parallel", "kernels", "moe", "model", "checkpoint", "convert",
+    "tokenizer", "train", "generate", "routing", "surgery", "upcycle", "plan", "__init__",
+]
+# Command-line entry points that reach up a layer, each with its reason.
+UPWARD = {
+    ("tokenizer", "train"): "the train-tokenizer command reads documents through train/data.py",
+}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_each_layer_imports_only_from_itself_and_the_layers_below():
+    graph = import_graph()
+    assert {_layer(m) for m in graph} == set(LAYERS)  # every layer is placed
+    upward = []
+    for module, imported in graph.items():
+        for target, line in imported.items():
+            a, b = _layer(module), _layer(target)
+            if LAYERS.index(b) > LAYERS.index(a) and (a, b) not in UPWARD:
+                upward.append(f"{module} (line {line}) imports {target}")
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
 
 
 def test_the_reader_sees_local_imports_submodules_and_cycles(tmp_path):

@@ -2,7 +2,7 @@
 
 import mixtral_jax as mj
 from mixtral_jax import plan
-from mixtral_jax import sharding as sh
+from mixtral_jax.parallel import sharding as sh
 
 
 def test_plan_matches_compiled_arguments():
@@ -13,10 +13,7 @@ def test_plan_matches_compiled_arguments():
     assert result.compiled_temp > 0
     # a sharded table holds less than the whole model on each device
     whole = sum(
-        x.size * 4
-        for x in __import__("jax").tree_util.tree_leaves(
-            mj.model.get_params(mj.model.abstract(cfg))
-        )
+        x.size * 4 for x in __import__("jax").tree_util.tree_leaves(mj.get_params(mj.abstract(cfg)))
     )
     assert result.params < whole
 

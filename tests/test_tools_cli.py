@@ -75,7 +75,7 @@ def test_drop_command_gives_a_checkpoint_that_loads_generates_and_matches(ckpt, 
     cfg, params = checkpoint.load_model(str(out))
     assert cfg.num_experts == 3 and (out / "tokenizer.model").is_file()
     # The same weights built directly as a 3-expert model.
-    base_cfg, base = checkpoint.load_model(str(ckpt / "model"))
+    _base_cfg, base = checkpoint.load_model(str(ckpt / "model"))
     direct_params = checkpoint.to_numpy(base)
     for name in ("w_gate", "w_up", "w_down"):
         direct_params["layers"]["moe"][name] = direct_params["layers"]["moe"][name][:, [0, 2, 4]]

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "to-orbax":
             mesh = None
             if args.mesh:
-                from mixtral_jax import sharding
+                from mixtral_jax.parallel import sharding
 
                 mesh = sharding.make_mesh(sharding.MeshConfig.parse(args.mesh))
             src = importer.to_orbax(

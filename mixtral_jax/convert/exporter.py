@@ -21,8 +21,8 @@ from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.convert.safetensors_io import StreamWriter
 from mixtral_jax.convert.source import ConversionError
 from mixtral_jax.fileio import atomic_directory
-from mixtral_jax.hf_config import save_hf_config
-from mixtral_jax.hf_weights import hf_shapes, params_to_hf
+from mixtral_jax.hf.config import save_hf_config
+from mixtral_jax.hf.weights import hf_shapes, params_to_hf
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 

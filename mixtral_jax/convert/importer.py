@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mixtral_jax import checkpoint
 from mixtral_jax.convert.source import ConversionError, Source, open_source
-from mixtral_jax.hf_weights import TABLE, slice_keys
+from mixtral_jax.hf.weights import TABLE, slice_keys
 
 TOKENIZER_CANDIDATES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")
 
@@ -77,7 +77,7 @@ def iter_leaves(
 def _leaf_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
     import jax
 
-    from mixtral_jax.model import param_shapes
+    from mixtral_jax.model.params import param_shapes
 
     flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
     return {tuple(k.key for k in p): tuple(x.shape) for p, x in flat}
@@ -121,8 +121,8 @@ def iter_sharded_leaves(
     """
     import jax
 
-    from mixtral_jax import sharding
-    from mixtral_jax.model import param_shapes
+    from mixtral_jax.model.params import param_shapes
+    from mixtral_jax.parallel import sharding
 
     cfg, get = src.cfg, src.getter()
     dtype = np.dtype(_np_dtype(cfg.compute.param_dtype))

@@ -1,6 +1,6 @@
 """Stored checkpoint layouts, each translated to Hugging Face's legacy per-expert keys.
 
-`hf_weights.TABLE` speaks the legacy keys (`model.layers.N.block_sparse_moe.experts.E.w1.weight`).
+`hf/weights.TABLE` speaks the legacy keys (`model.layers.N.block_sparse_moe.experts.E.w1.weight`).
 A `Layout` says, for a config, which tensors a directory of that layout must hold (name ->
 shape) and how to cut each legacy tensor out of a stored one. Layouts:
 
@@ -27,8 +27,8 @@ import numpy as np
 
 from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.fileio import read_json
-from mixtral_jax.hf_config import from_hf_dict
-from mixtral_jax.hf_weights import hf_shapes
+from mixtral_jax.hf.config import from_hf_dict
+from mixtral_jax.hf.weights import hf_shapes
 
 Slicer = Callable[[np.ndarray], np.ndarray]
 
@@ -193,7 +193,7 @@ def mistral_params_config(path: str) -> ModelConfig:
 
 def source_config(directory: str, layout: str) -> ModelConfig:
     """The config of a source directory: params.json for Mistral layouts, else config.json."""
-    from mixtral_jax.hf_config import load_hf_config
+    from mixtral_jax.hf.config import load_hf_config
 
     if layout.startswith("mistral") and os.path.isfile(os.path.join(directory, "params.json")):
         return mistral_params_config(os.path.join(directory, "params.json"))

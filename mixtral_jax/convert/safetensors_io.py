@@ -172,7 +172,7 @@ class StreamWriter:
     def __init__(self, path: str, specs: list[tuple[str, np.dtype, tuple[int, ...]]]):
         self._specs = list(specs)
         self._next = 0
-        self._file = open(path, "wb")
+        self._file = open(path, "wb")  # noqa: SIM115 (open across write calls; close() ends it)
         self._file.write(header_bytes(self._specs))
 
     def write(self, key: str, array: np.ndarray) -> None:

@@ -22,7 +22,10 @@ from flax import nnx
 
 from mixtral_jax.config import ConfigError
 from mixtral_jax.generate.sampling import SamplingParams, sample
-from mixtral_jax.model import KVCache, Mixtral
+from mixtral_jax.model.kv_cache import KVCache
+from mixtral_jax.model.transformer import Mixtral
+
+GREEDY = SamplingParams()  # the default: temperature 0
 
 
 @dataclasses.dataclass
@@ -143,7 +146,7 @@ class Generator:
         prompts: list[list[int]],
         *,
         max_new_tokens: int,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = GREEDY,
         seed: int = 0,
         eos_id: int | None,
         on_tokens: Callable[[int, list[int]], None] | None = None,

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from mixtral_jax import checkpoint
-    from mixtral_jax.model import from_params
+    from mixtral_jax.model.params import from_params
     from mixtral_jax.routing.analyse import chunk_tokens, collect_trace, write_report
     from mixtral_jax.tokenizer import Tokenizer
 

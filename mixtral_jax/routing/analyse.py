@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.model import Mixtral
+from mixtral_jax.model.transformer import Mixtral
 from mixtral_jax.routing import html as page
 from mixtral_jax.routing import plots
 from mixtral_jax.routing.stats import RoutingTrace, routing_report, trace_from_logits

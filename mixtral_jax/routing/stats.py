@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax.moe_ops import route_logits
+from mixtral_jax.moe.ops import route_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class RoutingTrace:
 
 def trace_from_logits(router_logits, topk: int, mask=None) -> RoutingTrace:
     """A trace from router logits [L, B, T, E], choosing as the model does (the one routing
-    rule, `moe_ops.route_logits`: ties to the lower index)."""
+    rule, `moe/ops.route_logits`: ties to the lower index)."""
     logits = jnp.asarray(router_logits, jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     experts = route_logits(logits, topk).experts  # [L, B, T, k]

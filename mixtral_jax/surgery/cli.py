@@ -118,9 +118,10 @@ def evaluate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from mixtral_jax import checkpoint, data, losses
-    from mixtral_jax.model import from_params
+    from mixtral_jax import checkpoint
+    from mixtral_jax.model.params import from_params
     from mixtral_jax.tokenizer import Tokenizer
+    from mixtral_jax.train import data, losses
 
     tokenizer_path = args.tokenizer or os.path.join(args.checkpoint[0], checkpoint.TOKENIZER_FILE)
     tokenizer = Tokenizer.load(tokenizer_path)
@@ -131,7 +132,7 @@ def evaluate(args) -> int:
     for path in args.checkpoint:
         cfg, params = checkpoint.load_model(path)
         model = from_params(cfg, params)
-        out = jax.jit(lambda t, p, s: model(t, positions=p, segment_ids=s).logits)(
+        out = jax.jit(lambda t, p, s, m=model: m(t, positions=p, segment_ids=s).logits)(
             jnp.asarray(batch["tokens"]),
             jnp.asarray(batch["positions"]),
             jnp.asarray(batch["segment_ids"]),

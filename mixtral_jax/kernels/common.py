@@ -1,0 +1,89 @@
+"""What the Pallas kernels share: the shared-memory budget, in-kernel dot and its precision, tile
+rounding, the decode kernels' token limit, tiles and tile fitting, and the exclusive cumsum of
+group sizes (kernel schedules and MoE dispatch alike).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KiB per block; leave room for the epilogue
+
+
+MAX_TOKENS = 64  # above this the sorted grouped matmul (gmm_pallas) wastes less arithmetic
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTiles:
+    """Column tile, contraction tile, splits of the contraction (down only), launch parameters."""
+
+    block_n: int = 64
+    block_k: int = 128
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def supports(*widths: int) -> bool:
+    """Every width a multiple of 16 (the matrix units' smallest tile): the decode kernels tile
+    weight stacks exactly, since padding a stack would copy it."""
+    return all(w % 16 == 0 for w in widths)
+
+
+def _largest_pow2_dividing(n: int, at_most: int) -> int:
+    size = at_most
+    while n % size:
+        size //= 2
+    return size
+
+
+def fit(
+    tiles: DecodeTiles, rows: int, contract: int, width: int, streams: int, itemsize: int
+) -> DecodeTiles:
+    """Tiles that divide the problem exactly (no padding of weight stacks, which would copy them)
+    and whose pipeline fits in shared memory. `streams` weight tiles are loaded per step."""
+    block_n = _largest_pow2_dividing(width, tiles.block_n)
+    splits = tiles.splits
+    while splits > 1 and (contract % splits or (contract // splits) % 16):
+        splits -= 1
+    block_k = _largest_pow2_dividing(contract // splits, tiles.block_k)
+    stages = tiles.num_stages
+
+    def smem(stages, block_n, block_k):  # the pipeline's buffers: x or h tile + weight tiles
+        return stages * (rows * block_k + streams * block_k * block_n) * itemsize
+
+    while smem(stages, block_n, block_k) > SMEM_BYTES:
+        if stages > 2:
+            stages -= 1
+        elif block_n > 16:
+            block_n //= 2
+        else:
+            block_k //= 2  # halving a power of two that divides still divides
+    return dataclasses.replace(
+        tiles, block_n=block_n, block_k=block_k, splits=splits, num_stages=stages
+    )
+
+
+def dot_f32(a, b, precision):
+    """a [m, k] @ b [k, n] inside a kernel, accumulated in float32."""
+    return jax.lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def pow2_at_least(n: int, low: int = 16) -> int:
+    """The smallest power of two >= n and >= low (a tile that covers n rows)."""
+    return max(low, 1 << max(0, (n - 1).bit_length()))
+
+
+def matmul_precision(dtype):
+    """In-kernel dot precision: full float32 for float32 operands (else Triton uses tf32)."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def exclusive_cumsum(sizes: jax.Array) -> jax.Array:
+    """[n] -> [n] start offset of each consecutive group of the given sizes."""
+    return jnp.cumsum(sizes) - sizes

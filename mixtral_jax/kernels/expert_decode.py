@@ -1,0 +1,233 @@
+"""The experts of a few tokens (decode) as two Pallas-Triton kernels that read only used experts.
+
+At decode sizes the MoE is a pure weight-streaming problem: one token reads 2 of 8 expert
+matrices per layer (705 MB at 8x7B widths) and does almost no arithmetic. What costs time is
+everything that is not streaming those bytes: the sort and gathers of the dropless path (a dozen
+tiny launches per layer) and too few programs in flight for the down projection (its [F, D]
+matrices give only D / block_n output tiles per expert). So this path has no sort at all:
+
+  slots      the used experts, listed first in expert order (at most min(E, M*k) of them);
+  gate_up    h[s] = silu(x @ W_gate[e_s]) * (x @ W_up[e_s]) for every token, one program per
+             (slot, column tile of F); both matrices streamed in the same loop;
+  down       part[j, s] = (h[s] @ W_down[e_s])[rows of split j of F] * combine[s], one program
+             per (slot, column tile of D, split of F): split-K gives the short, wide down
+             projection as many programs as the gate/up one;
+  reduce     out = sum over splits and slots (float32, deterministic: no atomics).
+
+Every slot computes all M tokens; tokens that did not choose its expert get combine weight 0.
+That wastes arithmetic (M rows instead of the ~M*k/E that chose the expert), which is free while
+the kernel is bound by memory: the path is for M <= MAX_TOKENS.
+
+Letters: M tokens, k choices per token, E experts, S slots (= min(E, M*k)), D embed width, F expert
+hidden width, J splits of F in the down projection, L layers of a weight stack. Weights are
+stacks [L, E, D, F] / [L, E, F, D] read at `layer` in place (inside the layer scan; a single
+layer is a stack of one). Inference only: no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mixtral_jax.kernels.common import (
+    MAX_TOKENS,
+    DecodeTiles,
+    dot_f32,
+    fit,
+    matmul_precision,
+    pow2_at_least,
+)
+
+# From bench/expert_decode_tiles.py on one H200 (bfloat16, 8x7B widths, 1/8/64 tokens; all
+# stream the weights at 4.1-4.6 TB/s): see BENCHMARKS.md. Splitting F barely matters at one
+# token (54.7 us with 4 splits, 56.1 with none) and costs 5% at 64 tokens (bm = 64).
+GATE_UP = DecodeTiles(block_n=128, block_k=64, num_warps=4, num_stages=4)
+DOWN = DecodeTiles(block_n=128, block_k=64, splits=4, num_warps=4, num_stages=5)
+DOWN_WIDE = DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=4, num_stages=4)  # bm >= 64
+
+
+def _gate_up_kernel(
+    slot_expert_ref,
+    num_used_ref,
+    layer_ref,
+    x_ref,
+    wg_ref,
+    wu_ref,
+    h_ref,
+    *,
+    tiles: DecodeTiles,
+    num_cols: int,
+    contract: int,
+    rows: int,
+    precision,
+):
+    """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c])."""
+    bm, bn, bk = x_ref.shape[0], tiles.block_n, tiles.block_k
+    slot, col = pl.program_id(0) // num_cols, pl.program_id(0) % num_cols
+    expert, layer = slot_expert_ref[slot], layer_ref[0]
+    col0 = pl.multiple_of(col * bn, bn)
+    row_mask = jnp.broadcast_to((jnp.arange(bm) < rows)[:, None], (bm, bn))
+
+    @pl.when(slot < num_used_ref[0])
+    def _():
+        def step(i, acc):
+            k0 = pl.multiple_of(i * bk, bk)
+            a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
+            g = wg_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
+            u = wu_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]
+            return acc[0] + dot_f32(a, g, precision), acc[1] + dot_f32(a, u, precision)
+
+        zeros = jnp.zeros((bm, bn), jnp.float32)
+        gate, up = jax.lax.fori_loop(0, contract // bk, step, (zeros, zeros))
+        h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, in float32
+        plgpu.store(h_ref.at[slot, :, pl.ds(col0, bn)], h.astype(h_ref.dtype), mask=row_mask)
+
+
+def _down_kernel(
+    slot_expert_ref,
+    num_used_ref,
+    layer_ref,
+    h_ref,
+    combine_ref,
+    wd_ref,
+    out_ref,
+    *,
+    tiles: DecodeTiles,
+    num_cols: int,
+    steps: int,
+    rows: int,
+    precision,
+):
+    """Program (slot s, column tile c, split j): part[j, s, :, c] = combine[s] * h[s, :, split j]
+    @ Wd[e_s][split j, c]; slots past the used ones store zeros."""
+    bm, bn, bk, splits = h_ref.shape[1], tiles.block_n, tiles.block_k, tiles.splits
+    pid = pl.program_id(0)
+    slot, rest = pid // (num_cols * splits), pid % (num_cols * splits)
+    col, split = rest // splits, rest % splits
+    expert, layer = slot_expert_ref[slot], layer_ref[0]
+    col0 = pl.multiple_of(col * bn, bn)
+    valid = jnp.arange(bm) < rows
+    row_mask = jnp.broadcast_to(valid[:, None], (bm, bn))
+    out_block = out_ref.at[split, slot, :, pl.ds(col0, bn)]
+
+    @pl.when(slot < num_used_ref[0])
+    def _():
+        def step(i, acc):
+            k0 = pl.multiple_of((split * steps + i) * bk, bk)
+            a = plgpu.load(
+                h_ref.at[slot, :, pl.ds(k0, bk)],
+                mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
+                other=0,
+            )  # [bm, bk]
+            b = wd_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
+            return acc + dot_f32(a, b, precision)
+
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+        weight = combine_ref[slot, :]  # [bm] float32
+        plgpu.store(out_block, acc * weight[:, None], mask=row_mask)
+
+    @pl.when(slot >= num_used_ref[0])
+    def _():
+        plgpu.store(out_block, jnp.zeros((bm, bn), jnp.float32), mask=row_mask)
+
+
+def _slots(experts: jax.Array, weights: jax.Array, num_experts: int):
+    """experts, weights [M, k] -> (slot_expert [S] int32, num_used [1] int32, combine [S, M] f32).
+
+    Slot s < num_used holds the s-th used expert (ascending; for one token, its k experts in
+    routing order); combine[s, m] is token m's routing weight for that expert, 0 if m did not
+    choose it.
+    """
+    m, topk = experts.shape
+    if m == 1:  # batch-1 decode: its k experts are distinct, so they are the slots (no sort)
+        return (
+            experts[0].astype(jnp.int32),
+            jnp.full((1,), topk, jnp.int32),
+            weights.astype(jnp.float32).T,
+        )
+    num_slots = min(num_experts, m * topk)
+    dense = (
+        jnp.zeros((m, num_experts), jnp.float32)
+        .at[jnp.arange(m)[:, None], experts]
+        .add(weights.astype(jnp.float32))
+    )  # [M, E]
+    used = jnp.zeros((num_experts,), bool).at[experts.reshape(-1)].set(True)
+    slot_expert = jnp.argsort(~used, stable=True)[:num_slots].astype(jnp.int32)
+    num_used = jnp.sum(used, dtype=jnp.int32).reshape(1)
+    return slot_expert, num_used, dense[:, slot_expert].T
+
+
+def decode_experts(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    layer: jax.Array | int = 0,
+    *,
+    gate_up_tiles: DecodeTiles | None = None,
+    down_tiles: DecodeTiles | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """The routed SwiGLU experts of a few tokens, reading only the experts they chose.
+
+    Args:
+      x: [M, D] tokens in the compute dtype (M <= MAX_TOKENS).
+      experts: [M, k] int32 chosen experts; weights: [M, k] their routing weights.
+      w_gate, w_up: [L, E, D, F]; w_down: [L, E, F, D] stacks in x's dtype, read at `layer`.
+      layer: int32 scalar.
+    Returns:
+      [M, D] float32 = sum_j weights[:, j] * SwiGLU expert experts[:, j] of x (no gradient).
+    """
+    m, d = x.shape
+    _, num_experts, _, f = w_gate.shape
+    if m > MAX_TOKENS:
+        raise ValueError(f"decode_experts takes at most {MAX_TOKENS} tokens, got {m}")
+    bm = pow2_at_least(m)
+    slot_expert, num_used, combine = _slots(experts, weights, num_experts)
+    num_slots = slot_expert.shape[0]
+    combine = jnp.pad(combine, ((0, 0), (0, bm - m)))  # [S, bm]
+    x_p = jnp.pad(x, ((0, bm - m), (0, 0)))  # [bm, D]
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    precision, itemsize = matmul_precision(x.dtype), x.dtype.itemsize
+
+    t1 = fit(gate_up_tiles or GATE_UP, bm, d, f, 2, itemsize)
+    h = pl.pallas_call(
+        functools.partial(
+            _gate_up_kernel,
+            tiles=t1,
+            num_cols=f // t1.block_n,
+            contract=d,
+            rows=m,
+            precision=precision,
+        ),
+        out_shape=jax.ShapeDtypeStruct((num_slots, bm, f), x.dtype),
+        grid=(num_slots * (f // t1.block_n),),
+        compiler_params=plgpu.CompilerParams(num_warps=t1.num_warps, num_stages=t1.num_stages),
+        interpret=interpret,
+        name="expert_gate_up",
+    )(slot_expert, num_used, layer, x_p, w_gate, w_up)
+
+    t2 = fit(down_tiles or (DOWN if bm < 64 else DOWN_WIDE), bm, f, d, 1, itemsize)
+    steps = f // (t2.splits * t2.block_k)
+    part = pl.pallas_call(
+        functools.partial(
+            _down_kernel,
+            tiles=t2,
+            num_cols=d // t2.block_n,
+            steps=steps,
+            rows=m,
+            precision=precision,
+        ),
+        out_shape=jax.ShapeDtypeStruct((t2.splits, num_slots, bm, d), jnp.float32),
+        grid=(num_slots * (d // t2.block_n) * t2.splits,),
+        compiler_params=plgpu.CompilerParams(num_warps=t2.num_warps, num_stages=t2.num_stages),
+        interpret=interpret,
+        name="expert_down",
+    )(slot_expert, num_used, layer, h, combine, w_down)
+    return jax.lax.stop_gradient(jnp.sum(part[:, :, :m], axis=(0, 1)))

@@ -1,0 +1,64 @@
+"""The one grouped-matmul entry point of the dropless MoE path.
+
+`grouped_matmul(lhs, rhs, group_sizes, impl)` multiplies consecutive row groups of `lhs` by their
+own matrix of `rhs`. Everything the dropless path needs from a kernel goes through here, and the
+kernel is the one the kernel plan resolved from `ComputeConfig.gmm_impl` (`kernels/plan.py`):
+
+  pallas  our Pallas-Triton kernels with a custom VJP (`gmm_pallas.py`): NVIDIA GPUs. XLA's
+          ragged_dot runs every expert densely there (8x the FLOPs for Mixtral).
+  xla     `jax.lax.ragged_dot`: CPU, and TPU, where it lowers to a grouped kernel of its own.
+  auto    resolved here by `kernel_plan.resolve_gmm` (direct callers: benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax.config import GmmImpl
+from mixtral_jax.kernels import gmm_pallas
+from mixtral_jax.kernels.plan import resolve_gmm
+
+
+def _resolved(impl: GmmImpl | str) -> GmmImpl:
+    """The plan's choice as given; only `auto` (direct callers) is resolved here."""
+    impl = GmmImpl(impl)
+    return resolve_gmm(impl) if impl == GmmImpl.AUTO else impl
+
+
+def grouped_matmul(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: GmmImpl | str = GmmImpl.AUTO
+) -> jax.Array:
+    """Rows [start_e, start_e + group_sizes[e]) of lhs times rhs[e], for every group e.
+
+    Args:
+      lhs: [A, D] rows sorted by group (A = assignments, D = contraction width).
+      rhs: [E, D, F] one matrix per group, in lhs's dtype.
+      group_sizes: [E] int32, summing to at most A; rows past the sum come out as zeros.
+      impl: see the module docstring.
+    Returns:
+      [A, F] in lhs's dtype.
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    if _resolved(impl) == GmmImpl.PALLAS:
+        return gmm_pallas.gmm(lhs, rhs.astype(lhs.dtype), group_sizes)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def grouped_matmul_stacked(
+    lhs: jax.Array,
+    stack: jax.Array,
+    group_sizes: jax.Array,
+    layer: jax.Array,
+    impl: GmmImpl | str = GmmImpl.AUTO,
+) -> jax.Array:
+    """`grouped_matmul(lhs, stack[layer], group_sizes)` for inference inside a layer scan.
+
+    stack: [L, E, D, F]; layer: int32 scalar. The Pallas kernel reads the layer where it lies:
+    slicing it out for a custom call would copy it (2.8 GB per 8x7B layer and decode step).
+    No gradient through the stack.
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    if _resolved(impl) == GmmImpl.PALLAS:
+        return gmm_pallas.gmm_stacked(lhs, stack.astype(lhs.dtype), group_sizes, layer)
+    return jax.lax.ragged_dot(lhs, stack[layer], group_sizes)

@@ -1,0 +1,277 @@
+"""Which kernel every part of one compiled call runs: decided once, here, and passed down.
+
+A `KernelPlan` is resolved at the top of each traced model call (`Mixtral.__call__`,
+`Mixtral.extend`) from four inputs and nothing else:
+
+  the compute config   `ComputeConfig.attention_impl / gmm_impl / decode_expert_impl /
+                       decode_projection_impl / expert_exchange / moe_impl` (`auto` or a choice);
+  the platform         `platform()`: NVIDIA GPU, or not (CPU, TPU, other GPUs);
+  the active mesh      `sharding.active_mesh()`: expert-parallel dispatch when its expert axis
+                       is > 1; decode kernels only on one device (they read unsharded stacks);
+  the token count      B*T of the call, and whether it reads a KV cache (decode kernels apply
+                       to cached calls of at most `MAX_DECODE_TOKENS` tokens).
+
+Layers only read the plan's fields: none infers a kernel from a weight's rank, dtype or path.
+`auto` picks, by platform (H200 measurements in BENCHMARKS.md):
+
+  attention           cudnn flash attention on NVIDIA GPUs in bf16/fp16 with head_dim <= 128
+  grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; jax.lax.ragged_dot elsewhere
+  decode_experts      pallas (expert_decode.py) on NVIDIA GPUs; `gather` for a single token
+                      where the grouped matmul is ragged_dot (which would read every expert)
+  decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
+  exchange            ragged_all_to_all where the backend compiles it and nothing may drop
+
+An explicit choice that cannot run here is a one-line `ConfigError` naming the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from mixtral_jax.config import (
+    AttentionImpl,
+    ConfigError,
+    DecodeExpertImpl,
+    DecodeProjectionImpl,
+    Exchange,
+    GmmImpl,
+    ModelConfig,
+    MoEImpl,
+)
+from mixtral_jax.kernels.common import MAX_TOKENS, supports
+from mixtral_jax.parallel import sharding
+
+MAX_DECODE_TOKENS = MAX_TOKENS  # the decode kernels' limit (kernels/common.py)
+(EXPERT_AXIS,) = sharding.LOGICAL_RULES["experts"]
+
+NVIDIA_GPU = "nvidia_gpu"
+
+
+def platform() -> str:
+    """`NVIDIA_GPU` when computations run on an NVIDIA GPU (the default backend), else the
+    backend's name (cpu, tpu, gpu for other vendors)."""
+    backend = jax.default_backend()
+    if backend == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower():
+        return NVIDIA_GPU
+    return backend
+
+
+def on_nvidia_gpu() -> bool:
+    return platform() == NVIDIA_GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """The resolved kernels of one compiled call (hashable: usable as a static argument).
+
+    Attributes:
+      attention: XLA or CUDNN, the full-sequence attention (cached calls always use XLA).
+      grouped_matmul: XLA (ragged_dot) or PALLAS, the expert matmuls of dropless dispatch and of
+        the ragged expert-parallel exchange.
+      decode_experts: OFF, GATHER or PALLAS, the experts of a few-token call.
+      decode_projections: OFF or PALLAS, q/k/v, o and the router of a few-token cached call,
+        reading layer l of the weight stacks in place.
+      moe: the dispatch (`MoEImpl`).
+      expert_mesh: the mesh whose expert axis splits the experts, or None (one device).
+      exchange: the expert-parallel all-to-all (resolved; unused without `expert_mesh`).
+    """
+
+    attention: AttentionImpl = AttentionImpl.XLA
+    grouped_matmul: GmmImpl = GmmImpl.XLA
+    decode_experts: DecodeExpertImpl = DecodeExpertImpl.OFF
+    decode_projections: DecodeProjectionImpl = DecodeProjectionImpl.OFF
+    moe: MoEImpl = MoEImpl.DROPLESS
+    expert_mesh: Mesh | None = None
+    exchange: Exchange = Exchange.CAPACITY
+
+    @property
+    def stacked_weights(self) -> tuple[tuple[str, str], ...]:
+        """(module, weight) of the decoder block that a cached call reads as whole [L, ...]
+        stacks at its layer, in place, instead of as the scan's per-layer slices: the experts
+        always (a slice feeding a custom kernel would be copied, 2.8 GB per 8x7B layer), the
+        projections and the router where their decode kernel runs."""
+        experts = (("moe", "w_gate"), ("moe", "w_up"), ("moe", "w_down"))
+        if self.decode_projections != DecodeProjectionImpl.PALLAS:
+            return experts
+        return experts + (
+            ("attn", "q_proj"),
+            ("attn", "k_proj"),
+            ("attn", "v_proj"),
+            ("attn", "o_proj"),
+            ("moe", "router"),
+        )
+
+
+def resolve(
+    cfg: ModelConfig,
+    tokens: int,
+    *,
+    cached: bool,
+    mesh: Mesh | None = None,
+    where: str | None = None,
+) -> KernelPlan:
+    """The plan of a call over `tokens` (B*T) tokens, reading a KV cache if `cached`.
+
+    Args:
+      cfg: the model (widths) and its compute config (the choices).
+      tokens: B*T of the call.
+      cached: an `extend` call (KV cache; weights may be read as stacks).
+      mesh: the active mesh (default `sharding.active_mesh()`).
+      where: the platform (default `platform()`).
+    Raises:
+      ConfigError: an explicit choice that cannot run on this platform.
+    """
+    c = cfg.compute
+    mesh = sharding.active_mesh() if mesh is None else mesh
+    where = platform() if where is None else where
+    expert_mesh = mesh if mesh is not None and mesh.shape[EXPERT_AXIS] > 1 else None
+    one_device = mesh is None or mesh.size == 1
+    gmm = resolve_gmm(c.gmm_impl, where)
+    factor = None if c.moe_impl == MoEImpl.DROPLESS else c.capacity_factor
+    return KernelPlan(
+        attention=resolve_attention(c.attention_impl, c.dtype, cfg.head_dim, where),
+        grouped_matmul=gmm,
+        decode_experts=_decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where),
+        decode_projections=_decode_projections(cfg, tokens, cached, one_device, where),
+        moe=c.moe_impl,
+        expert_mesh=expert_mesh,
+        exchange=(
+            resolve_exchange(c.expert_exchange, expert_mesh, factor)
+            if expert_mesh is not None
+            else Exchange.CAPACITY
+        ),
+    )
+
+
+def resolve_attention(
+    impl: AttentionImpl | str, dtype, head_dim: int, where: str | None = None
+) -> AttentionImpl:
+    """`auto` -> cudnn where it runs (NVIDIA GPU, bf16/fp16, head_dim <= 128), else xla."""
+    impl, where = AttentionImpl(impl), platform() if where is None else where
+    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128
+    if impl == AttentionImpl.AUTO:
+        return AttentionImpl.CUDNN if fits and where == NVIDIA_GPU else AttentionImpl.XLA
+    if impl == AttentionImpl.CUDNN and not (fits and where == NVIDIA_GPU):
+        raise ConfigError(
+            f"attention_impl='cudnn' needs an NVIDIA GPU, dtype bfloat16/float16 and head_dim <= "
+            f"128; got platform {where!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}; "
+            "use 'auto' or 'xla'"
+        )
+    return impl
+
+
+def resolve_gmm(impl: GmmImpl | str, where: str | None = None) -> GmmImpl:
+    """`auto` -> pallas on NVIDIA GPUs, xla elsewhere; `pallas` off an NVIDIA GPU is refused."""
+    impl, where = GmmImpl(impl), platform() if where is None else where
+    if impl == GmmImpl.AUTO:
+        return GmmImpl.PALLAS if where == NVIDIA_GPU else GmmImpl.XLA
+    if impl == GmmImpl.PALLAS and where != NVIDIA_GPU:
+        raise ConfigError(
+            f"gmm_impl='pallas' needs an NVIDIA GPU, but the platform is "
+            f"{where!r}; use 'auto' or 'xla'"
+        )
+    return impl
+
+
+def _needs_nvidia(field: str, value: str, where: str) -> None:
+    if where != NVIDIA_GPU:
+        raise ConfigError(
+            f"{field}='{value}' needs an NVIDIA GPU, but the platform is "
+            f"{where!r}; use 'auto' or 'off'"
+        )
+
+
+def _decode_experts(
+    cfg: ModelConfig, tokens: int, cached: bool, gmm: GmmImpl, local: bool, where: str
+) -> DecodeExpertImpl:
+    """The decode-expert choice: only for dropless dispatch on one expert shard, few tokens."""
+    impl = cfg.compute.decode_expert_impl
+    if impl == DecodeExpertImpl.PALLAS:
+        _needs_nvidia("decode_expert_impl", impl.value, where)
+    applies = cfg.compute.moe_impl == MoEImpl.DROPLESS and local and tokens <= MAX_DECODE_TOKENS
+    if impl == DecodeExpertImpl.OFF or not applies:
+        return DecodeExpertImpl.OFF
+    pallas_fits = cached and supports(cfg.embed_dim, cfg.hidden_dim)
+    if impl == DecodeExpertImpl.AUTO:
+        if where == NVIDIA_GPU:
+            return DecodeExpertImpl.PALLAS if pallas_fits else DecodeExpertImpl.OFF
+        single = tokens == 1 and cfg.num_experts_per_tok < cfg.num_experts
+        return DecodeExpertImpl.GATHER if single and gmm == GmmImpl.XLA else DecodeExpertImpl.OFF
+    if impl == DecodeExpertImpl.PALLAS and not pallas_fits:
+        return DecodeExpertImpl.OFF
+    return impl
+
+
+def _decode_projections(
+    cfg: ModelConfig, tokens: int, cached: bool, one_device: bool, where: str
+) -> DecodeProjectionImpl:
+    """Stacked projections where they apply: a cached call of few tokens on one device, weights
+    stored in the compute dtype (a cast would copy the whole stack), widths the tiles divide."""
+    c = cfg.compute
+    impl = c.decode_projection_impl
+    if impl == DecodeProjectionImpl.PALLAS:
+        _needs_nvidia("decode_projection_impl", impl.value, where)
+    if impl == DecodeProjectionImpl.OFF or where != NVIDIA_GPU:
+        return DecodeProjectionImpl.OFF
+    applies = (
+        cached
+        and one_device
+        and tokens <= MAX_DECODE_TOKENS
+        and jnp.dtype(c.param_dtype) == jnp.dtype(c.dtype)
+        and supports(cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+    )
+    return DecodeProjectionImpl.PALLAS if applies else DecodeProjectionImpl.OFF
+
+
+@functools.cache
+def ragged_all_to_all_supported(backend: str) -> bool:
+    """Whether `backend` compiles jax.lax.ragged_all_to_all (a one-device probe, compiled, not
+    run)."""
+    device = jax.local_devices(backend=backend)[0]
+    mesh = Mesh(np.array([device]), ("probe",))
+
+    def probe(x):
+        zero, one = jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32)
+        return jax.lax.ragged_all_to_all(
+            x, jnp.zeros_like(x), zero, one, zero, one, axis_name="probe"
+        )
+
+    fn = jax.jit(jax.shard_map(probe, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
+    try:
+        fn.lower(jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001 (XLA raises a runtime error naming the missing opcode)
+        return False
+    return True
+
+
+def resolve_exchange(
+    exchange: Exchange | str, mesh: Mesh, capacity_factor: float | None
+) -> Exchange:
+    """The expert-parallel exchange: AUTO resolved; a ragged choice that cannot be honoured is a
+    ValueError naming why."""
+    exchange = Exchange(exchange)
+    backend = mesh.devices.flat[0].platform
+    ragged = (Exchange.RAGGED, Exchange.RAGGED_EMULATED)
+    if capacity_factor is not None and exchange in ragged:
+        raise ValueError(
+            f"exchange={exchange.value!r} is dropless and takes no capacity_factor "
+            f"(got {capacity_factor})"
+        )
+    if exchange == Exchange.AUTO:
+        if capacity_factor is None and ragged_all_to_all_supported(backend):
+            return Exchange.RAGGED
+        return Exchange.CAPACITY
+    if exchange == Exchange.RAGGED and not ragged_all_to_all_supported(backend):
+        raise ValueError(
+            f"exchange='ragged' needs ragged_all_to_all, which the {backend} "
+            f"backend of jax {jax.__version__} does not compile; use 'auto' or "
+            "'capacity'"
+        )
+    return exchange

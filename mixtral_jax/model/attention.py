@@ -1,0 +1,240 @@
+"""Grouped-query self-attention with rotary embeddings and an optional sliding window.
+
+Masks are built from token *indices* (causality, window), a padding mask and optional segment
+ids (packed documents); positions only feed RoPE. This matches Hugging Face, whose causal mask
+uses cache positions while `position_ids` drive the rotary tables.
+
+Two kernels for the full-sequence forward, as the kernel plan says (`kernels/plan.py`, from
+`ComputeConfig.attention_impl`):
+  xla    `dot_product_attention` below: einsums and a float32 softmax; any platform; the oracle.
+  cudnn  cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`): told
+         the mask is causal (and windowed) so it skips the blocks above the diagonal and outside
+         the window; the boolean mask still rides along for padding and packed documents.
+The cached path (`Attention.cached`, inference) always uses xla for the attention itself. Where
+the plan's `decode_projections` is pallas (few tokens on an NVIDIA GPU), its projections read the
+layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes them) through one
+Pallas launch for q, k and v and one for the output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.config import AttentionImpl, DecodeProjectionImpl, ModelConfig
+from mixtral_jax.kernels import decode_matmul
+from mixtral_jax.kernels.plan import KernelPlan
+from mixtral_jax.model.layers import apply_rope, normal_init
+
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
+
+
+def make_attention_mask(
+    num_queries: int,
+    num_keys: int,
+    *,
+    sliding_window: int | None,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Which keys each query may attend to.
+
+    Args:
+      num_queries: T. Queries are the last T of the S keys (prefill and training: T == S).
+      num_keys: S.
+      sliding_window: W or None; query i sees key j iff i - W < j <= i.
+      attention_mask: [B, S] 1 for real tokens, 0 for padding (keys only, as HF).
+      segment_ids: [B, S] document ids of packed sequences; attention stays inside a document.
+    Returns:
+      [B or 1, T, S] bool.
+    """
+    q_index = jnp.arange(num_keys - num_queries, num_keys)[:, None]  # [T, 1]
+    k_index = jnp.arange(num_keys)[None, :]  # [1, S]
+    allowed = k_index <= q_index  # [T, S]
+    if sliding_window is not None:
+        allowed &= k_index > q_index - sliding_window
+    allowed = allowed[None]  # [1, T, S]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        q_seg = segment_ids[:, num_keys - num_queries :]  # [B, T]
+        allowed = allowed & (q_seg[:, :, None] == segment_ids[:, None, :])
+    return allowed
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention, grouped: each of K kv heads serves G query heads.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B or 1, T, S] bool.
+    Returns:
+      [B, T, N, H] in q's dtype. Logits and softmax in float32.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (h**-0.5)
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def fused_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    sliding_window: int | None,
+    implementation: str = "cudnn",
+) -> jax.Array:
+    """`dot_product_attention` through `jax.nn.dot_product_attention`, for T == S (no cache).
+
+    The mask must already contain causality (and the window): is_causal and local_window_size
+    only let the kernel skip work; the result is that of `mask` alone.
+    q: [B, T, N, H]; k, v: [B, T, K, H]; mask: [B or 1, T, T] bool -> [B, T, N, H].
+    """
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask[:, None],
+        is_causal=True,
+        local_window_size=window,
+        implementation=implementation,
+    )
+
+
+class Attention(nnx.Module):
+    """Self-attention: project, rotate q and k, attend, project out.
+
+    Weights: q_proj [D, N, H], k_proj [D, K, H], v_proj [D, K, H], o_proj [N, H, D].
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = normal_init(cfg.initializer_range)
+        pdt = jnp.dtype(cfg.compute.param_dtype)
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nnx.Param(init(rngs.params(), (d, n, h), pdt))
+        self.k_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
+        self.v_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
+        self.o_proj = nnx.Param(init(rngs.params(), (n, h, d), pdt))
+        self.dtype = jnp.dtype(cfg.compute.dtype)
+        self.sliding_window = cfg.sliding_window
+
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, plan: KernelPlan
+    ) -> jax.Array:
+        """x: [B, T, D]; cos, sin: [B, T, H]; mask: [B or 1, T, T] -> [B, T, D]."""
+        q, k, v = self.project(x, cos, sin)
+        if plan.attention == AttentionImpl.CUDNN:
+            out = fused_attention(q, k, v, mask, self.sliding_window, "cudnn")
+        else:
+            out = dot_product_attention(q, k, v, mask)  # [B, T, N, H]
+        return self.output(out)
+
+    def project(self, x, cos, sin, layer=None, stacked=False):
+        """x: [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H].
+
+        With `stacked`, the projections are stacks [L, D, N, H] read at `layer` in place by the
+        decode kernel (the plan's `decode_projections`).
+        """
+        dt = self.dtype
+        if stacked:
+            b, t, d = x.shape
+            stacks = [
+                w[...].reshape(w.shape[0], d, -1) for w in (self.q_proj, self.k_proj, self.v_proj)
+            ]
+            q, k, v = decode_matmul.project_stacked(x.reshape(b * t, d).astype(dt), stacks, layer)
+            q = q.reshape(b, t, *self.q_proj.shape[2:])
+            k = k.reshape(b, t, *self.k_proj.shape[2:])
+            v = v.reshape(b, t, *self.v_proj.shape[2:])
+        else:
+            q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+            k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
+            v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, out: jax.Array, layer=None, stacked=False) -> jax.Array:
+        """[B, T, N, H] -> [B, T, D]. With `stacked`, o_proj is a stack [L, N, H, D] read at
+        `layer`."""
+        if stacked:
+            b, t = out.shape[:2]
+            stack = self.o_proj[...].reshape(self.o_proj.shape[0], -1, self.o_proj.shape[-1])
+            (y,) = decode_matmul.project_stacked(out.reshape(b * t, -1), (stack,), layer)
+            return y.reshape(b, t, -1)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+
+    def cached(
+        self, x, cos, sin, k_cache, v_cache, mask, slots, layer, plan: KernelPlan, read_first=False
+    ):
+        """Writes T new tokens into one layer of the cache, then attends over it.
+
+        The cache arrives as every layer's stack (the carry of `Mixtral.extend`'s layer scan).
+        Only the new slots are written, in place, and the attention then reads this layer by a
+        dynamic index into the updated stack. Writing first gives XLA the order: a read of the
+        old cache that the write did not depend on would make it copy the whole stack.
+
+        Args:
+          x: [B, T, D]; cos, sin: [B, T, H].
+          k_cache, v_cache: [L, B, S, K, H] every layer's cache before this layer's new tokens.
+          mask: [B, T, S + T - T'] over (cache slots after the write, then the first T - T' new
+            tokens, which did not fit), see `cached_attention_mask`.
+          slots: [T'] cache slots that the last T' <= T new tokens are written to.
+          layer: [] int32 this layer's index into the cache stacks (and into the projection
+            weights where those are stacks, see `project`).
+          plan: the call's kernels; `decode_projections` pallas: the projections are stacks.
+          read_first: attend over the buffer before the write and all T new tokens (mask over
+            S + T keys), then write: exact where a write could evict a key that an earlier new
+            query sees (see `Mixtral.extend`); XLA copies the stack to keep the old one readable.
+        Returns:
+          ([B, T, D], k_cache, v_cache) with layer `layer`'s `slots` overwritten.
+        """
+        stacked = plan.decode_projections == DecodeProjectionImpl.PALLAS
+        q, k, v = self.project(x, cos, sin, layer, stacked)
+        dropped = k.shape[1] - slots.shape[0]  # T - T' new tokens that the buffer cannot hold
+
+        def write(k_cache, v_cache):
+            return (
+                write_cache(k_cache, k[:, dropped:], layer, slots),
+                write_cache(v_cache, v[:, dropped:], layer, slots),
+            )
+
+        # Keys: this layer's S slots, then the new tokens the buffer does not show: all T when
+        # reading first, else the T - T' that did not fit (none for decode, T = T' = 1).
+        beyond = k.shape[1] if read_first else dropped
+        if not read_first:
+            k_cache, v_cache = write(k_cache, v_cache)
+        k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]
+        v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+        keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
+        values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
+        out = self.output(dot_product_attention(q, keys, values, mask), layer, stacked)
+        if read_first:
+            k_cache, v_cache = write(k_cache, v_cache)
+        return out, k_cache, v_cache
+
+
+def cached_attention_mask(
+    q_index: jax.Array, key_index: jax.Array, key_valid: jax.Array, sliding_window: int | None
+) -> jax.Array:
+    """Mask for queries at absolute indices `q_index` [T] over keys at `key_index` [S]
+    (-1 = empty slot) with `key_valid` [B, S] (False for padding) -> [B, T, S] bool."""
+    allowed = (key_index[None, :] <= q_index[:, None]) & (key_index[None, :] >= 0)  # [T, S]
+    if sliding_window is not None:
+        allowed &= key_index[None, :] > q_index[:, None] - sliding_window
+    return allowed[None] & key_valid[:, None, :]
+
+
+def write_cache(stack: jax.Array, new: jax.Array, layer: jax.Array, slots: jax.Array) -> jax.Array:
+    """Writes new [B, T, K, H] into layer `layer` of stack [L, B, S, K, H] at slots [T].
+
+    A scatter of T slots (a dynamic-update-slice when T == 1), in place on a loop carry; the
+    slots are distinct and in bounds (`Mixtral.extend` takes them modulo S).
+    """
+    # A scalar and an array index around ':' put the indexed axes first (NumPy): [T, B, K, H].
+    new_tbkh = jnp.swapaxes(new, 0, 1).astype(stack.dtype)
+    return stack.at[layer, :, slots].set(new_tbkh, mode="promise_in_bounds")

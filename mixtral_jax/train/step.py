@@ -1,0 +1,246 @@
+"""One optimisation step, compiled: micro-batch gradients, accumulation, clipping, AdamW, guard.
+
+The state is a plain pytree (`TrainState`) and the step is a pure `jax.jit` function with the
+state donated, so XLA updates parameters and optimizer moments in place. The model enters as its
+`graphdef` and a nested dict of parameters (`model.get_params`), merged at the top of the step.
+The step always runs on a mesh (one device is a 1x1x1x1 mesh) and is compiled with explicit
+shardings: the state's as given (`state_shardings`), batch rows over the data-holding axes,
+metrics replicated; the model is traced inside `sharding.active(mesh)` (activation constraints,
+expert-parallel MoE).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from mixtral_jax.parallel import sharding
+from mixtral_jax.train import losses
+from mixtral_jax.train.config import TrainConfig
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data position.
+
+    Attributes:
+      step: [] int32, optimisation steps taken (skipped ones included).
+      params: nested dict of parameters (the model's param_dtype, float32 master weights).
+      opt_state: optax state.
+      rng: [2] uint32 raw PRNG key data (router jitter), split once per step.
+      bad_steps: [] int32 consecutive steps skipped for a non-finite loss or gradient.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    bad_steps: jax.Array
+
+
+def _global_norm(tree):
+    norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+    return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
+def decay_mask(params: dict, decay_norms_and_embeddings: bool) -> dict:
+    """True for leaves that get weight decay: matrices, but not norm scales or the embedding."""
+
+    def wants_decay(path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        if decay_norms_and_embeddings:
+            return True
+        return not (names[-1] == "scale" or names[:1] == ["embed"])
+
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to min_lr_ratio * lr at the last step."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tc.lr,
+        warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1),
+        end_value=tc.lr * tc.min_lr_ratio,
+    )
+
+
+def make_optimizer(tc: TrainConfig, params: dict) -> optax.GradientTransformation:
+    mask = decay_mask(params, tc.decay_norms_and_embeddings)
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(
+            learning_rate_schedule(tc),
+            b1=tc.b1,
+            b2=tc.b2,
+            eps=tc.eps,
+            weight_decay=tc.weight_decay,
+            mask=mask,
+        ),
+    )
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed + 1)),
+        bad_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def _forward(graphdef, params, mb, rng):
+    model = nnx.merge(graphdef, params)
+    return model(
+        mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"], noise_rng=rng
+    )
+
+
+def _routing_entropy(router_logits, token_mask):
+    """[L] mean over real tokens of the router softmax entropy (nats)."""
+    logp = jax.nn.log_softmax(router_logits, axis=-1)  # [L, B, T, E]
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [L, B, T]
+    return jnp.sum(ent * token_mask, axis=(1, 2)) / jnp.maximum(jnp.sum(token_mask), 1.0)
+
+
+def state_shardings(params, tx: optax.GradientTransformation, mesh) -> TrainState:
+    """Shardings of a TrainState on `mesh`: parameters as placed, each optimizer moment like
+    its parameter (FSDP shards the moments with the weights), the scalars replicated."""
+    shapes = jax.eval_shape(lambda p: init_state(p, tx, 0), params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt = optax.tree_map_params(
+        tx,
+        lambda _, where: where,
+        shapes.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    return TrainState(
+        step=replicated, params=param_shardings, opt_state=opt, rng=replicated, bad_steps=replicated
+    )
+
+
+def make_train_step(
+    graphdef, tx: optax.GradientTransformation, tc: TrainConfig, *, mesh, shardings: TrainState
+) -> Callable:
+    """The compiled step: state, batch with a leading [A] micro-batch axis -> state, metrics.
+
+    Compiled for `mesh` (a 1x1x1x1 mesh on one device) with `shardings` (see `state_shardings`)
+    as the state's in and out shardings; batch [A, B/A, T] rows split over the data-holding axes.
+    """
+    total_loss = functools.partial(
+        losses.total_loss, aux_loss_coef=tc.aux_loss_coef, router_z_loss_coef=tc.router_z_loss_coef
+    )
+
+    def micro_loss(params, mb, rng, total_count):
+        out = _forward(graphdef, params, mb, rng)
+        nll, count = losses.cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
+        aux = out.aux
+        # This micro-batch's share of the step's total_loss: its CE over all the step's tokens,
+        # the router terms (total_loss without CE) over the micro-batch count.
+        router = total_loss(0.0, aux.load_balance_loss, aux.router_z_loss)
+        loss = nll / total_count + router / tc.grad_accum
+        real = (mb["segment_ids"] > 0).astype(jnp.float32)
+        stats = {
+            "nll": nll,
+            "count": count,
+            "load_balance_loss": aux.load_balance_loss,
+            "router_z_loss": aux.router_z_loss,
+            "tokens_per_expert": aux.layers.tokens_per_expert,  # [L, E]
+            "dropped_fraction": aux.layers.dropped_fraction,  # [L]
+            "routing_entropy": _routing_entropy(aux.layers.router_logits, real),  # [L]
+        }
+        return loss, stats
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        total_count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        rngs = jax.random.split(jax.random.wrap_key_data(state.rng), tc.grad_accum + 1)
+
+        def like_params(tree):  # FSDP: gradient accumulators stay sharded like the weights
+            return jax.lax.with_sharding_constraint(tree, shardings.params)
+
+        def accumulate(grads, xs):
+            mb, rng = xs
+            (_, stats), g = grad_fn(state.params, mb, rng, total_count)
+            return like_params(jax.tree.map(jnp.add, grads, g)), stats
+
+        zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
+        with sharding.active(mesh):
+            grads, stats = jax.lax.scan(accumulate, zeros, (batch, rngs[1:]))
+        grad_norm = _global_norm(grads)
+        ce = jnp.sum(stats["nll"]) / total_count
+        lb, z = jnp.mean(stats["load_balance_loss"]), jnp.mean(stats["router_z_loss"])
+        loss = total_loss(ce, lb, z)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            rng=jax.random.key_data(rngs[0]),
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        )
+        metrics = {
+            "loss": loss,
+            "ce": ce,
+            "load_balance_loss": lb,
+            "router_z_loss": z,
+            "grad_norm": grad_norm,
+            "finite": finite,
+            "tokens": total_count,
+            "lr": learning_rate_schedule(tc)(state.step),
+            "tokens_per_expert": jnp.sum(stats["tokens_per_expert"], axis=0),
+            "dropped_fraction": jnp.mean(stats["dropped_fraction"], axis=0),
+            "routing_entropy": jnp.mean(stats["routing_entropy"], axis=0),
+        }
+        return new_state, metrics
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1)),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(graphdef, *, mesh, param_shardings) -> Callable:
+    """Compiled held-out evaluation: (params, batch [B, T] arrays) -> (summed NLL, counted
+    tokens), for `mesh` with the parameters in `param_shardings`."""
+
+    def evaluate(params, batch):
+        with sharding.active(mesh):
+            out = _forward(graphdef, params, batch, None)
+        return losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        evaluate,
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh, 2)),
+        out_shardings=replicated,
+    )
+
+
+def split_micro_batches(batch: dict, grad_accum: int) -> dict:
+    """[B, T] arrays -> [A, B/A, T] micro-batches."""
+
+    def split(x):
+        if x.shape[0] % grad_accum:
+            raise ValueError(f"batch_size={x.shape[0]} is not divisible by grad_accum={grad_accum}")
+        return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}

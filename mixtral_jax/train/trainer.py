@@ -1,0 +1,411 @@
+"""The training run: data and tokenizer, model and optimizer, the loop, checkpoints, logs.
+
+`run(cfg)` trains to `cfg.train.steps`, resuming from the newest verified checkpoint of the run
+directory when there is one, so restarting the same command after a crash (or kill -9) picks up
+where the last complete checkpoint left off and ends bit-identical to an uninterrupted run.
+SIGTERM / SIGINT save a checkpoint and exit cleanly. At the end the trained weights are written
+as a model checkpoint (`<run dir>/model`) that `infer.py` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from mixtral_jax import checkpoint
+from mixtral_jax.checkpoint.train import TrainCheckpointer
+from mixtral_jax.config import ConfigError
+from mixtral_jax.hf.config import load_hf_config
+from mixtral_jax.model.params import abstract, init_params
+from mixtral_jax.parallel import distributed, sharding
+from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
+from mixtral_jax.train import data, losses, metrics
+from mixtral_jax.train.config import RunConfig, to_dict
+from mixtral_jax.train.step import (
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    split_micro_batches,
+    state_shardings,
+)
+
+TOKENIZER_FILE = "tokenizer.model"
+MODEL_DIR = "model"
+
+
+class NumericsHalt(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops without saving."""
+
+
+def base_model_config(cfg: RunConfig):
+    """The run's model config: the [model] table, or the starting checkpoint's architecture
+    computed as this run's [model] table says (`ComputeConfig`)."""
+    if not cfg.checkpoint.init_from:
+        return cfg.model
+    return load_hf_config(cfg.checkpoint.init_from).replace(compute=cfg.model.compute)
+
+
+def tokenizer_choice(cfg: RunConfig, model_cfg) -> str:
+    """`train`, or the path of the tokenizer file the run uses (resolving `auto`, `mistral`)."""
+    choice = cfg.data.tokenizer
+    beside_start = os.path.join(cfg.checkpoint.init_from, TOKENIZER_FILE)
+    if choice == "auto":
+        if cfg.checkpoint.init_from and os.path.isfile(beside_start):
+            return beside_start
+        choice = "mistral" if model_cfg.vocab_size in (32000, 32768) else "train"
+    if choice == "train" and cfg.checkpoint.init_from:
+        raise ConfigError(
+            "data.tokenizer='train' cannot go with checkpoint.init_from: the "
+            "starting weights need their own tokenizer (give its file)"
+        )
+    if choice == "mistral":
+        return default_tokenizer_path(model_cfg.vocab_size)
+    return choice
+
+
+def prepare_tokenizer(cfg: RunConfig, model_cfg, documents) -> tuple[Tokenizer, bool]:
+    """(tokenizer, trained_here), the tokenizer copied into the run directory."""
+    path = os.path.join(cfg.checkpoint.dir, TOKENIZER_FILE)
+    choice = tokenizer_choice(cfg, model_cfg)
+    if jax.process_count() > 1 and not os.path.isfile(path):  # process 0 makes it, once
+        if distributed.is_main():
+            _make_tokenizer(cfg, choice, documents, path)
+        distributed.barrier("tokenizer")
+    if os.path.isfile(path):  # a resumed run keeps its tokenizer
+        return Tokenizer.load(path), choice == "train"
+    return _make_tokenizer(cfg, choice, documents, path), choice == "train"
+
+
+def _make_tokenizer(cfg: RunConfig, choice: str, documents, path: str) -> Tokenizer:
+    """Trains the tokenizer into `path`, or copies the chosen file there."""
+    os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+    if choice == "train":
+        texts = [d for d in documents if isinstance(d, str)]
+        if not texts:
+            raise ConfigError("data.tokenizer='train' needs text documents, not token arrays")
+        paragraphs = [p for t in texts for p in t.split("\n\n")]
+        return train_tokenizer(paragraphs, path, cfg.data.vocab_size)
+    tokenizer = Tokenizer.load(choice)
+    shutil.copyfile(choice, path)
+    return tokenizer
+
+
+def model_config_for(model_cfg, tokenizer: Tokenizer, trained_here: bool):
+    """The model config, its vocabulary fitted to a tokenizer trained for this run."""
+    if trained_here:
+        model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, more than "
+            f"model.vocab_size={model_cfg.vocab_size}"
+        )
+    return model_cfg
+
+
+class _StopFlag:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _set(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def run(cfg: RunConfig, *, show_progress: bool = True) -> dict:
+    """Trains; returns the final metrics (train loss, eval loss and perplexity, unigram entropy)."""
+    stop = _StopFlag()  # from the start: a signal during set-up is honoured after one step
+    try:
+        return _run(cfg, stop, show_progress)
+    finally:
+        stop.restore()
+
+
+def _prepare_data(cfg: RunConfig):
+    """(model config, train rows, train batches, held-out batches); the tokenizer is prepared
+    (trained or copied) into the run directory on the way."""
+    tc = cfg.train
+    documents = data.read_documents(cfg.data.source)
+    train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_fraction, cfg.seed)
+    model_cfg = base_model_config(cfg)
+    tokenizer, trained_here = prepare_tokenizer(cfg, model_cfg, train_docs)
+    model_cfg = model_config_for(model_cfg, tokenizer, trained_here)
+    if tc.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
+        )
+    train_rows = data.pack(data.tokenize_documents(train_docs, tokenizer), tc.seq_len, cfg.seed)
+    batches = data.BatchIterator(train_rows, tc.batch_size, cfg.seed)
+    held_out = []
+    if eval_docs:
+        eval_rows = data.pack(data.tokenize_documents(eval_docs, tokenizer), tc.seq_len, cfg.seed)
+        held_out = data.eval_batches(eval_rows, tc.batch_size, tc.eval_batches)
+    return model_cfg, train_rows, batches, held_out
+
+
+def make_run_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
+    """The run's device mesh over the first data*fsdp*expert*tensor devices (every device when
+    one axis is -1); the all-1 default is a 1x1x1x1 mesh over the first device."""
+    m = cfg.mesh
+    devices = jax.devices()
+    if -1 not in (m.data, m.fsdp, m.expert, m.tensor):
+        wanted = math.prod((m.data, m.fsdp, m.expert, m.tensor))
+        if wanted > len(devices):
+            raise ConfigError(
+                f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x "
+                f"expert x tensor) needs {wanted} devices, {len(devices)} present"
+            )
+        devices = devices[:wanted]
+    processes = {d.process_index for d in devices}
+    if len(processes) < jax.process_count():
+        raise ConfigError(
+            f"mesh {m.data}x{m.fsdp}x{m.expert}x{m.tensor} (data x fsdp x expert x "
+            f"tensor) spans {len(processes)} of the run's {jax.process_count()} "
+            "processes: give it every device (e.g. mesh.data=-1)"
+        )
+    try:
+        return sharding.make_mesh(m, devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+
+
+def _check_mesh_fits(cfg: RunConfig, model_cfg, mesh) -> None:
+    """ConfigError unless the micro-batch rows and the experts split evenly over the mesh."""
+    parts = int(np.prod([mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"]]))
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % parts:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / grad_accum="
+            f"{cfg.train.grad_accum} = {micro} rows per micro-batch cannot be split "
+            f"over the mesh's {parts} data-holding devices (data x fsdp x expert)"
+        )
+    if model_cfg.num_experts % mesh.shape["expert"]:
+        raise ConfigError(
+            f"mesh.expert={mesh.shape['expert']} does not divide "
+            f"num_experts={model_cfg.num_experts}"
+        )
+
+
+def _on_mesh(batch: dict, mesh, leading: int, global_rows: int | None = None) -> dict:
+    """Host batch -> device arrays, rows (axis `leading`) split over the mesh. The batch holds
+    every row (global_rows None: this process keeps its devices' rows), or only this process's
+    rows (`process_rows` order) of a batch of `global_rows` rows."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        where = sharding.batch_sharding(mesh, v.ndim, leading)
+        if global_rows is None:
+            shape = v.shape
+            v = np.take(v, distributed.process_rows(where, shape, leading), axis=leading)
+        else:
+            shape = (*v.shape[:leading], global_rows, *v.shape[leading + 1 :])
+        out[k] = distributed.global_batch(v, where, shape)
+    return out
+
+
+def _load_local_rows(cfg: RunConfig, mesh, batches: data.BatchIterator) -> int:
+    """Makes `batches` load only this process's rows of each batch (all of them with one
+    process) and returns the micro-batch row count to pass to `_on_mesh`."""
+    tc = cfg.train
+    rows = tc.batch_size // tc.grad_accum  # per micro-batch, split over the mesh
+    shape = (tc.grad_accum, rows, tc.seq_len)
+    mine = distributed.process_rows(sharding.batch_sharding(mesh, 3, leading=1), shape, 1)
+    # split_micro_batches cuts the flat batch into consecutive micro-batches of `rows` rows
+    batches.select(np.concatenate([g * rows + mine for g in range(tc.grad_accum)]))
+    return rows
+
+
+def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh):
+    """(graphdef, optimizer, state, checkpointer): fresh, or restored from the newest verified
+    checkpoint of the run directory (the data iterator is moved to where that run was).
+    Parameters and optimizer state are created (or restored) sharded on `mesh` by the rules table.
+
+    No weights are made before they are needed: a resumed run restores into abstract shapes, a
+    fine-tuning run loads its start weights, and only a fresh run draws random ones (making and
+    discarding them first would double the start-up memory: 187 GB for 8x7B in float32)."""
+    graphdef = nnx.graphdef(abstract(model_cfg))
+    shapes = jax.eval_shape(lambda: init_params(model_cfg, mesh, cfg.seed))  # nothing drawn
+    shapes = _placed(shapes, sharding.param_shardings(shapes, mesh))
+    tx = make_optimizer(cfg.train, shapes)
+    ckpt = TrainCheckpointer(
+        cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
+    if ckpt.steps():
+        step = ckpt.steps()[-1]
+        # restored straight into the shardings a fresh state would have
+        abstract_state = _placed(
+            jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), shapes),
+            dataclasses.asdict(state_shardings(shapes, tx, mesh)),
+        )
+        restored, meta = ckpt.restore(step, abstract_state)
+        batches.restore(meta["data"])
+        print(f"resumed from step {step} of {cfg.checkpoint.dir}")
+        return graphdef, tx, TrainState(**restored), ckpt
+    if cfg.checkpoint.init_from:
+        _, params = checkpoint.load_model(
+            cfg.checkpoint.init_from, param_dtype=model_cfg.compute.param_dtype
+        )
+        params = sharding.shard_params(params, mesh)
+        print(f"starting from the weights of {cfg.checkpoint.init_from}")
+    else:
+        params = init_params(model_cfg, mesh, cfg.seed)
+    return graphdef, tx, _fresh_state(params, tx, cfg.seed, mesh), ckpt
+
+
+def _placed(shapes, shardings):
+    """`shapes` (a tree of ShapeDtypeStructs) carrying the matching tree of `shardings`."""
+    return jax.tree.map(
+        lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shapes, shardings
+    )
+
+
+def _fresh_state(params, tx, seed: int, mesh) -> TrainState:
+    """init_state, created in its `state_shardings` on `mesh`."""
+    return jax.jit(
+        lambda p: init_state(p, tx, seed), out_shardings=state_shardings(params, tx, mesh)
+    )(params)
+
+
+class _Logger:
+    """Turns step metrics into tokens/s and MFU, and writes them to the bar, JSONL and TensorBoard."""
+
+    def __init__(self, cfg: RunConfig, model_cfg, start_step: int, show_progress: bool):
+        self.writer = metrics.MetricsWriter(cfg.checkpoint.dir, enabled=jax.process_index() == 0)
+        self.peak = cfg.train.peak_tflops or metrics.device_peak_tflops()
+        self.flops = metrics.flops_per_token(model_cfg, cfg.train.seq_len)
+        self.bar = tqdm(
+            total=cfg.train.steps,
+            initial=start_step,
+            unit="step",
+            disable=not (show_progress and distributed.is_main()),
+            dynamic_ncols=True,
+        )
+        self.last_time, self.tokens = time.perf_counter(), 0.0
+
+    def step(self, step: int, m: dict) -> dict:
+        """Logs step `step`; returns its scalars."""
+        now = time.perf_counter()
+        tok_s = self.tokens / max(now - self.last_time, 1e-9)
+        self.last_time, self.tokens = now, 0.0
+        scalars = {
+            k: float(m[k])
+            for k in ("loss", "ce", "load_balance_loss", "router_z_loss", "grad_norm", "lr")
+        }
+        scalars["tokens_per_s"] = tok_s
+        if self.peak:
+            scalars["mfu"] = tok_s * self.flops / (self.peak * 1e12 * jax.device_count())
+        self.writer.write(
+            step,
+            scalars,
+            {k: m[k] for k in ("tokens_per_expert", "routing_entropy", "dropped_fraction")},
+        )
+        self.bar.set_postfix(
+            loss=f"{scalars['loss']:.3f}",
+            tok_s=f"{tok_s:,.0f}",
+            mfu=f"{scalars['mfu']:.1%}" if self.peak else "n/a",
+        )
+        return scalars
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+
+
+def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
+    model_cfg, train_rows, batches, held_out = _prepare_data(cfg)
+    mesh = make_run_mesh(cfg)
+    _check_mesh_fits(cfg, model_cfg, mesh)
+    return _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh)
+
+
+def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh) -> dict:
+    tc = cfg.train
+    graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches, mesh)
+    where = state_shardings(state.params, tx, mesh)
+    train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
+    eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params)
+    log = _Logger(cfg, model_cfg, int(state.step), show_progress)
+    global_rows = _load_local_rows(cfg, mesh, batches)
+    final: dict = {}
+    try:
+        while int(state.step) < tc.steps:
+            batch = split_micro_batches(next(batches), tc.grad_accum)
+            state, m = train_step(state, _on_mesh(batch, mesh, 1, global_rows))
+            step = int(state.step)
+            log.tokens += float(m["tokens"])
+            if int(state.bad_steps) >= tc.max_bad_steps:
+                raise NumericsHalt(
+                    f"{int(state.bad_steps)} consecutive non-finite steps at step "
+                    f"{step} (train.max_bad_steps={tc.max_bad_steps}): halted, "
+                    "nothing saved"
+                )
+            if step % tc.log_every == 0 or step == tc.steps:
+                final.update(log.step(step, m))
+            if held_out and (step % tc.eval_every == 0 or step == tc.steps):
+                final.update(evaluate(eval_step, state.params, held_out, mesh))
+                log.writer.write(step, {k: final[k] for k in ("eval_loss", "eval_perplexity")})
+            log.bar.update(step - log.bar.n)
+            if step % cfg.checkpoint.save_every == 0 or step == tc.steps or stop.signal:
+                ckpt.save(
+                    step, dataclasses.asdict(state), {"data": batches.state, "config": to_dict(cfg)}
+                )
+            if stop.signal:
+                print(f"\n{stop.signal}: saved step {step}, exiting")
+                break
+    except BaseException:
+        ckpt.close_after_error()
+        raise
+    else:
+        ckpt.close()
+    finally:
+        log.close()
+    if int(state.step) >= tc.steps:
+        write_model(cfg.checkpoint.dir, state.params, model_cfg)
+    final["step"] = int(state.step)
+    final["unigram_entropy"] = losses.unigram_entropy(
+        train_rows.tokens[:, 1:], train_rows.segments[:, 1:] > 0
+    )
+    return final
+
+
+def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
+    """Held-out mean loss and perplexity over fixed [B, T] batches, rows split over `mesh`."""
+    nll, count = 0.0, 0.0
+    for batch in batches:
+        b_nll, b_count = eval_step(params, _on_mesh(batch, mesh, leading=0))
+        nll, count = nll + float(b_nll), count + float(b_count)
+    loss = nll / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+
+def write_model(run_dir: str, params, model_cfg) -> str:
+    """Writes the final weights as a model checkpoint at `<run_dir>/model` (replacing one)."""
+    target = os.path.join(run_dir, MODEL_DIR)
+    host = jax.tree.map(distributed.host_array, params)  # every process takes part
+    if distributed.is_main():  # one writer
+        checkpoint.save_model(
+            target,
+            host,
+            model_cfg,
+            os.path.join(run_dir, TOKENIZER_FILE),
+            this_process_only=True,
+            overwrite=True,
+        )
+    distributed.barrier("final model")
+    return target

@@ -1,0 +1,223 @@
+"""Cached generation: equals the full forward, equals transformers' greedy generate, sampling."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_reference import make_hf_model, ours_from_hf, torch
+
+import mixtral_jax as mj
+from mixtral_jax.config import ConfigError
+from mixtral_jax.generate import Generator, SamplingParams, sample
+from mixtral_jax.model.kv_cache import KVCache
+
+
+@pytest.mark.parametrize(
+    "window,cache_size",
+    [(None, 24), (4, 4), (6, 24)],
+    ids=["full", "rolling-window", "window-big-cache"],
+)
+def test_cached_decoding_equals_full_forward_at_every_step(window, cache_size):
+    cfg = mj.ModelConfig.tiny(sliding_window=window)
+    model = mj.init(cfg, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16)))
+    # Row 1 is left-padded by 3: positions follow its real tokens, padding is never attended.
+    valid = jnp.ones((2, 16), bool).at[1, :3].set(False)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    full = model(tokens, valid.astype(jnp.int32), positions=positions).logits
+    graphdef, state = nnx.split(model)
+    extend = jax.jit(
+        lambda s, t, c, p, v: nnx.merge(graphdef, s).extend(t, c, positions=p, valid=v)
+    )
+    cache = KVCache.create(cfg, 2, cache_size)
+    out, cache = extend(state, tokens[:, :7], cache, positions[:, :7], valid[:, :7])
+    steps = [out.logits[:, 3:]]  # row 1's padded queries carry no meaning: compare from 3 on
+    reference = [full[:, 3:7]]
+    for t in range(7, 16):
+        out, cache = extend(
+            state, tokens[:, t : t + 1], cache, positions[:, t : t + 1], valid[:, t : t + 1]
+        )
+        steps.append(out.logits)
+        reference.append(full[:, t : t + 1])
+    got, want = jnp.concatenate(steps, axis=1), jnp.concatenate(reference, axis=1)
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) <= 1e-5
+
+
+def test_chunks_of_several_tokens_on_a_wrapped_rolling_buffer_equal_the_full_forward():
+    """Window 4, buffer 4: a chunk of 3 or 5 new tokens on a wrapped buffer would evict keys its
+    first queries still see if it were written before attending (S < W + T - 1)."""
+    cfg = mj.ModelConfig.tiny(sliding_window=4)
+    model = mj.init(cfg, 2)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, (1, 16)))
+    positions = jnp.arange(16)[None]
+    full = model(tokens, jnp.ones((1, 16), jnp.int32), positions=positions).logits
+    graphdef, state = nnx.split(model)
+    extend = jax.jit(
+        lambda s, t, c, p: nnx.merge(graphdef, s).extend(
+            t, c, positions=p, valid=jnp.ones(t.shape, bool)
+        )
+    )
+    cache, got = KVCache.create(cfg, 1, 4), []
+    for start, end in ((0, 7), (7, 10), (10, 11), (11, 16)):  # T = 7 (> S), 3, 1, 5
+        out, cache = extend(state, tokens[:, start:end], cache, positions[:, start:end])
+        got.append(out.logits)
+    got = jnp.concatenate(got, axis=1)
+    assert float(jnp.max(jnp.abs(got - full)) / jnp.max(jnp.abs(full))) <= 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 6], ids=["no-window", "window"])
+def test_greedy_generation_equals_transformers_generate(window):
+    cfg = mj.ModelConfig.tiny(sliding_window=window, max_seq_len=128)
+    hf = make_hf_model(cfg, seed=3, std=0.2)
+    ours = ours_from_hf(hf, cfg)
+    rng = np.random.default_rng(1)
+    prompts = [list(map(int, rng.integers(3, cfg.vocab_size, n))) for n in (5, 11, 3)]
+    result = Generator(ours).generate(prompts, max_new_tokens=32, eos_id=cfg.eos_token_id)
+
+    width = max(map(len, prompts))
+    ids = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), np.int64)
+    for row, prompt in enumerate(prompts):  # left padding, as transformers expects
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    with torch.no_grad():
+        generated = hf.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    expected = []
+    for row in generated[:, width:].numpy().tolist():
+        expected.append(row[: row.index(cfg.eos_token_id)] if cfg.eos_token_id in row else row)
+    assert result.tokens == expected
+    assert sum(map(len, expected)) > 40  # a real comparison, not three early EOS
+
+
+def _generate(model, sampling, seed, prompts=([1, 7, 9], [1, 4])):
+    return (
+        Generator(model)
+        .generate(list(prompts), max_new_tokens=12, sampling=sampling, seed=seed, eos_id=None)
+        .tokens
+    )
+
+
+def test_sampling_is_reproducible_and_filters_reduce_to_greedy():
+    model = mj.init(mj.ModelConfig.tiny(), 0)
+    greedy = _generate(model, SamplingParams(), 0)
+    hot = SamplingParams(temperature=1.5)
+    assert _generate(model, hot, 5) == _generate(model, hot, 5)
+    assert _generate(model, hot, 5) != _generate(model, hot, 6)
+    assert _generate(model, SamplingParams(temperature=1.0, top_p=1e-6), 3) == greedy
+    assert _generate(model, SamplingParams(temperature=1.0, top_k=1), 4) == greedy
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    draw = lambda p: np.asarray(jax.vmap(lambda k: sample(logits, k, p)[0])(keys))
+    assert set(draw(SamplingParams(temperature=1.0, top_k=2))) == {0, 1}
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.75))) == {0, 1}
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.85))) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": -0.1}, "temperature=-0.1 must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature=inf must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature=nan must be a finite number >= 0"),
+        ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k=-1 must be an integer >= 0"),
+    ],
+)
+def test_bad_sampling_values_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_empty_prompt_and_too_long_requests_are_refused():
+    model = mj.init(mj.ModelConfig.tiny(max_seq_len=32), 0)
+    generator = Generator(model)
+    with pytest.raises(ConfigError, match="empty prompt"):
+        generator.generate([[1, 2], []], max_new_tokens=4, eos_id=2)
+    with pytest.raises(
+        ConfigError,
+        match="prompt of 20 tokens \\+ max_new_tokens=13 = 33 "
+        "exceeds the model's context of 32 tokens",
+    ):
+        generator.generate([[1] * 20], max_new_tokens=13, eos_id=2)
+
+
+def test_prompt_lengths_share_a_bucket_and_do_not_recompile():
+    generator = Generator(mj.init(mj.ModelConfig.tiny(), 0))
+    first = generator.generate([[1, 5, 6]], max_new_tokens=8, eos_id=None)
+    compiled = generator._prefill._cache_size(), generator._decode._cache_size()
+    for prompt in ([1] * 9, [1, 2] * 8, [3] * 14):  # 9, 16, 14 tokens: all in the 16 bucket
+        result = generator.generate([prompt], max_new_tokens=8, eos_id=None)
+        assert result.prompt_bucket == first.prompt_bucket == 16
+    assert (generator._prefill._cache_size(), generator._decode._cache_size()) == compiled
+    assert generator.generate([[1] * 17], max_new_tokens=8, eos_id=None).prompt_bucket == 32
+
+
+def _instructions(hlo: str) -> dict[str, tuple[str, str, list[str]]]:
+    """Every instruction of an HLO module's text: name -> (result shape, opcode, operands)."""
+    found = {}
+    for line in hlo.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? ([\w-]+)\((.*?)\)", line)
+        if match:
+            name, shape, opcode, operands = match.groups()
+            found[name] = (shape, opcode, re.findall(r"%([\w.-]+)", operands))
+    return found
+
+
+def test_decode_writes_the_donated_cache_in_place():
+    """The compiled decode call (cache donated) writes each layer's new slot into the cache
+    buffers: the only instructions with the whole cache's shape [L, B, S, K, H] are the
+    parameters and dynamic-update-slices of one slot per row (and fusions around those); no
+    copy, concatenation or per-layer stacking of the cache, and the cache aliases the output."""
+    cfg = mj.ModelConfig.tiny(vocab_size=64, embed_dim=32, hidden_dim=32)
+    generator = Generator(mj.abstract(cfg), chunk=2)  # compiled only: shapes suffice
+    batch, size = 2, 24
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, size))
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    done = jax.ShapeDtypeStruct((batch,), bool)
+    hlo = (
+        generator._decode.lower(
+            generator.state,
+            cache,
+            rows,
+            rows,
+            done,
+            jax.random.key(0),
+            0,
+            sampling=SamplingParams(),
+            steps=2,
+        )
+        .compile()
+        .as_text()
+    )
+    ops = _instructions(hlo)
+    whole = f"f32[{cfg.num_layers},{batch},{size},{cfg.num_kv_heads},{cfg.head_dim}]"
+    one_slot = f"f32[1,{batch},1,{cfg.num_kv_heads},{cfg.head_dim}]"
+    cache_ops = {name: op for name, op in ops.items() if op[0] == whole}
+    assert sorted({opcode for _, opcode, _ in cache_ops.values()}) == [
+        "dynamic-update-slice",
+        "fusion",
+        "get-tuple-element",
+        "parameter",
+    ]
+    updates = [
+        ops[operands[1]][0]
+        for _, opcode, operands in cache_ops.values()
+        if opcode == "dynamic-update-slice"
+    ]
+    assert len(updates) == 2 * cfg.num_layers and set(updates) == {one_slot}  # k and v
+    parameters = re.findall(r"parameter\((\d+)\), metadata=\{op_name=\"cache\.[kv]\"", hlo)
+    aliased = re.search(r"input_output_alias=\{(.*?) \}, entry_computation_layout", hlo).group(1)
+    assert len(parameters) == 2 and all(f"({p}, {{}}, may-alias)" in aliased for p in parameters)

@@ -1,0 +1,151 @@
+"""The kernel plan: one decision per compiled call from config, platform, mesh and token count,
+and the user's choices reach every path (the expert-parallel one included)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mixtral_jax as mj
+from mixtral_jax.config import (
+    AttentionImpl,
+    ConfigError,
+    DecodeExpertImpl,
+    DecodeProjectionImpl,
+    Exchange,
+    GmmImpl,
+)
+from mixtral_jax.kernels import plan as kernel_plan
+from mixtral_jax.kernels.plan import NVIDIA_GPU, resolve
+from mixtral_jax.model import moe as moe_block
+from mixtral_jax.moe import expert_parallel as moe_parallel
+from mixtral_jax.parallel import sharding as sh
+
+GPU_BF16 = mj.ModelConfig.tiny(dtype="bfloat16", param_dtype="bfloat16")
+
+
+def test_auto_resolves_by_platform():
+    cpu = resolve(mj.ModelConfig.tiny(), 1, cached=True, where="cpu")
+    assert (cpu.attention, cpu.grouped_matmul, cpu.decode_experts, cpu.decode_projections) == (
+        AttentionImpl.XLA,
+        GmmImpl.XLA,
+        DecodeExpertImpl.GATHER,
+        DecodeProjectionImpl.OFF,
+    )
+    assert (
+        resolve(mj.ModelConfig.tiny(), 2, cached=True, where="cpu").decode_experts
+        == DecodeExpertImpl.OFF
+    )  # gathering only pays for one token
+    gpu = resolve(GPU_BF16, 8, cached=True, where=NVIDIA_GPU)
+    assert (gpu.attention, gpu.grouped_matmul, gpu.decode_experts, gpu.decode_projections) == (
+        AttentionImpl.CUDNN,
+        GmmImpl.PALLAS,
+        DecodeExpertImpl.PALLAS,
+        DecodeProjectionImpl.PALLAS,
+    )
+    assert gpu.stacked_weights[-1] == ("moe", "router")
+    assert hash(gpu) == hash(resolve(GPU_BF16, 8, cached=True, where=NVIDIA_GPU))  # static
+
+
+def test_token_count_cache_dtype_and_mesh_switch_the_decode_kernels_off():
+    prefill = resolve(GPU_BF16, 65, cached=True, where=NVIDIA_GPU)
+    assert (prefill.decode_experts, prefill.decode_projections) == (
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
+    )
+    uncached = resolve(GPU_BF16, 8, cached=False, where=NVIDIA_GPU)
+    assert (uncached.decode_experts, uncached.decode_projections) == (
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
+    )
+    mixed = resolve(GPU_BF16.replace(param_dtype="float32"), 1, cached=True, where=NVIDIA_GPU)
+    assert mixed.decode_projections == DecodeProjectionImpl.OFF  # a cast would copy the stacks
+    assert mixed.decode_experts == DecodeExpertImpl.PALLAS
+    mesh = sh.make_mesh(sh.MeshConfig.parse("expert=2,data=4"))
+    sharded = resolve(GPU_BF16, 8, cached=True, mesh=mesh, where=NVIDIA_GPU)
+    assert sharded.expert_mesh is mesh
+    assert (sharded.decode_experts, sharded.decode_projections) == (
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
+    )
+    assert resolve(GPU_BF16, 8, cached=True, where="cpu").expert_mesh is None
+
+
+def test_each_choice_has_its_own_field():
+    off = GPU_BF16.replace(decode_expert_impl="off", decode_projection_impl="off")
+    plan = resolve(off, 1, cached=True, where=NVIDIA_GPU)
+    assert (plan.grouped_matmul, plan.decode_experts, plan.decode_projections) == (
+        GmmImpl.PALLAS,
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
+    )
+    xla = resolve(GPU_BF16.replace(gmm_impl="xla"), 1, cached=True, where=NVIDIA_GPU)
+    assert (xla.grouped_matmul, xla.decode_experts, xla.decode_projections) == (
+        GmmImpl.XLA,
+        DecodeExpertImpl.PALLAS,
+        DecodeProjectionImpl.PALLAS,
+    )
+    gather = resolve(
+        GPU_BF16.replace(decode_expert_impl="gather"), 7, cached=True, where=NVIDIA_GPU
+    )
+    assert gather.decode_experts == DecodeExpertImpl.GATHER
+    dense = resolve(GPU_BF16.replace(moe_impl="dense"), 1, cached=True, where=NVIDIA_GPU)
+    assert dense.decode_experts == DecodeExpertImpl.OFF  # the oracle stays the oracle
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"gmm_impl": "pallas"},
+            "gmm_impl='pallas' needs an NVIDIA GPU, but the platform is 'cpu'",
+        ),
+        ({"decode_expert_impl": "pallas"}, "decode_expert_impl='pallas' needs an NVIDIA GPU"),
+        (
+            {"decode_projection_impl": "pallas"},
+            "decode_projection_impl='pallas' needs an NVIDIA GPU",
+        ),
+        ({"attention_impl": "cudnn"}, "attention_impl='cudnn' needs an NVIDIA GPU"),
+    ],
+)
+def test_an_explicit_choice_that_cannot_run_is_one_line(change, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        resolve(mj.ModelConfig.tiny(**change), 1, cached=True, where="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_user_gmm_impl_reaches_the_expert_parallel_path(monkeypatch):
+    """The MoE block on an expert=4 mesh with the ragged exchange: the grouped matmul inside
+    the expert-parallel dispatch gets the user's kernel (before, it silently got 'auto')."""
+    monkeypatch.setattr(kernel_plan, "platform", lambda: NVIDIA_GPU)
+    seen = []
+
+    def recording_gmm(lhs, rhs, group_sizes, impl):
+        seen.append(impl)
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)  # Pallas needs a GPU: same maths
+
+    monkeypatch.setattr(moe_parallel, "grouped_matmul", recording_gmm)
+    cfg = mj.ModelConfig.tiny(gmm_impl="pallas", expert_exchange="ragged_emulated")
+    block = moe_block.MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 4, cfg.embed_dim))
+    graphdef, state = nnx.split(block)
+    mesh = sh.make_mesh(sh.MeshConfig.parse("expert=4,data=2"))
+    with sh.active(mesh):
+        plan = resolve(cfg, 16, cached=False)
+        out, _ = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    assert plan.expert_mesh is mesh and plan.exchange == Exchange.RAGGED_EMULATED
+    assert seen and set(seen) == {GmmImpl.PALLAS}
+    dense = moe_block.MoE(cfg.replace(moe_impl="dense", gmm_impl="auto"), rngs=nnx.Rngs(0))
+    want, _ = dense(x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_passed_in_is_the_one_the_layers_run():
+    cfg = mj.ModelConfig.tiny()
+    model = mj.init(cfg, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 5)))
+    auto = model(tokens).logits
+    dense_plan = kernel_plan.KernelPlan(moe=mj.MoEImpl.DENSE)
+    dense = model(tokens, plan=dense_plan).logits  # the oracle dispatch, same function
+    np.testing.assert_allclose(np.asarray(dense), np.asarray(auto), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,39 @@
+"""The fused-attention call form (attention.fused_attention: is_causal, local_window_size, mask,
+GQA through jax.nn.dot_product_attention) against our einsum attention, and the kernel choice.
+On CPU the call runs with implementation='xla'; bench/attention.py runs it with 'cudnn'."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixtral_jax.config import AttentionImpl, ConfigError
+from mixtral_jax.kernels.plan import resolve_attention
+from mixtral_jax.model.attention import dot_product_attention, fused_attention, make_attention_mask
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_fused_call_equals_einsum_attention(window):
+    b, t, n, kv, h = 2, 9, 4, 2, 8
+    keys = jax.random.split(jax.random.key(window or 0), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k = jax.random.normal(keys[1], (b, t, kv, h))
+    v = jax.random.normal(keys[2], (b, t, kv, h))
+    padding = jnp.array([[1] * t, [0, 0] + [1] * (t - 2)])  # row 1 left-padded
+    segments = jnp.array([[1, 1, 1, 2, 2, 2, 2, 3, 3], [0, 0, 1, 1, 1, 1, 2, 2, 2]])
+    for extra in ({}, {"attention_mask": padding}, {"segment_ids": segments}):
+        mask = make_attention_mask(t, t, sliding_window=window, **extra)
+        want = dot_product_attention(q, k, v, mask)
+        got = fused_attention(q, k, v, mask, window, implementation="xla")
+        rows = np.asarray(mask.any(-1))  # rows with at least one visible key
+        rows = np.broadcast_to(rows, (b, t))
+        np.testing.assert_allclose(
+            np.asarray(got)[rows], np.asarray(want)[rows], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_choice_is_xla_on_cpu_and_cudnn_is_refused_with_the_reason():
+    assert resolve_attention("auto", jnp.bfloat16, 128) == AttentionImpl.XLA
+    assert resolve_attention("xla", jnp.float32, 256) == AttentionImpl.XLA
+    with pytest.raises(ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+        resolve_attention("cudnn", jnp.bfloat16, 128)
