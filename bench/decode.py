@@ -32,8 +32,9 @@ from bench.common import (
     write_json,
 )
 from mixtral_jax.generate import Generator, SamplingParams
-from mixtral_jax.model import transformer
+from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.model import moe as moe_block
+from mixtral_jax.model import transformer
 from mixtral_jax.moe import ops as moe_ops
 
 
@@ -135,6 +136,9 @@ def main():
     model = random_model(cfg)
     print(f"model built on device in {time.perf_counter() - start:.0f} s", flush=True)
     generator = Generator(model, chunk=16)
+    plans = {b: kernel_plan.resolve(cfg, int(b), cached=True) for b in args.batches.split(",")}
+    for b, plan in plans.items():  # what extend() runs at each decode batch (the one decision)
+        print(f"kernel plan, batch {b}: {plan}", flush=True)
     rows = []
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -168,6 +172,7 @@ def main():
             "router_dot": args.router_dot,
         },
         "copy_bandwidth_tbs": bandwidth,
+        "kernel_plans": {b: str(p) for b, p in plans.items()},
         "decode": rows,
         f"ttft_{args.prefill}_tokens_s": ttft,
         "peer": peer,

@@ -2,6 +2,7 @@
 
 from mixtral_jax.config import ComputeConfig, ConfigError, ModelConfig, MoEImpl, Remat, preset
 from mixtral_jax.hf.config import from_hf_dict, load_hf_config, save_hf_config, to_hf_dict
+from mixtral_jax.model.moe import MoEAux
 from mixtral_jax.model.params import (
     abstract,
     from_params,
@@ -12,7 +13,6 @@ from mixtral_jax.model.params import (
     set_params,
 )
 from mixtral_jax.model.transformer import Mixtral, ModelAux, ModelOutput
-from mixtral_jax.model.moe import MoEAux
 
 __all__ = [
     "ComputeConfig",

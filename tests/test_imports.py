@@ -132,8 +132,23 @@ def test_the_package_has_no_import_cycle():
 # The package's layers, lowest first (README's layout): a module imports only from its own layer
 # or an earlier one. One layer is a top-level module or a subpackage.
 LAYERS = [
-    "config", "fileio", "hf", "parallel", "kernels", "moe", "model", "checkpoint", "convert",
-    "tokenizer", "train", "generate", "routing", "surgery", "upcycle", "plan", "__init__",
+    "config",
+    "fileio",
+    "hf",
+    "parallel",
+    "kernels",
+    "moe",
+    "model",
+    "checkpoint",
+    "convert",
+    "tokenizer",
+    "train",
+    "generate",
+    "routing",
+    "surgery",
+    "upcycle",
+    "plan",
+    "__init__",
 ]
 # Command-line entry points that reach up a layer, each with its reason.
 UPWARD = {

@@ -148,7 +148,9 @@ def test_from_params_casts_and_equals_set_params_in_and_out_of_jit():
     model = mj.init(cfg, 0)
     mj.set_params(model, params)
     built = mj.from_params(cfg, params)
-    assert {x.dtype for x in jax.tree.leaves(mj.get_params(built))} == {jnp.dtype(cfg.param_dtype)}
+    assert {x.dtype for x in jax.tree.leaves(mj.get_params(built))} == {
+        jnp.dtype(cfg.compute.param_dtype)
+    }
     tokens = jnp.array([[3, 1, 4, 1, 5]])
     want = model(tokens).logits
     np.testing.assert_array_equal(built(tokens).logits, want)
