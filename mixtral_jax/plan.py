@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax import config as config_lib
-from mixtral_jax import model as model_lib
+from mixtral_jax.model import params as model_lib
 from mixtral_jax.parallel import sharding as sh
 
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import mixtral_jax as mj
-from mixtral_jax.kernels import decode_matmul, expert_decode
+from mixtral_jax.kernels import common, decode_matmul, expert_decode
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.moe import local as moe_local
@@ -85,7 +85,7 @@ def test_tiles_divide_the_problem_and_fit_shared_memory():
     )  # float32, two weight streams: fewer stages
     assert (
         wide.num_stages * (64 * wide.block_k + 2 * wide.block_k * wide.block_n) * 4
-        <= expert_decode.SMEM_BYTES
+        <= common.SMEM_BYTES
     )
     assert 4096 % wide.block_k == 0 and 14336 % wide.block_n == 0
     with pytest.raises(ValueError, match="at most 64 tokens, got 65"):
