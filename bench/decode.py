@@ -136,7 +136,9 @@ def main():
     model = random_model(cfg)
     print(f"model built on device in {time.perf_counter() - start:.0f} s", flush=True)
     generator = Generator(model, chunk=16)
-    plans = {b: kernel_plan.resolve(cfg, int(b), cached=True) for b in args.batches.split(",")}
+    plans = {
+        b: kernel_plan.resolve(cfg, int(b), cached=True, queries=1) for b in args.batches.split(",")
+    }
     for b, plan in plans.items():  # what extend() runs at each decode batch (the one decision)
         print(f"kernel plan, batch {b}: {plan}", flush=True)
     rows = []

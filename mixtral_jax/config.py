@@ -42,9 +42,10 @@ class Remat(str, enum.Enum):
 
 
 class AttentionImpl(str, enum.Enum):
-    """Which attention kernel the full-sequence forward uses (`attention.py`)."""
+    """Which attention kernel the full-sequence forward (`attention_impl`) or a cached call
+    (`cached_attention_impl`) uses (`attention.py`)."""
 
-    AUTO = "auto"  # cudnn on NVIDIA GPUs in bf16/fp16, xla elsewhere
+    AUTO = "auto"  # cudnn on NVIDIA GPUs in bf16/fp16 (cached: chunks, not decode), xla elsewhere
     XLA = "xla"  # einsum + softmax: any platform, the oracle
     CUDNN = "cudnn"  # cuDNN flash attention through jax.nn.dot_product_attention
 
@@ -91,6 +92,7 @@ _ENUM_FIELDS = {
     "moe_impl": MoEImpl,
     "remat": Remat,
     "attention_impl": AttentionImpl,
+    "cached_attention_impl": AttentionImpl,
     "gmm_impl": GmmImpl,
     "decode_expert_impl": DecodeExpertImpl,
     "decode_projection_impl": DecodeProjectionImpl,
@@ -110,6 +112,8 @@ class ComputeConfig:
       capacity_factor: for `MoEImpl.CAPACITY`, slots per expert = ceil(cf * tokens * k / E).
       router_jitter_noise: in training, inputs to the MoE block are scaled by U(1-j, 1+j).
       attention_impl: full-sequence attention kernel, see `AttentionImpl`.
+      cached_attention_impl: attention over the KV cache in `extend` (prefill chunks, decode),
+        see `AttentionImpl`.
       gmm_impl: grouped-matmul kernel of the dropless MoE, see `GmmImpl`.
       decode_expert_impl: experts of calls with few tokens, see `DecodeExpertImpl`.
       decode_projection_impl: attention projections and router of few-token cached calls, see
@@ -125,6 +129,7 @@ class ComputeConfig:
     capacity_factor: float = 1.25
     router_jitter_noise: float = 0.0
     attention_impl: AttentionImpl = AttentionImpl.AUTO
+    cached_attention_impl: AttentionImpl = AttentionImpl.AUTO
     gmm_impl: GmmImpl = GmmImpl.AUTO
     decode_expert_impl: DecodeExpertImpl = DecodeExpertImpl.AUTO
     decode_projection_impl: DecodeProjectionImpl = DecodeProjectionImpl.AUTO

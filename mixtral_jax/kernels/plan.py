@@ -3,18 +3,23 @@
 A `KernelPlan` is resolved at the top of each traced model call (`Mixtral.__call__`,
 `Mixtral.extend`) from four inputs and nothing else:
 
-  the compute config   `ComputeConfig.attention_impl / gmm_impl / decode_expert_impl /
-                       decode_projection_impl / expert_exchange / moe_impl` (`auto` or a choice);
+  the compute config   `ComputeConfig.attention_impl / cached_attention_impl / gmm_impl /
+                       decode_expert_impl / decode_projection_impl / expert_exchange / moe_impl`
+                       (`auto` or a choice);
   the platform         `platform()`: NVIDIA GPU, or not (CPU, TPU, other GPUs);
   the active mesh      `sharding.active_mesh()`: expert-parallel dispatch when its expert axis
                        is > 1; decode kernels only on one device (they read unsharded stacks);
   the token count      B*T of the call, and whether it reads a KV cache (decode kernels apply
-                       to cached calls of at most `MAX_DECODE_TOKENS` tokens).
+                       to cached calls of at most `MAX_DECODE_TOKENS` tokens); T, the new tokens
+                       per row of a cached call (flash attention over the cache for chunks of
+                       at least `MIN_FLASH_QUERIES`).
 
 Layers only read the plan's fields: none infers a kernel from a weight's rank, dtype or path.
 `auto` picks, by platform (H200 measurements in BENCHMARKS.md):
 
   attention           cudnn flash attention on NVIDIA GPUs in bf16/fp16 with head_dim <= 128
+  cached_attention    the same, for cached calls of T >= MIN_FLASH_QUERIES new tokens per row
+                      (prefill chunks); decode steps keep the XLA einsum (faster there)
   grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; jax.lax.ragged_dot elsewhere
   decode_experts      pallas (expert_decode.py) on NVIDIA GPUs; `gather` for a single token
                       where the grouped matmul is ragged_dot (which would read every expert)
@@ -49,6 +54,10 @@ from mixtral_jax.kernels.common import MAX_TOKENS, supports
 from mixtral_jax.parallel import sharding
 
 MAX_DECODE_TOKENS = MAX_TOKENS  # the decode kernels' limit (kernels/common.py)
+# Queries per row from which `auto` runs a cached call's attention through cuDNN flash attention:
+# a prefill chunk (H200: 2,048 queries over a 32,768-key cache in 3.2 ms against 10.7 ms for the
+# einsum); decode steps (T = 1) and short calls keep the einsum, measured faster there.
+MIN_FLASH_QUERIES = 16
 (EXPERT_AXIS,) = sharding.LOGICAL_RULES["experts"]
 
 NVIDIA_GPU = "nvidia_gpu"
@@ -72,7 +81,8 @@ class KernelPlan:
     """The resolved kernels of one compiled call (hashable: usable as a static argument).
 
     Attributes:
-      attention: XLA or CUDNN, the full-sequence attention (cached calls always use XLA).
+      attention: XLA or CUDNN, the full-sequence attention.
+      cached_attention: XLA or CUDNN, the attention of a cached call over the KV cache.
       grouped_matmul: XLA (ragged_dot) or PALLAS, the expert matmuls of dropless dispatch and of
         the ragged expert-parallel exchange.
       decode_experts: OFF, GATHER or PALLAS, the experts of a few-token call.
@@ -84,6 +94,7 @@ class KernelPlan:
     """
 
     attention: AttentionImpl = AttentionImpl.XLA
+    cached_attention: AttentionImpl = AttentionImpl.XLA
     grouped_matmul: GmmImpl = GmmImpl.XLA
     decode_experts: DecodeExpertImpl = DecodeExpertImpl.OFF
     decode_projections: DecodeProjectionImpl = DecodeProjectionImpl.OFF
@@ -114,6 +125,7 @@ def resolve(
     tokens: int,
     *,
     cached: bool,
+    queries: int | None = None,
     mesh: Mesh | None = None,
     where: str | None = None,
 ) -> KernelPlan:
@@ -123,6 +135,7 @@ def resolve(
       cfg: the model (widths) and its compute config (the choices).
       tokens: B*T of the call.
       cached: an `extend` call (KV cache; weights may be read as stacks).
+      queries: T, the new tokens per row of a cached call (default `tokens`).
       mesh: the active mesh (default `sharding.active_mesh()`).
       where: the platform (default `platform()`).
     Raises:
@@ -137,6 +150,13 @@ def resolve(
     factor = None if c.moe_impl == MoEImpl.DROPLESS else c.capacity_factor
     return KernelPlan(
         attention=resolve_attention(c.attention_impl, c.dtype, cfg.head_dim, where),
+        cached_attention=resolve_cached_attention(
+            c.cached_attention_impl,
+            c.dtype,
+            cfg.head_dim,
+            tokens if queries is None else queries,
+            where,
+        ),
         grouped_matmul=gmm,
         decode_experts=_decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where),
         decode_projections=_decode_projections(cfg, tokens, cached, one_device, where),
@@ -151,7 +171,11 @@ def resolve(
 
 
 def resolve_attention(
-    impl: AttentionImpl | str, dtype, head_dim: int, where: str | None = None
+    impl: AttentionImpl | str,
+    dtype,
+    head_dim: int,
+    where: str | None = None,
+    field: str = "attention_impl",
 ) -> AttentionImpl:
     """`auto` -> cudnn where it runs (NVIDIA GPU, bf16/fp16, head_dim <= 128), else xla."""
     impl, where = AttentionImpl(impl), platform() if where is None else where
@@ -160,11 +184,24 @@ def resolve_attention(
         return AttentionImpl.CUDNN if fits and where == NVIDIA_GPU else AttentionImpl.XLA
     if impl == AttentionImpl.CUDNN and not (fits and where == NVIDIA_GPU):
         raise ConfigError(
-            f"attention_impl='cudnn' needs an NVIDIA GPU, dtype bfloat16/float16 and head_dim <= "
+            f"{field}='cudnn' needs an NVIDIA GPU, dtype bfloat16/float16 and head_dim <= "
             f"128; got platform {where!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}; "
             "use 'auto' or 'xla'"
         )
     return impl
+
+
+def resolve_cached_attention(
+    impl: AttentionImpl | str, dtype, head_dim: int, queries: int, where: str | None = None
+) -> AttentionImpl:
+    """The attention over the KV cache of a cached call with `queries` (T) new tokens per row:
+    `auto` -> cudnn where it runs and T >= MIN_FLASH_QUERIES (a prefill chunk), else xla (decode
+    steps); an explicit `cudnn` applies to every cached call and is refused where it cannot run."""
+    impl = AttentionImpl(impl)
+    resolved = resolve_attention(impl, dtype, head_dim, where, "cached_attention_impl")
+    if impl == AttentionImpl.AUTO and queries < MIN_FLASH_QUERIES:
+        return AttentionImpl.XLA
+    return resolved
 
 
 def resolve_gmm(impl: GmmImpl | str, where: str | None = None) -> GmmImpl:

@@ -10,7 +10,10 @@ Two kernels for the full-sequence forward, as the kernel plan says (`kernels/pla
   cudnn  cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`): told
          the mask is causal (and windowed) so it skips the blocks above the diagonal and outside
          the window; the boolean mask still rides along for padding and packed documents.
-The cached path (`Attention.cached`, inference) always uses xla for the attention itself. Where
+The cached path (`Attention.cached`, inference) runs the plan's `cached_attention` (from
+`ComputeConfig.cached_attention_impl`): the einsum for decode steps, cuDNN flash attention for a
+prefill chunk over the cache (`cached_flash_attention`: the mask alone says which keys a query
+sees, since cuDNN's `is_causal` is aligned top-left, wrong for queries at the end of a cache). Where
 the plan's `decode_projections` is pallas (few tokens on an NVIDIA GPU), its projections read the
 layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes them) through one
 Pallas launch for q, k and v and one for the output.
@@ -106,6 +109,30 @@ def fused_attention(
         local_window_size=window,
         implementation=implementation,
     )
+
+
+def cached_flash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "cudnn"
+) -> jax.Array:
+    """`dot_product_attention` through `jax.nn.dot_product_attention`, for T new queries over
+    S cache keys (a prefill chunk).
+
+    No is_causal or local_window_size: cuDNN aligns is_causal top-left (query i sees keys <= i),
+    wrong for a chunk at the end of a cache, and refuses a window without it; causality, window,
+    empty slots and padding all come from `mask` (`cached_attention_mask`).
+    q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B or 1, T, S] bool -> [B, T, N, H].
+    """
+    return jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], implementation=implementation
+    )
+
+
+def attend_cached(q, k, v, mask, impl: AttentionImpl) -> jax.Array:
+    """The plan's cached attention: q [B, T, N, H]; k, v [B, S, K, H]; mask [B, T, S] ->
+    [B, T, N, H]."""
+    if impl == AttentionImpl.CUDNN:
+        return cached_flash_attention(q, k, v, mask, "cudnn")
+    return dot_product_attention(q, k, v, mask)
 
 
 class Attention(nnx.Module):
@@ -212,7 +239,8 @@ class Attention(nnx.Module):
         v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
         keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
         values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
-        out = self.output(dot_product_attention(q, keys, values, mask), layer, stacked)
+        out = attend_cached(q, keys, values, mask, plan.cached_attention)  # [B, T, N, H]
+        out = self.output(out, layer, stacked)
         if read_first:
             k_cache, v_cache = write(k_cache, v_cache)
         return out, k_cache, v_cache

@@ -261,7 +261,7 @@ class Mixtral(nnx.Module):
         cfg = self.cfg
         b, t = tokens.shape
         if plan is None:
-            plan = kernel_plan.resolve(cfg, b * t, cached=True)
+            plan = kernel_plan.resolve(cfg, b * t, cached=True, queries=t)
         size = cache.index.shape[0]
         q_index = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
         kept = min(t, size)  # a rolling buffer keeps only the last S new tokens

@@ -12,6 +12,7 @@ from hf_reference import make_hf_model, ours_from_hf, torch
 import mixtral_jax as mj
 from mixtral_jax.config import ConfigError
 from mixtral_jax.generate import Generator, SamplingParams, sample
+from mixtral_jax.generate.sampler import left_pad, prompt_width
 from mixtral_jax.model.kv_cache import KVCache
 
 
@@ -221,3 +222,81 @@ def test_decode_writes_the_donated_cache_in_place():
     parameters = re.findall(r"parameter\((\d+)\), metadata=\{op_name=\"cache\.[kv]\"", hlo)
     aliased = re.search(r"input_output_alias=\{(.*?) \}, entry_computation_layout", hlo).group(1)
     assert len(parameters) == 2 and all(f"({p}, {{}}, may-alias)" in aliased for p in parameters)
+
+
+def _long_prompts(cfg, lengths, seed=4):
+    rng = np.random.default_rng(seed)
+    return [list(map(int, rng.integers(3, cfg.vocab_size, n))) for n in lengths]
+
+
+@pytest.mark.parametrize(
+    "window,cache_size",
+    [(None, 336), (40, 336), (100, 336), (100, 100), (40, 40)],
+    ids=["no-window", "window-inside-chunk", "window-across-chunks", "rolling", "rolling-lt-chunk"],
+)
+def test_chunked_prefill_equals_one_shot_prefill_and_the_full_forward(window, cache_size):
+    """Prompts of 300 and 230 tokens (left-padded to 320) in chunks of 64: logits at every real
+    position equal the one-shot prefill and the full forward, and greedy generation continues
+    with the same tokens. Windows of 40 (< the chunk: a query's window crosses into the previous
+    chunk) and 100 (spanning chunks), on a big cache and on rolling buffers of W slots (read
+    first: W < W + C - 1)."""
+    cfg = mj.ModelConfig.tiny(sliding_window=window, max_seq_len=512)
+    model = mj.init(cfg, 5)
+    prompts = _long_prompts(cfg, (300, 230))
+    chunked, one_shot = Generator(model, prefill_chunk=64), Generator(model, prefill_chunk=512)
+    tokens, valid = left_pad(prompts, prompt_width(300, 64))
+    assert tokens.shape[1] == 320  # 5 chunks
+    got, _, got_pos, _ = chunked.prefill(tokens, valid, cache_size, all_logits=True)
+    want, _, want_pos, _ = one_shot.prefill(tokens, valid, cache_size, all_logits=True)
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    full = model(jnp.asarray(tokens), jnp.asarray(valid, jnp.int32), positions=positions).logits
+    real = np.asarray(valid)
+    got, want, full = (np.asarray(x)[real] for x in (got, want, full))
+    scale = np.abs(full).max()
+    assert np.abs(got - full).max() / scale <= 1e-5
+    assert np.abs(got - want).max() / scale <= 1e-5
+    np.testing.assert_array_equal(np.asarray(got_pos), np.asarray(want_pos))
+    new = [g.generate(prompts, max_new_tokens=12, eos_id=None).tokens for g in (chunked, one_shot)]
+    assert new[0] == new[1]
+    assert chunked._prefill._cache_size() == 0 and chunked._prefill_chunk._cache_size() == 2
+
+
+def _shapes(jaxpr) -> set[tuple[int, ...]]:
+    """Shapes of every value a jaxpr computes, sub-jaxprs (scan, cond, pjit) included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    found |= _shapes(inner)
+    return found
+
+
+def test_a_prefill_chunk_never_builds_scores_over_the_whole_prompt():
+    """One compiled chunk call computes scores [B, K, G, C, S] over the cache, nothing with the
+    prompt's width; the one-shot prefill of the same prompt does build [B, K, G, W, S] (so the
+    check can fail). Prompt lengths within one chunk-multiple bucket share the compilation."""
+    cfg = mj.ModelConfig.tiny(max_seq_len=512)
+    generator = Generator(mj.init(cfg, 0), prefill_chunk=64)
+    batch, width, size, c = 1, 320, 336, 64
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, size))
+    piece = jax.ShapeDtypeStruct((batch, c), jnp.int32)
+    chunk = jax.make_jaxpr(generator._prefill_chunk_fn)(
+        generator.state, cache, piece, piece.update(dtype=bool), piece
+    )
+    k, g = cfg.num_kv_heads, cfg.num_groups
+    shapes = _shapes(chunk.jaxpr)
+    assert (batch, k, g, c, size) in shapes
+    assert not any(width in s for s in shapes)
+    whole = jax.ShapeDtypeStruct((batch, width), jnp.int32)
+    one_shot = jax.make_jaxpr(lambda s, t, v: generator._prefill_fn(s, t, v, size))(
+        generator.state, whole, whole.update(dtype=bool)
+    )
+    assert (batch, k, g, width, size) in _shapes(one_shot.jaxpr)
+
+    for n in (260, 300, 319):  # all in the 320 bucket
+        result = generator.generate(_long_prompts(cfg, (n,)), max_new_tokens=4, eos_id=None)
+        assert result.prompt_bucket == width
+    assert generator._prefill_chunk._cache_size() == 1
