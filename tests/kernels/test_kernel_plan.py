@@ -19,6 +19,7 @@ from mixtral_jax.config import (
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import NVIDIA_GPU, resolve
 from mixtral_jax.model import moe as moe_block
+from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.moe import expert_parallel as moe_parallel
 from mixtral_jax.parallel import sharding as sh
 
@@ -72,6 +73,50 @@ def test_token_count_cache_dtype_and_mesh_switch_the_decode_kernels_off():
     assert resolve(GPU_BF16, 8, cached=True, where="cpu").expert_mesh is None
 
 
+def test_cached_attention_is_cudnn_for_prefill_chunks_on_nvidia_and_the_einsum_for_decode():
+    def cached(cfg, tokens, queries, where=NVIDIA_GPU):
+        return resolve(cfg, tokens, cached=True, queries=queries, where=where).cached_attention
+
+    assert cached(GPU_BF16, 2048, 2048) == AttentionImpl.CUDNN  # a prefill chunk
+    assert cached(GPU_BF16, 16, 16) == AttentionImpl.CUDNN
+    assert cached(GPU_BF16, 15, 15) == AttentionImpl.XLA  # a few tokens
+    assert cached(GPU_BF16, 1, 1) == AttentionImpl.XLA  # decode, batch 1
+    assert cached(GPU_BF16, 64, 1) == AttentionImpl.XLA  # decode, batch 64: T decides
+    assert cached(GPU_BF16, 2048, 2048, where="cpu") == AttentionImpl.XLA
+    assert cached(mj.ModelConfig.tiny(), 2048, 2048) == AttentionImpl.XLA  # float32
+    assert cached(GPU_BF16.replace(head_dim=256), 2048, 2048) == AttentionImpl.XLA
+    assert cached(GPU_BF16.replace(cached_attention_impl="xla"), 2048, 2048) == AttentionImpl.XLA
+    explicit = GPU_BF16.replace(cached_attention_impl="cudnn")
+    assert cached(explicit, 1, 1) == AttentionImpl.CUDNN  # the user's choice, decode included
+    split = GPU_BF16.replace(attention_impl="xla")  # its own field: the full forward's is apart
+    plan = resolve(split, 2048, cached=True, queries=2048, where=NVIDIA_GPU)
+    assert (plan.attention, plan.cached_attention) == (AttentionImpl.XLA, AttentionImpl.CUDNN)
+    with pytest.raises(ConfigError, match="cached_attention_impl='cudnn' needs an NVIDIA GPU"):
+        cached(mj.ModelConfig.tiny(cached_attention_impl="cudnn"), 64, 64, where="cpu")
+
+
+def test_extend_resolves_its_plan_with_the_new_tokens_per_row(monkeypatch):
+    """Mixtral.extend asks for T (queries) beside B*T: batch-64 decode is not a prefill chunk."""
+    seen = []
+
+    def recording(cfg, tokens, *, cached, queries=None, **kwargs):
+        seen.append((tokens, cached, queries))
+        return resolve(cfg, tokens, cached=cached, queries=queries, **kwargs)
+
+    monkeypatch.setattr(kernel_plan, "resolve", recording)
+    cfg = mj.ModelConfig.tiny()
+    graphdef, state = nnx.split(mj.abstract(cfg))
+
+    def extend(state, tokens):
+        cache = KVCache.create(cfg, 4, 24)
+        valid = jnp.ones(tokens.shape, bool)
+        return nnx.merge(graphdef, state).extend(tokens, cache, positions=tokens, valid=valid)
+
+    for t in (1, 20):
+        jax.eval_shape(extend, state, jax.ShapeDtypeStruct((4, t), jnp.int32))
+    assert seen == [(4, True, 1), (80, True, 20)]
+
+
 def test_each_choice_has_its_own_field():
     off = GPU_BF16.replace(decode_expert_impl="off", decode_projection_impl="off")
     plan = resolve(off, 1, cached=True, where=NVIDIA_GPU)
@@ -107,6 +152,10 @@ def test_each_choice_has_its_own_field():
             "decode_projection_impl='pallas' needs an NVIDIA GPU",
         ),
         ({"attention_impl": "cudnn"}, "attention_impl='cudnn' needs an NVIDIA GPU"),
+        (
+            {"cached_attention_impl": "cudnn"},
+            "cached_attention_impl='cudnn' needs an NVIDIA GPU",
+        ),
     ],
 )
 def test_an_explicit_choice_that_cannot_run_is_one_line(change, message):
