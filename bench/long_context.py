@@ -26,14 +26,22 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import mixtral_jax as mj
-from bench.common import environment, matmul_peak_tflops, random_model, write_json
+from bench.common import (
+    environment,
+    kernel_summary,
+    matmul_peak_tflops,
+    random_model,
+    trace_kernels,
+    write_json,
+)
 from bench.decode import step_bytes
-from mixtral_jax.generate import Generator
-from mixtral_jax.generate.sampler import prompt_width
+from mixtral_jax.generate import Generator, SamplingParams
+from mixtral_jax.generate.sampler import left_pad, prompt_width
 from mixtral_jax.kernels import plan as kernel_plan
 
 
@@ -97,6 +105,36 @@ def run_length(generator: Generator, prompt: list[int], new: int, bandwidth: flo
     }
 
 
+def profile_decode(generator: Generator, prompt: list[int], calls: int = 2) -> dict:
+    """GPU kernels of batch-1 decode steps over the cache of `prompt` (one compiled chunk of
+    generator.chunk steps per call), per step: busy time, span, launches, time per kernel."""
+    width = prompt_width(len(prompt), generator.prefill_chunk)
+    tokens, valid = left_pad([prompt], width)
+    size = width + generator.chunk * (calls + 2)
+    _, cache, next_pos, _ = generator.prefill(tokens, valid, cache_size=size)
+    carry = {"cache": cache, "last": jnp.asarray(tokens[:, -1]), "pos": next_pos}
+    done, key = jnp.zeros((1,), bool), jax.random.key(0)
+
+    def chunk():
+        out = generator._decode(
+            generator.state,
+            carry["cache"],
+            carry["last"],
+            carry["pos"],
+            done,
+            key,
+            -1,
+            sampling=SamplingParams(),
+            steps=generator.chunk,
+        )
+        carry["cache"], carry["last"], carry["pos"] = out[0], out[1], out[2]
+        return out[4]
+
+    summary = kernel_summary(trace_kernels(chunk, reps=calls), per=calls * generator.chunk)
+    summary["cache_tokens"] = len(prompt)
+    return summary
+
+
 def print_table(rows: list[dict], peak: float, bandwidth: float, weights: int) -> None:
     print(
         f"\nmatmul peak {peak:.0f} TFLOP/s, floor bandwidth {bandwidth:.2f} TB/s, "
@@ -126,6 +164,7 @@ def main():
     p.add_argument("--decode-chunk", type=int, default=16)
     p.add_argument("--bandwidth-tbs", type=float, default=4.3)
     p.add_argument("--peak-n", type=int, default=None, help="matmul size (default 8192, tiny 256)")
+    p.add_argument("--profile", action="store_true", help="kernels of a decode step, last length")
     args = p.parse_args()
     tiny = args.preset == "tiny"
     prompts = args.prompts or ("64,128,224" if tiny else "2048,8192,32768")
@@ -156,6 +195,7 @@ def main():
         assert prompt_width(n, chunk) >= n
         rows.append(run_length(generator, prompt, new, args.bandwidth_tbs, peak))
         print(rows[-1], flush=True)
+    profile = profile_decode(generator, prompt) if args.profile else None
     write_json(
         "long_context.json",
         {
@@ -172,9 +212,18 @@ def main():
             "weight_bytes": weights,
             "kernel_plans": {k: str(v) for k, v in plans.items()},
             "rows": rows,
+            "decode_profile": profile,
         },
     )
     print_table(rows, peak, args.bandwidth_tbs, weights)
+    if profile:
+        print(
+            f"\ndecode step over {profile['cache_tokens']} cached tokens: busy "
+            f"{profile['busy_us']:.0f} us, span {profile['span_us']:.0f} us, "
+            f"{profile['kernels']:.0f} launches"
+        )
+        for name, v in list(profile["by_name"].items())[:25]:
+            print(f"  {v['us']:8.1f} us {v['count']:6.1f}x  {name[:90]}")
 
 
 if __name__ == "__main__":

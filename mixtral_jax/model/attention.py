@@ -112,26 +112,42 @@ def fused_attention(
 
 
 def cached_flash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "cudnn"
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    implementation: str = "cudnn",
+    key_limit: jax.Array | None = None,
 ) -> jax.Array:
     """`dot_product_attention` through `jax.nn.dot_product_attention`, for T new queries over
     S cache keys (a prefill chunk).
 
     No is_causal or local_window_size: cuDNN aligns is_causal top-left (query i sees keys <= i),
     wrong for a chunk at the end of a cache, and refuses a window without it; causality, window,
-    empty slots and padding all come from `mask` (`cached_attention_mask`).
+    empty slots and padding all come from `mask` (`cached_attention_mask`). `key_limit` [] int32,
+    when given, promises that keys at and past it are all masked (the empty tail of a cache that
+    fills from slot 0): the kernel skips them (about half the attention work of a long chunked
+    prefill); the result is that of `mask` alone.
     q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B or 1, T, S] bool -> [B, T, N, H].
     """
+    lengths = None
+    if key_limit is not None:
+        lengths = jnp.broadcast_to(jnp.asarray(key_limit, jnp.int32), (q.shape[0],))
     return jax.nn.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], implementation=implementation
+        q,
+        k.astype(q.dtype),
+        v.astype(q.dtype),
+        mask=mask[:, None],
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
     )
 
 
-def attend_cached(q, k, v, mask, impl: AttentionImpl) -> jax.Array:
+def attend_cached(q, k, v, mask, impl: AttentionImpl, key_limit=None) -> jax.Array:
     """The plan's cached attention: q [B, T, N, H]; k, v [B, S, K, H]; mask [B, T, S] ->
-    [B, T, N, H]."""
+    [B, T, N, H]. `key_limit`: see `cached_flash_attention` (the einsum needs only the mask)."""
     if impl == AttentionImpl.CUDNN:
-        return cached_flash_attention(q, k, v, mask, "cudnn")
+        return cached_flash_attention(q, k, v, mask, "cudnn", key_limit)
     return dot_product_attention(q, k, v, mask)
 
 
@@ -196,7 +212,18 @@ class Attention(nnx.Module):
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
 
     def cached(
-        self, x, cos, sin, k_cache, v_cache, mask, slots, layer, plan: KernelPlan, read_first=False
+        self,
+        x,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        mask,
+        slots,
+        layer,
+        plan: KernelPlan,
+        read_first=False,
+        key_limit=None,
     ):
         """Writes T new tokens into one layer of the cache, then attends over it.
 
@@ -217,6 +244,7 @@ class Attention(nnx.Module):
           read_first: attend over the buffer before the write and all T new tokens (mask over
             S + T keys), then write: exact where a write could evict a key that an earlier new
             query sees (see `Mixtral.extend`); XLA copies the stack to keep the old one readable.
+          key_limit: [] int32 or None: keys at and past it are empty (see `Mixtral.extend`).
         Returns:
           ([B, T, D], k_cache, v_cache) with layer `layer`'s `slots` overwritten.
         """
@@ -239,7 +267,7 @@ class Attention(nnx.Module):
         v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
         keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
         values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
-        out = attend_cached(q, keys, values, mask, plan.cached_attention)  # [B, T, N, H]
+        out = attend_cached(q, keys, values, mask, plan.cached_attention, key_limit)
         out = self.output(out, layer, stacked)
         if read_first:
             k_cache, v_cache = write(k_cache, v_cache)

@@ -89,6 +89,7 @@ class DecoderBlock(nnx.Module):
         layer,
         plan: KernelPlan,
         read_first=False,
+        key_limit=None,
     ):
         """Like __call__ over new tokens, reading and writing layer `layer` of the cache.
 
@@ -107,6 +108,7 @@ class DecoderBlock(nnx.Module):
             layer=layer,
             plan=plan,
             read_first=read_first,
+            key_limit=key_limit,
         )
         h = x + attn
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
@@ -276,6 +278,10 @@ class Mixtral(nnx.Module):
             key_index = jnp.concatenate([index, q_index[: t - kept]])  # [S + T - kept]
             key_valid = jnp.concatenate([slot_valid, valid[:, : t - kept].astype(bool)], axis=1)
         mask = cached_attention_mask(q_index, key_index, key_valid, cfg.sliding_window)
+        # Slots fill from 0 (index i lives in slot i % S), so after this write every key at and
+        # past `key_limit` is empty: flash attention may skip them (not when new tokens that did
+        # not fit, or the pre-write buffer, are appended as extra keys).
+        key_limit = None if read_first or kept < t else jnp.minimum(cache.length + t, size)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
         # The plan's stacked weights stay out of the scan's sliced inputs: the layer reads layer
@@ -305,6 +311,7 @@ class Mixtral(nnx.Module):
                 layer=index,
                 plan=plan,
                 read_first=read_first,
+                key_limit=key_limit,
             )
             return (x, k_cache, v_cache), aux
 

@@ -68,6 +68,13 @@ def test_cached_flash_call_equals_einsum_attention_for_a_chunk_at_the_end_of_a_c
     want = dot_product_attention(q, k, v, mask)
     got = cached_flash_attention(q, k, v, mask, implementation="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # The filled prefix as a key limit (what Mixtral.extend passes: min(length + T, S)) skips
+    # only masked keys; a limit one short of it would drop the chunk's last key.
+    limit = min(done + t, size)
+    got = cached_flash_attention(q, k, v, mask, implementation="xla", key_limit=limit)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    short = cached_flash_attention(q, k, v, mask, implementation="xla", key_limit=limit - 1)
+    assert not np.allclose(np.asarray(short), np.asarray(want), atol=1e-3)
 
 
 def test_choice_is_xla_on_cpu_and_cudnn_is_refused_with_the_reason():
