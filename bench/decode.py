@@ -103,6 +103,12 @@ def main():
     )
     p.add_argument("--peer", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="compute setting, e.g. decode_attention_impl=off (repeatable)",
+    )
     args = p.parse_args()
     peer = (
         run_peer(
@@ -130,6 +136,7 @@ def main():
         param_dtype="bfloat16",
         moe_impl=args.moe_impl,
         max_seq_len=4096,
+        **dict(item.split("=", 1) for item in args.set),
     )
     bandwidth = copy_bandwidth_tbs()
     start = time.perf_counter()

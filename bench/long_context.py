@@ -165,6 +165,12 @@ def main():
     p.add_argument("--bandwidth-tbs", type=float, default=4.3)
     p.add_argument("--peak-n", type=int, default=None, help="matmul size (default 8192, tiny 256)")
     p.add_argument("--profile", action="store_true", help="kernels of a decode step, last length")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="compute setting, e.g. decode_attention_impl=off (repeatable)",
+    )
     args = p.parse_args()
     tiny = args.preset == "tiny"
     prompts = args.prompts or ("64,128,224" if tiny else "2048,8192,32768")
@@ -173,6 +179,7 @@ def main():
     changes = {"dtype": "bfloat16", "param_dtype": "bfloat16"}
     if args.layers is not None:
         changes["num_layers"] = args.layers
+    changes.update(item.split("=", 1) for item in args.set)
     cfg = mj.preset(args.preset, **changes)
     lengths = sorted({min(int(n), cfg.max_seq_len - new) for n in prompts.split(",")})
 

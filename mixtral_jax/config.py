@@ -75,6 +75,14 @@ class DecodeProjectionImpl(str, enum.Enum):
     PALLAS = "pallas"  # one Pallas launch reading layer l of the stacks in place (decode_matmul)
 
 
+class DecodeAttentionImpl(str, enum.Enum):
+    """How a cached call with one new token per row attends over the KV cache."""
+
+    AUTO = "auto"  # pallas on NVIDIA GPUs, xla elsewhere
+    OFF = "off"  # the plan's cached attention (XLA einsum) over the layer sliced from the cache
+    PALLAS = "pallas"  # flash decoding reading layer l of the cache in place (decode_attention)
+
+
 class Exchange(str, enum.Enum):
     """How assignments reach the devices of their experts under expert parallelism
     (`moe/expert_parallel.py`)."""
@@ -96,6 +104,7 @@ _ENUM_FIELDS = {
     "gmm_impl": GmmImpl,
     "decode_expert_impl": DecodeExpertImpl,
     "decode_projection_impl": DecodeProjectionImpl,
+    "decode_attention_impl": DecodeAttentionImpl,
     "expert_exchange": Exchange,
 }
 
@@ -118,6 +127,8 @@ class ComputeConfig:
       decode_expert_impl: experts of calls with few tokens, see `DecodeExpertImpl`.
       decode_projection_impl: attention projections and router of few-token cached calls, see
         `DecodeProjectionImpl`.
+      decode_attention_impl: attention of one new token per row over the cache, see
+        `DecodeAttentionImpl`.
       expert_exchange: the all-to-all of expert parallelism, see `Exchange`.
     The kernel choices are resolved once per compiled call into a `kernels.plan.KernelPlan`.
     """
@@ -133,6 +144,7 @@ class ComputeConfig:
     gmm_impl: GmmImpl = GmmImpl.AUTO
     decode_expert_impl: DecodeExpertImpl = DecodeExpertImpl.AUTO
     decode_projection_impl: DecodeProjectionImpl = DecodeProjectionImpl.AUTO
+    decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.AUTO
     expert_exchange: Exchange = Exchange.AUTO
 
     def __post_init__(self):

@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from mixtral_jax.config import (
     AttentionImpl,
     ConfigError,
+    DecodeAttentionImpl,
     DecodeExpertImpl,
     DecodeProjectionImpl,
     Exchange,
@@ -88,6 +89,8 @@ class KernelPlan:
       decode_experts: OFF, GATHER or PALLAS, the experts of a few-token call.
       decode_projections: OFF or PALLAS, q/k/v, o and the router of a few-token cached call,
         reading layer l of the weight stacks in place.
+      decode_attention: OFF or PALLAS, one new token per row attending over layer l of the
+        cache stack in place (flash decoding); OFF: `cached_attention` over the sliced layer.
       moe: the dispatch (`MoEImpl`).
       expert_mesh: the mesh whose expert axis splits the experts, or None (one device).
       exchange: the expert-parallel all-to-all (resolved; unused without `expert_mesh`).
@@ -98,6 +101,7 @@ class KernelPlan:
     grouped_matmul: GmmImpl = GmmImpl.XLA
     decode_experts: DecodeExpertImpl = DecodeExpertImpl.OFF
     decode_projections: DecodeProjectionImpl = DecodeProjectionImpl.OFF
+    decode_attention: DecodeAttentionImpl = DecodeAttentionImpl.OFF
     moe: MoEImpl = MoEImpl.DROPLESS
     expert_mesh: Mesh | None = None
     exchange: Exchange = Exchange.CAPACITY
@@ -160,6 +164,9 @@ def resolve(
         grouped_matmul=gmm,
         decode_experts=_decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where),
         decode_projections=_decode_projections(cfg, tokens, cached, one_device, where),
+        decode_attention=_decode_attention(
+            cfg, cached, tokens if queries is None else queries, one_device, where
+        ),
         moe=c.moe_impl,
         expert_mesh=expert_mesh,
         exchange=(
@@ -265,6 +272,20 @@ def _decode_projections(
         and supports(cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
     )
     return DecodeProjectionImpl.PALLAS if applies else DecodeProjectionImpl.OFF
+
+
+def _decode_attention(
+    cfg: ModelConfig, cached: bool, queries: int, one_device: bool, where: str
+) -> DecodeAttentionImpl:
+    """Flash decoding over the cache read in place: cached calls of one new token per row on
+    one device (the cache stack unsharded), head widths the matrix unit tiles."""
+    impl = cfg.compute.decode_attention_impl
+    if impl == DecodeAttentionImpl.PALLAS:
+        _needs_nvidia("decode_attention_impl", impl.value, where)
+    if impl == DecodeAttentionImpl.OFF or where != NVIDIA_GPU:
+        return DecodeAttentionImpl.OFF
+    applies = cached and queries == 1 and one_device and supports(cfg.head_dim)
+    return DecodeAttentionImpl.PALLAS if applies else DecodeAttentionImpl.OFF
 
 
 @functools.cache

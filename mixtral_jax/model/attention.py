@@ -16,7 +16,9 @@ prefill chunk over the cache (`cached_flash_attention`: the mask alone says whic
 sees, since cuDNN's `is_causal` is aligned top-left, wrong for queries at the end of a cache). Where
 the plan's `decode_projections` is pallas (few tokens on an NVIDIA GPU), its projections read the
 layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes them) through one
-Pallas launch for q, k and v and one for the output.
+Pallas launch for q, k and v and one for the output. Where its `decode_attention` is pallas (one
+new token per row), the attention reads this layer of the cache stack in place
+(`kernels/decode_attention.py`: no slice or relayout copy of the layer's keys and values).
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.config import AttentionImpl, DecodeProjectionImpl, ModelConfig
+from mixtral_jax.config import (
+    AttentionImpl,
+    DecodeAttentionImpl,
+    DecodeProjectionImpl,
+    ModelConfig,
+)
+from mixtral_jax.kernels import decode_attention as flash_decode
 from mixtral_jax.kernels import decode_matmul
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model.layers import apply_rope, normal_init
@@ -263,6 +271,10 @@ class Attention(nnx.Module):
         beyond = k.shape[1] if read_first else dropped
         if not read_first:
             k_cache, v_cache = write(k_cache, v_cache)
+        if plan.decode_attention == DecodeAttentionImpl.PALLAS and beyond == 0 and q.shape[1] == 1:
+            # one token per row: flash decoding reads this layer of the cache where it lies
+            att = flash_decode.decode_attention(q[:, 0], k_cache, v_cache, layer, mask[:, 0])
+            return self.output(att[:, None], layer, stacked), k_cache, v_cache
         k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]
         v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
         keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)

@@ -11,6 +11,7 @@ from flax import nnx
 
 import mixtral_jax as mj
 from mixtral_jax.kernels import common, decode_matmul, expert_decode
+from mixtral_jax.kernels import decode_attention as flash_decode
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.moe import local as moe_local
@@ -100,8 +101,15 @@ def test_tiles_divide_the_problem_and_fit_shared_memory():
 def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
     """extend() with the GPU choice forced (kernels interpreted): for prefill and each decode
     step, every layer's MoE reads its layer of the expert stacks through decode_experts, its
-    attention q, k, v and o and its router through decode_matmul, all in place."""
-    calls, projections = [], []
+    attention q, k, v and o and its router through decode_matmul, and each decode step's
+    attention its layer of the cache through decode_attention, all in place."""
+    calls, projections, attended = [], [], []
+    real_attention = flash_decode.decode_attention
+
+    def interpreted_attention(q, k_cache, v_cache, layer, mask, **kw):
+        attended.append(k_cache.shape)  # the whole cache stack [L, B, S, K, H]
+        return real_attention(q, k_cache, v_cache, layer, mask, **kw, interpret=True)
+
     real, real_projection = expert_decode.decode_experts, decode_matmul.project_stacked
 
     def interpreted(*args, **kw):
@@ -122,6 +130,7 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
     monkeypatch.setattr(kernel_plan, "platform", lambda: kernel_plan.NVIDIA_GPU)
     monkeypatch.setattr(expert_decode, "decode_experts", interpreted)
     monkeypatch.setattr(decode_matmul, "project_stacked", interpreted_projection)
+    monkeypatch.setattr(flash_decode, "decode_attention", interpreted_attention)
     graphdef, state = nnx.split(model)
     extend = jax.jit(
         lambda s, t, c, p, v: nnx.merge(graphdef, s).extend(t, c, positions=p, valid=v)
@@ -139,6 +148,7 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
     assert sorted(set(calls)) == [2, 12]  # traced once per shape: decode (B=2), prefill (2 x 6)
     # q, k, v in one launch; o in another; the router's 4 experts padded to 16 columns.
     assert set(projections) == {(64, 32, 32), (64,), (16,)}
+    assert set(attended) == {(2, 2, 16, 2, 16)}  # decode steps only; prefill (T = 6) is XLA
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import mixtral_jax as mj
 from mixtral_jax.config import (
     AttentionImpl,
     ConfigError,
+    DecodeAttentionImpl,
     DecodeExpertImpl,
     DecodeProjectionImpl,
     Exchange,
@@ -198,3 +199,24 @@ def test_a_plan_passed_in_is_the_one_the_layers_run():
     dense_plan = kernel_plan.KernelPlan(moe=mj.MoEImpl.DENSE)
     dense = model(tokens, plan=dense_plan).logits  # the oracle dispatch, same function
     np.testing.assert_allclose(np.asarray(dense), np.asarray(auto), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_reads_the_cache_in_place_only_for_one_token_per_row():
+    decode = resolve(GPU_BF16, 8, cached=True, queries=1, where=NVIDIA_GPU)  # batch 8, T = 1
+    assert decode.decode_attention == DecodeAttentionImpl.PALLAS
+    chunk = resolve(GPU_BF16, 8, cached=True, queries=8, where=NVIDIA_GPU)  # one row, T = 8
+    assert chunk.decode_attention == DecodeAttentionImpl.OFF
+    mesh = sh.make_mesh(sh.MeshConfig.parse("data=8"))
+    assert (
+        resolve(GPU_BF16, 8, cached=True, queries=1, mesh=mesh, where=NVIDIA_GPU).decode_attention
+        == DecodeAttentionImpl.OFF
+    )  # sharded cache
+    assert resolve(mj.ModelConfig.tiny(), 1, cached=True, where="cpu").decode_attention == (
+        DecodeAttentionImpl.OFF
+    )
+    off = GPU_BF16.replace(decode_attention_impl="off")
+    assert resolve(off, 1, cached=True, where=NVIDIA_GPU).decode_attention == (
+        DecodeAttentionImpl.OFF
+    )
+    with pytest.raises(ConfigError, match="decode_attention_impl='pallas' needs an NVIDIA GPU"):
+        resolve(mj.ModelConfig.tiny(decode_attention_impl="pallas"), 1, cached=True, where="cpu")

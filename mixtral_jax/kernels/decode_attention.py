@@ -1,0 +1,145 @@
+"""Attention of one new token per row over a long KV cache (decode), reading layer l in place.
+
+Inside `Mixtral.extend`'s layer scan the cache is every layer's stack [L, B, S, K, H]. The XLA
+path slices layer l out and lays it out for a batched matmul: two copies of the layer's keys
+and values per layer and token (H200, 8x7B, a 32k cache: about 84 us per layer beside 43 us for
+the two matmuls). This kernel reads the keys and values where they lie, split over S so that
+even batch 1 has enough programs in flight (flash decoding):
+
+  program (b, kv head, split j): the G query heads of that kv head (padded to the matrix unit's
+  16 rows) against keys [j*S/J, (j+1)*S/J) in blocks, online softmax in float32; it writes its
+  partial output and its running max and sum;
+  combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
+
+Letters: B rows, S cache slots, K kv heads, G = N / K query heads per kv head, H head_dim,
+L layers, J splits of S. Inference only: no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mixtral_jax.kernels.common import matmul_precision, pow2_at_least
+
+_NEG = -1e30  # finite: a block with every key masked must not make exp(-inf - -inf) = nan
+TARGET_PROGRAMS = 256  # enough to fill an H200's 132 SMs about twice
+
+
+def _blocks(size: int, rows_kv: int) -> tuple[int, int]:
+    """(block of S, splits J): the block the largest power of two <= 128 that divides S, the
+    splits a divisor of S / block giving about TARGET_PROGRAMS programs over B*K."""
+    block = 128
+    while size % block:
+        block //= 2
+    num = size // block
+    splits = max(1, min(num, TARGET_PROGRAMS // max(rows_kv, 1)))
+    while num % splits:
+        splits -= 1
+    return block, splits
+
+
+def _kernel(
+    layer_ref, q_ref, mask_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block, steps, scale, precision
+):
+    """Program (b, kv head h, split j): online softmax of q [Gp, H] over its keys."""
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer = layer_ref[0]
+    q = q_ref[b, h]  # [Gp, H]
+    rows = q.shape[0]
+
+    def step(i, carry):
+        m, l, acc = carry
+        s0 = pl.multiple_of((j * steps + i) * block, block)
+        k = k_ref[layer, b, pl.ds(s0, block), h, :]  # [block, H]
+        v = v_ref[layer, b, pl.ds(s0, block), h, :]
+        seen = mask_ref[b, pl.ds(s0, block)] > 0  # [block]
+        s = (
+            jax.lax.dot_general(
+                q,
+                k,
+                (((1,), (1,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            * scale
+        )  # [Gp, block]
+        s = jnp.where(seen[None, :], s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(seen[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        pv = jax.lax.dot_general(
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+
+    init = (
+        jnp.full((rows,), _NEG, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros(q.shape, jnp.float32),
+    )
+    m, l, acc = jax.lax.fori_loop(0, steps, step, init)
+    o_ref[b, h, j] = acc
+    m_ref[b, h, j] = m
+    l_ref[b, h, j] = l
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array,
+    mask: jax.Array,
+    *,
+    interpret: bool = False,
+) -> jax.Array:
+    """Softmax attention of one query per row over layer `layer` of the cache, read in place.
+
+    Args:
+      q: [B, N, H] the new tokens' rotated queries (compute dtype).
+      k_cache, v_cache: [L, B, S, K, H] every layer's cache (the new token already written).
+      layer: [] int32.
+      mask: [B, S] bool, the keys each row's query sees (`cached_attention_mask` at T = 1).
+    Returns:
+      [B, N, H] in q's dtype; the same function as `attention.dot_product_attention`.
+    """
+    b, n, h = q.shape
+    _, _, size, kv_heads, _ = k_cache.shape
+    groups = n // kv_heads
+    rows = pow2_at_least(groups)
+    block, splits = _blocks(size, b * kv_heads)
+    q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
+    q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_cache.dtype)
+    kernel = functools.partial(
+        _kernel,
+        block=block,
+        steps=size // (block * splits),
+        scale=h**-0.5,
+        precision=matmul_precision(k_cache.dtype),
+    )
+    o, m, l = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
+        ),
+        grid=(b, kv_heads, splits),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="decode_attention",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), q_pad, mask.astype(jnp.int8), k_cache, v_cache)
+    top = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, Gp]
+    weight = jnp.exp(m - top)  # [B, K, J, Gp]
+    total = jnp.sum(weight * l, axis=2)  # [B, K, Gp]
+    out = jnp.sum(weight[..., None] * o, axis=2) / jnp.maximum(total, 1e-30)[..., None]
+    out = out[:, :, :groups].reshape(b, n, h)  # [B, N, H]
+    return jax.lax.stop_gradient(out.astype(q.dtype))
