@@ -30,21 +30,34 @@ _NEG = -1e30  # finite: a block with every key masked must not make exp(-inf - -
 TARGET_PROGRAMS = 256  # enough to fill an H200's 132 SMs about twice
 
 
-def _blocks(size: int, rows_kv: int) -> tuple[int, int]:
-    """(block of S, splits J): the block the largest power of two <= 128 that divides S, the
-    splits a divisor of S / block giving about TARGET_PROGRAMS programs over B*K."""
+def _blocks(size: int, rows_kv: int) -> tuple[int, int, int]:
+    """(block of S, splits J, blocks per split): the block the largest power of two <= 128 that
+    divides S (no padding of the cache, which would copy it), about TARGET_PROGRAMS programs
+    over B*K; the last split may hold fewer blocks (S / block need not divide by J)."""
     block = 128
     while size % block:
         block //= 2
     num = size // block
     splits = max(1, min(num, TARGET_PROGRAMS // max(rows_kv, 1)))
-    while num % splits:
-        splits -= 1
-    return block, splits
+    steps = -(-num // splits)
+    return block, -(-num // steps), steps
 
 
 def _kernel(
-    layer_ref, q_ref, mask_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block, steps, scale, precision
+    layer_ref,
+    q_ref,
+    mask_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    m_ref,
+    l_ref,
+    *,
+    block,
+    steps,
+    num_blocks,
+    scale,
+    precision,
 ):
     """Program (b, kv head h, split j): online softmax of q [Gp, H] over its keys."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -54,10 +67,11 @@ def _kernel(
 
     def step(i, carry):
         m, l, acc = carry
-        s0 = pl.multiple_of((j * steps + i) * block, block)
+        index = j * steps + i  # past the last block (ragged last split): re-read it, masked
+        s0 = pl.multiple_of(jnp.minimum(index, num_blocks - 1) * block, block)
         k = k_ref[layer, b, pl.ds(s0, block), h, :]  # [block, H]
         v = v_ref[layer, b, pl.ds(s0, block), h, :]
-        seen = mask_ref[b, pl.ds(s0, block)] > 0  # [block]
+        seen = (mask_ref[b, pl.ds(s0, block)] > 0) & (index < num_blocks)  # [block]
         s = (
             jax.lax.dot_general(
                 q,
@@ -115,13 +129,14 @@ def decode_attention(
     _, _, size, kv_heads, _ = k_cache.shape
     groups = n // kv_heads
     rows = pow2_at_least(groups)
-    block, splits = _blocks(size, b * kv_heads)
+    block, splits, steps = _blocks(size, b * kv_heads)
     q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
     q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_cache.dtype)
     kernel = functools.partial(
         _kernel,
         block=block,
-        steps=size // (block * splits),
+        steps=steps,
+        num_blocks=size // block,
         scale=h**-0.5,
         precision=matmul_precision(k_cache.dtype),
     )

@@ -12,7 +12,12 @@ from mixtral_jax.model.attention import dot_product_attention
 
 @pytest.mark.parametrize(
     "size,dtype,tol",
-    [(144, jnp.float32, 1e-5), (1024, jnp.float32, 1e-5), (272, jnp.bfloat16, 2e-2)],
+    [
+        (144, jnp.float32, 1e-5),
+        (1024, jnp.float32, 1e-5),
+        (272, jnp.bfloat16, 2e-2),
+        (128 * 67, jnp.float32, 1e-5),  # 67 blocks in 34 splits of 2: a ragged last split
+    ],
 )
 def test_kernel_equals_the_einsum_attention_of_the_chosen_layer(size, dtype, tol):
     b, n, kv, h, layers = 2, 8, 2, 16, 3
@@ -40,7 +45,8 @@ def test_kernel_equals_the_einsum_attention_of_the_chosen_layer(size, dtype, tol
 
 
 def test_blocks_divide_the_cache_and_fill_the_programs():
-    assert decode_attention._blocks(32768, 8) == (128, 32)  # batch 1, 8 kv heads: 256 programs
-    assert decode_attention._blocks(144, 2) == (16, 9)
-    block, splits = decode_attention._blocks(4096 + 16, 64 * 8)
-    assert (4096 + 16) % (block * splits) == 0 and splits == 1
+    assert decode_attention._blocks(32768, 8) == (128, 32, 8)  # batch 1, 8 kv heads: 256
+    # 32,896 slots = 257 blocks of 128 (a prime): 29 splits of 9 blocks, the last of 5
+    assert decode_attention._blocks(32768 + 128, 8) == (128, 29, 9)
+    assert decode_attention._blocks(144, 2) == (16, 9, 1)
+    assert decode_attention._blocks(4096 + 16, 64 * 8) == (16, 1, 257)
