@@ -74,6 +74,32 @@ def iter_leaves(
         )
 
 
+def slice_readers(src: Source) -> dict:
+    """leaf path -> `checkpoint.placement.LeafReader` over the memory-mapped source: each slice
+    (`leaf[l]` or `leaf[l, e]`) is cut from one stored tensor, transformed, and nothing else of
+    the file is read (for `placement.place_params`: loading straight to the devices)."""
+    from mixtral_jax.checkpoint.placement import LeafReader
+
+    cfg, get = src.cfg, src.mapped_getter()
+    readers = {}
+    for m in TABLE:
+        keys = dict(slice_keys(m, cfg))
+
+        def read(index, m=m, keys=keys):
+            return m.to_ours(get(keys[index]), cfg)
+
+        lead = m.per_layer + m.per_expert
+        readers[m.path] = LeafReader(lead, read, _leaf_bytes(cfg, m.path, src))
+    return readers
+
+
+def _leaf_bytes(cfg, path, src: Source) -> int:
+    """Stored bytes of our leaf `path` (its element count at the stored itemsize)."""
+    name = next(iter(src.plan.expected))
+    itemsize = src.weights.dtype(name).itemsize
+    return int(np.prod(_leaf_shapes(cfg)[path])) * itemsize
+
+
 def _leaf_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
     import jax
 

@@ -59,6 +59,16 @@ class Source:
 
         return get
 
+    def mapped_getter(self):
+        """legacy key -> the tensor cut from its memory-mapped stored tensor (thread-safe; only
+        the pages a slice touches are read, and released with the slice)."""
+
+        def get(key: str) -> np.ndarray:
+            name, slicer = self.plan.sources[key]
+            return slicer(self.weights.map(name))
+
+        return get
+
 
 def open_source(directory: str, *, allow_pickle: bool = False, dtype: str | None = None) -> Source:
     """The checked source at `directory`.
