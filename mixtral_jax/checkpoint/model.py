@@ -444,7 +444,11 @@ def _verified_read(directory: str, name: str, leaf, entry: dict | None):
     shape = leaf.shape[:lead]
 
     def read(index):
-        data = leaf[index] if index else np.asarray(leaf)
+        try:
+            data = leaf[index] if index else np.asarray(leaf)
+        except Exception as e:  # noqa: BLE001 - a damaged store: named, one line
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{directory}: cannot read array {name}: {first}") from None
         if entry is not None:
             want = entry["crc32"][int(np.ravel_multi_index(index, shape)) if index else 0]
             got = slice_crc(data)
