@@ -50,6 +50,7 @@ def save_model(
     *,
     this_process_only: bool = False,
     overwrite: bool = False,
+    extra_config: dict | None = None,
 ) -> None:
     """Writes a model checkpoint; it appears whole or not at all (`fileio.atomic_directory`).
 
@@ -80,7 +81,7 @@ def save_model(
         else:  # not all on this process: read back what was written
             sums = _crcs_from_disk(os.path.join(staging, PARAMS_DIR))
         _write_checksums(staging, sums)
-        _write_config_and_tokenizer(staging, cfg, tokenizer_path)
+        _write_config_and_tokenizer(staging, cfg, tokenizer_path, extra_config)
 
 
 def stack_axes(path: tuple[str, ...]) -> int:
@@ -156,10 +157,11 @@ def read_checksums(directory: str) -> dict | None:
 
 
 def _write_config_and_tokenizer(
-    directory: str, cfg: ModelConfig, tokenizer_path: str | None
+    directory: str, cfg: ModelConfig, tokenizer_path: str | None, extra: dict | None = None
 ) -> None:
-    """config.json, and a copy of the tokenizer when there is one, into `directory`."""
-    save_hf_config(cfg, os.path.join(directory, "config.json"))
+    """config.json (with `extra`: a source config.json's fields we do not read, passed
+    through), and a copy of the tokenizer when there is one, into `directory`."""
+    save_hf_config(cfg, os.path.join(directory, "config.json"), extra=extra)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER_FILE))
 
@@ -249,6 +251,7 @@ def save_model_streaming(
     tokenizer_path: str | None = None,
     *,
     verify: Callable[[], None] | None = None,
+    extra_config: dict | None = None,
 ) -> None:
     """Like `save_model`, from (path, leaf) pairs whose leaves are host arrays or `StreamedLeaf`s.
 
@@ -287,7 +290,7 @@ def save_model_streaming(
         if verify is not None:
             verify()
         _write_checksums(staging, sums)
-        _write_config_and_tokenizer(staging, cfg, tokenizer_path)
+        _write_config_and_tokenizer(staging, cfg, tokenizer_path, extra_config)
 
 
 def _summed(leaf: StreamedLeaf, entry: dict) -> StreamedLeaf:
@@ -310,6 +313,8 @@ def save_model_sharded(
     leaves: Iterable[tuple[tuple[str, ...], jax.Array]],
     cfg: ModelConfig,
     tokenizer_path: str | None = None,
+    *,
+    extra_config: dict | None = None,
 ) -> None:
     """Like `save_model`, from (path, global jax.Array) pairs, each written as it is produced.
 
@@ -326,7 +331,7 @@ def save_model_sharded(
         tree: dict = {}
         for path, leaf in leaves:
             _put(tree, path, leaf)
-        return save_model(directory, tree, cfg, tokenizer_path)
+        return save_model(directory, tree, cfg, tokenizer_path, extra_config=extra_config)
     if os.path.exists(directory):
         raise FileExistsError(f"checkpoint directory {os.path.abspath(directory)} already exists")
     from orbax.checkpoint.experimental import v1 as ocp_v1
@@ -351,7 +356,7 @@ def save_model_sharded(
             os.replace(metadata, os.path.join(staging, PARAMS_DIR, "_CHECKPOINT_METADATA"))
         shutil.rmtree(session)
         _write_checksums(staging, _crcs_from_disk(os.path.join(staging, PARAMS_DIR)))
-        _write_config_and_tokenizer(staging, cfg, tokenizer_path)
+        _write_config_and_tokenizer(staging, cfg, tokenizer_path, extra_config)
 
 
 def _put(tree: dict, path: tuple[str, ...], leaf) -> dict:

@@ -226,7 +226,11 @@ def to_orbax(
     if mesh is not None:
         leaves = iter_sharded_leaves(src, mesh, check_finite=check_finite)
         checkpoint.save_model_sharded(
-            out_dir, leaves, src.cfg, tokenizer or find_tokenizer(source_dir)
+            out_dir,
+            leaves,
+            src.cfg,
+            tokenizer or find_tokenizer(source_dir),
+            extra_config=src.extra,
         )
         return src
     problems: list[str] = []
@@ -238,6 +242,11 @@ def to_orbax(
     with _bar(src, progress) as bar:
         leaves = iter_leaves(src, check_finite=check_finite, bar=bar, problems=problems)
         checkpoint.save_model_streaming(
-            out_dir, leaves, src.cfg, tokenizer or find_tokenizer(source_dir), verify=verify
+            out_dir,
+            leaves,
+            src.cfg,
+            tokenizer or find_tokenizer(source_dir),
+            verify=verify,
+            extra_config=src.extra,
         )
     return src
