@@ -268,9 +268,10 @@ def save_model_streaming(
     save_args: dict = {}
     sums: dict = {}
     for path, leaf in leaves:
-        if not isinstance(leaf, StreamedLeaf):
+        if not isinstance(leaf, StreamedLeaf):  # written (and later read) slice by slice
             leaf = np.asarray(leaf)
-            leaf = StreamedLeaf(leaf.shape, leaf.dtype, 0, lambda _, v=leaf: v)
+            lead = stack_axes(path) if leaf.ndim > stack_axes(path) else 0
+            leaf = StreamedLeaf(leaf.shape, leaf.dtype, lead, lambda i, v=leaf: v[i])
         leaf = _summed(leaf, sums.setdefault(".".join(path), {"lead": leaf.lead}))
         _put(tree, path, leaf)
         # One storage chunk per slice: a slice write never rewrites a chunk already written.
