@@ -23,6 +23,9 @@ import argparse
 import json
 import os
 import sys
+import time
+
+START = time.monotonic()  # process start, near enough (before jax is imported)
 
 from mixtral_jax.config import ConfigError
 
@@ -52,6 +55,11 @@ def parse_args(argv):
         "--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the weights')"
     )
     p.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    p.add_argument(
+        "--memory-stats",
+        action="store_true",
+        help="with --json: the device's peak bytes in use (jax memory_stats), for benchmarks",
+    )
     p.add_argument(
         "--compile-cache",
         default=default_compile_cache(),
@@ -163,9 +171,11 @@ def run(args) -> int:
     prompts = read_prompts(args)
     if not args.no_compile_cache:
         enable_compile_cache(args.compile_cache)
+    load_start = time.monotonic()
     model, tokenizer = load_for_inference(
         args.checkpoint, args.tokenizer, compute=changes, progress=show_progress(args.quiet)
     )
+    load_s = time.monotonic() - load_start
     texts = [f"[INST] {p} [/INST]" if args.chat else p for p in prompts]
     ids = [tokenizer.encode(t) for t in texts]
     stream = not args.json and len(prompts) == 1  # one prompt: print tokens as they arrive
@@ -187,6 +197,7 @@ def run(args) -> int:
     generator._check(ids, args.max_new_tokens)  # argument errors before the prompt is echoed
     if stream:
         sys.stdout.write(prompts[0])
+    generate_start = time.monotonic()
     result = generator.generate(
         ids,
         max_new_tokens=args.max_new_tokens,
@@ -201,7 +212,11 @@ def run(args) -> int:
         "time_to_first_token_s": result.time_to_first_token_s,
         "decode_tokens_per_s": result.decode_tokens / max(result.decode_s, 1e-9),
         "prompt_bucket": result.prompt_bucket,
+        "load_s": load_s,
+        "start_to_first_token_s": generate_start - START + result.time_to_first_token_s,
     }
+    if args.memory_stats:
+        timing["peak_bytes_in_use"] = peak_device_bytes()
     if args.json:
         print(
             json.dumps(
@@ -239,6 +254,14 @@ def run(args) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def peak_device_bytes() -> int | None:
+    """The first device's peak bytes in use (None where the backend keeps no statistics)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
