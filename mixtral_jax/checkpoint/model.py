@@ -438,10 +438,23 @@ def checkpoint_readers(directory: str, shapes: dict) -> dict:
         entry = None if sums is None else sums.get(name)
         if sums is not None and entry is None:
             raise ConfigError(f"{directory}: {CHECKSUMS_FILE} has no entry for array {name}")
-        lead = stack_axes(path) if entry is None else int(entry["lead"])
+        lead = min(stack_axes(path), _sliced_axes(leaf)) if entry is None else int(entry["lead"])
         nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * leaf.dtype.itemsize
         readers[path] = LeafReader(lead, _verified_read(directory, name, leaf, entry), nbytes)
     return readers
+
+
+def _sliced_axes(leaf) -> int:
+    """How many leading axes of a stored leaf are chunked one index at a time (an older
+    checkpoint may store a leaf as one chunk: reading it slice by slice would re-read it)."""
+    try:
+        chunk = leaf.store.chunk_layout.read_chunk.shape
+    except (AttributeError, ValueError):
+        return 0
+    count = 0
+    while count < len(chunk) and chunk[count] == 1:
+        count += 1
+    return count
 
 
 def _verified_read(directory: str, name: str, leaf, entry: dict | None):
