@@ -4,8 +4,15 @@
   python infer.py --checkpoint DIR --prompt "a" --prompt "b" --temperature 0.8 --top-p 0.9
   echo "Hello" | python infer.py --checkpoint DIR --chat --json
 
-DIR is one of our model checkpoints or a Hugging Face Mixtral directory (safetensors, read and
-converted in memory). The tokenizer is DIR/tokenizer.model unless --tokenizer names one.
+DIR is one of our model checkpoints or a Hugging Face / Mistral Mixtral directory (safetensors):
+either is read slice by slice straight to the device (memory-mapped, checksums verified for our
+checkpoints), with a progress bar on a terminal (--quiet: none). The tokenizer is
+DIR/tokenizer.model unless --tokenizer names one.
+
+The compute dtype is the checkpoint's (bfloat16 weights compute in bfloat16) unless --dtype or
+--model.dtype says otherwise. Compiled programs are kept in a persistent cache (default
+~/.cache/mixtral_jax/jax_cache, or $XDG_CACHE_HOME/mixtral_jax/jax_cache), so a second start
+does not recompile: --compile-cache DIR moves it, --no-compile-cache turns it off.
 
 How the model computes takes train.py's dotted overrides of the compute settings, e.g.
   --model.dtype=bfloat16 --model.moe_impl=dense --model.decode_expert_impl=off
@@ -14,7 +21,11 @@ How the model computes takes train.py's dotted overrides of the compute settings
 
 import argparse
 import json
+import os
 import sys
+import time
+
+START = time.monotonic()  # process start, near enough (before jax is imported)
 
 from mixtral_jax.config import ConfigError
 
@@ -40,13 +51,59 @@ def parse_args(argv):
     p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     p.add_argument("--json", action="store_true", help="print ids, text and timing as JSON")
     p.add_argument("--show-routing", action="store_true", help="tokens per expert per layer")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the weights')"
+    )
+    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    p.add_argument(
+        "--memory-stats",
+        action="store_true",
+        help="with --json: the device's peak bytes in use (jax memory_stats), for benchmarks",
+    )
+    p.add_argument(
+        "--compile-cache",
+        default=default_compile_cache(),
+        help="persistent compilation cache directory (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-compile-cache", action="store_true", help="do not read or write compiled programs"
+    )
     args, rest = p.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--model.")]
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = rest
     return args
+
+
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key takes (a C long)
+
+
+def default_compile_cache() -> str:
+    """$XDG_CACHE_HOME/mixtral_jax/jax_cache (~/.cache when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mixtral_jax", "jax_cache")
+
+
+def enable_compile_cache(directory: str) -> None:
+    """JAX's persistent compilation cache at `directory`, every program cached (no minimum
+    compile time or size, so the small ones count too)."""
+    import jax
+
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def check_args(args) -> None:
+    """Argument errors found before anything is loaded or printed (one line each)."""
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise ConfigError(
+            f"seed={args.seed} is outside the sampler's range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+        )
+    if any(s == "" for s in args.stop):
+        raise ConfigError('--stop "" would stop before the first token: give a non-empty string')
 
 
 def compute_changes(args) -> dict:
@@ -59,17 +116,31 @@ def compute_changes(args) -> dict:
     return changes
 
 
+def read_text(path: str | None) -> str:
+    """The UTF-8 text of `path` (None: standard input); a one-line error when it is not UTF-8."""
+    what = "standard input" if path is None else path
+    if path is None:
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    else:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        if args.prompt_file == "-":
-            lines = sys.stdin.readlines()
-        else:
-            with open(args.prompt_file, encoding="utf-8") as stream:
-                lines = stream.readlines()
-        prompts += [line.rstrip("\n") for line in lines if line.strip()]
+        text = read_text(None if args.prompt_file == "-" else args.prompt_file)
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts and not sys.stdin.isatty():
-        text = sys.stdin.read()
+        text = read_text(None)
         if text.strip():
             prompts.append(text.strip())
     if not prompts:
@@ -90,13 +161,21 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    from mixtral_jax.checkpoint.placement import show_progress
     from mixtral_jax.generate import Generator, SamplingParams
     from mixtral_jax.generate.loading import load_for_inference
 
+    check_args(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     changes = compute_changes(args)
     prompts = read_prompts(args)
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, compute=changes)
+    if not args.no_compile_cache:
+        enable_compile_cache(args.compile_cache)
+    load_start = time.monotonic()
+    model, tokenizer = load_for_inference(
+        args.checkpoint, args.tokenizer, compute=changes, progress=show_progress(args.quiet)
+    )
+    load_s = time.monotonic() - load_start
     texts = [f"[INST] {p} [/INST]" if args.chat else p for p in prompts]
     ids = [tokenizer.encode(t) for t in texts]
     stream = not args.json and len(prompts) == 1  # one prompt: print tokens as they arrive
@@ -114,9 +193,12 @@ def run(args) -> int:
     def should_stop(row, new):
         return any(s in tokenizer.decode(new) for s in args.stop)
 
+    generator = Generator(model)
+    generator._check(ids, args.max_new_tokens)  # argument errors before the prompt is echoed
     if stream:
         sys.stdout.write(prompts[0])
-    result = Generator(model).generate(
+    generate_start = time.monotonic()
+    result = generator.generate(
         ids,
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
@@ -130,7 +212,11 @@ def run(args) -> int:
         "time_to_first_token_s": result.time_to_first_token_s,
         "decode_tokens_per_s": result.decode_tokens / max(result.decode_s, 1e-9),
         "prompt_bucket": result.prompt_bucket,
+        "load_s": load_s,
+        "start_to_first_token_s": generate_start - START + result.time_to_first_token_s,
     }
+    if args.memory_stats:
+        timing["peak_bytes_in_use"] = peak_device_bytes()
     if args.json:
         print(
             json.dumps(
@@ -168,6 +254,14 @@ def run(args) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def peak_device_bytes() -> int | None:
+    """The first device's peak bytes in use (None where the backend keeps no statistics)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

@@ -1,15 +1,18 @@
 """Checkpoints: the only modules that import Orbax.
 
 `model.py` (re-exported here) is the model checkpoint a user loads: weights, config.json and the
-tokenizer, written atomically, read lazily. `train.py` is the training run's resumable state
+tokenizer, written atomically with per-array checksums, read slice by slice straight to the
+devices (`placement.py`). `train.py` is the training run's resumable state
 (`TrainCheckpointer`: async saves, keep-N, a checksum manifest).
 """
 
 from mixtral_jax.checkpoint.model import (
+    CHECKSUMS_FILE,
     PARAMS_DIR,
     TOKENIZER_FILE,
     LazyParams,
     StreamedLeaf,
+    checkpoint_readers,
     is_model_checkpoint,
     load_model,
     save_model,
@@ -19,10 +22,12 @@ from mixtral_jax.checkpoint.model import (
 )
 
 __all__ = [
+    "CHECKSUMS_FILE",
     "PARAMS_DIR",
     "TOKENIZER_FILE",
     "LazyParams",
     "StreamedLeaf",
+    "checkpoint_readers",
     "is_model_checkpoint",
     "load_model",
     "save_model",

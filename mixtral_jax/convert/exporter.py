@@ -21,7 +21,7 @@ from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.convert.safetensors_io import StreamWriter
 from mixtral_jax.convert.source import ConversionError
 from mixtral_jax.fileio import atomic_directory
-from mixtral_jax.hf.config import save_hf_config
+from mixtral_jax.hf.config import read_hf_extras, save_hf_config
 from mixtral_jax.hf.weights import hf_shapes, params_to_hf
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
@@ -49,8 +49,10 @@ def write_hf(
     tokenizer: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    extra_config: dict | None = None,
 ) -> None:
-    """Writes the HF directory `out_dir` (which must not exist) from our numpy params."""
+    """Writes the HF directory `out_dir` (which must not exist) from our numpy params;
+    `extra_config`: config.json fields we do not read (from the source), passed through."""
     if os.path.exists(out_dir):
         raise ConversionError(out_dir, [f"output {out_dir} already exists: choose a new directory"])
     dtype = np.asarray(params["embed"]["embedding"]).dtype
@@ -88,7 +90,7 @@ def write_hf(
             index = {"metadata": {"total_size": total}, "weight_map": where}
             with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
-        save_hf_config(cfg, os.path.join(staging, "config.json"))
+        save_hf_config(cfg, os.path.join(staging, "config.json"), extra=extra_config)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, os.path.join(staging, checkpoint.TOKENIZER_FILE))
 
@@ -122,5 +124,6 @@ def to_hf(
         tokenizer=tokenizer if os.path.isfile(tokenizer) else None,
         max_shard_bytes=max_shard_bytes,
         progress=progress,
+        extra_config=read_hf_extras(checkpoint_dir),
     )
     return cfg

@@ -37,9 +37,11 @@ class WeightFiles:
         specs: dict[str, tuple[tuple[int, ...], np.dtype]],
         reader: Callable[[str], np.ndarray],
         files: list[str],
+        mapper: Callable[[str], np.ndarray] | None = None,
     ):
         self.specs = specs
         self._reader = reader
+        self._mapper = mapper or reader
         self.files = files
 
     def __contains__(self, key: str) -> bool:
@@ -60,6 +62,10 @@ class WeightFiles:
 
     def read(self, key: str) -> np.ndarray:
         return self._reader(key)
+
+    def map(self, key: str) -> np.ndarray:
+        """The tensor memory-mapped where the format allows (safetensors), else read."""
+        return self._mapper(key)
 
 
 def _inside(directory: str, relative: str, problems: list[str], what: str) -> str | None:
@@ -100,7 +106,9 @@ def _safetensors(
         for key in sorted(set(infos) - set(weight_map)):
             problems.append(f"tensor {key!r} in {where[key]} is not in the shard index")
     specs = {k: (i.shape, i.dtype) for k, i in infos.items()}
-    return WeightFiles(specs, lambda k: st.read_tensor(infos[k]), paths)
+    return WeightFiles(
+        specs, lambda k: st.read_tensor(infos[k]), paths, lambda k: st.map_tensor(infos[k])
+    )
 
 
 def _read_index(directory: str, name: str, problems: list[str]) -> dict[str, str] | None:

@@ -74,6 +74,32 @@ def iter_leaves(
         )
 
 
+def slice_readers(src: Source) -> dict:
+    """leaf path -> `checkpoint.placement.LeafReader` over the memory-mapped source: each slice
+    (`leaf[l]` or `leaf[l, e]`) is cut from one stored tensor, transformed, and nothing else of
+    the file is read (for `placement.place_params`: loading straight to the devices)."""
+    from mixtral_jax.checkpoint.placement import LeafReader
+
+    cfg, get = src.cfg, src.mapped_getter()
+    readers = {}
+    for m in TABLE:
+        keys = dict(slice_keys(m, cfg))
+
+        def read(index, m=m, keys=keys):
+            return m.to_ours(get(keys[index]), cfg)
+
+        lead = m.per_layer + m.per_expert
+        readers[m.path] = LeafReader(lead, read, _leaf_bytes(cfg, m.path, src))
+    return readers
+
+
+def _leaf_bytes(cfg, path, src: Source) -> int:
+    """Stored bytes of our leaf `path` (its element count at the stored itemsize)."""
+    name = next(iter(src.plan.expected))
+    itemsize = src.weights.dtype(name).itemsize
+    return int(np.prod(_leaf_shapes(cfg)[path])) * itemsize
+
+
 def _leaf_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
     import jax
 
@@ -200,7 +226,11 @@ def to_orbax(
     if mesh is not None:
         leaves = iter_sharded_leaves(src, mesh, check_finite=check_finite)
         checkpoint.save_model_sharded(
-            out_dir, leaves, src.cfg, tokenizer or find_tokenizer(source_dir)
+            out_dir,
+            leaves,
+            src.cfg,
+            tokenizer or find_tokenizer(source_dir),
+            extra_config=src.extra,
         )
         return src
     problems: list[str] = []
@@ -212,6 +242,11 @@ def to_orbax(
     with _bar(src, progress) as bar:
         leaves = iter_leaves(src, check_finite=check_finite, bar=bar, problems=problems)
         checkpoint.save_model_streaming(
-            out_dir, leaves, src.cfg, tokenizer or find_tokenizer(source_dir), verify=verify
+            out_dir,
+            leaves,
+            src.cfg,
+            tokenizer or find_tokenizer(source_dir),
+            verify=verify,
+            extra_config=src.extra,
         )
     return src

@@ -164,12 +164,54 @@ def plan(layout: str, cfg: ModelConfig) -> Plan:
     return _plan_mistral(cfg, stacked=layout == "mistral-stacked")
 
 
+# Mistral's native params.json keys (mistral-inference's ModelArgs); max_batch_size is a
+# runtime setting of mistral-inference and is ignored.
+_MISTRAL_KEYS = {
+    "dim",
+    "n_layers",
+    "head_dim",
+    "hidden_dim",
+    "n_heads",
+    "n_kv_heads",
+    "norm_eps",
+    "vocab_size",
+    "rope_theta",
+    "moe",
+    "sliding_window",
+    "_sliding_window",
+    "max_seq_len",
+    "max_batch_size",
+}
+_MISTRAL_MOE_KEYS = {"num_experts", "num_experts_per_tok"}
+
+
 def mistral_params_config(path: str) -> ModelConfig:
-    """Our config from Mistral's `params.json` (native names, or the HF names of Dec 2023)."""
+    """Our config from Mistral's `params.json` (native names, or the HF names of Dec 2023).
+
+    Native names are read strictly: an unknown key (top level or in "moe") is an error, as is a
+    missing one (norm_eps included: no guessed default); `sliding_window` or its older spelling
+    `_sliding_window` sets the attention window.
+
+    Raises:
+      ConfigError: one line naming the key.
+    """
     p = read_json(path, "params.json")
+    if not isinstance(p, dict):
+        raise ConfigError(f"{path}: params.json is not a JSON object")
     if "dim" not in p:  # the Dec-2023 params.json uses HF's names
         return from_hf_dict(dict(p, model_type="mixtral"))
-    moe = p.get("moe") or {}
+    unknown = sorted(set(p) - _MISTRAL_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {sorted(_MISTRAL_KEYS)})")
+    moe = p.get("moe")
+    if not isinstance(moe, dict):
+        raise ConfigError(f"{path} lacks 'moe' (an object with {sorted(_MISTRAL_MOE_KEYS)})")
+    unknown = sorted(set(moe) - _MISTRAL_MOE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key 'moe.{unknown[0]}' (known: {sorted(_MISTRAL_MOE_KEYS)})"
+        )
+    window = _mistral_window(p, path)
     try:
         hf = {
             "model_type": "mixtral",
@@ -179,16 +221,29 @@ def mistral_params_config(path: str) -> ModelConfig:
             "num_attention_heads": p["n_heads"],
             "num_key_value_heads": p.get("n_kv_heads", p["n_heads"]),
             "head_dim": p.get("head_dim"),
-            "rms_norm_eps": p.get("norm_eps", 1e-5),
+            "rms_norm_eps": p["norm_eps"],
             "vocab_size": p["vocab_size"],
             "rope_theta": p.get("rope_theta", 1e6),
             "num_local_experts": moe["num_experts"],
             "num_experts_per_tok": moe["num_experts_per_tok"],
-            "sliding_window": p.get("sliding_window"),
+            "sliding_window": window,
         }
     except KeyError as e:
         raise ConfigError(f"{path} lacks {e.args[0]!r}") from None
+    if "max_seq_len" in p:
+        hf["max_position_embeddings"] = p["max_seq_len"]
     return from_hf_dict(hf)
+
+
+def _mistral_window(p: dict, path: str) -> int | None:
+    """params.json's sliding window: `sliding_window`, or `_sliding_window` (older files)."""
+    given = {k: p[k] for k in ("sliding_window", "_sliding_window") if p.get(k) is not None}
+    if len(set(given.values())) > 1:
+        raise ConfigError(
+            f"{path}: sliding_window={given['sliding_window']} and "
+            f"_sliding_window={given['_sliding_window']} disagree"
+        )
+    return next(iter(given.values()), None)
 
 
 def source_config(directory: str, layout: str) -> ModelConfig:

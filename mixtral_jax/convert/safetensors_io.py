@@ -147,6 +147,16 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return out.reshape(info.shape)
 
 
+def map_tensor(info: TensorInfo) -> np.ndarray:
+    """The tensor memory-mapped read-only (nothing is read until indexed; the pages touched are
+    released with the returned array)."""
+    if os.path.getsize(info.path) < info.end:
+        raise OSError(f"{os.path.basename(info.path)}: file shrank while reading")
+    if info.nbytes == 0:
+        return np.empty(info.shape, info.dtype)
+    return np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.start, shape=info.shape)
+
+
 def header_bytes(
     specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
 ) -> bytes:

@@ -15,6 +15,7 @@ import numpy as np
 from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.convert import files, layouts
 from mixtral_jax.convert.safetensors_io import DTYPES
+from mixtral_jax.hf.config import read_hf_extras
 
 WEIGHT_DTYPES = {DTYPES["F32"]: "float32", DTYPES["BF16"]: "bfloat16", DTYPES["F16"]: "float16"}
 MAX_LISTED = 40  # problems shown; the rest are counted
@@ -41,6 +42,7 @@ class Source:
     cfg: ModelConfig
     weights: files.WeightFiles
     plan: layouts.Plan
+    extra: dict = dataclasses.field(default_factory=dict)  # config.json fields we do not read
 
     @property
     def total_bytes(self) -> int:
@@ -56,6 +58,16 @@ class Source:
                 cache.clear()  # one stored tensor (one expert stack at most) held at a time
                 cache["name"], cache["value"] = name, self.weights.read(name)
             return slicer(cache["value"])
+
+        return get
+
+    def mapped_getter(self):
+        """legacy key -> the tensor cut from its memory-mapped stored tensor (thread-safe; only
+        the pages a slice touches are read, and released with the slice)."""
+
+        def get(key: str) -> np.ndarray:
+            name, slicer = self.plan.sources[key]
+            return slicer(self.weights.map(name))
 
         return get
 
@@ -96,7 +108,12 @@ def open_source(directory: str, *, allow_pickle: bool = False, dtype: str | None
     if problems:
         raise ConversionError(directory, problems)
     cfg = cfg.replace(param_dtype=dtype or stored.pop())
-    return Source(directory, layout, cfg, weights, plan)
+    extra = {}
+    if os.path.isfile(os.path.join(directory, "config.json")) and not (
+        layout.startswith("mistral") and os.path.isfile(os.path.join(directory, "params.json"))
+    ):
+        extra = read_hf_extras(directory)
+    return Source(directory, layout, cfg, weights, plan, extra)
 
 
 def compare(weights: files.WeightFiles, plan: layouts.Plan) -> list[str]:

@@ -1,8 +1,11 @@
 """Loading a model for inference from our checkpoint or a Hugging Face / Mistral directory.
 
-Foreign directories go through the converter's checked reader (`mixtral_jax.convert`): every
-layout it knows (HF per-expert or v5 fused, sharded or not; Mistral's formats), every problem
-reported at once, converted in memory.
+Both go straight to the devices (`checkpoint.placement.place_params`): from the abstract model's
+shapes, each array is read slice by slice (one layer / expert: memory-mapped safetensors, or our
+Orbax checkpoint's stored chunks, checked against its checksums), transformed, and written into
+its preallocated place in its final sharding. No random draw, no whole-model host copy.
+Foreign directories go through the converter's checked reader (`mixtral_jax.convert.open_source`:
+every layout it knows, every problem reported at once) before a tensor is read.
 """
 
 from __future__ import annotations
@@ -11,16 +14,38 @@ import os
 
 from mixtral_jax import checkpoint
 from mixtral_jax.config import ConfigError
+from mixtral_jax.hf.config import load_hf_config
 from mixtral_jax.tokenizer import Tokenizer
 
 
-def load_foreign_directory(directory: str, **config_changes):
-    """(config, params) of a Hugging Face or Mistral Mixtral directory, converted in memory."""
-    from mixtral_jax.convert import build_params, open_source
+def load_params(path: str, changes: dict, *, mesh=None, progress: bool = False):
+    """(config, params on the devices) of a model checkpoint or a foreign directory.
 
-    source = open_source(directory)
-    params = build_params(source, progress=False)
-    return source.cfg.replace(**config_changes), params
+    The compute dtype follows the stored weights (bfloat16 weights compute in bfloat16) unless
+    `changes` sets "dtype"."""
+    from mixtral_jax.checkpoint.placement import default_shardings, place_params
+    from mixtral_jax.model.params import param_shapes
+
+    if checkpoint.is_model_checkpoint(path):
+        cfg = load_hf_config(path)
+        cfg = cfg.replace(**_with_dtype(changes, cfg.compute.param_dtype))
+        shapes = param_shapes(cfg)
+        readers = checkpoint.checkpoint_readers(path, shapes)
+    else:
+        from mixtral_jax.convert import open_source
+        from mixtral_jax.convert.importer import slice_readers
+
+        source = open_source(path)
+        cfg = source.cfg.replace(**_with_dtype(changes, source.cfg.compute.param_dtype))
+        shapes = param_shapes(cfg)
+        readers = slice_readers(source)
+    params = place_params(shapes, readers, default_shardings(shapes, mesh), progress=progress)
+    return cfg, params
+
+
+def _with_dtype(changes: dict, stored: str) -> dict:
+    """`changes` with the compute dtype defaulting to the stored parameter dtype."""
+    return {"dtype": stored, **changes}
 
 
 def load_for_inference(
@@ -29,11 +54,15 @@ def load_for_inference(
     *,
     dtype: str | None = None,
     compute: dict | None = None,
+    mesh=None,
+    progress: bool = False,
 ):
     """(model, tokenizer) from a model checkpoint or a Hugging Face / Mistral directory.
 
     `compute`: ComputeConfig changes (how to compute; the architecture is the checkpoint's);
-    `dtype` is short for compute={"dtype": dtype}."""
+    `dtype` is short for compute={"dtype": dtype}; without either the compute dtype is the
+    checkpoint's parameter dtype. `mesh`: place by the rules table (default: the first device).
+    `progress`: a loading progress bar (bytes, GB/s) on stderr."""
     from mixtral_jax.model.params import from_params
 
     if not os.path.isdir(path):
@@ -41,14 +70,11 @@ def load_for_inference(
     changes = dict(compute or {})
     if dtype is not None:
         changes["dtype"] = dtype
-    if checkpoint.is_model_checkpoint(path):
-        cfg, params = checkpoint.load_model(path, **changes)
-    else:
-        cfg, params = load_foreign_directory(path, **changes)
     tokenizer_path = tokenizer_path or os.path.join(path, checkpoint.TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_path):
         raise ConfigError(f"no tokenizer at {tokenizer_path}: pass --tokenizer")
     tokenizer = Tokenizer.load(tokenizer_path)
+    cfg, params = load_params(path, changes, mesh=mesh, progress=progress)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}"

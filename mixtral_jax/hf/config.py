@@ -40,6 +40,35 @@ _HF_COMPUTE_NAMES = {"router_jitter_noise": "router_jitter_noise"}
 
 _HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
+# Every config.json field `from_hf_dict` reads; the others (attention_dropout,
+# output_router_logits, use_cache, transformers_version, ...) are passed through unchanged
+# (`hf_extras`), so a round trip HF -> ours -> HF keeps what transformers reads.
+_READ_KEYS = frozenset(_HF_NAMES.values()) | frozenset(_HF_COMPUTE_NAMES.values())
+_READ_KEYS |= {
+    "head_dim",
+    "rope_theta",
+    "rope_parameters",
+    "rope_scaling",
+    "dtype",
+    "torch_dtype",
+    "model_type",
+    "hidden_act",
+    "tie_word_embeddings",
+}
+
+
+def hf_extras(hf: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a parsed config.json that we do not read, to pass through unchanged."""
+    return {k: v for k, v in hf.items() if k not in _READ_KEYS}
+
+
+def read_hf_extras(path: str) -> dict[str, Any]:
+    """`hf_extras` of `path` (a config.json or a directory holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    data = read_json(path, "config.json")
+    return hf_extras(data) if isinstance(data, dict) else {}
+
 
 def from_hf_dict(hf: dict[str, Any], **changes: Any) -> ModelConfig:
     """A `ModelConfig` from a parsed HF Mixtral `config.json`.
@@ -123,10 +152,14 @@ def load_hf_config(path: str, **changes: Any) -> ModelConfig:
     return from_hf_dict(read_json(path, "config.json"), **changes)
 
 
-def save_hf_config(cfg: ModelConfig, path: str, *, rope_format: str = "v4") -> None:
-    """Writes `config.json` at `path` (a file path or a directory)."""
+def save_hf_config(
+    cfg: ModelConfig, path: str, *, rope_format: str = "v4", extra: dict | None = None
+) -> None:
+    """Writes `config.json` at `path` (a file path or a directory); `extra`: fields we do not
+    read (`hf_extras` of a source config.json), written as they came."""
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
+    hf = {**to_hf_dict(cfg, rope_format=rope_format), **hf_extras(extra or {})}
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(to_hf_dict(cfg, rope_format=rope_format), f, indent=2, sort_keys=True)
+        json.dump(hf, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -208,3 +208,66 @@ def test_inspect_describes_without_writing(sources, tmp_path, capsys):
     assert f"model checkpoint, {CFG.param_count:,} parameters" in out
     assert f"L={CFG.num_layers} D={CFG.embed_dim}" in out
     assert sorted(os.listdir(tmp_path)) == ["ours"]
+
+
+def test_round_trip_keeps_every_config_field_transformers_reads(sources, tmp_path):
+    """Fields we do not read (output_router_logits, attention_dropout, use_cache, ...) pass
+    through our checkpoint: the exported config.json is read by transformers as the source's."""
+    _, model, _ = sources
+    src = tmp_path / "src"
+    model.config.output_router_logits = True
+    model.config.attention_dropout = 0.125
+    model.config.use_cache = False
+    model.config.router_aux_loss_coef = 0.03
+    try:
+        model.save_pretrained(str(src))
+    finally:
+        model.config.output_router_logits = False
+        model.config.attention_dropout = 0.0
+        model.config.use_cache = True
+    assert cli.main(["to-orbax", str(src), str(tmp_path / "ours"), "--quiet"]) == 0
+    assert cli.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "back"), "--quiet"]) == 0
+    before = transformers.AutoConfig.from_pretrained(str(src)).to_dict()
+    after = transformers.AutoConfig.from_pretrained(str(tmp_path / "back")).to_dict()
+    for key in ("_name_or_path", "transformers_version"):
+        before.pop(key, None), after.pop(key, None)
+    assert {k: v for k, v in after.items() if before.get(k) != v} == {}
+    assert {k: v for k, v in before.items() if after.get(k) != v} == {}
+    assert after["output_router_logits"] is True and after["use_cache"] is False
+
+
+def _mistral_with(tmp_path, sources, **changes):
+    """A copy of the Mistral fixture directory whose params.json has `changes` (None deletes)."""
+    import shutil
+
+    root, _, _ = sources
+    out = tmp_path / "mistral"
+    shutil.copytree(root / "mistral", out)
+    params = json.loads((out / "params.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            params.pop(key, None)
+        else:
+            params[key] = value
+    (out / "params.json").write_text(json.dumps(params))
+    return str(out)
+
+
+def test_mistral_params_json_is_read_strictly(sources, tmp_path):
+    from mixtral_jax.config import ConfigError
+    from mixtral_jax.convert import open_source
+
+    for changes, message in [
+        ({"norm_eps": None}, "lacks 'norm_eps'"),
+        ({"rope_scaling": 2.0}, "unknown key 'rope_scaling'"),
+        ({"moe": {"num_experts": 3, "num_experts_per_tok": 2, "router": 1}}, "'moe.router'"),
+        ({"sliding_window": 8, "_sliding_window": 16}, "disagree"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            open_source(_mistral_with(tmp_path / str(len(message)), sources, **changes))
+        assert message in str(e.value), (changes, str(e.value))
+    for key in ("sliding_window", "_sliding_window"):
+        src = open_source(_mistral_with(tmp_path / key, sources, **{key: 8}))
+        assert src.cfg.sliding_window == 8, key
+    src = open_source(_mistral_with(tmp_path / "eps", sources, norm_eps=1e-6))
+    assert src.cfg.rms_norm_eps == 1e-6

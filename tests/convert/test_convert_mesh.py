@@ -98,3 +98,21 @@ def test_a_mesh_that_does_not_fit_is_a_one_line_error(hf_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "uses 16 devices, but 8 are present" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("spec", ["expert=4,data=2", "fsdp=2,tensor=2,expert=2"])
+def test_an_hf_directory_loads_straight_into_the_mesh(hf_dir, spec):
+    """generate.loading.load_params on a mesh: every leaf in the rules table's sharding (the
+    stacked expert axis sharded too), values equal to the in-memory conversion."""
+    from mixtral_jax.generate.loading import load_params
+
+    mesh = sharding.make_mesh(sharding.MeshConfig.parse(spec))
+    want = sharding.param_shardings(mj.param_shapes(CFG), mesh)
+    _, params = load_params(hf_dir, {}, mesh=mesh)
+    plain = importer.build_params(open_source(hf_dir), progress=False)
+    got_flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, leaf), target, ref in zip(
+        got_flat, jax.tree.leaves(want), jax.tree.leaves(plain), strict=True
+    ):
+        assert leaf.sharding.is_equivalent_to(target, leaf.ndim), path
+        np.testing.assert_array_equal(np.asarray(leaf), ref)
