@@ -39,9 +39,11 @@ import orbax.checkpoint as ocp
 
 from mixtral_jax.config import ConfigError
 from mixtral_jax.fileio import atomic_write_text, read_json
+from mixtral_jax.parallel import distributed
 
 CHECKPOINTS = "checkpoints"
 MANIFESTS = "manifests"
+SKIPPED = "skipped"  # unusable steps that a resume moved out of the way
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
 HASH_THREADS = 8  # zlib.crc32 releases the GIL: shards hash in parallel
 
@@ -219,7 +221,7 @@ class TrainCheckpointer:
                     shards.setdefault(name, {}).update(crcs)
                 meta_sum = part.get("meta", meta_sum)
             except ConfigError as e:
-                raise CheckpointInvalid(f"manifest: {e}") from None
+                raise CheckpointInvalid(str(e).replace(path, rel)) from None
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise CheckpointInvalid(f"manifest {rel} is malformed: {_first_line(e)}") from None
             p += 1
@@ -289,7 +291,8 @@ class TrainCheckpointer:
     def restore_latest(self, abstract_state) -> tuple[int, dict, dict] | None:
         """(step, state, meta) of the newest step that verifies, or None without checkpoints.
 
-        Prints one line per newer step skipped and why; ConfigError if none verifies."""
+        Prints one line per newer step skipped and why, and moves those aside (the run will
+        save those step numbers again); ConfigError if none verifies (nothing moved)."""
         skipped = []
         for step in reversed(self.steps()):
             try:
@@ -299,6 +302,7 @@ class TrainCheckpointer:
                 print(f"skipping checkpoint step {step}: {reason}")
                 skipped.append(f"step {step} {reason}")
                 continue
+            self._set_aside([s for s in self.steps() if s > step])
             return step, state, meta
         if skipped:
             raise ConfigError(
@@ -306,6 +310,22 @@ class TrainCheckpointer:
                 "move the run directory aside to start afresh"
             )
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unusable steps (and their manifests) to <run dir>/skipped/, kept for a look."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target = os.path.join(self.run_dir, SKIPPED, f"{step}-{int(time.time())}")
+                os.makedirs(target, exist_ok=True)
+                for root in (CHECKPOINTS, MANIFESTS):
+                    src = os.path.join(self.run_dir, root, str(step))
+                    if os.path.exists(src):
+                        shutil.move(src, os.path.join(target, root))
+            print(f"moved unusable steps {', '.join(map(str, steps))} to {self.run_dir}/{SKIPPED}")
+        distributed.barrier("checkpoint set aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.wait()
