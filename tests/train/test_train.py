@@ -1,6 +1,7 @@
 """Training: learning, exact resume after kill -9, checkpoint integrity, accumulation, guards."""
 
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -58,6 +59,9 @@ def test_default_corpus_loss_falls_well_below_unigram_entropy(tmp_path):
     assert result["unigram_entropy"] > 5.0
     assert result["eval_loss"] < result["unigram_entropy"] - 0.6
     assert result["loss"] < result["unigram_entropy"] - 0.6
+    # perplexity is exp of the eval loss (nats), below the unigram model's exp(entropy)
+    assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]), rel=1e-6)
+    assert result["eval_perplexity"] < math.exp(result["unigram_entropy"] - 0.6)
     cfg_loaded, _params = mj.checkpoint.load_model(str(tmp_path / "model"))
     assert cfg_loaded.vocab_size == 512 and (tmp_path / "model" / "tokenizer.model").is_file()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
