@@ -129,7 +129,9 @@ def test_corrupt_newest_falls_back_to_the_previous_verified(tmp_path, capsys, co
     assert step == 1 and meta["data"]["index"] == 4
     jax.tree.map(np.testing.assert_array_equal, state, _state(1))
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("skipping checkpoint step 2: ")
+    assert len(lines) == 2 and lines[0].startswith("skipping checkpoint step 2: ")
+    assert lines[1] == f"moved unusable steps 2 to {tmp_path}/skipped"
+    assert ckpt.steps() == [1] and not _part(tmp_path, 2).exists()  # step 2 can be saved again
     assert re.search(reason, lines[0]), lines[0]
 
 
