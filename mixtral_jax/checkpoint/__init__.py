@@ -3,7 +3,7 @@
 `model.py` (re-exported here) is the model checkpoint a user loads: weights, config.json and the
 tokenizer, written atomically with per-array checksums, read slice by slice straight to the
 devices (`placement.py`). `train.py` is the training run's resumable state
-(`TrainCheckpointer`: async saves, keep-N, a checksum manifest).
+(`TrainCheckpointer`: async saves, keep-N, per-shard checksum manifests, verified fallback).
 """
 
 from mixtral_jax.checkpoint.model import (

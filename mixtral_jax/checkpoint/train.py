@@ -1,15 +1,26 @@
-"""Training checkpoints: Orbax CheckpointManager plus a checksum manifest of our own.
+"""Training checkpoints: Orbax CheckpointManager plus per-shard checksum manifests of our own.
 
 Layout under the run directory:
 
   checkpoints/<step>/        Orbax step: `state` (TrainState as a dict) and `meta` (JSON: data
                              iterator state, run config)
-  manifests/<step>.json      CRC32 of every array of that step's state, written at save time
+  manifests/<step>/<p>.json  process p's part: the CRC32 of every shard it owns of that step's
+                             state (keyed by tree path and global index), and on process 0 the
+                             CRC32 of the meta JSON
+
+Checksums scale with the shards, not the model: each process hashes only its addressable shards
+of replica 0 (a replicated shard is hashed once, by whoever holds replica 0), from the host copy
+Orbax makes for its own write (the device-to-host copy happens once, on the step loop, as Orbax's
+async save needs it anyway), in a background thread, and writes its own manifest part. No array is
+ever gathered. The checksum is zlib's CRC32 (stdlib): Orbax 0.12 hard-codes its zarr3 codecs
+(crc32c protects only the shard index, not the chunk data) and offers no option to add one, so
+TensorStore's checksum cannot cover the data.
 
 Orbax writes each step into a temporary directory and renames it when complete, so an
 interrupted save is never listed; leftovers are removed when the manager starts. Orbax does not
-check the data itself, so restore recomputes every array's CRC32 and compares it with the
-manifest: a corrupted (or manifest-less) checkpoint is refused before use, by name.
+check the data itself, so restore recomputes the CRC32 of every shard each process restored (its
+own, replica 0) and of the meta, and compares them with the manifest. `restore_latest` falls back
+to the newest step that verifies, printing one line per skipped step and why.
 """
 
 from __future__ import annotations
@@ -17,7 +28,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -29,21 +43,67 @@ from mixtral_jax.parallel import distributed
 
 CHECKPOINTS = "checkpoints"
 MANIFESTS = "manifests"
+SKIPPED = "skipped"  # unusable steps that a resume moved out of the way
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
+HASH_THREADS = 8  # zlib.crc32 releases the GIL: shards hash in parallel
 
 
-def _leaves(tree) -> dict[str, np.ndarray]:
-    """Whole host values (gathered across processes: every process calls this in step)."""
+class CheckpointInvalid(ConfigError):
+    """A checkpoint step that cannot be used: unverifiable or corrupted (one line)."""
+
+
+def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> str:
+    """A shard's global index as text, e.g. "0:4,0:8" (a scalar is "")."""
+    return ",".join(f"{s.indices(n)[0]}:{s.indices(n)[1]}" for s, n in zip(index, shape))
+
+
+def own_shards(tree) -> list[tuple[str, str, jax.Array]]:
+    """(tree path, index key, single-device array) of every shard this process owns: its
+    addressable shards of replica 0, so each shard of the global state has exactly one owner."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): distributed.host_array(x) for p, x in flat}
-
-
-def checksums(tree) -> dict[str, str]:
-    """CRC32 (hex) of the bytes of every array leaf, keyed by its tree path."""
-    out = {}
-    for name, arr in _leaves(tree).items():
-        out[name] = f"{zlib.crc32(np.ascontiguousarray(arr).tobytes()):08x}:{arr.dtype}:{arr.shape}"
+    out = []
+    for path, x in flat:
+        name = jax.tree_util.keystr(path)
+        for shard in x.addressable_shards:
+            if shard.replica_id == 0:
+                out.append((name, _index_key(shard.index, x.shape), shard.data))
     return out
+
+
+def _crc(arr: np.ndarray) -> str:
+    """CRC32 (hex) of an array's bytes, with its dtype and shape: "1a2b3c4d:float32:(4, 8)"."""
+    crc = zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    return f"{crc:08x}:{arr.dtype}:{arr.shape}"
+
+
+def meta_crc(meta: dict) -> str:
+    """CRC32 (hex) of the meta dict's canonical JSON (sorted keys)."""
+    return f"{zlib.crc32(json.dumps(meta, sort_keys=True).encode()):08x}"
+
+
+def hash_shards(host: list[tuple[str, str, np.ndarray]]) -> dict[str, dict[str, str]]:
+    """{tree path: {index key: CRC32}} of host shard copies, hashed in parallel threads."""
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        crcs = list(pool.map(lambda item: _crc(item[2]), host))
+    out: dict[str, dict[str, str]] = {}
+    for (name, key, _), crc in zip(host, crcs):
+        out.setdefault(name, {})[key] = crc
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _state_handler() -> ocp.StandardCheckpointHandler:
+    """Orbax's standard handler with pinned-host transfer off (its GPU default): Orbax's host
+    copy of each shard is then the cached numpy value `save` made for hashing, so the
+    device-to-host copy happens once. Orbax exposes the option only on the PyTree handler that
+    the standard one wraps; where that wrapper changes, the default handler is kept."""
+    handler = ocp.StandardCheckpointHandler()
+    if hasattr(handler, "_impl"):
+        handler._impl = ocp.PyTreeCheckpointHandler(enable_pinned_host_transfer=False)
+    return handler
 
 
 class TrainCheckpointer:
@@ -58,8 +118,15 @@ class TrainCheckpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
         self.manager = ocp.CheckpointManager(
-            os.path.join(self.run_dir, CHECKPOINTS), options=options, item_names=("state", "meta")
+            os.path.join(self.run_dir, CHECKPOINTS),
+            options=options,
+            item_names=("state", "meta"),
+            item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()},
         )
+        self._hashing: threading.Thread | None = None
+        self._hash_error: BaseException | None = None
+        self.last_copy_s = 0.0  # device-to-host copy time of the last save (benchmarks)
+        self.last_hashed: list[tuple[str, str, int]] = []  # (path, index, bytes) of the last save
 
     def steps(self) -> list[int]:
         """Finished checkpoints (an interrupted save is never listed)."""
@@ -68,13 +135,18 @@ class TrainCheckpointer:
     def save(self, step: int, state: dict, meta: dict) -> None:
         """Starts saving `state` (a pytree of arrays) and `meta` (JSON) as `step`.
 
-        The manifest is written before the save starts, so every step Orbax finalizes has one.
-        Raises the error of an earlier failed asynchronous save (Orbax reports it here).
+        This process copies its own shards to the host (the copy Orbax writes from), then
+        hashes them in a background thread that writes its manifest part. Raises the error of
+        an earlier failed asynchronous save or hashing (reported here or at `wait`).
         """
-        manifest = {"step": step, "arrays": checksums(state)}
-        path = os.path.join(self.manifest_dir, f"{step}.json")
-        if distributed.is_main():  # one writer; every process computed the same sums
-            atomic_write_text(path, json.dumps(manifest))
+        self._join_hashing()
+        start = time.perf_counter()
+        shards = own_shards(state)
+        for _, _, data in shards:
+            data.copy_to_host_async()
+        host = [(name, key, np.asarray(data)) for name, key, data in shards]
+        self.last_copy_s = time.perf_counter() - start
+        self.last_hashed = [(name, key, arr.nbytes) for name, key, arr in host]
         try:
             self.manager.save(
                 step,
@@ -85,47 +157,175 @@ class TrainCheckpointer:
             )
         except Exception as e:
             raise RuntimeError(f"checkpoint save failed at step {step}: {e}") from e
+        meta_sum = meta_crc(meta) if jax.process_index() == 0 else None
+        self._hashing = threading.Thread(
+            target=self._write_part, args=(step, host, meta_sum), daemon=True
+        )
+        self._hashing.start()
         self._drop_stale_manifests()
 
+    def _write_part(self, step: int, host, meta_sum: str | None) -> None:
+        """Background: hashes this process's shard copies and writes its manifest part."""
+        try:
+            part = {
+                "step": step,
+                "process": jax.process_index(),
+                "process_count": jax.process_count(),
+                "bytes": int(sum(arr.nbytes for _, _, arr in host)),
+                "shards": hash_shards(host),
+            }
+            if meta_sum is not None:
+                part["meta"] = meta_sum
+            folder = os.path.join(self.manifest_dir, str(step))
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_text(os.path.join(folder, f"{jax.process_index()}.json"), json.dumps(part))
+        except BaseException as e:  # noqa: BLE001 - reported on the step loop
+            self._hash_error = e
+
+    def _join_hashing(self) -> None:
+        if self._hashing is not None:
+            self._hashing.join()
+            self._hashing = None
+        if self._hash_error is not None:
+            e, self._hash_error = self._hash_error, None
+            raise RuntimeError(f"checkpoint checksums failed: {_first_line(e)}") from e
+
     def wait(self) -> None:
-        """Blocks until pending saves are written; raises if one failed."""
+        """Blocks until pending saves and their manifests are written; raises if one failed."""
         try:
             self.manager.wait_until_finished()
         except Exception as e:
             raise RuntimeError(f"checkpoint save failed: {e}") from e
+        self._join_hashing()
         self._drop_stale_manifests()
 
+    def _manifest(self, step: int) -> tuple[dict[str, dict[str, str]], str, int]:
+        """({path: {index: crc}}, meta crc, shard count) of `step` from every process's part.
+
+        Raises CheckpointInvalid for a missing, truncated, garbled or incomplete manifest."""
+        folder = os.path.join(self.manifest_dir, str(step))
+        first = os.path.join(folder, "0.json")
+        if not os.path.isfile(first):
+            raise CheckpointInvalid(f"no manifest ({os.path.relpath(first, self.run_dir)})")
+        shards: dict[str, dict[str, str]] = {}
+        meta_sum, count, p = None, None, 0
+        while count is None or p < count:
+            path = os.path.join(folder, f"{p}.json")
+            rel = os.path.relpath(path, self.run_dir)
+            try:
+                part = read_json(path, "manifest part")
+                count = int(part["process_count"]) if count is None else count
+                if part["step"] != step or part["process"] != p:
+                    raise ValueError("names another step or process")
+                for name, crcs in part["shards"].items():
+                    shards.setdefault(name, {}).update(crcs)
+                meta_sum = part.get("meta", meta_sum)
+            except ConfigError as e:
+                raise CheckpointInvalid(str(e).replace(path, rel)) from None
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointInvalid(f"manifest {rel} is malformed: {_first_line(e)}") from None
+            p += 1
+        if meta_sum is None:
+            raise CheckpointInvalid("manifest has no checksum of the meta (data position)")
+        return shards, meta_sum, sum(len(v) for v in shards.values())
+
     def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
-        """(state, meta) of `step`, after checking every array against the manifest."""
-        path = os.path.join(self.manifest_dir, f"{step}.json")
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"checkpoint step {step} in {self.run_dir} has no manifest: "
-                "refusing to use it unverified"
+        """(state, meta) of `step`, after this process checks each shard it owns (and every
+        process the meta) against the manifest. Raises CheckpointInvalid (one line) otherwise."""
+        try:
+            state, meta, problem, checked, total = self._restore_and_check(step, abstract_state)
+        except CheckpointInvalid as e:
+            state, meta, problem, checked, total = None, None, str(e), 0, 0
+        problem = _agree(problem, checked, total)
+        if problem:
+            raise CheckpointInvalid(
+                f"checkpoint step {step} in {self.run_dir} is unusable: {problem}"
             )
-        expected = read_json(path, "checkpoint manifest")["arrays"]
+        return state, meta
+
+    def _restore_and_check(self, step: int, abstract_state):
+        """(state, meta, problem or None, shards checked here, shards in the manifest)."""
+        expected, meta_sum, total = self._manifest(step)
         try:
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore(),
                 ),
             )
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(
-                f"checkpoint step {step} in {self.run_dir} is corrupted: "
-                f"{str(e).splitlines()[0][:200]}"
-            ) from None
-        got = checksums(restored["state"])
-        bad = sorted(k for k in expected if got.get(k) != expected[k])
-        if bad or set(got) != set(expected):
-            name = bad[0] if bad else min(set(got) ^ set(expected))
-            raise ConfigError(
-                f"checkpoint step {step} in {self.run_dir} is corrupted: array "
-                f"{name} does not match its checksum ({len(bad)} of "
-                f"{len(expected)} arrays differ)"
+            return None, None, f"unreadable: {_first_line(e)}", 0, total
+        state, meta = restored["state"], restored["meta"]
+        if meta_crc(meta) != meta_sum:
+            return (
+                state,
+                meta,
+                "corrupted: the meta (data position, config) does not match its checksum",
+                0,
+                total,
             )
-        return restored["state"], restored["meta"]
+        mine = own_shards(state)
+        for _, _, data in mine:
+            data.copy_to_host_async()
+        for name, key, data in mine:
+            want = expected.get(name, {}).get(key)
+            if want is None:
+                return (
+                    state,
+                    meta,
+                    f"the manifest has no checksum for array {name} shard [{key}]",
+                    0,
+                    total,
+                )
+            if _crc(np.asarray(data)) != want:
+                return (
+                    state,
+                    meta,
+                    f"corrupted: array {name} shard [{key}] does not match its checksum",
+                    0,
+                    total,
+                )
+        return state, meta, None, len(mine), total
+
+    def restore_latest(self, abstract_state) -> tuple[int, dict, dict] | None:
+        """(step, state, meta) of the newest step that verifies, or None without checkpoints.
+
+        Prints one line per newer step skipped and why, and moves those aside (the run will
+        save those step numbers again); ConfigError if none verifies (nothing moved)."""
+        skipped = []
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except CheckpointInvalid as e:
+                reason = str(e).split(" is unusable: ", 1)[-1]
+                print(f"skipping checkpoint step {step}: {reason}")
+                skipped.append(f"step {step} {reason}")
+                continue
+            self._set_aside([s for s in self.steps() if s > step])
+            return step, state, meta
+        if skipped:
+            raise ConfigError(
+                f"no checkpoint in {self.run_dir} verifies ({'; '.join(skipped)}): "
+                "move the run directory aside to start afresh"
+            )
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unusable steps (and their manifests) to <run dir>/skipped/, kept for a look."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target = os.path.join(self.run_dir, SKIPPED, f"{step}-{int(time.time())}")
+                os.makedirs(target, exist_ok=True)
+                for root in (CHECKPOINTS, MANIFESTS):
+                    src = os.path.join(self.run_dir, root, str(step))
+                    if os.path.exists(src):
+                        shutil.move(src, os.path.join(target, root))
+            print(f"moved unusable steps {', '.join(map(str, steps))} to {self.run_dir}/{SKIPPED}")
+        distributed.barrier("checkpoint set aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.wait()
@@ -136,6 +336,7 @@ class TrainCheckpointer:
         a second error here would hide the first, so it is only reported."""
         try:
             self.manager.wait_until_finished()
+            self._join_hashing()
             self.manager.close()
         except Exception as e:  # noqa: BLE001
             print(f"warning: while stopping, a pending checkpoint save failed too: {e}")
@@ -152,14 +353,30 @@ class TrainCheckpointer:
 
     def _drop_stale_manifests(self) -> None:
         """Manifests of steps that are gone (keep-N) or never finished and are not in flight."""
-        if not distributed.is_main():
+        if jax.process_index() != 0:
             return
         live = set(self.steps())
+        latest = max([*live, -1])  # a newer step than any finished one is still being written
         for name in os.listdir(self.manifest_dir):
             stem = name.split(".")[0]
-            if stem.isdigit() and int(stem) not in live and not self._in_flight(int(stem)):
-                os.remove(os.path.join(self.manifest_dir, name))
+            if stem.isdigit() and int(stem) not in live and int(stem) <= latest:
+                path = os.path.join(self.manifest_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-    def _in_flight(self, step: int) -> bool:
-        latest = max([*self.steps(), -1])
-        return step > latest  # a newer step than any finished one is still being written
+
+def _agree(problem: str | None, checked: int, total: int) -> str | None:
+    """Every process's verdict on a step: its own problem, else another process's, else a
+    manifest whose shards were not all checked by someone; None when the step verifies."""
+    every = np.array([[problem is not None, checked]], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # a 2-number gather, not of the state
+
+        every = np.asarray(multihost_utils.process_allgather(every[0])).reshape(-1, 2)
+    if problem:
+        return problem
+    bad = [p for p, (flag, _) in enumerate(every) if flag]
+    if bad:
+        return f"does not verify on process {bad[0]} (its output names the shard)"
+    if int(every[:, 1].sum()) != total:
+        return f"{int(every[:, 1].sum())} of the manifest's {total} shards were checked"
+    return None

@@ -246,14 +246,14 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     ckpt = TrainCheckpointer(
         cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
-    if ckpt.steps():
-        step = ckpt.steps()[-1]
-        # restored straight into the shardings a fresh state would have
-        abstract_state = _placed(
-            jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), shapes),
-            dataclasses.asdict(state_shardings(shapes, tx, mesh)),
-        )
-        restored, meta = ckpt.restore(step, abstract_state)
+    # restored straight into the shardings a fresh state would have, newest verified step first
+    abstract_state = _placed(
+        jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), shapes),
+        dataclasses.asdict(state_shardings(shapes, tx, mesh)),
+    )
+    latest = ckpt.restore_latest(abstract_state)
+    if latest is not None:
+        step, restored, meta = latest
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
         return graphdef, tx, TrainState(**restored), ckpt

@@ -2,6 +2,7 @@
 (gloo) that ends with the same weights as one process on as many devices."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -148,7 +149,83 @@ def test_two_process_training_equals_one_process(clean_env, tmp_path):
     _, one = checkpoint.load_model(str(tmp_path / "one" / "model"))
     for a, b in zip(jax_leaves(multi), jax_leaves(one), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert sorted(os.listdir(tmp_path / "multi" / "manifests")) == ["1.json", "2.json"]
+    assert sorted(os.listdir(tmp_path / "multi" / "manifests")) == ["1", "2"]
+    assert sorted(os.listdir(tmp_path / "multi" / "manifests" / "2")) == ["0.json", "1.json"]
+
+
+def _two_processes(run_dir, args, timeout=300) -> list[str]:
+    """Runs train.py as 2 processes x 2 CPU devices; their outputs (stdout + stderr)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(ROOT, "train.py"),
+                *args,
+                f"--checkpoint.dir={run_dir}",
+                f"--coordinator=localhost:{port}",
+                "--num-processes=2",
+                f"--process-id={i}",
+            ],
+            env=env,
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def test_each_process_checksums_its_own_shards_and_a_bad_one_is_caught(clean_env, tmp_path):
+    """fsdp=4 over 2 processes: each process's manifest part lists only shards on its own
+    devices (disjoint, together the whole state, each about half the bytes); a flipped byte in
+    a data file process 1 wrote makes the resume skip that step and resume from the one before."""
+    import json
+
+    small = [
+        "--model.num_layers=1",
+        "--train.batch_size=4",
+        "--train.seq_len=32",
+        "--data.vocab_size=128",
+        "--train.warmup_steps=1",
+        "--train.eval_every=1000",
+        "--checkpoint.save_every=1",
+        "--checkpoint.async_save=false",
+        "--mesh.fsdp=4",
+    ]
+    run = tmp_path / "run"
+    _two_processes(run, [*small, "--train.steps=2"])
+    parts = [json.loads((run / "manifests" / "2" / f"{p}.json").read_text()) for p in (0, 1)]
+    keys = [{(n, i) for n, crcs in part["shards"].items() for i in crcs} for part in parts]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    total = parts[0]["bytes"] + parts[1]["bytes"]
+    assert 0.3 * total < parts[1]["bytes"] < 0.7 * total  # halves, not a gathered whole
+    w_up = "['params']['layers']['moe']['w_up']"
+    assert set(parts[0]["shards"][w_up]).isdisjoint(parts[1]["shards"][w_up])
+    data = run / "checkpoints" / "2" / "state" / "ocdbt.process_1" / "d"
+    target = max(data.iterdir(), key=lambda f: f.stat().st_size)
+    blob = bytearray(target.read_bytes())
+    for i in range(len(blob) // 2, len(blob) // 2 + 64):
+        blob[i] ^= 0xFF
+    target.write_bytes(bytes(blob))
+    outs = _two_processes(run, [*small, "--train.steps=3"])
+    for out in outs:
+        assert "skipping checkpoint step 2: " in out and "resumed from step 1" in out, out[-2000:]
+    assert "skipping checkpoint step 2: does not verify on process 1" in outs[0]
+    assert re.search(r"step 2: corrupted: array \S+ shard \[[0-9:,]+\] does not match", outs[1])
 
 
 def jax_leaves(tree):

@@ -3,6 +3,7 @@
 import html.parser
 import itertools
 import json
+import os
 import shutil
 import subprocess
 
@@ -153,7 +154,10 @@ def test_trace_choices_equal_the_model_routing():
     np.testing.assert_array_equal(counts.sum(axis=(1, 2, 3)), out.aux.layers.tokens_per_expert)
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="headless Chromium not installed")
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or os.environ.get("REQUIRE_CHROMIUM")),
+    reason="headless Chromium not installed (.ci/run installs it and sets REQUIRE_CHROMIUM=1)",
+)
 def test_page_and_plots_render_in_headless_chromium(tmp_path):
     """Opens tokens.html and both PNGs in headless Chromium and checks the screenshots."""
     model = _hand_routed_model()

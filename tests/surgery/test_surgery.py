@@ -131,8 +131,18 @@ def test_merge_of_singleton_groups_is_the_identity():
         np.testing.assert_array_equal(merged["layers"]["moe"][name], params["layers"]["moe"][name])
 
 
-def test_lower_topk_still_runs_and_validates():
+def test_lower_topk_model_equals_a_directly_built_one_and_validates():
+    """A top-2 model's weights under set_topk(cfg, 1) give the logits of a model built with
+    top-1 from the same seed (and not the top-2 model's logits)."""
     cfg = mj.ModelConfig.tiny()
-    assert surgery.set_topk(cfg, 1).num_experts_per_tok == 1
+    assert cfg.num_experts_per_tok == 2
+    top2 = mj.init(cfg, 0)
+    top1_cfg = surgery.set_topk(cfg, 1)
+    assert top1_cfg.num_experts_per_tok == 1
+    changed = mj.from_params(top1_cfg, _np_params(top2))
+    direct = mj.init(mj.ModelConfig.tiny(num_experts_per_tok=1), 0)
+    tokens = _tokens(cfg)
+    np.testing.assert_array_equal(changed(tokens).logits, direct(tokens).logits)
+    assert not np.allclose(changed(tokens).logits, top2(tokens).logits, atol=1e-4)
     with pytest.raises(ConfigError, match="must be <= num_experts=4"):
         surgery.set_topk(cfg, 5)
