@@ -2,7 +2,7 @@
 the device) at prompts of 2k, 8k and 32k tokens, batch 1.
 
   PYTHONPATH=. python bench/long_context.py [--layers 32] [--prompts 2048,8192,32768]
-      [--new 128] [--prefill-chunk 2048] [--bandwidth-tbs 4.3]
+      [--new 128] [--prefill-chunk 4096] [--bandwidth-tbs 4.3]
   PYTHONPATH=. JAX_PLATFORMS=cpu python bench/long_context.py --preset tiny   # the code path
 
 Per prompt length, each measured on the second `generate` (the first compiles):
@@ -41,7 +41,7 @@ from bench.common import (
 )
 from bench.decode import step_bytes
 from mixtral_jax.generate import Generator, SamplingParams
-from mixtral_jax.generate.sampler import left_pad, prompt_width
+from mixtral_jax.generate.sampler import PREFILL_CHUNK, left_pad, prompt_width
 from mixtral_jax.kernels import plan as kernel_plan
 
 
@@ -160,7 +160,9 @@ def main():
     p.add_argument("--layers", type=int, default=None, help="default: the preset's")
     p.add_argument("--prompts", default=None, help="default 2048,8192,32768 (tiny: 64,128,224)")
     p.add_argument("--new", type=int, default=None, help="new tokens (default 128, tiny 32)")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="default 2048 (tiny: 64)")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=None, help="default: Generator's (tiny: 64)"
+    )
     p.add_argument("--decode-chunk", type=int, default=16)
     p.add_argument("--bandwidth-tbs", type=float, default=4.3)
     p.add_argument("--peak-n", type=int, default=None, help="matmul size (default 8192, tiny 256)")
@@ -175,7 +177,7 @@ def main():
     tiny = args.preset == "tiny"
     prompts = args.prompts or ("64,128,224" if tiny else "2048,8192,32768")
     new = args.new or (32 if tiny else 128)
-    chunk = args.prefill_chunk or (64 if tiny else 2048)
+    chunk = args.prefill_chunk or (64 if tiny else PREFILL_CHUNK)
     changes = {"dtype": "bfloat16", "param_dtype": "bfloat16"}
     if args.layers is not None:
         changes["num_layers"] = args.layers

@@ -42,6 +42,7 @@ def _overrides(a, run_dir: str) -> list[str]:
         f"model.head_dim={a.dim // a.heads}",
         f"model.dtype={a.dtype}",
         "model.param_dtype=float32",
+        f"model.max_seq_len={max(a.seq, 256)}",
         f"train.steps={a.steps}",
         f"train.batch_size={a.batch}",
         f"train.seq_len={a.seq}",
