@@ -4,16 +4,25 @@
 directory when there is one, so restarting the same command after a crash (or kill -9) picks up
 where the last complete checkpoint left off and ends bit-identical to an uninterrupted run.
 SIGTERM / SIGINT save a checkpoint and exit cleanly. At the end the trained weights are written
-as a model checkpoint (`<run dir>/model`) that `infer.py` loads.
+as a model checkpoint (`<run dir>/model`) that `infer.py` loads; rerunning a finished run is a
+no-op that says so (writing the model if a kill took it). A resume whose config changed in a way
+that changes the result is refused (`config.check_resume`). Nothing non-finite is saved: the
+step skips non-finite updates, and every save and the final model write check it again.
+Library logs (Orbax, absl) and warnings go to `<run dir>/train.log`, not the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
 import math
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 
 import jax
@@ -24,14 +33,16 @@ from tqdm import tqdm
 from mixtral_jax import checkpoint
 from mixtral_jax.checkpoint.train import TrainCheckpointer
 from mixtral_jax.config import ConfigError
+from mixtral_jax.fileio import atomic_write_text
 from mixtral_jax.hf.config import load_hf_config
 from mixtral_jax.model.params import abstract, init_params
 from mixtral_jax.parallel import distributed, sharding
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
 from mixtral_jax.train import data, losses, metrics
-from mixtral_jax.train.config import RunConfig, to_dict
+from mixtral_jax.train.config import RunConfig, check_resume, to_dict
 from mixtral_jax.train.step import (
     TrainState,
+    all_finite,
     init_state,
     make_eval_step,
     make_optimizer,
@@ -42,10 +53,13 @@ from mixtral_jax.train.step import (
 
 TOKENIZER_FILE = "tokenizer.model"
 MODEL_DIR = "model"
+MODEL_STEP_FILE = "model_step.json"  # {"step": N}: the step the final model was written at
+LOG_FILE = "train.log"
 
 
 class NumericsHalt(RuntimeError):
-    """Too many consecutive non-finite steps: the run stops without saving."""
+    """Too many consecutive non-finite steps, or non-finite weights about to be saved: the run
+    stops without saving them."""
 
 
 def base_model_config(cfg: RunConfig):
@@ -129,12 +143,70 @@ class _StopFlag:
 
 
 def run(cfg: RunConfig, *, show_progress: bool = True) -> dict:
-    """Trains; returns the final metrics (train loss, eval loss and perplexity, unigram entropy)."""
+    """Trains; returns the final metrics (train loss, eval loss and perplexity, unigram entropy),
+    or {"step", "complete": True, "model_written"} when the run had already finished."""
     stop = _StopFlag()  # from the start: a signal during set-up is honoured after one step
     try:
-        return _run(cfg, stop, show_progress)
+        with library_logs_to(os.path.join(cfg.checkpoint.dir, LOG_FILE)):
+            try:
+                return _run(cfg, stop, show_progress)
+            except ConfigError:
+                raise  # one line by design; a bad setting should not create a run directory
+            except BaseException:
+                logging.getLogger(__name__).exception("the run stopped with an error")
+                raise
     finally:
         stop.restore()
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler that creates the file (and its directory) at the first record only."""
+
+    def __init__(self, path: str):
+        super().__init__(path, delay=True, encoding="utf-8")
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
+@contextlib.contextmanager
+def library_logs_to(path: str):
+    """Sends Python logging (Orbax and absl log through it), warnings and uncaught thread
+    errors to the file `path` instead of the terminal, for the duration of the block."""
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    handler = _LazyFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_terminal = [
+        h
+        for h in root.handlers
+        if h is absl_logging.get_absl_handler()
+        or (type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout))
+    ]
+    old_level, old_hook = root.level, threading.excepthook
+    for h in to_terminal:
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    logging.captureWarnings(True)
+
+    def thread_error(args):
+        exc = (args.exc_type, args.exc_value, args.exc_traceback)
+        logging.getLogger(__name__).error("error in thread %s", args.thread, exc_info=exc)
+
+    threading.excepthook = thread_error
+    try:
+        yield
+    finally:
+        threading.excepthook = old_hook
+        logging.captureWarnings(False)
+        root.setLevel(old_level)
+        root.removeHandler(handler)
+        handler.close()
+        for h in to_terminal:
+            root.addHandler(h)
 
 
 def _prepare_data(cfg: RunConfig):
@@ -254,6 +326,7 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
             dataclasses.asdict(state_shardings(shapes, tx, mesh)),
         )
         restored, meta = ckpt.restore(step, abstract_state)
+        check_resume(meta.get("config"), cfg, step)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
         return graphdef, tx, TrainState(**restored), ckpt
@@ -337,6 +410,8 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
 def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh) -> dict:
     tc = cfg.train
     graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches, mesh)
+    if int(state.step) >= tc.steps:
+        return _complete(cfg, ckpt, state, model_cfg, mesh)
     where = state_shardings(state.params, tx, mesh)
     train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
     eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params)
@@ -353,7 +428,7 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
                 raise NumericsHalt(
                     f"{int(state.bad_steps)} consecutive non-finite steps at step "
                     f"{step} (train.max_bad_steps={tc.max_bad_steps}): halted, "
-                    "nothing saved"
+                    f"{_saved_note(ckpt)}"
                 )
             if step % tc.log_every == 0 or step == tc.steps:
                 final.update(log.step(step, m))
@@ -362,6 +437,7 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
                 log.writer.write(step, {k: final[k] for k in ("eval_loss", "eval_perplexity")})
             log.bar.update(step - log.bar.n)
             if step % cfg.checkpoint.save_every == 0 or step == tc.steps or stop.signal:
+                _check_finite(state, f"the training state of step {step}", mesh, ckpt)
                 ckpt.save(
                     step, dataclasses.asdict(state), {"data": batches.state, "config": to_dict(cfg)}
                 )
@@ -376,12 +452,59 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     finally:
         log.close()
     if int(state.step) >= tc.steps:
-        write_model(cfg.checkpoint.dir, state.params, model_cfg)
+        write_model(cfg.checkpoint.dir, state.params, model_cfg, int(state.step), mesh)
     final["step"] = int(state.step)
     final["unigram_entropy"] = losses.unigram_entropy(
         train_rows.tokens[:, 1:], train_rows.segments[:, 1:] > 0
     )
     return final
+
+
+def _complete(cfg: RunConfig, ckpt: TrainCheckpointer, state, model_cfg, mesh) -> dict:
+    """A run whose newest checkpoint already reached train.steps: nothing to train. The final
+    model is written only when it is missing or not of this step (a kill during its write);
+    returns {"step", "complete": True, "model_written"}."""
+    ckpt.close()
+    step = int(state.step)
+    written = model_step(cfg.checkpoint.dir) != step
+    if written:
+        write_model(cfg.checkpoint.dir, state.params, model_cfg, step, mesh)
+    return {"step": step, "complete": True, "model_written": written}
+
+
+def _saved_note(ckpt: TrainCheckpointer) -> str:
+    """What a halted run leaves on disk: its finished checkpoints (pending saves waited for)."""
+    try:
+        ckpt.wait()
+    except RuntimeError:  # a failed save holds nothing; the finished ones are listed below
+        pass
+    steps = ckpt.steps()
+    if not steps:
+        return "nothing saved"
+    listed = ", ".join(map(str, steps))
+    return f"saved checkpoints (finite): step{'s' * (len(steps) > 1)} {listed}; a restart resumes from step {steps[-1]}"
+
+
+def _check_finite(tree, what: str, mesh, ckpt: TrainCheckpointer | None = None) -> None:
+    """NumericsHalt if a floating-point leaf of `tree` holds inf or NaN (a run resumed from a
+    checkpoint written before the guard checked updates): never saved."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if not bool(jax.jit(all_finite, out_shardings=replicated)(tree)):
+        note = _saved_note(ckpt) if ckpt is not None else "nothing written"
+        raise NumericsHalt(f"{what} is not finite: not saved; {note}")
+
+
+def model_step(run_dir: str) -> int | None:
+    """The step the run's final model was written at (None: no final model, or one whose write
+    was cut short: the marker is written after the model is in place)."""
+    path = os.path.join(run_dir, MODEL_STEP_FILE)
+    if not os.path.isdir(os.path.join(run_dir, MODEL_DIR)) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
@@ -394,8 +517,11 @@ def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
 
 
-def write_model(run_dir: str, params, model_cfg) -> str:
-    """Writes the final weights as a model checkpoint at `<run_dir>/model` (replacing one)."""
+def write_model(run_dir: str, params, model_cfg, step: int, mesh) -> str:
+    """Writes the final weights of `step` as a model checkpoint at `<run_dir>/model` (replacing
+    one), then records the step in `<run_dir>/model_step.json`. Non-finite weights are refused
+    (NumericsHalt) and nothing is written."""
+    _check_finite(params, f"the final model of step {step}", mesh)
     target = os.path.join(run_dir, MODEL_DIR)
     host = jax.tree.map(distributed.host_array, params)  # every process takes part
     if distributed.is_main():  # one writer
@@ -407,5 +533,6 @@ def write_model(run_dir: str, params, model_cfg) -> str:
             this_process_only=True,
             overwrite=True,
         )
+        atomic_write_text(os.path.join(run_dir, MODEL_STEP_FILE), json.dumps({"step": step}))
     distributed.barrier("final model")
     return target
