@@ -27,6 +27,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
@@ -222,11 +223,15 @@ def _prepare_data(cfg: RunConfig):
         raise ConfigError(
             f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
         )
-    train_rows = data.pack(data.tokenize_documents(train_docs, tokenizer), tc.seq_len, cfg.seed)
+    train_tokens = data.tokenize_documents(train_docs, tokenizer)
+    data.check_token_ids(train_tokens, model_cfg.vocab_size, cfg.data.source)
+    train_rows = data.pack(train_tokens, tc.seq_len, cfg.seed)
     batches = data.BatchIterator(train_rows, tc.batch_size, cfg.seed)
     held_out = []
     if eval_docs:
-        eval_rows = data.pack(data.tokenize_documents(eval_docs, tokenizer), tc.seq_len, cfg.seed)
+        eval_tokens = data.tokenize_documents(eval_docs, tokenizer)
+        data.check_token_ids(eval_tokens, model_cfg.vocab_size, cfg.data.source)
+        eval_rows = data.pack(eval_tokens, tc.seq_len, cfg.seed)
         held_out = data.eval_batches(eval_rows, tc.batch_size, tc.eval_batches)
     return model_cfg, train_rows, batches, held_out
 
@@ -320,13 +325,13 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     )
     if ckpt.steps():
         step = ckpt.steps()[-1]
+        check_resume(_saved_config(ckpt, step), cfg, step)  # before shapes that may not fit
         # restored straight into the shardings a fresh state would have
         abstract_state = _placed(
             jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), shapes),
             dataclasses.asdict(state_shardings(shapes, tx, mesh)),
         )
         restored, meta = ckpt.restore(step, abstract_state)
-        check_resume(meta.get("config"), cfg, step)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
         return graphdef, tx, TrainState(**restored), ckpt
@@ -339,6 +344,16 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     else:
         params = init_params(model_cfg, mesh, cfg.seed)
     return graphdef, tx, _fresh_state(params, tx, cfg.seed, mesh), ckpt
+
+
+def _saved_config(ckpt: TrainCheckpointer, step: int) -> dict | None:
+    """The run config saved with checkpoint `step` (None when it has none or cannot be read:
+    the verified restore that follows reports a damaged checkpoint)."""
+    try:
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return ckpt.manager.restore(step, args=args)["meta"].get("config")
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _placed(shapes, shardings):
