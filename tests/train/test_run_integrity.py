@@ -101,6 +101,25 @@ def test_halt_names_the_checkpoints_saved_before_it(tmp_path, monkeypatch):
     assert sorted(_saved(tmp_path)) == [1, 2, 3]
 
 
+def test_non_finite_state_from_a_bad_checkpoint_is_never_saved_again(tmp_path, monkeypatch):
+    """A checkpoint written before the guard checked updates holds NaN: resuming from it skips
+    every step, and the save refuses the state instead of writing NaN again."""
+    trainer.run(_config(tmp_path, "train.steps=1"), show_progress=False)
+    original = TrainCheckpointer.restore
+
+    def nan_weights(self, step, abstract_state):
+        state, meta = original(self, step, abstract_state)
+        state["params"] = jax.tree.map(lambda x: x * np.nan, state["params"])
+        return state, meta
+
+    monkeypatch.setattr(TrainCheckpointer, "restore", nan_weights)
+    with pytest.raises(trainer.NumericsHalt) as halt:
+        trainer.run(_config(tmp_path, "train.steps=3"), show_progress=False)
+    assert str(halt.value).startswith("the training state of step 2 is not finite: not saved")
+    assert "saved checkpoints (finite): step 1;" in str(halt.value)
+    assert sorted(_saved(tmp_path)) == [1] and _finite(_saved(tmp_path)[1])
+
+
 # ---- 2. a finished run is a no-op ---------------------------------------------------------
 def test_rerunning_a_finished_run_is_a_no_op_and_restores_a_missing_model(tmp_path, capsys):
     main = _train_main()
@@ -270,7 +289,7 @@ def test_full_disk_during_save_is_one_line_and_the_noise_goes_to_the_log(
         main([f"--checkpoint.dir={tmp_path}", "--train.steps=3", *[f"--{o}" for o in SMALL]]) == 1
     )
     err = capfd.readouterr().err
-    log = tmp_path / trainer.LOG_FILE
+    log = tmp_path / "train.log"
     want = (
         "error: checkpoint save failed at step 2: [Errno 28] No space left on device "
         f"(details in {log})"
