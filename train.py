@@ -44,6 +44,8 @@ def main(argv=None) -> int:
         result = trainer.run(cfg)
     except (ConfigError, trainer.NumericsHalt, RuntimeError, OSError) as e:
         print(f"error: {_one_line(e, cfg, trainer.LOG_FILE)}", file=sys.stderr)
+        if cfg is not None and os.path.isdir(cfg.checkpoint.dir):  # shutdown noise: to the log
+            trainer.keep_library_logs_in(os.path.join(cfg.checkpoint.dir, trainer.LOG_FILE))
         return 1
     if result.get("complete"):
         model = f"{cfg.checkpoint.dir}/{trainer.MODEL_DIR}"

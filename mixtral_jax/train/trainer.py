@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -171,10 +172,56 @@ class _LazyFileHandler(logging.FileHandler):
         return super()._open()
 
 
+class _LogStream(io.TextIOBase):
+    """A text stream that appends to a `_LazyFileHandler`'s file (stands in for sys.stderr)."""
+
+    def __init__(self, handler: _LazyFileHandler):
+        self.handler = handler
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.handler.stream is None:
+            self.handler.stream = self.handler._open()
+        return self.handler.stream.write(text)
+
+    def flush(self) -> None:
+        if self.handler.stream is not None:
+            self.handler.stream.flush()
+
+
+_terminal = [sys.stderr]  # where progress and errors go while sys.stderr points at the log
+
+
+def terminal() -> io.TextIOBase:
+    """The terminal's stderr, also while `library_logs_to` sends sys.stderr to the log."""
+    return _terminal[-1]
+
+
+def keep_library_logs_in(path: str) -> logging.Handler:
+    """Sends Python logging to the file `path` (and not the terminal) until the process ends:
+    what libraries log while they shut down (asyncio futures of a failed save) goes there."""
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h is absl_logging.get_absl_handler() or (
+            type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout)
+        ):
+            root.removeHandler(h)
+    handler = _LazyFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    return handler
+
+
 @contextlib.contextmanager
 def library_logs_to(path: str):
-    """Sends Python logging (Orbax and absl log through it), warnings and uncaught thread
-    errors to the file `path` instead of the terminal, for the duration of the block."""
+    """Sends Python logging (Orbax and absl log through it), warnings, uncaught thread errors and
+    what native code prints to sys.stderr (TensorStore's tracebacks after a failed write) to the
+    file `path` instead of the terminal, for the duration of the block; the progress bar and
+    train.py's messages use `terminal()`."""
     from absl import logging as absl_logging
 
     root = logging.getLogger()
@@ -186,7 +233,7 @@ def library_logs_to(path: str):
         if h is absl_logging.get_absl_handler()
         or (type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout))
     ]
-    old_level, old_hook = root.level, threading.excepthook
+    old_level, old_hook, old_stderr = root.level, threading.excepthook, sys.stderr
     for h in to_terminal:
         root.removeHandler(h)
     root.addHandler(handler)
@@ -198,9 +245,13 @@ def library_logs_to(path: str):
         logging.getLogger(__name__).error("error in thread %s", args.thread, exc_info=exc)
 
     threading.excepthook = thread_error
+    _terminal.append(old_stderr)
+    sys.stderr = _LogStream(handler)
     try:
         yield
     finally:
+        sys.stderr = old_stderr
+        _terminal.pop()
         threading.excepthook = old_hook
         logging.captureWarnings(False)
         root.setLevel(old_level)
@@ -383,6 +434,7 @@ class _Logger:
             unit="step",
             disable=not (show_progress and distributed.is_main()),
             dynamic_ncols=True,
+            file=terminal(),
         )
         self.last_time, self.tokens = time.perf_counter(), 0.0
 
