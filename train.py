@@ -11,6 +11,7 @@ and Open MPI are detected without flags. The mesh comes from --mesh.data=... etc
 """
 
 import argparse
+import os
 import sys
 
 from mixtral_jax.config import ConfigError
@@ -36,13 +37,24 @@ def main(argv=None) -> int:
     from mixtral_jax.train import trainer
     from mixtral_jax.train.config import load_run_config
 
+    cfg = None
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         cfg = load_run_config(args.config, overrides)
         result = trainer.run(cfg)
     except (ConfigError, trainer.NumericsHalt, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e, cfg, trainer.LOG_FILE)}", file=sys.stderr)
+        if cfg is not None and os.path.isdir(cfg.checkpoint.dir):  # shutdown noise: to the log
+            trainer.keep_library_logs_in(os.path.join(cfg.checkpoint.dir, trainer.LOG_FILE))
         return 1
+    if result.get("complete"):
+        model = f"{cfg.checkpoint.dir}/{trainer.MODEL_DIR}"
+        print(
+            f"run complete: step {result['step']} of train.steps={cfg.train.steps} is already "
+            f"trained in {cfg.checkpoint.dir}; model checkpoint: {model} "
+            f"({'written now' if result['model_written'] else 'unchanged'})"
+        )
+        return 0
     if result.get("step", 0) < cfg.train.steps:
         return 0  # stopped by a signal, checkpoint saved
     line = (
@@ -56,6 +68,16 @@ def main(argv=None) -> int:
     print(line)
     print(f"model checkpoint: {cfg.checkpoint.dir}/model")
     return 0
+
+
+def _one_line(error: Exception, cfg, log_file: str) -> str:
+    """The first line of `error`; for an error beyond a bad setting, where the full report is."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if cfg is not None and not isinstance(error, ConfigError):
+        log = os.path.join(cfg.checkpoint.dir, log_file)
+        if os.path.isfile(log):
+            text += f" (details in {log})"
+    return text
 
 
 if __name__ == "__main__":

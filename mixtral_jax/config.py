@@ -389,6 +389,8 @@ def _validate(c: ModelConfig) -> None:
             _fail(name, value, "must be a number")
         if not math.isfinite(value) or value <= 0:
             _fail(name, value, "must be a finite number > 0")
+        if not _FLOAT32_TINY <= value <= _FLOAT32_MAX:  # the model computes in float32
+            _fail(name, value, f"must be in [{_FLOAT32_TINY:.3g}, {_FLOAT32_MAX:.3g}] (float32)")
     if not isinstance(c.router_aux_loss_coef, (int, float)) or not c.router_aux_loss_coef >= 0:
         _fail("router_aux_loss_coef", c.router_aux_loss_coef, "must be a number >= 0")
     if c.sliding_window is not None:
@@ -396,6 +398,10 @@ def _validate(c: ModelConfig) -> None:
             _fail("sliding_window", c.sliding_window, "must be an integer or None")
         if c.sliding_window < 1:
             _fail("sliding_window", c.sliding_window, "must be >= 1 (or None for no window)")
+
+
+_FLOAT32_MAX = 3.4028234663852886e38  # largest finite float32
+_FLOAT32_TINY = 1.401298464324817e-45  # smallest positive float32 (subnormal)
 
 
 def _validate_compute(c: ComputeConfig) -> None:

@@ -20,6 +20,8 @@ import types
 import typing
 from typing import Any
 
+import numpy as np
+
 from mixtral_jax.config import COMPUTE_FIELDS, ComputeConfig, ConfigError, ModelConfig, preset
 from mixtral_jax.hf.config import load_hf_config
 from mixtral_jax.parallel.sharding import MeshConfig
@@ -28,6 +30,24 @@ from mixtral_jax.parallel.sharding import MeshConfig
 def _check(section: str, name: str, value, ok: bool, rule: str) -> None:
     if not ok:
         raise ConfigError(f"{section}.{name}={value!r}: {rule}")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+SEED_MAX = 2**63 - 2  # jax.random.key takes an int64; the run also draws from seed + 1
+
+
+def as_float32(value: float) -> float:
+    """`value` as the device sees it: rounded to float32 (1e39 -> inf, 1e-50 -> 0)."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.float32(value))
+
+
+def _check_float32(section: str, name: str, value: float, low: str) -> None:
+    """ConfigError unless `value` is finite and > 0 (low "> 0") or >= 0 (low ">= 0") once
+    rounded to float32, the dtype the train step computes with."""
+    v = as_float32(value)
+    ok = math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)
+    _check(section, name, value, ok, f"must be {low} and finite in float32 (max {FLOAT32_MAX:.3g})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,12 +114,18 @@ class TrainConfig:
             f"must be divisible by grad_accum={self.grad_accum}",
         )
         _check("train", "warmup_steps", self.warmup_steps, 0 <= self.warmup_steps, "must be >= 0")
-        for name in ("lr", "clip_norm", "b2", "eps"):
-            value = getattr(self, name)
-            _check("train", name, value, value > 0 and not math.isnan(value), "must be > 0")
+        for name in ("lr", "clip_norm", "eps"):
+            _check_float32("train", name, getattr(self, name), "> 0")
         for name in ("weight_decay", "aux_loss_coef", "router_z_loss_coef", "peak_tflops"):
-            value = getattr(self, name)
-            _check("train", name, value, value >= 0, "must be >= 0")
+            _check_float32("train", name, getattr(self, name), ">= 0")
+        _check(
+            "train",
+            "weight_decay",
+            self.weight_decay,
+            math.isfinite(as_float32(self.lr * self.weight_decay)),
+            f"times train.lr={self.lr!r} overflows float32",
+        )
+        _check("train", "b2", self.b2, 0 < as_float32(self.b2) < 1, "must be in (0, 1) in float32")
         _check(
             "train",
             "min_lr_ratio",
@@ -107,7 +133,7 @@ class TrainConfig:
             0 <= self.min_lr_ratio <= 1,
             "must be in [0, 1]",
         )
-        _check("train", "b1", self.b1, 0 <= self.b1 < 1, "must be in [0, 1)")
+        _check("train", "b1", self.b1, 0 <= as_float32(self.b1) < 1, "must be in [0, 1) in float32")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,6 +174,9 @@ class CheckpointConfig:
       its config.json fixes the model's sizes, the [model] table may still set dtype, param_dtype,
       remat, moe_impl, capacity_factor, router_jitter_noise, attention_impl and gmm_impl.
       Ignored when resuming.
+    allow_config_change: resume even though the run config differs from the checkpoint's in a
+      setting that changes the result (lr, batch_size, seed, model, data...); without it such
+      a resume is refused, naming the setting. train.steps may always change (extending a run).
     """
 
     dir: str = "runs/tiny"
@@ -155,6 +184,7 @@ class CheckpointConfig:
     save_every: int = 100
     keep: int = 3
     async_save: bool = True
+    allow_config_change: bool = False
 
     def __post_init__(self):
         _check("checkpoint", "save_every", self.save_every, self.save_every >= 1, "must be >= 1")
@@ -180,6 +210,17 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        _check_seed(self.seed)
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= SEED_MAX:
+        raise ConfigError(
+            f"seed={seed}: must be in [0, {SEED_MAX}] (jax.random.key takes an int64, "
+            "and the run also uses seed + 1)"
+        )
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -334,3 +375,63 @@ def to_dict(config) -> dict[str, Any]:
         return v
 
     return plain(config)
+
+
+# ---- resuming ------------------------------------------------------------------------------
+# Settings a resumed run may change: they do not change what the run computes (logging, eval,
+# checkpointing, the device layout, kernel choices), or extend it (train.steps).
+RESUME_FREE = frozenset(
+    {
+        "train.steps",
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.max_bad_steps",
+        "train.peak_tflops",
+        *(f"model.compute.{k}" for k in ("remat", "attention_impl", "gmm_impl")),
+        *(f"model.compute.{k}" for k in ("decode_expert_impl", "decode_projection_impl")),
+        "model.compute.expert_exchange",
+    }
+)
+RESUME_FREE_SECTIONS = ("checkpoint.", "mesh.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_changes(saved: dict, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(setting, saved value, new value) for every result-changing setting of `cfg` that
+    differs from `saved` (a checkpoint's `to_dict(config)`); settings it lacks are skipped."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    return [
+        (key, old[key], value)
+        for key, value in new.items()
+        if key in old
+        and old[key] != value
+        and key not in RESUME_FREE
+        and not key.startswith(RESUME_FREE_SECTIONS)
+    ]
+
+
+def check_resume(saved: dict | None, cfg: RunConfig, step: int) -> None:
+    """ConfigError naming the first result-changing setting that differs from the checkpoint's
+    (`saved`, None for a checkpoint without one), unless checkpoint.allow_config_change."""
+    if saved is None or cfg.checkpoint.allow_config_change:
+        return
+    changes = resume_changes(saved, cfg)
+    if changes:
+        key, old, new = changes[0]
+        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+        raise ConfigError(
+            f"{key} changed since checkpoint step {step} of {cfg.checkpoint.dir}: {old!r} -> "
+            f"{new!r}{more}; resuming would change the run (checkpoint.allow_config_change=true "
+            "resumes anyway)"
+        )

@@ -44,23 +44,74 @@ def read_documents(source: str) -> list[str] | list[np.ndarray]:
         if not files:
             raise ConfigError(f"data directory {source} holds no .txt, .jsonl or .npy file")
         return [doc for f in files for doc in read_documents(f)]
-    if source.endswith(".jsonl"):
-        docs = []
-        with open(source, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(
-                        f"{source}:{line_no} is not a JSON object with a 'text' field"
-                    ) from None
-        return docs
     if source.endswith(".npy"):
-        return [np.load(source).astype(np.int32)]
-    with open(source, encoding="utf-8") as f:
-        return [f.read()]
+        return [_read_token_array(source)]
+    text = read_text(source)
+    if not source.endswith(".jsonl"):
+        return [text]
+    docs = []
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            doc = None
+        if not isinstance(doc, str):
+            raise ConfigError(f"{source}:{line_no} is not a JSON object with a 'text' field")
+        docs.append(doc)
+    return docs
+
+
+def read_text(path: str) -> str:
+    """The UTF-8 text of `path`; ConfigError naming line and byte for a file that is not UTF-8
+    text (invalid bytes, or a NUL byte: a binary file)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    nul = raw.find(b"\0")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start if nul < 0 else min(e.start, nul)
+    else:
+        if nul < 0:
+            return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+        bad = nul
+    line = raw.count(b"\n", 0, bad) + 1
+    raise ConfigError(
+        f"data source {path} is not UTF-8 text: byte {raw[bad]:#04x} at line {line}, offset "
+        f"{bad} (a binary file? text sources are .txt / .jsonl, token ids .npy)"
+    )
+
+
+def _read_token_array(path: str) -> np.ndarray:
+    """A `.npy` token stream as int32; ConfigError for a file that is no 1-D integer array or
+    holds ids outside int32."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"data source {path} is not a readable .npy array: {e}") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ConfigError(
+            f"data source {path} holds a {ids.dtype} array of shape {ids.shape}: token ids are "
+            "a 1-D integer array"
+        )
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ConfigError(f"data source {path} holds token id {bad}, outside [0, 2**31)")
+    return ids.astype(np.int32)
+
+
+def check_token_ids(documents: list[np.ndarray], vocab_size: int, source: str) -> None:
+    """ConfigError naming the first token id (of tokenized `documents`) outside
+    [0, vocab_size): out-of-vocabulary ids would make every step non-finite."""
+    for doc in documents:
+        bad = np.flatnonzero((doc < 0) | (doc >= vocab_size))
+        if bad.size:
+            raise ConfigError(
+                f"data source {source} holds token id {int(doc[bad[0]])}, outside the "
+                f"model's vocabulary of {vocab_size} (model.vocab_size)"
+            )
 
 
 def tokenize_documents(docs, tokenizer) -> list[np.ndarray]:

@@ -34,7 +34,8 @@ class TrainState:
       params: nested dict of parameters (the model's param_dtype, float32 master weights).
       opt_state: optax state.
       rng: [2] uint32 raw PRNG key data (router jitter), split once per step.
-      bad_steps: [] int32 consecutive steps skipped for a non-finite loss or gradient.
+      bad_steps: [] int32 consecutive steps skipped (non-finite loss, gradient norm, updated
+        parameters or optimizer state).
     """
 
     step: jax.Array
@@ -47,6 +48,20 @@ class TrainState:
 def _global_norm(tree):
     norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
     return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
+def all_finite(tree) -> jax.Array:
+    """[] bool: every floating-point leaf of `tree` holds only finite values."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def step_is_finite(loss, grad_norm, new_params, new_opt_state) -> jax.Array:
+    """[] bool, the guard: the step is kept only if its loss, its gradient norm and everything
+    it would write (updated parameters and optimizer state) are finite. An update can overflow
+    (a huge learning rate) while loss and gradient are still finite."""
+    inputs = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return inputs & all_finite(new_params) & all_finite(new_opt_state)
 
 
 def decay_mask(params: dict, decay_norms_and_embeddings: bool) -> dict:
@@ -183,9 +198,9 @@ def make_train_step(
         ce = jnp.sum(stats["nll"]) / total_count
         lb, z = jnp.mean(stats["load_balance_loss"]), jnp.mean(stats["router_z_loss"])
         loss = total_loss(ce, lb, z)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        finite = step_is_finite(loss, grad_norm, new_params, new_opt)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(
             step=state.step + 1,

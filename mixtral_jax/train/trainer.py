@@ -4,34 +4,47 @@
 directory when there is one, so restarting the same command after a crash (or kill -9) picks up
 where the last complete checkpoint left off and ends bit-identical to an uninterrupted run.
 SIGTERM / SIGINT save a checkpoint and exit cleanly. At the end the trained weights are written
-as a model checkpoint (`<run dir>/model`) that `infer.py` loads.
+as a model checkpoint (`<run dir>/model`) that `infer.py` loads; rerunning a finished run is a
+no-op that says so (writing the model if a kill took it). A resume whose config changed in a way
+that changes the result is refused (`config.check_resume`). Nothing non-finite is saved: the
+step skips non-finite updates, and every save and the final model write check it again.
+Library logs (Orbax, absl) and warnings go to `<run dir>/train.log`, not the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import json
+import logging
 import math
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
 from mixtral_jax import checkpoint
 from mixtral_jax.checkpoint.train import TrainCheckpointer
 from mixtral_jax.config import ConfigError
+from mixtral_jax.fileio import atomic_write_text
 from mixtral_jax.hf.config import load_hf_config
 from mixtral_jax.model.params import abstract, init_params
 from mixtral_jax.parallel import distributed, sharding
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
 from mixtral_jax.train import data, losses, metrics
-from mixtral_jax.train.config import RunConfig, to_dict
+from mixtral_jax.train.config import RunConfig, check_resume, to_dict
 from mixtral_jax.train.step import (
     TrainState,
+    all_finite,
     init_state,
     make_eval_step,
     make_optimizer,
@@ -42,10 +55,13 @@ from mixtral_jax.train.step import (
 
 TOKENIZER_FILE = "tokenizer.model"
 MODEL_DIR = "model"
+MODEL_STEP_FILE = "model_step.json"  # {"step": N}: the step the final model was written at
+LOG_FILE = "train.log"
 
 
 class NumericsHalt(RuntimeError):
-    """Too many consecutive non-finite steps: the run stops without saving."""
+    """Too many consecutive non-finite steps, or non-finite weights about to be saved: the run
+    stops without saving them."""
 
 
 def base_model_config(cfg: RunConfig):
@@ -129,12 +145,120 @@ class _StopFlag:
 
 
 def run(cfg: RunConfig, *, show_progress: bool = True) -> dict:
-    """Trains; returns the final metrics (train loss, eval loss and perplexity, unigram entropy)."""
+    """Trains; returns the final metrics (train loss, eval loss and perplexity, unigram entropy),
+    or {"step", "complete": True, "model_written"} when the run had already finished."""
     stop = _StopFlag()  # from the start: a signal during set-up is honoured after one step
     try:
-        return _run(cfg, stop, show_progress)
+        with library_logs_to(os.path.join(cfg.checkpoint.dir, LOG_FILE)):
+            try:
+                return _run(cfg, stop, show_progress)
+            except ConfigError:
+                raise  # one line by design; a bad setting should not create a run directory
+            except BaseException:
+                logging.getLogger(__name__).exception("the run stopped with an error")
+                raise
     finally:
         stop.restore()
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler that creates the file (and its directory) at the first record only."""
+
+    def __init__(self, path: str):
+        super().__init__(path, delay=True, encoding="utf-8")
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
+class _LogStream(io.TextIOBase):
+    """A text stream that appends to a `_LazyFileHandler`'s file (stands in for sys.stderr)."""
+
+    def __init__(self, handler: _LazyFileHandler):
+        self.handler = handler
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.handler.stream is None:
+            self.handler.stream = self.handler._open()
+        return self.handler.stream.write(text)
+
+    def flush(self) -> None:
+        if self.handler.stream is not None:
+            self.handler.stream.flush()
+
+
+_terminal = [sys.stderr]  # where progress and errors go while sys.stderr points at the log
+
+
+def terminal() -> io.TextIOBase:
+    """The terminal's stderr, also while `library_logs_to` sends sys.stderr to the log."""
+    return _terminal[-1]
+
+
+def keep_library_logs_in(path: str) -> logging.Handler:
+    """Sends Python logging to the file `path` (and not the terminal) until the process ends:
+    what libraries log while they shut down (asyncio futures of a failed save) goes there."""
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h is absl_logging.get_absl_handler() or (
+            type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout)
+        ):
+            root.removeHandler(h)
+    handler = _LazyFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    return handler
+
+
+@contextlib.contextmanager
+def library_logs_to(path: str):
+    """Sends Python logging (Orbax and absl log through it), warnings, uncaught thread errors and
+    what native code prints to sys.stderr (TensorStore's tracebacks after a failed write) to the
+    file `path` instead of the terminal, for the duration of the block; the progress bar and
+    train.py's messages use `terminal()`."""
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    handler = _LazyFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_terminal = [
+        h
+        for h in root.handlers
+        if h is absl_logging.get_absl_handler()
+        or (type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout))
+    ]
+    old_level, old_hook, old_stderr = root.level, threading.excepthook, sys.stderr
+    for h in to_terminal:
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    logging.captureWarnings(True)
+
+    def thread_error(args):
+        exc = (args.exc_type, args.exc_value, args.exc_traceback)
+        logging.getLogger(__name__).error("error in thread %s", args.thread, exc_info=exc)
+
+    threading.excepthook = thread_error
+    _terminal.append(old_stderr)
+    sys.stderr = _LogStream(handler)
+    try:
+        yield
+    finally:
+        sys.stderr = old_stderr
+        _terminal.pop()
+        threading.excepthook = old_hook
+        logging.captureWarnings(False)
+        root.setLevel(old_level)
+        root.removeHandler(handler)
+        handler.close()
+        for h in to_terminal:
+            root.addHandler(h)
 
 
 def _prepare_data(cfg: RunConfig):
@@ -150,11 +274,15 @@ def _prepare_data(cfg: RunConfig):
         raise ConfigError(
             f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
         )
-    train_rows = data.pack(data.tokenize_documents(train_docs, tokenizer), tc.seq_len, cfg.seed)
+    train_tokens = data.tokenize_documents(train_docs, tokenizer)
+    data.check_token_ids(train_tokens, model_cfg.vocab_size, cfg.data.source)
+    train_rows = data.pack(train_tokens, tc.seq_len, cfg.seed)
     batches = data.BatchIterator(train_rows, tc.batch_size, cfg.seed)
     held_out = []
     if eval_docs:
-        eval_rows = data.pack(data.tokenize_documents(eval_docs, tokenizer), tc.seq_len, cfg.seed)
+        eval_tokens = data.tokenize_documents(eval_docs, tokenizer)
+        data.check_token_ids(eval_tokens, model_cfg.vocab_size, cfg.data.source)
+        eval_rows = data.pack(eval_tokens, tc.seq_len, cfg.seed)
         held_out = data.eval_batches(eval_rows, tc.batch_size, tc.eval_batches)
     return model_cfg, train_rows, batches, held_out
 
@@ -246,6 +374,8 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     ckpt = TrainCheckpointer(
         cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
+    if ckpt.steps():  # the newest step's config, before shapes that may not fit
+        check_resume(_saved_config(ckpt, ckpt.steps()[-1]), cfg, ckpt.steps()[-1])
     # restored straight into the shardings a fresh state would have, newest verified step first
     abstract_state = _placed(
         jax.eval_shape(lambda p: dataclasses.asdict(init_state(p, tx, 0)), shapes),
@@ -254,6 +384,7 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     latest = ckpt.restore_latest(abstract_state)
     if latest is not None:
         step, restored, meta = latest
+        check_resume(meta.get("config"), cfg, step)  # the step restored (an older one: checked)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
         return graphdef, tx, TrainState(**restored), ckpt
@@ -266,6 +397,16 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     else:
         params = init_params(model_cfg, mesh, cfg.seed)
     return graphdef, tx, _fresh_state(params, tx, cfg.seed, mesh), ckpt
+
+
+def _saved_config(ckpt: TrainCheckpointer, step: int) -> dict | None:
+    """The run config saved with checkpoint `step` (None when it has none or cannot be read:
+    the verified restore that follows reports a damaged checkpoint)."""
+    try:
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return ckpt.manager.restore(step, args=args)["meta"].get("config")
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _placed(shapes, shardings):
@@ -295,6 +436,7 @@ class _Logger:
             unit="step",
             disable=not (show_progress and distributed.is_main()),
             dynamic_ncols=True,
+            file=terminal(),
         )
         self.last_time, self.tokens = time.perf_counter(), 0.0
 
@@ -337,6 +479,8 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
 def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh) -> dict:
     tc = cfg.train
     graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches, mesh)
+    if int(state.step) >= tc.steps:
+        return _complete(cfg, ckpt, state, model_cfg, mesh)
     where = state_shardings(state.params, tx, mesh)
     train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
     eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params)
@@ -353,7 +497,7 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
                 raise NumericsHalt(
                     f"{int(state.bad_steps)} consecutive non-finite steps at step "
                     f"{step} (train.max_bad_steps={tc.max_bad_steps}): halted, "
-                    "nothing saved"
+                    f"{_saved_note(ckpt)}"
                 )
             if step % tc.log_every == 0 or step == tc.steps:
                 final.update(log.step(step, m))
@@ -362,6 +506,7 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
                 log.writer.write(step, {k: final[k] for k in ("eval_loss", "eval_perplexity")})
             log.bar.update(step - log.bar.n)
             if step % cfg.checkpoint.save_every == 0 or step == tc.steps or stop.signal:
+                _check_finite(state, f"the training state of step {step}", mesh, ckpt)
                 ckpt.save(
                     step, dataclasses.asdict(state), {"data": batches.state, "config": to_dict(cfg)}
                 )
@@ -376,12 +521,59 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     finally:
         log.close()
     if int(state.step) >= tc.steps:
-        write_model(cfg.checkpoint.dir, state.params, model_cfg)
+        write_model(cfg.checkpoint.dir, state.params, model_cfg, int(state.step), mesh)
     final["step"] = int(state.step)
     final["unigram_entropy"] = losses.unigram_entropy(
         train_rows.tokens[:, 1:], train_rows.segments[:, 1:] > 0
     )
     return final
+
+
+def _complete(cfg: RunConfig, ckpt: TrainCheckpointer, state, model_cfg, mesh) -> dict:
+    """A run whose newest checkpoint already reached train.steps: nothing to train. The final
+    model is written only when it is missing or not of this step (a kill during its write);
+    returns {"step", "complete": True, "model_written"}."""
+    ckpt.close()
+    step = int(state.step)
+    written = model_step(cfg.checkpoint.dir) != step
+    if written:
+        write_model(cfg.checkpoint.dir, state.params, model_cfg, step, mesh)
+    return {"step": step, "complete": True, "model_written": written}
+
+
+def _saved_note(ckpt: TrainCheckpointer) -> str:
+    """What a halted run leaves on disk: its finished checkpoints (pending saves waited for)."""
+    try:
+        ckpt.wait()
+    except RuntimeError:  # a failed save holds nothing; the finished ones are listed below
+        pass
+    steps = ckpt.steps()
+    if not steps:
+        return "nothing saved"
+    listed = ", ".join(map(str, steps))
+    return f"saved checkpoints (finite): step{'s' * (len(steps) > 1)} {listed}; a restart resumes from step {steps[-1]}"
+
+
+def _check_finite(tree, what: str, mesh, ckpt: TrainCheckpointer | None = None) -> None:
+    """NumericsHalt if a floating-point leaf of `tree` holds inf or NaN (a run resumed from a
+    checkpoint written before the guard checked updates): never saved."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if not bool(jax.jit(all_finite, out_shardings=replicated)(tree)):
+        note = _saved_note(ckpt) if ckpt is not None else "nothing written"
+        raise NumericsHalt(f"{what} is not finite: not saved; {note}")
+
+
+def model_step(run_dir: str) -> int | None:
+    """The step the run's final model was written at (None: no final model, or one whose write
+    was cut short: the marker is written after the model is in place)."""
+    path = os.path.join(run_dir, MODEL_STEP_FILE)
+    if not os.path.isdir(os.path.join(run_dir, MODEL_DIR)) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
@@ -394,8 +586,11 @@ def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
 
 
-def write_model(run_dir: str, params, model_cfg) -> str:
-    """Writes the final weights as a model checkpoint at `<run_dir>/model` (replacing one)."""
+def write_model(run_dir: str, params, model_cfg, step: int, mesh) -> str:
+    """Writes the final weights of `step` as a model checkpoint at `<run_dir>/model` (replacing
+    one), then records the step in `<run_dir>/model_step.json`. Non-finite weights are refused
+    (NumericsHalt) and nothing is written."""
+    _check_finite(params, f"the final model of step {step}", mesh)
     target = os.path.join(run_dir, MODEL_DIR)
     host = jax.tree.map(distributed.host_array, params)  # every process takes part
     if distributed.is_main():  # one writer
@@ -407,5 +602,6 @@ def write_model(run_dir: str, params, model_cfg) -> str:
             this_process_only=True,
             overwrite=True,
         )
+        atomic_write_text(os.path.join(run_dir, MODEL_STEP_FILE), json.dumps({"step": step}))
     distributed.barrier("final model")
     return target

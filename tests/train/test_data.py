@@ -127,3 +127,36 @@ def test_mistral_tokenizer_and_train_tokenizer_command(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="is not a sentencepiece model"):
         tokenizer.Tokenizer.load(str(tmp_path / "c.txt"))
+
+
+def test_binary_and_malformed_sources_are_named_by_file_and_place(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode() + b"ol\xe9")
+    with pytest.raises(ConfigError, match=r"latin1.txt is not UTF-8 text: byte 0xe9 at line 2"):
+        data.read_documents(str(tmp_path / "latin1.txt"))
+    (tmp_path / "blob.txt").write_bytes(b"ab\n\ncd\x00\x01\x02")  # valid UTF-8, but binary
+    with pytest.raises(ConfigError, match=r"byte 0x00 at line 3, offset 6 \(a binary file"):
+        data.read_documents(str(tmp_path / "blob.txt"))
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(ConfigError, match=r"b.jsonl is not UTF-8 text: byte 0xff at line 2"):
+        data.read_documents(str(tmp_path / "b.jsonl"))
+    (tmp_path / "n.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(ConfigError, match=r"n.jsonl:1 is not a JSON object with a 'text'"):
+        data.read_documents(str(tmp_path / "n.jsonl"))
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\r")
+    assert data.read_documents(str(tmp_path / "crlf.txt")) == ["one\ntwo\n"]  # as text mode
+
+
+def test_bad_npy_sources_and_out_of_vocabulary_ids_are_named(tmp_path):
+    np.save(tmp_path / "f.npy", np.ones(4, np.float32))
+    with pytest.raises(ConfigError, match=r"f.npy holds a float32 array of shape \(4,\)"):
+        data.read_documents(str(tmp_path / "f.npy"))
+    np.save(tmp_path / "neg.npy", np.array([1, -3, 2]))
+    with pytest.raises(ConfigError, match=r"neg.npy holds token id -3, outside \[0, 2\*\*31\)"):
+        data.read_documents(str(tmp_path / "neg.npy"))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(ConfigError, match=r"junk.npy is not a readable .npy array"):
+        data.read_documents(str(tmp_path / "junk.npy"))
+    docs = [np.array([1, 5, 2]), np.array([1, 511, 512, 2])]
+    data.check_token_ids(docs[:1], 512, "s.npy")
+    with pytest.raises(ConfigError, match=r"s.npy holds token id 512, outside the model's vocab"):
+        data.check_token_ids(docs, 512, "s.npy")

@@ -89,3 +89,53 @@ def test_architecture_and_compute_are_separate_and_infer_takes_compute_overrides
         compute_overrides(["--model.dtype=int8"])
     with pytest.raises(ConfigError, match="only model.<compute setting> is taken here"):
         compute_overrides(["--train.steps=3"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lr=1e39", "train.lr=1e+39: must be > 0 and finite in float32"),  # inf on device
+        ("train.lr=inf", "train.lr=inf: must be > 0 and finite in float32"),
+        ("train.lr=1e-50", "train.lr=1e-50: must be > 0 and finite in float32"),  # 0 on device
+        ("train.eps=nan", "train.eps=nan: must be > 0"),
+        ("train.clip_norm=1e39", "train.clip_norm=1e+39: must be > 0"),
+        ("train.weight_decay=inf", "train.weight_decay=inf: must be >= 0 and finite"),
+        ("train.lr=1e20 train.weight_decay=1e20", "train.weight_decay=1e+20: times train.lr=1e+20"),
+        ("train.aux_loss_coef=1e39", "train.aux_loss_coef=1e+39: must be >= 0 and finite"),
+        ("train.router_z_loss_coef=-1.0", "train.router_z_loss_coef=-1.0: must be >= 0"),
+        ("train.b1=1.0", "train.b1=1.0: must be in [0, 1)"),
+        ("train.b2=1.0", "train.b2=1.0: must be in (0, 1)"),
+        (
+            "model.rms_norm_eps=1e39",
+            "ModelConfig.rms_norm_eps=1e+39: must be in [1.4e-45, 3.4e+38]",
+        ),
+        ("seed=-1", "seed=-1: must be in [0, 9223372036854775806]"),
+        ("seed=9223372036854775807", "seed=9223372036854775807: must be in [0, "),
+    ],
+)
+def test_settings_are_checked_as_the_device_and_the_prng_take_them(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, override.split())
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert load_run_config(None, ["seed=9223372036854775806"]).seed == 2**63 - 2
+
+
+def test_resume_changes_name_what_changes_the_result():
+    from mixtral_jax.train.config import resume_changes
+
+    saved = to_dict(load_run_config(None))
+    free = [
+        "train.steps=900",
+        "train.log_every=3",
+        "checkpoint.keep=9",
+        "checkpoint.dir=elsewhere",
+        "mesh.data=2",
+        "model.remat=full",
+    ]
+    assert resume_changes(saved, load_run_config(None, free)) == []
+    changed = ["train.lr=0.01", "train.warmup_steps=3", "model.router_jitter_noise=0.1"]
+    assert resume_changes(saved, load_run_config(None, changed)) == [
+        ("model.compute.router_jitter_noise", 0.0, 0.1),
+        ("train.lr", 0.003, 0.01),
+        ("train.warmup_steps", 30, 3),
+    ]
