@@ -6,14 +6,12 @@
 
 A 9-layer, D=1024, F=3584, 8-expert model (0.83 B parameters; float32 parameters plus AdamW's
 two moments: ~10 GB; one layer more than the issue's 8-layer run because the 512-token tokenizer
-trained here makes the embeddings small, which would leave 8 layers at 8.9 GB) trains `--steps`
-steps with a checkpoint every `--save-every`. Each step's end is stamped (after the step's result is read: the loop blocks
+trained here makes the embeddings small, which would leave 8 layers at 8.9 GB) trains `--steps` steps with a checkpoint every
+`--save-every`. Each step's end is stamped (after the step's result is read: the loop blocks
 there anyway), so the gap between the step before a save and the step after it, minus the
 median gap between steps without a save, is the stall the save added to the step loop. Beside
-it: the device-to-host copy of this process's shards into pinned host memory, from the save's
-start until the copies are ready (`TrainCheckpointer.copy_s`; it runs beside the steps after the
-save, not on the loop; the old pageable copy was part of the stall), the whole `save()` call
-(Orbax's own pinned-host copy included), and the bytes this process hashed. Writes
+it: the device-to-host copy of this process's shards (`TrainCheckpointer.last_copy_s`, part of
+the stall), the whole `save()` call, and the bytes this process hashed. Writes
 $OUT/save_stall.json and prints a table.
 """
 
@@ -79,14 +77,13 @@ class _Probe:
             return probe._log_step(logger, step, m)
 
         def save(ckpt, step, state, meta):
-            probe.ckpt = ckpt
             start = time.perf_counter()
             probe._save(ckpt, step, state, meta)
             probe.saves.append(
                 {
                     "step": step,
                     "save_call_s": time.perf_counter() - start,
-                    "copy_start_s": ckpt.last_copy_s,
+                    "device_to_host_s": ckpt.last_copy_s,
                     "hashed_bytes": sum(n for _, _, n in ckpt.last_hashed),
                     "hashed_shards": len(ckpt.last_hashed),
                 }
@@ -138,8 +135,6 @@ def main() -> None:
         start = time.perf_counter()
         trainer.run(cfg, show_progress=False)
         total = time.perf_counter() - start
-    for save in probe.saves:  # measured off the step loop, ready by the end of the run
-        save["device_to_host_s"] = probe.ckpt.copy_s.get(save["step"], float("nan"))
     normal, rows = stalls(probe.step_end, probe.saves, a.steps)
     state_bytes = rows[0]["hashed_bytes"] if rows else probe.saves[0]["hashed_bytes"]
     print(

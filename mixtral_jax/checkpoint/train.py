@@ -95,16 +95,15 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
-def _pinned_copy(data: jax.Array) -> jax.Array:
-    """An asynchronous copy of a single-device array into pinned host memory (a DMA at the
-    link's speed; a pageable copy ran at 1-2 GB/s on an H200, 5-10 s for 10 GB of state), or
-    the array itself where its device has no pinned host memory."""
-    device = next(iter(data.devices()))
-    if "pinned_host" not in {m.kind for m in device.addressable_memories()}:
-        return data
-    return jax.device_put(
-        data, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-    )
+def _state_handler() -> ocp.StandardCheckpointHandler:
+    """Orbax's standard handler with pinned-host transfer off (its GPU default): Orbax's host
+    copy of each shard is then the cached numpy value `save` made for hashing, so the
+    device-to-host copy happens once. Orbax exposes the option only on the PyTree handler that
+    the standard one wraps; where that wrapper changes, the default handler is kept."""
+    handler = ocp.StandardCheckpointHandler()
+    if hasattr(handler, "_impl"):
+        handler._impl = ocp.PyTreeCheckpointHandler(enable_pinned_host_transfer=False)
+    return handler
 
 
 class TrainCheckpointer:
@@ -122,15 +121,11 @@ class TrainCheckpointer:
             os.path.join(self.run_dir, CHECKPOINTS),
             options=options,
             item_names=("state", "meta"),
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()},
         )
         self._hashing: threading.Thread | None = None
         self._hash_error: BaseException | None = None
-        self.last_copy_s = 0.0  # time save() spent starting this process's host copies
-        self.copy_s: dict[int, float] = {}  # step -> seconds until its host copies were ready
+        self.last_copy_s = 0.0  # device-to-host copy time of the last save (benchmarks)
         self.last_hashed: list[tuple[str, str, int]] = []  # (path, index, bytes) of the last save
 
     def steps(self) -> list[int]:
@@ -140,15 +135,16 @@ class TrainCheckpointer:
     def save(self, step: int, state: dict, meta: dict) -> None:
         """Starts saving `state` (a pytree of arrays) and `meta` (JSON) as `step`.
 
-        This process starts copying its own shards into pinned host memory (asynchronously:
-        the copies are ordered before the next step reuses the donated buffers), and a
-        background thread waits for them, hashes them and writes its manifest part; Orbax makes
-        its own host copy for the write. Raises the error of an earlier failed asynchronous save
-        or hashing (reported here or at `wait`).
+        This process copies its own shards to the host (the copy Orbax writes from), then
+        hashes them in a background thread that writes its manifest part. Raises the error of
+        an earlier failed asynchronous save or hashing (reported here or at `wait`).
         """
         self._join_hashing()
         start = time.perf_counter()
-        host = [(name, key, _pinned_copy(data)) for name, key, data in own_shards(state)]
+        shards = own_shards(state)
+        for _, _, data in shards:
+            data.copy_to_host_async()
+        host = [(name, key, np.asarray(data)) for name, key, data in shards]
         self.last_copy_s = time.perf_counter() - start
         self.last_hashed = [(name, key, arr.nbytes) for name, key, arr in host]
         try:
@@ -163,17 +159,14 @@ class TrainCheckpointer:
             raise RuntimeError(f"checkpoint save failed at step {step}: {e}") from e
         meta_sum = meta_crc(meta) if jax.process_index() == 0 else None
         self._hashing = threading.Thread(
-            target=self._write_part, args=(step, host, meta_sum, start), daemon=True
+            target=self._write_part, args=(step, host, meta_sum), daemon=True
         )
         self._hashing.start()
         self._drop_stale_manifests()
 
-    def _write_part(self, step: int, copies, meta_sum: str | None, start: float) -> None:
-        """Background: waits for this process's shard copies, hashes them and writes its
-        manifest part."""
+    def _write_part(self, step: int, host, meta_sum: str | None) -> None:
+        """Background: hashes this process's shard copies and writes its manifest part."""
         try:
-            host = [(name, key, np.asarray(arr)) for name, key, arr in copies]
-            self.copy_s[step] = time.perf_counter() - start
             part = {
                 "step": step,
                 "process": jax.process_index(),
