@@ -32,6 +32,7 @@ from bench.common import (
     write_json,
 )
 from mixtral_jax.generate import Generator, SamplingParams
+from mixtral_jax.generate.sampler import left_pad, prompt_width
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.model import moe as moe_block
 from mixtral_jax.model import transformer
@@ -56,15 +57,16 @@ def route_bf16_operands(x, router, topk):
     return moe_ops.Routing(logits=logits, weights=weights, experts=experts.astype(jnp.int32))
 
 
-def profile_decode(generator: Generator, prompt_len: int = 16, calls: int = 3) -> dict:
-    """GPU kernels of batch-1 decode steps (one compiled chunk of generator.chunk steps per call),
-    per step: busy time, span, launches and the time of each kernel name."""
-    cfg = generator.cfg
-    tokens = jnp.asarray(np.arange(3, 3 + prompt_len, dtype=np.int32)[None])
-    valid = jnp.ones_like(tokens, bool)
-    size = prompt_len + generator.chunk * (calls + 2)
-    _, cache, next_pos, _ = generator._prefill(generator.state, tokens, valid, cache_size=size)
-    carry = {"cache": cache, "last": tokens[:, -1], "pos": next_pos}
+def profile_decode(generator: Generator, prompt: list[int] | None = None, calls: int = 3) -> dict:
+    """GPU kernels of batch-1 decode steps over the cache of `prompt` (default 16 tokens; a long
+    one is prefilled in chunks), one compiled chunk of generator.chunk steps per call, per step:
+    busy time, span, launches and the time of each kernel name."""
+    prompt = list(range(3, 19)) if prompt is None else prompt
+    width = prompt_width(len(prompt), generator.prefill_chunk)
+    tokens, valid = left_pad([prompt], width)
+    size = width + generator.chunk * (calls + 2)
+    _, cache, next_pos, _ = generator.prefill(tokens, valid, cache_size=size)
+    carry = {"cache": cache, "last": jnp.asarray(tokens[:, -1]), "pos": next_pos}
     done, key = jnp.zeros((1,), bool), jax.random.key(0)
 
     def chunk():
@@ -83,7 +85,8 @@ def profile_decode(generator: Generator, prompt_len: int = 16, calls: int = 3) -
         return out[4]
 
     summary = kernel_summary(trace_kernels(chunk, reps=calls), per=calls * generator.chunk)
-    summary["layers"] = cfg.num_layers
+    summary["layers"] = generator.cfg.num_layers
+    summary["cache_tokens"] = len(prompt)
     return summary
 
 

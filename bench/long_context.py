@@ -26,22 +26,19 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import mixtral_jax as mj
 from bench.common import (
     environment,
-    kernel_summary,
     matmul_peak_tflops,
     random_model,
-    trace_kernels,
     write_json,
 )
-from bench.decode import step_bytes
-from mixtral_jax.generate import Generator, SamplingParams
-from mixtral_jax.generate.sampler import PREFILL_CHUNK, left_pad, prompt_width
+from bench.decode import profile_decode, step_bytes
+from mixtral_jax.generate import Generator
+from mixtral_jax.generate.sampler import PREFILL_CHUNK, prompt_width
 from mixtral_jax.kernels import plan as kernel_plan
 
 
@@ -103,36 +100,6 @@ def run_length(generator: Generator, prompt: list[int], new: int, bandwidth: flo
         "kv_cache_bytes": kv_bytes(cfg, result.prompt_bucket + new),
         "peak_memory_bytes": peak_bytes,
     }
-
-
-def profile_decode(generator: Generator, prompt: list[int], calls: int = 2) -> dict:
-    """GPU kernels of batch-1 decode steps over the cache of `prompt` (one compiled chunk of
-    generator.chunk steps per call), per step: busy time, span, launches, time per kernel."""
-    width = prompt_width(len(prompt), generator.prefill_chunk)
-    tokens, valid = left_pad([prompt], width)
-    size = width + generator.chunk * (calls + 2)
-    _, cache, next_pos, _ = generator.prefill(tokens, valid, cache_size=size)
-    carry = {"cache": cache, "last": jnp.asarray(tokens[:, -1]), "pos": next_pos}
-    done, key = jnp.zeros((1,), bool), jax.random.key(0)
-
-    def chunk():
-        out = generator._decode(
-            generator.state,
-            carry["cache"],
-            carry["last"],
-            carry["pos"],
-            done,
-            key,
-            -1,
-            sampling=SamplingParams(),
-            steps=generator.chunk,
-        )
-        carry["cache"], carry["last"], carry["pos"] = out[0], out[1], out[2]
-        return out[4]
-
-    summary = kernel_summary(trace_kernels(chunk, reps=calls), per=calls * generator.chunk)
-    summary["cache_tokens"] = len(prompt)
-    return summary
 
 
 def print_table(rows: list[dict], peak: float, bandwidth: float, weights: int) -> None:
@@ -204,7 +171,7 @@ def main():
         assert prompt_width(n, chunk) >= n
         rows.append(run_length(generator, prompt, new, args.bandwidth_tbs, peak))
         print(rows[-1], flush=True)
-    profile = profile_decode(generator, prompt) if args.profile else None
+    profile = profile_decode(generator, prompt, calls=2) if args.profile else None
     write_json(
         "long_context.json",
         {
