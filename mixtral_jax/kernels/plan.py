@@ -4,8 +4,8 @@ A `KernelPlan` is resolved at the top of each traced model call (`Mixtral.__call
 `Mixtral.extend`) from four inputs and nothing else:
 
   the compute config   `ComputeConfig.attention_impl / cached_attention_impl / gmm_impl /
-                       decode_expert_impl / decode_projection_impl / expert_exchange / moe_impl`
-                       (`auto` or a choice);
+                       decode_expert_impl / decode_projection_impl / decode_attention_impl /
+                       expert_exchange / moe_impl` (`auto` or a choice);
   the platform         `platform()`: NVIDIA GPU, or not (CPU, TPU, other GPUs);
   the active mesh      `sharding.active_mesh()`: expert-parallel dispatch when its expert axis
                        is > 1; decode kernels only on one device (they read unsharded stacks);
@@ -19,7 +19,9 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
 
   attention           cudnn flash attention on NVIDIA GPUs in bf16/fp16 with head_dim <= 128
   cached_attention    the same, for cached calls of T >= MIN_FLASH_QUERIES new tokens per row
-                      (prefill chunks); decode steps keep the XLA einsum (faster there)
+                      (prefill chunks); decode steps keep the XLA einsum (faster there) unless
+  decode_attention    pallas (decode_attention.py: flash decoding reading the cache in place) on
+                      NVIDIA GPUs for cached calls of one new token per row on one device
   grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; jax.lax.ragged_dot elsewhere
   decode_experts      pallas (expert_decode.py) on NVIDIA GPUs; `gather` for a single token
                       where the grouped matmul is ragged_dot (which would read every expert)
