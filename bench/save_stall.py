@@ -10,9 +10,8 @@ trained here makes the embeddings small, which would leave 8 layers at 8.9 GB) t
 `--save-every`. Each step's end is stamped (after the step's result is read: the loop blocks
 there anyway), so the gap between the step before a save and the step after it, minus the
 median gap between steps without a save, is the stall the save added to the step loop. Beside
-it: the device-to-host copy of this process's shards (`TrainCheckpointer.copy_s`: from the
-save's start until the host copies exist; with the device snapshot it runs beside the steps
-after the save, without it, on the loop: part of the stall), the whole `save()` call, and the bytes this process hashed. Writes
+it: the device-to-host copy of this process's shards (`TrainCheckpointer.last_copy_s`, part of
+the stall), the whole `save()` call, and the bytes this process hashed. Writes
 $OUT/save_stall.json and prints a table.
 """
 
@@ -57,7 +56,6 @@ def _overrides(a, run_dir: str) -> list[str]:
         f"checkpoint.save_every={a.save_every}",
         "checkpoint.keep=2",
         "checkpoint.async_save=true",
-        f"checkpoint.device_snapshot={str(not a.no_device_snapshot).lower()}",
     ]
 
 
@@ -79,14 +77,13 @@ class _Probe:
             return probe._log_step(logger, step, m)
 
         def save(ckpt, step, state, meta):
-            probe.ckpt = ckpt
             start = time.perf_counter()
             probe._save(ckpt, step, state, meta)
             probe.saves.append(
                 {
                     "step": step,
                     "save_call_s": time.perf_counter() - start,
-                    "on_loop_copy_s": ckpt.last_copy_s,
+                    "device_to_host_s": ckpt.last_copy_s,
                     "hashed_bytes": sum(n for _, _, n in ckpt.last_hashed),
                     "hashed_shards": len(ckpt.last_hashed),
                 }
@@ -130,7 +127,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--dir", default=None, help="run directory (default: a fresh temporary one)")
-    p.add_argument("--no-device-snapshot", action="store_true", help="copy to the host on the loop")
     a = p.parse_args()
     run_dir = a.dir or tempfile.mkdtemp(prefix="save_stall-")
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -139,8 +135,6 @@ def main() -> None:
         start = time.perf_counter()
         trainer.run(cfg, show_progress=False)
         total = time.perf_counter() - start
-    for save in probe.saves:  # made in the background (device snapshot) or on the loop
-        save["device_to_host_s"] = probe.ckpt.copy_s.get(save["step"], float("nan"))
     normal, rows = stalls(probe.step_end, probe.saves, a.steps)
     state_bytes = rows[0]["hashed_bytes"] if rows else probe.saves[0]["hashed_bytes"]
     print(

@@ -34,7 +34,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -47,10 +46,6 @@ MANIFESTS = "manifests"
 SKIPPED = "skipped"  # unusable steps that a resume moved out of the way
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step still being written
 HASH_THREADS = 8  # zlib.crc32 releases the GIL: shards hash in parallel
-
-
-class SaveFailed(RuntimeError):
-    """Orbax could not write a checkpoint step (one line, raised on the step loop)."""
 
 
 class CheckpointInvalid(ConfigError):
@@ -114,14 +109,8 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
 class TrainCheckpointer:
     """Saves and restores training state with keep-N, async writes and verified restores."""
 
-    def __init__(self, run_dir: str, *, keep: int, async_save: bool, device_snapshot: bool = True):
-        """`device_snapshot` (with `async_save`, in a single-process run): `save` copies the state
-        on the device (room for one more copy of it is needed) and does everything else in a
-        background thread, so the step loop is not held by the device-to-host copy (10 GB of
-        state held an H200's loop 6.8-11.8 s). Multi-process runs copy on the loop: Orbax's save
-        meets the other processes at barriers, which a thread beside the steps must not."""
+    def __init__(self, run_dir: str, *, keep: int, async_save: bool):
         self.run_dir = os.path.abspath(run_dir)
-        self.background = async_save and device_snapshot and jax.process_count() == 1
         self.manifest_dir = os.path.join(self.run_dir, MANIFESTS)
         os.makedirs(self.manifest_dir, exist_ok=True)
         self._remove_interrupted_saves()
@@ -136,8 +125,7 @@ class TrainCheckpointer:
         )
         self._hashing: threading.Thread | None = None
         self._hash_error: BaseException | None = None
-        self.last_copy_s = 0.0  # time the last save() spent copying on the step loop
-        self.copy_s: dict[int, float] = {}  # step -> seconds until its host copies were made
+        self.last_copy_s = 0.0  # device-to-host copy time of the last save (benchmarks)
         self.last_hashed: list[tuple[str, str, int]] = []  # (path, index, bytes) of the last save
 
     def steps(self) -> list[int]:
@@ -153,30 +141,12 @@ class TrainCheckpointer:
         """
         self._join_hashing()
         start = time.perf_counter()
-        if self.background:  # fresh device buffers: the next step cannot donate them away
-            snapshot = jax.tree.map(jnp.copy, state)
-            self.last_copy_s = time.perf_counter() - start
-            self._hashing = threading.Thread(
-                target=self._save_snapshot, args=(step, snapshot, meta, start), daemon=True
-            )
-            self._hashing.start()
-            return
         shards = own_shards(state)
         for _, _, data in shards:
             data.copy_to_host_async()
         host = [(name, key, np.asarray(data)) for name, key, data in shards]
-        self.last_copy_s = self.copy_s[step] = time.perf_counter() - start
+        self.last_copy_s = time.perf_counter() - start
         self.last_hashed = [(name, key, arr.nbytes) for name, key, arr in host]
-        self._orbax_save(step, state, meta)
-        meta_sum = meta_crc(meta) if jax.process_index() == 0 else None
-        self._hashing = threading.Thread(
-            target=self._write_part, args=(step, host, meta_sum), daemon=True
-        )
-        self._hashing.start()
-        self._drop_stale_manifests()
-
-    def _orbax_save(self, step: int, state, meta: dict) -> None:
-        """Starts Orbax's (asynchronous) write of `step`; a failure is one SaveFailed."""
         try:
             self.manager.save(
                 step,
@@ -186,21 +156,13 @@ class TrainCheckpointer:
                 force=True,
             )
         except Exception as e:
-            raise SaveFailed(f"checkpoint save failed at step {step}: {e}") from e
-
-    def _save_snapshot(self, step: int, snapshot, meta: dict, start: float) -> None:
-        """Background: this process's shard copies from the device snapshot, Orbax's write
-        of it, then the hashes and the manifest part."""
-        try:
-            host = [(name, key, np.asarray(data)) for name, key, data in own_shards(snapshot)]
-            self.copy_s[step] = time.perf_counter() - start
-            self.last_hashed = [(name, key, arr.nbytes) for name, key, arr in host]
-            self._orbax_save(step, snapshot, meta)
-            del snapshot  # Orbax holds what its write still needs
-            self._write_part(step, host, meta_crc(meta))
-            self._drop_stale_manifests()
-        except BaseException as e:  # noqa: BLE001 - reported on the step loop
-            self._hash_error = self._hash_error or e
+            raise RuntimeError(f"checkpoint save failed at step {step}: {e}") from e
+        meta_sum = meta_crc(meta) if jax.process_index() == 0 else None
+        self._hashing = threading.Thread(
+            target=self._write_part, args=(step, host, meta_sum), daemon=True
+        )
+        self._hashing.start()
+        self._drop_stale_manifests()
 
     def _write_part(self, step: int, host, meta_sum: str | None) -> None:
         """Background: hashes this process's shard copies and writes its manifest part."""
@@ -226,17 +188,15 @@ class TrainCheckpointer:
             self._hashing = None
         if self._hash_error is not None:
             e, self._hash_error = self._hash_error, None
-            if isinstance(e, SaveFailed):
-                raise e
             raise RuntimeError(f"checkpoint checksums failed: {_first_line(e)}") from e
 
     def wait(self) -> None:
         """Blocks until pending saves and their manifests are written; raises if one failed."""
-        self._join_hashing()  # first: a background save may still be starting Orbax's write
         try:
             self.manager.wait_until_finished()
         except Exception as e:
             raise RuntimeError(f"checkpoint save failed: {e}") from e
+        self._join_hashing()
         self._drop_stale_manifests()
 
     def _manifest(self, step: int) -> tuple[dict[str, dict[str, str]], str, int]:
@@ -375,8 +335,8 @@ class TrainCheckpointer:
         """Lets saves already in flight finish (they hold good, earlier steps), then closes;
         a second error here would hide the first, so it is only reported."""
         try:
-            self._join_hashing()
             self.manager.wait_until_finished()
+            self._join_hashing()
             self.manager.close()
         except Exception as e:  # noqa: BLE001
             print(f"warning: while stopping, a pending checkpoint save failed too: {e}")

@@ -170,9 +170,6 @@ class CheckpointConfig:
     save_every: steps between checkpoints (the last step is always saved).
     keep: checkpoints kept (older ones are deleted).
     async_save: write checkpoints in the background while training continues.
-    device_snapshot: with async_save in a single-process run, a save copies the state on the
-      device (room for one more copy of it is needed) and the device-to-host copy, the write and
-      the checksums all run beside the next steps; false copies to the host on the step loop.
     init_from: a model checkpoint (converted, upcycled, trained) whose weights start a new run;
       its config.json fixes the model's sizes, the [model] table may still set dtype, param_dtype,
       remat, moe_impl, capacity_factor, router_jitter_noise, attention_impl and gmm_impl.
@@ -187,7 +184,6 @@ class CheckpointConfig:
     save_every: int = 100
     keep: int = 3
     async_save: bool = True
-    device_snapshot: bool = True
     allow_config_change: bool = False
 
     def __post_init__(self):

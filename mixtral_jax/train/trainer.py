@@ -372,10 +372,7 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     shapes = _placed(shapes, sharding.param_shardings(shapes, mesh))
     tx = make_optimizer(cfg.train, shapes)
     ckpt = TrainCheckpointer(
-        cfg.checkpoint.dir,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-        device_snapshot=cfg.checkpoint.device_snapshot,
+        cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
     if ckpt.steps():  # the newest step's config, before shapes that may not fit
         check_resume(_saved_config(ckpt, ckpt.steps()[-1]), cfg, ckpt.steps()[-1])
