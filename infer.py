@@ -194,7 +194,7 @@ def run(args) -> int:
         return any(s in tokenizer.decode(new) for s in args.stop)
 
     generator = Generator(model)
-    generator._check(ids, args.max_new_tokens)  # argument errors before the prompt is echoed
+    generator.validate(ids, args.max_new_tokens)  # argument errors before the prompt is echoed
     if stream:
         sys.stdout.write(prompts[0])
     generate_start = time.monotonic()

@@ -201,7 +201,10 @@ class Generator:
         )
         return cache, last, next_pos, done, tokens.T, jnp.sum(load, axis=0)  # tokens [B, steps]
 
-    def _check(self, prompts, max_new_tokens):
+    def validate(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """ConfigError (one line) for an empty prompt, max_new_tokens < 1, or prompt +
+        max_new_tokens beyond the model's context; `generate` calls it first, and a caller may
+        call it before it prints anything."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("empty prompt: every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -236,7 +239,7 @@ class Generator:
         Raises:
           ConfigError: an empty prompt, or prompt + max_new_tokens beyond the model's context.
         """
-        self._check(prompts, max_new_tokens)
+        self.validate(prompts, max_new_tokens)
         padded = prompt_width(max(len(p) for p in prompts), self.prefill_chunk)
         tokens, valid = left_pad(prompts, padded)
         cache_size = padded + -(-max_new_tokens // self.chunk) * self.chunk
