@@ -35,7 +35,6 @@ from mixtral_jax.generate import Generator, SamplingParams
 from mixtral_jax.generate.sampler import left_pad, prompt_width
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.model import moe as moe_block
-from mixtral_jax.model import transformer
 from mixtral_jax.moe import ops as moe_ops
 
 
@@ -97,7 +96,7 @@ def main():
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--moe-impl", default="dropless")
-    p.add_argument("--unroll", type=int, default=transformer.EXTEND_SCAN_UNROLL)
+    p.add_argument("--unroll", type=int, default=kernel_plan.GPU_EXTEND_UNROLL)
     p.add_argument(
         "--router-dot",
         choices=("f32", "bf16"),
@@ -129,7 +128,7 @@ def main():
         if args.peer
         else None
     )
-    transformer.EXTEND_SCAN_UNROLL = args.unroll
+    kernel_plan.GPU_EXTEND_UNROLL = args.unroll
     if args.router_dot == "bf16":
         moe_block.route = route_bf16_operands
     cfg = mj.preset(

@@ -47,6 +47,7 @@ def test_auto_resolves_by_platform():
         DecodeProjectionImpl.PALLAS,
     )
     assert gpu.stacked_weights[-1] == ("moe", "router")
+    assert (gpu.extend_unroll, cpu.extend_unroll) == (4, 1)  # CPU: one layer's slices at a time
     assert hash(gpu) == hash(resolve(GPU_BF16, 8, cached=True, where=NVIDIA_GPU))  # static
 
 
