@@ -92,9 +92,6 @@ def test_two_process_training_equals_one_process(clean_env, tmp_path):
     """train.py in 2 processes x 2 CPU devices (data=4), each loading only its half of every
     batch: same loss and final weights as one process on 4 devices; one tokenizer, one manifest
     per step, one final model."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     small = [
         "--model.num_layers=1",
         "--train.batch_size=4",
@@ -107,34 +104,7 @@ def test_two_process_training_equals_one_process(clean_env, tmp_path):
         "--checkpoint.async_save=false",
         "--mesh.data=4",
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": ROOT,
-        "JAX_PLATFORMS": "cpu",  # unoptimised as conftest
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-    }
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(ROOT, "train.py"),
-                *small,
-                f"--checkpoint.dir={tmp_path / 'multi'}",
-                f"--coordinator=localhost:{port}",
-                "--num-processes=2",
-                f"--process-id={i}",
-            ],
-            env=env,
-            cwd=ROOT,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    outs = _two_processes(tmp_path / "multi", small)
 
     import numpy as np
 
@@ -144,7 +114,7 @@ def test_two_process_training_equals_one_process(clean_env, tmp_path):
 
     cfg = load_run_config(None, [o[2:] for o in small] + [f"checkpoint.dir={tmp_path / 'one'}"])
     result = trainer.run(cfg, show_progress=False)
-    assert f"train loss {result['loss']:.3f}" in outs[0][0]
+    assert f"train loss {result['loss']:.3f}" in outs[0]
     _, multi = checkpoint.load_model(str(tmp_path / "multi" / "model"))
     _, one = checkpoint.load_model(str(tmp_path / "one" / "model"))
     for a, b in zip(jax_leaves(multi), jax_leaves(one), strict=True):
