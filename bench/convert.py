@@ -26,40 +26,17 @@ import subprocess
 import sys
 import time
 
-import ml_dtypes
-import numpy as np
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `python bench/convert.py`: bench.random_hf from the repository
 
 from mixtral_jax import config as config_lib
-from mixtral_jax.convert.exporter import shard_plan
-from mixtral_jax.convert.safetensors_io import StreamWriter
-from mixtral_jax.hf.config import save_hf_config
-from mixtral_jax.hf.weights import hf_shapes
 
 
 def write_synthetic(cfg, directory: str) -> int:
-    """A random HF checkpoint for cfg, one tensor in memory at a time; returns its bytes."""
-    os.makedirs(directory)
-    dtype = np.dtype(ml_dtypes.bfloat16)
-    shapes = hf_shapes(cfg)
-    shards = shard_plan(cfg, dtype, 2 * 1024**3)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    rng = np.random.default_rng(0)
-    total = 0
-    for name, keys in zip(names, shards):
-        writer = StreamWriter(os.path.join(directory, name), [(k, dtype, shapes[k]) for k in keys])
-        for key in keys:
-            value = (0.02 * rng.standard_normal(shapes[key], np.float32)).astype(dtype)
-            writer.write(key, value)
-            total += value.nbytes
-        writer.close()
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
-    }
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f)
-    save_hf_config(cfg, os.path.join(directory, "config.json"))
-    return total
+    """A random bf16 HF checkpoint for cfg, one tensor in memory at a time; returns its bytes."""
+    from bench.random_hf import write_random_hf
+
+    return write_random_hf(cfg.replace(param_dtype="bfloat16"), directory)
 
 
 def timed_command(args: list[str]) -> dict:
