@@ -58,7 +58,8 @@ def parse_args(argv):
     p.add_argument(
         "--memory-stats",
         action="store_true",
-        help="with --json: the device's peak bytes in use (jax memory_stats), for benchmarks",
+        help="with --json: the device's peak bytes in use (jax memory_stats) and this process's "
+        "host memory after loading and at the end, for benchmarks",
     )
     p.add_argument(
         "--compile-cache",
@@ -176,6 +177,7 @@ def run(args) -> int:
         args.checkpoint, args.tokenizer, compute=changes, progress=show_progress(args.quiet)
     )
     load_s = time.monotonic() - load_start
+    rss_after_load = host_memory() if args.memory_stats else None
     texts = [f"[INST] {p} [/INST]" if args.chat else p for p in prompts]
     ids = [tokenizer.encode(t) for t in texts]
     stream = not args.json and len(prompts) == 1  # one prompt: print tokens as they arrive
@@ -217,6 +219,8 @@ def run(args) -> int:
     }
     if args.memory_stats:
         timing["peak_bytes_in_use"] = peak_device_bytes()
+        timing["host_after_load"] = rss_after_load
+        timing["host_at_end"] = host_memory()
     if args.json:
         print(
             json.dumps(
@@ -262,6 +266,16 @@ def peak_device_bytes() -> int | None:
 
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
+
+
+def host_memory() -> dict | None:
+    """This process's resident and peak resident bytes (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

@@ -100,6 +100,29 @@ def run_infer(cmd: list[str], env: dict) -> dict:
     }
 
 
+# A process that starts JAX on the device and runs one op: the host memory any JAX program holds.
+BARE = "import jax, jax.numpy as jnp; jnp.ones(8).block_until_ready(); print('{}')"
+
+
+def run_bare(cmd: list[str], env: dict) -> dict:
+    """Host peak RSS and GPU peak of a bare JAX process (the baseline of infer.py's figures)."""
+    timer = os.path.exists("/usr/bin/time")
+    with GpuPoller() as gpu:
+        proc = subprocess.run(
+            (["/usr/bin/time", "-v"] if timer else []) + cmd,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            check=False,
+        )
+    kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return {
+        "host_peak_rss_bytes": int(kb.group(1)) * 1024 if kb else None,
+        "gpu_nvidia_smi_bytes": gpu.peak_mib * 2**20 if gpu.available else None,
+    }
+
+
 def _poll_rss(proc) -> int | None:
     """Peak RSS of `proc` by psutil polling (where /usr/bin/time is missing)."""
     try:
@@ -135,6 +158,12 @@ def main() -> None:
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "real_path"))
     p.add_argument("--keep", action="store_true")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--allocators",
+        default="",
+        help="comma list of XLA_PYTHON_CLIENT_ALLOCATOR values for extra warm runs "
+        "(e.g. cuda_async,platform)",
+    )
     args = p.parse_args()
     layers = 2 if args.tiny and args.layers == 16 else args.layers
     cfg = config(args.tiny, layers)
@@ -152,6 +181,12 @@ def main() -> None:
         cmd += ["--prompt", "The quick brown fox", "--json", "--memory-stats", "--quiet"]
         cmd += ["--max-new-tokens", str(args.max_new_tokens), "--compile-cache", cache]
         rows = {"cold": run_infer(cmd, env), "warm": run_infer(cmd, env)}
+        for allocator in filter(None, args.allocators.split(",")):
+            rows[f"warm_{allocator}"] = run_infer(
+                cmd, dict(env, XLA_PYTHON_CLIENT_ALLOCATOR=allocator)
+            )
+        bare = [sys.executable, "-c", BARE]
+        rows_bare = run_bare(bare, env)
         for r in rows.values():
             r["load_GB_per_s"] = weights / 1e9 / r["load_s"]
             for key, ratio in RATIOS.items():
@@ -163,6 +198,7 @@ def main() -> None:
             "write_s": write_s,
             "max_new_tokens": args.max_new_tokens,
             "rows": rows,
+            "bare_process": rows_bare,
             "date": time.strftime("%Y-%m-%d"),
         }
         from bench.common import write_json
