@@ -9,6 +9,10 @@ either is read slice by slice straight to the device (memory-mapped, checksums v
 checkpoints), with a progress bar on a terminal (--quiet: none). The tokenizer is
 DIR/tokenizer.model unless --tokenizer names one.
 
+GPU memory: unless XLA_PYTHON_CLIENT_ALLOCATOR / XLA_PYTHON_CLIENT_PREALLOCATE are set, infer.py
+uses CUDA's asynchronous allocator without preallocation, so the card holds what the model uses
+(weights, KV cache, work space) instead of JAX's default 75% of its memory.
+
 The compute dtype is the checkpoint's (bfloat16 weights compute in bfloat16) unless --dtype or
 --model.dtype says otherwise. Compiled programs are kept in a persistent cache (default
 ~/.cache/mixtral_jax/jax_cache, or $XDG_CACHE_HOME/mixtral_jax/jax_cache), so a second start
@@ -153,6 +157,9 @@ def read_prompts(args) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from mixtral_jax.generate.loading import use_inference_memory_defaults
+
+    use_inference_memory_defaults()  # before JAX starts its GPU backend
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)

@@ -9,10 +9,15 @@ Layout under the run directory:
                              CRC32 of the meta JSON
 
 Checksums scale with the shards, not the model: each process hashes only its addressable shards
-of replica 0 (a replicated shard is hashed once, by whoever holds replica 0), from the host copy
-Orbax makes for its own write (the device-to-host copy happens once, on the step loop, as Orbax's
-async save needs it anyway), in a background thread, and writes its own manifest part. No array is
-ever gathered. The checksum is zlib's CRC32 (stdlib): Orbax 0.12 hard-codes its zarr3 codecs
+of replica 0 (a replicated shard is hashed once, by whoever holds replica 0), in a background
+thread, and writes its own manifest part. No array is ever gathered.
+
+The device-to-host copy: `save` copies the state once into pinned (page-locked) host memory with
+one compiled program whose outputs keep the state's shardings in the `pinned_host` memory kind,
+and hands that copy to Orbax and to the hashing thread. H200, 10 GB in 44 arrays
+(bench/d2h.py): numpy's pageable copies run at 1.6 GB/s, this copy at 41-45 GB/s once XLA's
+pinned pool has grown (its first growth runs at ~1 GB/s: `reserve` pays it before the step
+loop, and the pool keeps the memory for every later save). The checksum is zlib's CRC32 (stdlib): Orbax 0.12 hard-codes its zarr3 codecs
 (crc32c protects only the shard index, not the chunk data) and offers no option to add one, so
 TensorStore's checksum cannot cover the data.
 
@@ -25,6 +30,7 @@ to the newest step that verifies, printing one line per skipped step and why.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -68,6 +74,35 @@ def own_shards(tree) -> list[tuple[str, str, jax.Array]]:
             if shard.replica_id == 0:
                 out.append((name, _index_key(shard.index, x.shape), shard.data))
     return out
+
+
+PINNED_HOST = "pinned_host"
+
+
+@functools.cache
+def _pinned_copy_fn(shardings: tuple):
+    """A compiled copy of a flat list of arrays into pinned host memory, shardings kept."""
+    pinned = [s.with_memory_kind(PINNED_HOST) for s in shardings]
+    return jax.jit(lambda leaves: list(leaves), out_shardings=pinned)
+
+
+def pinned_host_copy(tree):
+    """`tree`'s arrays copied to pinned host memory (same shardings, `pinned_host` memory kind),
+    one compiled copy per set of devices, dispatched asynchronously. Where the devices have no
+    pinned host memory, the tree itself."""
+    leaves, treedef = jax.tree.flatten(tree)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(tuple(sorted(d.id for d in x.sharding.device_set)), []).append(i)
+    out = list(leaves)
+    for members in groups.values():
+        device = next(iter(leaves[members[0]].sharding.device_set))
+        if PINNED_HOST not in {m.kind for m in device.addressable_memories()}:
+            return tree
+        shardings = tuple(leaves[i].sharding for i in members)
+        for i, y in zip(members, _pinned_copy_fn(shardings)([leaves[i] for i in members])):
+            out[i] = y
+    return jax.tree.unflatten(treedef, out)
 
 
 def _crc(arr: np.ndarray) -> str:
@@ -128,6 +163,11 @@ class TrainCheckpointer:
         self.last_copy_s = 0.0  # device-to-host copy time of the last save (benchmarks)
         self.last_hashed: list[tuple[str, str, int]] = []  # (path, index, bytes) of the last save
 
+    def reserve(self, state) -> None:
+        """Grows XLA's pinned host pool to hold a copy of `state` (a copy made and dropped), so
+        the first save does not pay the pool's growth on the step loop."""
+        jax.block_until_ready(pinned_host_copy(state))
+
     def steps(self) -> list[int]:
         """Finished checkpoints (an interrupted save is never listed)."""
         return sorted(self.manager.all_steps())
@@ -141,9 +181,10 @@ class TrainCheckpointer:
         """
         self._join_hashing()
         start = time.perf_counter()
+        state = jax.block_until_ready(pinned_host_copy(state))  # the step loop may go on now
         shards = own_shards(state)
         for _, _, data in shards:
-            data.copy_to_host_async()
+            data.copy_to_host_async()  # a no-op for pinned host arrays
         host = [(name, key, np.asarray(data)) for name, key, data in shards]
         self.last_copy_s = time.perf_counter() - start
         self.last_hashed = [(name, key, arr.nbytes) for name, key, arr in host]

@@ -488,6 +488,7 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     global_rows = _load_local_rows(cfg, mesh, batches)
     final: dict = {}
     try:
+        ckpt.reserve(dataclasses.asdict(state))  # pinned host memory for the saves' copies
         while int(state.step) < tc.steps:
             batch = split_micro_batches(next(batches), tc.grad_accum)
             state, m = train_step(state, _on_mesh(batch, mesh, 1, global_rows))

@@ -160,3 +160,28 @@ def test_failed_hashing_stops_the_next_save(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="checkpoint checksums failed: no space left"):
         ckpt.save(2, _state(2), {"data": {}})
     ckpt.close()
+
+
+def test_save_copies_the_state_once_into_pinned_host_memory(tmp_path, monkeypatch):
+    """The copy Orbax writes and the hashes read lives in pinned host memory with the state's
+    shardings; restores land in device memory again, equal to what was saved."""
+    copies = []
+
+    def recording(tree):
+        out = copy(tree)
+        copies.append(out)
+        return out
+
+    copy = ckpt_lib.pinned_host_copy
+    monkeypatch.setattr(ckpt_lib, "pinned_host_copy", recording)
+    ckpt = _saved_run(tmp_path, steps=(1,))
+    (saved,) = copies
+    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(_state(1))):
+        assert x.sharding.memory_kind == "pinned_host"
+        assert x.sharding.with_memory_kind("device") == y.sharding
+        np.testing.assert_array_equal(x, y)
+    _, state, _ = ckpt.restore_latest(_abstract(_state(0)))
+    for x in jax.tree.leaves(state):
+        assert x.sharding.memory_kind == "device"
+    jax.tree.map(np.testing.assert_array_equal, state, _state(1))
+    ckpt.close()
