@@ -30,6 +30,9 @@ and 8x22B (6144, 16384) divide evenly.
 `interpret=True` runs the same kernels in Pallas' interpreter: how CPU runs them (slowly), and
 how the CPU tests check this module against a per-group loop (tests/kernels/test_gmm_megablox.py).
 The kernels take float32 and bfloat16 only (`DTYPES`; the kernel plan refuses others).
+
+A Pallas call is not partitioned by XLA: called on arrays sharded over several devices it would
+see them whole. The expert-parallel path calls it per device, under `shard_map`.
 """
 
 from __future__ import annotations
