@@ -14,6 +14,7 @@ from flax import nnx
 import mixtral_jax as mj
 from mixtral_jax.config import ConfigError, DecodeExpertImpl, GmmImpl
 from mixtral_jax.kernels import gmm_megablox
+from mixtral_jax.kernels import grouped_matmul as grouped_matmul_module
 from mixtral_jax.kernels.grouped_matmul import grouped_matmul, grouped_matmul_stacked
 from mixtral_jax.kernels.plan import NVIDIA_GPU, resolve
 from mixtral_jax.model.kv_cache import KVCache
@@ -107,6 +108,16 @@ def test_plan_picks_megablox_on_tpu_and_refuses_it_where_it_cannot_run():
         with pytest.raises(ConfigError, match=re.escape(full)) as e:
             gmm(where, gmm_impl="megablox", **change)
         assert "\n" not in str(e.value)
+
+
+def test_megablox_is_compiled_on_tpu_and_interpreted_elsewhere(monkeypatch):
+    seen = []
+    monkeypatch.setattr(gmm_megablox, "gmm", lambda l, r, g, interpret: seen.append(interpret))
+    lhs, rhs, gs = jnp.zeros((4, 8)), jnp.zeros((2, 8, 16)), jnp.asarray([1, 3])
+    for where in ("tpu", "cpu"):
+        monkeypatch.setattr(grouped_matmul_module, "platform", lambda where=where: where)
+        grouped_matmul(lhs, rhs, gs, GmmImpl.MEGABLOX)
+    assert seen == [False, True]
 
 
 def _moe_weights(seed, m, d, f, e):
