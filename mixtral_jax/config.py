@@ -53,9 +53,10 @@ class AttentionImpl(str, enum.Enum):
 class GmmImpl(str, enum.Enum):
     """Which grouped matmul the dropless MoE uses (`grouped_matmul.py`)."""
 
-    AUTO = "auto"  # pallas on NVIDIA GPUs, xla elsewhere
-    XLA = "xla"  # jax.lax.ragged_dot (lowers well on TPU; runs every expert densely on GPU)
+    AUTO = "auto"  # pallas on NVIDIA GPUs, megablox on TPU, xla elsewhere
+    XLA = "xla"  # jax.lax.ragged_dot (runs every expert densely on GPU)
     PALLAS = "pallas"  # our Pallas-Triton kernels (gmm_pallas.py)
+    MEGABLOX = "megablox"  # JAX's TPU kernels (gmm_megablox.py); interpreted on CPU
 
 
 class DecodeExpertImpl(str, enum.Enum):

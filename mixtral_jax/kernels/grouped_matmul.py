@@ -4,9 +4,11 @@
 own matrix of `rhs`. Everything the dropless path needs from a kernel goes through here, and the
 kernel is the one the kernel plan resolved from `ComputeConfig.gmm_impl` (`kernels/plan.py`):
 
-  pallas  our Pallas-Triton kernels with a custom VJP (`gmm_pallas.py`): NVIDIA GPUs. XLA's
-          ragged_dot runs every expert densely there (8x the FLOPs for Mixtral).
-  xla     `jax.lax.ragged_dot`: CPU, and TPU, where it lowers to a grouped kernel of its own.
+  pallas    our Pallas-Triton kernels with a custom VJP (`gmm_pallas.py`): NVIDIA GPUs. XLA's
+            ragged_dot runs every expert densely there (8x the FLOPs for Mixtral).
+  megablox  JAX's shipped TPU kernels with a custom VJP (`gmm_megablox.py`), as MaxText trains
+            Mixtral on TPU; on any other platform (CPU) they run in Pallas' interpreter.
+  xla       `jax.lax.ragged_dot`: CPU (and TPU when asked for).
   auto    resolved here by `kernel_plan.resolve_gmm` (direct callers: benchmarks, tests).
 """
 
@@ -16,14 +18,20 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
-from mixtral_jax.kernels import gmm_pallas
-from mixtral_jax.kernels.plan import resolve_gmm
+from mixtral_jax.kernels import gmm_megablox, gmm_pallas
+from mixtral_jax.kernels.plan import platform, resolve_gmm
 
 
-def _resolved(impl: GmmImpl | str) -> GmmImpl:
+def _resolved(impl: GmmImpl | str, dtype) -> GmmImpl:
     """The plan's choice as given; only `auto` (direct callers) is resolved here."""
     impl = GmmImpl(impl)
-    return resolve_gmm(impl) if impl == GmmImpl.AUTO else impl
+    return resolve_gmm(impl, dtype=dtype) if impl == GmmImpl.AUTO else impl
+
+
+def _interpret() -> bool:
+    """megablox is compiled (Mosaic) on TPU and interpreted elsewhere (the plan lets only CPU
+    through)."""
+    return platform() != "tpu"
 
 
 def grouped_matmul(
@@ -40,8 +48,11 @@ def grouped_matmul(
       [A, F] in lhs's dtype.
     """
     group_sizes = group_sizes.astype(jnp.int32)
-    if _resolved(impl) == GmmImpl.PALLAS:
+    impl = _resolved(impl, lhs.dtype)
+    if impl == GmmImpl.PALLAS:
         return gmm_pallas.gmm(lhs, rhs.astype(lhs.dtype), group_sizes)
+    if impl == GmmImpl.MEGABLOX:
+        return gmm_megablox.gmm(lhs, rhs.astype(lhs.dtype), group_sizes, _interpret())
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
@@ -54,11 +65,15 @@ def grouped_matmul_stacked(
 ) -> jax.Array:
     """`grouped_matmul(lhs, stack[layer], group_sizes)` for inference inside a layer scan.
 
-    stack: [L, E, D, F]; layer: int32 scalar. The Pallas kernel reads the layer where it lies:
-    slicing it out for a custom call would copy it (2.8 GB per 8x7B layer and decode step).
-    No gradient through the stack.
+    stack: [L, E, D, F]; layer: int32 scalar. The Pallas and megablox kernels read the layer
+    where it lies: slicing it out for a custom call would copy it (2.8 GB per 8x7B layer and
+    decode step). No gradient through the stack.
     """
     group_sizes = group_sizes.astype(jnp.int32)
-    if _resolved(impl) == GmmImpl.PALLAS:
+    impl = _resolved(impl, lhs.dtype)
+    if impl == GmmImpl.PALLAS:
         return gmm_pallas.gmm_stacked(lhs, stack.astype(lhs.dtype), group_sizes, layer)
+    if impl == GmmImpl.MEGABLOX:
+        stack = stack.astype(lhs.dtype)
+        return gmm_megablox.gmm_stacked(lhs, stack, group_sizes, layer, _interpret())
     return jax.lax.ragged_dot(lhs, stack[layer], group_sizes)

@@ -22,7 +22,8 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       (prefill chunks); decode steps keep the XLA einsum (faster there) unless
   decode_attention    pallas (decode_attention.py: flash decoding reading the cache in place) on
                       NVIDIA GPUs for cached calls of one new token per row on one device
-  grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; jax.lax.ragged_dot elsewhere
+  grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; JAX's megablox on TPU (float32 and
+                      bfloat16); jax.lax.ragged_dot elsewhere
   decode_experts      pallas (expert_decode.py) on NVIDIA GPUs; `gather` for a single token
                       where the grouped matmul is ragged_dot (which would read every expert)
   decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
@@ -54,6 +55,7 @@ from mixtral_jax.config import (
     MoEImpl,
 )
 from mixtral_jax.kernels.common import MAX_TOKENS, supports
+from mixtral_jax.kernels.gmm_megablox import DTYPES as MEGABLOX_DTYPES
 from mixtral_jax.parallel import sharding
 
 MAX_DECODE_TOKENS = MAX_TOKENS  # the decode kernels' limit (kernels/common.py)
@@ -91,8 +93,8 @@ class KernelPlan:
     Attributes:
       attention: XLA or CUDNN, the full-sequence attention.
       cached_attention: XLA or CUDNN, the attention of a cached call over the KV cache.
-      grouped_matmul: XLA (ragged_dot) or PALLAS, the expert matmuls of dropless dispatch and of
-        the ragged expert-parallel exchange.
+      grouped_matmul: XLA (ragged_dot), PALLAS or MEGABLOX, the expert matmuls of dropless
+        dispatch (cached calls included) and of the ragged expert-parallel exchange.
       decode_experts: OFF, GATHER or PALLAS, the experts of a few-token call.
       decode_projections: OFF or PALLAS, q/k/v, o and the router of a few-token cached call,
         reading layer l of the weight stacks in place.
@@ -159,7 +161,7 @@ def resolve(
     where = platform() if where is None else where
     expert_mesh = mesh if mesh is not None and mesh.shape[EXPERT_AXIS] > 1 else None
     one_device = mesh is None or mesh.size == 1
-    gmm = resolve_gmm(c.gmm_impl, where)
+    gmm = resolve_gmm(c.gmm_impl, where, c.dtype)
     factor = None if c.moe_impl == MoEImpl.DROPLESS else c.capacity_factor
     return KernelPlan(
         attention=resolve_attention(c.attention_impl, c.dtype, cfg.head_dim, where),
@@ -221,11 +223,29 @@ def resolve_cached_attention(
     return resolved
 
 
-def resolve_gmm(impl: GmmImpl | str, where: str | None = None) -> GmmImpl:
-    """`auto` -> pallas on NVIDIA GPUs, xla elsewhere; `pallas` off an NVIDIA GPU is refused."""
+def resolve_gmm(impl: GmmImpl | str, where: str | None = None, dtype=None) -> GmmImpl:
+    """`auto` -> pallas on NVIDIA GPUs, megablox on TPU (in a dtype it takes), xla elsewhere.
+
+    Refused: `pallas` off an NVIDIA GPU; `megablox` on a GPU (it is a TPU kernel; on CPU it
+    runs in Pallas' interpreter: slow, but the same kernel, which is how CI tests it) or in a
+    compute `dtype` other than float32 / bfloat16 (None: not checked).
+    """
     impl, where = GmmImpl(impl), platform() if where is None else where
+    dtype_fits = dtype is None or jnp.dtype(dtype).name in MEGABLOX_DTYPES
     if impl == GmmImpl.AUTO:
+        if where == "tpu" and dtype_fits:
+            return GmmImpl.MEGABLOX
         return GmmImpl.PALLAS if where == NVIDIA_GPU else GmmImpl.XLA
+    if impl == GmmImpl.MEGABLOX and where not in ("tpu", "cpu"):
+        raise ConfigError(
+            f"gmm_impl='megablox' needs a TPU (or the CPU, interpreted), but the platform is "
+            f"{where!r}; use 'auto' or 'xla'"
+        )
+    if impl == GmmImpl.MEGABLOX and not dtype_fits:
+        raise ConfigError(
+            f"gmm_impl='megablox' computes in {' or '.join(MEGABLOX_DTYPES)}, but dtype is "
+            f"{jnp.dtype(dtype).name}; use 'auto' or 'xla'"
+        )
     if impl == GmmImpl.PALLAS and where != NVIDIA_GPU:
         raise ConfigError(
             f"gmm_impl='pallas' needs an NVIDIA GPU, but the platform is "
