@@ -74,6 +74,42 @@ def random_model(cfg: mj.ModelConfig, seed: int = 0) -> mj.Mixtral:
     return mj.from_params(cfg, params)
 
 
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def loaded_random_model(cfg: mj.ModelConfig, pool: int = 3, seed: int = 0) -> mj.Mixtral:
+    """The model placed on the device by the product's loader (`placement.place_params`, as
+    infer.py loads a checkpoint: preallocated leaves filled slice by slice, one layer or one
+    expert at a time), from readers that hand out random host slices. Each slice shape has
+    `pool` distinct random slices, reused cyclically (drawing 93 GB with numpy would take minutes;
+    what is measured reads every byte either way). Norm scales are ones."""
+    import ml_dtypes  # noqa: F401 - numpy's bfloat16
+
+    from mixtral_jax.checkpoint.placement import LeafReader, default_shardings, place_params
+
+    shapes = mj.param_shapes(cfg)
+    rng = np.random.default_rng(seed)
+    made: dict = {}
+
+    def slices(shape, dtype, scale):
+        key = (shape, str(dtype), scale)
+        if key not in made:
+            draw = [rng.standard_normal(shape, np.float32) for _ in range(pool)]
+            made[key] = [np.ones(shape, dtype) if scale else (0.02 * x).astype(dtype) for x in draw]
+        return made[key]
+
+    readers = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        names = tuple(k.key for k in path)
+        lead = int(names[0] == "layers") + int(names[-1] in EXPERT_WEIGHTS)
+        shape, dtype = tuple(leaf.shape[lead:]), np.dtype(leaf.dtype)
+        pieces = slices(shape, dtype, "scale" in names)
+        nbytes = int(np.prod(leaf.shape)) * dtype.itemsize
+        readers[names] = LeafReader(lead, lambda index, p=pieces: p[sum(index) % len(p)], nbytes)
+    params = place_params(shapes, readers, default_shardings(shapes), progress=False)
+    return mj.from_params(cfg, params)
+
+
 def synthetic_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict:
     """One training batch of random tokens, as the train step takes it: [1 micro-batch, B, T]."""
     tokens = np.random.default_rng(seed).integers(3, vocab_size, (1, batch, seq + 1))

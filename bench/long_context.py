@@ -32,6 +32,7 @@ from flax import nnx
 import mixtral_jax as mj
 from bench.common import (
     environment,
+    loaded_random_model,
     matmul_peak_tflops,
     random_model,
     write_json,
@@ -135,6 +136,12 @@ def main():
     p.add_argument("--peak-n", type=int, default=None, help="matmul size (default 8192, tiny 256)")
     p.add_argument("--profile", action="store_true", help="kernels of a decode step, last length")
     p.add_argument(
+        "--through-loader",
+        action="store_true",
+        help="place the weights with the product's loader (random host slices) instead of "
+        "drawing them on the device",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -154,9 +161,11 @@ def main():
 
     peak = matmul_peak_tflops(args.peak_n or (256 if tiny else 8192))
     start = time.perf_counter()
-    model = random_model(cfg)
+    model = loaded_random_model(cfg) if args.through_loader else random_model(cfg)
     weights = weight_bytes(model)
-    print(f"model built on device in {time.perf_counter() - start:.0f} s", flush=True)
+    build_s = time.perf_counter() - start
+    how = "placed by the loader" if args.through_loader else "built on device"
+    print(f"model {how} in {build_s:.0f} s ({weights / 1e9 / build_s:.2f} GB/s)", flush=True)
     generator = Generator(model, chunk=args.decode_chunk, prefill_chunk=chunk)
     plans = {
         "prefill_chunk": kernel_plan.resolve(cfg, chunk, cached=True, queries=chunk),
@@ -183,6 +192,8 @@ def main():
                 "prefill_chunk": chunk,
                 "decode_chunk": args.decode_chunk,
                 "bandwidth_tbs": args.bandwidth_tbs,
+                "through_loader": args.through_loader,
+                "build_s": build_s,
             },
             "matmul_peak_tflops": peak,
             "weight_bytes": weights,
