@@ -84,6 +84,7 @@ class _Probe:
                     "step": step,
                     "save_call_s": time.perf_counter() - start,
                     "device_to_host_s": ckpt.last_copy_s,
+                    "waited_for_previous_s": ckpt.last_wait_s,
                     "hashed_bytes": sum(n for _, _, n in ckpt.last_hashed),
                     "hashed_shards": len(ckpt.last_hashed),
                 }
@@ -141,13 +142,13 @@ def main() -> None:
         f"training state {state_bytes / 1e9:.2f} GB (this process's shards), normal step "
         f"{normal * 1e3:.1f} ms, {len(rows)} saves inside the loop, run {total:.0f} s"
     )
-    print(f"{'step':>5} {'gap ms':>9} {'stall ms':>9} {'save() ms':>10} {'D2H ms':>9} {'GB/s':>6}")
+    head = ["step", "gap ms", "stall ms", "save() ms", "waited ms", "D2H ms", "GB/s"]
+    print(" ".join(f"{h:>9}" for h in head))
     for r in rows:
         rate = r["hashed_bytes"] / max(r["device_to_host_s"], 1e-9) / 1e9
-        print(
-            f"{r['step']:>5} {r['gap_s'] * 1e3:>9.1f} {r['stall_s'] * 1e3:>9.1f} "
-            f"{r['save_call_s'] * 1e3:>10.1f} {r['device_to_host_s'] * 1e3:>9.1f} {rate:>6.1f}"
-        )
+        cells = [r["gap_s"], r["stall_s"], r["save_call_s"], r["waited_for_previous_s"]]
+        cells = [f"{c * 1e3:>9.1f}" for c in cells + [r["device_to_host_s"]]]
+        print(f"{r['step']:>9} " + " ".join(cells) + f" {rate:>9.1f}")
     write_json(
         "save_stall.json",
         {
