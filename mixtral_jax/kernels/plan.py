@@ -27,6 +27,15 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       where the grouped matmul is ragged_dot (which would read every expert)
   decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
   exchange            ragged_all_to_all where the backend compiles it and nothing may drop
+  quantized_experts   with int8/int4 experts (`ModelConfig.expert_bits`): pallas (the decode
+                      expert kernels read codes and scales in place) where decode_experts is
+                      pallas and the kernels read `kernels/quant.py`'s format
+                      (`kernels_read_quantized`); else dequantize: one layer's weights are
+                      dequantized to the compute dtype inside the layer scan and the plan's
+                      float kernels run (the CPU path, the oracle)
+  quantized_projections  the same for int8/int4 attention (`attention_bits`) and
+                      decode_projections; decode_projections stays off for quantized attention
+                      unless its kernel reads codes
 
 An explicit choice that cannot run here is a one-line `ConfigError` naming the reason.
 """
@@ -52,7 +61,9 @@ from mixtral_jax.config import (
     GmmImpl,
     ModelConfig,
     MoEImpl,
+    QuantizedImpl,
 )
+from mixtral_jax.kernels import decode_matmul, expert_decode
 from mixtral_jax.kernels.common import MAX_TOKENS, supports
 from mixtral_jax.parallel import sharding
 
@@ -102,6 +113,10 @@ class KernelPlan:
       moe: the dispatch (`MoEImpl`).
       expert_mesh: the mesh whose expert axis splits the experts, or None (one device).
       exchange: the expert-parallel all-to-all (resolved; unused without `expert_mesh`).
+      quantized_experts: DEQUANTIZE or PALLAS, how quantized experts are read (PALLAS only
+        with decode_experts PALLAS: the kernel takes `QuantizedWeight` stacks).
+      quantized_projections: DEQUANTIZE or PALLAS, the same for quantized attention
+        projections under decode_projections PALLAS.
     """
 
     attention: AttentionImpl = AttentionImpl.XLA
@@ -114,6 +129,8 @@ class KernelPlan:
     moe: MoEImpl = MoEImpl.DROPLESS
     expert_mesh: Mesh | None = None
     exchange: Exchange = Exchange.CAPACITY
+    quantized_experts: QuantizedImpl = QuantizedImpl.DEQUANTIZE
+    quantized_projections: QuantizedImpl = QuantizedImpl.DEQUANTIZE
 
     @property
     def stacked_weights(self) -> tuple[tuple[str, str], ...]:
@@ -161,6 +178,16 @@ def resolve(
     one_device = mesh is None or mesh.size == 1
     gmm = resolve_gmm(c.gmm_impl, where)
     factor = None if c.moe_impl == MoEImpl.DROPLESS else c.capacity_factor
+    decode_experts = _decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where)
+    projections = _decode_projections(cfg, tokens, cached, one_device, where)
+    quantized_experts = _quantized(
+        cfg, cfg.expert_bits, decode_experts == DecodeExpertImpl.PALLAS, expert_decode, where
+    )
+    quantized_projections = _quantized(
+        cfg, cfg.attention_bits, projections == DecodeProjectionImpl.PALLAS, decode_matmul, where
+    )
+    if cfg.attention_bits < 16 and quantized_projections != QuantizedImpl.PALLAS:
+        projections = DecodeProjectionImpl.OFF  # the float kernel would need a whole float stack
     return KernelPlan(
         attention=resolve_attention(c.attention_impl, c.dtype, cfg.head_dim, where),
         cached_attention=resolve_cached_attention(
@@ -171,8 +198,8 @@ def resolve(
             where,
         ),
         grouped_matmul=gmm,
-        decode_experts=_decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where),
-        decode_projections=_decode_projections(cfg, tokens, cached, one_device, where),
+        decode_experts=decode_experts,
+        decode_projections=projections,
         decode_attention=_decode_attention(
             cfg, cached, tokens if queries is None else queries, one_device, where
         ),
@@ -184,7 +211,29 @@ def resolve(
             if expert_mesh is not None
             else Exchange.CAPACITY
         ),
+        quantized_experts=quantized_experts,
+        quantized_projections=quantized_projections,
     )
+
+
+def kernels_read_quantized(module) -> bool:
+    """Whether a kernel module's entry point takes `quant.QuantizedWeight` stacks: the module
+    says so with `READS_QUANTIZED = True` (expert_decode.decode_experts for w_gate / w_up /
+    w_down, decode_matmul.project_stacked for its weights)."""
+    return bool(getattr(module, "READS_QUANTIZED", False))
+
+
+def _quantized(cfg: ModelConfig, bits: int, kernel_runs: bool, module, where: str) -> QuantizedImpl:
+    """PALLAS where weights of `bits` < 16 meet a decode kernel (`kernel_runs`) of `module` that
+    reads codes; DEQUANTIZE otherwise (and for float weights, where it is unused)."""
+    impl = cfg.compute.quantized_impl
+    if impl == QuantizedImpl.PALLAS:
+        _needs_nvidia("quantized_impl", impl.value, where)
+    if bits == 16 or impl == QuantizedImpl.DEQUANTIZE or where != NVIDIA_GPU:
+        return QuantizedImpl.DEQUANTIZE
+    if kernel_runs and kernels_read_quantized(module):
+        return QuantizedImpl.PALLAS
+    return QuantizedImpl.DEQUANTIZE
 
 
 def resolve_attention(
