@@ -16,10 +16,13 @@ from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.params import from_params, get_params
 
 FORMATS = {
-    "int8-experts": dict(expert_bits=8),
-    "int4-g32-experts-int8-attention": dict(
-        expert_bits=4, attention_bits=8, quant_group_size=32, quant_scale_dtype="bfloat16"
-    ),
+    "int8-experts": {"expert_bits": 8},
+    "int4-g32-experts-int8-attention": {
+        "expert_bits": 4,
+        "attention_bits": 8,
+        "quant_group_size": 32,
+        "quant_scale_dtype": "bfloat16",
+    },
 }
 
 
@@ -68,7 +71,7 @@ def test_quantize_params_is_the_inverse_of_dequantize_on_representable_weights()
     params = get_params(mj.init(cfg, 1))
     dense = quantized.dequantize_params(params, cfg)
     again = quantized.quantize_params(dense, cfg)  # dequantized weights quantize to themselves
-    for (module, name), _ in quantized.quantized_leaves(cfg).items():
+    for module, name in quantized.quantized_leaves(cfg):
         for leaf in (name, name + "_scale"):
             np.testing.assert_array_equal(
                 again["layers"][module][leaf], params["layers"][module][leaf]
@@ -99,7 +102,7 @@ def test_prefill_and_decode_equal_the_dequantized_float_model(fmt):
 
 
 def test_a_bfloat16_compute_dequantizes_one_layer_into_bfloat16():
-    model, oracle, cfg = _pair("int8-experts", dtype="bfloat16")
+    model, oracle, _cfg = _pair("int8-experts", dtype="bfloat16")
     tokens = jnp.asarray([[1, 7, 300, 12, 99]])
     assert _rel(model(tokens).logits, oracle(tokens).logits) <= 2e-3
 
@@ -107,19 +110,19 @@ def test_a_bfloat16_compute_dequantizes_one_layer_into_bfloat16():
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(expert_bits=3), "expert_bits=3: must be one of 16, 8, 4"),
-        (dict(attention_bits=2), "attention_bits=2: must be one of 16, 8, 4"),
+        ({"expert_bits": 3}, "expert_bits=3: must be one of 16, 8, 4"),
+        ({"attention_bits": 2}, "attention_bits=2: must be one of 16, 8, 4"),
         (
-            dict(expert_bits=4, quant_group_size=40),
+            {"expert_bits": 4, "quant_group_size": 40},
             "quant_group_size=40: must divide the contraction width embed_dim=64",
         ),
         (
-            dict(attention_bits=8, quant_group_size=48),
+            {"attention_bits": 8, "quant_group_size": 48},
             "quant_group_size=48: must divide the contraction width embed_dim=64",
         ),
-        (dict(expert_bits=8, quant_scale_dtype="float16"), "quant_scale_dtype='float16'"),
-        (dict(expert_bits=4, hidden_dim=97), "hidden_dim=97: int4 packs two rows per byte"),
-        (dict(expert_bits=8, quant_group_size=0), "quant_group_size=0: must be a positive"),
+        ({"expert_bits": 8, "quant_scale_dtype": "float16"}, "quant_scale_dtype='float16'"),
+        ({"expert_bits": 4, "hidden_dim": 97}, "hidden_dim=97: int4 packs two rows per byte"),
+        ({"expert_bits": 8, "quant_group_size": 0}, "quant_group_size=0: must be a positive"),
     ],
 )
 def test_bad_formats_are_one_line_errors(changes, message):
