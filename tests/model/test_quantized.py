@@ -138,3 +138,66 @@ def test_as_compute_takes_one_layer_out_of_a_stack_only_when_work_is_needed():
     assert same.shape == (3, 4, 8, 6) and int(layer) == 2  # read in place, no copy
     (one,), layer = quantized.as_compute((q,), jnp.bfloat16, jnp.int32(2))
     assert one.shape == (1, 4, 8, 6) and one.dtype == jnp.bfloat16 and layer == 0
+
+
+def _fake_decode_experts(seen):
+    """expert_decode.decode_experts as the quantized kernel will be called: every layer's stacks
+    (QuantizedWeight) and the layer index; computed here by the dense oracle."""
+
+    def fake(x, experts, weights, w_gate, w_up, w_down, layer):
+        seen.append(type(w_gate))
+        g, u, d = (w[layer].dequantize(jnp.float32) for w in (w_gate, w_up, w_down))
+        x = x.astype(jnp.float32)
+        h = jax.nn.silu(jnp.einsum("MD,EDF->MEF", x, g)) * jnp.einsum("MD,EDF->MEF", x, u)
+        y = jnp.einsum("MEF,EFD->MED", h, d)
+        share = jnp.sum(jax.nn.one_hot(experts, g.shape[0]) * weights[..., None], axis=1)
+        return jnp.einsum("ME,MED->MD", share, y)  # [M, D] float32
+
+    return fake
+
+
+def _fake_project_stacked(seen):
+    """decode_matmul.project_stacked: x [M, K] times layer `layer` of each [L, K, N] stack."""
+
+    def fake(x, stacks, layer, out_dtype=None):
+        outs = []
+        for w in stacks:
+            seen.append(type(w))
+            w = w[layer]
+            w = w.dequantize(jnp.float32) if isinstance(w, quant.QuantizedWeight) else w
+            y = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+            outs.append(y.astype(out_dtype or x.dtype))
+        return tuple(outs)
+
+    return fake
+
+
+def test_the_quantized_kernel_route_passes_quantized_stacks_and_equals_the_oracle(monkeypatch):
+    """Where the plan says pallas, the MoE and the projections hand `QuantizedWeight` stacks
+    and the layer to the kernels' entry points (faked here by dequantizing oracles)."""
+    import dataclasses
+
+    from mixtral_jax.config import DecodeExpertImpl, DecodeProjectionImpl, QuantizedImpl
+    from mixtral_jax.kernels import decode_matmul, expert_decode
+    from mixtral_jax.kernels.plan import resolve
+
+    model, oracle, cfg = _pair("int4-g32-experts-int8-attention")
+    seen_experts, seen_proj = [], []
+    monkeypatch.setattr(expert_decode, "decode_experts", _fake_decode_experts(seen_experts))
+    monkeypatch.setattr(decode_matmul, "project_stacked", _fake_project_stacked(seen_proj))
+    plan = dataclasses.replace(
+        resolve(cfg, 2, cached=True, where="cpu"),
+        decode_experts=DecodeExpertImpl.PALLAS,
+        decode_projections=DecodeProjectionImpl.PALLAS,
+        quantized_experts=QuantizedImpl.PALLAS,
+        quantized_projections=QuantizedImpl.PALLAS,
+    )
+    tokens = jnp.asarray([[5, 9, 40], [7, 7, 300]])
+    positions, valid = jnp.broadcast_to(jnp.arange(3), (2, 3)), jnp.ones((2, 3), bool)
+    got, _ = model.extend(
+        tokens, KVCache.create(cfg, 2, 8), positions=positions, valid=valid, plan=plan
+    )
+    want, _ = oracle.extend(tokens, KVCache.create(cfg, 2, 8), positions=positions, valid=valid)
+    assert seen_experts and set(seen_experts) == {quant.QuantizedWeight}
+    assert quant.QuantizedWeight in seen_proj  # q/k/v/o; the router stays a float stack
+    assert _rel(got.logits, want.logits) <= 1e-5
