@@ -159,3 +159,16 @@ def test_eval_compares_original_and_quantized_side_by_side(setup, capsys):
     out = capsys.readouterr().out
     assert f"{np.exp(q4.quantized_loss):.3f}" in out and f"{np.exp(q4.original_loss):.3f}" in out
     assert re.search(r"perplexity [+-]\d+\.\d+%, max logit error .* top-1 changed on", out), out
+
+
+def test_training_refuses_quantized_weights_in_one_line(setup):
+    from mixtral_jax.train.config import load_run_config
+    from mixtral_jax.train.trainer import base_model_config
+
+    root, _, _ = setup
+    start = load_run_config(None, [f"checkpoint.init_from={root / 'q4'}"])
+    with pytest.raises(ConfigError, match="is quantized .*training needs float weights"):
+        base_model_config(start)
+    fresh = load_run_config(None, ["model.expert_bits=8"])
+    with pytest.raises(ConfigError, match="model.expert_bits=8, .*training needs float weights"):
+        base_model_config(fresh)
