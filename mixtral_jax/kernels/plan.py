@@ -30,7 +30,8 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
   quantized_experts   with int8/int4 experts (`ModelConfig.expert_bits`): pallas (the decode
                       expert kernels read codes and scales in place) where decode_experts is
                       pallas and the kernels read `kernels/quant.py`'s format
-                      (`kernels_read_quantized`); else dequantize: one layer's weights are
+                      (`quantized_tile_reader`: kernels/weight_tiles.py and its
+                      supports_format); else dequantize: one layer's weights are
                       dequantized to the compute dtype inside the layer scan and the plan's
                       float kernels run (the CPU path, the oracle)
   quantized_projections  the same for int8/int4 attention (`attention_bits`) and
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +65,6 @@ from mixtral_jax.config import (
     MoEImpl,
     QuantizedImpl,
 )
-from mixtral_jax.kernels import decode_matmul, expert_decode
 from mixtral_jax.kernels.common import MAX_TOKENS, supports
 from mixtral_jax.parallel import sharding
 
@@ -180,12 +181,13 @@ def resolve(
     factor = None if c.moe_impl == MoEImpl.DROPLESS else c.capacity_factor
     decode_experts = _decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where)
     projections = _decode_projections(cfg, tokens, cached, one_device, where)
+    experts_run = decode_experts == DecodeExpertImpl.PALLAS
     quantized_experts = _quantized(
-        cfg, cfg.expert_bits, decode_experts == DecodeExpertImpl.PALLAS, expert_decode, where
+        cfg, cfg.expert_bits, (cfg.embed_dim, cfg.hidden_dim), experts_run, where
     )
-    quantized_projections = _quantized(
-        cfg, cfg.attention_bits, projections == DecodeProjectionImpl.PALLAS, decode_matmul, where
-    )
+    projections_run = projections == DecodeProjectionImpl.PALLAS
+    widths = (cfg.embed_dim, cfg.num_heads * cfg.head_dim)
+    quantized_projections = _quantized(cfg, cfg.attention_bits, widths, projections_run, where)
     if cfg.attention_bits < 16 and quantized_projections != QuantizedImpl.PALLAS:
         projections = DecodeProjectionImpl.OFF  # the float kernel would need a whole float stack
     return KernelPlan(
@@ -216,24 +218,30 @@ def resolve(
     )
 
 
-def kernels_read_quantized(module) -> bool:
-    """Whether a kernel module's entry point takes `quant.QuantizedWeight` stacks: the module
-    says so with `READS_QUANTIZED = True` (expert_decode.decode_experts for w_gate / w_up /
-    w_down, decode_matmul.project_stacked for its weights)."""
-    return bool(getattr(module, "READS_QUANTIZED", False))
+def quantized_tile_reader():
+    """`kernels/weight_tiles.py`, through which the decode kernels read `quant.QuantizedWeight`
+    stacks (dequantizing tiles in registers), or None where this tree's kernels read only float
+    weights. Its `supports_format(bits, group_size, k)` says which formats they tile."""
+    try:
+        return importlib.import_module("mixtral_jax.kernels.weight_tiles")
+    except ModuleNotFoundError:
+        return None
 
 
-def _quantized(cfg: ModelConfig, bits: int, kernel_runs: bool, module, where: str) -> QuantizedImpl:
-    """PALLAS where weights of `bits` < 16 meet a decode kernel (`kernel_runs`) of `module` that
-    reads codes; DEQUANTIZE otherwise (and for float weights, where it is unused)."""
+def _quantized(cfg: ModelConfig, bits: int, widths: tuple[int, ...], kernel_runs: bool, where: str):
+    """PALLAS where weights of `bits` < 16 meet a decode kernel (`kernel_runs`) that reads
+    their format for every contraction width in `widths`; DEQUANTIZE otherwise (and for float
+    weights, where it is unused)."""
     impl = cfg.compute.quantized_impl
     if impl == QuantizedImpl.PALLAS:
         _needs_nvidia("quantized_impl", impl.value, where)
-    if bits == 16 or impl == QuantizedImpl.DEQUANTIZE or where != NVIDIA_GPU:
+    if bits == 16 or impl == QuantizedImpl.DEQUANTIZE or where != NVIDIA_GPU or not kernel_runs:
         return QuantizedImpl.DEQUANTIZE
-    if kernel_runs and kernels_read_quantized(module):
-        return QuantizedImpl.PALLAS
-    return QuantizedImpl.DEQUANTIZE
+    reader = quantized_tile_reader()
+    group = cfg.quant_group_size
+    if reader is None or not all(reader.supports_format(bits, group or k, k) for k in widths):
+        return QuantizedImpl.DEQUANTIZE
+    return QuantizedImpl.PALLAS
 
 
 def resolve_attention(

@@ -1,11 +1,13 @@
 """The kernel plan for quantized weights: dequantize on CPU and wherever no kernel reads codes;
-pallas only where the decode kernels run and say they read `kernels/quant.py`'s format."""
+pallas only where the decode kernels run and their tile reader (kernels/weight_tiles.py)
+supports the format."""
+
+from types import SimpleNamespace
 
 import pytest
 
 import mixtral_jax as mj
 from mixtral_jax.config import ConfigError, DecodeExpertImpl, DecodeProjectionImpl, QuantizedImpl
-from mixtral_jax.kernels import decode_matmul, expert_decode
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import NVIDIA_GPU, resolve
 
@@ -23,17 +25,28 @@ def test_cpu_and_float_models_dequantize():
     assert _both(float_gpu) == (DQ, DQ)
 
 
-def test_gpu_dequantizes_until_the_kernels_read_codes(monkeypatch):
+def test_gpu_dequantizes_unless_the_kernels_read_the_format(monkeypatch):
     cfg = mj.ModelConfig.tiny(**INT4, attention_bits=8)
     plan = resolve(cfg, 1, cached=True, where=NVIDIA_GPU)
-    assert not kernel_plan.kernels_read_quantized(expert_decode)  # this tree: not yet
+    reader = kernel_plan.quantized_tile_reader()  # kernels/weight_tiles.py where merged
+    monkeypatch.setattr(kernel_plan, "quantized_tile_reader", lambda: None)
     assert plan.decode_experts == DecodeExpertImpl.PALLAS and _both(plan) == (DQ, DQ)
     # quantized attention with a float-only projection kernel: the projections are einsums
     # over the dequantized layer (the float kernel would need a whole float stack)
     assert plan.decode_projections == DecodeProjectionImpl.OFF
-    monkeypatch.setattr(expert_decode, "READS_QUANTIZED", True, raising=False)
-    monkeypatch.setattr(decode_matmul, "READS_QUANTIZED", True, raising=False)
+    formats = []
+
+    def supports_format(bits, group_size, k):
+        formats.append((bits, group_size, k))
+        return reader is None or reader.supports_format(bits, group_size, k)
+
+    monkeypatch.setattr(
+        kernel_plan,
+        "quantized_tile_reader",
+        lambda: SimpleNamespace(supports_format=supports_format),
+    )
     plan = resolve(cfg, 1, cached=True, where=NVIDIA_GPU)
+    assert set(formats) == {(4, 32, 64), (4, 32, 96), (8, 32, 64)}  # D, F; D, N*H
     assert _both(plan) == (PALLAS, PALLAS)
     assert plan.decode_projections == DecodeProjectionImpl.PALLAS
     # prefill (many tokens, no decode kernel) and an explicit choice dequantize
@@ -53,3 +66,12 @@ def test_an_explicit_pallas_off_an_nvidia_gpu_is_a_one_line_error():
         resolve(cfg, 1, cached=True, where="cpu")
     with pytest.raises(ConfigError, match="quantized_impl='fast': must be one of auto"):
         mj.ModelConfig.tiny(quantized_impl="fast")
+
+
+def test_a_format_the_kernels_cannot_tile_dequantizes(monkeypatch):
+    reader = SimpleNamespace(supports_format=lambda bits, group_size, k: group_size % 16 == 0)
+    monkeypatch.setattr(kernel_plan, "quantized_tile_reader", lambda: reader)
+    tiles = mj.ModelConfig.tiny(**INT4)
+    assert resolve(tiles, 1, cached=True, where=NVIDIA_GPU).quantized_experts == PALLAS
+    odd = tiles.replace(quant_group_size=8)
+    assert resolve(odd, 1, cached=True, where=NVIDIA_GPU).quantized_experts == DQ
