@@ -27,9 +27,10 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       where the grouped matmul is ragged_dot (which would read every expert)
   decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
   exchange            ragged_all_to_all where the backend compiles it and nothing may drop
-  quantized_experts   with int8/int4 experts (`ModelConfig.expert_bits`): pallas (the decode
-                      expert kernels read codes and scales in place) where decode_experts is
-                      pallas and the kernels read `kernels/quant.py`'s format
+  quantized_experts   with int8/int4 experts (`ModelConfig.expert_bits`): pallas (the kernels
+                      read codes and scales in place) where decode_experts is pallas, or
+                      off with the local dropless grouped matmul pallas (prefill), and the
+                      kernels read `kernels/quant.py`'s format
                       (`quantized_tile_reader`: kernels/weight_tiles.py and its
                       supports_format); else dequantize: one layer's weights are
                       dequantized to the compute dtype inside the layer scan and the plan's
@@ -115,7 +116,8 @@ class KernelPlan:
       expert_mesh: the mesh whose expert axis splits the experts, or None (one device).
       exchange: the expert-parallel all-to-all (resolved; unused without `expert_mesh`).
       quantized_experts: DEQUANTIZE or PALLAS, how quantized experts are read (PALLAS only
-        with decode_experts PALLAS: the kernel takes `QuantizedWeight` stacks).
+        with decode_experts PALLAS, or OFF with local dropless dispatch and grouped_matmul
+        PALLAS: the kernels take `QuantizedWeight` stacks).
       quantized_projections: DEQUANTIZE or PALLAS, the same for quantized attention
         projections under decode_projections PALLAS.
     """
@@ -181,7 +183,12 @@ def resolve(
     factor = None if c.moe_impl == MoEImpl.DROPLESS else c.capacity_factor
     decode_experts = _decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where)
     projections = _decode_projections(cfg, tokens, cached, one_device, where)
-    experts_run = decode_experts == DecodeExpertImpl.PALLAS
+    # the kernels that read quantized experts: the decode ones, and the local dropless path's
+    # grouped matmul (prefill, full forward) where no decode kernel runs
+    dropless_gmm = c.moe_impl == MoEImpl.DROPLESS and expert_mesh is None and gmm == GmmImpl.PALLAS
+    experts_run = decode_experts == DecodeExpertImpl.PALLAS or (
+        decode_experts == DecodeExpertImpl.OFF and dropless_gmm
+    )
     quantized_experts = _quantized(
         cfg, cfg.expert_bits, (cfg.embed_dim, cfg.hidden_dim), experts_run, where
     )

@@ -49,8 +49,14 @@ def test_gpu_dequantizes_unless_the_kernels_read_the_format(monkeypatch):
     assert set(formats) == {(4, 32, 64), (4, 32, 96), (8, 32, 64)}  # D, F; D, N*H
     assert _both(plan) == (PALLAS, PALLAS)
     assert plan.decode_projections == DecodeProjectionImpl.PALLAS
-    # prefill (many tokens, no decode kernel) and an explicit choice dequantize
-    assert _both(resolve(cfg, 4096, cached=True, where=NVIDIA_GPU)) == (DQ, DQ)
+    # prefill: the grouped matmul reads quantized experts; the projections' einsums dequantize
+    assert _both(resolve(cfg, 4096, cached=True, where=NVIDIA_GPU)) == (PALLAS, DQ)
+    assert _both(resolve(cfg, 4096, cached=False, where=NVIDIA_GPU)) == (PALLAS, DQ)
+    # dispatches that take float weights only, and an explicit choice, dequantize
+    capacity = cfg.replace(moe_impl="capacity")
+    assert _both(resolve(capacity, 4096, cached=False, where=NVIDIA_GPU)) == (DQ, DQ)
+    xla_gmm = cfg.replace(gmm_impl="xla", decode_expert_impl="off")
+    assert _both(resolve(xla_gmm, 4096, cached=False, where=NVIDIA_GPU)) == (DQ, DQ)
     chosen = cfg.replace(quantized_impl="dequantize")
     assert _both(resolve(chosen, 1, cached=True, where=NVIDIA_GPU)) == (DQ, DQ)
     # float attention keeps its float projection kernel beside int4 experts

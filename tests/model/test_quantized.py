@@ -201,3 +201,48 @@ def test_the_quantized_kernel_route_passes_quantized_stacks_and_equals_the_oracl
     assert seen_experts and set(seen_experts) == {quant.QuantizedWeight}
     assert quant.QuantizedWeight in seen_proj  # q/k/v/o; the router stays a float stack
     assert _rel(got.logits, want.logits) <= 1e-5
+
+
+def test_the_quantized_grouped_matmul_route_equals_the_oracle(monkeypatch):
+    """Where the plan's grouped matmul is pallas and quantized_experts pallas (prefill, full
+    forward), the dropless MoE hands QuantizedWeight (stacks with the layer, in a cached call)
+    to kernels/gmm_quant.py (the qkernels branch's module; faked here by dequantizing oracles)."""
+    import dataclasses
+    import sys
+    from types import SimpleNamespace
+
+    from mixtral_jax.config import DecodeExpertImpl, GmmImpl, QuantizedImpl
+    from mixtral_jax.kernels.plan import resolve
+
+    seen = []
+
+    def gmm(lhs, rhs, group_sizes):
+        seen.append(("gmm", type(rhs)))
+        return jax.lax.ragged_dot(lhs, rhs.dequantize(lhs.dtype), group_sizes)
+
+    def gmm_stacked(lhs, rhs, group_sizes, layer):
+        seen.append(("stacked", type(rhs)))
+        return jax.lax.ragged_dot(lhs, rhs[layer].dequantize(lhs.dtype), group_sizes)
+
+    fake = SimpleNamespace(gmm=gmm, gmm_stacked=gmm_stacked)
+    monkeypatch.setitem(sys.modules, "mixtral_jax.kernels.gmm_quant", fake)
+    model, oracle, cfg = _pair("int4-g32-experts-int8-attention")
+    tokens = jnp.asarray([[5, 9, 40, 3], [7, 7, 300, 2]])
+
+    def plan(cached):
+        return dataclasses.replace(
+            resolve(cfg, 8, cached=cached, where="cpu"),
+            grouped_matmul=GmmImpl.PALLAS,
+            decode_experts=DecodeExpertImpl.OFF,
+            quantized_experts=QuantizedImpl.PALLAS,
+        )
+
+    assert _rel(model(tokens, plan=plan(False)).logits, oracle(tokens).logits) <= 1e-5
+    positions, valid = jnp.broadcast_to(jnp.arange(4), (2, 4)), jnp.ones((2, 4), bool)
+    got, _ = model.extend(
+        tokens, KVCache.create(cfg, 2, 8), positions=positions, valid=valid, plan=plan(True)
+    )
+    want, _ = oracle.extend(tokens, KVCache.create(cfg, 2, 8), positions=positions, valid=valid)
+    assert _rel(got.logits, want.logits) <= 1e-5
+    assert {s[0] for s in seen} == {"gmm", "stacked"}
+    assert {s[1] for s in seen} == {quant.QuantizedWeight}
