@@ -13,9 +13,9 @@
 
 Quantized experts (`ModelConfig.expert_bits` 8 or 4): `w_gate`, `w_up`, `w_down` hold the
 integer codes and `w_gate_scale`, `w_up_scale`, `w_down_scale` the scales (`model/quantized.py`,
-`kernels/quant.py`). Where the plan's `quantized_experts` is pallas the decode expert kernels
-read them as `QuantizedWeight` stacks; otherwise one layer is dequantized to the compute dtype
-and dispatched as float weights.
+`kernels/quant.py`). Where the plan's `quantized_experts` is pallas the decode expert kernels or
+the grouped matmul read them as `QuantizedWeight` (stacks); otherwise one layer is dequantized
+to the compute dtype and dispatched as float weights.
 
 Letters: M tokens (B*T flattened), A = M*k assignments, E experts, k choices per token,
 D embed width, F expert hidden width, L layers.
@@ -94,7 +94,8 @@ def dispatch(
 ) -> tuple[jax.Array, jax.Array]:
     """Runs the experts as `plan` says: ([M, D] float32 output, dropped assignments).
 
-    With `layer`, `weights` are the stacks of all layers in the compute dtype (a cached call):
+    With `layer`, `weights` are the stacks of all layers in the compute dtype, or QuantizedWeight
+    stacks where the plan's quantized_experts is pallas (a cached call):
     the decode kernels and the single-device dropless path read them in place, every other path
     slices the layer out.
     """
@@ -134,14 +135,12 @@ class MoE(nnx.Module):
     w_*_scale [E, D/G, F], [E, D/G, F], [E, F/G, D] the scales.
     """
 
-    EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
-
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         init = normal_init(cfg.initializer_range)
         pdt = jnp.dtype(cfg.compute.param_dtype)
         d, f, e = cfg.embed_dim, cfg.hidden_dim, cfg.num_experts
         self.router = nnx.Param(init(rngs.params(), (d, e), pdt))
-        for name, shape in zip(self.EXPERT_WEIGHTS, ((e, d, f), (e, d, f), (e, f, d))):
+        for name, shape in zip(quantized.EXPERTS, ((e, d, f), (e, d, f), (e, f, d))):
             w = init(rngs.params(), shape, pdt)
             quantized.store(
                 self, name, w, cfg.expert_bits, cfg.quant_group_size, cfg.quant_scale_dtype
@@ -187,7 +186,7 @@ class MoE(nnx.Module):
             routing = route_logits(logits[:, : cfg.num_experts], cfg.num_experts_per_tok)
         else:
             routing = route(x, self.router[...], cfg.num_experts_per_tok)
-        weights = tuple(quantized.read(self, n, cfg.expert_bits) for n in self.EXPERT_WEIGHTS)
+        weights = tuple(quantized.read(self, n, cfg.expert_bits) for n in quantized.EXPERTS)
         if plan.quantized_experts != QuantizedImpl.PALLAS:  # cast / dequantize one layer
             weights, layer = quantized.as_compute(weights, dt, layer)
         out, dropped = dispatch(cfg, plan, x, routing, weights, layer)

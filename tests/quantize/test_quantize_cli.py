@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     tokenizer = train_tokenizer(TEXT, str(root / "tok.model"), 96)
     (root / "text.txt").write_text("\n\n".join(TEXT))
     cfg = mj.ModelConfig.tiny(vocab_size=tokenizer.vocab_size, max_seq_len=64)
-    params = mj.get_params(mj.init(cfg, 0))
+    params = jax.tree.map(np.asarray, mj.get_params(mj.init(cfg, 0)))  # no live device arrays
     checkpoint.save_model(str(root / "float"), params, cfg, str(root / "tok.model"))
     assert cli.main(["--checkpoint", str(root / "float"), "--out", str(root / "q4"), *INT4]) == 0
     return root, cfg, params
@@ -172,3 +172,16 @@ def test_training_refuses_quantized_weights_in_one_line(setup):
     fresh = load_run_config(None, ["model.expert_bits=8"])
     with pytest.raises(ConfigError, match="model.expert_bits=8, .*training needs float weights"):
         base_model_config(fresh)
+
+
+def test_dtype_sets_the_compute_dtype_never_the_codes(setup):
+    from mixtral_jax.generate.loading import load_for_inference
+
+    root, _, _ = setup
+    model, _ = load_for_inference(str(root / "q4"), dtype="bfloat16")
+    params = mj.get_params(model)
+    assert model.cfg.compute.dtype == "bfloat16" and model.cfg.compute.param_dtype == "float32"
+    moe, attn = params["layers"]["moe"], params["layers"]["attn"]
+    assert moe["w_gate"].dtype == attn["q_proj"].dtype == np.uint8  # codes as stored
+    assert moe["w_gate_scale"].dtype == np.dtype("bfloat16")  # scales as stored
+    assert params["embed"]["embedding"].dtype == np.float32
