@@ -57,6 +57,10 @@ def test_the_streamed_checkpoint_equals_quantizing_in_memory(setup):
         assert a.dtype == b.dtype, path
         np.testing.assert_array_equal(a, b, err_msg=str(path))
     assert os.path.isfile(root / "q4" / checkpoint.TOKENIZER_FILE)
+    sums = checkpoint.model.read_checksums(str(root / "q4"))  # codes and scales, per slice
+    assert sums["layers.moe.w_gate_scale"]["lead"] == 2  # one CRC per expert of each layer
+    assert sums["layers.attn.q_proj_scale"]["lead"] == 1
+    assert len(sums["layers.moe.w_down"]["crc32"]) == cfg.num_layers * cfg.num_experts
 
 
 def test_sizes_on_disk_and_inspect(setup, capsys):
@@ -142,6 +146,10 @@ def test_bad_checkpoints_are_one_line_errors(setup, capsys):
     assert sorted(os.listdir(root / "q4")) == before and not os.path.exists(root / "again")
     with pytest.raises(ConfigError, match="is quantized .*export the checkpoint it was"):
         to_hf(str(root / "q4"), str(root / "hf"), progress=False)
+    from mixtral_jax.surgery.cli import main as surgery
+
+    drop = ["drop", "--checkpoint", str(root / "q4"), "--out", str(root / "s"), "--experts", "1"]
+    assert surgery(drop) == 1 and "is quantized (expert_bits=4)" in capsys.readouterr().err
 
 
 def test_eval_compares_original_and_quantized_side_by_side(setup, capsys):
