@@ -84,6 +84,14 @@ class DecodeAttentionImpl(str, enum.Enum):
     PALLAS = "pallas"  # flash decoding reading layer l of the cache in place (decode_attention)
 
 
+class QuantizedImpl(str, enum.Enum):
+    """How quantized weights (`expert_bits` / `attention_bits` < 16) are computed with."""
+
+    AUTO = "auto"  # pallas where the plan's kernels read codes in registers, else dequantize
+    DEQUANTIZE = "dequantize"  # one layer dequantized to the compute dtype, then today's code
+    PALLAS = "pallas"  # the decode kernels read codes and scales (NVIDIA GPUs)
+
+
 class Exchange(str, enum.Enum):
     """How assignments reach the devices of their experts under expert parallelism
     (`moe/expert_parallel.py`)."""
@@ -107,6 +115,7 @@ _ENUM_FIELDS = {
     "decode_projection_impl": DecodeProjectionImpl,
     "decode_attention_impl": DecodeAttentionImpl,
     "expert_exchange": Exchange,
+    "quantized_impl": QuantizedImpl,
 }
 
 
@@ -131,6 +140,8 @@ class ComputeConfig:
       decode_attention_impl: attention of one new token per row over the cache, see
         `DecodeAttentionImpl`.
       expert_exchange: the all-to-all of expert parallelism, see `Exchange`.
+      quantized_impl: kernels reading quantized weights or the dequantize path, see
+        `QuantizedImpl`.
     The kernel choices are resolved once per compiled call into a `kernels.plan.KernelPlan`.
     """
 
@@ -147,6 +158,7 @@ class ComputeConfig:
     decode_projection_impl: DecodeProjectionImpl = DecodeProjectionImpl.AUTO
     decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.AUTO
     expert_exchange: Exchange = Exchange.AUTO
+    quantized_impl: QuantizedImpl = QuantizedImpl.AUTO
 
     def __post_init__(self):
         for name, enum_type in _ENUM_FIELDS.items():  # strings from TOML, JSON, the CLI
@@ -191,6 +203,12 @@ class ModelConfig:
       router_aux_loss_coef: load-balancing loss weight (kept here because HF configs carry it).
       initializer_range: standard deviation of the normal init of every matrix.
       bos_token_id, eos_token_id, pad_token_id: special token ids (pad may be None).
+      expert_bits: 16 (float weights), 8 or 4: how w_gate / w_up / w_down are stored
+        (weight-only quantization, `kernels/quant.py`: integer codes and float scales).
+      attention_bits: the same for q_proj / k_proj / v_proj / o_proj.
+      quant_group_size: rows of the contraction sharing one scale (None: all of them, one
+        scale per output channel); must divide every quantized contraction width.
+      quant_scale_dtype: "float32" or "bfloat16", the stored scales.
       compute: how this run computes the model, see `ComputeConfig`. `replace` and the
         presets take its fields by name too: `cfg.replace(dtype="bfloat16")`.
     """
@@ -213,6 +231,10 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = None
+    expert_bits: int = 16
+    attention_bits: int = 16
+    quant_group_size: int | None = None
+    quant_scale_dtype: str = "float32"
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
 
     def __post_init__(self):
@@ -221,6 +243,11 @@ class ModelConfig:
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        """Whether any weight is stored as integer codes and scales."""
+        return self.expert_bits < 16 or self.attention_bits < 16
+
     @property
     def num_groups(self) -> int:
         """G = N / K, query heads per kv head."""
@@ -399,6 +426,37 @@ def _validate(c: ModelConfig) -> None:
             _fail("sliding_window", c.sliding_window, "must be an integer or None")
         if c.sliding_window < 1:
             _fail("sliding_window", c.sliding_window, "must be >= 1 (or None for no window)")
+    _validate_quantization(c)
+
+
+QUANT_BITS = (16, 8, 4)  # 16: float weights, not quantized
+SCALE_DTYPES = ("float32", "bfloat16")
+
+
+def _validate_quantization(c: ModelConfig) -> None:
+    """Bits, scale dtype, and a group size dividing every quantized contraction width (int4:
+    even widths, two rows per byte)."""
+    for name in ("expert_bits", "attention_bits"):
+        value = getattr(c, name)
+        if value not in QUANT_BITS or isinstance(value, bool):
+            _fail(name, value, f"must be one of {', '.join(map(str, QUANT_BITS))}")
+    if c.quant_scale_dtype not in SCALE_DTYPES:
+        _fail("quant_scale_dtype", c.quant_scale_dtype, f"must be one of {', '.join(SCALE_DTYPES)}")
+    g = c.quant_group_size
+    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+        _fail("quant_group_size", g, "must be a positive integer or None (one group)")
+    widths = []  # (name, contraction width, bits)
+    if c.expert_bits < 16:
+        widths += [("embed_dim", c.embed_dim, c.expert_bits)]
+        widths += [("hidden_dim", c.hidden_dim, c.expert_bits)]
+    if c.attention_bits < 16:
+        widths += [("embed_dim", c.embed_dim, c.attention_bits)]
+        widths += [("num_heads*head_dim", c.num_heads * c.head_dim, c.attention_bits)]
+    for name, width, bits in widths:
+        if g is not None and width % g:
+            _fail("quant_group_size", g, f"must divide the contraction width {name}={width}")
+        if bits == 4 and width % 2:
+            _fail(name, width, "int4 packs two rows per byte: the width must be even")
 
 
 _FLOAT32_MAX = 3.4028234663852886e38  # largest finite float32

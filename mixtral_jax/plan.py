@@ -6,6 +6,9 @@ training step on a mesh, from the compiled program's memory_analysis (nothing is
 The step compiled is forward + gradient + an Adam-style update (two float32 moments per param),
 with params and moments sharded by sharding.py's rules table and donated. Needs as many devices
 as the mesh (fake CPU devices are fine: XLA_FLAGS=--xla_force_host_platform_device_count=N).
+
+With quantized weights (`--expert-bits 8|4`, `--attention-bits`, `--group-size`: inference only,
+nothing to train) it prints the weights' bytes per device: codes and scales as stored.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def per_device_bytes(shapes: dict, shardings: dict, itemsize: int | None = None)
         local = shd.shard_shape(s.shape)
         total += math.prod(local) * (itemsize or jnp.dtype(s.dtype).itemsize)
     return total
+
+
+def weights_per_device(cfg: config_lib.ModelConfig, mesh_cfg: sh.MeshConfig, devices=None) -> int:
+    """Bytes of the model's weights on one device, as stored (int8 / int4 codes and their scales
+    for a quantized config) and sharded by the rules table."""
+    mesh = sh.make_mesh(mesh_cfg, devices)
+    shapes = model_lib.param_shapes(cfg)
+    return per_device_bytes(shapes, sh.param_shardings(shapes, mesh))
 
 
 def plan(
@@ -106,13 +117,24 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default="data=-1")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--expert-bits", type=int, default=16, help="16, 8 or 4 (inference)")
+    ap.add_argument("--attention-bits", type=int, default=16, help="16, 8 or 4 (inference)")
+    ap.add_argument("--group-size", type=int, help="rows per scale (default: per channel)")
     args = ap.parse_args(argv)
     try:
         if args.batch < 1 or args.seq < 2:
             raise ValueError(f"--batch {args.batch} / --seq {args.seq}: need batch >= 1, seq >= 2")
-        result = plan(
-            config_lib.preset(args.preset), sh.MeshConfig.parse(args.mesh), args.batch, args.seq
+        cfg = config_lib.preset(
+            args.preset,
+            expert_bits=args.expert_bits,
+            attention_bits=args.attention_bits,
+            quant_group_size=args.group_size,
         )
+        if cfg.quantized:
+            weights = weights_per_device(cfg, sh.MeshConfig.parse(args.mesh))
+            print(f"params      {weights / 2**30:10.3f} GiB  (quantized: inference only)")
+            return 0
+        result = plan(cfg, sh.MeshConfig.parse(args.mesh), args.batch, args.seq)
     except (ValueError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

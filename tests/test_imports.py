@@ -147,6 +147,7 @@ LAYERS = [
     "routing",
     "surgery",
     "upcycle",
+    "quantize",
     "plan",
     "__init__",
 ]

@@ -85,9 +85,12 @@ def save_model(
 
 
 def stack_axes(path: tuple[str, ...]) -> int:
-    """How many leading axes of our leaf `path` stack layers / experts (0, 1 or 2)."""
+    """How many leading axes of our leaf `path` stack layers / experts (0, 1 or 2). A quantized
+    weight's codes (W) and scales (W_scale) are stacked as the weight is."""
     from mixtral_jax.hf.weights import TABLE
+    from mixtral_jax.parallel.sharding import SCALE_SUFFIX
 
+    path = (*path[:-1], path[-1].removesuffix(SCALE_SUFFIX)) if path else tuple(path)
     for m in TABLE:
         if m.path == tuple(path):
             return m.per_layer + m.per_expert

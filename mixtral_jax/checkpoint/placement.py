@@ -37,7 +37,8 @@ class LeafReader:
     Attributes:
       lead: how many leading (stacked) axes are read one index at a time (0: whole leaf).
       read: `read(index)` -> numpy slice `leaf[index]` (shape = the leaf's shape[lead:]),
-        in any float dtype (cast to the leaf's dtype on the host).
+        in any float dtype (cast to the leaf's dtype on the host); the integer codes of a
+        quantized weight are read in their own dtype.
       nbytes: stored bytes of the whole leaf (for the progress bar).
     """
 

@@ -116,6 +116,12 @@ def to_hf(
         cfg, params = checkpoint.LazyParams.open(checkpoint_dir)
     except ConfigError as e:
         raise ConversionError(checkpoint_dir, [str(e)]) from None
+    if cfg.quantized:  # HF Mixtral has no layout for our int8/int4 codes: never write a wrong one
+        raise ConfigError(
+            f"{checkpoint_dir} is quantized (expert_bits={cfg.expert_bits}, attention_bits="
+            f"{cfg.attention_bits}): Hugging Face export needs float weights; export the "
+            "checkpoint it was quantized from"
+        )
     tokenizer = os.path.join(checkpoint_dir, checkpoint.TOKENIZER_FILE)
     write_hf(
         params,

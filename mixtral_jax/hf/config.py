@@ -54,6 +54,17 @@ _READ_KEYS |= {
     "model_type",
     "hidden_act",
     "tie_word_embeddings",
+    "quantization_config",
+}
+
+# Our quantization fields <- the keys of config.json's `quantization_config` (written only for a
+# quantized model; `quant_method` names our format, so no other tool's is mistaken for it).
+QUANT_METHOD = "mixtral_jax"
+_QUANT_NAMES = {
+    "expert_bits": "expert_bits",
+    "attention_bits": "attention_bits",
+    "quant_group_size": "group_size",
+    "quant_scale_dtype": "scale_dtype",
 }
 
 
@@ -98,12 +109,26 @@ def from_hf_dict(hf: dict[str, Any], **changes: Any) -> ModelConfig:
         fields["eos_token_id"] = fields["eos_token_id"][0]
     fields["head_dim"] = hf.get("head_dim") or fields["embed_dim"] // fields["num_heads"]
     fields["rope_theta"] = _read_rope_theta(hf)
+    fields.update(_read_quantization(hf.get("quantization_config")))
     dtype = hf.get("dtype", hf.get("torch_dtype"))
     if dtype in _HF_DTYPES:
         fields["param_dtype"] = _HF_DTYPES[dtype]
     fields.update(changes)
     compute = {k: fields.pop(k) for k in list(fields) if k in COMPUTE_FIELDS}
     return ModelConfig(**fields, compute=ComputeConfig(**compute))
+
+
+def _read_quantization(q: Any) -> dict[str, Any]:
+    """Our quantization fields from config.json's `quantization_config` (none: float weights)."""
+    if q is None:
+        return {}
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method != QUANT_METHOD:
+        raise ConfigError(
+            f"config.json quantization_config quant_method={method!r}: only {QUANT_METHOD!r} "
+            "weights (python -m mixtral_jax.quantize) are supported"
+        )
+    return {ours: q[theirs] for ours, theirs in _QUANT_NAMES.items() if theirs in q}
 
 
 def _read_rope_theta(hf: dict[str, Any]) -> float:
@@ -135,6 +160,11 @@ def to_hf_dict(cfg: ModelConfig, *, rope_format: str = "v4") -> dict[str, Any]:
         attention_dropout=0.0,
         dtype=cfg.compute.param_dtype,
     )
+    if cfg.quantized:
+        hf["quantization_config"] = {
+            "quant_method": QUANT_METHOD,
+            **{theirs: getattr(cfg, ours) for ours, theirs in _QUANT_NAMES.items()},
+        }
     theta = cfg.rope_theta
     if math.isclose(theta, round(theta)):
         theta = int(theta)  # 1000000, as the published config.json files write it

@@ -28,6 +28,17 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       where the grouped matmul is ragged_dot (which would read every expert)
   decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
   exchange            ragged_all_to_all where the backend compiles it and nothing may drop
+  quantized_experts   with int8/int4 experts (`ModelConfig.expert_bits`): pallas (the kernels
+                      read codes and scales in place) where decode_experts is pallas, or
+                      off with the local dropless grouped matmul pallas (prefill), and the
+                      kernels read `kernels/quant.py`'s format
+                      (`quantized_tile_reader`: kernels/weight_tiles.py and its
+                      supports_format); else dequantize: one layer's weights are
+                      dequantized to the compute dtype inside the layer scan and the plan's
+                      float kernels run (the CPU path, the oracle)
+  quantized_projections  the same for int8/int4 attention (`attention_bits`) and
+                      decode_projections; decode_projections stays off for quantized attention
+                      unless its kernel reads codes
 
 An explicit choice that cannot run here is a one-line `ConfigError` naming the reason.
 """
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +65,7 @@ from mixtral_jax.config import (
     GmmImpl,
     ModelConfig,
     MoEImpl,
+    QuantizedImpl,
 )
 from mixtral_jax.kernels.common import MAX_TOKENS, supports
 from mixtral_jax.kernels.gmm_megablox import DTYPES as MEGABLOX_DTYPES
@@ -104,6 +117,11 @@ class KernelPlan:
       moe: the dispatch (`MoEImpl`).
       expert_mesh: the mesh whose expert axis splits the experts, or None (one device).
       exchange: the expert-parallel all-to-all (resolved; unused without `expert_mesh`).
+      quantized_experts: DEQUANTIZE or PALLAS, how quantized experts are read (PALLAS only
+        with decode_experts PALLAS, or OFF with local dropless dispatch and grouped_matmul
+        PALLAS: the kernels take `QuantizedWeight` stacks).
+      quantized_projections: DEQUANTIZE or PALLAS, the same for quantized attention
+        projections under decode_projections PALLAS.
     """
 
     attention: AttentionImpl = AttentionImpl.XLA
@@ -116,6 +134,8 @@ class KernelPlan:
     moe: MoEImpl = MoEImpl.DROPLESS
     expert_mesh: Mesh | None = None
     exchange: Exchange = Exchange.CAPACITY
+    quantized_experts: QuantizedImpl = QuantizedImpl.DEQUANTIZE
+    quantized_projections: QuantizedImpl = QuantizedImpl.DEQUANTIZE
 
     @property
     def stacked_weights(self) -> tuple[tuple[str, str], ...]:
@@ -163,6 +183,22 @@ def resolve(
     one_device = mesh is None or mesh.size == 1
     gmm = resolve_gmm(c.gmm_impl, where, c.dtype)
     factor = None if c.moe_impl == MoEImpl.DROPLESS else c.capacity_factor
+    decode_experts = _decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where)
+    projections = _decode_projections(cfg, tokens, cached, one_device, where)
+    # the kernels that read quantized experts: the decode ones, and the local dropless path's
+    # grouped matmul (prefill, full forward) where no decode kernel runs
+    dropless_gmm = c.moe_impl == MoEImpl.DROPLESS and expert_mesh is None and gmm == GmmImpl.PALLAS
+    experts_run = decode_experts == DecodeExpertImpl.PALLAS or (
+        decode_experts == DecodeExpertImpl.OFF and dropless_gmm
+    )
+    quantized_experts = _quantized(
+        cfg, cfg.expert_bits, (cfg.embed_dim, cfg.hidden_dim), experts_run, where
+    )
+    projections_run = projections == DecodeProjectionImpl.PALLAS
+    widths = (cfg.embed_dim, cfg.num_heads * cfg.head_dim)
+    quantized_projections = _quantized(cfg, cfg.attention_bits, widths, projections_run, where)
+    if cfg.attention_bits < 16 and quantized_projections != QuantizedImpl.PALLAS:
+        projections = DecodeProjectionImpl.OFF  # the float kernel would need a whole float stack
     return KernelPlan(
         attention=resolve_attention(c.attention_impl, c.dtype, cfg.head_dim, where),
         cached_attention=resolve_cached_attention(
@@ -173,8 +209,8 @@ def resolve(
             where,
         ),
         grouped_matmul=gmm,
-        decode_experts=_decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where),
-        decode_projections=_decode_projections(cfg, tokens, cached, one_device, where),
+        decode_experts=decode_experts,
+        decode_projections=projections,
         decode_attention=_decode_attention(
             cfg, cached, tokens if queries is None else queries, one_device, where
         ),
@@ -186,7 +222,35 @@ def resolve(
             if expert_mesh is not None
             else Exchange.CAPACITY
         ),
+        quantized_experts=quantized_experts,
+        quantized_projections=quantized_projections,
     )
+
+
+def quantized_tile_reader():
+    """`kernels/weight_tiles.py`, through which the decode kernels read `quant.QuantizedWeight`
+    stacks (dequantizing tiles in registers), or None where this tree's kernels read only float
+    weights. Its `supports_format(bits, group_size, k)` says which formats they tile."""
+    try:
+        return importlib.import_module("mixtral_jax.kernels.weight_tiles")
+    except ModuleNotFoundError:
+        return None
+
+
+def _quantized(cfg: ModelConfig, bits: int, widths: tuple[int, ...], kernel_runs: bool, where: str):
+    """PALLAS where weights of `bits` < 16 meet a decode kernel (`kernel_runs`) that reads
+    their format for every contraction width in `widths`; DEQUANTIZE otherwise (and for float
+    weights, where it is unused)."""
+    impl = cfg.compute.quantized_impl
+    if impl == QuantizedImpl.PALLAS:
+        _needs_nvidia("quantized_impl", impl.value, where)
+    if bits == 16 or impl == QuantizedImpl.DEQUANTIZE or where != NVIDIA_GPU or not kernel_runs:
+        return QuantizedImpl.DEQUANTIZE
+    reader = quantized_tile_reader()
+    group = cfg.quant_group_size
+    if reader is None or not all(reader.supports_format(bits, group or k, k) for k in widths):
+        return QuantizedImpl.DEQUANTIZE
+    return QuantizedImpl.PALLAS
 
 
 def resolve_attention(

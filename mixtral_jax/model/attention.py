@@ -19,6 +19,12 @@ layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes them)
 Pallas launch for q, k and v and one for the output. Where its `decode_attention` is pallas (one
 new token per row), the attention reads this layer of the cache stack in place
 (`kernels/decode_attention.py`: no slice or relayout copy of the layer's keys and values).
+
+Quantized projections (`ModelConfig.attention_bits` 8 or 4) are stored as 2-D matrices,
+contraction first (`kernels/quant.py`): q_proj [D, N*H], k_proj and v_proj [D, K*H], o_proj
+[N*H, D] hold the codes and q_proj_scale ... o_proj_scale the scales (`model/quantized.py`).
+They are dequantized one layer at a time to the compute dtype, or read as `QuantizedWeight`
+stacks by the decode projection kernel where the plan's `quantized_projections` is pallas.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from mixtral_jax.config import (
 from mixtral_jax.kernels import decode_attention as flash_decode
 from mixtral_jax.kernels import decode_matmul
 from mixtral_jax.kernels.plan import KernelPlan
+from mixtral_jax.model import quantized
 from mixtral_jax.model.layers import apply_rope, normal_init
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
@@ -162,19 +169,39 @@ def attend_cached(q, k, v, mask, impl: AttentionImpl, key_limit=None) -> jax.Arr
 class Attention(nnx.Module):
     """Self-attention: project, rotate q and k, attend, project out.
 
-    Weights: q_proj [D, N, H], k_proj [D, K, H], v_proj [D, K, H], o_proj [N, H, D].
+    Weights: q_proj [D, N, H], k_proj [D, K, H], v_proj [D, K, H], o_proj [N, H, D]; quantized
+    (attention_bits 8 / 4): 2-D codes and scales, see the module doc.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         init = normal_init(cfg.initializer_range)
         pdt = jnp.dtype(cfg.compute.param_dtype)
-        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nnx.Param(init(rngs.params(), (d, n, h), pdt))
-        self.k_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
-        self.v_proj = nnx.Param(init(rngs.params(), (d, k, h), pdt))
-        self.o_proj = nnx.Param(init(rngs.params(), (n, h, d), pdt))
+        self.bits = cfg.attention_bits
+        self.shapes = {name: quantized.float_shape(cfg, name) for name in quantized.PROJECTIONS}
+        for name, shape in self.shapes.items():
+            w = init(rngs.params(), shape, pdt)
+            if self.bits < 16:  # contraction first: [D, heads*H] or [N*H, D]
+                w = quantized.to_matrix(name, w)
+            quantized.store(self, name, w, self.bits, cfg.quant_group_size, cfg.quant_scale_dtype)
         self.dtype = jnp.dtype(cfg.compute.dtype)
         self.sliding_window = cfg.sliding_window
+
+    def weight(self, name: str) -> jax.Array:
+        """One layer's projection `name` in the compute dtype and its float shape ([D, N, H],
+        ..., [N, H, D]), dequantized when stored quantized."""
+        w = quantized.read(self, name, self.bits)
+        (w,), _ = quantized.as_compute((w,), self.dtype)
+        return w.reshape(self.shapes[name])
+
+    def stack(self, name: str) -> jax.Array | quantized.QuantizedWeight:
+        """Every layer's projection `name` as a 2-D stack [L, K, N] (contraction first) for the
+        decode projection kernel: the float stack reshaped, or the QuantizedWeight stack."""
+        w = quantized.read(self, name, self.bits)
+        if self.bits < 16:
+            return w
+        if name == "o_proj":
+            return w.reshape(w.shape[0], -1, w.shape[-1])  # [L, N*H, D]
+        return w.reshape(w.shape[0], w.shape[1], -1)  # [L, D, heads*H]
 
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, plan: KernelPlan
@@ -196,17 +223,15 @@ class Attention(nnx.Module):
         dt = self.dtype
         if stacked:
             b, t, d = x.shape
-            stacks = [
-                w[...].reshape(w.shape[0], d, -1) for w in (self.q_proj, self.k_proj, self.v_proj)
-            ]
+            stacks = [self.stack(name) for name in ("q_proj", "k_proj", "v_proj")]
             q, k, v = decode_matmul.project_stacked(x.reshape(b * t, d).astype(dt), stacks, layer)
-            q = q.reshape(b, t, *self.q_proj.shape[2:])
-            k = k.reshape(b, t, *self.k_proj.shape[2:])
-            v = v.reshape(b, t, *self.v_proj.shape[2:])
+            q = q.reshape(b, t, *self.shapes["q_proj"][1:])
+            k = k.reshape(b, t, *self.shapes["k_proj"][1:])
+            v = v.reshape(b, t, *self.shapes["v_proj"][1:])
         else:
-            q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
-            k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
-            v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+            q = jnp.einsum("BTD,DNH->BTNH", x, self.weight("q_proj"))
+            k = jnp.einsum("BSD,DKH->BSKH", x, self.weight("k_proj"))
+            v = jnp.einsum("BSD,DKH->BSKH", x, self.weight("v_proj"))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, out: jax.Array, layer=None, stacked=False) -> jax.Array:
@@ -214,10 +239,10 @@ class Attention(nnx.Module):
         `layer`."""
         if stacked:
             b, t = out.shape[:2]
-            stack = self.o_proj[...].reshape(self.o_proj.shape[0], -1, self.o_proj.shape[-1])
+            stack = self.stack("o_proj")
             (y,) = decode_matmul.project_stacked(out.reshape(b * t, -1), (stack,), layer)
             return y.reshape(b, t, -1)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+        return jnp.einsum("BTNH,NHD->BTD", out, self.weight("o_proj"))
 
     def cached(
         self,

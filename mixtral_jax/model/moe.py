@@ -11,6 +11,12 @@
   5. aux:      router logits, tokens per expert, dropped fraction, load-balancing loss (Switch/HF),
                router z-loss (ST-MoE), all padding-aware through a token mask.
 
+Quantized experts (`ModelConfig.expert_bits` 8 or 4): `w_gate`, `w_up`, `w_down` hold the
+integer codes and `w_gate_scale`, `w_up_scale`, `w_down_scale` the scales (`model/quantized.py`,
+`kernels/quant.py`). Where the plan's `quantized_experts` is pallas the decode expert kernels or
+the grouped matmul read them as `QuantizedWeight` (stacks); otherwise one layer is dequantized
+to the compute dtype and dispatched as float weights.
+
 Letters: M tokens (B*T flattened), A = M*k assignments, E experts, k choices per token,
 D embed width, F expert hidden width, L layers.
 """
@@ -21,10 +27,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mixtral_jax.config import DecodeExpertImpl, DecodeProjectionImpl, ModelConfig, MoEImpl
+from mixtral_jax.config import (
+    DecodeExpertImpl,
+    DecodeProjectionImpl,
+    ModelConfig,
+    MoEImpl,
+    QuantizedImpl,
+)
 from mixtral_jax.kernels import decode_matmul, expert_decode
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
+from mixtral_jax.model import quantized
 from mixtral_jax.model.layers import normal_init
 from mixtral_jax.moe import expert_parallel as moe_parallel
 from mixtral_jax.moe.local import moe_capacity, moe_dense, moe_dropless, moe_gathered
@@ -81,7 +94,8 @@ def dispatch(
 ) -> tuple[jax.Array, jax.Array]:
     """Runs the experts as `plan` says: ([M, D] float32 output, dropped assignments).
 
-    With `layer`, `weights` are the stacks of all layers in the compute dtype (a cached call):
+    With `layer`, `weights` are the stacks of all layers in the compute dtype, or QuantizedWeight
+    stacks where the plan's quantized_experts is pallas (a cached call):
     the decode kernels and the single-device dropless path read them in place, every other path
     slices the layer out.
     """
@@ -116,7 +130,9 @@ def dispatch(
 class MoE(nnx.Module):
     """Top-k routed SwiGLU experts.
 
-    Weights: router [D, E], w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D].
+    Weights: router [D, E], w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]; quantized
+    (expert_bits 8 / 4): w_* hold codes ([E, D, F] int8 / [E, D/2, F] uint8, ...) and
+    w_*_scale [E, D/G, F], [E, D/G, F], [E, F/G, D] the scales.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -124,9 +140,11 @@ class MoE(nnx.Module):
         pdt = jnp.dtype(cfg.compute.param_dtype)
         d, f, e = cfg.embed_dim, cfg.hidden_dim, cfg.num_experts
         self.router = nnx.Param(init(rngs.params(), (d, e), pdt))
-        self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), pdt))
-        self.w_up = nnx.Param(init(rngs.params(), (e, d, f), pdt))
-        self.w_down = nnx.Param(init(rngs.params(), (e, f, d), pdt))
+        for name, shape in zip(quantized.EXPERTS, ((e, d, f), (e, d, f), (e, f, d))):
+            w = init(rngs.params(), shape, pdt)
+            quantized.store(
+                self, name, w, cfg.expert_bits, cfg.quant_group_size, cfg.quant_scale_dtype
+            )
         self.cfg = cfg
 
     def __call__(
@@ -168,10 +186,9 @@ class MoE(nnx.Module):
             routing = route_logits(logits[:, : cfg.num_experts], cfg.num_experts_per_tok)
         else:
             routing = route(x, self.router[...], cfg.num_experts_per_tok)
-        weights = tuple(w[...] for w in (self.w_gate, self.w_up, self.w_down))
-        if layer is not None and any(w.dtype != dt for w in weights):
-            weights, layer = tuple(w[layer][None] for w in weights), 0  # cast one layer, not all
-        weights = tuple(w.astype(dt) for w in weights)
+        weights = tuple(quantized.read(self, n, cfg.expert_bits) for n in quantized.EXPERTS)
+        if plan.quantized_experts != QuantizedImpl.PALLAS:  # cast / dequantize one layer
+            weights, layer = quantized.as_compute(weights, dt, layer)
         out, dropped = dispatch(cfg, plan, x, routing, weights, layer)
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1)
         aux = routing_aux(routing, mask.astype(jnp.float32), dropped)

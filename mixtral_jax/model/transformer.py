@@ -28,6 +28,7 @@ from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.layers import Embed, RMSNorm, normal_init, rope_cos_sin
 from mixtral_jax.model.moe import MoE, MoEAux
 from mixtral_jax.parallel import sharding
+from mixtral_jax.parallel.sharding import SCALE_SUFFIX
 
 
 @struct.dataclass
@@ -117,8 +118,12 @@ class DecoderBlock(nnx.Module):
 
 def _stacked_filter(plan: KernelPlan):
     """An nnx filter selecting the block weights that `plan` reads as whole stacks."""
-    names = set(plan.stacked_weights)
-    return lambda path, value: len(path) >= 2 and (path[-2], path[-1]) in names
+    names = set(plan.stacked_weights)  # a quantized weight's scales W_scale go with W
+
+    def selected(path, value) -> bool:
+        return len(path) >= 2 and (path[-2], str(path[-1]).removesuffix(SCALE_SUFFIX)) in names
+
+    return selected
 
 
 def _pad_router_stack(stacks: nnx.State) -> None:

@@ -39,6 +39,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),
     "experts_logits": (),
     "norm": (),
+    "groups": (),  # the K/G axis of a quantized weight's scales: whole on every device
 }
 
 # Every parameter leaf (dotted path in get_params's tree) -> logical names of its dimensions.
@@ -57,6 +58,36 @@ PARAM_LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "layers.moe.w_up": ("layers", "experts", "embed", "mlp"),
     "layers.moe.w_down": ("layers", "experts", "mlp", "embed"),
 }
+
+
+# Quantized attention projections are stored as 2-D matrices per layer (`model/attention.py`):
+# [L, D, heads*H] for q/k/v and [L, heads*H, D] for o, heads*H split like heads.
+QUANTIZED_LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "layers.attn.q_proj": ("layers", "embed", "heads"),
+    "layers.attn.k_proj": ("layers", "embed", "kv_heads"),
+    "layers.attn.v_proj": ("layers", "embed", "kv_heads"),
+    "layers.attn.o_proj": ("layers", "heads", "embed"),
+}
+SCALE_SUFFIX = "_scale"  # the scales of quantized weight W are the leaf W_scale beside it
+
+
+def param_logical_axes(name: str, rank: int) -> tuple[str, ...]:
+    """Logical names of the dimensions of parameter `name` (dotted) of rank `rank`.
+
+    Quantized codes keep their weight's names (int4 halves the contraction axis, which shards
+    as before where the mesh divides it); a weight's scales W_scale [..., K/G, N] too, except
+    the K/G axis, which is whole ("groups"). Raises ValueError for an unknown parameter.
+    """
+    base = name.removesuffix(SCALE_SUFFIX)
+    if rank == len(QUANTIZED_LOGICAL_AXES.get(base, ())):
+        axes = QUANTIZED_LOGICAL_AXES[base]
+    elif base in PARAM_LOGICAL_AXES:
+        axes = PARAM_LOGICAL_AXES[base]
+    else:
+        raise ValueError(f"parameter {name} has no logical axes in PARAM_LOGICAL_AXES")
+    if base != name:
+        axes = (*axes[:-2], "groups", axes[-1])
+    return axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +199,8 @@ def param_shardings(shapes: dict, mesh: Mesh) -> dict:
 
     def one(path, leaf):
         name = jax.tree_util.keystr(path, simple=True, separator=".")
-        if name not in PARAM_LOGICAL_AXES:
-            raise ValueError(f"parameter {name} has no logical axes in PARAM_LOGICAL_AXES")
-        return NamedSharding(mesh, logical_spec(mesh, leaf.shape, PARAM_LOGICAL_AXES[name]))
+        axes = param_logical_axes(name, len(leaf.shape))
+        return NamedSharding(mesh, logical_spec(mesh, leaf.shape, axes))
 
     return jax.tree_util.tree_map_with_path(one, shapes)
 

@@ -75,6 +75,11 @@ def operate(args) -> int:
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out} already exists: choose a new directory")
     cfg, params = checkpoint.load_model(args.checkpoint)
+    if cfg.quantized:  # the ops rewrite float expert stacks, not codes and their scales
+        raise ValueError(
+            f"{args.checkpoint} is quantized (expert_bits={cfg.expert_bits}): operate on the "
+            "float checkpoint, then quantize the result"
+        )
     params = checkpoint.to_numpy(params)
     if args.command == "drop":
         if args.least_used is not None:

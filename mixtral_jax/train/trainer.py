@@ -68,8 +68,21 @@ def base_model_config(cfg: RunConfig):
     """The run's model config: the [model] table, or the starting checkpoint's architecture
     computed as this run's [model] table says (`ComputeConfig`)."""
     if not cfg.checkpoint.init_from:
+        if cfg.model.quantized:
+            raise ConfigError(
+                f"model.expert_bits={cfg.model.expert_bits}, model.attention_bits="
+                f"{cfg.model.attention_bits}: training needs float weights (16); quantize the "
+                "trained model with python -m mixtral_jax.quantize"
+            )
         return cfg.model
-    return load_hf_config(cfg.checkpoint.init_from).replace(compute=cfg.model.compute)
+    start = load_hf_config(cfg.checkpoint.init_from)
+    if start.quantized:  # integer codes have no gradient: train the float checkpoint
+        raise ConfigError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from} is quantized (expert_bits="
+            f"{start.expert_bits}, attention_bits={start.attention_bits}): training needs float "
+            "weights; start from the checkpoint it was quantized from"
+        )
+    return start.replace(compute=cfg.model.compute)
 
 
 def tokenizer_choice(cfg: RunConfig, model_cfg) -> str:

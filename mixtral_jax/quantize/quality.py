@@ -1,0 +1,114 @@
+"""What quantization costs: held-out perplexity of the original and the quantized model side by
+side, the largest logit error and the share of tokens whose top-1 prediction changes.
+
+The held-out text is the training run's split by default (`train/data.py`): documents of the
+data source held out by `split_documents(eval_fraction, seed)` (train.py's defaults: 5%, seed
+0), tokenized with the original checkpoint's tokenizer and packed into rows of seq_len + 1
+tokens. Counted tokens are those whose next token is in the same document (the loss mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixtral_jax import checkpoint
+from mixtral_jax.config import ConfigError
+from mixtral_jax.model.params import from_params
+from mixtral_jax.tokenizer import Tokenizer
+from mixtral_jax.train import data, losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Quality:
+    """Attributes:
+    original_loss, quantized_loss: mean next-token NLL (nats) over the counted tokens.
+    max_logit_error: max |logit_q - logit_o| over counted tokens and the vocabulary.
+    top1_changed: share of counted tokens whose argmax differs.
+    tokens: counted tokens.
+    """
+
+    original_loss: float
+    quantized_loss: float
+    max_logit_error: float
+    top1_changed: float
+    tokens: int
+
+    @property
+    def perplexity_increase(self) -> float:
+        """exp(quantized loss) / exp(original loss) - 1."""
+        return float(np.expm1(self.quantized_loss - self.original_loss))
+
+    def lines(self, original: str, quantized: str) -> list[str]:
+        rows = [(original, self.original_loss), (quantized, self.quantized_loss)]
+        out = [f"{'checkpoint':<44} {'loss':>8} {'perplexity':>10}"]
+        out += [f"{p:<44} {loss:>8.4f} {np.exp(loss):>10.3f}" for p, loss in rows]
+        out.append(
+            f"perplexity {100 * self.perplexity_increase:+.3f}%, max logit error "
+            f"{self.max_logit_error:.4g}, top-1 changed on {100 * self.top1_changed:.3f}% of "
+            f"{self.tokens:,} held-out tokens"
+        )
+        return out
+
+
+def held_out_batches(
+    source: str,
+    tokenizer: Tokenizer,
+    *,
+    eval_fraction: float = 0.05,
+    seed: int = 0,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    max_batches: int = 8,
+) -> list[dict]:
+    """Held-out batches of `source` as train.py makes them (see the module doc); with
+    eval_fraction 0 the whole source is held-out text."""
+    documents = data.read_documents(source)
+    if eval_fraction:
+        documents = data.split_documents(documents, eval_fraction, seed)[1]
+    rows = data.pack(data.tokenize_documents(documents, tokenizer), seq_len, seed)
+    batches = data.eval_batches(rows, min(batch_size, rows.num_rows), max_batches)
+    if not batches:
+        raise ConfigError(f"{source}: no held-out rows of {seq_len + 1} tokens")
+    return batches
+
+
+def compare(original: str, quantized: str, batches: list[dict]) -> Quality:
+    """Runs both model checkpoints on `batches` (float32 logits) and compares them."""
+    fns = [_logits_fn(path) for path in (original, quantized)]
+    nll = np.zeros(2)
+    count, worst, changed = 0.0, 0.0, 0.0
+    for batch in batches:
+        args = [jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")]
+        targets, mask = jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"])
+        logits = [fn(*args) for fn in fns]
+        for i, lg in enumerate(logits):
+            nll[i] += float(losses.cross_entropy(lg, targets, mask)[0])
+        counted = mask > 0
+        diff = jnp.max(jnp.abs(logits[1] - logits[0]), axis=-1)  # [B, T]
+        worst = max(worst, float(jnp.max(jnp.where(counted, diff, 0.0))))
+        flips = jnp.argmax(logits[0], axis=-1) != jnp.argmax(logits[1], axis=-1)
+        changed += float(jnp.sum(flips & counted))
+        count += float(jnp.sum(counted))
+    count = max(count, 1.0)
+    return Quality(nll[0] / count, nll[1] / count, worst, changed / count, int(count))
+
+
+def _logits_fn(path: str):
+    cfg, params = checkpoint.load_model(path)
+    model = from_params(cfg, params)
+    return jax.jit(lambda t, p, s: model(t, positions=p, segment_ids=s).logits)
+
+
+def evaluate(original: str, quantized: str, source: str = "builtin:pydoc", **split) -> Quality:
+    """`compare` on the held-out batches of `source` (tokenized with the original's tokenizer;
+    `split`: held_out_batches' keyword arguments)."""
+    tokenizer_path = os.path.join(original, checkpoint.TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer_path):
+        raise ConfigError(f"no tokenizer at {tokenizer_path}: the original needs one")
+    batches = held_out_batches(source, Tokenizer.load(tokenizer_path), **split)
+    return compare(original, quantized, batches)
