@@ -14,6 +14,10 @@ matrices give only D / block_n output tiles per expert). So this path has no sor
              projection as many programs as the gate/up one;
   reduce     out = sum over splits and slots (float32, deterministic: no atomics).
 
+Quantized experts (`quant.QuantizedWeight` stacks, int8 or int4, all three the same format) run
+the same kernels: each step's code tiles are dequantized in registers to x's dtype
+(`weight_tiles.load`), so only the codes and scales cross memory (1/2 or 1/4 of bf16's bytes).
+
 Every slot computes all M tokens; tokens that did not choose its expert get combine weight 0.
 That wastes arithmetic (M rows instead of the ~M*k/E that chose the expert), which is free while
 the kernel is bound by memory: the path is for M <= MAX_TOKENS.
@@ -33,14 +37,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.kernels.common import (
     MAX_TOKENS,
     DecodeTiles,
     dot_f32,
-    fit,
     matmul_precision,
     pow2_at_least,
 )
+from mixtral_jax.kernels.quant import QuantizedWeight
 
 # From bench/expert_decode_tiles.py on one H200 (bfloat16, 8x7B widths, 1/8/64 tokens; all
 # stream the weights at 4.1-4.6 TB/s): see BENCHMARKS.md. Splitting F barely matters at one
@@ -48,6 +53,23 @@ from mixtral_jax.kernels.common import (
 GATE_UP = DecodeTiles(block_n=128, block_k=64, num_warps=4, num_stages=4)
 DOWN = DecodeTiles(block_n=128, block_k=64, splits=4, num_warps=4, num_stages=5)
 DOWN_WIDE = DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=4, num_stages=4)  # bm >= 64
+# Quantized weights, by reasoning until bench/quant_decode_tiles.py measures them: the same
+# programs in flight as bf16 (block_n, splits) and the same weights per step (int8: block_k
+# doubled, the same bytes per stage for 1-byte codes; int4: block_k byte rows are 2 * block_k
+# rows of K), more warps for the dequantization's registers.
+# {bits: (gate_up, down, down for bm >= 64)}.
+QUANTIZED = {
+    8: (
+        DecodeTiles(block_n=128, block_k=128, num_warps=8, num_stages=4),
+        DecodeTiles(block_n=128, block_k=128, splits=4, num_warps=8, num_stages=4),
+        DecodeTiles(block_n=64, block_k=256, splits=1, num_warps=8, num_stages=3),
+    ),
+    4: (
+        DecodeTiles(block_n=128, block_k=64, num_warps=8, num_stages=4),
+        DecodeTiles(block_n=128, block_k=64, splits=4, num_warps=8, num_stages=4),
+        DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=8, num_stages=4),
+    ),
+}
 
 
 def _gate_up_kernel(
@@ -61,7 +83,6 @@ def _gate_up_kernel(
     *,
     tiles: DecodeTiles,
     num_cols: int,
-    contract: int,
     rows: int,
     precision,
 ):
@@ -75,14 +96,20 @@ def _gate_up_kernel(
     @pl.when(slot < num_used_ref[0])
     def _():
         def step(i, acc):
-            k0 = pl.multiple_of(i * bk, bk)
-            a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
-            g = wg_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
-            u = wu_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]
-            return acc[0] + dot_f32(a, g, precision), acc[1] + dot_f32(a, u, precision)
+            gate, up = acc
+            r0 = pl.multiple_of(i * bk, bk)  # stored rows (K/2 byte rows for int4)
+            lead, dtype = (layer, expert), x_ref.dtype
+            gs = weight_tiles.load(wg_ref, lead, r0, col0, bk, bn, dtype)  # [(row0, [bk, bn])]
+            us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, dtype)
+            for (k0, g), (_, u) in zip(gs, us):
+                a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
+                gate, up = gate + dot_f32(a, g, precision), up + dot_f32(a, u, precision)
+            return gate, up
 
         zeros = jnp.zeros((bm, bn), jnp.float32)
-        gate, up = jax.lax.fori_loop(0, contract // bk, step, (zeros, zeros))
+        gate, up = jax.lax.fori_loop(
+            0, weight_tiles.stored_rows(wg_ref) // bk, step, (zeros, zeros)
+        )
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, in float32
         plgpu.store(h_ref.at[slot, :, pl.ds(col0, bn)], h.astype(h_ref.dtype), mask=row_mask)
 
@@ -117,14 +144,15 @@ def _down_kernel(
     @pl.when(slot < num_used_ref[0])
     def _():
         def step(i, acc):
-            k0 = pl.multiple_of((split * steps + i) * bk, bk)
-            a = plgpu.load(
-                h_ref.at[slot, :, pl.ds(k0, bk)],
-                mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
-                other=0,
-            )  # [bm, bk]
-            b = wd_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
-            return acc + dot_f32(a, b, precision)
+            r0 = pl.multiple_of((split * steps + i) * bk, bk)  # stored rows of split j
+            for k0, b in weight_tiles.load(wd_ref, (layer, expert), r0, col0, bk, bn, h_ref.dtype):
+                a = plgpu.load(
+                    h_ref.at[slot, :, pl.ds(k0, bk)],
+                    mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
+                    other=0,
+                )  # [bm, bk]
+                acc = acc + dot_f32(a, b, precision)  # b: [bk, bn]
+            return acc
 
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
         weight = combine_ref[slot, :]  # [bm] float32
@@ -165,9 +193,9 @@ def decode_experts(
     x: jax.Array,
     experts: jax.Array,
     weights: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    w_down: jax.Array,
+    w_gate: jax.Array | QuantizedWeight,
+    w_up: jax.Array | QuantizedWeight,
+    w_down: jax.Array | QuantizedWeight,
     layer: jax.Array | int = 0,
     *,
     gate_up_tiles: DecodeTiles | None = None,
@@ -179,8 +207,10 @@ def decode_experts(
     Args:
       x: [M, D] tokens in the compute dtype (M <= MAX_TOKENS).
       experts: [M, k] int32 chosen experts; weights: [M, k] their routing weights.
-      w_gate, w_up: [L, E, D, F]; w_down: [L, E, F, D] stacks in x's dtype, read at `layer`.
+      w_gate, w_up: [L, E, D, F]; w_down: [L, E, F, D] stacks in x's dtype, read at `layer`; or
+        all three `QuantizedWeight` stacks of one format (bits, group size).
       layer: int32 scalar.
+      gate_up_tiles, down_tiles: tiles (default: by the weights' format), fitted to the problem.
     Returns:
       [M, D] float32 = sum_j weights[:, j] * SwiGLU expert experts[:, j] of x (no gradient).
     """
@@ -188,6 +218,7 @@ def decode_experts(
     _, num_experts, _, f = w_gate.shape
     if m > MAX_TOKENS:
         raise ValueError(f"decode_experts takes at most {MAX_TOKENS} tokens, got {m}")
+    _check_weights(w_gate, w_up, w_down)
     bm = pow2_at_least(m)
     slot_expert, num_used, combine = _slots(experts, weights, num_experts)
     num_slots = slot_expert.shape[0]
@@ -196,13 +227,13 @@ def decode_experts(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     precision, itemsize = matmul_precision(x.dtype), x.dtype.itemsize
 
-    t1 = fit(gate_up_tiles or GATE_UP, bm, d, f, 2, itemsize)
+    base_up, base_down, base_wide = _default_tiles(w_gate)
+    t1 = weight_tiles.fit(gate_up_tiles or base_up, bm, w_gate, f, 2, itemsize)
     h = pl.pallas_call(
         functools.partial(
             _gate_up_kernel,
             tiles=t1,
             num_cols=f // t1.block_n,
-            contract=d,
             rows=m,
             precision=precision,
         ),
@@ -213,8 +244,9 @@ def decode_experts(
         name="expert_gate_up",
     )(slot_expert, num_used, layer, x_p, w_gate, w_up)
 
-    t2 = fit(down_tiles or (DOWN if bm < 64 else DOWN_WIDE), bm, f, d, 1, itemsize)
-    steps = f // (t2.splits * t2.block_k)
+    t2 = down_tiles or (base_down if bm < 64 else base_wide)
+    t2 = weight_tiles.fit(t2, bm, w_down, d, 1, itemsize)
+    steps = weight_tiles.stored_rows(w_down) // (t2.splits * t2.block_k)
     part = pl.pallas_call(
         functools.partial(
             _down_kernel,
@@ -231,3 +263,19 @@ def decode_experts(
         name="expert_down",
     )(slot_expert, num_used, layer, h, combine, w_down)
     return jax.lax.stop_gradient(jnp.sum(part[:, :, :m], axis=(0, 1)))
+
+
+def _default_tiles(w) -> tuple[DecodeTiles, DecodeTiles, DecodeTiles]:
+    """(gate_up, down, down for bm >= 64) for the weights' format."""
+    if isinstance(w, QuantizedWeight):
+        return QUANTIZED[w.bits]
+    return GATE_UP, DOWN, DOWN_WIDE
+
+
+def _check_weights(w_gate, w_up, w_down) -> None:
+    """ValueError unless the three stacks share one format the kernels read."""
+    if not weight_tiles.same_format(w_gate, w_up, w_down):
+        raise ValueError("decode_experts needs w_gate, w_up and w_down in one format")
+    for w in (w_gate, w_up, w_down):
+        if isinstance(w, QuantizedWeight):
+            weight_tiles.check_codes(w)
