@@ -208,7 +208,8 @@ def decode_experts(
       x: [M, D] tokens in the compute dtype (M <= MAX_TOKENS).
       experts: [M, k] int32 chosen experts; weights: [M, k] their routing weights.
       w_gate, w_up: [L, E, D, F]; w_down: [L, E, F, D] stacks in x's dtype, read at `layer`; or
-        all three `QuantizedWeight` stacks of one format (bits, group size).
+        all three `QuantizedWeight` stacks of the same bits (w_gate and w_up also of one
+        group size: they share tiles).
       layer: int32 scalar.
       gate_up_tiles, down_tiles: tiles (default: by the weights' format), fitted to the problem.
     Returns:
@@ -274,8 +275,12 @@ def _default_tiles(w) -> tuple[DecodeTiles, DecodeTiles, DecodeTiles]:
 
 def _check_weights(w_gate, w_up, w_down) -> None:
     """ValueError unless the three stacks share one format the kernels read."""
-    if not weight_tiles.same_format(w_gate, w_up, w_down):
-        raise ValueError("decode_experts needs w_gate, w_up and w_down in one format")
+    gate, up, down = (weight_tiles.format_of(w) for w in (w_gate, w_up, w_down))
+    if gate != up or (gate is None) != (down is None) or (gate and gate[0] != down[0]):
+        raise ValueError(
+            f"decode_experts needs w_gate and w_up in one format and w_down in the same bits; "
+            f"got (bits, group size) {gate}, {up}, {down}"
+        )
     for w in (w_gate, w_up, w_down):
         if isinstance(w, QuantizedWeight):
             weight_tiles.check_codes(w)

@@ -37,9 +37,11 @@ def _largest_pow2_dividing(n: int, at_most: int) -> int:
     return size
 
 
-def tiles_for(rhs: QuantizedWeight, rows: int, itemsize: int) -> gmm_pallas.Tiles:
-    """gmm_pallas's tiles for `rows` rows, fitted to the quantized weight: block_k stored rows
-    in one scale group, block_n dividing N.
+def tiles_for(
+    rhs: QuantizedWeight, rows: int, itemsize: int, base: gmm_pallas.Tiles | None = None
+) -> gmm_pallas.Tiles:
+    """Tiles for `rows` rows (gmm_pallas's for the shape, or `base`), fitted to the quantized
+    weight: block_k stored rows inside one scale group, block_n dividing N.
 
     Raises:
       ValueError: a weight the kernel cannot tile (N or the group's stored rows not a multiple
@@ -51,7 +53,7 @@ def tiles_for(rhs: QuantizedWeight, rows: int, itemsize: int) -> gmm_pallas.Tile
             f"the quantized gmm needs N and gcd(stored rows, group size) multiples of 16; got "
             f"N={n}, K={k}, bits={rhs.bits}, group_size={rhs.group_size}"
         )
-    tiles = gmm_pallas.tiles_for("gmm", k, n, rows, itemsize)
+    tiles = base or gmm_pallas.tiles_for("gmm", k, n, rows, itemsize)
     tiles = gmm_pallas.fit_tiles(tiles, rows, k, n)
     return dataclasses.replace(
         tiles,

@@ -54,13 +54,9 @@ def tiles_per_step(w) -> int:
     return 2 if isinstance(w, QuantizedWeight) and w.bits == 4 else 1
 
 
-def same_format(*weights) -> bool:
-    """All float, or all quantized with the same bits and group size."""
-
-    def key(w):
-        return (w.bits, w.group_size) if isinstance(w, QuantizedWeight) else None
-
-    return len({key(w) for w in weights}) == 1
+def format_of(w) -> tuple[int, int] | None:
+    """(bits, group size) of a quantized weight, None for a float one."""
+    return (w.bits, w.group_size) if isinstance(w, QuantizedWeight) else None
 
 
 def fit(

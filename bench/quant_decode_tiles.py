@@ -1,0 +1,309 @@
+"""The quantized-weight kernels (int8 / int4 codes dequantized in registers) on one GPU at 8x7B widths.
+
+  python3 bench/quant_decode_tiles.py [--tokens 1,8,64] [--parts experts,projection,gmm]
+                                      [--quick] [--small]
+
+Formats: bf16 (the float kernels, the baseline of the same run), int8 (one scale per output
+channel) and int4 (groups of 128 rows of K, float32 scales), all made on the device from the
+same random bf16 weights. Each measurement is one JSON line on stdout:
+
+  experts     decode_experts at layer 1 of a 4-layer stack, per token count: the error against
+              the dense oracle on the dequantized weights (float32), then kernel device time
+              (profiler) of gate_up and down for the default tiles and (no --quick) a few tile
+              choices; GB/s = bytes the kernel must read (the used experts' codes + scales)
+              / its time, beside 4.3-4.8 TB/s.
+  projection  project_stacked: q, k, v in one launch, then o (attention widths of 8x7B).
+  gmm         the prefill grouped matmul (gmm_quant.gmm; bf16: gmm_pallas.gmm) on 2 x 4096
+              rows in 8 uneven groups, both expert shapes: TFLOP/s and weight GB/s.
+
+--small runs tiny widths (on CPU: the kernels interpreted, wall-clock times) to check this
+script's logic. Writes $OUT/quant_decode_tiles.json with every line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `python3 bench/quant_decode_tiles.py` finds bench and mixtral_jax
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import environment, kernel_summary, timed, trace_kernels, write_json  # noqa: E402
+from mixtral_jax.kernels import decode_matmul as dm  # noqa: E402
+from mixtral_jax.kernels import expert_decode as ed  # noqa: E402
+from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant  # noqa: E402
+from mixtral_jax.kernels.common import DecodeTiles  # noqa: E402
+from mixtral_jax.moe import local as moe_local  # noqa: E402
+from mixtral_jax.moe import ops as moe_ops  # noqa: E402
+
+LAYERS, TOPK = 4, 2
+FULL = {"d": 4096, "f": 14336, "e": 8, "kv": 1024, "group": 128, "rows": 8192}
+SMALL = {"d": 64, "f": 96, "e": 8, "kv": 32, "group": 32, "rows": 40}
+FORMATS = ("bf16", "int8", "int4")
+GATE_UP_SWEEP = [  # block_n, block_k (stored rows), num_warps, num_stages
+    (64, 128, 4, 4),
+    (128, 64, 4, 4),
+    (64, 256, 8, 3),
+    (128, 128, 4, 3),
+    (32, 128, 4, 4),
+]
+DOWN_SWEEP = [  # block_n, block_k, splits, num_warps, num_stages
+    (64, 128, 4, 4, 4),
+    (128, 64, 4, 4, 5),
+    (64, 256, 2, 8, 3),
+    (128, 128, 8, 8, 3),
+    (64, 128, 1, 4, 4),
+]
+PROJECTION_SWEEP = [  # block_n, block_k, splits, num_warps, num_stages
+    (64, 128, 4, 4, 4),
+    (32, 256, 4, 4, 3),
+    (64, 128, 8, 8, 4),
+]
+GMM_SWEEP = [  # block_m, block_n, block_k, group_m, num_warps, num_stages
+    (128, 128, 64, 8, 4, 3),
+    (128, 256, 64, 8, 8, 3),
+    (64, 128, 128, 8, 4, 3),
+]
+LINES: list[dict] = []
+
+
+def emit(row: dict) -> None:
+    LINES.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def device_us(call, parts: tuple[str, ...]) -> dict[str, float]:
+    """{part: us per call} of the kernels whose names contain each part (profiler device time on
+    a GPU; on CPU the whole call's wall time under every part)."""
+    if not on_gpu():
+        us = timed(call, repeats=2, warmup=1) * 1e6
+        return {p: us for p in parts}
+    s = kernel_summary(trace_kernels(call, reps=20), per=20)
+    return {p: sum(v["us"] for n, v in s["by_name"].items() if p in n) for p in parts}
+
+
+def stored(w) -> int:
+    """Bytes a kernel reads for a weight (codes + scales, or the float array)."""
+    if isinstance(w, quant.QuantizedWeight):
+        return quant.stored_bytes(w)
+    return w.size * w.dtype.itemsize
+
+
+def make_formats(key, shape, group: int) -> dict:
+    """{format: stack} of one random bf16 stack [L, ...] and its int8 / int4 quantizations,
+    made on the device one layer at a time (a float32 temporary of a whole stack is large)."""
+
+    @jax.jit
+    def make(key):
+        return jax.lax.map(
+            lambda k: (0.02 * jax.random.normal(k, shape[1:], jnp.float32)).astype(jnp.bfloat16),
+            jax.random.split(key, shape[0]),
+        )
+
+    bf16 = make(key)
+    q8 = jax.jit(lambda w: jax.lax.map(lambda x: quant.quantize(x, 8), w))(bf16)
+    q4 = jax.jit(lambda w: jax.lax.map(lambda x: quant.quantize(x, 4, group), w))(bf16)
+    return {"bf16": bf16, "int8": q8, "int4": q4}
+
+
+def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -> None:
+    d, f, e = sizes["d"], sizes["f"], sizes["e"]
+    keys = jax.random.split(jax.random.key(0), 5)
+    stacks = {
+        name: make_formats(k, shape, sizes["group"])
+        for name, k, shape in zip(
+            ("w_gate", "w_up", "w_down"), keys, ((LAYERS, e, d, f),) * 2 + ((LAYERS, e, f, d),)
+        )
+    }
+    router = jax.random.normal(keys[3], (d, e), jnp.bfloat16)
+    layers = [jnp.int32(i) for i in range(LAYERS)]
+    run = jax.jit(
+        lambda x, ex, wt, layer, wg, wu, wd, t1=None, t2=None: ed.decode_experts(
+            x, ex, wt, wg, wu, wd, layer, gate_up_tiles=t1, down_tiles=t2, interpret=interpret
+        ),
+        static_argnames=("t1", "t2"),
+    )
+    for m in tokens:
+        x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
+        routing = moe_ops.route(x, router, TOPK)
+        used = len(set(np.asarray(routing.experts).ravel().tolist()))
+        for fmt in FORMATS:
+            w = [stacks[n][fmt] for n in ("w_gate", "w_up", "w_down")]
+            one_layer = [stored(s) / (LAYERS * e) for s in w]  # bytes of one expert's matrix
+            got = run(x, routing.experts, routing.weights, layers[1], *w)
+            dense = [s[1].astype(jnp.float32) if fmt == "bf16" else s[1].dequantize() for s in w]
+            want = moe_local.moe_dense(x.astype(jnp.float32), routing, *dense)[0]
+            base = {"part": "experts", "format": fmt, "tokens": m, "experts_used": used}
+            emit({**base, "rel_err_vs_dense_f32": rel_err(got, want)})
+            gate_up_bytes, down_bytes = used * (one_layer[0] + one_layer[1]), used * one_layer[2]
+
+            def timed_tiles(t1, t2, w=w, x=x, routing=routing):
+                state = {"i": 0}
+
+                def call():
+                    state["i"] += 1
+                    layer = layers[state["i"] % LAYERS]
+                    return run(x, routing.experts, routing.weights, layer, *w, t1=t1, t2=t2)
+
+                return device_us(call, ("gate_up", "down"))
+
+            us = timed_tiles(None, None)
+            emit(
+                {
+                    **base,
+                    "tiles": "default",
+                    "gate_up_us": us["gate_up"],
+                    "down_us": us["down"],
+                    "GBps": (gate_up_bytes + down_bytes) / (us["gate_up"] + us["down"]) / 1e3,
+                    "floor_us_4.3TBs": (gate_up_bytes + down_bytes) / 4.3e6,
+                }
+            )
+            if quick or fmt == "bf16" or m not in (1, max(tokens)):
+                continue
+            for cfg in GATE_UP_SWEEP:
+                sweep_one(base, "gate_up", cfg, gate_up_bytes, lambda c: timed_tiles(c, None))
+            for cfg in DOWN_SWEEP:
+                sweep_one(base, "down", cfg, down_bytes, lambda c: timed_tiles(None, c))
+
+
+def sweep_one(base: dict, kernel: str, cfg: tuple, nbytes: float, measure) -> None:
+    """One tile choice of one kernel, or the error it failed with."""
+    tiles = DecodeTiles(cfg[0], cfg[1], 1, *cfg[2:]) if len(cfg) == 4 else DecodeTiles(*cfg)
+    try:
+        us = measure(tiles)[kernel]
+        emit({**base, "kernel": kernel, "tiles": list(cfg), "us": us, "GBps": nbytes / us / 1e3})
+    except Exception as err:  # noqa: BLE001 (a configuration that does not compile)
+        emit({**base, "kernel": kernel, "tiles": list(cfg), "error": str(err)[:300]})
+
+
+def projection_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -> None:
+    d, kv = sizes["d"], sizes["kv"]
+    keys = jax.random.split(jax.random.key(1), 5)
+    shapes = {"q": (LAYERS, d, d), "k": (LAYERS, d, kv), "v": (LAYERS, d, kv), "o": (LAYERS, d, d)}
+    w = {n: make_formats(k, s, sizes["group"]) for k, (n, s) in zip(keys, shapes.items())}
+    layers = [jnp.int32(i) for i in range(LAYERS)]
+    run = jax.jit(
+        lambda x, layer, q, k, v, o, t=None: (
+            dm.project_stacked(x, (q, k, v), layer, tiles=t, interpret=interpret),
+            dm.project_stacked(x, (o,), layer, tiles=t, interpret=interpret),
+        ),
+        static_argnames=("t",),
+    )
+    for m in tokens:
+        x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
+        for fmt in FORMATS:
+            stacks = [w[n][fmt] for n in "qkvo"]
+            nbytes = sum(stored(s) for s in stacks) / LAYERS
+            (q, k, v), (o,) = run(x, layers[1], *stacks)
+            err = max(
+                rel_err(got, x.astype(jnp.float32) @ _dense(s[1]))
+                for got, s in zip((q, k, v, o), stacks)
+            )
+            base = {"part": "projection", "format": fmt, "tokens": m}
+            emit({**base, "rel_err_vs_f32": err})
+            for cfg in [None] + ([] if quick else PROJECTION_SWEEP):
+                tiles = None if cfg is None else DecodeTiles(*cfg)
+                state = {"i": 0}
+
+                def call(tiles=tiles, stacks=stacks, x=x, state=state):
+                    state["i"] += 1
+                    return run(x, layers[state["i"] % LAYERS], *stacks, t=tiles)
+
+                try:
+                    us = device_us(call, ("decode_projection",))["decode_projection"]
+                    row = {"tiles": list(cfg) if cfg else "default", "us": us}
+                    emit({**base, **row, "GBps": nbytes / us / 1e3})
+                except Exception as e:  # noqa: BLE001 (a configuration that does not compile)
+                    emit({**base, "tiles": list(cfg), "error": str(e)[:300]})
+
+
+def _dense(w) -> jax.Array:
+    return w.astype(jnp.float32) if not isinstance(w, quant.QuantizedWeight) else w.dequantize()
+
+
+def gmm_part(sizes: dict, quick: bool, interpret: bool) -> None:
+    d, f, e, rows = sizes["d"], sizes["f"], sizes["e"], sizes["rows"]
+    keys = jax.random.split(jax.random.key(2), 4)
+    cuts = np.sort(np.random.default_rng(0).integers(0, rows, e - 1))
+    sizes_e = np.diff(np.concatenate([[0], cuts, [rows]])).astype(np.int32)
+    gs = jnp.asarray(sizes_e)
+    for name, (k, n), key in (("gate", (d, f), keys[0]), ("down", (f, d), keys[1])):
+        weights = make_formats(key, (1, e, k, n), sizes["group"])
+        lhs = jax.random.normal(keys[2], (rows, k), jnp.bfloat16)
+        for fmt in FORMATS:
+            rhs = weights[fmt][0]
+            want = jax.lax.ragged_dot(
+                lhs, _dense(rhs).astype(jnp.bfloat16), gs, preferred_element_type=jnp.float32
+            )
+            base = {"part": "gmm", "shape": name, "format": fmt, "rows": rows, "K": k, "N": n}
+            for cfg in [None] + ([] if quick or fmt == "bf16" else GMM_SWEEP):
+                fn = _gmm_fn(fmt, cfg, gs, rows, interpret, rhs)
+                try:
+                    got = fn(lhs, rhs)
+                    us = device_us(functools.partial(fn, lhs, rhs), ("gmm",))["gmm"]
+                    emit(
+                        {
+                            **base,
+                            "tiles": list(cfg) if cfg else "default",
+                            "rel_err_vs_f32": rel_err(got, want),
+                            "us": us,
+                            "TFLOPs": 2 * rows * k * n / us / 1e6,
+                            "weight_GBps": stored(rhs) / us / 1e3,
+                        }
+                    )
+                except Exception as err:  # noqa: BLE001 (a configuration that does not compile)
+                    emit({**base, "tiles": list(cfg), "error": str(err)[:300]})
+
+
+def _gmm_fn(fmt: str, cfg, gs, rows: int, interpret: bool, rhs):
+    """The jitted grouped matmul of a format, with explicit tiles (cfg) or the default."""
+    if fmt == "bf16":
+        return jax.jit(lambda x, w: gmm_pallas.gmm(x, w, gs, interpret))
+    if cfg is None:
+        return jax.jit(lambda x, w: gmm_quant.gmm(x, w, gs, interpret))
+    tiles = gmm_quant.tiles_for(rhs, rows, 2, base=gmm_pallas.Tiles(*cfg))
+    return jax.jit(
+        lambda x, w: gmm_pallas._gmm_call(
+            jnp.pad(x, ((0, -rows % tiles.block_m), (0, 0))), w, gs, tiles, False, interpret
+        )[:rows]
+    )
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", default="1,8,64")
+    p.add_argument("--parts", default="experts,projection,gmm")
+    p.add_argument("--quick", action="store_true", help="default tiles only (no sweep)")
+    p.add_argument("--small", action="store_true", help="tiny widths: this script's logic")
+    args = p.parse_args()
+    sizes = SMALL if args.small else FULL
+    interpret = not on_gpu()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    parts = args.parts.split(",")
+    if "experts" in parts:
+        experts_part(sizes, tokens, args.quick, interpret)
+    if "projection" in parts:
+        projection_part(sizes, tokens, args.quick, interpret)
+    if "gmm" in parts:
+        gmm_part(sizes, args.quick, interpret)
+    write_json("quant_decode_tiles.json", {"env": environment(), "sizes": sizes, "rows": LINES})
+
+
+if __name__ == "__main__":
+    main()
