@@ -31,17 +31,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `python3 bench/quant_decode_tiles.py` finds bench and mixtral_jax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from bench.common import environment, kernel_summary, timed, trace_kernels, write_json  # noqa: E402
-from mixtral_jax.kernels import decode_matmul as dm  # noqa: E402
-from mixtral_jax.kernels import expert_decode as ed  # noqa: E402
-from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant  # noqa: E402
-from mixtral_jax.kernels.common import DecodeTiles  # noqa: E402
-from mixtral_jax.moe import local as moe_local  # noqa: E402
-from mixtral_jax.moe import ops as moe_ops  # noqa: E402
+from bench.common import environment, kernel_summary, timed, trace_kernels, write_json
+from mixtral_jax.kernels import decode_matmul as dm
+from mixtral_jax.kernels import expert_decode as ed
+from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant
+from mixtral_jax.kernels.common import DecodeTiles
+from mixtral_jax.moe import local as moe_local
+from mixtral_jax.moe import ops as moe_ops
 
 LAYERS, TOPK = 4, 2
 FULL = {"d": 4096, "f": 14336, "e": 8, "kv": 1024, "group": 128, "rows": 8192}
