@@ -78,13 +78,18 @@ def _kernel(
             col, split = local // splits, local % splits
             col0 = pl.multiple_of(col * bn, bn)
 
-            def step(i, acc):
+            def fetch(i):
                 r0 = pl.multiple_of((split * num_steps + i) * bk, bk)  # stored rows
-                for k0, b in weight_tiles.load(w_ref, (layer,), r0, col0, bk, bn, x_ref.dtype):
-                    acc = acc + dot_f32(x_ref[:, pl.ds(k0, bk)], b, precision)  # [bm, bk] @ b
+                return weight_tiles.fetch(w_ref, (layer,), r0, col0, bk, bn)
+
+            def step(i, raw, acc):
+                r0 = pl.multiple_of((split * num_steps + i) * bk, bk)
+                for k0, b, scale in weight_tiles.decode(w_ref, raw, r0, x_ref.dtype):
+                    part = dot_f32(x_ref[:, pl.ds(k0, bk)], b, precision)  # [bm, bk] @ b
+                    acc = acc + weight_tiles.scaled(part, scale)
                 return acc
 
-            acc = jax.lax.fori_loop(0, num_steps, step, jnp.zeros((bm, bn), jnp.float32))
+            acc = weight_tiles.loop(num_steps, fetch, step, jnp.zeros((bm, bn), jnp.float32))
             plgpu.store(out_ref.at[split, :, pl.ds(col0, bn)], acc, mask=row_mask)
 
         first = last

@@ -95,21 +95,26 @@ def _gate_up_kernel(
 
     @pl.when(slot < num_used_ref[0])
     def _():
-        def step(i, acc):
+        lead, dtype = (layer, expert), x_ref.dtype
+        steps = weight_tiles.stored_rows(wg_ref) // bk
+
+        def fetch(i):  # stored rows [i * bk, (i + 1) * bk) (K/2 byte rows for int4)
+            r0 = i * bk if isinstance(i, int) else pl.multiple_of(i * bk, bk)
+            return tuple(weight_tiles.fetch(w, lead, r0, col0, bk, bn) for w in (wg_ref, wu_ref))
+
+        def step(i, raw, acc):
             gate, up = acc
-            r0 = pl.multiple_of(i * bk, bk)  # stored rows (K/2 byte rows for int4)
-            lead, dtype = (layer, expert), x_ref.dtype
-            gs = weight_tiles.load(wg_ref, lead, r0, col0, bk, bn, dtype)  # [(row0, [bk, bn])]
-            us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, dtype)
-            for (k0, g), (_, u) in zip(gs, us):
+            r0 = pl.multiple_of(i * bk, bk)
+            gs = weight_tiles.decode(wg_ref, raw[0], r0, dtype)  # [(row0, [bk, bn], scale)]
+            us = weight_tiles.decode(wu_ref, raw[1], r0, dtype)
+            for (k0, g, g_scale), (_, u, u_scale) in zip(gs, us):
                 a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
-                gate, up = gate + dot_f32(a, g, precision), up + dot_f32(a, u, precision)
+                gate = gate + weight_tiles.scaled(dot_f32(a, g, precision), g_scale)
+                up = up + weight_tiles.scaled(dot_f32(a, u, precision), u_scale)
             return gate, up
 
         zeros = jnp.zeros((bm, bn), jnp.float32)
-        gate, up = jax.lax.fori_loop(
-            0, weight_tiles.stored_rows(wg_ref) // bk, step, (zeros, zeros)
-        )
+        gate, up = weight_tiles.loop(steps, fetch, step, (zeros, zeros))
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, in float32
         plgpu.store(h_ref.at[slot, :, pl.ds(col0, bn)], h.astype(h_ref.dtype), mask=row_mask)
 
@@ -143,18 +148,22 @@ def _down_kernel(
 
     @pl.when(slot < num_used_ref[0])
     def _():
-        def step(i, acc):
-            r0 = pl.multiple_of((split * steps + i) * bk, bk)  # stored rows of split j
-            for k0, b in weight_tiles.load(wd_ref, (layer, expert), r0, col0, bk, bn, h_ref.dtype):
+        def fetch(i):  # stored rows of step i of split j
+            r0 = pl.multiple_of((split * steps + i) * bk, bk)
+            return weight_tiles.fetch(wd_ref, (layer, expert), r0, col0, bk, bn)
+
+        def step(i, raw, acc):
+            r0 = pl.multiple_of((split * steps + i) * bk, bk)
+            for k0, b, scale in weight_tiles.decode(wd_ref, raw, r0, h_ref.dtype):
                 a = plgpu.load(
                     h_ref.at[slot, :, pl.ds(k0, bk)],
                     mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
                     other=0,
                 )  # [bm, bk]
-                acc = acc + dot_f32(a, b, precision)  # b: [bk, bn]
+                acc = acc + weight_tiles.scaled(dot_f32(a, b, precision), scale)  # b: [bk, bn]
             return acc
 
-        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+        acc = weight_tiles.loop(steps, fetch, step, jnp.zeros((bm, bn), jnp.float32))
         weight = combine_ref[slot, :]  # [bm] float32
         plgpu.store(out_block, acc * weight[:, None], mask=row_mask)
 

@@ -77,7 +77,10 @@ def fit(
     )
 
 
-def load(w, lead: tuple, r0, col0, bk: int, bn: int, dtype) -> list[tuple[jax.Array, jax.Array]]:
+MODE = "after_dot_magic"  # experiment switch: registers | after_dot_magic | after_dot_cast
+
+
+def load(w, lead: tuple, r0, col0, bk: int, bn: int, dtype) -> list[tuple]:
     """Inside a kernel: the tiles of stored rows [r0, r0 + bk), columns [col0, col0 + bn).
 
     Args:
@@ -86,25 +89,91 @@ def load(w, lead: tuple, r0, col0, bk: int, bn: int, dtype) -> list[tuple[jax.Ar
       r0, col0: first stored row (a multiple of bk) and first column.
       dtype: the compute dtype the tiles come in.
     Returns:
-      [(row0, tile [bk, bn] in dtype)]: row0 the first row of K the tile covers (the x columns
-      it multiplies); one pair, or two for int4.
+      [(row0, tile [bk, bn] in dtype, scale [bn] float32 or None)]: row0 the first row of K the
+      tile covers (the x columns it multiplies); one triple, or two for int4. A partial product
+      x @ tile is multiplied by its scale row (`scaled`).
     """
+    return decode(w, fetch(w, lead, r0, col0, bk, bn), r0, dtype)
+
+
+def fetch(w, lead: tuple, r0, col0: int, bk: int, bn: int):
+    """The loads of one step (`load` = decode(fetch(...))): the float tile, or the code tile
+    and its scale rows [bn] (one, or two for int4)."""
     rows, cols = pl.ds(r0, bk), pl.ds(col0, bn)
     if not isinstance(w, QuantizedWeight):
-        return [(r0, w[(*lead, rows, cols)])]
+        return w[(*lead, rows, cols)]
     codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
+    starts = [r0] if w.bits == 8 else [r0, r0 + w.shape[-2] // 2]
+    return codes, [w.scale[(*lead, row0 // w.group_size, cols)] for row0 in starts]
+
+
+def decode(w, raw, r0, dtype) -> list[tuple]:
+    """The tiles of one step from its loads (`fetch`), see `load`."""
+    if not isinstance(w, QuantizedWeight):
+        return [(r0, raw, None)]
+    codes, scales = raw
+    cast = MODE == "after_dot_cast"
     if w.bits == 8:
-        parts = [(r0, codes)]
+        parts = [(r0, codes if cast else _int8_to_f32(codes))]
     else:
-        signed = codes.astype(jnp.int8)  # the same bits: two's complement nibbles
-        four = jnp.int8(4)
-        low = jax.lax.shift_right_arithmetic(jax.lax.shift_left(signed, four), four)
-        parts = [(r0, low), (r0 + w.shape[-2] // 2, jax.lax.shift_right_arithmetic(signed, four))]
+        half = w.shape[-2] // 2
+        if cast:
+            signed, four = codes.astype(jnp.int8), jnp.int8(4)
+            low = jax.lax.shift_right_arithmetic(jax.lax.shift_left(signed, four), four)
+            parts = [(r0, low), (r0 + half, jax.lax.shift_right_arithmetic(signed, four))]
+        else:
+            byte = codes.astype(jnp.int32)  # zero-extended
+            parts = [(r0, _nibble_to_f32(byte)), (r0 + half, _nibble_to_f32(byte >> 4))]
     tiles = []
-    for row0, c in parts:
-        scale = w.scale[(*lead, row0 // w.group_size, cols)].astype(jnp.float32)  # [bn]
-        tiles.append((row0, (c.astype(jnp.float32) * scale[None, :]).astype(dtype)))
+    for (row0, c), scale in zip(parts, scales):
+        scale = scale.astype(jnp.float32)  # [bn]
+        if MODE == "registers":
+            tiles.append((row0, (c.astype(jnp.float32) * scale[None, :]).astype(dtype), None))
+        else:
+            tiles.append((row0, c.astype(dtype), scale))
     return tiles
+
+
+PREFETCH = False  # experiment switch
+
+
+def loop(steps: int, fetch, body, acc):
+    """fori_loop over `steps` steps: fetch(i) issues step i's loads, body(i, loads, acc) does its
+    arithmetic. With PREFETCH, step i + 1's loads are issued before step i's arithmetic (the
+    last step re-reads itself: one wasted step of `steps`)."""
+    if not PREFETCH:
+        return jax.lax.fori_loop(0, steps, lambda i, a: body(i, fetch(i), a), acc)
+
+    def step(i, carry):
+        a, raw = carry
+        nxt = fetch(jnp.minimum(i + 1, steps - 1))
+        return body(i, raw, a), nxt
+
+    return jax.lax.fori_loop(0, steps, step, (acc, fetch(0)))[0]
+
+
+def scaled(part: jax.Array, scale) -> jax.Array:
+    """A partial product [bm, bn] times its tile's scale row (none for float weights)."""
+    return part if scale is None else part * scale[None, :]
+
+
+# Codes to float32 without an int-to-float conversion instruction (the GPU issues those at a
+# fraction of its add rate, and a tile of codes would be bound by them): an integer u < 2^23
+# ORed into the mantissa of 2^23 is the float 2^23 + u, exact, and one subtraction leaves the
+# code. Codes are biased to be non-negative first (+128 for int8, XOR 8 for int4 nibbles).
+_MAGIC = 0x4B000000  # the bits of the float32 2^23
+
+
+def _int8_to_f32(codes: jax.Array) -> jax.Array:
+    """int8 codes [-127, 127] -> float32, exactly."""
+    biased = codes.astype(jnp.int32) + (_MAGIC + 128)
+    return jax.lax.bitcast_convert_type(biased, jnp.float32) - float(2**23 + 128)
+
+
+def _nibble_to_f32(byte: jax.Array) -> jax.Array:
+    """The low nibble of int32 bytes (two's complement, [-8, 7]) -> float32, exactly."""
+    biased = (byte & 0xF) ^ (_MAGIC + 8)  # nibble + 8, in the mantissa of 2^23
+    return jax.lax.bitcast_convert_type(biased, jnp.float32) - float(2**23 + 8)
 
 
 def check_codes(w: QuantizedWeight) -> None:
