@@ -42,13 +42,11 @@ from mixtral_jax.kernels.quant import QuantizedWeight
 
 # From bench/expert_decode_tiles.py's projection sweep on one H200 (bfloat16, 8x7B widths).
 PROJECTION = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_stages=4)
-# Quantized stacks, by reasoning until bench/quant_decode_tiles.py measures them: the same
-# programs in flight and weights per step as bf16's (int8: 1-byte codes, so twice block_k;
-# int4: block_k byte rows are 2 * block_k rows of K), more warps for the dequantization.
-PROJECTION_QUANTIZED = {
-    8: DecodeTiles(block_n=64, block_k=256, splits=4, num_warps=8, num_stages=3),
-    4: DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=8, num_stages=4),
-}
+# Quantized stacks take the same tiles (block_k in stored rows): on the H200 at 8x7B widths
+# they beat the alternatives tried for int8 and int4 at 1 and 64 tokens
+# (bench/quant_decode_tiles.py). The one-token vector path, by reasoning until measured: a
+# [bk, bn] float32 accumulator of 32 x 64 over 128 threads.
+VECTOR = DecodeTiles(block_n=64, block_k=32, splits=4, num_warps=4, num_stages=4)
 
 
 def _kernel(
@@ -60,8 +58,10 @@ def _kernel(
     steps: tuple[int, ...],
     rows: int,
     precision,
+    vector: bool,
 ):
-    """Program p: stack i whose column tiles hold p, column tile c, split j of K."""
+    """Program p: stack i whose column tiles hold p, column tile c, split j of K. With `vector`
+    (one token) only row 0 is written."""
     num = len(cols)
     w_refs, out_refs = refs[:num], refs[num:]
     bm, bn, bk, splits = x_ref.shape[0], tiles.block_n, tiles.block_k, tiles.splits
@@ -78,18 +78,30 @@ def _kernel(
             col, split = local // splits, local % splits
             col0 = pl.multiple_of(col * bn, bn)
 
-            def fetch(i):
-                r0 = pl.multiple_of((split * num_steps + i) * bk, bk)  # stored rows
-                return weight_tiles.fetch(w_ref, (layer,), r0, col0, bk, bn)
+            if vector:  # one token (row 0), on the vector units
 
-            def step(i, raw, acc):
-                r0 = pl.multiple_of((split * num_steps + i) * bk, bk)
-                for k0, b, scale in weight_tiles.decode(w_ref, raw, r0, x_ref.dtype):
+                def x_of(k0):  # [bk] of the token
+                    return x_ref[jnp.int32(0), pl.ds(k0, bk)]
+
+                def vector_step(i, acc):
+                    r0 = pl.multiple_of((split * num_steps + i) * bk, bk)  # stored rows
+                    return weight_tiles.vector_step(acc, x_of, w_ref, (layer,), r0, col0, bk, bn)
+
+                acc = jax.lax.fori_loop(0, num_steps, vector_step, jnp.zeros((bk, bn), jnp.float32))
+                out = out_ref.at[split, jnp.int32(0), pl.ds(col0, bn)]
+                plgpu.store(out, jnp.sum(acc, axis=0))
+                return
+
+            def step(i, acc):
+                r0 = pl.multiple_of((split * num_steps + i) * bk, bk)  # stored rows
+                for k0, b, scale in weight_tiles.load(
+                    w_ref, (layer,), r0, col0, bk, bn, x_ref.dtype
+                ):
                     part = dot_f32(x_ref[:, pl.ds(k0, bk)], b, precision)  # [bm, bk] @ b
                     acc = acc + weight_tiles.scaled(part, scale)
                 return acc
 
-            acc = weight_tiles.loop(num_steps, fetch, step, jnp.zeros((bm, bn), jnp.float32))
+            acc = jax.lax.fori_loop(0, num_steps, step, jnp.zeros((bm, bn), jnp.float32))
             plgpu.store(out_ref.at[split, :, pl.ds(col0, bn)], acc, mask=row_mask)
 
         first = last
@@ -102,6 +114,7 @@ def project_stacked(
     *,
     out_dtype=None,
     tiles: DecodeTiles | None = None,
+    vector: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """x @ stack[layer] for each stack, in one launch.
@@ -112,6 +125,8 @@ def project_stacked(
         that shape (any format the kernels read, `weight_tiles.supports_format`).
       layer: int32 scalar.
       out_dtype: of the results; x's dtype if None.
+      vector: one token (M = 1) on the vector units (`weight_tiles.vector_step`) instead of
+        matrix-unit dots of 16 padded rows: the same function, float32 throughout.
     Returns:
       one [M, N_i] per stack (float32 accumulation and split sum).
     """
@@ -122,12 +137,16 @@ def project_stacked(
         raise ValueError(f"every stack needs K={contract} rows, got {[s.shape for s in stacks]}")
     bm = pow2_at_least(m)
     widths = [s.shape[-1] for s in stacks]
-    t = _fit(tiles or _default_tiles(stacks), bm, stacks, x.dtype.itemsize)
+    if vector and m != 1:
+        raise ValueError(f"project_stacked(vector=True) takes one token, got {m}")
+    t = _fit(tiles or (VECTOR if vector else PROJECTION), bm, stacks, x.dtype.itemsize)
     steps = tuple(weight_tiles.stored_rows(s) // (t.splits * t.block_k) for s in stacks)
     cols = tuple(w // t.block_n for w in widths)
     precision = matmul_precision(x.dtype)
     parts = pl.pallas_call(
-        functools.partial(_kernel, tiles=t, cols=cols, steps=steps, rows=m, precision=precision),
+        functools.partial(
+            _kernel, tiles=t, cols=cols, steps=steps, rows=m, precision=precision, vector=vector
+        ),
         out_shape=tuple(jax.ShapeDtypeStruct((t.splits, bm, w), jnp.float32) for w in widths),
         grid=(sum(cols) * t.splits,),
         compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
@@ -136,12 +155,6 @@ def project_stacked(
     )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.pad(x, ((0, bm - m), (0, 0))), *stacks)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     return tuple(jax.lax.stop_gradient(jnp.sum(p[:, :m], axis=0).astype(out_dtype)) for p in parts)
-
-
-def _default_tiles(stacks) -> DecodeTiles:
-    """bf16's tiles, or the quantized ones of the fewest bits among the stacks."""
-    bits = [s.bits for s in stacks if isinstance(s, QuantizedWeight)]
-    return PROJECTION_QUANTIZED[min(bits)] if bits else PROJECTION
 
 
 def _fit(base: DecodeTiles, bm: int, stacks, itemsize: int) -> DecodeTiles:

@@ -53,23 +53,13 @@ from mixtral_jax.kernels.quant import QuantizedWeight
 GATE_UP = DecodeTiles(block_n=128, block_k=64, num_warps=4, num_stages=4)
 DOWN = DecodeTiles(block_n=128, block_k=64, splits=4, num_warps=4, num_stages=5)
 DOWN_WIDE = DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=4, num_stages=4)  # bm >= 64
-# Quantized weights, by reasoning until bench/quant_decode_tiles.py measures them: the same
-# programs in flight as bf16 (block_n, splits) and the same weights per step (int8: block_k
-# doubled, the same bytes per stage for 1-byte codes; int4: block_k byte rows are 2 * block_k
-# rows of K), more warps for the dequantization's registers.
-# {bits: (gate_up, down, down for bm >= 64)}.
-QUANTIZED = {
-    8: (
-        DecodeTiles(block_n=128, block_k=128, num_warps=8, num_stages=4),
-        DecodeTiles(block_n=128, block_k=128, splits=4, num_warps=8, num_stages=4),
-        DecodeTiles(block_n=64, block_k=256, splits=1, num_warps=8, num_stages=3),
-    ),
-    4: (
-        DecodeTiles(block_n=128, block_k=64, num_warps=8, num_stages=4),
-        DecodeTiles(block_n=128, block_k=64, splits=4, num_warps=8, num_stages=4),
-        DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=8, num_stages=4),
-    ),
-}
+# Quantized stacks take the same tiles (block_k in stored rows): on the H200 at 8x7B widths
+# they beat the alternatives tried for int8 and int4 at 1 and 64 tokens
+# (bench/quant_decode_tiles.py). The one-token vector path (`vector=True`), by reasoning until
+# measured: [bk, bn] float32 accumulators per weight stream in registers (2 x 32 x 128 over 128
+# threads: 64 each), the same programs in flight as the dot path.
+VECTOR_GATE_UP = DecodeTiles(block_n=128, block_k=32, num_warps=4, num_stages=4)
+VECTOR_DOWN = DecodeTiles(block_n=128, block_k=32, splits=4, num_warps=4, num_stages=4)
 
 
 def _gate_up_kernel(
@@ -85,8 +75,11 @@ def _gate_up_kernel(
     num_cols: int,
     rows: int,
     precision,
+    vector: bool,
 ):
-    """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c])."""
+    """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c]).
+
+    With `vector` (one token) only row 0 of h is written."""
     bm, bn, bk = x_ref.shape[0], tiles.block_n, tiles.block_k
     slot, col = pl.program_id(0) // num_cols, pl.program_id(0) % num_cols
     expert, layer = slot_expert_ref[slot], layer_ref[0]
@@ -95,26 +88,38 @@ def _gate_up_kernel(
 
     @pl.when(slot < num_used_ref[0])
     def _():
-        lead, dtype = (layer, expert), x_ref.dtype
-        steps = weight_tiles.stored_rows(wg_ref) // bk
+        lead, steps = (layer, expert), weight_tiles.stored_rows(wg_ref) // bk
+        if vector:  # one token, on the vector units: accumulators [bk, bn], summed at the end
 
-        def fetch(i):  # stored rows [i * bk, (i + 1) * bk) (K/2 byte rows for int4)
-            r0 = i * bk if isinstance(i, int) else pl.multiple_of(i * bk, bk)
-            return tuple(weight_tiles.fetch(w, lead, r0, col0, bk, bn) for w in (wg_ref, wu_ref))
+            def x_of(k0):  # [bk] of the token
+                return x_ref[jnp.int32(0), pl.ds(k0, bk)]
 
-        def step(i, raw, acc):
+            def step(i, acc):
+                r0 = pl.multiple_of(i * bk, bk)
+                return tuple(
+                    weight_tiles.vector_step(a, x_of, w, lead, r0, col0, bk, bn)
+                    for a, w in zip(acc, (wg_ref, wu_ref))
+                )
+
+            zeros = jnp.zeros((bk, bn), jnp.float32)
+            gate, up = (jnp.sum(a, axis=0) for a in jax.lax.fori_loop(0, steps, step, (zeros,) * 2))
+            h = gate / (1.0 + jnp.exp(-gate)) * up  # [bn]
+            plgpu.store(h_ref.at[slot, jnp.int32(0), pl.ds(col0, bn)], h.astype(h_ref.dtype))
+            return
+
+        def step(i, acc):
             gate, up = acc
-            r0 = pl.multiple_of(i * bk, bk)
-            gs = weight_tiles.decode(wg_ref, raw[0], r0, dtype)  # [(row0, [bk, bn], scale)]
-            us = weight_tiles.decode(wu_ref, raw[1], r0, dtype)
-            for (k0, g, g_scale), (_, u, u_scale) in zip(gs, us):
+            r0 = pl.multiple_of(i * bk, bk)  # stored rows (K/2 byte rows for int4)
+            gs = weight_tiles.load(wg_ref, lead, r0, col0, bk, bn, x_ref.dtype)
+            us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, x_ref.dtype)
+            for (k0, g, g_scale), (_, u, u_scale) in zip(gs, us):  # [(row0, [bk, bn], scale)]
                 a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
                 gate = gate + weight_tiles.scaled(dot_f32(a, g, precision), g_scale)
                 up = up + weight_tiles.scaled(dot_f32(a, u, precision), u_scale)
             return gate, up
 
         zeros = jnp.zeros((bm, bn), jnp.float32)
-        gate, up = weight_tiles.loop(steps, fetch, step, (zeros, zeros))
+        gate, up = jax.lax.fori_loop(0, steps, step, (zeros, zeros))
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, in float32
         plgpu.store(h_ref.at[slot, :, pl.ds(col0, bn)], h.astype(h_ref.dtype), mask=row_mask)
 
@@ -133,9 +138,11 @@ def _down_kernel(
     steps: int,
     rows: int,
     precision,
+    vector: bool,
 ):
     """Program (slot s, column tile c, split j): part[j, s, :, c] = combine[s] * h[s, :, split j]
-    @ Wd[e_s][split j, c]; slots past the used ones store zeros."""
+    @ Wd[e_s][split j, c]; slots past the used ones store zeros. With `vector` (one token) only
+    row 0 of used slots is written."""
     bm, bn, bk, splits = h_ref.shape[1], tiles.block_n, tiles.block_k, tiles.splits
     pid = pl.program_id(0)
     slot, rest = pid // (num_cols * splits), pid % (num_cols * splits)
@@ -148,13 +155,24 @@ def _down_kernel(
 
     @pl.when(slot < num_used_ref[0])
     def _():
-        def fetch(i):  # stored rows of step i of split j
-            r0 = pl.multiple_of((split * steps + i) * bk, bk)
-            return weight_tiles.fetch(wd_ref, (layer, expert), r0, col0, bk, bn)
+        lead = (layer, expert)
+        if vector:  # one token (row 0), on the vector units
 
-        def step(i, raw, acc):
-            r0 = pl.multiple_of((split * steps + i) * bk, bk)
-            for k0, b, scale in weight_tiles.decode(wd_ref, raw, r0, h_ref.dtype):
+            def h_of(k0):  # [bk] of the token
+                return h_ref[slot, jnp.int32(0), pl.ds(k0, bk)]
+
+            def vector_step(i, acc):
+                r0 = pl.multiple_of((split * steps + i) * bk, bk)
+                return weight_tiles.vector_step(acc, h_of, wd_ref, lead, r0, col0, bk, bn)
+
+            acc = jax.lax.fori_loop(0, steps, vector_step, jnp.zeros((bk, bn), jnp.float32))
+            out = jnp.sum(acc, axis=0) * combine_ref[slot, jnp.int32(0)]  # [bn]
+            plgpu.store(out_ref.at[split, slot, jnp.int32(0), pl.ds(col0, bn)], out)
+            return
+
+        def step(i, acc):
+            r0 = pl.multiple_of((split * steps + i) * bk, bk)  # stored rows of split j
+            for k0, b, scale in weight_tiles.load(wd_ref, lead, r0, col0, bk, bn, h_ref.dtype):
                 a = plgpu.load(
                     h_ref.at[slot, :, pl.ds(k0, bk)],
                     mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
@@ -163,7 +181,7 @@ def _down_kernel(
                 acc = acc + weight_tiles.scaled(dot_f32(a, b, precision), scale)  # b: [bk, bn]
             return acc
 
-        acc = weight_tiles.loop(steps, fetch, step, jnp.zeros((bm, bn), jnp.float32))
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
         weight = combine_ref[slot, :]  # [bm] float32
         plgpu.store(out_block, acc * weight[:, None], mask=row_mask)
 
@@ -209,6 +227,7 @@ def decode_experts(
     *,
     gate_up_tiles: DecodeTiles | None = None,
     down_tiles: DecodeTiles | None = None,
+    vector: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """The routed SwiGLU experts of a few tokens, reading only the experts they chose.
@@ -220,7 +239,9 @@ def decode_experts(
         all three `QuantizedWeight` stacks of the same bits (w_gate and w_up also of one
         group size: they share tiles).
       layer: int32 scalar.
-      gate_up_tiles, down_tiles: tiles (default: by the weights' format), fitted to the problem.
+      gate_up_tiles, down_tiles: tiles (default: the module's), fitted to the problem.
+      vector: one token (M = 1) on the vector units (`weight_tiles.vector_step`) instead of
+        matrix-unit dots of 16 padded rows: the same function, float32 throughout.
     Returns:
       [M, D] float32 = sum_j weights[:, j] * SwiGLU expert experts[:, j] of x (no gradient).
     """
@@ -229,6 +250,8 @@ def decode_experts(
     if m > MAX_TOKENS:
         raise ValueError(f"decode_experts takes at most {MAX_TOKENS} tokens, got {m}")
     _check_weights(w_gate, w_up, w_down)
+    if vector and m != 1:
+        raise ValueError(f"decode_experts(vector=True) takes one token, got {m}")
     bm = pow2_at_least(m)
     slot_expert, num_used, combine = _slots(experts, weights, num_experts)
     num_slots = slot_expert.shape[0]
@@ -237,8 +260,8 @@ def decode_experts(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     precision, itemsize = matmul_precision(x.dtype), x.dtype.itemsize
 
-    base_up, base_down, base_wide = _default_tiles(w_gate)
-    t1 = weight_tiles.fit(gate_up_tiles or base_up, bm, w_gate, f, 2, itemsize)
+    t1 = gate_up_tiles or (VECTOR_GATE_UP if vector else GATE_UP)
+    t1 = weight_tiles.fit(t1, bm, w_gate, f, 2, itemsize)
     h = pl.pallas_call(
         functools.partial(
             _gate_up_kernel,
@@ -246,6 +269,7 @@ def decode_experts(
             num_cols=f // t1.block_n,
             rows=m,
             precision=precision,
+            vector=vector,
         ),
         out_shape=jax.ShapeDtypeStruct((num_slots, bm, f), x.dtype),
         grid=(num_slots * (f // t1.block_n),),
@@ -254,7 +278,7 @@ def decode_experts(
         name="expert_gate_up",
     )(slot_expert, num_used, layer, x_p, w_gate, w_up)
 
-    t2 = down_tiles or (base_down if bm < 64 else base_wide)
+    t2 = down_tiles or (VECTOR_DOWN if vector else DOWN if bm < 64 else DOWN_WIDE)
     t2 = weight_tiles.fit(t2, bm, w_down, d, 1, itemsize)
     steps = weight_tiles.stored_rows(w_down) // (t2.splits * t2.block_k)
     part = pl.pallas_call(
@@ -265,6 +289,7 @@ def decode_experts(
             steps=steps,
             rows=m,
             precision=precision,
+            vector=vector,
         ),
         out_shape=jax.ShapeDtypeStruct((t2.splits, num_slots, bm, d), jnp.float32),
         grid=(num_slots * (d // t2.block_n) * t2.splits,),
@@ -273,13 +298,6 @@ def decode_experts(
         name="expert_down",
     )(slot_expert, num_used, layer, h, combine, w_down)
     return jax.lax.stop_gradient(jnp.sum(part[:, :, :m], axis=(0, 1)))
-
-
-def _default_tiles(w) -> tuple[DecodeTiles, DecodeTiles, DecodeTiles]:
-    """(gate_up, down, down for bm >= 64) for the weights' format."""
-    if isinstance(w, QuantizedWeight):
-        return QUANTIZED[w.bits]
-    return GATE_UP, DOWN, DOWN_WIDE
 
 
 def _check_weights(w_gate, w_up, w_down) -> None:

@@ -55,11 +55,33 @@ def tiles_for(
         )
     tiles = base or gmm_pallas.tiles_for("gmm", k, n, rows, itemsize)
     tiles = gmm_pallas.fit_tiles(tiles, rows, k, n)
-    return dataclasses.replace(
+    tiles = dataclasses.replace(
         tiles,
         block_k=_largest_pow2_dividing(weight_tiles.max_block_k(rhs), tiles.block_k),
         block_n=_largest_pow2_dividing(n, tiles.block_n),
     )
+    return _fit_shared_memory(tiles, weight_tiles.tiles_per_step(rhs), itemsize)
+
+
+# Shared memory per block on the H200 (227 KiB). The pipeline's stages hold lhs tiles (two per
+# step for int4) and code tiles; the dequantized tiles are staged on top, once, for the matrix
+# units (H200: int4 at 128 x 256 x 64 asked 4 x 48 KiB + 54 KiB and failed, 3 stages ran).
+SMEM_LIMIT = 227 * 1024
+
+
+def _fit_shared_memory(tiles: gmm_pallas.Tiles, x_tiles: int, itemsize: int) -> gmm_pallas.Tiles:
+    def need(t):
+        stage = x_tiles * t.block_m * t.block_k * itemsize + t.block_k * t.block_n
+        return t.num_stages * stage + x_tiles * t.block_k * t.block_n * itemsize
+
+    while need(tiles) > SMEM_LIMIT:
+        if tiles.num_stages > 2:
+            tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
+        elif tiles.block_n > 16:
+            tiles = dataclasses.replace(tiles, block_n=tiles.block_n // 2)
+        else:
+            tiles = dataclasses.replace(tiles, block_k=max(16, tiles.block_k // 2))
+    return tiles
 
 
 def _forward(lhs, rhs: QuantizedWeight, group_sizes, interpret: bool, layer=None):

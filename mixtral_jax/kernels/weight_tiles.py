@@ -10,12 +10,14 @@ depends on the format (`quant.py`):
          nibble), so a step yields TWO tiles of K: rows r0.. and K/2 + r0.., each times its
          own group's scale row.
 
-Quantized tiles are dequantized in registers exactly as the oracle `quant.dequantize` does
-(codes and scale in float32, the product rounded to the compute dtype), so a kernel fed the
-same tiles computes the float kernel's function on the dequantized weight. A step's tile must
-lie in one scale group: `block_k` divides G (and K/2 for int4), which `max_block_k` gives and
-`common.fit` honours. Only the weight's bytes cross memory: 1 byte (int8) or 1/2 (int4) per
-weight plus the scales, against 2 for bfloat16.
+A quantized tile comes as its integer codes in the compute dtype (exact: |code| <= 127) and
+the partial product x @ codes is multiplied by the group's float32 scale row: the kernels then
+compute the products of x with the float32 dequantized weight (`quant.dequantize`, the oracle),
+summed in float32, at one conversion per weight and one multiply per output per step. A step's
+tile must lie in one scale group: `block_k` divides G (and K/2 for int4), which `max_block_k`
+gives and `common.fit` honours. Only the weight's bytes cross memory: 1 byte (int8) or 1/2
+(int4) per weight plus the scales, against 2 for bfloat16. `vector_step` is the one-token form
+(vector units, no matrix-unit dot).
 
 Letters: K contraction width, N output width, G scale group (rows of K per scale).
 """
@@ -77,10 +79,7 @@ def fit(
     )
 
 
-MODE = "after_dot_magic"  # experiment switch: registers | after_dot_magic | after_dot_cast
-
-
-def load(w, lead: tuple, r0, col0, bk: int, bn: int, dtype) -> list[tuple]:
+def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[tuple]:
     """Inside a kernel: the tiles of stored rows [r0, r0 + bk), columns [col0, col0 + bn).
 
     Args:
@@ -90,71 +89,46 @@ def load(w, lead: tuple, r0, col0, bk: int, bn: int, dtype) -> list[tuple]:
       dtype: the compute dtype the tiles come in.
     Returns:
       [(row0, tile [bk, bn] in dtype, scale [bn] float32 or None)]: row0 the first row of K the
-      tile covers (the x columns it multiplies); one triple, or two for int4. A partial product
-      x @ tile is multiplied by its scale row (`scaled`).
+      tile covers (the x columns it multiplies); one triple, or two for int4. A quantized tile
+      holds the integer codes (exact in bfloat16): x @ tile is multiplied by its group's scale
+      row afterwards (`scaled`), in float32, which is cheaper than scaling every weight.
     """
-    return decode(w, fetch(w, lead, r0, col0, bk, bn), r0, dtype)
-
-
-def fetch(w, lead: tuple, r0, col0: int, bk: int, bn: int):
-    """The loads of one step (`load` = decode(fetch(...))): the float tile, or the code tile
-    and its scale rows [bn] (one, or two for int4)."""
     rows, cols = pl.ds(r0, bk), pl.ds(col0, bn)
     if not isinstance(w, QuantizedWeight):
-        return w[(*lead, rows, cols)]
+        return [(r0, w[(*lead, rows, cols)], None)]
     codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
-    starts = [r0] if w.bits == 8 else [r0, r0 + w.shape[-2] // 2]
-    return codes, [w.scale[(*lead, row0 // w.group_size, cols)] for row0 in starts]
-
-
-def decode(w, raw, r0, dtype) -> list[tuple]:
-    """The tiles of one step from its loads (`fetch`), see `load`."""
-    if not isinstance(w, QuantizedWeight):
-        return [(r0, raw, None)]
-    codes, scales = raw
-    cast = MODE == "after_dot_cast"
     if w.bits == 8:
-        parts = [(r0, codes if cast else _int8_to_f32(codes))]
+        parts = [(r0, _int8_to_f32(codes))]
     else:
-        half = w.shape[-2] // 2
-        if cast:
-            signed, four = codes.astype(jnp.int8), jnp.int8(4)
-            low = jax.lax.shift_right_arithmetic(jax.lax.shift_left(signed, four), four)
-            parts = [(r0, low), (r0 + half, jax.lax.shift_right_arithmetic(signed, four))]
-        else:
-            byte = codes.astype(jnp.int32)  # zero-extended
-            parts = [(r0, _nibble_to_f32(byte)), (r0 + half, _nibble_to_f32(byte >> 4))]
+        byte, half = codes.astype(jnp.int32), w.shape[-2] // 2  # zero-extended bytes
+        parts = [(r0, _nibble_to_f32(byte)), (r0 + half, _nibble_to_f32(byte >> 4))]
     tiles = []
-    for (row0, c), scale in zip(parts, scales):
-        scale = scale.astype(jnp.float32)  # [bn]
-        if MODE == "registers":
-            tiles.append((row0, (c.astype(jnp.float32) * scale[None, :]).astype(dtype), None))
-        else:
-            tiles.append((row0, c.astype(dtype), scale))
+    for row0, c in parts:
+        scale = w.scale[(*lead, row0 // w.group_size, cols)].astype(jnp.float32)  # [bn]
+        tiles.append((row0, c.astype(dtype), scale))
     return tiles
-
-
-PREFETCH = False  # experiment switch
-
-
-def loop(steps: int, fetch, body, acc):
-    """fori_loop over `steps` steps: fetch(i) issues step i's loads, body(i, loads, acc) does its
-    arithmetic. With PREFETCH, step i + 1's loads are issued before step i's arithmetic (the
-    last step re-reads itself: one wasted step of `steps`)."""
-    if not PREFETCH:
-        return jax.lax.fori_loop(0, steps, lambda i, a: body(i, fetch(i), a), acc)
-
-    def step(i, carry):
-        a, raw = carry
-        nxt = fetch(jnp.minimum(i + 1, steps - 1))
-        return body(i, raw, a), nxt
-
-    return jax.lax.fori_loop(0, steps, step, (acc, fetch(0)))[0]
 
 
 def scaled(part: jax.Array, scale) -> jax.Array:
     """A partial product [bm, bn] times its tile's scale row (none for float weights)."""
     return part if scale is None else part * scale[None, :]
+
+
+def vector_step(acc, x_of, w, lead: tuple, r0, col0: int, bk: int, bn: int) -> jax.Array:
+    """One step of a single token's product on the vector units, in float32.
+
+    acc [bk, bn] += x[rows][:, None] * w[rows, cols] for each tile of the step (summed over
+    its rows once, after the loop): for one token a matrix-unit dot wastes 15 of its 16 rows
+    and needs the dequantized tile moved into the operand layout first; here each weight costs
+    its dequantization and one multiply-add where it was loaded.
+
+    Args:
+      x_of: row0 -> the token's [bk] slice of K starting at row0.
+    """
+    for row0, tile, scale in load(w, lead, r0, col0, bk, bn, jnp.float32):
+        weight = tile if scale is None else tile * scale[None, :]  # [bk, bn] float32
+        acc = acc + x_of(row0).astype(jnp.float32)[:, None] * weight
+    return acc
 
 
 # Codes to float32 without an int-to-float conversion instruction (the GPU issues those at a

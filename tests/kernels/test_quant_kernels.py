@@ -32,14 +32,15 @@ def _stacks(key, layers, e, d, f, bits, group, dtype):
 
 
 @pytest.mark.parametrize(
-    "m,bits,group,dtype",
+    "m,bits,group,dtype,vector",
     [
-        (1, 8, None, jnp.float32),  # batch-1 decode, one scale per output channel
-        (7, 4, 32, jnp.bfloat16),  # 3 groups over D, 5 over F; bf16 codes and scales
-        (64, 8, 32, jnp.float32),  # the widest decode call (bm = 64 tiles), odd group counts
+        (1, 8, None, jnp.float32, False),  # batch-1 decode, one scale per output channel
+        (1, 4, 32, jnp.bfloat16, True),  # one token on the vector units
+        (7, 4, 32, jnp.bfloat16, False),  # 3 groups over D, 5 over F; bf16 codes and scales
+        (64, 8, 32, jnp.float32, False),  # the widest decode call (bm = 64 tiles), odd groups
     ],
 )
-def test_decode_experts_equal_the_oracle(m, bits, group, dtype):
+def test_decode_experts_equal_the_oracle(m, bits, group, dtype, vector):
     e, d, f = 8, 96, 160
     keys = jax.random.split(jax.random.key(m * bits), 3)
     x = jax.random.normal(keys[0], (m, d), dtype)
@@ -48,16 +49,24 @@ def test_decode_experts_equal_the_oracle(m, bits, group, dtype):
     experts, weights = top[1].astype(jnp.int32), jax.nn.softmax(top[0], axis=-1)
     w = _stacks(keys[2], 2, e, d, f, bits, group, dtype)
     run = jax.jit(
-        lambda x, ex, wt, *w: expert_decode.decode_experts(x, ex, wt, *w, layer=1, interpret=True)
+        lambda x, ex, wt, *w, vector=False: expert_decode.decode_experts(
+            x, ex, wt, *w, layer=1, vector=vector, interpret=True
+        ),
+        static_argnames="vector",
     )
-    got = run(x, experts, weights, *w)
+    got = run(x, experts, weights, *w, vector=vector)
     assert got.shape == (m, d) and got.dtype == jnp.float32
+    dense = [s[1].dequantize() for s in w]
     if dtype == jnp.float32:  # every expert densely, float32
         routing = moe_ops.Routing(logits=logits, experts=experts, weights=weights)
-        want = moe_local.moe_dense(x, routing, *(s[1].dequantize() for s in w))[0]
+        want = moe_local.moe_dense(x, routing, *dense)[0]
         assert _rel(got, want) <= 1e-5
+        if m == 1:  # the vector path on the same quantized stacks, and on float stacks
+            assert _rel(run(x, experts, weights, *w, vector=True), want) <= 1e-5
+            float_stacks = [s.dequantize() for s in w]
+            assert _rel(run(x, experts, weights, *float_stacks, vector=True), want) <= 1e-5
     else:
-        want = _bf16_experts(x, experts, weights, *(s[1].dequantize() for s in w))
+        want = _bf16_experts(x, experts, weights, *dense)
         assert _rel(got, want) <= 2e-3
 
 
@@ -80,6 +89,9 @@ def test_decode_experts_refuse_mixed_formats():
     one = (jnp.zeros((1, 32)), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2)))
     with pytest.raises(ValueError, match="w_gate and w_up in one format"):
         expert_decode.decode_experts(*one, int8, int4, int8, interpret=True)
+    with pytest.raises(ValueError, match="takes one token, got 2"):
+        two = (jnp.zeros((2, 32)), jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 2)))
+        expert_decode.decode_experts(*two, int8, int8, int8, vector=True, interpret=True)
     with pytest.raises(ValueError, match="needs int8 codes, got uint8"):
         bad = quant.QuantizedWeight(int4.codes, int4.scale, 8)
         expert_decode.decode_experts(*one, bad, bad, bad, interpret=True)
@@ -101,11 +113,17 @@ def test_stacked_projection_equals_the_oracle(m, formats, dtype, tol):
         quant.quantize(jax.random.normal(key, (3, k_width, n)), bits, group, scale_dtype)
         for key, n, (bits, group) in zip(keys[1:], widths, formats)
     ]
-    outs = jax.jit(lambda x, *s: decode_matmul.project_stacked(x, s, 1, interpret=True))(x, *stacks)
-    for out, stack in zip(outs, stacks):
-        want = (x.astype(jnp.float32) @ stack[1].dequantize()).astype(dtype)
-        assert out.shape == (m, stack.shape[-1]) and out.dtype == dtype
-        assert _rel(out, want) <= tol
+    run = jax.jit(
+        lambda x, *s, vector=False: decode_matmul.project_stacked(
+            x, s, 1, vector=vector, interpret=True
+        ),
+        static_argnames="vector",
+    )
+    for vector in (False, True) if m == 1 else (False,):  # one token: the vector path too
+        for out, stack in zip(run(x, *stacks, vector=vector), stacks):
+            want = (x.astype(jnp.float32) @ stack[1].dequantize()).astype(dtype)
+            assert out.shape == (m, stack.shape[-1]) and out.dtype == dtype
+            assert _rel(out, want) <= tol
 
 
 @pytest.mark.parametrize(
