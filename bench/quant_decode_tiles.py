@@ -11,8 +11,10 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               the dense oracle on the dequantized weights (float32), then kernel device time
               (profiler) of gate_up and down for the default tiles and (no --quick) a few tile
               choices; GB/s = bytes the kernel must read (the used experts' codes + scales)
-              / its time, beside 4.3-4.8 TB/s.
-  projection  project_stacked: q, k, v in one launch, then o (attention widths of 8x7B).
+              / its time, beside 4.3-4.8 TB/s. One token: both paths, "dot" (matrix units,
+              the default) and "vector" (vector=True).
+  projection  project_stacked: q, k, v in one launch, then o (attention widths of 8x7B); one
+              token: both paths.
   gmm         the prefill grouped matmul (gmm_quant.gmm; bf16: gmm_pallas.gmm) on 2 x 4096
               rows in 8 uneven groups, both expert shapes: TFLOP/s and weight GB/s (wall
               time of the jitted call, median of 10: a millisecond-long kernel).
@@ -47,29 +49,18 @@ LAYERS, TOPK = 4, 2
 FULL = {"d": 4096, "f": 14336, "e": 8, "kv": 1024, "group": 128, "rows": 8192}
 SMALL = {"d": 64, "f": 96, "e": 8, "kv": 32, "group": 32, "rows": 40}
 FORMATS = ("bf16", "int8", "int4")
-GATE_UP_SWEEP = [  # block_n, block_k (stored rows), num_warps, num_stages
-    (64, 128, 4, 4),
-    (128, 64, 4, 4),
-    (64, 256, 8, 3),
-    (128, 128, 4, 3),
-    (32, 128, 4, 4),
-]
-DOWN_SWEEP = [  # block_n, block_k, splits, num_warps, num_stages
-    (64, 128, 4, 4, 4),
-    (128, 64, 4, 4, 5),
-    (64, 256, 2, 8, 3),
-    (128, 128, 8, 8, 3),
-    (64, 128, 1, 4, 4),
-]
-PROJECTION_SWEEP = [  # block_n, block_k, splits, num_warps, num_stages
-    (64, 128, 4, 4, 4),
-    (32, 256, 4, 4, 3),
-    (64, 128, 8, 8, 4),
-]
+# Tile alternatives to each default (DecodeTiles fields; block_k counts stored rows).
+SWEEP = {
+    ("dot", "gate_up"): [(64, 128, 1, 4, 4), (128, 128, 1, 4, 3), (64, 64, 1, 4, 6)],
+    ("dot", "down"): [(64, 128, 4, 4, 4), (128, 128, 8, 8, 3), (64, 128, 1, 4, 4)],
+    ("vector", "gate_up"): [(64, 64, 1, 4, 4), (128, 64, 1, 8, 4), (256, 32, 1, 8, 3)],
+    ("vector", "down"): [(64, 64, 4, 4, 4), (128, 32, 8, 4, 3), (256, 32, 2, 8, 3)],
+    ("dot", "projection"): [(64, 128, 8, 4, 3), (32, 128, 4, 4, 4)],
+    ("vector", "projection"): [(128, 32, 4, 4, 4), (64, 64, 8, 4, 3)],
+}
 GMM_SWEEP = [  # block_m, block_n, block_k, group_m, num_warps, num_stages
     (128, 128, 64, 8, 4, 3),
     (128, 256, 64, 8, 8, 3),
-    (64, 128, 128, 8, 4, 3),
 ]
 LINES: list[dict] = []
 
@@ -132,12 +123,21 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
         )
     }
     router = jax.random.normal(keys[3], (d, e), jnp.bfloat16)
-    layers = [jnp.int32(i) for i in range(LAYERS)]
     run = jax.jit(
-        lambda x, ex, wt, layer, wg, wu, wd, t1=None, t2=None: ed.decode_experts(
-            x, ex, wt, wg, wu, wd, layer, gate_up_tiles=t1, down_tiles=t2, interpret=interpret
+        lambda x, ex, wt, layer, wg, wu, wd, t1=None, t2=None, vector=False: ed.decode_experts(
+            x,
+            ex,
+            wt,
+            wg,
+            wu,
+            wd,
+            layer,
+            gate_up_tiles=t1,
+            down_tiles=t2,
+            vector=vector,
+            interpret=interpret,
         ),
-        static_argnames=("t1", "t2"),
+        static_argnames=("t1", "t2", "vector"),
     )
     for m in tokens:
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
@@ -145,51 +145,66 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
         used = len(set(np.asarray(routing.experts).ravel().tolist()))
         for fmt in FORMATS:
             w = [stacks[n][fmt] for n in ("w_gate", "w_up", "w_down")]
-            one_layer = [stored(s) / (LAYERS * e) for s in w]  # bytes of one expert's matrix
-            got = run(x, routing.experts, routing.weights, layers[1], *w)
-            dense = [s[1].astype(jnp.float32) if fmt == "bf16" else s[1].dequantize() for s in w]
+            dense = [_dense(s[1]) for s in w]
             want = moe_local.moe_dense(x.astype(jnp.float32), routing, *dense)[0]
-            base = {"part": "experts", "format": fmt, "tokens": m, "experts_used": used}
-            emit({**base, "rel_err_vs_dense_f32": rel_err(got, want)})
-            gate_up_bytes, down_bytes = used * (one_layer[0] + one_layer[1]), used * one_layer[2]
+            one = [stored(s) / (LAYERS * e) for s in w]  # bytes of one expert's matrix
+            nbytes = {"gate_up": used * (one[0] + one[1]), "down": used * one[2]}
+            for path in ("dot", "vector") if m == 1 else ("dot",):
+                vector = path == "vector"
+                got = run(x, routing.experts, routing.weights, jnp.int32(1), *w, vector=vector)
+                base = {"part": "experts", "path": path, "format": fmt, "tokens": m}
+                emit({**base, "experts_used": used, "rel_err_vs_dense_f32": rel_err(got, want)})
+                measure = _expert_timer(run, x, routing, w, vector)
+                us = measure(None, None)
+                total = sum(nbytes.values())
+                emit(
+                    {
+                        **base,
+                        "tiles": "default",
+                        "gate_up_us": us["gate_up"],
+                        "down_us": us["down"],
+                        "GBps": total / (us["gate_up"] + us["down"]) / 1e3,
+                        "floor_us_4.3TBs": total / 4.3e6,
+                    }
+                )
+                if quick or fmt == "bf16" or m not in (1, max(tokens)):
+                    continue
+                for kernel in ("gate_up", "down"):
+                    for cfg in SWEEP[(path, kernel)]:
+                        tiles = DecodeTiles(*cfg)
+                        pair = (tiles, None) if kernel == "gate_up" else (None, tiles)
+                        sweep_one(
+                            {**base, "kernel": kernel},
+                            cfg,
+                            nbytes[kernel],
+                            lambda m=measure, pair=pair, kernel=kernel: m(*pair)[kernel],
+                        )
 
-            def timed_tiles(t1, t2, w=w, x=x, routing=routing):
-                state = {"i": 0}
 
-                def call():
-                    state["i"] += 1
-                    layer = layers[state["i"] % LAYERS]
-                    return run(x, routing.experts, routing.weights, layer, *w, t1=t1, t2=t2)
+def _expert_timer(run, x, routing, w, vector: bool):
+    """(gate_up tiles, down tiles) -> {kernel: us}, cycling through the stack's layers."""
 
-                return device_us(call, ("gate_up", "down"))
+    def measure(t1, t2):
+        state = {"i": 0}
 
-            us = timed_tiles(None, None)
-            emit(
-                {
-                    **base,
-                    "tiles": "default",
-                    "gate_up_us": us["gate_up"],
-                    "down_us": us["down"],
-                    "GBps": (gate_up_bytes + down_bytes) / (us["gate_up"] + us["down"]) / 1e3,
-                    "floor_us_4.3TBs": (gate_up_bytes + down_bytes) / 4.3e6,
-                }
-            )
-            if quick or fmt == "bf16" or m not in (1, max(tokens)):
-                continue
-            for cfg in GATE_UP_SWEEP:
-                sweep_one(base, "gate_up", cfg, gate_up_bytes, lambda c: timed_tiles(c, None))
-            for cfg in DOWN_SWEEP:
-                sweep_one(base, "down", cfg, down_bytes, lambda c: timed_tiles(None, c))
+        def call():
+            state["i"] += 1
+            layer = jnp.int32(state["i"] % LAYERS)
+            return run(x, routing.experts, routing.weights, layer, *w, t1=t1, t2=t2, vector=vector)
+
+        return device_us(call, ("gate_up", "down"))
+
+    return measure
 
 
-def sweep_one(base: dict, kernel: str, cfg: tuple, nbytes: float, measure) -> None:
-    """One tile choice of one kernel, or the error it failed with."""
-    tiles = DecodeTiles(cfg[0], cfg[1], 1, *cfg[2:]) if len(cfg) == 4 else DecodeTiles(*cfg)
+def sweep_one(base: dict, cfg: tuple | str, nbytes: float, measure) -> None:
+    """One tile choice (or "default"): its time and GB/s, or the error it failed with."""
+    tiles = list(cfg) if isinstance(cfg, tuple) else cfg
     try:
-        us = measure(tiles)[kernel]
-        emit({**base, "kernel": kernel, "tiles": list(cfg), "us": us, "GBps": nbytes / us / 1e3})
+        us = measure()
+        emit({**base, "tiles": tiles, "us": us, "GBps": nbytes / us / 1e3})
     except Exception as err:  # noqa: BLE001 (a configuration that does not compile)
-        emit({**base, "kernel": kernel, "tiles": list(cfg), "error": str(err)[:300]})
+        emit({**base, "tiles": tiles, "error": str(err)[:300]})
 
 
 def projection_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -> None:
@@ -197,40 +212,43 @@ def projection_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool
     keys = jax.random.split(jax.random.key(1), 5)
     shapes = {"q": (LAYERS, d, d), "k": (LAYERS, d, kv), "v": (LAYERS, d, kv), "o": (LAYERS, d, d)}
     w = {n: make_formats(k, s, sizes["group"]) for k, (n, s) in zip(keys, shapes.items())}
-    layers = [jnp.int32(i) for i in range(LAYERS)]
     run = jax.jit(
-        lambda x, layer, q, k, v, o, t=None: (
-            dm.project_stacked(x, (q, k, v), layer, tiles=t, interpret=interpret),
-            dm.project_stacked(x, (o,), layer, tiles=t, interpret=interpret),
+        lambda x, layer, q, k, v, o, t=None, vector=False: (
+            dm.project_stacked(x, (q, k, v), layer, tiles=t, vector=vector, interpret=interpret),
+            dm.project_stacked(x, (o,), layer, tiles=t, vector=vector, interpret=interpret),
         ),
-        static_argnames=("t",),
+        static_argnames=("t", "vector"),
     )
     for m in tokens:
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
         for fmt in FORMATS:
             stacks = [w[n][fmt] for n in "qkvo"]
             nbytes = sum(stored(s) for s in stacks) / LAYERS
-            (q, k, v), (o,) = run(x, layers[1], *stacks)
-            err = max(
-                rel_err(got, x.astype(jnp.float32) @ _dense(s[1]))
-                for got, s in zip((q, k, v, o), stacks)
-            )
-            base = {"part": "projection", "format": fmt, "tokens": m}
-            emit({**base, "rel_err_vs_f32": err})
-            for cfg in [None] + ([] if quick else PROJECTION_SWEEP):
-                tiles = None if cfg is None else DecodeTiles(*cfg)
-                state = {"i": 0}
+            for path in ("dot", "vector") if m == 1 else ("dot",):
+                vector = path == "vector"
+                (q, k, v), (o,) = run(x, jnp.int32(1), *stacks, vector=vector)
+                err = max(
+                    rel_err(got, x.astype(jnp.float32) @ _dense(s[1]))
+                    for got, s in zip((q, k, v, o), stacks)
+                )
+                base = {"part": "projection", "path": path, "format": fmt, "tokens": m}
+                emit({**base, "rel_err_vs_f32": err})
+                swept = not quick and m in (1, max(tokens))
+                sweep = SWEEP[(path, "projection")] if swept else []
+                for cfg in [None, *sweep]:
+                    tiles = None if cfg is None else DecodeTiles(*cfg)
 
-                def call(tiles=tiles, stacks=stacks, x=x, state=state):
-                    state["i"] += 1
-                    return run(x, layers[state["i"] % LAYERS], *stacks, t=tiles)
+                    def measure(tiles=tiles, stacks=stacks, x=x, vector=vector):
+                        state = {"i": 0}
 
-                try:
-                    us = device_us(call, ("decode_projection",))["decode_projection"]
-                    row = {"tiles": list(cfg) if cfg else "default", "us": us}
-                    emit({**base, **row, "GBps": nbytes / us / 1e3})
-                except Exception as e:  # noqa: BLE001 (a configuration that does not compile)
-                    emit({**base, "tiles": cfg and list(cfg), "error": str(e)[:300]})
+                        def call():
+                            state["i"] += 1
+                            layer = jnp.int32(state["i"] % LAYERS)
+                            return run(x, layer, *stacks, t=tiles, vector=vector)
+
+                        return device_us(call, ("decode_projection",))["decode_projection"]
+
+                    sweep_one(base, cfg or "default", nbytes, measure)
 
 
 def _dense(w) -> jax.Array:
