@@ -151,12 +151,18 @@ def _nibble_to_f32(byte: jax.Array) -> jax.Array:
 
 
 def check_codes(w: QuantizedWeight) -> None:
-    """ValueError for a QuantizedWeight whose codes or bits the kernels cannot read."""
+    """ValueError for a QuantizedWeight whose codes, bits or groups the kernels cannot read."""
     want = jnp.int8 if w.bits == 8 else jnp.uint8
     if w.bits not in quant.BITS or w.codes.dtype != want:
         raise ValueError(
             f"quantized weight of bits={w.bits} needs {jnp.dtype(want).name} codes, got "
             f"{w.codes.dtype.name}"
+        )
+    k = w.shape[-2]
+    if not supports_format(w.bits, w.group_size, k):
+        raise ValueError(
+            f"the kernels read K={k}, bits={w.bits} in steps of 16 stored rows inside one scale "
+            f"group: group_size={w.group_size} does not allow it"
         )
 
 

@@ -92,6 +92,11 @@ def test_decode_experts_refuse_mixed_formats():
     with pytest.raises(ValueError, match="takes one token, got 2"):
         two = (jnp.zeros((2, 32)), jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 2)))
         expert_decode.decode_experts(*two, int8, int8, int8, vector=True, interpret=True)
+    with pytest.raises(ValueError, match="group_size=8 does not allow it"):
+        small = quant.QuantizedWeight(
+            jnp.zeros((1, 4, 32, 32), jnp.int8), jnp.ones((1, 4, 4, 32)), 8
+        )
+        expert_decode.decode_experts(*one, small, small, small, interpret=True)
     with pytest.raises(ValueError, match="needs int8 codes, got uint8"):
         bad = quant.QuantizedWeight(int4.codes, int4.scale, 8)
         expert_decode.decode_experts(*one, bad, bad, bad, interpret=True)
