@@ -15,9 +15,12 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               the default) and "vector" (vector=True).
   projection  project_stacked: q, k, v in one launch, then o (attention widths of 8x7B); one
               token: both paths.
-  gmm         the prefill grouped matmul (gmm_quant.gmm; bf16: gmm_pallas.gmm) on 2 x 4096
-              rows in 8 uneven groups, both expert shapes: TFLOP/s and weight GB/s (wall
-              time of the jitted call, median of 10: a millisecond-long kernel).
+  gmm         the prefill grouped matmul (gmm_quant.gmm; bf16: gmm_pallas.gmm) on 2,048 and
+              8,192 rows in 8 uneven groups, both expert shapes: TFLOP/s and weight GB/s
+              (wall time of the jitted call, median of 10: a millisecond-long kernel);
+              "default" is what gmm_quant.gmm runs (the bf16 kernel on the dequantized
+              weight from gmm_quant.DEQUANTIZE_ROWS rows), "codes_kernel" the kernel reading
+              codes: the pair sets DEQUANTIZE_ROWS.
 
 --small runs tiny widths (on CPU: the kernels interpreted, wall-clock times) to check this
 script's logic. Writes $OUT/quant_decode_tiles.json with every line.
@@ -46,8 +49,8 @@ from mixtral_jax.moe import local as moe_local
 from mixtral_jax.moe import ops as moe_ops
 
 LAYERS, TOPK = 4, 2
-FULL = {"d": 4096, "f": 14336, "e": 8, "kv": 1024, "group": 128, "rows": 8192}
-SMALL = {"d": 64, "f": 96, "e": 8, "kv": 32, "group": 32, "rows": 40}
+FULL = {"d": 4096, "f": 14336, "e": 8, "kv": 1024, "group": 128, "rows": (2048, 8192)}
+SMALL = {"d": 64, "f": 96, "e": 8, "kv": 32, "group": 32, "rows": (40,)}
 FORMATS = ("bf16", "int8", "int4")
 # Tile alternatives to each default (DecodeTiles fields; block_k counts stored rows).
 SWEEP = {
@@ -265,46 +268,58 @@ def _dense(w) -> jax.Array:
 
 
 def gmm_part(sizes: dict, quick: bool, interpret: bool) -> None:
-    d, f, e, rows = sizes["d"], sizes["f"], sizes["e"], sizes["rows"]
+    d, f, e = sizes["d"], sizes["f"], sizes["e"]
     keys = jax.random.split(jax.random.key(2), 4)
-    cuts = np.sort(np.random.default_rng(0).integers(0, rows, e - 1))
-    sizes_e = np.diff(np.concatenate([[0], cuts, [rows]])).astype(np.int32)
-    gs = jnp.asarray(sizes_e)
     for name, (k, n), key in (("gate", (d, f), keys[0]), ("down", (f, d), keys[1])):
         weights = make_formats(key, (1, e, k, n), sizes["group"])
-        lhs = jax.random.normal(keys[2], (rows, k), jnp.bfloat16)
-        for fmt in FORMATS:
-            rhs = weights[fmt][0]
-            want = jax.lax.ragged_dot(
-                lhs, _dense(rhs).astype(jnp.bfloat16), gs, preferred_element_type=jnp.float32
-            )
-            base = {"part": "gmm", "shape": name, "format": fmt, "rows": rows, "K": k, "N": n}
-            for cfg in [None] + ([] if quick or fmt == "bf16" else GMM_SWEEP):
-                fn = _gmm_fn(fmt, cfg, gs, rows, interpret, rhs)
-                try:
-                    got = fn(lhs, rhs)
-                    us = timed(fn, lhs, rhs, repeats=10) * 1e6  # ms-long: wall time will do
-                    emit(
-                        {
-                            **base,
-                            "tiles": list(cfg) if cfg else "default",
-                            "rel_err_vs_f32": rel_err(got, want),
-                            "us": us,
-                            "TFLOPs": 2 * rows * k * n / us / 1e6,
-                            "weight_GBps": stored(rhs) / us / 1e3,
-                        }
-                    )
-                except Exception as err:  # noqa: BLE001 (a configuration that does not compile)
-                    emit({**base, "tiles": cfg and list(cfg), "error": str(err)[:300]})
+        for rows in sizes["rows"]:
+            cuts = np.sort(np.random.default_rng(rows).integers(0, rows, e - 1))
+            gs = jnp.asarray(np.diff(np.concatenate([[0], cuts, [rows]])).astype(np.int32))
+            lhs = jax.random.normal(keys[2], (rows, k), jnp.bfloat16)
+            for fmt in FORMATS:
+                rhs = weights[fmt][0]
+                want = jax.lax.ragged_dot(
+                    lhs, _dense(rhs).astype(jnp.bfloat16), gs, preferred_element_type=jnp.float32
+                )
+                base = {"part": "gmm", "shape": name, "format": fmt, "rows": rows, "K": k, "N": n}
+                choices = ["default"] if fmt == "bf16" else ["default", "codes_kernel"]
+                if not quick and fmt != "bf16" and rows == max(sizes["rows"]):
+                    choices += GMM_SWEEP
+                for cfg in choices:
+                    _gmm_row(base, _gmm_fn(fmt, cfg, gs, rows, interpret, rhs), lhs, rhs, want, cfg)
+
+
+def _gmm_row(base: dict, fn, lhs, rhs, want, cfg) -> None:
+    rows, k = lhs.shape
+    tiles = list(cfg) if isinstance(cfg, tuple) else cfg
+    try:
+        got = fn(lhs, rhs)
+        us = timed(fn, lhs, rhs, repeats=10) * 1e6  # ms-long: wall time will do
+    except Exception as err:  # noqa: BLE001 (a configuration that does not compile)
+        emit({**base, "tiles": tiles, "error": str(err)[:300]})
+        return
+    emit(
+        {
+            **base,
+            "tiles": tiles,
+            "rel_err_vs_f32": rel_err(got, want),
+            "us": us,
+            "TFLOPs": 2 * rows * k * base["N"] / us / 1e6,
+            "weight_GBps": stored(rhs) / us / 1e3,
+        }
+    )
 
 
 def _gmm_fn(fmt: str, cfg, gs, rows: int, interpret: bool, rhs):
-    """The jitted grouped matmul of a format, with explicit tiles (cfg) or the default."""
+    """The jitted grouped matmul of a format: "default" (gmm_quant.gmm, which dequantizes for
+    the bf16 kernel from DEQUANTIZE_ROWS rows), "codes_kernel" (the kernel reading codes, its
+    default tiles) or explicit tiles (block_m, block_n, block_k, group_m, warps, stages)."""
     if fmt == "bf16":
         return jax.jit(lambda x, w: gmm_pallas.gmm(x, w, gs, interpret))
-    if cfg is None:
+    if cfg == "default":
         return jax.jit(lambda x, w: gmm_quant.gmm(x, w, gs, interpret))
-    tiles = gmm_quant.tiles_for(rhs, rows, 2, base=gmm_pallas.Tiles(*cfg))
+    base = None if cfg == "codes_kernel" else gmm_pallas.Tiles(*cfg)
+    tiles = gmm_quant.tiles_for(rhs, rows, 2, base=base)
     return jax.jit(
         lambda x, w: gmm_pallas._gmm_call(
             jnp.pad(x, ((0, -rows % tiles.block_m), (0, 0))), w, gs, tiles, False, interpret

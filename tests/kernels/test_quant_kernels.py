@@ -151,6 +151,18 @@ def test_gmm_equals_ragged_dot_on_the_dequantized_weight(rows, k, n, sizes, bits
     assert np.all(np.asarray(got)[sum(sizes) :] == 0)
 
 
+def test_gmm_of_many_rows_dequantizes_for_the_float_kernel(monkeypatch):
+    """From DEQUANTIZE_ROWS rows: the bf16 kernel on the dequantized weight, same function."""
+    monkeypatch.setattr(gmm_quant, "DEQUANTIZE_ROWS", 32)
+    keys = jax.random.split(jax.random.key(5), 2)
+    lhs = jax.random.normal(keys[0], (40, 64))
+    stack = quant.quantize(jax.random.normal(keys[1], (2, 3, 64, 32)), 4, 32)
+    gs = jnp.asarray([10, 0, 25], jnp.int32)
+    got = jax.jit(lambda x, w: gmm_quant.gmm_stacked(x, w, gs, 1, interpret=True))(lhs, stack)
+    want = jax.lax.ragged_dot(lhs, stack[1].dequantize(), gs)
+    assert _rel(got, want) <= 1e-5 and np.all(np.asarray(got)[35:] == 0)
+
+
 def test_gmm_lhs_gradient_and_the_stacked_kernel():
     """d lhs through the dequantized transpose equals ragged_dot's; nothing flows to the scale;
     gmm_stacked reads the chosen layer of a quantized stack [L, E, K, N] in place."""
