@@ -1,6 +1,6 @@
 """The quantized-weight kernels (int8 / int4 codes dequantized in registers) on one GPU at 8x7B widths.
 
-  python3 bench/quant_decode_tiles.py [--tokens 1,8,64] [--parts experts,projection,gmm]
+  python3 bench/quant_decode_tiles.py [--tokens 1,64] [--parts experts,projection,gmm]
                                       [--quick] [--small]
 
 Formats: bf16 (the float kernels, the baseline of the same run), int8 (one scale per output
@@ -329,7 +329,7 @@ def _gmm_fn(fmt: str, cfg, gs, rows: int, interpret: bool, rhs):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", default="1,8,64")
+    p.add_argument("--tokens", default="1,64")
     p.add_argument("--parts", default="experts,projection,gmm")
     p.add_argument("--quick", action="store_true", help="default tiles only (no sweep)")
     p.add_argument("--small", action="store_true", help="tiny widths: this script's logic")

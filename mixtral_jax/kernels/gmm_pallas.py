@@ -200,7 +200,7 @@ def _gmm_kernel(
                 b = rhs_ref[layer, g, pl.ds(col0, bn), pl.ds(k0, bk)]  # [bn, bk]
                 tiles = [(k0, b, None)]
                 dims = (((1,), (1,)), ((), ()))
-            else:  # [(row of K, [bk, bn])], dequantized if rhs is quantized
+            else:  # [(row of K, [bk, bn], scale)]: codes and their scale if rhs is quantized
                 tiles = weight_tiles.load(rhs_ref, (layer, g), k0, col0, bk, bn, lhs_ref.dtype)
                 dims = (((1,), (0,)), ((), ()))
             for row, b, scale in tiles:
