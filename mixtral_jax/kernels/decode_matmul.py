@@ -12,8 +12,10 @@ one grid; each program knows its stack from its id. Partial sums per split come 
 and are added by XLA (which fuses the sum into the consumer).
 
 A stack may be a `quant.QuantizedWeight` [L, K, N] (int8 or int4 attention projections): its
-code tiles are dequantized in registers to x's dtype (`weight_tiles.load`); each stack is
-read in its own format, and the splits walk its stored rows (K/2 byte rows for int4).
+code tiles become integer codes in x's dtype in registers and the float32 partial products are
+scaled per group (`weight_tiles.load`); each stack is read in its own format, and the splits
+walk its stored rows (K/2 byte rows for int4). One token can instead run on the vector units
+(`vector=True`, `weight_tiles.vector_step`).
 
 Letters: M tokens, K contraction width, N output width, J splits of K, L layers.
 Inference only: no gradient.
@@ -42,10 +44,11 @@ from mixtral_jax.kernels.quant import QuantizedWeight
 
 # From bench/expert_decode_tiles.py's projection sweep on one H200 (bfloat16, 8x7B widths).
 PROJECTION = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_stages=4)
-# Quantized stacks take the same tiles (block_k in stored rows): on the H200 at 8x7B widths
-# they beat the alternatives tried for int8 and int4 at 1 and 64 tokens
-# (bench/quant_decode_tiles.py). The one-token vector path, by reasoning until measured: a
-# [bk, bn] float32 accumulator of 32 x 64 over 128 threads.
+# Quantized stacks take the same tiles (block_k in stored rows): H200, 8x7B widths, the best of
+# those tried for int8 and int4 at 1 and 64 tokens (int8, 1 token: 28.2 us against 31.3 for
+# block_k 256 / 8 warps), measured on the scale-before-dot form of the kernel. The one-token
+# vector path, by reasoning until measured: a [bk, bn] float32 accumulator of 32 x 64 over 128
+# threads.
 VECTOR = DecodeTiles(block_n=64, block_k=32, splits=4, num_warps=4, num_stages=4)
 
 

@@ -14,9 +14,11 @@ matrices give only D / block_n output tiles per expert). So this path has no sor
              projection as many programs as the gate/up one;
   reduce     out = sum over splits and slots (float32, deterministic: no atomics).
 
-Quantized experts (`quant.QuantizedWeight` stacks, int8 or int4, all three the same format) run
-the same kernels: each step's code tiles are dequantized in registers to x's dtype
-(`weight_tiles.load`), so only the codes and scales cross memory (1/2 or 1/4 of bf16's bytes).
+Quantized experts (`quant.QuantizedWeight` stacks, int8 or int4, all three the same bits) run
+the same kernels: each step's code tiles become integer codes in x's dtype in registers and the
+float32 partial products are scaled per group (`weight_tiles.load`), so only the codes and
+scales cross memory (1/2 or 1/4 of bf16's bytes). One token can instead run on the vector units
+(`vector=True`, `weight_tiles.vector_step`): no matrix-unit dot of 16 padded rows.
 
 Every slot computes all M tokens; tokens that did not choose its expert get combine weight 0.
 That wastes arithmetic (M rows instead of the ~M*k/E that chose the expert), which is free while
@@ -53,11 +55,13 @@ from mixtral_jax.kernels.quant import QuantizedWeight
 GATE_UP = DecodeTiles(block_n=128, block_k=64, num_warps=4, num_stages=4)
 DOWN = DecodeTiles(block_n=128, block_k=64, splits=4, num_warps=4, num_stages=5)
 DOWN_WIDE = DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=4, num_stages=4)  # bm >= 64
-# Quantized stacks take the same tiles (block_k in stored rows): on the H200 at 8x7B widths
-# they beat the alternatives tried for int8 and int4 at 1 and 64 tokens
-# (bench/quant_decode_tiles.py). The one-token vector path (`vector=True`), by reasoning until
-# measured: [bk, bn] float32 accumulators per weight stream in registers (2 x 32 x 128 over 128
-# threads: 64 each), the same programs in flight as the dot path.
+# Quantized stacks take the same tiles (block_k in stored rows). H200, 8x7B widths, measured on
+# the scale-before-dot form of these kernels: best of those tried at 1 token (int8 gate_up 103.5
+# us against 110 for block_k 128 / 8 warps, down 45.3 against 50.3; int4 likewise) and at 64
+# tokens for int4 and the down kernels; int8 gate_up at 64 tokens was 11% faster with block_k
+# 128 and 8 warps. bench/quant_decode_tiles.py sweeps the current kernels. The one-token vector
+# path (`vector=True`), by reasoning until measured: [bk, bn] float32 accumulators per weight
+# stream (2 x 32 x 128 over 128 threads: 64 registers each), the dot path's programs in flight.
 VECTOR_GATE_UP = DecodeTiles(block_n=128, block_k=32, num_warps=4, num_stages=4)
 VECTOR_DOWN = DecodeTiles(block_n=128, block_k=32, splits=4, num_warps=4, num_stages=4)
 
