@@ -6,6 +6,7 @@ group sizes (kernel schedules and MoE dispatch alike).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,19 +42,34 @@ def _largest_pow2_dividing(n: int, at_most: int) -> int:
 
 
 def fit(
-    tiles: DecodeTiles, rows: int, contract: int, width: int, streams: int, itemsize: int
+    tiles: DecodeTiles,
+    rows: int,
+    contract: int,
+    width: int,
+    streams: int,
+    itemsize: int,
+    *,
+    group: int | None = None,
+    weight_itemsize: int | None = None,
+    x_tiles: int = 1,
 ) -> DecodeTiles:
     """Tiles that divide the problem exactly (no padding of weight stacks, which would copy them)
-    and whose pipeline fits in shared memory. `streams` weight tiles are loaded per step."""
+    and whose pipeline fits in shared memory. `streams` weight tiles are loaded per step.
+
+    Quantized weights (weight_tiles.py): `contract` counts stored rows, block_k also divides
+    `group` (a step's tile lies in one scale group), weight tiles take `weight_itemsize` bytes
+    per element and each step reads `x_tiles` tiles of x (2 for int4)."""
     block_n = _largest_pow2_dividing(width, tiles.block_n)
     splits = tiles.splits
     while splits > 1 and (contract % splits or (contract // splits) % 16):
         splits -= 1
-    block_k = _largest_pow2_dividing(contract // splits, tiles.block_k)
+    block_k = _largest_pow2_dividing(math.gcd(contract // splits, group or contract), tiles.block_k)
     stages = tiles.num_stages
+    w_itemsize = itemsize if weight_itemsize is None else weight_itemsize
 
     def smem(stages, block_n, block_k):  # the pipeline's buffers: x or h tile + weight tiles
-        return stages * (rows * block_k + streams * block_k * block_n) * itemsize
+        x_bytes = x_tiles * rows * block_k * itemsize
+        return stages * (x_bytes + streams * block_k * block_n * w_itemsize)
 
     while smem(stages, block_n, block_k) > SMEM_BYTES:
         if stages > 2:

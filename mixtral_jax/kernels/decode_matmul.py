@@ -11,6 +11,12 @@ contraction width (q, k and v from the same x) in ONE launch: the programs of al
 one grid; each program knows its stack from its id. Partial sums per split come back in float32
 and are added by XLA (which fuses the sum into the consumer).
 
+A stack may be a `quant.QuantizedWeight` [L, K, N] (int8 or int4 attention projections): its
+code tiles become integer codes in x's dtype in registers and the float32 partial products are
+scaled per group (`weight_tiles.load`); each stack is read in its own format, and the splits
+walk its stored rows (K/2 byte rows for int4). One token can instead run on the vector units
+(`vector=True`, `weight_tiles.vector_step`).
+
 Letters: M tokens, K contraction width, N output width, J splits of K, L layers.
 Inference only: no gradient.
 """
@@ -18,12 +24,14 @@ Inference only: no gradient.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.kernels.common import (
     MAX_TOKENS,
     DecodeTiles,
@@ -32,9 +40,16 @@ from mixtral_jax.kernels.common import (
     matmul_precision,
     pow2_at_least,
 )
+from mixtral_jax.kernels.quant import QuantizedWeight
 
 # From bench/expert_decode_tiles.py's projection sweep on one H200 (bfloat16, 8x7B widths).
 PROJECTION = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_stages=4)
+# Quantized stacks take the same tiles (block_k in stored rows): H200, 8x7B widths, the best of
+# those tried for int8 and int4 at 1 and 64 tokens (int8, 1 token: 28.2 us against 31.3 for
+# block_k 256 / 8 warps), measured on the scale-before-dot form of the kernel. The one-token
+# vector path, by reasoning until measured: a [bk, bn] float32 accumulator of 32 x 64 over 128
+# threads.
+VECTOR = DecodeTiles(block_n=64, block_k=32, splits=4, num_warps=4, num_stages=4)
 
 
 def _kernel(
@@ -43,11 +58,13 @@ def _kernel(
     *refs,
     tiles: DecodeTiles,
     cols: tuple[int, ...],
-    steps: int,
+    steps: tuple[int, ...],
     rows: int,
     precision,
+    vector: bool,
 ):
-    """Program p: stack i whose column tiles hold p, column tile c, split j of K."""
+    """Program p: stack i whose column tiles hold p, column tile c, split j of K. With `vector`
+    (one token) only row 0 is written."""
     num = len(cols)
     w_refs, out_refs = refs[:num], refs[num:]
     bm, bn, bk, splits = x_ref.shape[0], tiles.block_n, tiles.block_k, tiles.splits
@@ -55,22 +72,39 @@ def _kernel(
     pid = pl.program_id(0)
     row_mask = jnp.broadcast_to((jnp.arange(bm) < rows)[:, None], (bm, bn))
     first = 0
-    for w_ref, out_ref, num_cols in zip(w_refs, out_refs, cols):
+    for w_ref, out_ref, num_cols, num_steps in zip(w_refs, out_refs, cols, steps):
         last = first + num_cols * splits
 
         @pl.when((pid >= first) & (pid < last))
-        def _(w_ref=w_ref, out_ref=out_ref, first=first):
+        def _(w_ref=w_ref, out_ref=out_ref, first=first, num_steps=num_steps):
             local = pid - first
             col, split = local // splits, local % splits
             col0 = pl.multiple_of(col * bn, bn)
 
-            def step(i, acc):
-                k0 = pl.multiple_of((split * steps + i) * bk, bk)
-                a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
-                b = w_ref[layer, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
-                return acc + dot_f32(a, b, precision)
+            if vector:  # one token (row 0), on the vector units
 
-            acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+                def x_of(k0):  # [bk] of the token
+                    return x_ref[jnp.int32(0), pl.ds(k0, bk)]
+
+                def vector_step(i, acc):
+                    r0 = pl.multiple_of((split * num_steps + i) * bk, bk)  # stored rows
+                    return weight_tiles.vector_step(acc, x_of, w_ref, (layer,), r0, col0, bk, bn)
+
+                acc = jax.lax.fori_loop(0, num_steps, vector_step, jnp.zeros((bk, bn), jnp.float32))
+                out = out_ref.at[split, jnp.int32(0), pl.ds(col0, bn)]
+                plgpu.store(out, jnp.sum(acc, axis=0))
+                return
+
+            def step(i, acc):
+                r0 = pl.multiple_of((split * num_steps + i) * bk, bk)  # stored rows
+                for k0, b, scale in weight_tiles.load(
+                    w_ref, (layer,), r0, col0, bk, bn, x_ref.dtype
+                ):
+                    part = dot_f32(x_ref[:, pl.ds(k0, bk)], b, precision)  # [bm, bk] @ b
+                    acc = acc + weight_tiles.scaled(part, scale)
+                return acc
+
+            acc = jax.lax.fori_loop(0, num_steps, step, jnp.zeros((bm, bn), jnp.float32))
             plgpu.store(out_ref.at[split, :, pl.ds(col0, bn)], acc, mask=row_mask)
 
         first = last
@@ -78,45 +112,44 @@ def _kernel(
 
 def project_stacked(
     x: jax.Array,
-    stacks: tuple[jax.Array, ...],
+    stacks: tuple[jax.Array | QuantizedWeight, ...],
     layer: jax.Array | int,
     *,
     out_dtype=None,
     tiles: DecodeTiles | None = None,
+    vector: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """x @ stack[layer] for each stack, in one launch.
 
     Args:
       x: [M, K] tokens (M <= MAX_TOKENS) in the compute dtype.
-      stacks: each [L, K, N_i] in x's dtype (the same L and K).
+      stacks: each [L, K, N_i] in x's dtype (the same L and K), or a `QuantizedWeight` of
+        that shape (any format the kernels read, `weight_tiles.supports_format`).
       layer: int32 scalar.
       out_dtype: of the results; x's dtype if None.
+      vector: one token (M = 1) on the vector units (`weight_tiles.vector_step`) instead of
+        matrix-unit dots of 16 padded rows: the same function, float32 throughout.
     Returns:
       one [M, N_i] per stack (float32 accumulation and split sum).
     """
     m, contract = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"project_stacked takes at most {MAX_TOKENS} tokens, got {m}")
+    if any(s.shape[-2] != contract for s in stacks):
+        raise ValueError(f"every stack needs K={contract} rows, got {[s.shape for s in stacks]}")
     bm = pow2_at_least(m)
     widths = [s.shape[-1] for s in stacks]
-    base = tiles or PROJECTION
-    t = fit(base, bm, contract, min(widths), 1, x.dtype.itemsize)
-    for w in widths:  # one column tile for all stacks: the largest that divides every width
-        while w % t.block_n:
-            t = fit(
-                DecodeTiles(t.block_n // 2, t.block_k, t.splits, t.num_warps, t.num_stages),
-                bm,
-                contract,
-                min(widths),
-                1,
-                x.dtype.itemsize,
-            )
-    steps = contract // (t.splits * t.block_k)
+    if vector and m != 1:
+        raise ValueError(f"project_stacked(vector=True) takes one token, got {m}")
+    t = _fit(tiles or (VECTOR if vector else PROJECTION), bm, stacks, x.dtype.itemsize)
+    steps = tuple(weight_tiles.stored_rows(s) // (t.splits * t.block_k) for s in stacks)
     cols = tuple(w // t.block_n for w in widths)
     precision = matmul_precision(x.dtype)
     parts = pl.pallas_call(
-        functools.partial(_kernel, tiles=t, cols=cols, steps=steps, rows=m, precision=precision),
+        functools.partial(
+            _kernel, tiles=t, cols=cols, steps=steps, rows=m, precision=precision, vector=vector
+        ),
         out_shape=tuple(jax.ShapeDtypeStruct((t.splits, bm, w), jnp.float32) for w in widths),
         grid=(sum(cols) * t.splits,),
         compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
@@ -125,3 +158,22 @@ def project_stacked(
     )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.pad(x, ((0, bm - m), (0, 0))), *stacks)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     return tuple(jax.lax.stop_gradient(jnp.sum(p[:, :m], axis=0).astype(out_dtype)) for p in parts)
+
+
+def _fit(base: DecodeTiles, bm: int, stacks, itemsize: int) -> DecodeTiles:
+    """One tiling for all stacks: block_n divides every width, block_k * splits every stack's
+    stored rows and block_k lies in one scale group of each (`common.fit`)."""
+    for s in stacks:
+        if isinstance(s, QuantizedWeight):
+            weight_tiles.check_codes(s)
+    return fit(
+        base,
+        bm,
+        math.gcd(*(weight_tiles.stored_rows(s) for s in stacks)),
+        math.gcd(*(s.shape[-1] for s in stacks)),
+        1,
+        itemsize,
+        group=math.gcd(*(weight_tiles.max_block_k(s) for s in stacks)),
+        weight_itemsize=max(weight_tiles.weight_itemsize(s) for s in stacks),
+        x_tiles=max(weight_tiles.tiles_per_step(s) for s in stacks),
+    )

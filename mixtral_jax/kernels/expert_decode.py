@@ -14,6 +14,12 @@ matrices give only D / block_n output tiles per expert). So this path has no sor
              projection as many programs as the gate/up one;
   reduce     out = sum over splits and slots (float32, deterministic: no atomics).
 
+Quantized experts (`quant.QuantizedWeight` stacks, int8 or int4, all three the same bits) run
+the same kernels: each step's code tiles become integer codes in x's dtype in registers and the
+float32 partial products are scaled per group (`weight_tiles.load`), so only the codes and
+scales cross memory (1/2 or 1/4 of bf16's bytes). One token can instead run on the vector units
+(`vector=True`, `weight_tiles.vector_step`): no matrix-unit dot of 16 padded rows.
+
 Every slot computes all M tokens; tokens that did not choose its expert get combine weight 0.
 That wastes arithmetic (M rows instead of the ~M*k/E that chose the expert), which is free while
 the kernel is bound by memory: the path is for M <= MAX_TOKENS.
@@ -33,14 +39,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.kernels.common import (
     MAX_TOKENS,
     DecodeTiles,
     dot_f32,
-    fit,
     matmul_precision,
     pow2_at_least,
 )
+from mixtral_jax.kernels.quant import QuantizedWeight
 
 # From bench/expert_decode_tiles.py on one H200 (bfloat16, 8x7B widths, 1/8/64 tokens; all
 # stream the weights at 4.1-4.6 TB/s): see BENCHMARKS.md. Splitting F barely matters at one
@@ -48,6 +55,15 @@ from mixtral_jax.kernels.common import (
 GATE_UP = DecodeTiles(block_n=128, block_k=64, num_warps=4, num_stages=4)
 DOWN = DecodeTiles(block_n=128, block_k=64, splits=4, num_warps=4, num_stages=5)
 DOWN_WIDE = DecodeTiles(block_n=64, block_k=128, splits=1, num_warps=4, num_stages=4)  # bm >= 64
+# Quantized stacks take the same tiles (block_k in stored rows). H200, 8x7B widths, measured on
+# the scale-before-dot form of these kernels: best of those tried at 1 token (int8 gate_up 103.5
+# us against 110 for block_k 128 / 8 warps, down 45.3 against 50.3; int4 likewise) and at 64
+# tokens for int4 and the down kernels; int8 gate_up at 64 tokens was 11% faster with block_k
+# 128 and 8 warps. bench/quant_decode_tiles.py sweeps the current kernels. The one-token vector
+# path (`vector=True`), by reasoning until measured: [bk, bn] float32 accumulators per weight
+# stream (2 x 32 x 128 over 128 threads: 64 registers each), the dot path's programs in flight.
+VECTOR_GATE_UP = DecodeTiles(block_n=128, block_k=32, num_warps=4, num_stages=4)
+VECTOR_DOWN = DecodeTiles(block_n=128, block_k=32, splits=4, num_warps=4, num_stages=4)
 
 
 def _gate_up_kernel(
@@ -61,11 +77,13 @@ def _gate_up_kernel(
     *,
     tiles: DecodeTiles,
     num_cols: int,
-    contract: int,
     rows: int,
     precision,
+    vector: bool,
 ):
-    """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c])."""
+    """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c]).
+
+    With `vector` (one token) only row 0 of h is written."""
     bm, bn, bk = x_ref.shape[0], tiles.block_n, tiles.block_k
     slot, col = pl.program_id(0) // num_cols, pl.program_id(0) % num_cols
     expert, layer = slot_expert_ref[slot], layer_ref[0]
@@ -74,15 +92,38 @@ def _gate_up_kernel(
 
     @pl.when(slot < num_used_ref[0])
     def _():
+        lead, steps = (layer, expert), weight_tiles.stored_rows(wg_ref) // bk
+        if vector:  # one token, on the vector units: accumulators [bk, bn], summed at the end
+
+            def x_of(k0):  # [bk] of the token
+                return x_ref[jnp.int32(0), pl.ds(k0, bk)]
+
+            def step(i, acc):
+                r0 = pl.multiple_of(i * bk, bk)
+                return tuple(
+                    weight_tiles.vector_step(a, x_of, w, lead, r0, col0, bk, bn)
+                    for a, w in zip(acc, (wg_ref, wu_ref))
+                )
+
+            zeros = jnp.zeros((bk, bn), jnp.float32)
+            gate, up = (jnp.sum(a, axis=0) for a in jax.lax.fori_loop(0, steps, step, (zeros,) * 2))
+            h = gate / (1.0 + jnp.exp(-gate)) * up  # [bn]
+            plgpu.store(h_ref.at[slot, jnp.int32(0), pl.ds(col0, bn)], h.astype(h_ref.dtype))
+            return
+
         def step(i, acc):
-            k0 = pl.multiple_of(i * bk, bk)
-            a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
-            g = wg_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
-            u = wu_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]
-            return acc[0] + dot_f32(a, g, precision), acc[1] + dot_f32(a, u, precision)
+            gate, up = acc
+            r0 = pl.multiple_of(i * bk, bk)  # stored rows (K/2 byte rows for int4)
+            gs = weight_tiles.load(wg_ref, lead, r0, col0, bk, bn, x_ref.dtype)
+            us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, x_ref.dtype)
+            for (k0, g, g_scale), (_, u, u_scale) in zip(gs, us):  # [(row0, [bk, bn], scale)]
+                a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
+                gate = gate + weight_tiles.scaled(dot_f32(a, g, precision), g_scale)
+                up = up + weight_tiles.scaled(dot_f32(a, u, precision), u_scale)
+            return gate, up
 
         zeros = jnp.zeros((bm, bn), jnp.float32)
-        gate, up = jax.lax.fori_loop(0, contract // bk, step, (zeros, zeros))
+        gate, up = jax.lax.fori_loop(0, steps, step, (zeros, zeros))
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, in float32
         plgpu.store(h_ref.at[slot, :, pl.ds(col0, bn)], h.astype(h_ref.dtype), mask=row_mask)
 
@@ -101,9 +142,11 @@ def _down_kernel(
     steps: int,
     rows: int,
     precision,
+    vector: bool,
 ):
     """Program (slot s, column tile c, split j): part[j, s, :, c] = combine[s] * h[s, :, split j]
-    @ Wd[e_s][split j, c]; slots past the used ones store zeros."""
+    @ Wd[e_s][split j, c]; slots past the used ones store zeros. With `vector` (one token) only
+    row 0 of used slots is written."""
     bm, bn, bk, splits = h_ref.shape[1], tiles.block_n, tiles.block_k, tiles.splits
     pid = pl.program_id(0)
     slot, rest = pid // (num_cols * splits), pid % (num_cols * splits)
@@ -116,15 +159,31 @@ def _down_kernel(
 
     @pl.when(slot < num_used_ref[0])
     def _():
+        lead = (layer, expert)
+        if vector:  # one token (row 0), on the vector units
+
+            def h_of(k0):  # [bk] of the token
+                return h_ref[slot, jnp.int32(0), pl.ds(k0, bk)]
+
+            def vector_step(i, acc):
+                r0 = pl.multiple_of((split * steps + i) * bk, bk)
+                return weight_tiles.vector_step(acc, h_of, wd_ref, lead, r0, col0, bk, bn)
+
+            acc = jax.lax.fori_loop(0, steps, vector_step, jnp.zeros((bk, bn), jnp.float32))
+            out = jnp.sum(acc, axis=0) * combine_ref[slot, jnp.int32(0)]  # [bn]
+            plgpu.store(out_ref.at[split, slot, jnp.int32(0), pl.ds(col0, bn)], out)
+            return
+
         def step(i, acc):
-            k0 = pl.multiple_of((split * steps + i) * bk, bk)
-            a = plgpu.load(
-                h_ref.at[slot, :, pl.ds(k0, bk)],
-                mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
-                other=0,
-            )  # [bm, bk]
-            b = wd_ref[layer, expert, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
-            return acc + dot_f32(a, b, precision)
+            r0 = pl.multiple_of((split * steps + i) * bk, bk)  # stored rows of split j
+            for k0, b, scale in weight_tiles.load(wd_ref, lead, r0, col0, bk, bn, h_ref.dtype):
+                a = plgpu.load(
+                    h_ref.at[slot, :, pl.ds(k0, bk)],
+                    mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
+                    other=0,
+                )  # [bm, bk]
+                acc = acc + weight_tiles.scaled(dot_f32(a, b, precision), scale)  # b: [bk, bn]
+            return acc
 
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
         weight = combine_ref[slot, :]  # [bm] float32
@@ -165,13 +224,14 @@ def decode_experts(
     x: jax.Array,
     experts: jax.Array,
     weights: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    w_down: jax.Array,
+    w_gate: jax.Array | QuantizedWeight,
+    w_up: jax.Array | QuantizedWeight,
+    w_down: jax.Array | QuantizedWeight,
     layer: jax.Array | int = 0,
     *,
     gate_up_tiles: DecodeTiles | None = None,
     down_tiles: DecodeTiles | None = None,
+    vector: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """The routed SwiGLU experts of a few tokens, reading only the experts they chose.
@@ -179,8 +239,13 @@ def decode_experts(
     Args:
       x: [M, D] tokens in the compute dtype (M <= MAX_TOKENS).
       experts: [M, k] int32 chosen experts; weights: [M, k] their routing weights.
-      w_gate, w_up: [L, E, D, F]; w_down: [L, E, F, D] stacks in x's dtype, read at `layer`.
+      w_gate, w_up: [L, E, D, F]; w_down: [L, E, F, D] stacks in x's dtype, read at `layer`; or
+        all three `QuantizedWeight` stacks of the same bits (w_gate and w_up also of one
+        group size: they share tiles).
       layer: int32 scalar.
+      gate_up_tiles, down_tiles: tiles (default: the module's), fitted to the problem.
+      vector: one token (M = 1) on the vector units (`weight_tiles.vector_step`) instead of
+        matrix-unit dots of 16 padded rows: the same function, float32 throughout.
     Returns:
       [M, D] float32 = sum_j weights[:, j] * SwiGLU expert experts[:, j] of x (no gradient).
     """
@@ -188,6 +253,9 @@ def decode_experts(
     _, num_experts, _, f = w_gate.shape
     if m > MAX_TOKENS:
         raise ValueError(f"decode_experts takes at most {MAX_TOKENS} tokens, got {m}")
+    _check_weights(w_gate, w_up, w_down)
+    if vector and m != 1:
+        raise ValueError(f"decode_experts(vector=True) takes one token, got {m}")
     bm = pow2_at_least(m)
     slot_expert, num_used, combine = _slots(experts, weights, num_experts)
     num_slots = slot_expert.shape[0]
@@ -196,15 +264,16 @@ def decode_experts(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     precision, itemsize = matmul_precision(x.dtype), x.dtype.itemsize
 
-    t1 = fit(gate_up_tiles or GATE_UP, bm, d, f, 2, itemsize)
+    t1 = gate_up_tiles or (VECTOR_GATE_UP if vector else GATE_UP)
+    t1 = weight_tiles.fit(t1, bm, w_gate, f, 2, itemsize)
     h = pl.pallas_call(
         functools.partial(
             _gate_up_kernel,
             tiles=t1,
             num_cols=f // t1.block_n,
-            contract=d,
             rows=m,
             precision=precision,
+            vector=vector,
         ),
         out_shape=jax.ShapeDtypeStruct((num_slots, bm, f), x.dtype),
         grid=(num_slots * (f // t1.block_n),),
@@ -213,8 +282,9 @@ def decode_experts(
         name="expert_gate_up",
     )(slot_expert, num_used, layer, x_p, w_gate, w_up)
 
-    t2 = fit(down_tiles or (DOWN if bm < 64 else DOWN_WIDE), bm, f, d, 1, itemsize)
-    steps = f // (t2.splits * t2.block_k)
+    t2 = down_tiles or (VECTOR_DOWN if vector else DOWN if bm < 64 else DOWN_WIDE)
+    t2 = weight_tiles.fit(t2, bm, w_down, d, 1, itemsize)
+    steps = weight_tiles.stored_rows(w_down) // (t2.splits * t2.block_k)
     part = pl.pallas_call(
         functools.partial(
             _down_kernel,
@@ -223,6 +293,7 @@ def decode_experts(
             steps=steps,
             rows=m,
             precision=precision,
+            vector=vector,
         ),
         out_shape=jax.ShapeDtypeStruct((t2.splits, num_slots, bm, d), jnp.float32),
         grid=(num_slots * (d // t2.block_n) * t2.splits,),
@@ -231,3 +302,16 @@ def decode_experts(
         name="expert_down",
     )(slot_expert, num_used, layer, h, combine, w_down)
     return jax.lax.stop_gradient(jnp.sum(part[:, :, :m], axis=(0, 1)))
+
+
+def _check_weights(w_gate, w_up, w_down) -> None:
+    """ValueError unless the three stacks share one format the kernels read."""
+    gate, up, down = (weight_tiles.format_of(w) for w in (w_gate, w_up, w_down))
+    if gate != up or (gate is None) != (down is None) or (gate and gate[0] != down[0]):
+        raise ValueError(
+            f"decode_experts needs w_gate and w_up in one format and w_down in the same bits; "
+            f"got (bits, group size) {gate}, {up}, {down}"
+        )
+    for w in (w_gate, w_up, w_down):
+        if isinstance(w, QuantizedWeight):
+            weight_tiles.check_codes(w)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.kernels.common import SMEM_BYTES, exclusive_cumsum, matmul_precision, pow2_at_least
 
 
@@ -169,7 +170,7 @@ def _gmm_kernel(
     tiles: Tiles,
     num_items: int,
     num_cols: int,
-    contract: int,
+    steps: int,
     num_groups: int,
     transpose_rhs: bool,
     precision,
@@ -194,19 +195,23 @@ def _gmm_kernel(
         g = jnp.maximum(group, 0)
 
         def step(i, acc):
-            k0 = pl.multiple_of(i * bk, bk)
-            a = lhs_ref[pl.ds(row0, bm), pl.ds(k0, bk)]  # [bm, bk]
+            k0 = pl.multiple_of(i * bk, bk)  # stored rows of rhs (K/2 byte rows for int4)
             if transpose_rhs:
                 b = rhs_ref[layer, g, pl.ds(col0, bn), pl.ds(k0, bk)]  # [bn, bk]
+                tiles = [(k0, b, None)]
                 dims = (((1,), (1,)), ((), ()))
-            else:
-                b = rhs_ref[layer, g, pl.ds(k0, bk), pl.ds(col0, bn)]  # [bk, bn]
+            else:  # [(row of K, [bk, bn], scale)]: codes and their scale if rhs is quantized
+                tiles = weight_tiles.load(rhs_ref, (layer, g), k0, col0, bk, bn, lhs_ref.dtype)
                 dims = (((1,), (0,)), ((), ()))
-            return acc + jax.lax.dot_general(
-                a, b, dims, precision=precision, preferred_element_type=jnp.float32
-            )
+            for row, b, scale in tiles:
+                a = lhs_ref[pl.ds(row0, bm), pl.ds(row, bk)]  # [bm, bk]
+                part = jax.lax.dot_general(
+                    a, b, dims, precision=precision, preferred_element_type=jnp.float32
+                )
+                acc = acc + weight_tiles.scaled(part, scale)
+            return acc
 
-        acc = jax.lax.fori_loop(0, contract // bk, step, jnp.zeros((bm, bn), jnp.float32))
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
         plgpu.store(out_block, acc.astype(out_ref.dtype), mask=mask)
 
 
@@ -216,6 +221,8 @@ def _gmm_call(
     """lhs [A, K] (padded), rhs [G, K, N] (or [G, N, K] transposed) -> [A, N]; shapes divide.
 
     With `layer` (an int32 scalar), rhs is a stack [L, G, K, N] read at that layer in place.
+    rhs may be a `QuantizedWeight` (not transposed): tiles.block_k then counts its stored rows
+    and lies in one scale group (gmm_quant.py).
     """
     if layer is None:
         rhs, layer = rhs[None], 0
@@ -223,6 +230,7 @@ def _gmm_call(
     rows, contract = lhs.shape
     num_groups = rhs.shape[1]
     width = rhs.shape[2] if transpose_rhs else rhs.shape[3]
+    steps = (contract if transpose_rhs else weight_tiles.stored_rows(rhs)) // tiles.block_k
     work_group, work_tile = schedule(group_sizes, rows, tiles.block_m)
     starts, ends = _group_bounds(group_sizes, rows)
     num_items, num_cols = work_group.shape[0], width // tiles.block_n
@@ -231,7 +239,7 @@ def _gmm_call(
         tiles=tiles,
         num_items=num_items,
         num_cols=num_cols,
-        contract=contract,
+        steps=steps,
         num_groups=num_groups,
         transpose_rhs=transpose_rhs,
         precision=matmul_precision(lhs.dtype),

@@ -73,15 +73,15 @@ def test_unused_slots_add_nothing_and_repeated_experts_are_read_once():
 
 
 def test_tiles_divide_the_problem_and_fit_shared_memory():
-    t = expert_decode.fit(expert_decode.DOWN, 16, 14336, 4096, 1, 2)  # Mixtral 8x7B down
+    t = common.fit(expert_decode.DOWN, 16, 14336, 4096, 1, 2)  # Mixtral 8x7B down
     assert (t.block_n, t.block_k, t.splits) == (
         expert_decode.DOWN.block_n,
         expert_decode.DOWN.block_k,
         expert_decode.DOWN.splits,
     )
-    t = expert_decode.fit(expert_decode.DecodeTiles(128, 256, splits=4), 16, 96, 48, 1, 2)
+    t = common.fit(expert_decode.DecodeTiles(128, 256, splits=4), 16, 96, 48, 1, 2)
     assert 96 % t.splits == 0 and (96 // t.splits) % t.block_k == 0 and 48 % t.block_n == 0
-    wide = expert_decode.fit(
+    wide = common.fit(
         expert_decode.DecodeTiles(128, 256, num_stages=6), 64, 4096, 14336, 2, 4
     )  # float32, two weight streams: fewer stages
     assert (

@@ -1,0 +1,173 @@
+"""How a kernel reads one tile of a weight: a float weight as stored, a quantized one dequantized.
+
+Every matmul kernel here walks the contraction of a weight [..., K, N] in steps of `block_k`
+*stored rows* and adds x[:, rows] @ w[rows, cols] per step, in float32. What a step reads
+depends on the format (`quant.py`):
+
+  float  K stored rows; a step at stored rows [r0, r0 + bk) is the tile w[r0 : r0 + bk].
+  int8   K stored rows of int8 codes; the tile is codes[r0 : r0 + bk] * its group's scale row.
+  int4   K/2 stored byte rows; byte row i holds row i (low nibble) and row K/2 + i (high
+         nibble), so a step yields TWO tiles of K: rows r0.. and K/2 + r0.., each times its
+         own group's scale row.
+
+A quantized tile comes as its integer codes in the compute dtype (exact: |code| <= 127) and
+the partial product x @ codes is multiplied by the group's float32 scale row: the kernels then
+compute the products of x with the float32 dequantized weight (`quant.dequantize`, the oracle),
+summed in float32, at one conversion per weight and one multiply per output per step. A step's
+tile must lie in one scale group: `block_k` divides G (and K/2 for int4), which `max_block_k`
+gives and `common.fit` honours. Only the weight's bytes cross memory: 1 byte (int8) or 1/2
+(int4) per weight plus the scales, against 2 for bfloat16. `vector_step` is the one-token form
+(vector units, no matrix-unit dot).
+
+Letters: K contraction width, N output width, G scale group (rows of K per scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from mixtral_jax.kernels import common, quant
+from mixtral_jax.kernels.quant import QuantizedWeight
+
+
+def stored_rows(w) -> int:
+    """Rows of the contraction a kernel walks: K, or K/2 byte rows for int4."""
+    return w.codes.shape[-2] if isinstance(w, QuantizedWeight) else w.shape[-2]
+
+
+def max_block_k(w) -> int:
+    """The largest step (stored rows) that keeps every tile in one scale group: gcd(rows, G)."""
+    if not isinstance(w, QuantizedWeight):
+        return stored_rows(w)
+    return math.gcd(stored_rows(w), w.group_size)
+
+
+def weight_itemsize(w) -> int:
+    """Bytes per stored element of the weight stream (codes: 1; float: its dtype's)."""
+    return w.codes.dtype.itemsize if isinstance(w, QuantizedWeight) else w.dtype.itemsize
+
+
+def tiles_per_step(w) -> int:
+    """Tiles of K (and x tiles) one step yields: 2 for int4, else 1."""
+    return 2 if isinstance(w, QuantizedWeight) and w.bits == 4 else 1
+
+
+def format_of(w) -> tuple[int, int] | None:
+    """(bits, group size) of a quantized weight, None for a float one."""
+    return (w.bits, w.group_size) if isinstance(w, QuantizedWeight) else None
+
+
+def fit(
+    tiles: common.DecodeTiles, rows: int, w, width: int, streams: int, itemsize: int
+) -> common.DecodeTiles:
+    """`common.fit` for a weight of any format: steps over its stored rows, inside one scale
+    group, with its element size; `itemsize` is x's (the compute dtype's)."""
+    return common.fit(
+        tiles,
+        rows,
+        stored_rows(w),
+        width,
+        streams,
+        itemsize,
+        group=max_block_k(w),
+        weight_itemsize=weight_itemsize(w),
+        x_tiles=tiles_per_step(w),
+    )
+
+
+def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[tuple]:
+    """Inside a kernel: the tiles of stored rows [r0, r0 + bk), columns [col0, col0 + bn).
+
+    Args:
+      w: a weight Ref [..., K, N], or a QuantizedWeight of Refs (codes, scale).
+      lead: indices of the leading (stack) axes, e.g. (layer, expert).
+      r0, col0: first stored row (a multiple of bk) and first column.
+      dtype: the compute dtype the tiles come in.
+    Returns:
+      [(row0, tile [bk, bn] in dtype, scale [bn] float32 or None)]: row0 the first row of K the
+      tile covers (the x columns it multiplies); one triple, or two for int4. A quantized tile
+      holds the integer codes (exact in bfloat16): x @ tile is multiplied by its group's scale
+      row afterwards (`scaled`), in float32, which is cheaper than scaling every weight.
+    """
+    rows, cols = pl.ds(r0, bk), pl.ds(col0, bn)
+    if not isinstance(w, QuantizedWeight):
+        return [(r0, w[(*lead, rows, cols)], None)]
+    codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
+    if w.bits == 8:
+        parts = [(r0, _int8_to_f32(codes))]
+    else:
+        byte, half = codes.astype(jnp.int32), w.shape[-2] // 2  # zero-extended bytes
+        parts = [(r0, _nibble_to_f32(byte)), (r0 + half, _nibble_to_f32(byte >> 4))]
+    tiles = []
+    for row0, c in parts:
+        scale = w.scale[(*lead, row0 // w.group_size, cols)].astype(jnp.float32)  # [bn]
+        tiles.append((row0, c.astype(dtype), scale))
+    return tiles
+
+
+def scaled(part: jax.Array, scale) -> jax.Array:
+    """A partial product [bm, bn] times its tile's scale row (none for float weights)."""
+    return part if scale is None else part * scale[None, :]
+
+
+def vector_step(acc, x_of, w, lead: tuple, r0, col0: int, bk: int, bn: int) -> jax.Array:
+    """One step of a single token's product on the vector units, in float32.
+
+    acc [bk, bn] += x[rows][:, None] * w[rows, cols] for each tile of the step (summed over
+    its rows once, after the loop): for one token a matrix-unit dot wastes 15 of its 16 rows
+    and needs the dequantized tile moved into the operand layout first; here each weight costs
+    its dequantization and one multiply-add where it was loaded.
+
+    Args:
+      x_of: row0 -> the token's [bk] slice of K starting at row0.
+    """
+    for row0, tile, scale in load(w, lead, r0, col0, bk, bn, jnp.float32):
+        weight = tile if scale is None else tile * scale[None, :]  # [bk, bn] float32
+        acc = acc + x_of(row0).astype(jnp.float32)[:, None] * weight
+    return acc
+
+
+# Codes to float32 without an int-to-float conversion instruction (the GPU issues those at a
+# fraction of its add rate, and a tile of codes would be bound by them): an integer u < 2^23
+# ORed into the mantissa of 2^23 is the float 2^23 + u, exact, and one subtraction leaves the
+# code. Codes are biased to be non-negative first (+128 for int8, XOR 8 for int4 nibbles).
+_MAGIC = 0x4B000000  # the bits of the float32 2^23
+
+
+def _int8_to_f32(codes: jax.Array) -> jax.Array:
+    """int8 codes [-127, 127] -> float32, exactly."""
+    biased = codes.astype(jnp.int32) + (_MAGIC + 128)
+    return jax.lax.bitcast_convert_type(biased, jnp.float32) - float(2**23 + 128)
+
+
+def _nibble_to_f32(byte: jax.Array) -> jax.Array:
+    """The low nibble of int32 bytes (two's complement, [-8, 7]) -> float32, exactly."""
+    biased = (byte & 0xF) ^ (_MAGIC + 8)  # nibble + 8, in the mantissa of 2^23
+    return jax.lax.bitcast_convert_type(biased, jnp.float32) - float(2**23 + 8)
+
+
+def check_codes(w: QuantizedWeight) -> None:
+    """ValueError for a QuantizedWeight whose codes, bits or groups the kernels cannot read."""
+    want = jnp.int8 if w.bits == 8 else jnp.uint8
+    if w.bits not in quant.BITS or w.codes.dtype != want:
+        raise ValueError(
+            f"quantized weight of bits={w.bits} needs {jnp.dtype(want).name} codes, got "
+            f"{w.codes.dtype.name}"
+        )
+    k = w.shape[-2]
+    if not supports_format(w.bits, w.group_size, k):
+        raise ValueError(
+            f"the kernels read K={k}, bits={w.bits} in steps of 16 stored rows inside one scale "
+            f"group: group_size={w.group_size} does not allow it"
+        )
+
+
+def supports_format(bits: int, group_size: int, k: int) -> bool:
+    """Whether the kernels read this format of a [.., K, N] weight: a step of >= 16 stored rows
+    (the matrix units' smallest tile) must lie in one scale group (the kernel plan's check)."""
+    rows = k // 2 if bits == 4 else k
+    return math.gcd(rows, group_size) % 16 == 0
