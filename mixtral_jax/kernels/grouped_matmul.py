@@ -12,27 +12,20 @@ kernel is the one the kernel plan resolved from `ComputeConfig.gmm_impl` (`kerne
   auto    resolved here by `kernel_plan.resolve_gmm` (direct callers: benchmarks, tests).
 
 `rhs` may be a `quant.QuantizedWeight` (int8 / int4 experts): under pallas the quantized kernel
-reads its codes (`gmm_quant.gmm`, `gmm_quant.gmm_stacked`: the qkernels branch's module, loaded
-when called; the kernel plan picks pallas for quantized experts only where it exists), under xla
+reads its codes (`gmm_quant.gmm`, `gmm_quant.gmm_stacked`; the kernel plan picks pallas for
+quantized experts only where `weight_tiles.supports_format` holds), under xla
 the weight (one layer of a stack) is dequantized to lhs's dtype for ragged_dot.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
-from mixtral_jax.kernels import gmm_megablox, gmm_pallas
+from mixtral_jax.kernels import gmm_megablox, gmm_pallas, gmm_quant
 from mixtral_jax.kernels.plan import platform, resolve_gmm
 from mixtral_jax.kernels.quant import QuantizedWeight
-
-
-def _gmm_quant():
-    """The grouped matmul over QuantizedWeight (kernels/gmm_quant.py)."""
-    return importlib.import_module("mixtral_jax.kernels.gmm_quant")
 
 
 def _resolved(impl: GmmImpl | str, dtype) -> GmmImpl:
@@ -64,7 +57,7 @@ def grouped_matmul(
     impl = _resolved(impl, lhs.dtype)
     if isinstance(rhs, QuantizedWeight):
         if impl == GmmImpl.PALLAS:
-            return _gmm_quant().gmm(lhs, rhs, group_sizes)
+            return gmm_quant.gmm(lhs, rhs, group_sizes)
         rhs = rhs.dequantize(lhs.dtype)
     if impl == GmmImpl.PALLAS:
         return gmm_pallas.gmm(lhs, rhs.astype(lhs.dtype), group_sizes)
@@ -90,7 +83,7 @@ def grouped_matmul_stacked(
     impl = _resolved(impl, lhs.dtype)
     if isinstance(stack, QuantizedWeight):
         if impl == GmmImpl.PALLAS:
-            return _gmm_quant().gmm_stacked(lhs, stack, group_sizes, layer)
+            return gmm_quant.gmm_stacked(lhs, stack, group_sizes, layer)
         return grouped_matmul(lhs, stack[layer].dequantize(lhs.dtype), group_sizes, impl)
     if impl == GmmImpl.PALLAS:
         return gmm_pallas.gmm_stacked(lhs, stack.astype(lhs.dtype), group_sizes, layer)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +66,7 @@ from mixtral_jax.config import (
     MoEImpl,
     QuantizedImpl,
 )
+from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.kernels.common import MAX_TOKENS, supports
 from mixtral_jax.kernels.gmm_megablox import DTYPES as MEGABLOX_DTYPES
 from mixtral_jax.parallel import sharding
@@ -229,12 +229,9 @@ def resolve(
 
 def quantized_tile_reader():
     """`kernels/weight_tiles.py`, through which the decode kernels read `quant.QuantizedWeight`
-    stacks (dequantizing tiles in registers), or None where this tree's kernels read only float
-    weights. Its `supports_format(bits, group_size, k)` says which formats they tile."""
-    try:
-        return importlib.import_module("mixtral_jax.kernels.weight_tiles")
-    except ModuleNotFoundError:
-        return None
+    stacks (dequantizing tiles in registers); its `supports_format(bits, group_size, k)` says
+    which formats they tile. (A seam: tests replace it, None meaning no kernel reads codes.)"""
+    return weight_tiles
 
 
 def _quantized(cfg: ModelConfig, bits: int, widths: tuple[int, ...], kernel_runs: bool, where: str):

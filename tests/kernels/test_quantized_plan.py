@@ -27,9 +27,10 @@ def test_cpu_and_float_models_dequantize():
 
 def test_gpu_dequantizes_unless_the_kernels_read_the_format(monkeypatch):
     cfg = mj.ModelConfig.tiny(**INT4, attention_bits=8)
-    plan = resolve(cfg, 1, cached=True, where=NVIDIA_GPU)
-    reader = kernel_plan.quantized_tile_reader()  # kernels/weight_tiles.py where merged
+    reader = kernel_plan.quantized_tile_reader()  # kernels/weight_tiles.py
+    assert reader is not None
     monkeypatch.setattr(kernel_plan, "quantized_tile_reader", lambda: None)
+    plan = resolve(cfg, 1, cached=True, where=NVIDIA_GPU)
     assert plan.decode_experts == DecodeExpertImpl.PALLAS and _both(plan) == (DQ, DQ)
     # quantized attention with a float-only projection kernel: the projections are einsums
     # over the dequantized layer (the float kernel would need a whole float stack)
@@ -38,7 +39,7 @@ def test_gpu_dequantizes_unless_the_kernels_read_the_format(monkeypatch):
 
     def supports_format(bits, group_size, k):
         formats.append((bits, group_size, k))
-        return reader is None or reader.supports_format(bits, group_size, k)
+        return reader.supports_format(bits, group_size, k)
 
     monkeypatch.setattr(
         kernel_plan,

@@ -205,12 +205,12 @@ def test_the_quantized_kernel_route_passes_quantized_stacks_and_equals_the_oracl
 def test_the_quantized_grouped_matmul_route_equals_the_oracle(monkeypatch):
     """Where the plan's grouped matmul is pallas and quantized_experts pallas (prefill, full
     forward), the dropless MoE hands QuantizedWeight (stacks with the layer, in a cached call)
-    to kernels/gmm_quant.py (the qkernels branch's module; faked here by dequantizing oracles)."""
+    to kernels/gmm_quant.py (faked here by dequantizing oracles)."""
     import dataclasses
-    import sys
     from types import SimpleNamespace
 
     from mixtral_jax.config import DecodeExpertImpl, GmmImpl, QuantizedImpl
+    from mixtral_jax.kernels import grouped_matmul
     from mixtral_jax.kernels.plan import resolve
 
     seen = []
@@ -224,7 +224,7 @@ def test_the_quantized_grouped_matmul_route_equals_the_oracle(monkeypatch):
         return jax.lax.ragged_dot(lhs, rhs[layer].dequantize(lhs.dtype), group_sizes)
 
     fake = SimpleNamespace(gmm=gmm, gmm_stacked=gmm_stacked)
-    monkeypatch.setitem(sys.modules, "mixtral_jax.kernels.gmm_quant", fake)
+    monkeypatch.setattr(grouped_matmul, "gmm_quant", fake)
     model, oracle, cfg = _pair("int4-g32-experts-int8-attention")
     tokens = jnp.asarray([[5, 9, 40, 3], [7, 7, 300, 2]])
 
