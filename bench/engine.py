@@ -3,6 +3,7 @@ GPU: the full Mixtral 8x7B widths, random bf16 weights made on the device, besid
 
   python3 bench/engine.py [--layers 32] [--batches 1,16,64,256] [--prompt 128] [--max-tokens 512]
       [--steps 32] [--block-size 16] [--prefill-chunk 256] [--prefill-rows 1]
+      [--set paged_attention_impl=pallas]
   JAX_PLATFORMS=cpu python3 bench/engine.py --preset tiny      # the code path, in seconds
 
 Per batch size B, one `Engine(max_batch=B)`: warmup (both step shapes compiled, timed), then B
@@ -133,6 +134,12 @@ def main():
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--prefill-rows", type=int, default=1)
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="compute setting, e.g. paged_attention_impl=pallas (repeatable)",
+    )
+    p.add_argument(
         "--bandwidth-tbs", type=float, default=None, help="default: measured (tiny: 0.05 nominal)"
     )
     args = p.parse_args()
@@ -141,7 +148,9 @@ def main():
     args.prompt = args.prompt or (8 if tiny else 128)
     args.max_tokens = args.max_tokens or (24 if tiny else 512)
     args.steps = args.steps or (4 if tiny else 32)
-    changes = {} if args.layers is None else {"num_layers": args.layers}
+    changes = dict(item.split("=", 1) for item in args.set)
+    if args.layers is not None:
+        changes["num_layers"] = args.layers
     dtype = "float32" if tiny else "bfloat16"
     cfg = mj.preset(args.preset, dtype=dtype, param_dtype=dtype, **changes)
     bandwidth = args.bandwidth_tbs or (0.05 if tiny else copy_bandwidth_tbs())
@@ -162,6 +171,7 @@ def main():
             "block_size": args.block_size,
             "prefill_chunk": args.prefill_chunk,
             "prefill_rows": args.prefill_rows,
+            "set": args.set,
         },
         "model_build_s": build_s,
         "copy_bandwidth_tbs": bandwidth,

@@ -26,6 +26,8 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
   decode_experts      pallas (expert_decode.py) on NVIDIA GPUs; `gather` for a single token
                       where the grouped matmul is ragged_dot (which would read every expert)
   decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
+  paged_attention     off (the XLA gather of each row's blocks) until kernels/paged_attention.py
+                      is measured; pallas by name on NVIDIA GPUs for one new token per row
   exchange            ragged_all_to_all where the backend compiles it and nothing may drop
 
 An explicit choice that cannot run here is a one-line `ConfigError` naming the reason.
@@ -98,6 +100,8 @@ class KernelPlan:
         reading layer l of the weight stacks in place.
       decode_attention: OFF or PALLAS, one new token per row attending over layer l of the
         cache stack in place (flash decoding); OFF: `cached_attention` over the sliced layer.
+      paged_attention: OFF or PALLAS, the same over a paged pool (`Mixtral.extend_paged`):
+        PALLAS follows the block table in place; OFF: `cached_attention` over gathered blocks.
       extend_unroll: layers unrolled per iteration of `Mixtral.extend`'s layer scan.
       moe: the dispatch (`MoEImpl`).
       expert_mesh: the mesh whose expert axis splits the experts, or None (one device).
@@ -110,6 +114,7 @@ class KernelPlan:
     decode_experts: DecodeExpertImpl = DecodeExpertImpl.OFF
     decode_projections: DecodeProjectionImpl = DecodeProjectionImpl.OFF
     decode_attention: DecodeAttentionImpl = DecodeAttentionImpl.OFF
+    paged_attention: DecodeAttentionImpl = DecodeAttentionImpl.OFF
     extend_unroll: int = 1
     moe: MoEImpl = MoEImpl.DROPLESS
     expert_mesh: Mesh | None = None
@@ -174,6 +179,9 @@ def resolve(
         decode_experts=_decode_experts(cfg, tokens, cached, gmm, expert_mesh is None, where),
         decode_projections=_decode_projections(cfg, tokens, cached, one_device, where),
         decode_attention=_decode_attention(
+            cfg, cached, tokens if queries is None else queries, one_device, where
+        ),
+        paged_attention=_paged_attention(
             cfg, cached, tokens if queries is None else queries, one_device, where
         ),
         extend_unroll=GPU_EXTEND_UNROLL if where == NVIDIA_GPU else 1,
@@ -294,6 +302,19 @@ def _decode_attention(
         _needs_nvidia("decode_attention_impl", impl.value, where)
     if impl == DecodeAttentionImpl.OFF or where != NVIDIA_GPU:
         return DecodeAttentionImpl.OFF
+    applies = cached and queries == 1 and one_device and supports(cfg.head_dim)
+    return DecodeAttentionImpl.PALLAS if applies else DecodeAttentionImpl.OFF
+
+
+def _paged_attention(
+    cfg: ModelConfig, cached: bool, queries: int, one_device: bool, where: str
+) -> DecodeAttentionImpl:
+    """The paged decode kernel only where asked for by name (`auto` keeps the XLA gather until
+    the kernel is measured on an NVIDIA GPU): one new token per row on one device."""
+    impl = cfg.compute.paged_attention_impl
+    if impl != DecodeAttentionImpl.PALLAS:
+        return DecodeAttentionImpl.OFF
+    _needs_nvidia("paged_attention_impl", impl.value, where)
     applies = cached and queries == 1 and one_device and supports(cfg.head_dim)
     return DecodeAttentionImpl.PALLAS if applies else DecodeAttentionImpl.OFF
 

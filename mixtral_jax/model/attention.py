@@ -35,6 +35,7 @@ from mixtral_jax.config import (
 )
 from mixtral_jax.kernels import decode_attention as flash_decode
 from mixtral_jax.kernels import decode_matmul
+from mixtral_jax.kernels import paged_attention as paged_decode
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model.layers import apply_rope, normal_init
 from mixtral_jax.model.paged_kv_cache import gather_rows, write_paged
@@ -290,9 +291,10 @@ class Attention(nnx.Module):
         """Writes T new tokens per row into one layer of a paged pool, then attends over each
         row's blocks (`model/paged_kv_cache.py`).
 
-        The gather oracle: each row's blocks of this layer are copied out ([B, S, K, H]) and
-        the plan's cached attention runs over them; the plan's `decode_attention` kernel reads a
-        contiguous cache and does not apply here.
+        Where the plan's `paged_attention` is pallas (one token per row), the kernel follows
+        each row's block table through the pool in place; otherwise the gather oracle copies
+        each row's blocks of this layer out ([B, S, K, H]) and the plan's cached attention runs
+        over them (the plan's `decode_attention` kernel reads a contiguous cache: not here).
 
         Args:
           x: [B, T, D]; cos, sin: [B, T, H].
@@ -308,6 +310,12 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, cos, sin, layer, stacked)
         k_pool = write_paged(k_pool, k, layer, blocks, offsets)
         v_pool = write_paged(v_pool, v, layer, blocks, offsets)
+        if plan.paged_attention == DecodeAttentionImpl.PALLAS and q.shape[1] == 1:
+            # one token per row: follow the block table through the pool where it lies
+            att = paged_decode.paged_decode_attention(
+                q[:, 0], k_pool, v_pool, layer, block_table, mask[:, 0]
+            )
+            return self.output(att[:, None], layer, stacked), k_pool, v_pool
         keys = gather_rows(k_pool, layer, block_table).astype(q.dtype)  # [B, S, K, H]
         values = gather_rows(v_pool, layer, block_table).astype(q.dtype)
         out = attend_cached(q, keys, values, mask, plan.cached_attention)

@@ -25,8 +25,10 @@ import threading
 import jax
 import numpy as np
 
-from mixtral_jax.config import ConfigError
+from mixtral_jax.config import ConfigError, DecodeAttentionImpl
 from mixtral_jax.generate.sampling import SamplingParams
+from mixtral_jax.kernels import plan as kernel_plan
+from mixtral_jax.kernels.paged_attention import MIN_BLOCK
 from mixtral_jax.model.paged_kv_cache import PagedKVCache
 from mixtral_jax.model.transformer import Mixtral
 from mixtral_jax.serve.blocks import BlockPool
@@ -102,6 +104,12 @@ class Engine:
         if num_blocks is None:
             num_blocks = max_batch * self.blocks_per_row + 1
         self.num_blocks = _positive("num_blocks", num_blocks, 2)
+        plan = kernel_plan.resolve(cfg, max_batch, cached=True, queries=1)
+        if plan.paged_attention == DecodeAttentionImpl.PALLAS and block_size % MIN_BLOCK:
+            raise ConfigError(
+                f"block_size={block_size} must be a multiple of {MIN_BLOCK} for "
+                "paged_attention_impl='pallas'"
+            )
         self.eos_id = cfg.eos_token_id if eos_id is None else eos_id
         self.steps = Steps(model)
         self._pool = self._new_pool()

@@ -8,6 +8,9 @@ import pytest
 from flax import nnx
 
 import mixtral_jax as mj
+from mixtral_jax.config import DecodeAttentionImpl
+from mixtral_jax.kernels import paged_attention
+from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.paged_kv_cache import (
     PagedKVCache,
@@ -118,3 +121,31 @@ def test_write_locations_mask_and_sink():
     assert mask[0, 0].tolist() == [False, False, True, True, False, False, False, False]
     assert mask[0, 1].tolist() == [False, False, False, True, True, False, False, False]
     assert not bool(mask[1].any()) and not bool(mask[0, 2].any())
+
+
+def test_the_paged_decode_kernel_in_the_model_equals_the_gather(monkeypatch):
+    """A plan with paged_attention pallas runs kernels/paged_attention.py in decode steps (here
+    in interpret mode) and gives the gather oracle's logits; prefill chunks keep the gather."""
+    calls, kernel_fn = [], paged_attention.paged_decode_attention
+
+    def interpreted(*args, **kwargs):
+        calls.append(1)
+        return kernel_fn(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(
+        "mixtral_jax.model.attention.paged_decode.paged_decode_attention", interpreted
+    )
+    cfg = mj.ModelConfig.tiny(sliding_window=20)
+    model = mj.init(cfg, 3)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(3, cfg.vocab_size, (2, 24)))
+    cache = PagedKVCache.create(cfg, 2, 7, 16, 3).replace(
+        block_table=jnp.asarray([[4, 1, 6], [2, 5, 3]], jnp.int32)
+    )
+    _, cache = model.extend_paged(tokens[:, :22], cache, valid=jnp.ones((2, 22), bool))
+    assert not calls
+    kernel = KernelPlan(paged_attention=DecodeAttentionImpl.PALLAS)
+    step = jnp.asarray([[True], [False]])  # row 1 idle
+    got, _ = model.extend_paged(tokens[:, 22:23], cache, valid=step, plan=kernel)
+    want, _ = model.extend_paged(tokens[:, 22:23], cache, valid=step, plan=KernelPlan())
+    assert calls
+    np.testing.assert_allclose(got.logits[0], want.logits[0], rtol=1e-5, atol=1e-5)
