@@ -268,12 +268,36 @@ class Engine:
                 if self._closed and (self._cancel_on_close or not self._busy()):
                     break
             with self._step_lock:
-                self._iterate()
+                worked = self._iterate()
+            if not worked:  # only requests that cannot be admitted yet: do not spin
+                with self._cond:
+                    self._cond.wait(timeout=0.01)
         self._cancel_everything()
 
     def _iterate(self) -> bool:
-        """Steps 1-5 of the module docstring; an exception in a compiled call fails the rows
-        it ran (finish 'error') and resets the pool, and the engine carries on."""
+        """Steps 1-5 of the module docstring. An exception (a device or XLA failure, or a bug)
+        resets the pool (the donated one may be gone, and every row's KV with it): requests
+        with tokens in the cache end with finish 'error', those without go back to the head of
+        the queue, and the engine carries on."""
+        try:
+            return self._step()
+        except Exception as err:
+            log.exception("engine step failed")
+            self._pool = self._new_pool()
+            fresh = []  # rows with nothing in the cache yet lose nothing: back to the queue
+            for i, row in enumerate(self._rows):
+                if row is not None and row.cached == 0:
+                    self._blocks.release(row.blocks, row.promise)
+                    self._table[i], self._rows[i] = 0, None
+                    fresh.append(row)
+                elif row is not None:
+                    self._leave(i, Event([], None, ERROR, f"{type(err).__name__}: {err}"))
+            with self._cond:
+                for row in sorted(fresh, key=lambda r: -r.order):
+                    self._waiting.appendleft(row.stream)
+            return True
+
+    def _step(self) -> bool:
         self._reap()
         self._admit()
         decoding = [i for i, r in enumerate(self._rows) if r is not None and not r.prefilling]
@@ -283,19 +307,12 @@ class Engine:
         )[: self.prefill_rows]
         if not decoding and not prefilling:
             return False
-        try:
-            decoded = self._decode(decoding) if decoding else None
-            prefilled = self._prefill(prefilling) if prefilling else None
-            if decoded is not None:
-                self._deliver(decoding, decoded, decoding)
-            if prefilled is not None:
-                self._finish_prefill(prefilling, prefilled)
-        except Exception as err:  # a device or XLA failure: fail the rows, go on
-            log.exception("engine step failed")
-            self._pool = self._new_pool()
-            for i in range(self.max_batch):  # the donated pool is gone: every row's KV with it
-                if self._rows[i] is not None:
-                    self._leave(i, Event([], None, ERROR, f"{type(err).__name__}: {err}"))
+        decoded = self._decode(decoding) if decoding else None
+        prefilled = self._prefill(prefilling) if prefilling else None
+        if decoded is not None:
+            self._deliver(decoding, decoded, decoding)
+        if prefilled is not None:
+            self._finish_prefill(prefilling, prefilled)
         return True
 
     def _reap(self) -> None:

@@ -17,7 +17,7 @@ import mixtral_jax as mj
 from mixtral_jax.config import ConfigError
 from mixtral_jax.generate import Generator, SamplingParams
 from mixtral_jax.moe.ops import route_logits
-from mixtral_jax.serve.engine import Engine, EngineClosed, QueueFull, Request, TooLong
+from mixtral_jax.serve.engine import Engine, EngineClosed, Event, QueueFull, Request, TooLong
 
 CONTEXT, BLOCK = 128, 8
 
@@ -133,6 +133,27 @@ def test_cancel_frees_the_row_and_its_blocks_within_one_step(engine):
     events = [list(s) for s in [running, *queued]]
     assert all(e[-1].finish == "cancelled" for e in events)
     assert sum(len(x.tokens) for x in events[0]) >= 1  # it had been producing
+
+
+def test_a_failed_step_ends_the_running_requests_with_error_and_the_engine_goes_on(
+    engine, reference, monkeypatch
+):
+    running = [engine.submit(Request(_prompt(6, n), 20, ignore_eos=True)) for n in range(2)]
+    for _ in range(3):
+        engine.run_once()
+    real = engine.steps.decode
+
+    def broken(*args):
+        monkeypatch.setattr(engine.steps, "decode", real)  # fails once
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(engine.steps, "decode", broken)
+    later = engine.submit(Request(PROMPTS["short"], 10, ignore_eos=True))
+    engine.run_once()
+    for stream in running:
+        assert list(stream)[-1] == Event([], None, "error", "RuntimeError: device fell over")
+    assert _drain(engine, [later])[0][:2] == (reference["short"][:10], "length")
+    assert engine.stats()["free_blocks"] == 32
 
 
 def test_many_short_and_one_long_fit_a_pool_smaller_than_batch_times_context(engine, reference):
