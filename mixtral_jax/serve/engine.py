@@ -72,8 +72,11 @@ class Engine:
       prefill_chunk: C, prompt tokens per prefill call.
       eos_id: the end-of-sequence id (default the model's eos_token_id).
       prefill_rows: Q, rows prefilled per chunk call.
-      max_context: the longest prompt + max_tokens (default and limit: cfg.max_seq_len); it
-        sets each row's table width and so the decode step's attention span.
+      max_context: the longest prompt + max_tokens (default and limit: cfg.max_seq_len).
+      spans: the attention spans (tokens) the steps are compiled for: each call attends over
+        the smallest span that holds its longest row (a step of short rows reads no more than
+        it needs); default max_context and its quarters, sixteenths, ... down to 512 tokens.
+        Each span is one decode and one prefill shape.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Engine:
         eos_id: int | None = None,
         prefill_rows: int = 1,
         max_context: int | None = None,
+        spans: tuple[int, ...] | None = None,
     ):
         cfg = self.cfg = model.cfg
         self.max_batch = _positive("max_batch", max_batch)
@@ -101,6 +105,7 @@ class Engine:
                 f"max_context={max_context} exceeds the model's max_seq_len={cfg.max_seq_len}"
             )
         self.blocks_per_row = math.ceil(self.max_context / block_size)
+        self.widths = self._widths(spans)  # table entries per row of each compiled shape
         if num_blocks is None:
             num_blocks = max_batch * self.blocks_per_row + 1
         self.num_blocks = _positive("num_blocks", num_blocks, 2)
@@ -123,6 +128,24 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._admitted = 0
         self.generated_tokens = self.decode_steps = self.prefill_calls = 0
+
+    def _widths(self, spans: tuple[int, ...] | None) -> list[int]:
+        """Table widths (entries) of the compiled shapes, ascending; the widest holds
+        max_context."""
+        if spans is None:
+            spans, span = [self.max_context], self.max_context // 4
+            while span >= 512:
+                spans.append(span)
+                span //= 4
+        for span in spans:
+            if not isinstance(span, int) or not 1 <= span <= self.max_context:
+                raise ConfigError(f"spans: {span!r} must be an integer in [1, max_context]")
+        widths = {math.ceil(span / self.block_size) for span in spans} | {self.blocks_per_row}
+        return sorted(widths)
+
+    def _width(self, tokens: int) -> int:
+        """The narrowest compiled table width whose rows hold `tokens` tokens."""
+        return next(w for w in self.widths if w * self.block_size >= tokens)
 
     def _new_pool(self):
         cache = PagedKVCache.create(
@@ -225,25 +248,28 @@ class Engine:
         }
 
     def warmup(self) -> None:
-        """Compiles (and runs once, every row idle: writes go to the sink) both step shapes."""
+        """Compiles (and runs once, every row idle: writes go to the sink) every step shape:
+        a decode step and a prefill chunk per table width."""
+        b, q, c = self.max_batch, self.prefill_rows, self.prefill_chunk
         with self._step_lock:
-            b, q, c, r = self.max_batch, self.prefill_rows, self.prefill_chunk, self.blocks_per_row
-            pool, _ = self.steps.decode(
-                self._pool,
-                np.zeros(b, np.int32),
-                np.zeros((b, r), np.int32),
-                np.zeros(b, np.int32),
-                np.zeros(b, bool),
-                idle_sampling(b),
-            )
-            pool, _ = self.steps.prefill(
-                pool,
-                np.zeros((q, c), np.int32),
-                np.zeros((q, r), np.int32),
-                np.zeros(q, np.int32),
-                np.zeros(q, np.int32),
-                idle_sampling(q),
-            )
+            pool = self._pool
+            for r in self.widths:
+                pool, _ = self.steps.decode(
+                    pool,
+                    np.zeros(b, np.int32),
+                    np.zeros((b, r), np.int32),
+                    np.zeros(b, np.int32),
+                    np.zeros(b, bool),
+                    idle_sampling(b),
+                )
+                pool, _ = self.steps.prefill(
+                    pool,
+                    np.zeros((q, c), np.int32),
+                    np.zeros((q, r), np.int32),
+                    np.zeros(q, np.int32),
+                    np.zeros(q, np.int32),
+                    idle_sampling(q),
+                )
             self._pool = jax.block_until_ready(pool)
 
     def run_once(self) -> bool:
@@ -388,7 +414,8 @@ class Engine:
             row = self._rows[i]
             self._hold(i, row.cached + 1)
             tokens[i], lengths[i], active[i] = row.last, row.cached, True
-        table = self._table * active[:, None]  # rows still prefilling take no part
+        width = self._width(int(lengths.max()) + 1)
+        table = self._table[:, :width] * active[:, None]  # prefilling rows take no part
         sampling = self._sampling([self._rows[i] if active[i] else None for i in range(b)])
         self._pool, out = self.steps.decode(self._pool, tokens, table, lengths, active, sampling)
         self.decode_steps += 1
@@ -399,15 +426,16 @@ class Engine:
     def _prefill(self, prefilling: list[int]):
         """Dispatches one prefill chunk for rows `prefilling`; returns its StepOutput."""
         q, c = self.prefill_rows, self.prefill_chunk
-        tokens, table = np.zeros((q, c), np.int32), np.zeros((q, self.blocks_per_row), np.int32)
-        lengths, counts = np.zeros(q, np.int32), np.zeros(q, np.int32)
-        for j, i in enumerate(prefilling):
-            row = self._rows[i]
+        tokens, lengths = np.zeros((q, c), np.int32), np.zeros(q, np.int32)
+        counts, rows = np.zeros(q, np.int32), [self._rows[i] for i in prefilling]
+        for j, (i, row) in enumerate(zip(prefilling, rows)):
             piece = row.request.prompt[row.cached : row.cached + c]
             self._hold(i, row.cached + len(piece))
-            tokens[j, : len(piece)], table[j] = piece, self._table[i]
+            tokens[j, : len(piece)] = piece
             lengths[j], counts[j] = row.cached, len(piece)
-        rows = [self._rows[i] for i in prefilling]
+        width = self._width(int((lengths + counts).max()))
+        table = np.zeros((q, width), np.int32)
+        table[: len(prefilling)] = self._table[prefilling, :width]
         sampling = self._sampling(rows + [None] * (q - len(rows)))
         self._pool, out = self.steps.prefill(self._pool, tokens, table, lengths, counts, sampling)
         self.prefill_calls += 1

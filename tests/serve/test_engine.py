@@ -1,7 +1,7 @@
 """The serving engine: continuous batching over the paged KV cache, on the tiny model.
 
 One engine (max_batch 4, blocks of 8, prefill chunks of 8 tokens, a pool of 32 blocks: half of
-max_batch x context) serves every test, stepped on the test's thread by `run_once` (determinate
+max_batch x context; steps compiled for spans of 32 and 128 tokens) serves every test, stepped on the test's thread by `run_once` (determinate
 interleavings), and by its own thread in the last test; `Generator` (infer.py's loop) is the
 oracle of greedy tokens.
 """
@@ -33,8 +33,15 @@ def model():
 @pytest.fixture(scope="module")
 def engine(model):
     eng = Engine(
-        model, max_batch=4, block_size=BLOCK, num_blocks=33, prefill_chunk=8, max_context=CONTEXT
+        model,
+        max_batch=4,
+        block_size=BLOCK,
+        num_blocks=33,
+        prefill_chunk=8,
+        max_context=CONTEXT,
+        spans=(32,),  # rows up to 32 tokens attend over 4 blocks, longer ones over all 16
     )
+    assert eng.widths == [4, 16]
     eng.warmup()
     yield eng
     eng.shutdown()
@@ -203,6 +210,10 @@ def test_bad_requests_too_long_and_a_full_queue(engine, model):
     ):
         engine.validate(Request(_prompt(100, 0), 29))
     small = Engine(model, max_batch=2, block_size=BLOCK, num_blocks=5, max_queue=2, max_context=64)
+    wide = Engine(mj.from_params(model.cfg.replace(max_seq_len=8192), mj.get_params(model)))
+    assert wide.widths == [32, 128, 512]  # spans 512, 2048, 8192 of blocks of 16
+    with pytest.raises(ConfigError, match="spans: 0 must be an integer in \\[1, max_context\\]"):
+        Engine(model, spans=(0,))
     with pytest.raises(TooLong, match="needs 5 KV blocks of 8 tokens; the pool has 4"):
         small.submit(Request(_prompt(30, 0), 10))
     for bad, message in [
@@ -240,4 +251,5 @@ def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, re
         assert events[-1].finish == "length" and stream.first_token_at >= stream.submitted
     with pytest.raises(EngineClosed):
         engine.submit(Request([1, 2], 4))
-    assert engine.stats()["traces"] == 2  # decode step and prefill chunk, compiled once each
+    # a decode step and a prefill chunk per width, compiled once each by warmup
+    assert engine.stats()["traces"] == 4
