@@ -53,6 +53,10 @@ class EngineClosed(RuntimeError):
     """submit() after shutdown() began (HTTP 503)."""
 
 
+def _token(value, vocab: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
+
+
 def _positive(name: str, value, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
@@ -166,8 +170,8 @@ class Engine:
         prompt = request.prompt
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ConfigError("prompt must be a non-empty list of token ids")
-        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None or any(isinstance(t, bool) for t in prompt):
+        if not all(_token(t, vocab) for t in prompt):
+            bad = next(t for t in prompt if not _token(t, vocab))
             raise ConfigError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
         _positive("max_tokens", request.max_tokens)
         if not isinstance(request.sampling, SamplingParams):
@@ -175,7 +179,7 @@ class Engine:
         seed = request.seed
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < _MAX_SEED:
             raise ConfigError(f"seed={seed!r} must be an integer in [0, 2**32)")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.stop_ids):
+        if not all(_token(t, vocab) for t in request.stop_ids):
             raise ConfigError(f"stop_ids={request.stop_ids!r} must be token ids in [0, {vocab})")
         total = len(prompt) + request.max_tokens
         if total > self.max_context:
