@@ -95,8 +95,8 @@ def gather_rows(pool: jax.Array, layer: jax.Array, block_table: jax.Array) -> ja
     block_table: [B, R] -> [B, S = R * Z, K, H] (entries past a row's length hold stale or sink
     data: the mask hides them). The XLA oracle of paged attention: a copy of every row's blocks.
     """
-    layer_pool = jax.lax.dynamic_index_in_dim(pool, layer, keepdims=False)  # [P, Z, K, H]
-    rows = layer_pool[block_table]  # [B, R, Z, K, H]
+    # One gather from the whole pool (layer and blocks together): no copy of the layer's slice.
+    rows = pool[layer, block_table]  # [B, R, Z, K, H]
     b, r, z, kv, h = rows.shape
     return rows.reshape(b, r * z, kv, h)  # [B, S, K, H]
 
