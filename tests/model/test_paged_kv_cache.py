@@ -46,7 +46,9 @@ def test_extend_paged_equals_the_full_forward_per_row(window):
     rng = np.random.default_rng(1)
     lengths, total = (11, 6), 18
     seqs = rng.integers(3, cfg.vocab_size, (2, total)).astype(np.int32)
-    full = [np.asarray(model(jnp.asarray(seqs[r : r + 1])).logits[0]) for r in range(2)]
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)
+    full = [np.asarray(forward(params, jnp.asarray(seqs[r : r + 1]))[0]) for r in range(2)]
     per_row = -(-total // BLOCK)
     table = _tables(2, per_row, 0)
     cache = PagedKVCache.create(cfg, 2, 2 * per_row + 1, BLOCK, per_row)
@@ -85,22 +87,29 @@ def test_extend_paged_equals_contiguous_extend_and_writes_only_its_blocks():
     """One decode step over a prefilled prompt: the same logits as `extend` over a KVCache, and
     the pool blocks no row owns (but the sink) keep their contents."""
     cfg = mj.ModelConfig.tiny()
-    model = mj.init(cfg, 2)
+    graphdef, state = nnx.split(mj.init(cfg, 2))
     prompt = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, (1, 9)))
-    positions = jnp.arange(9)[None]
-    _, kv = model.extend(
-        prompt[:, :8],
-        KVCache.create(cfg, 1, 16),
-        positions=positions[:, :8],
-        valid=jnp.ones((1, 8), bool),
-    )
-    want, _ = model.extend(prompt[:, 8:], kv, positions=positions[:, 8:], valid=jnp.ones((1, 1)))
-    cache = PagedKVCache.create(cfg, 1, 8, BLOCK, 4)
-    marker = jnp.full(cache.k.shape, 7.0, cache.k.dtype)
-    cache = cache.replace(k=marker, v=marker, block_table=jnp.asarray([[5, 2, 6, 0]], jnp.int32))
-    _, cache = model.extend_paged(prompt[:, :8], cache, valid=jnp.ones((1, 8), bool))
-    got, cache = model.extend_paged(prompt[:, 8:], cache, valid=jnp.ones((1, 1), bool))
-    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+    @jax.jit
+    def both(state, prompt):  # one compile for the four calls
+        model, positions, one = nnx.merge(graphdef, state), jnp.arange(9)[None], jnp.ones((1, 1))
+        _, kv = model.extend(
+            prompt[:, :8],
+            KVCache.create(cfg, 1, 16),
+            positions=positions[:, :8],
+            valid=jnp.ones((1, 8), bool),
+        )
+        want, _ = model.extend(prompt[:, 8:], kv, positions=positions[:, 8:], valid=one)
+        cache = PagedKVCache.create(cfg, 1, 8, BLOCK, 4)
+        marker = jnp.full(cache.k.shape, 7.0, cache.k.dtype)
+        table = jnp.asarray([[5, 2, 6, 0]], jnp.int32)
+        cache = cache.replace(k=marker, v=marker, block_table=table)
+        _, cache = model.extend_paged(prompt[:, :8], cache, valid=jnp.ones((1, 8), bool))
+        got, cache = model.extend_paged(prompt[:, 8:], cache, valid=one)
+        return want.logits, got.logits, cache, kv
+
+    want, got, cache, kv = both(state, prompt)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     untouched = [1, 3, 4, 7]
     assert bool(jnp.all(cache.k[:, untouched] == 7.0)) and bool(jnp.all(cache.v[:, untouched] == 7))
     # the row's 9 tokens, in index order through its table, equal the contiguous cache's
@@ -136,16 +145,23 @@ def test_the_paged_decode_kernel_in_the_model_equals_the_gather(monkeypatch):
         "mixtral_jax.model.attention.paged_decode.paged_decode_attention", interpreted
     )
     cfg = mj.ModelConfig.tiny(sliding_window=20)
-    model = mj.init(cfg, 3)
+    graphdef, state = nnx.split(mj.init(cfg, 3))
     tokens = jnp.asarray(np.random.default_rng(3).integers(3, cfg.vocab_size, (2, 24)))
-    cache = PagedKVCache.create(cfg, 2, 7, 16, 3).replace(
-        block_table=jnp.asarray([[4, 1, 6], [2, 5, 3]], jnp.int32)
-    )
-    _, cache = model.extend_paged(tokens[:, :22], cache, valid=jnp.ones((2, 22), bool))
-    assert not calls
     kernel = KernelPlan(paged_attention=DecodeAttentionImpl.PALLAS)
-    step = jnp.asarray([[True], [False]])  # row 1 idle
-    got, _ = model.extend_paged(tokens[:, 22:23], cache, valid=step, plan=kernel)
-    want, _ = model.extend_paged(tokens[:, 22:23], cache, valid=step, plan=KernelPlan())
+
+    @jax.jit
+    def both(state, tokens):  # one compile: a prefill, then one decode step each way
+        model = nnx.merge(graphdef, state)
+        cache = PagedKVCache.create(cfg, 2, 7, 16, 3).replace(
+            block_table=jnp.asarray([[4, 1, 6], [2, 5, 3]], jnp.int32)
+        )
+        _, cache = model.extend_paged(tokens[:, :22], cache, valid=jnp.ones((2, 22), bool))
+        assert not calls
+        step = jnp.asarray([[True], [False]])  # row 1 idle
+        got, _ = model.extend_paged(tokens[:, 22:23], cache, valid=step, plan=kernel)
+        want, _ = model.extend_paged(tokens[:, 22:23], cache, valid=step, plan=KernelPlan())
+        return got.logits, want.logits
+
+    got, want = both(state, tokens)
     assert calls
-    np.testing.assert_allclose(got.logits[0], want.logits[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
