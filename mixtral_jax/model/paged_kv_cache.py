@@ -62,6 +62,21 @@ class PagedKVCache:
         return self.block_table.shape[1] * self.block_size
 
 
+@struct.dataclass
+class PagedGroup:
+    """Rows of one shape in a paged call (`Mixtral.extend_paged_groups`).
+
+    Attributes:
+      tokens: [B, T] new token ids; valid: [B, T] bool, a prefix of each row.
+      block_table: [B, R] int32; lengths: [B] int32 tokens already cached per row.
+    """
+
+    tokens: jax.Array
+    block_table: jax.Array
+    lengths: jax.Array
+    valid: jax.Array
+
+
 def write_locations(
     cache: PagedKVCache, new_tokens: int, valid: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

@@ -28,7 +28,7 @@ from mixtral_jax.model.attention import Attention, cached_attention_mask, make_a
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.layers import Embed, RMSNorm, normal_init, rope_cos_sin
 from mixtral_jax.model.moe import MoE, MoEAux
-from mixtral_jax.model.paged_kv_cache import PagedKVCache
+from mixtral_jax.model.paged_kv_cache import PagedGroup, PagedKVCache
 from mixtral_jax.parallel import sharding
 
 
@@ -116,13 +116,33 @@ class DecoderBlock(nnx.Module):
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
         return h + moe_out, aux, k_cache, v_cache
 
-    def paged(self, x, cos, sin, k_pool, v_pool, mask, where, block_table, token_mask, layer, plan):
-        """Like `cached` over a paged pool (`Attention.paged`): where = (blocks, offsets) [B, T]
-        of the new tokens. Returns ([B, T, D], aux, k_pool, v_pool)."""
-        attn, k_pool, v_pool = self.attn.paged(
-            self.attn_norm(x), cos, sin, k_pool, v_pool, mask, *where, block_table, layer, plan
-        )
-        h = x + attn
+    def paged(self, x, cos, sin, k_pool, v_pool, groups, token_mask, layer, plan):
+        """Like `cached` over a paged pool, for rows of several shapes at once.
+
+        x: [1, M, D] the call's tokens, group after group (cos, sin: [1, M, H]); groups: per
+        group (rows, new tokens, where, mask, block_table, plan), see `Mixtral.extend_paged`.
+        Attention runs per group (`Attention.paged`, the group's plan); the MoE runs over all
+        M tokens at once, so each expert's weights are read once for every group.
+        Returns ([1, M, D], aux, k_pool, v_pool).
+        """
+        normed, parts, start = self.attn_norm(x), [], 0
+        for b, t, where, mask, table, group_plan in groups:
+            span = slice(start, start + b * t)
+            attn, k_pool, v_pool = self.attn.paged(
+                normed[0, span].reshape(b, t, -1),  # [B_g, T_g, D]
+                cos[0, span].reshape(b, t, -1),
+                sin[0, span].reshape(b, t, -1),
+                k_pool,
+                v_pool,
+                mask,
+                *where,
+                table,
+                layer,
+                group_plan,
+            )
+            parts.append(attn.reshape(1, b * t, -1))
+            start += b * t
+        h = x + jnp.concatenate(parts, axis=1)  # [1, M, D]
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
         return h + moe_out, aux, k_pool, v_pool
 
@@ -335,39 +355,71 @@ class Mixtral(nnx.Module):
           (ModelOutput for the new tokens, the cache with the new tokens written and lengths
           advanced by each row's valid count).
         """
+        group = PagedGroup(tokens, cache.block_table, cache.lengths, valid)
+        (out,), (k, v), (lengths,) = self.extend_paged_groups((group,), cache.k, cache.v, plan=plan)
+        return out, cache.replace(k=k, v=v, lengths=lengths)
+
+    def extend_paged_groups(
+        self,
+        groups: tuple[PagedGroup, ...],
+        k_pool: jax.Array,
+        v_pool: jax.Array,
+        *,
+        plan: KernelPlan | None = None,
+    ) -> tuple[tuple[ModelOutput, ...], tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+        """`extend_paged` for groups of rows of different shapes in one call over one pool (a
+        decode step [B, 1] and a prefill chunk [Q, C]): each group attends by its own plan
+        (`kernel_plan.for_queries`), and everything else runs over all their tokens at once,
+        so one call reads the weights once for all of them.
+
+        Args:
+          groups: rows whose table entries point into the same pool (distinct new slots).
+          k_pool, v_pool: [L, P, Z, K, H].
+          plan: the kernels of the whole call; default resolved for all groups' tokens.
+        Returns:
+          (ModelOutput per group: logits [B_g, T_g, V], aux with router_logits [L, B_g, T_g, E]
+          and the statistics of all groups' tokens; (k_pool, v_pool); new lengths per group).
+        """
         cfg = self.cfg
-        b, t = tokens.shape
+        sizes = [g.tokens.size for g in groups]
+        widest = max(g.tokens.shape[1] for g in groups)
         if plan is None:
-            plan = kernel_plan.resolve(cfg, b * t, cached=True, queries=t)
-        valid = valid.astype(bool)
-        positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
-        where = paged_kv_cache.write_locations(cache, t, valid)
-        mask = paged_kv_cache.paged_attention_mask(
-            cache.lengths, t, valid, cache.row_capacity, cfg.sliding_window
-        )
-        token_mask = valid.astype(jnp.float32)
+            plan = kernel_plan.resolve(cfg, sum(sizes), cached=True, queries=widest)
+        metas, positions = [], []
+        for g in groups:
+            b, t = g.tokens.shape
+            view = PagedKVCache(k=k_pool, v=v_pool, block_table=g.block_table, lengths=g.lengths)
+            valid = g.valid.astype(bool)
+            where = paged_kv_cache.write_locations(view, t, valid)
+            mask = paged_kv_cache.paged_attention_mask(
+                g.lengths, t, valid, view.row_capacity, cfg.sliding_window
+            )
+            group_plan = plan if len(groups) == 1 else kernel_plan.for_queries(plan, cfg, t)
+            metas.append((b, t, where, mask, g.block_table, group_plan))
+            positions.append(g.lengths[:, None] + jnp.arange(t, dtype=jnp.int32))  # [B_g, T_g]
+        token_mask = _flat([g.valid for g in groups]).astype(jnp.float32)  # [1, M]
 
         def layer_call(layer, x, cos, sin, k_pool, v_pool, layer_index):
-            return layer.paged(
-                x,
-                cos,
-                sin,
-                k_pool,
-                v_pool,
-                mask,
-                where,
-                cache.block_table,
-                token_mask,
-                layer_index,
-                plan,
-            )
+            return layer.paged(x, cos, sin, k_pool, v_pool, metas, token_mask, layer_index, plan)
 
         logits, layer_aux, k, v = self._scan_cached(
-            tokens, positions, cache.k, cache.v, layer_call, plan
+            _flat([g.tokens for g in groups]), _flat(positions), k_pool, v_pool, layer_call, plan
         )
-        lengths = cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)
-        new_cache = cache.replace(k=k, v=v, lengths=lengths)
-        return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
+        aux = _model_aux(layer_aux, 1, sum(sizes))
+        outs, start = [], 0
+        for g, size in zip(groups, sizes):
+            b, t = g.tokens.shape
+            router = aux.layers.router_logits[:, 0, start : start + size]  # [L, B_g*T_g, E]
+            layers = aux.layers.replace(router_logits=router.reshape(cfg.num_layers, b, t, -1))
+            outs.append(
+                ModelOutput(
+                    logits=logits[0, start : start + size].reshape(b, t, -1),
+                    aux=aux.replace(layers=layers),
+                )
+            )
+            start += size
+        lengths = tuple(g.lengths + jnp.sum(g.valid, axis=1, dtype=jnp.int32) for g in groups)
+        return tuple(outs), (k, v), lengths
 
     def _scan_cached(self, tokens, positions, k_cache, v_cache, layer_call, plan: KernelPlan):
         """The layer scan of a cached call: embed, L x layer_call over the cache, norm, LM head.
@@ -406,6 +458,11 @@ class Mixtral(nnx.Module):
             "BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32
         )
         return logits, layer_aux, k, v
+
+
+def _flat(arrays: list[jax.Array]) -> jax.Array:
+    """[B_g, T_g] arrays, group after group -> [1, sum of B_g * T_g]."""
+    return jnp.concatenate([a.reshape(1, -1) for a in arrays], axis=1)
 
 
 def _model_aux(layer_aux: MoEAux, batch: int, length: int) -> ModelAux:

@@ -13,6 +13,7 @@ from mixtral_jax.kernels import paged_attention
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.paged_kv_cache import (
+    PagedGroup,
     PagedKVCache,
     gather_rows,
     paged_attention_mask,
@@ -165,3 +166,37 @@ def test_the_paged_decode_kernel_in_the_model_equals_the_gather(monkeypatch):
     got, want = both(state, tokens)
     assert calls
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_step_and_a_prefill_chunk_in_one_call_equal_them_apart():
+    """extend_paged_groups: rows 0 and 1 decode while row 2 prefills a chunk, one call (one
+    MoE over all their tokens): the logits, the pool and the lengths of two separate calls."""
+    cfg = mj.ModelConfig.tiny()
+    graphdef, state = nnx.split(mj.init(cfg, 4))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(3, cfg.vocab_size, (3, 12)))
+    table = jnp.asarray(_tables(3, 3, 4))
+
+    @jax.jit
+    def both(state, tokens):
+        model = nnx.merge(graphdef, state)
+        cache = PagedKVCache.create(cfg, 3, 10, BLOCK, 3).replace(block_table=table)
+        ready = jnp.asarray([[True] * 6 + [False] * 2] * 2 + [[True] * 3 + [False] * 5])
+        _, cache = model.extend_paged(tokens[:, :8], cache, valid=ready)  # lengths 6, 6, 3
+        decode = PagedGroup(tokens[:2, 6:7], table[:2], cache.lengths[:2], jnp.ones((2, 1), bool))
+        chunk = PagedGroup(tokens[2:, 3:7], table[2:], cache.lengths[2:], jnp.ones((1, 4), bool))
+        (d, p), (k, v), lengths = model.extend_paged_groups((decode, chunk), cache.k, cache.v)
+        apart = []
+        for g in (decode, chunk):
+            view = cache.replace(block_table=g.block_table, lengths=g.lengths)
+            out, view = model.extend_paged(g.tokens, view, valid=g.valid)
+            apart.append(out.logits)
+            cache = cache.replace(k=view.k, v=view.v)
+        return (d.logits, p.logits), apart, (k, v), (cache.k, cache.v), lengths, d.aux
+
+    together, apart, pool, pool_apart, lengths, aux = both(state, tokens)
+    for got, want in zip(together, apart):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pool[0], pool_apart[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool[1], pool_apart[1], rtol=1e-5, atol=1e-6)
+    assert [x.tolist() for x in lengths] == [[7, 7], [7]]
+    assert aux.layers.router_logits.shape == (cfg.num_layers, 2, 1, cfg.num_experts)
