@@ -5,11 +5,12 @@ One background thread steps the model. Each iteration:
   2. waiting requests take free rows, first come first served, when the block pool can promise
      each every block it may need (prompt + max_tokens; blocks are taken only as tokens fill
      them, and what is left of the promise returns when the request ends);
-  3. one decode step [max_batch, 1] for every row that has sampled a token (idle rows masked);
-  4. one prefill chunk [prefill_rows, prefill_chunk] for the oldest rows still prefilling, so
-     streams already running keep producing while a long prompt is prefilled;
-  5. new tokens go to their streams; rows that finished (EOS, a stop id, max_tokens) leave.
-Only those two shapes are ever compiled (`steps.py`; `warmup` compiles both).
+  3. one decode step [max_batch, 1] for every row that has sampled a token (idle rows masked),
+     in the same compiled call as one prefill chunk [prefill_rows, prefill_chunk] for the
+     oldest rows still prefilling, if any: streams already running keep producing while a long
+     prompt is prefilled, and the chunk costs them its arithmetic, not a second weight read;
+  4. new tokens go to their streams; rows that finished (EOS, a stop id, max_tokens) leave.
+Only those two calls are ever compiled, once per attention span (`steps.py`; `warmup`).
 
 A row's tokens depend on its own request only: per-row positions and lengths in the paged
 cache, per-row sampling settings, and keys fold_in(key(seed), token index).
@@ -253,26 +254,15 @@ class Engine:
 
     def warmup(self) -> None:
         """Compiles (and runs once, every row idle: writes go to the sink) every step shape:
-        a decode step and a prefill chunk per table width."""
-        b, q, c = self.max_batch, self.prefill_rows, self.prefill_chunk
+        the decode step and the decode step with a prefill chunk, per table width."""
         with self._step_lock:
+            decode, _ = self._decode_args([])
+            chunk, _ = self._chunk_args([])
             pool = self._pool
-            for r in self.widths:
-                pool, _ = self.steps.decode(
-                    pool,
-                    np.zeros(b, np.int32),
-                    np.zeros((b, r), np.int32),
-                    np.zeros(b, np.int32),
-                    np.zeros(b, bool),
-                    idle_sampling(b),
-                )
-                pool, _ = self.steps.prefill(
-                    pool,
-                    np.zeros((q, c), np.int32),
-                    np.zeros((q, r), np.int32),
-                    np.zeros(q, np.int32),
-                    np.zeros(q, np.int32),
-                    idle_sampling(q),
+            for width in self.widths:
+                pool, _ = self.steps.decode(pool, *_narrow(decode, width))
+                pool, _, _ = self.steps.decode_with_chunk(
+                    pool, _narrow(decode, width), _narrow(chunk, width)
                 )
             self._pool = jax.block_until_ready(pool)
 
@@ -305,7 +295,7 @@ class Engine:
         self._cancel_everything()
 
     def _iterate(self) -> bool:
-        """Steps 1-5 of the module docstring. An exception (a device or XLA failure, or a bug)
+        """Steps 1-4 of the module docstring. An exception (a device or XLA failure, or a bug)
         resets the pool (the donated one may be gone, and every row's KV with it): requests
         with tokens in the cache end with finish 'error', those without go back to the head of
         the queue, and the engine carries on."""
@@ -337,11 +327,25 @@ class Engine:
         )[: self.prefill_rows]
         if not decoding and not prefilling:
             return False
-        decoded = self._decode(decoding) if decoding else None
-        prefilled = self._prefill(prefilling) if prefilling else None
-        if decoded is not None:
+        decode, decode_need = self._decode_args(decoding)
+        width = self._width(decode_need)
+        if prefilling:  # one call: the decode step (rows may all be idle) and a prefill chunk
+            chunk, chunk_need = self._chunk_args(prefilling)
+            width = self._width(max(decode_need, chunk_need))
+            self._pool, decoded, prefilled = self.steps.decode_with_chunk(
+                self._pool, _narrow(decode, width), _narrow(chunk, width)
+            )
+            self.prefill_calls += 1
+        else:
+            self._pool, decoded = self.steps.decode(self._pool, *_narrow(decode, width))
+        self.decode_steps += bool(decoding)
+        for i in decoding:
+            self._rows[i].cached += 1
+        for j, i in enumerate(prefilling):
+            self._rows[i].cached += int(chunk[3][j])
+        if decoding:
             self._deliver(decoding, decoded, decoding)
-        if prefilled is not None:
+        if prefilling:
             self._finish_prefill(prefilling, prefilled)
         return True
 
@@ -409,26 +413,22 @@ class Engine:
                 out.counter[j] = len(row.generated)
         return out
 
-    def _decode(self, decoding: list[int]):
-        """Dispatches the decode step for rows `decoding`; returns its StepOutput (on the
-        device: the prefill chunk is dispatched before the host waits for it)."""
+    def _decode_args(self, decoding: list[int]) -> tuple[tuple, int]:
+        """Host inputs of the decode step for rows `decoding` (others idle): ((tokens [B],
+        block_table [B, R], lengths [B], active [B], sampling), tokens its widest row needs)."""
         b = self.max_batch
         tokens, lengths, active = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
         for i in decoding:
             row = self._rows[i]
             self._hold(i, row.cached + 1)
             tokens[i], lengths[i], active[i] = row.last, row.cached, True
-        width = self._width(int(lengths.max()) + 1)
-        table = self._table[:, :width] * active[:, None]  # prefilling rows take no part
+        table = self._table * active[:, None]  # prefilling rows take no part
         sampling = self._sampling([self._rows[i] if active[i] else None for i in range(b)])
-        self._pool, out = self.steps.decode(self._pool, tokens, table, lengths, active, sampling)
-        self.decode_steps += 1
-        for i in decoding:
-            self._rows[i].cached += 1
-        return out
+        return (tokens, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
 
-    def _prefill(self, prefilling: list[int]):
-        """Dispatches one prefill chunk for rows `prefilling`; returns its StepOutput."""
+    def _chunk_args(self, prefilling: list[int]) -> tuple[tuple, int]:
+        """Host inputs of a prefill chunk for rows `prefilling`: ((tokens [Q, C], block_table
+        [Q, R], lengths [Q], counts [Q], sampling), tokens its widest row needs)."""
         q, c = self.prefill_rows, self.prefill_chunk
         tokens, lengths = np.zeros((q, c), np.int32), np.zeros(q, np.int32)
         counts, rows = np.zeros(q, np.int32), [self._rows[i] for i in prefilling]
@@ -437,15 +437,10 @@ class Engine:
             self._hold(i, row.cached + len(piece))
             tokens[j, : len(piece)] = piece
             lengths[j], counts[j] = row.cached, len(piece)
-        width = self._width(int((lengths + counts).max()))
-        table = np.zeros((q, width), np.int32)
-        table[: len(prefilling)] = self._table[prefilling, :width]
+        table = np.zeros((q, self.blocks_per_row), np.int32)
+        table[: len(prefilling)] = self._table[prefilling]
         sampling = self._sampling(rows + [None] * (q - len(rows)))
-        self._pool, out = self.steps.prefill(self._pool, tokens, table, lengths, counts, sampling)
-        self.prefill_calls += 1
-        for j, i in enumerate(prefilling):
-            self._rows[i].cached += int(counts[j])
-        return out
+        return (tokens, table, lengths, counts, sampling), int((lengths + counts).max())
 
     def _finish_prefill(self, prefilling: list[int], out) -> None:
         """Rows whose prompt is now all in the cache take their first token."""
@@ -481,6 +476,11 @@ class Engine:
             else:
                 row.last = token
                 row.stream.put(event)
+
+
+def _narrow(args: tuple, width: int) -> tuple:
+    """Step inputs (tokens, block_table, ...) with the table cut to `width` entries."""
+    return (args[0], args[1][:, :width], *args[2:])
 
 
 def _trace(experts: np.ndarray, weights: np.ndarray) -> list:

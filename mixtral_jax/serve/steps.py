@@ -1,15 +1,18 @@
-"""The engine's two compiled calls over the paged KV cache, each of one fixed shape.
+"""The engine's two compiled calls over the paged KV cache, each of fixed shapes.
 
-  decode   [B, 1]: one new token for every row of the batch (idle rows masked: their writes go
-           to the sink block), B = max_batch.
-  prefill  [Q, C]: one chunk of C prompt tokens for each of Q rows (a short last chunk masked),
-           Q = prefill_rows.
+  decode        [B, 1]: one new token for every row of the batch (idle rows masked: their
+                writes go to the sink block), B = max_batch.
+  decode+chunk  the same decode step and one prefill chunk [Q, C] of C prompt tokens for each
+                of Q rows (a short last chunk masked), Q = prefill_rows, in one call
+                (`Mixtral.extend_paged_groups`: the experts' weights are read once for both, so
+                a prefill costs the running streams its arithmetic, not a second weight read).
+Each is compiled once per table width R (the attention span, `Engine.widths`).
 
 Both donate the pool, sample each row's next token with its own settings and key
 (`sample_rows`), and return the routing of the position that chose it: [L, rows, k] experts and
 gate weights, from the router logits the MoE computed (`route_logits` again: the same function
-of the same logits). `traces` counts how often either was traced: after `warm`, a steady state
-that compiles nothing more leaves it at 2.
+of the same logits). `traces` counts how often they were traced: after `Engine.warmup`, a steady
+state that compiles nothing more leaves it at 2 per width.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from flax import nnx, struct
 
 from mixtral_jax.generate.sampling import RowSampling, sample_rows
-from mixtral_jax.model.paged_kv_cache import PagedKVCache
+from mixtral_jax.model.paged_kv_cache import PagedGroup, PagedKVCache
 from mixtral_jax.model.transformer import Mixtral
 from mixtral_jax.moe.ops import route_logits
 
@@ -47,14 +50,14 @@ def idle_sampling(rows: int) -> RowSampling:
 
 
 class Steps:
-    """The compiled decode step and prefill chunk of one model, and the pool they update."""
+    """The compiled decode step and decode step + prefill chunk of one model."""
 
     def __init__(self, model: Mixtral):
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.traces = 0
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._fused = jax.jit(self._fused_fn, donate_argnums=(1,))
 
     def _routing(self, router_logits: jax.Array, tokens: jax.Array) -> StepOutput:
         """router_logits: [L, rows, E] -> StepOutput with the routing of those positions."""
@@ -70,24 +73,34 @@ class Steps:
         chosen = sample_rows(out.logits[:, 0], sampling)
         return (cache.k, cache.v), self._routing(out.aux.layers.router_logits[:, :, 0], chosen)
 
-    def _prefill_fn(self, state, pool, tokens, block_table, lengths, counts, sampling):
-        """tokens [Q, C] of which the first counts [Q] are real, at lengths [Q] -> (pool,
-        StepOutput at each row's last real token; meaningful for a row's final chunk)."""
+    def _fused_fn(self, state, pool, decode, chunk):
+        """decode: (tokens [B], block_table, lengths, active, sampling) as `_decode_fn`; chunk:
+        (tokens [Q, C] of which the first counts [Q] are real, block_table [Q, R], lengths [Q],
+        counts, sampling) -> (pool, decode StepOutput, chunk StepOutput at each row's last real
+        token: meaningful for a row's final chunk)."""
         self.traces += 1
         model = nnx.merge(self.graphdef, state)
-        valid = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :] < counts[:, None]  # [Q, C]
-        cache = PagedKVCache(k=pool[0], v=pool[1], block_table=block_table, lengths=lengths)
-        out, cache = model.extend_paged(tokens, cache, valid=valid)
+        tokens, table, lengths, active, decode_sampling = decode
+        chunk_tokens, chunk_table, chunk_lengths, counts, chunk_sampling = chunk
+        valid = jnp.arange(chunk_tokens.shape[1], dtype=jnp.int32)[None, :] < counts[:, None]
+        groups = (
+            PagedGroup(tokens[:, None], table, lengths, active[:, None]),
+            PagedGroup(chunk_tokens, chunk_table, chunk_lengths, valid),  # [Q, C]
+        )
+        (d, c), pool, _ = model.extend_paged_groups(groups, pool[0], pool[1])
+        chosen = sample_rows(d.logits[:, 0], decode_sampling)
+        decoded = self._routing(d.aux.layers.router_logits[:, :, 0], chosen)
         last = jnp.maximum(counts - 1, 0)  # [Q]
-        logits = jnp.take_along_axis(out.logits, last[:, None, None], axis=1)[:, 0]  # [Q, V]
-        router = out.aux.layers.router_logits  # [L, Q, C, E]
+        logits = jnp.take_along_axis(c.logits, last[:, None, None], axis=1)[:, 0]  # [Q, V]
+        router = c.aux.layers.router_logits  # [L, Q, C, E]
         router = jnp.take_along_axis(router, last[None, :, None, None], axis=2)[:, :, 0]
-        return (cache.k, cache.v), self._routing(router, sample_rows(logits, sampling))
+        return pool, decoded, self._routing(router, sample_rows(logits, chunk_sampling))
 
     def decode(self, pool, tokens, block_table, lengths, active, sampling):
         """Runs the decode step on host arrays; returns (pool, StepOutput of device arrays)."""
         return self._decode(self.state, pool, tokens, block_table, lengths, active, sampling)
 
-    def prefill(self, pool, tokens, block_table, lengths, counts, sampling):
-        """Runs one prefill chunk on host arrays; returns (pool, StepOutput of device arrays)."""
-        return self._prefill(self.state, pool, tokens, block_table, lengths, counts, sampling)
+    def decode_with_chunk(self, pool, decode: tuple, chunk: tuple):
+        """Runs the decode step and a prefill chunk in one call (see `_fused_fn`); returns
+        (pool, decode StepOutput, chunk StepOutput) of device arrays."""
+        return self._fused(self.state, pool, decode, chunk)

@@ -89,6 +89,14 @@ def _drain(engine, streams, limit=2000):
     raise AssertionError("streams did not finish")
 
 
+def _events(stream, timeout=60):
+    """Every event of a stream up to its finish (a hung stream fails the test, not the run)."""
+    events = [stream.get(timeout=timeout)]
+    while events[-1].finish is None:
+        events.append(stream.get(timeout=timeout))
+    return events
+
+
 def _others(count: int) -> list[Request]:
     """Neighbours of different lengths, max_tokens and sampling settings."""
     out = []
@@ -137,7 +145,7 @@ def test_cancel_frees_the_row_and_its_blocks_within_one_step(engine):
     engine.run_once()
     stats = engine.stats()
     assert stats["running"] == 0 and stats["queue_depth"] == 0 and stats["free_blocks"] == 32
-    events = [list(s) for s in [running, *queued]]
+    events = [_events(s) for s in [running, *queued]]
     assert all(e[-1].finish == "cancelled" for e in events)
     assert sum(len(x.tokens) for x in events[0]) >= 1  # it had been producing
 
@@ -148,17 +156,19 @@ def test_a_failed_step_ends_the_running_requests_with_error_and_the_engine_goes_
     running = [engine.submit(Request(_prompt(6, n), 20, ignore_eos=True)) for n in range(2)]
     for _ in range(3):
         engine.run_once()
-    real = engine.steps.decode
+    real = engine.steps.decode, engine.steps.decode_with_chunk
 
-    def broken(*args):
-        monkeypatch.setattr(engine.steps, "decode", real)  # fails once
+    def broken(*args):  # whichever call runs next fails, once
+        monkeypatch.setattr(engine.steps, "decode", real[0])
+        monkeypatch.setattr(engine.steps, "decode_with_chunk", real[1])
         raise RuntimeError("device fell over")
 
     monkeypatch.setattr(engine.steps, "decode", broken)
+    monkeypatch.setattr(engine.steps, "decode_with_chunk", broken)
     later = engine.submit(Request(PROMPTS["short"], 10, ignore_eos=True))
     engine.run_once()
     for stream in running:
-        assert list(stream)[-1] == Event([], None, "error", "RuntimeError: device fell over")
+        assert _events(stream)[-1] == Event([], None, "error", "RuntimeError: device fell over")
     assert _drain(engine, [later])[0][:2] == (reference["short"][:10], "length")
     assert engine.stats()["free_blocks"] == 32
 
@@ -243,10 +253,10 @@ def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, re
     first = dropped.get(timeout=60)
     assert first.tokens and first.finish is None
     dropped.cancel()
-    assert list(dropped)[-1].finish == "cancelled"
+    assert _events(dropped)[-1].finish == "cancelled"
     engine.shutdown(cancel=False, timeout=60)  # in-flight requests run to the end
     for n, stream in enumerate(streams):
-        events = list(stream)
+        events = _events(stream)
         assert [t for e in events for t in e.tokens] == reference[f"thread{n}"][:12]
         assert events[-1].finish == "length" and stream.first_token_at >= stream.submitted
     with pytest.raises(EngineClosed):
