@@ -195,30 +195,6 @@ def resolve(
     )
 
 
-def for_queries(
-    plan: KernelPlan,
-    cfg: ModelConfig,
-    queries: int,
-    mesh: Mesh | None = None,
-    where: str | None = None,
-) -> KernelPlan:
-    """`plan` with its attention over the cache resolved for `queries` new tokens per row: for
-    one group of rows in a call that runs groups of different shapes together (a decode step and
-    a prefill chunk, `Mixtral.extend_paged_groups`); the weight kernels stay the call's."""
-    c = cfg.compute
-    mesh = sharding.active_mesh() if mesh is None else mesh
-    where = platform() if where is None else where
-    one_device = mesh is None or mesh.size == 1
-    return dataclasses.replace(
-        plan,
-        cached_attention=resolve_cached_attention(
-            c.cached_attention_impl, c.dtype, cfg.head_dim, queries, where
-        ),
-        decode_attention=_decode_attention(cfg, True, queries, one_device, where),
-        paged_attention=_paged_attention(cfg, True, queries, one_device, where),
-    )
-
-
 def resolve_attention(
     impl: AttentionImpl | str,
     dtype,
@@ -341,6 +317,30 @@ def _paged_attention(
     _needs_nvidia("paged_attention_impl", impl.value, where)
     applies = cached and queries == 1 and one_device and supports(cfg.head_dim)
     return DecodeAttentionImpl.PALLAS if applies else DecodeAttentionImpl.OFF
+
+
+def for_queries(
+    plan: KernelPlan,
+    cfg: ModelConfig,
+    queries: int,
+    mesh: Mesh | None = None,
+    where: str | None = None,
+) -> KernelPlan:
+    """`plan` with its attention over the cache resolved for `queries` new tokens per row: for
+    one group of rows in a call that runs groups of different shapes together (a decode step and
+    a prefill chunk, `Mixtral.extend_paged_groups`); the weight kernels stay the call's."""
+    c = cfg.compute
+    mesh = sharding.active_mesh() if mesh is None else mesh
+    where = platform() if where is None else where
+    one_device = mesh is None or mesh.size == 1
+    return dataclasses.replace(
+        plan,
+        cached_attention=resolve_cached_attention(
+            c.cached_attention_impl, c.dtype, cfg.head_dim, queries, where
+        ),
+        decode_attention=_decode_attention(cfg, True, queries, one_device, where),
+        paged_attention=_paged_attention(cfg, True, queries, one_device, where),
+    )
 
 
 @functools.cache
