@@ -16,7 +16,8 @@ bookkeeping, per-row sampling, block tables) as a server runs it.
 The floor of a step: the weight bytes it must read (bench/decode.step_bytes: attention and
 router of every layer, the experts B tokens touch in expectation, the LM head), and beside it
 the same plus the KV bytes of the rows' tokens (k and v, every layer), at the copy bandwidth
-measured in the same run. Writes $OUT/engine.json and prints one JSON line.
+measured in the same run. Writes $OUT/engine_b<batches>[_<settings>].json and prints one JSON
+line.
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def main():
         "copy_bandwidth_tbs": bandwidth,
         "decode": rows,
     }
-    write_json("engine.json", payload)
+    name = "engine_b" + "-".join(map(str, batches))
+    name += "".join("_" + item.replace("=", "-") for item in args.set)
+    write_json(f"{name}.json", payload)
     print(json.dumps(payload))
 
 
