@@ -24,6 +24,7 @@ import math
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax.config import ConfigError, DecodeAttentionImpl
@@ -39,6 +40,9 @@ from mixtral_jax.serve.steps import Steps, idle_sampling
 __all__ = ["Engine", "EngineClosed", "Event", "QueueFull", "Request", "Stream", "TooLong"]
 
 log = logging.getLogger(__name__)
+# Device memory left free beside a default-sized pool: activations and temporaries of the
+# compiled steps (a gathered [B, S, K, H] layer, the MoE's sorted tokens) and compilation.
+MEMORY_RESERVE = 8 << 30
 _MAX_SEED = 2**32
 
 
@@ -52,6 +56,15 @@ class TooLong(ConfigError):
 
 class EngineClosed(RuntimeError):
     """submit() after shutdown() began (HTTP 503)."""
+
+
+def device_free_bytes() -> int | None:
+    """Free memory of the default device by its allocator's own count, or None where it keeps
+    none (CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
 def _token(value, vocab: int) -> bool:
@@ -73,7 +86,9 @@ class Engine:
       max_queue: requests waiting for a row at most (more: QueueFull).
       block_size: Z, tokens per KV block.
       num_blocks: blocks in the pool, the sink included; default enough for every row at the
-        full context (max_batch * ceil(max_context / Z) + 1).
+        full context (max_batch * ceil(max_context / Z) + 1), or what fits in the device's free
+        memory less a reserve (`MEMORY_RESERVE`) if that is less (ConfigError, naming the
+        GiB, if not even one row at the full context fits).
       prefill_chunk: C, prompt tokens per prefill call.
       eos_id: the end-of-sequence id (default the model's eos_token_id).
       prefill_rows: Q, rows prefilled per chunk call.
@@ -112,7 +127,7 @@ class Engine:
         self.blocks_per_row = math.ceil(self.max_context / block_size)
         self.widths = self._widths(spans)  # table entries per row of each compiled shape
         if num_blocks is None:
-            num_blocks = max_batch * self.blocks_per_row + 1
+            num_blocks = self._default_blocks()
         self.num_blocks = _positive("num_blocks", num_blocks, 2)
         plan = kernel_plan.resolve(cfg, max_batch, cached=True, queries=1)
         if plan.paged_attention == DecodeAttentionImpl.PALLAS and block_size % MIN_BLOCK:
@@ -133,6 +148,28 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._admitted = 0
         self.generated_tokens = self.decode_steps = self.prefill_calls = 0
+
+    def block_bytes(self) -> int:
+        """Bytes of one KV block: k and v, every layer."""
+        cfg = self.cfg
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        return per_token * self.block_size * jnp.dtype(cfg.compute.dtype).itemsize
+
+    def _default_blocks(self) -> int:
+        """Every row at the full context, or what the device's free memory holds."""
+        full = self.max_batch * self.blocks_per_row + 1
+        free = device_free_bytes()
+        if free is None:
+            return full
+        fits = int((free - MEMORY_RESERVE) // self.block_bytes())
+        if fits < self.blocks_per_row + 1:
+            need = (self.blocks_per_row + 1) * self.block_bytes()
+            raise ConfigError(
+                f"the KV cache for one row of max_context={self.max_context} needs "
+                f"{need / 2**30:.1f} GiB beside a reserve of {MEMORY_RESERVE / 2**30:.0f} GiB; "
+                f"the device has {free / 2**30:.1f} GiB free: lower max_context or num_blocks"
+            )
+        return min(full, fits)
 
     def _widths(self, spans: tuple[int, ...] | None) -> list[int]:
         """Table widths (entries) of the compiled shapes, ascending; the widest holds

@@ -17,6 +17,7 @@ import mixtral_jax as mj
 from mixtral_jax.config import ConfigError
 from mixtral_jax.generate import Generator, SamplingParams
 from mixtral_jax.moe.ops import route_logits
+from mixtral_jax.serve import engine as engine_module
 from mixtral_jax.serve.engine import Engine, EngineClosed, Event, QueueFull, Request, TooLong
 
 CONTEXT, BLOCK = 128, 8
@@ -242,6 +243,17 @@ def test_bad_requests_too_long_and_a_full_queue(engine, model):
     assert [s.get(timeout=1).finish for s in streams] == ["cancelled"] * 2
     with pytest.raises(EngineClosed):
         small.submit(Request([1, 2], 4))
+
+
+def test_the_default_pool_fits_the_free_device_memory(model, monkeypatch):
+    per_block = 2 * 2 * 2 * 16 * BLOCK * 4  # k and v, 2 layers, 2 kv heads x 16, float32
+    free = engine_module.MEMORY_RESERVE + 20 * per_block
+    monkeypatch.setattr(engine_module, "device_free_bytes", lambda: free)
+    eng = Engine(model, max_batch=4, block_size=BLOCK, max_context=CONTEXT)
+    assert eng.block_bytes() == per_block and eng.num_blocks == 20  # not 4 x 16 + 1
+    monkeypatch.setattr(engine_module, "device_free_bytes", lambda: free - 10 * per_block)
+    with pytest.raises(ConfigError, match="one row of max_context=128 needs 0.0 GiB"):
+        Engine(model, max_batch=4, block_size=BLOCK, max_context=CONTEXT)
 
 
 def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, reference):
