@@ -29,6 +29,9 @@ import os
 import sys
 import time
 
+# 93 GB of bf16 weights and a pool for 256 rows of 640 tokens (21.5 GB) need more than JAX's
+# default preallocation of 75% of the GPU's memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `python3 bench/engine.py`: bench.* and mixtral_jax from the repository
 
@@ -68,6 +71,8 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
         prefill_chunk=args.prefill_chunk,
         prefill_rows=args.prefill_rows,
         max_context=args.prompt + args.max_tokens,
+        # every row at the full length: an allocation that does not fit fails here, loudly
+        num_blocks=batch * -(-(args.prompt + args.max_tokens) // args.block_size) + 1,
     )
     start = time.perf_counter()
     engine.warmup()
@@ -89,9 +94,9 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
     def decoding_only(s):  # every request holds a row and has been prefilled
         return s["running"] == batch and not s["prefilling"] and not s["queue_depth"]
 
-    t0, s0 = wait_for(engine, lambda s: decoding_only(s) and s["steps"] >= 1, timeout=1800)
+    t0, s0 = wait_for(engine, lambda s: decoding_only(s) and s["steps"] >= 1, timeout=900)
     fill_s = t0 - start
-    t1, s1 = wait_for(engine, lambda s: s["steps"] >= s0["steps"] + args.steps, timeout=1800)
+    t1, s1 = wait_for(engine, lambda s: s["steps"] >= s0["steps"] + args.steps, timeout=900)
     engine.shutdown(cancel=True)
     for stream in streams:
         list(stream)  # drain: every stream ended
