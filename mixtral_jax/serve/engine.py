@@ -96,7 +96,7 @@ class Engine:
       spans: the attention spans (tokens) the steps are compiled for: each call attends over
         the smallest span that holds its longest row (a step of short rows reads no more than
         it needs); default max_context and its quarters, sixteenths, ... down to 512 tokens.
-        Each span is one decode and one prefill shape.
+        Each span is one decode shape and one decode + prefill chunk shape.
     """
 
     def __init__(
