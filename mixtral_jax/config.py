@@ -114,6 +114,7 @@ _ENUM_FIELDS = {
     "decode_expert_impl": DecodeExpertImpl,
     "decode_projection_impl": DecodeProjectionImpl,
     "decode_attention_impl": DecodeAttentionImpl,
+    "paged_attention_impl": DecodeAttentionImpl,
     "expert_exchange": Exchange,
     "quantized_impl": QuantizedImpl,
 }
@@ -139,6 +140,9 @@ class ComputeConfig:
         `DecodeProjectionImpl`.
       decode_attention_impl: attention of one new token per row over the cache, see
         `DecodeAttentionImpl`.
+      paged_attention_impl: the same over the serving engine's paged cache: pallas follows the
+        block table in place (`kernels/paged_attention.py`), off gathers each row's blocks
+        (XLA); auto is off until the kernel is measured on a GPU.
       expert_exchange: the all-to-all of expert parallelism, see `Exchange`.
       quantized_impl: kernels reading quantized weights or the dequantize path, see
         `QuantizedImpl`.
@@ -157,6 +161,7 @@ class ComputeConfig:
     decode_expert_impl: DecodeExpertImpl = DecodeExpertImpl.AUTO
     decode_projection_impl: DecodeProjectionImpl = DecodeProjectionImpl.AUTO
     decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.AUTO
+    paged_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.AUTO
     expert_exchange: Exchange = Exchange.AUTO
     quantized_impl: QuantizedImpl = QuantizedImpl.AUTO
 

@@ -27,6 +27,8 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
   decode_experts      pallas (expert_decode.py) on NVIDIA GPUs; `gather` for a single token
                       where the grouped matmul is ragged_dot (which would read every expert)
   decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
+  paged_attention     off (the XLA gather of each row's blocks) until kernels/paged_attention.py
+                      is measured; pallas by name on NVIDIA GPUs for one new token per row
   exchange            ragged_all_to_all where the backend compiles it and nothing may drop
   quantized_experts   with int8/int4 experts (`ModelConfig.expert_bits`): pallas (the kernels
                       read codes and scales in place) where decode_experts is pallas, or
@@ -113,6 +115,8 @@ class KernelPlan:
         reading layer l of the weight stacks in place.
       decode_attention: OFF or PALLAS, one new token per row attending over layer l of the
         cache stack in place (flash decoding); OFF: `cached_attention` over the sliced layer.
+      paged_attention: OFF or PALLAS, the same over a paged pool (`Mixtral.extend_paged`):
+        PALLAS follows the block table in place; OFF: `cached_attention` over gathered blocks.
       extend_unroll: layers unrolled per iteration of `Mixtral.extend`'s layer scan.
       moe: the dispatch (`MoEImpl`).
       expert_mesh: the mesh whose expert axis splits the experts, or None (one device).
@@ -130,6 +134,7 @@ class KernelPlan:
     decode_experts: DecodeExpertImpl = DecodeExpertImpl.OFF
     decode_projections: DecodeProjectionImpl = DecodeProjectionImpl.OFF
     decode_attention: DecodeAttentionImpl = DecodeAttentionImpl.OFF
+    paged_attention: DecodeAttentionImpl = DecodeAttentionImpl.OFF
     extend_unroll: int = 1
     moe: MoEImpl = MoEImpl.DROPLESS
     expert_mesh: Mesh | None = None
@@ -212,6 +217,9 @@ def resolve(
         decode_experts=decode_experts,
         decode_projections=projections,
         decode_attention=_decode_attention(
+            cfg, cached, tokens if queries is None else queries, one_device, where
+        ),
+        paged_attention=_paged_attention(
             cfg, cached, tokens if queries is None else queries, one_device, where
         ),
         extend_unroll=GPU_EXTEND_UNROLL if where == NVIDIA_GPU else 1,
@@ -377,6 +385,43 @@ def _decode_attention(
         return DecodeAttentionImpl.OFF
     applies = cached and queries == 1 and one_device and supports(cfg.head_dim)
     return DecodeAttentionImpl.PALLAS if applies else DecodeAttentionImpl.OFF
+
+
+def _paged_attention(
+    cfg: ModelConfig, cached: bool, queries: int, one_device: bool, where: str
+) -> DecodeAttentionImpl:
+    """The paged decode kernel only where asked for by name (`auto` keeps the XLA gather until
+    the kernel is measured on an NVIDIA GPU): one new token per row on one device."""
+    impl = cfg.compute.paged_attention_impl
+    if impl != DecodeAttentionImpl.PALLAS:
+        return DecodeAttentionImpl.OFF
+    _needs_nvidia("paged_attention_impl", impl.value, where)
+    applies = cached and queries == 1 and one_device and supports(cfg.head_dim)
+    return DecodeAttentionImpl.PALLAS if applies else DecodeAttentionImpl.OFF
+
+
+def for_queries(
+    plan: KernelPlan,
+    cfg: ModelConfig,
+    queries: int,
+    mesh: Mesh | None = None,
+    where: str | None = None,
+) -> KernelPlan:
+    """`plan` with its attention over the cache resolved for `queries` new tokens per row: for
+    one group of rows in a call that runs groups of different shapes together (a decode step and
+    a prefill chunk, `Mixtral.extend_paged_groups`); the weight kernels stay the call's."""
+    c = cfg.compute
+    mesh = sharding.active_mesh() if mesh is None else mesh
+    where = platform() if where is None else where
+    one_device = mesh is None or mesh.size == 1
+    return dataclasses.replace(
+        plan,
+        cached_attention=resolve_cached_attention(
+            c.cached_attention_impl, c.dtype, cfg.head_dim, queries, where
+        ),
+        decode_attention=_decode_attention(cfg, True, queries, one_device, where),
+        paged_attention=_paged_attention(cfg, True, queries, one_device, where),
+    )
 
 
 @functools.cache

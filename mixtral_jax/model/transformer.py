@@ -23,10 +23,12 @@ from flax import nnx, struct
 from mixtral_jax.config import DecodeProjectionImpl, ModelConfig, Remat
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
+from mixtral_jax.model import paged_kv_cache
 from mixtral_jax.model.attention import Attention, cached_attention_mask, make_attention_mask
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.layers import Embed, RMSNorm, normal_init, rope_cos_sin
 from mixtral_jax.model.moe import MoE, MoEAux
+from mixtral_jax.model.paged_kv_cache import PagedGroup, PagedKVCache
 from mixtral_jax.parallel import sharding
 from mixtral_jax.parallel.sharding import SCALE_SUFFIX
 
@@ -114,6 +116,36 @@ class DecoderBlock(nnx.Module):
         h = x + attn
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
         return h + moe_out, aux, k_cache, v_cache
+
+    def paged(self, x, cos, sin, k_pool, v_pool, groups, token_mask, layer, plan):
+        """Like `cached` over a paged pool, for rows of several shapes at once.
+
+        x: [1, M, D] the call's tokens, group after group (cos, sin: [1, M, H]); groups: per
+        group (rows, new tokens, where, mask, block_table, plan), see `Mixtral.extend_paged`.
+        Attention runs per group (`Attention.paged`, the group's plan); the MoE runs over all
+        M tokens at once, so each expert's weights are read once for every group.
+        Returns ([1, M, D], aux, k_pool, v_pool).
+        """
+        normed, parts, start = self.attn_norm(x), [], 0
+        for b, t, where, mask, table, group_plan in groups:
+            span = slice(start, start + b * t)
+            attn, k_pool, v_pool = self.attn.paged(
+                normed[0, span].reshape(b, t, -1),  # [B_g, T_g, D]
+                cos[0, span].reshape(b, t, -1),
+                sin[0, span].reshape(b, t, -1),
+                k_pool,
+                v_pool,
+                mask,
+                *where,
+                table,
+                layer,
+                group_plan,
+            )
+            parts.append(attn.reshape(1, b * t, -1))
+            start += b * t
+        h = x + jnp.concatenate(parts, axis=1)  # [1, M, D]
+        moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
+        return h + moe_out, aux, k_pool, v_pool
 
 
 def _stacked_filter(plan: KernelPlan):
@@ -282,24 +314,10 @@ class Mixtral(nnx.Module):
         # past `key_limit` is empty: flash attention may skip them (not when new tokens that did
         # not fit, or the pre-write buffer, are appended as extra keys).
         key_limit = None if read_first or kept < t else jnp.minimum(cache.length + t, size)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
-        # The plan's stacked weights stay out of the scan's sliced inputs: the layer reads layer
-        # i of the whole stack in place (a scan slice feeding a custom kernel would be copied;
-        # XLA copies a sliced layer before its matmul reads it).
-        graphdef, expert_stacks, layer_state = nnx.split(self.layers, _stacked_filter(plan), ...)
-        if plan.decode_projections == DecodeProjectionImpl.PALLAS:
-            _pad_router_stack(expert_stacks)
 
-        # The whole cache [L, B, S, K, H] rides in the scan's carry: layer i reads its slice and
-        # writes only its new slots, which XLA does in place (and in the caller's buffers when
-        # they are donated). As scanned inputs and stacked outputs instead, every call would
-        # read the whole cache and write a fresh copy of it.
-        def body(carry, xs):
-            x, k_cache, v_cache = carry
-            state, index = xs
-            layer = nnx.merge(graphdef, expert_stacks, state)
-            x, aux, k_cache, v_cache = layer.cached(
+        def layer_call(layer, x, cos, sin, k_cache, v_cache, layer_index):
+            return layer.cached(
                 x,
                 cos,
                 sin,
@@ -308,24 +326,148 @@ class Mixtral(nnx.Module):
                 mask,
                 slots,
                 token_mask,
-                layer=index,
+                layer=layer_index,
                 plan=plan,
                 read_first=read_first,
                 key_limit=key_limit,
             )
+
+        logits, layer_aux, k, v = self._scan_cached(
+            tokens, positions, cache.k, cache.v, layer_call, plan
+        )
+        new_cache = KVCache(k=k, v=v, index=index, valid=slot_valid, length=cache.length + t)
+        return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
+
+    def extend_paged(
+        self,
+        tokens: jax.Array,
+        cache: PagedKVCache,
+        *,
+        valid: jax.Array,
+        plan: KernelPlan | None = None,
+    ) -> tuple[ModelOutput, PagedKVCache]:
+        """`extend` over a paged cache: T new tokens per row, each row at its own length.
+
+        Args:
+          tokens: [B, T] new token ids; row b's token t is at absolute index (and RoPE
+            position) cache.lengths[b] + t.
+          cache: the pool, each row's block table (blocks for every new valid token already
+            assigned) and lengths.
+          valid: [B, T] bool, True for a prefix of each row (a partial prefill chunk, or a row
+            with nothing to run this step): only those are written, attended to and counted.
+          plan: the kernels of this call; default `kernel_plan.resolve` for B*T cached tokens.
+        Returns:
+          (ModelOutput for the new tokens, the cache with the new tokens written and lengths
+          advanced by each row's valid count).
+        """
+        group = PagedGroup(tokens, cache.block_table, cache.lengths, valid)
+        (out,), (k, v), (lengths,) = self.extend_paged_groups((group,), cache.k, cache.v, plan=plan)
+        return out, cache.replace(k=k, v=v, lengths=lengths)
+
+    def extend_paged_groups(
+        self,
+        groups: tuple[PagedGroup, ...],
+        k_pool: jax.Array,
+        v_pool: jax.Array,
+        *,
+        plan: KernelPlan | None = None,
+    ) -> tuple[tuple[ModelOutput, ...], tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+        """`extend_paged` for groups of rows of different shapes in one call over one pool (a
+        decode step [B, 1] and a prefill chunk [Q, C]): each group attends by its own plan
+        (`kernel_plan.for_queries`), and everything else runs over all their tokens at once,
+        so one call reads the weights once for all of them.
+
+        Args:
+          groups: rows whose table entries point into the same pool (distinct new slots).
+          k_pool, v_pool: [L, P, Z, K, H].
+          plan: the kernels of the whole call; default resolved for all groups' tokens.
+        Returns:
+          (ModelOutput per group: logits [B_g, T_g, V], aux with router_logits [L, B_g, T_g, E]
+          and the statistics of all groups' tokens; (k_pool, v_pool); new lengths per group).
+        """
+        cfg = self.cfg
+        sizes = [g.tokens.size for g in groups]
+        widest = max(g.tokens.shape[1] for g in groups)
+        if plan is None:
+            plan = kernel_plan.resolve(cfg, sum(sizes), cached=True, queries=widest)
+        metas, positions = [], []
+        for g in groups:
+            b, t = g.tokens.shape
+            view = PagedKVCache(k=k_pool, v=v_pool, block_table=g.block_table, lengths=g.lengths)
+            valid = g.valid.astype(bool)
+            where = paged_kv_cache.write_locations(view, t, valid)
+            mask = paged_kv_cache.paged_attention_mask(
+                g.lengths, t, valid, view.row_capacity, cfg.sliding_window
+            )
+            group_plan = plan if len(groups) == 1 else kernel_plan.for_queries(plan, cfg, t)
+            metas.append((b, t, where, mask, g.block_table, group_plan))
+            positions.append(g.lengths[:, None] + jnp.arange(t, dtype=jnp.int32))  # [B_g, T_g]
+        token_mask = _flat([g.valid for g in groups]).astype(jnp.float32)  # [1, M]
+
+        def layer_call(layer, x, cos, sin, k_pool, v_pool, layer_index):
+            return layer.paged(x, cos, sin, k_pool, v_pool, metas, token_mask, layer_index, plan)
+
+        logits, layer_aux, k, v = self._scan_cached(
+            _flat([g.tokens for g in groups]), _flat(positions), k_pool, v_pool, layer_call, plan
+        )
+        aux = _model_aux(layer_aux, 1, sum(sizes))
+        outs, start = [], 0
+        for g, size in zip(groups, sizes):
+            b, t = g.tokens.shape
+            router = aux.layers.router_logits[:, 0, start : start + size]  # [L, B_g*T_g, E]
+            layers = aux.layers.replace(router_logits=router.reshape(cfg.num_layers, b, t, -1))
+            outs.append(
+                ModelOutput(
+                    logits=logits[0, start : start + size].reshape(b, t, -1),
+                    aux=aux.replace(layers=layers),
+                )
+            )
+            start += size
+        lengths = tuple(g.lengths + jnp.sum(g.valid, axis=1, dtype=jnp.int32) for g in groups)
+        return tuple(outs), (k, v), lengths
+
+    def _scan_cached(self, tokens, positions, k_cache, v_cache, layer_call, plan: KernelPlan):
+        """The layer scan of a cached call: embed, L x layer_call over the cache, norm, LM head.
+
+        layer_call(layer, x, cos, sin, k_cache, v_cache, index) -> (x, aux, k_cache, v_cache)
+        runs one block over every layer's cache stacks (contiguous [L, B, S, K, H] or a paged
+        pool [L, P, Z, K, H]). Returns (logits [B, T, V] float32, stacked MoEAux, k, v).
+        """
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        # The plan's stacked weights stay out of the scan's sliced inputs: the layer reads layer
+        # i of the whole stack in place (a scan slice feeding a custom kernel would be copied;
+        # XLA copies a sliced layer before its matmul reads it).
+        graphdef, expert_stacks, layer_state = nnx.split(self.layers, _stacked_filter(plan), ...)
+        if plan.decode_projections == DecodeProjectionImpl.PALLAS:
+            _pad_router_stack(expert_stacks)
+
+        # The whole cache rides in the scan's carry: layer i reads its slice and writes only
+        # its new slots, which XLA does in place (and in the caller's buffers when they are
+        # donated). As scanned inputs and stacked outputs instead, every call would read the
+        # whole cache and write a fresh copy of it.
+        def body(carry, xs):
+            x, k_cache, v_cache = carry
+            state, index = xs
+            layer = nnx.merge(graphdef, expert_stacks, state)
+            x, aux, k_cache, v_cache = layer_call(layer, x, cos, sin, k_cache, v_cache, index)
             return (x, k_cache, v_cache), aux
 
         x = self.embed(tokens)
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, k, v), layer_aux = jax.lax.scan(
-            body, (x, cache.k, cache.v), (layer_state, indices), unroll=plan.extend_unroll
+            body, (x, k_cache, v_cache), (layer_state, indices), unroll=plan.extend_unroll
         )
         x = self.final_norm(x)
         logits = jnp.einsum(
             "BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32
         )
-        new_cache = KVCache(k=k, v=v, index=index, valid=slot_valid, length=cache.length + t)
-        return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
+        return logits, layer_aux, k, v
+
+
+def _flat(arrays: list[jax.Array]) -> jax.Array:
+    """[B_g, T_g] arrays, group after group -> [1, sum of B_g * T_g]."""
+    return jnp.concatenate([a.reshape(1, -1) for a in arrays], axis=1)
 
 
 def _model_aux(layer_aux: MoEAux, batch: int, length: int) -> ModelAux:

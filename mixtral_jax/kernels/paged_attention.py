@@ -1,0 +1,173 @@
+"""Attention of one new token per row over a paged KV cache (decode), reading the pool in place.
+
+The paged cache (`model/paged_kv_cache.py`) is every layer's block pool [L, P, Z, K, H]; row b's
+token i lives in block table[b, i // Z] at offset i % Z. The XLA oracle gathers each row's
+blocks of the layer into [B, S, K, H] (a copy of every row's keys and values per layer and
+step) before the einsums. This kernel follows the block table instead, flash decoding as in
+`decode_attention.py`:
+
+  program (b, kv head, split j): the G query heads of that kv head (padded to the matrix unit's
+  16 rows) against table entries [j*R/J, (j+1)*R/J), one block of Z keys at a time, online
+  softmax in float32; it writes its partial output and its running max and sum;
+  combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
+
+Letters: B rows, R table entries per row, Z tokens per block (a multiple of 16), P pool blocks,
+K kv heads, G = N / K, H head_dim, L layers, J splits. JAX's own Pallas paged attention
+(`jax.experimental.pallas.ops.gpu.paged_attention`) wants one layer's pages as [K, P, Z, H],
+which a layer scan over [L, ...] could only hand it by copying the layer out, and has no
+sliding window (here the mask carries it). Inference only: no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mixtral_jax.kernels.common import matmul_precision, pow2_at_least
+from mixtral_jax.kernels.decode_attention import TARGET_PROGRAMS
+
+_NEG = -1e30  # finite: a block with every key masked must not make exp(-inf - -inf) = nan
+MIN_BLOCK = 16  # the matrix unit's smallest tile: Z must be a multiple
+
+
+def _splits(entries: int, rows_kv: int) -> tuple[int, int]:
+    """(splits J, table entries per split) for about TARGET_PROGRAMS programs over B*K."""
+    splits = max(1, min(entries, TARGET_PROGRAMS // max(rows_kv, 1)))
+    steps = -(-entries // splits)
+    return -(-entries // steps), steps
+
+
+def _kernel(
+    layer_ref,
+    table_ref,
+    q_ref,
+    mask_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    m_ref,
+    l_ref,
+    *,
+    block,
+    steps,
+    entries,
+    scale,
+    precision,
+):
+    """Program (b, kv head h, split j): online softmax of q [Gp, H] over its blocks."""
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer = layer_ref[0]
+    q = q_ref[b, h]  # [Gp, H]
+    rows = q.shape[0]
+
+    def step(i, carry):
+        m, l, acc = carry
+        index = j * steps + i  # past the last entry (ragged last split): re-read it, masked
+        entry = jnp.minimum(index, entries - 1)
+        page = table_ref[b, entry]
+        k = k_ref[layer, page, :, h, :]  # [Z, H]
+        v = v_ref[layer, page, :, h, :]
+        s0 = pl.multiple_of(entry * block, block)
+        seen = (mask_ref[b, pl.ds(s0, block)] > 0) & (index < entries)  # [Z]
+        s = (
+            jax.lax.dot_general(
+                q,
+                k,
+                (((1,), (1,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            * scale
+        )  # [Gp, Z]
+        s = jnp.where(seen[None, :], s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(seen[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        pv = jax.lax.dot_general(
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+
+    init = (
+        jnp.full((rows,), _NEG, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros(q.shape, jnp.float32),
+    )
+    m, l, acc = jax.lax.fori_loop(0, steps, step, init)
+    o_ref[b, h, j] = acc
+    m_ref[b, h, j] = m
+    l_ref[b, h, j] = l
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    layer: jax.Array,
+    block_table: jax.Array,
+    mask: jax.Array,
+    *,
+    interpret: bool = False,
+) -> jax.Array:
+    """Softmax attention of one query per row over its blocks of layer `layer`, read in place.
+
+    Args:
+      q: [B, N, H] the new tokens' rotated queries (compute dtype).
+      k_pool, v_pool: [L, P, Z, K, H] every layer's pool (the new token already written).
+      layer: [] int32.
+      block_table: [B, R] int32 each row's blocks.
+      mask: [B, S = R * Z] bool, the keys each row's query sees (`paged_attention_mask`, T = 1).
+    Returns:
+      [B, N, H] in q's dtype; the same function as the gather + `dot_product_attention` oracle.
+    """
+    b, n, h = q.shape
+    _, _, block, kv_heads, _ = k_pool.shape
+    if block % MIN_BLOCK:
+        raise ValueError(f"block_size={block} must be a multiple of {MIN_BLOCK} for this kernel")
+    entries = block_table.shape[1]
+    groups = n // kv_heads
+    rows = pow2_at_least(groups)
+    splits, steps = _splits(entries, b * kv_heads)
+    q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
+    q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_pool.dtype)
+    kernel = functools.partial(
+        _kernel,
+        block=block,
+        steps=steps,
+        entries=entries,
+        scale=h**-0.5,
+        precision=matmul_precision(k_pool.dtype),
+    )
+    o, m, l = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
+        ),
+        grid=(b, kv_heads, splits),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="paged_decode_attention",
+    )(
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        block_table.astype(jnp.int32),
+        q_pad,
+        mask.astype(jnp.int8),
+        k_pool,
+        v_pool,
+    )
+    top = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, Gp]
+    weight = jnp.exp(m - top)  # [B, K, J, Gp]
+    total = jnp.sum(weight * l, axis=2)  # [B, K, Gp]
+    out = jnp.sum(weight[..., None] * o, axis=2) / jnp.maximum(total, 1e-30)[..., None]
+    out = out[:, :, :groups].reshape(b, n, h)  # [B, N, H]
+    return jax.lax.stop_gradient(out.astype(q.dtype))

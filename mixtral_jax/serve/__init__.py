@@ -1,0 +1,1 @@
+"""Serving: a continuous-batching engine over a paged KV cache (`engine.py`) and its HTTP front."""
