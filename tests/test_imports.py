@@ -144,6 +144,7 @@ LAYERS = [
     "tokenizer",
     "train",
     "generate",
+    "serve",
     "routing",
     "surgery",
     "upcycle",
