@@ -241,6 +241,7 @@ class _Server:
                     seed=gen.seed,
                     routing=gen.routing,
                     stop_ids=gen.stop_ids,
+                    ignore_eos=gen.ignore_eos,
                 )
             )
         except QueueFull:

@@ -2,9 +2,10 @@
 
 Counters and histograms are kept as requests run (time to first token and inter-token latency
 as the HTTP layer sees them: from the request's arrival, between token events); gauges of the
-engine (queue depth, running sequences, KV blocks) are read from `Engine.stats()` at each scrape,
-and output tokens/s is the count of the last `window_s` seconds. Every app has its own registry,
-so several servers in one process (tests) do not share series.
+engine (`mixtral_jax_engine_<key>` for every number of `Engine.stats()`: queue depth, running
+sequences, KV blocks, ...) are read at each scrape, and output tokens/s is the count of the last
+`window_s` seconds. Every app has its own registry, so several servers in one process (tests) do
+not share series.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ PREFIX = "mixtral_jax"
 # Seconds: 1 ms .. 60 s (a first token may wait behind a long prefill).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
-# Engine.stats() keys exported as gauges, with their help text.
+# Help texts of Engine.stats() keys; every numeric key is exported as a gauge.
 ENGINE_GAUGES = {
     "queue_depth": "requests waiting for a batch row",
     "running": "sequences in the running batch",
     "free_blocks": "free KV cache blocks",
     "total_blocks": "KV cache blocks in all",
+    "generated_tokens": "tokens the engine generated since it started",
+    "steps": "decode steps since the engine started",
 }
 
 
@@ -37,10 +40,10 @@ class _EngineCollector:
         self._stats, self._tokens_per_s = stats, tokens_per_s
 
     def collect(self):
-        stats = self._stats()
-        for key, help_text in ENGINE_GAUGES.items():
-            if key in stats:
-                yield GaugeMetricFamily(f"{PREFIX}_{key}", help_text, value=float(stats[key]))
+        for key, value in self._stats().items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                help_text = ENGINE_GAUGES.get(key, f"the engine's {key}")
+                yield GaugeMetricFamily(f"{PREFIX}_engine_{key}", help_text, value=float(value))
         yield GaugeMetricFamily(
             f"{PREFIX}_output_tokens_per_second",
             "output tokens per second over the last seconds",

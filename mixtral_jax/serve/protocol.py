@@ -8,7 +8,8 @@ echo, penalties, tools) are refused by name instead of ignored; unknown fields a
 
 Extensions beside OpenAI's fields: `top_k` (0 or -1 = off), `routing` (per generated token, the
 experts each layer chose and their gate weights), `return_token_ids` (the prompt's and the
-completion's ids, vLLM's name), `stop_token_ids` (vLLM's name).
+completion's ids, vLLM's name), `stop_token_ids` and `ignore_eos` (vLLM's names; the latter for
+benchmarks of fixed lengths).
 
 Chat prompts follow Mistral's instruct format as mistral-common's V1 tokenizer (Mixtral 8x7B)
 encodes it: `<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`, each message encoded on
@@ -30,7 +31,7 @@ MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_STOP_CHARS = 256
 MAX_STOP_IDS = 64
 MAX_MESSAGES = 1024
-SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key takes (a C long)
+SEED_RANGE = (0, 2**32 - 1)  # the engine's: keys are fold_in(key(seed), token index)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Fields OpenAI clients send that change nothing here: accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
@@ -54,7 +55,15 @@ UNSUPPORTED_CHAT = {
     "function_call": None,
 }
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids")
-COMMON_FIELDS = ("model", "max_tokens", "stream", "stream_options", "routing", "return_token_ids")
+COMMON_FIELDS = (
+    "model",
+    "max_tokens",
+    "stream",
+    "stream_options",
+    "routing",
+    "return_token_ids",
+    "ignore_eos",
+)
 COMPLETION_FIELDS = frozenset(("prompt", *COMMON_FIELDS, *SAMPLING_FIELDS)) | IGNORED
 CHAT_FIELDS = (
     frozenset(("messages", "max_completion_tokens", "response_format", *COMMON_FIELDS))
@@ -124,6 +133,7 @@ class Generation:
     include_usage: bool = False
     routing: bool = False
     return_token_ids: bool = False
+    ignore_eos: bool = False
 
 
 # ---- field checks ----------------------------------------------------------------------------
@@ -251,7 +261,7 @@ def _sampling(body: dict, vocab: int) -> tuple[SamplingParams, int]:
         sampling = SamplingParams(temperature, min(max(top_k, 0), vocab), top_p)
     except ConfigError as e:  # ranges are checked above: this is a second guard
         raise ApiError(str(e)) from None
-    return sampling, secrets.randbits(63) if seed is None else seed
+    return sampling, secrets.randbits(32) if seed is None else seed
 
 
 def _length(body: dict, name: str, prompt_len: int, default: int | None, limits: Limits) -> int:
@@ -369,6 +379,7 @@ def _generation(body, chat, prompt, prompt_name, default_len, tokenizer, limits,
         include_usage=_stream_options(body, stream),
         routing=_bool(body, "routing"),
         return_token_ids=_bool(body, "return_token_ids"),
+        ignore_eos=_bool(body, "ignore_eos"),
     )
 
 

@@ -24,8 +24,15 @@ def test_gauges_histograms_and_tokens_per_second():
     m.tokens(40, now=t0 + 1)
     m.tokens(60, now=t0 + 15)
     s = _samples(m)
-    assert s[("mixtral_jax_queue_depth", ())] == 3 and s[("mixtral_jax_running", ())] == 5
-    assert s[("mixtral_jax_free_blocks", ())] == 7 and s[("mixtral_jax_total_blocks", ())] == 9
+    assert (
+        s[("mixtral_jax_engine_queue_depth", ())] == 3
+        and s[("mixtral_jax_engine_running", ())] == 5
+    )
+    assert (
+        s[("mixtral_jax_engine_free_blocks", ())] == 7
+        and s[("mixtral_jax_engine_total_blocks", ())] == 9
+    )
+    assert s[("mixtral_jax_engine_steps", ())] == 1
     assert s[("mixtral_jax_requests_total", (("endpoint", "chat"), ("status", "200")))] == 1
     assert s[("mixtral_jax_output_tokens_total", ())] == 100
     assert s[("mixtral_jax_time_to_first_token_seconds_count", ())] == 1
@@ -35,5 +42,5 @@ def test_gauges_histograms_and_tokens_per_second():
     # the window holds the last 10 s: at t0 + 16 only the 60 tokens of t0 + 15
     assert m.tokens_per_second(now=t0 + 16) == 6.0
     stats["queue_depth"] = 0  # read again at the next scrape
-    assert _samples(m)[("mixtral_jax_queue_depth", ())] == 0
+    assert _samples(m)[("mixtral_jax_engine_queue_depth", ())] == 0
     assert Metrics(dict).render()  # a second registry: no duplicate series

@@ -39,6 +39,7 @@ def test_a_completion_body_becomes_a_generation(tok):
         "stream_options": {"include_usage": True},
         "routing": True,
         "return_token_ids": True,
+        "ignore_eos": True,
         "user": "someone",
     }
     gen = parse_completion(body, tok, LIMITS)
@@ -46,6 +47,7 @@ def test_a_completion_body_becomes_a_generation(tok):
     assert (gen.max_tokens, gen.seed, gen.stop, gen.stop_ids) == (7, 3, ("dog", "."), (2,))
     assert (gen.sampling.temperature, gen.sampling.top_p, gen.sampling.top_k) == (0.5, 0.9, 5)
     assert gen.stream and gen.include_usage and gen.routing and gen.return_token_ids
+    assert gen.ignore_eos
     assert not gen.chat
 
 
@@ -53,7 +55,7 @@ def test_completion_defaults_and_prompt_forms(tok):
     gen = parse_completion({"prompt": "fox"}, tok, LIMITS)
     assert gen.max_tokens == protocol.DEFAULT_MAX_TOKENS  # OpenAI's 16
     assert gen.sampling.temperature == 1.0 and gen.sampling.top_k == 0
-    assert 0 <= gen.seed < 2**63 and gen.seed != parse_completion({"prompt": "x"}, tok, LIMITS).seed
+    assert 0 <= gen.seed < 2**32 and gen.seed != parse_completion({"prompt": "x"}, tok, LIMITS).seed
     assert parse_completion({"prompt": ["fox"]}, tok, LIMITS).prompt == tok.encode("fox")
     assert parse_completion({"prompt": [1, 5, 9]}, tok, LIMITS).prompt == [1, 5, 9]
     assert parse_completion({"prompt": [[1, 5]]}, tok, LIMITS).prompt == [1, 5]
@@ -85,7 +87,9 @@ BAD_COMPLETIONS = [
     ({"max_tokens": "5"}, "max_tokens", "integer"),
     ({"max_tokens": 5.0}, "max_tokens", "integer"),
     ({"max_tokens": 10**9}, "max_tokens", "context of 64 tokens"),
-    ({"seed": 2**64}, "seed", "must be in"),
+    ({"seed": 2**32}, "seed", "must be in [0, 4294967295]"),
+    ({"seed": -1}, "seed", "must be in [0, 4294967295]"),
+    ({"ignore_eos": "no"}, "ignore_eos", "true or false"),
     ({"model": "gpt-4"}, "model", "not served here"),
     ({"model": 4}, "model", "string"),
     ({"stop": [""]}, "stop", "empty string"),
