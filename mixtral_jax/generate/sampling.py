@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus)."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus); one setting
+for a whole batch (`sample`) or each row its own (`sample_rows`, the serving engine's step)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from mixtral_jax.config import ConfigError
 
@@ -63,3 +65,65 @@ def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Arr
         )
         logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@struct.dataclass
+class RowSampling:
+    """Per-row sampling settings of one batched step, as arrays (one compiled step serves every
+    mix of settings: nothing here is static).
+
+    Attributes:
+      temperature: [B] float32, 0 = greedy.
+      top_k: [B] int32, 0 = off.
+      top_p: [B] float32, 1 = off.
+      seed: [B] uint32 the row's request seed.
+      counter: [B] int32 the index of the token being drawn among the row's new tokens.
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seed: jax.Array
+    counter: jax.Array
+
+    def keys(self) -> jax.Array:
+        """[B] PRNG keys, fold_in(key(seed), counter): a row's draws depend on its own seed and
+        token index only, never on which other rows share the batch."""
+        return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
+            self.seed, self.counter
+        )
+
+
+def sample_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
+    """`sample` with each row's own settings and key: logits [B, V] float32 -> [B] int32.
+
+    Row b's token equals `sample(logits[b:b+1], rows.keys()[b], SamplingParams(...row b...))`.
+    A batch of greedy rows skips the sort (a `lax.cond`, both branches in one program).
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = rows.temperature > 0
+
+    def draw():
+        scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
+        vocab = logits.shape[-1]
+        order = jnp.argsort(-scaled, axis=-1)  # most probable first, stable as in `sample`
+        ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V]
+        k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, vocab), vocab)
+        kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)  # [B, 1]
+        ranked = jnp.where(ranked < kth, -jnp.inf, ranked)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more probable tokens
+        keep_ranked = (before < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1)
+        keep_ranked &= ranked > -jnp.inf
+        keep = (
+            jnp.zeros_like(keep_ranked)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(keep_ranked)
+        )
+        filtered = jnp.where(keep, scaled, -jnp.inf)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(
+            rows.keys(), filtered
+        )
+        return jnp.where(hot, drawn.astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(hot), draw, lambda: greedy)

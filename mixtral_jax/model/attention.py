@@ -37,6 +37,7 @@ from mixtral_jax.kernels import decode_attention as flash_decode
 from mixtral_jax.kernels import decode_matmul
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model.layers import apply_rope, normal_init
+from mixtral_jax.model.paged_kv_cache import gather_rows, write_paged
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
 
@@ -284,6 +285,33 @@ class Attention(nnx.Module):
         if read_first:
             k_cache, v_cache = write(k_cache, v_cache)
         return out, k_cache, v_cache
+
+    def paged(self, x, cos, sin, k_pool, v_pool, mask, blocks, offsets, block_table, layer, plan):
+        """Writes T new tokens per row into one layer of a paged pool, then attends over each
+        row's blocks (`model/paged_kv_cache.py`).
+
+        The gather oracle: each row's blocks of this layer are copied out ([B, S, K, H]) and
+        the plan's cached attention runs over them; the plan's `decode_attention` kernel reads a
+        contiguous cache and does not apply here.
+
+        Args:
+          x: [B, T, D]; cos, sin: [B, T, H].
+          k_pool, v_pool: [L, P, Z, K, H] every layer's pool (the layer scan's carry).
+          mask: [B, T, S] from `paged_attention_mask`.
+          blocks, offsets: [B, T] where each new token goes (`write_locations`).
+          block_table: [B, R] each row's blocks; layer: [] int32.
+          plan: the call's kernels (`decode_projections` pallas: the projections are stacks).
+        Returns:
+          ([B, T, D], k_pool, v_pool) with the new tokens written.
+        """
+        stacked = plan.decode_projections == DecodeProjectionImpl.PALLAS
+        q, k, v = self.project(x, cos, sin, layer, stacked)
+        k_pool = write_paged(k_pool, k, layer, blocks, offsets)
+        v_pool = write_paged(v_pool, v, layer, blocks, offsets)
+        keys = gather_rows(k_pool, layer, block_table).astype(q.dtype)  # [B, S, K, H]
+        values = gather_rows(v_pool, layer, block_table).astype(q.dtype)
+        out = attend_cached(q, keys, values, mask, plan.cached_attention)
+        return self.output(out, layer, stacked), k_pool, v_pool
 
 
 def cached_attention_mask(

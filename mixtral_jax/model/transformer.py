@@ -23,10 +23,12 @@ from flax import nnx, struct
 from mixtral_jax.config import DecodeProjectionImpl, ModelConfig, Remat
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
+from mixtral_jax.model import paged_kv_cache
 from mixtral_jax.model.attention import Attention, cached_attention_mask, make_attention_mask
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.layers import Embed, RMSNorm, normal_init, rope_cos_sin
 from mixtral_jax.model.moe import MoE, MoEAux
+from mixtral_jax.model.paged_kv_cache import PagedKVCache
 from mixtral_jax.parallel import sharding
 
 
@@ -113,6 +115,16 @@ class DecoderBlock(nnx.Module):
         h = x + attn
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
         return h + moe_out, aux, k_cache, v_cache
+
+    def paged(self, x, cos, sin, k_pool, v_pool, mask, where, block_table, token_mask, layer, plan):
+        """Like `cached` over a paged pool (`Attention.paged`): where = (blocks, offsets) [B, T]
+        of the new tokens. Returns ([B, T, D], aux, k_pool, v_pool)."""
+        attn, k_pool, v_pool = self.attn.paged(
+            self.attn_norm(x), cos, sin, k_pool, v_pool, mask, *where, block_table, layer, plan
+        )
+        h = x + attn
+        moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
+        return h + moe_out, aux, k_pool, v_pool
 
 
 def _stacked_filter(plan: KernelPlan):
@@ -277,24 +289,10 @@ class Mixtral(nnx.Module):
         # past `key_limit` is empty: flash attention may skip them (not when new tokens that did
         # not fit, or the pre-write buffer, are appended as extra keys).
         key_limit = None if read_first or kept < t else jnp.minimum(cache.length + t, size)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         token_mask = valid.astype(jnp.float32)
-        # The plan's stacked weights stay out of the scan's sliced inputs: the layer reads layer
-        # i of the whole stack in place (a scan slice feeding a custom kernel would be copied;
-        # XLA copies a sliced layer before its matmul reads it).
-        graphdef, expert_stacks, layer_state = nnx.split(self.layers, _stacked_filter(plan), ...)
-        if plan.decode_projections == DecodeProjectionImpl.PALLAS:
-            _pad_router_stack(expert_stacks)
 
-        # The whole cache [L, B, S, K, H] rides in the scan's carry: layer i reads its slice and
-        # writes only its new slots, which XLA does in place (and in the caller's buffers when
-        # they are donated). As scanned inputs and stacked outputs instead, every call would
-        # read the whole cache and write a fresh copy of it.
-        def body(carry, xs):
-            x, k_cache, v_cache = carry
-            state, index = xs
-            layer = nnx.merge(graphdef, expert_stacks, state)
-            x, aux, k_cache, v_cache = layer.cached(
+        def layer_call(layer, x, cos, sin, k_cache, v_cache, layer_index):
+            return layer.cached(
                 x,
                 cos,
                 sin,
@@ -303,24 +301,111 @@ class Mixtral(nnx.Module):
                 mask,
                 slots,
                 token_mask,
-                layer=index,
+                layer=layer_index,
                 plan=plan,
                 read_first=read_first,
                 key_limit=key_limit,
             )
+
+        logits, layer_aux, k, v = self._scan_cached(
+            tokens, positions, cache.k, cache.v, layer_call, plan
+        )
+        new_cache = KVCache(k=k, v=v, index=index, valid=slot_valid, length=cache.length + t)
+        return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
+
+    def extend_paged(
+        self,
+        tokens: jax.Array,
+        cache: PagedKVCache,
+        *,
+        valid: jax.Array,
+        plan: KernelPlan | None = None,
+    ) -> tuple[ModelOutput, PagedKVCache]:
+        """`extend` over a paged cache: T new tokens per row, each row at its own length.
+
+        Args:
+          tokens: [B, T] new token ids; row b's token t is at absolute index (and RoPE
+            position) cache.lengths[b] + t.
+          cache: the pool, each row's block table (blocks for every new valid token already
+            assigned) and lengths.
+          valid: [B, T] bool, True for a prefix of each row (a partial prefill chunk, or a row
+            with nothing to run this step): only those are written, attended to and counted.
+          plan: the kernels of this call; default `kernel_plan.resolve` for B*T cached tokens.
+        Returns:
+          (ModelOutput for the new tokens, the cache with the new tokens written and lengths
+          advanced by each row's valid count).
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if plan is None:
+            plan = kernel_plan.resolve(cfg, b * t, cached=True, queries=t)
+        valid = valid.astype(bool)
+        positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
+        where = paged_kv_cache.write_locations(cache, t, valid)
+        mask = paged_kv_cache.paged_attention_mask(
+            cache.lengths, t, valid, cache.row_capacity, cfg.sliding_window
+        )
+        token_mask = valid.astype(jnp.float32)
+
+        def layer_call(layer, x, cos, sin, k_pool, v_pool, layer_index):
+            return layer.paged(
+                x,
+                cos,
+                sin,
+                k_pool,
+                v_pool,
+                mask,
+                where,
+                cache.block_table,
+                token_mask,
+                layer_index,
+                plan,
+            )
+
+        logits, layer_aux, k, v = self._scan_cached(
+            tokens, positions, cache.k, cache.v, layer_call, plan
+        )
+        lengths = cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)
+        new_cache = cache.replace(k=k, v=v, lengths=lengths)
+        return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
+
+    def _scan_cached(self, tokens, positions, k_cache, v_cache, layer_call, plan: KernelPlan):
+        """The layer scan of a cached call: embed, L x layer_call over the cache, norm, LM head.
+
+        layer_call(layer, x, cos, sin, k_cache, v_cache, index) -> (x, aux, k_cache, v_cache)
+        runs one block over every layer's cache stacks (contiguous [L, B, S, K, H] or a paged
+        pool [L, P, Z, K, H]). Returns (logits [B, T, V] float32, stacked MoEAux, k, v).
+        """
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        # The plan's stacked weights stay out of the scan's sliced inputs: the layer reads layer
+        # i of the whole stack in place (a scan slice feeding a custom kernel would be copied;
+        # XLA copies a sliced layer before its matmul reads it).
+        graphdef, expert_stacks, layer_state = nnx.split(self.layers, _stacked_filter(plan), ...)
+        if plan.decode_projections == DecodeProjectionImpl.PALLAS:
+            _pad_router_stack(expert_stacks)
+
+        # The whole cache rides in the scan's carry: layer i reads its slice and writes only
+        # its new slots, which XLA does in place (and in the caller's buffers when they are
+        # donated). As scanned inputs and stacked outputs instead, every call would read the
+        # whole cache and write a fresh copy of it.
+        def body(carry, xs):
+            x, k_cache, v_cache = carry
+            state, index = xs
+            layer = nnx.merge(graphdef, expert_stacks, state)
+            x, aux, k_cache, v_cache = layer_call(layer, x, cos, sin, k_cache, v_cache, index)
             return (x, k_cache, v_cache), aux
 
         x = self.embed(tokens)
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, k, v), layer_aux = jax.lax.scan(
-            body, (x, cache.k, cache.v), (layer_state, indices), unroll=plan.extend_unroll
+            body, (x, k_cache, v_cache), (layer_state, indices), unroll=plan.extend_unroll
         )
         x = self.final_norm(x)
         logits = jnp.einsum(
             "BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32
         )
-        new_cache = KVCache(k=k, v=v, index=index, valid=slot_valid, length=cache.length + t)
-        return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
+        return logits, layer_aux, k, v
 
 
 def _model_aux(layer_aux: MoEAux, batch: int, length: int) -> ModelAux:

@@ -1,2 +1,2 @@
-"""Serving: an OpenAI-compatible HTTP server (app.py, protocol.py, metrics.py; `python -m
-mixtral_jax.serve`) over a continuous-batching engine (engine.py)."""
+"""Serving: a continuous-batching engine over a paged KV cache (`engine.py`) and its HTTP front,
+an OpenAI-compatible server (`app.py`, `protocol.py`, `metrics.py`; `python -m mixtral_jax.serve`)."""

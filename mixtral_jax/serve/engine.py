@@ -1,0 +1,442 @@
+"""Continuous batching over a paged KV cache: requests join and leave a running batch.
+
+One background thread steps the model. Each iteration:
+  1. cancelled requests leave (their row and KV blocks free at once);
+  2. waiting requests take free rows, first come first served, when the block pool can promise
+     each every block it may need (prompt + max_tokens; blocks are taken only as tokens fill
+     them, and what is left of the promise returns when the request ends);
+  3. one decode step [max_batch, 1] for every row that has sampled a token (idle rows masked);
+  4. one prefill chunk [prefill_rows, prefill_chunk] for the oldest rows still prefilling, so
+     streams already running keep producing while a long prompt is prefilled;
+  5. new tokens go to their streams; rows that finished (EOS, a stop id, max_tokens) leave.
+Only those two shapes are ever compiled (`steps.py`; `warmup` compiles both).
+
+A row's tokens depend on its own request only: per-row positions and lengths in the paged
+cache, per-row sampling settings, and keys fold_in(key(seed), token index).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+
+import jax
+import numpy as np
+
+from mixtral_jax.config import ConfigError
+from mixtral_jax.generate.sampling import SamplingParams
+from mixtral_jax.model.paged_kv_cache import PagedKVCache
+from mixtral_jax.model.transformer import Mixtral
+from mixtral_jax.serve.blocks import BlockPool
+from mixtral_jax.serve.rows import CANCELLED, EOS, ERROR, LENGTH, STOP, Event, Request, Row, Stream
+from mixtral_jax.serve.steps import Steps, idle_sampling
+
+__all__ = ["Engine", "EngineClosed", "Event", "QueueFull", "Request", "Stream", "TooLong"]
+
+log = logging.getLogger(__name__)
+_MAX_SEED = 2**32
+
+
+class QueueFull(Exception):
+    """submit() while the waiting queue is at its limit (HTTP 429)."""
+
+
+class TooLong(ConfigError):
+    """prompt + max_tokens beyond the context or the KV capacity (HTTP 400); names the numbers."""
+
+
+class EngineClosed(RuntimeError):
+    """submit() after shutdown() began (HTTP 503)."""
+
+
+def _positive(name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+class Engine:
+    """Serves one model: `submit` requests, read their streams.
+
+    Args:
+      model: the model (its cfg fixes widths and the context).
+      max_batch: B, rows decoded together.
+      max_queue: requests waiting for a row at most (more: QueueFull).
+      block_size: Z, tokens per KV block.
+      num_blocks: blocks in the pool, the sink included; default enough for every row at the
+        full context (max_batch * ceil(max_context / Z) + 1).
+      prefill_chunk: C, prompt tokens per prefill call.
+      eos_id: the end-of-sequence id (default the model's eos_token_id).
+      prefill_rows: Q, rows prefilled per chunk call.
+      max_context: the longest prompt + max_tokens (default and limit: cfg.max_seq_len); it
+        sets each row's table width and so the decode step's attention span.
+    """
+
+    def __init__(
+        self,
+        model: Mixtral,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        prefill_chunk: int = 256,
+        eos_id: int | None = None,
+        prefill_rows: int = 1,
+        max_context: int | None = None,
+    ):
+        cfg = self.cfg = model.cfg
+        self.max_batch = _positive("max_batch", max_batch)
+        self.max_queue = _positive("max_queue", max_queue, 0)
+        self.block_size = _positive("block_size", block_size)
+        self.prefill_chunk = _positive("prefill_chunk", prefill_chunk)
+        self.prefill_rows = _positive("prefill_rows", prefill_rows)
+        self.max_context = _positive("max_context", max_context or cfg.max_seq_len)
+        if self.max_context > cfg.max_seq_len:
+            raise ConfigError(
+                f"max_context={max_context} exceeds the model's max_seq_len={cfg.max_seq_len}"
+            )
+        self.blocks_per_row = math.ceil(self.max_context / block_size)
+        if num_blocks is None:
+            num_blocks = max_batch * self.blocks_per_row + 1
+        self.num_blocks = _positive("num_blocks", num_blocks, 2)
+        self.eos_id = cfg.eos_token_id if eos_id is None else eos_id
+        self.steps = Steps(model)
+        self._pool = self._new_pool()
+        self._blocks = BlockPool(num_blocks)
+        self._table = np.zeros((max_batch, self.blocks_per_row), np.int32)
+        self._rows: list[Row | None] = [None] * max_batch
+        self._waiting: collections.deque[Stream] = collections.deque()
+        self._cond = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._closed = self._cancel_on_close = False
+        self._thread: threading.Thread | None = None
+        self._admitted = 0
+        self.generated_tokens = self.decode_steps = self.prefill_calls = 0
+
+    def _new_pool(self):
+        cache = PagedKVCache.create(
+            self.cfg, 1, self.num_blocks, self.block_size, self.blocks_per_row
+        )
+        return (cache.k, cache.v)
+
+    # ---- the interface ----------------------------------------------------------------------
+    def blocks_needed(self, request: Request) -> int:
+        """KV blocks a request fills at most: prompt + max_tokens - 1 tokens (the last token
+        sampled is never fed back)."""
+        return math.ceil((len(request.prompt) + request.max_tokens - 1) / self.block_size)
+
+    def validate(self, request: Request) -> None:
+        """Raises ConfigError (TooLong for length) naming the field, value and rule; no side
+        effects."""
+        vocab = self.cfg.vocab_size
+        prompt = request.prompt
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ConfigError("prompt must be a non-empty list of token ids")
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None or any(isinstance(t, bool) for t in prompt):
+            raise ConfigError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        _positive("max_tokens", request.max_tokens)
+        if not isinstance(request.sampling, SamplingParams):
+            raise ConfigError(f"sampling={request.sampling!r} must be a SamplingParams")
+        seed = request.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < _MAX_SEED:
+            raise ConfigError(f"seed={seed!r} must be an integer in [0, 2**32)")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.stop_ids):
+            raise ConfigError(f"stop_ids={request.stop_ids!r} must be token ids in [0, {vocab})")
+        total = len(prompt) + request.max_tokens
+        if total > self.max_context:
+            raise TooLong(
+                f"prompt of {len(prompt)} tokens + max_tokens={request.max_tokens} = {total} "
+                f"exceeds the context of {self.max_context} tokens"
+            )
+        need = self.blocks_needed(request)
+        if need > self._blocks.total:
+            raise TooLong(
+                f"prompt of {len(prompt)} tokens + max_tokens={request.max_tokens} needs {need} "
+                f"KV blocks of {self.block_size} tokens; the pool has {self._blocks.total}"
+            )
+
+    def submit(self, request: Request) -> Stream:
+        """Validates and queues a request; its stream yields events as it runs.
+
+        Raises:
+          ConfigError / TooLong: a bad request (nothing queued).
+          QueueFull: max_queue requests already wait.
+          EngineClosed: shutdown() has begun.
+        """
+        self.validate(request)
+        stream = Stream(request, self._wake)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is shutting down and admits no new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full: {self.max_queue} requests are waiting")
+            self._waiting.append(stream)
+            self._cond.notify_all()
+        return stream
+
+    def start(self) -> None:
+        """Starts the engine thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mixtral-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, cancel: bool = True, timeout: float | None = None) -> None:
+        """Stops admitting; cancels (or, with cancel=False, finishes) every queued and running
+        request, then joins the thread. A finish that outlasts `timeout` seconds is cancelled."""
+        with self._cond:
+            self._closed, self._cancel_on_close = True, cancel
+            self._cond.notify_all()
+        if self._thread is None:
+            self._cancel_everything()
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cond:
+                self._cancel_on_close = True
+                self._cond.notify_all()
+            self._thread.join()
+
+    def stats(self) -> dict:
+        """queue_depth, running (rows held; prefilling of them), free_blocks, total_blocks,
+        generated_tokens (monotonic), steps (decode steps), prefill_calls, traces (compiles)."""
+        rows = [r for r in self._rows if r is not None]
+        return {
+            "queue_depth": len(self._waiting),
+            "running": len(rows),
+            "prefilling": sum(r.prefilling for r in rows),
+            "free_blocks": self._blocks.free,
+            "total_blocks": self._blocks.total,
+            "generated_tokens": self.generated_tokens,
+            "steps": self.decode_steps,
+            "prefill_calls": self.prefill_calls,
+            "traces": self.steps.traces,
+        }
+
+    def warmup(self) -> None:
+        """Compiles (and runs once, every row idle: writes go to the sink) both step shapes."""
+        with self._step_lock:
+            b, q, c, r = self.max_batch, self.prefill_rows, self.prefill_chunk, self.blocks_per_row
+            pool, _ = self.steps.decode(
+                self._pool,
+                np.zeros(b, np.int32),
+                np.zeros((b, r), np.int32),
+                np.zeros(b, np.int32),
+                np.zeros(b, bool),
+                idle_sampling(b),
+            )
+            pool, _ = self.steps.prefill(
+                pool,
+                np.zeros((q, c), np.int32),
+                np.zeros((q, r), np.int32),
+                np.zeros(q, np.int32),
+                np.zeros(q, np.int32),
+                idle_sampling(q),
+            )
+            self._pool = jax.block_until_ready(pool)
+
+    def run_once(self) -> bool:
+        """One iteration on the caller's thread (tests, tools; not together with start()).
+        Returns whether there was anything to do."""
+        with self._step_lock:
+            return self._iterate()
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _busy(self) -> bool:
+        return bool(self._waiting) or any(r is not None for r in self._rows)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._busy() and not self._closed:
+                    self._cond.wait()
+                if self._closed and (self._cancel_on_close or not self._busy()):
+                    break
+            with self._step_lock:
+                self._iterate()
+        self._cancel_everything()
+
+    def _iterate(self) -> bool:
+        """Steps 1-5 of the module docstring; an exception in a compiled call fails the rows
+        it ran (finish 'error') and resets the pool, and the engine carries on."""
+        self._reap()
+        self._admit()
+        decoding = [i for i, r in enumerate(self._rows) if r is not None and not r.prefilling]
+        prefilling = sorted(
+            (i for i, r in enumerate(self._rows) if r is not None and r.prefilling),
+            key=lambda i: self._rows[i].order,
+        )[: self.prefill_rows]
+        if not decoding and not prefilling:
+            return False
+        try:
+            decoded = self._decode(decoding) if decoding else None
+            prefilled = self._prefill(prefilling) if prefilling else None
+            if decoded is not None:
+                self._deliver(decoding, decoded, decoding)
+            if prefilled is not None:
+                self._finish_prefill(prefilling, prefilled)
+        except Exception as err:  # a device or XLA failure: fail the rows, go on
+            log.exception("engine step failed")
+            self._pool = self._new_pool()
+            for i in range(self.max_batch):  # the donated pool is gone: every row's KV with it
+                if self._rows[i] is not None:
+                    self._leave(i, Event([], None, ERROR, f"{type(err).__name__}: {err}"))
+        return True
+
+    def _reap(self) -> None:
+        """Cancelled requests leave: rows free their blocks, queued ones drop out."""
+        for i, row in enumerate(self._rows):
+            if row is not None and row.stream.cancelled:
+                self._leave(i, Event([], None, CANCELLED))
+        with self._cond:
+            gone = [s for s in self._waiting if s.cancelled]
+            for stream in gone:
+                self._waiting.remove(stream)
+        for stream in gone:
+            stream.put(Event([], None, CANCELLED))
+
+    def _admit(self) -> None:
+        """Free rows to waiting requests, first come first served, while the pool can promise
+        the head its blocks (the head waits rather than be overtaken: no starvation)."""
+        while None in self._rows:
+            with self._cond:
+                if not self._waiting:
+                    return
+                stream = self._waiting[0]
+                need = self.blocks_needed(stream.request)
+                if not self._blocks.promise(need):
+                    return
+                self._waiting.popleft()
+            self._admitted += 1
+            self._rows[self._rows.index(None)] = Row(stream, self._admitted, need)
+
+    def _leave(self, i: int, event: Event) -> None:
+        """Row i's request ends with `event`: its blocks and unused promise return at once."""
+        row = self._rows[i]
+        self._blocks.release(row.blocks, row.promise)
+        self._table[i] = 0
+        self._rows[i] = None
+        row.stream.put(event)
+
+    def _cancel_everything(self) -> None:
+        for i, row in enumerate(self._rows):
+            if row is not None:
+                self._leave(i, Event([], None, CANCELLED))
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for stream in waiting:
+            stream.put(Event([], None, CANCELLED))
+
+    def _hold(self, i: int, tokens: int) -> None:
+        """Row i takes pool blocks until its table covers `tokens` tokens."""
+        row = self._rows[i]
+        while len(row.blocks) * self.block_size < tokens:
+            block = self._blocks.take()
+            row.promise -= 1
+            self._table[i, len(row.blocks)] = block
+            row.blocks.append(block)
+
+    def _sampling(self, rows: list[Row | None]):
+        """RowSampling host arrays for `rows` (None: idle, greedy)."""
+        out = idle_sampling(len(rows))
+        for j, row in enumerate(rows):
+            if row is not None:
+                params = row.request.sampling
+                out.temperature[j], out.top_k[j] = params.temperature, params.top_k
+                out.top_p[j], out.seed[j] = params.top_p, row.request.seed
+                out.counter[j] = len(row.generated)
+        return out
+
+    def _decode(self, decoding: list[int]):
+        """Dispatches the decode step for rows `decoding`; returns its StepOutput (on the
+        device: the prefill chunk is dispatched before the host waits for it)."""
+        b = self.max_batch
+        tokens, lengths, active = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
+        for i in decoding:
+            row = self._rows[i]
+            self._hold(i, row.cached + 1)
+            tokens[i], lengths[i], active[i] = row.last, row.cached, True
+        table = self._table * active[:, None]  # rows still prefilling take no part
+        sampling = self._sampling([self._rows[i] if active[i] else None for i in range(b)])
+        self._pool, out = self.steps.decode(self._pool, tokens, table, lengths, active, sampling)
+        self.decode_steps += 1
+        for i in decoding:
+            self._rows[i].cached += 1
+        return out
+
+    def _prefill(self, prefilling: list[int]):
+        """Dispatches one prefill chunk for rows `prefilling`; returns its StepOutput."""
+        q, c = self.prefill_rows, self.prefill_chunk
+        tokens, table = np.zeros((q, c), np.int32), np.zeros((q, self.blocks_per_row), np.int32)
+        lengths, counts = np.zeros(q, np.int32), np.zeros(q, np.int32)
+        for j, i in enumerate(prefilling):
+            row = self._rows[i]
+            piece = row.request.prompt[row.cached : row.cached + c]
+            self._hold(i, row.cached + len(piece))
+            tokens[j, : len(piece)], table[j] = piece, self._table[i]
+            lengths[j], counts[j] = row.cached, len(piece)
+        rows = [self._rows[i] for i in prefilling]
+        sampling = self._sampling(rows + [None] * (q - len(rows)))
+        self._pool, out = self.steps.prefill(self._pool, tokens, table, lengths, counts, sampling)
+        self.prefill_calls += 1
+        for j, i in enumerate(prefilling):
+            self._rows[i].cached += int(counts[j])
+        return out
+
+    def _finish_prefill(self, prefilling: list[int], out) -> None:
+        """Rows whose prompt is now all in the cache take their first token."""
+        done = [j for j, i in enumerate(prefilling) if self._rows[i].cached == self._prompt(i)]
+        self._deliver([prefilling[j] for j in done], out, done)
+
+    def _prompt(self, i: int) -> int:
+        return len(self._rows[i].request.prompt)
+
+    def _deliver(self, rows: list[int], out, columns) -> None:
+        """Row rows[n] sampled out.tokens[columns[n]]: stream it, or end the row."""
+        tokens, experts, weights = _host(out, [self._rows[i] for i in rows])
+        for i, j in zip(rows, columns):
+            row = self._rows[i]
+            token, request = int(tokens[j]), row.request
+            finish = None
+            if token == self.eos_id and not request.ignore_eos:
+                finish, new = EOS, []
+            elif token in request.stop_ids:
+                finish, new = STOP, []
+            else:
+                new = [token]
+                row.generated.append(token)
+                if len(row.generated) >= request.max_tokens:
+                    finish = LENGTH
+            routing = None
+            if request.routing:
+                routing = [_trace(experts[:, j], weights[:, j])] if new else []
+            self.generated_tokens += len(new)
+            event = Event(new, routing, finish)
+            if finish is not None:
+                self._leave(i, event)
+            else:
+                row.last = token
+                row.stream.put(event)
+
+
+def _trace(experts: np.ndarray, weights: np.ndarray) -> list:
+    """[L, k] experts and weights -> [L][k] (expert id, gate weight) pairs."""
+    return [
+        [(int(e), float(w)) for e, w in zip(layer_e, layer_w)]
+        for layer_e, layer_w in zip(experts, weights)
+    ]
+
+
+def _host(out, rows: list[Row]):
+    """(tokens, experts, weights) of a StepOutput on the host; routing only if a row asks."""
+    tokens = np.asarray(out.tokens)
+    if any(r.request.routing for r in rows):
+        return tokens, np.asarray(out.experts), np.asarray(out.weights)
+    return tokens, None, None

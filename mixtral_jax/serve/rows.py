@@ -1,0 +1,148 @@
+"""What the engine hands out and keeps per request: Request, Event, Stream, and a batch row.
+
+`Request` and `Event` are the engine's interface (the HTTP layer builds one and relays the
+other); `Stream` is the thread-safe handle `Engine.submit` returns; `Row` is the engine thread's
+own bookkeeping of a request holding a row of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+from mixtral_jax.generate.sampling import SamplingParams
+
+GREEDY = SamplingParams()
+# Why a stream ended.
+EOS, LENGTH, STOP, CANCELLED, ERROR = "eos", "length", "stop", "cancelled", "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request.
+
+    Attributes:
+      prompt: token ids, BOS included by the caller.
+      max_tokens: new tokens at most.
+      sampling: temperature / top-k / top-p (greedy by default).
+      seed: this request's PRNG seed in [0, 2**32): the same seed and prompt give the same
+        tokens whatever else the batch holds.
+      routing: return, per new token, every layer's chosen experts and gate weights.
+      stop_ids: extra token ids that end the request ('stop'; the id itself is not returned).
+      ignore_eos: do not stop at EOS (benchmarks of fixed lengths).
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = GREEDY
+    seed: int = 0
+    routing: bool = False
+    stop_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a stream yields, in order.
+
+    Attributes:
+      tokens: new token ids since the previous event (may be empty on finish).
+      routing: with `Request.routing`, one entry per new token: [L][k] (expert id, gate weight)
+        pairs, the routing of the position whose logits chose that token; else None.
+      finish: None while running; 'eos' | 'length' | 'stop' | 'cancelled' | 'error' on the last.
+      error: what went wrong, with finish 'error'.
+    """
+
+    tokens: list[int]
+    routing: list | None
+    finish: str | None
+    error: str | None = None
+
+
+class Stream:
+    """The handle of a submitted request; safe to use from any thread.
+
+    Attributes:
+      id: unique request id.
+      prompt_tokens: the prompt's length.
+      submitted: time.monotonic() at submit; first_token_at, finished_at: when those happened
+        (None until then), for metrics.
+    """
+
+    def __init__(self, request: Request, wake: Callable[[], None]):
+        self.id = uuid.uuid4().hex
+        self.request = request
+        self.prompt_tokens = len(request.prompt)
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.finish: str | None = None
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._cancel = threading.Event()
+        self._wake = wake
+
+    def get(self, timeout: float | None = None) -> Event:
+        """The next event, blocking; raises queue.Empty after `timeout` seconds."""
+        return self._events.get(timeout=timeout)
+
+    def __iter__(self) -> Iterator[Event]:
+        """Every event up to and including the one with `finish` set."""
+        while True:
+            event = self.get()
+            yield event
+            if event.finish is not None:
+                return
+
+    def cancel(self) -> None:
+        """Ends the request: its row and KV blocks are freed before the next decode step, and
+        the stream then yields finish='cancelled' (a no-op once finished)."""
+        self._cancel.set()
+        self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def put(self, event: Event) -> None:
+        """(Engine thread) delivers an event; the first with tokens stamps first_token_at."""
+        now = time.monotonic()
+        if event.tokens and self.first_token_at is None:
+            self.first_token_at = now
+        if event.finish is not None:
+            self.finish, self.finished_at = event.finish, now
+        self._events.put(event)
+
+
+@dataclasses.dataclass
+class Row:
+    """(Engine thread) a request holding a row of the batch.
+
+    Attributes:
+      stream: its stream (request at stream.request).
+      order: admission order (prefill goes first come, first served).
+      promise: KV blocks still promised to it by the pool (`BlockPool`).
+      blocks: pool blocks it holds, in token order (its block-table row).
+      cached: tokens in the cache (the next token's absolute index and RoPE position).
+      generated: tokens returned so far.
+      last: the token to feed next (the last sampled), None while prefilling.
+    """
+
+    stream: Stream
+    order: int
+    promise: int
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    cached: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)
+    last: int | None = None
+
+    @property
+    def request(self) -> Request:
+        return self.stream.request
+
+    @property
+    def prefilling(self) -> bool:
+        return self.last is None

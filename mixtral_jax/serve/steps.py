@@ -1,0 +1,93 @@
+"""The engine's two compiled calls over the paged KV cache, each of one fixed shape.
+
+  decode   [B, 1]: one new token for every row of the batch (idle rows masked: their writes go
+           to the sink block), B = max_batch.
+  prefill  [Q, C]: one chunk of C prompt tokens for each of Q rows (a short last chunk masked),
+           Q = prefill_rows.
+
+Both donate the pool, sample each row's next token with its own settings and key
+(`sample_rows`), and return the routing of the position that chose it: [L, rows, k] experts and
+gate weights, from the router logits the MoE computed (`route_logits` again: the same function
+of the same logits). `traces` counts how often either was traced: after `warm`, a steady state
+that compiles nothing more leaves it at 2.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from mixtral_jax.generate.sampling import RowSampling, sample_rows
+from mixtral_jax.model.paged_kv_cache import PagedKVCache
+from mixtral_jax.model.transformer import Mixtral
+from mixtral_jax.moe.ops import route_logits
+
+
+@struct.dataclass
+class StepOutput:
+    """tokens: [rows] int32 sampled next tokens; experts: [L, rows, k] int32 and weights:
+    [L, rows, k] float32, the routing of the position each token was sampled at."""
+
+    tokens: jax.Array
+    experts: jax.Array
+    weights: jax.Array
+
+
+def idle_sampling(rows: int) -> RowSampling:
+    """Greedy settings for `rows` rows (host numpy arrays, filled in per step)."""
+    return RowSampling(
+        temperature=np.zeros(rows, np.float32),
+        top_k=np.zeros(rows, np.int32),
+        top_p=np.ones(rows, np.float32),
+        seed=np.zeros(rows, np.uint32),
+        counter=np.zeros(rows, np.int32),
+    )
+
+
+class Steps:
+    """The compiled decode step and prefill chunk of one model, and the pool they update."""
+
+    def __init__(self, model: Mixtral):
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.traces = 0
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+
+    def _routing(self, router_logits: jax.Array, tokens: jax.Array) -> StepOutput:
+        """router_logits: [L, rows, E] -> StepOutput with the routing of those positions."""
+        routing = route_logits(router_logits, self.cfg.num_experts_per_tok)
+        return StepOutput(tokens=tokens, experts=routing.experts, weights=routing.weights)
+
+    def _decode_fn(self, state, pool, tokens, block_table, lengths, active, sampling):
+        """tokens [B] fed at lengths [B] of rows with active [B] -> (pool, StepOutput)."""
+        self.traces += 1
+        model = nnx.merge(self.graphdef, state)
+        cache = PagedKVCache(k=pool[0], v=pool[1], block_table=block_table, lengths=lengths)
+        out, cache = model.extend_paged(tokens[:, None], cache, valid=active[:, None])
+        chosen = sample_rows(out.logits[:, 0], sampling)
+        return (cache.k, cache.v), self._routing(out.aux.layers.router_logits[:, :, 0], chosen)
+
+    def _prefill_fn(self, state, pool, tokens, block_table, lengths, counts, sampling):
+        """tokens [Q, C] of which the first counts [Q] are real, at lengths [Q] -> (pool,
+        StepOutput at each row's last real token; meaningful for a row's final chunk)."""
+        self.traces += 1
+        model = nnx.merge(self.graphdef, state)
+        valid = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :] < counts[:, None]  # [Q, C]
+        cache = PagedKVCache(k=pool[0], v=pool[1], block_table=block_table, lengths=lengths)
+        out, cache = model.extend_paged(tokens, cache, valid=valid)
+        last = jnp.maximum(counts - 1, 0)  # [Q]
+        logits = jnp.take_along_axis(out.logits, last[:, None, None], axis=1)[:, 0]  # [Q, V]
+        router = out.aux.layers.router_logits  # [L, Q, C, E]
+        router = jnp.take_along_axis(router, last[None, :, None, None], axis=2)[:, :, 0]
+        return (cache.k, cache.v), self._routing(router, sample_rows(logits, sampling))
+
+    def decode(self, pool, tokens, block_table, lengths, active, sampling):
+        """Runs the decode step on host arrays; returns (pool, StepOutput of device arrays)."""
+        return self._decode(self.state, pool, tokens, block_table, lengths, active, sampling)
+
+    def prefill(self, pool, tokens, block_table, lengths, counts, sampling):
+        """Runs one prefill chunk on host arrays; returns (pool, StepOutput of device arrays)."""
+        return self._prefill(self.state, pool, tokens, block_table, lengths, counts, sampling)
