@@ -42,7 +42,7 @@ from starlette.routing import Route
 from mixtral_jax.config import ConfigError
 from mixtral_jax.serve import protocol
 from mixtral_jax.serve.detok import TextStream
-from mixtral_jax.serve.engine import QueueFull, Request, TooLong
+from mixtral_jax.serve.engine import EngineClosed, QueueFull, Request, TooLong
 from mixtral_jax.serve.metrics import Metrics
 from mixtral_jax.serve.protocol import ApiError, Generation
 
@@ -252,6 +252,8 @@ class _Server:
                 kind="rate_limit_error",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
+        except EngineClosed:
+            raise ApiError("the server is shutting down", status=503, code="unavailable") from None
         except TooLong as e:
             raise ApiError(str(e), param="max_tokens", code="context_length_exceeded") from None
         except ConfigError as e:
