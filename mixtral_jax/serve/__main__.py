@@ -49,6 +49,10 @@ def parse_args(argv):
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--num-blocks", type=int, help="KV cache blocks (default: the engine's)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step")
+    p.add_argument("--prefill-rows", type=int, default=1, help="requests prefilled per step")
+    p.add_argument(
+        "--max-context", type=int, help="longest prompt + max_tokens (default: the model's)"
+    )
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies: 413")
     p.add_argument("--max-prompt-tokens", type=int, help="longer prompts: 400 (default: context)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
@@ -70,11 +74,14 @@ def check_args(args) -> str | None:
     """One-line errors for bad flags, before anything is loaded; returns the API key."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} must be in [0, 65535]")
-    for name in ("max_batch", "max_queue", "block_size", "prefill_chunk", "max_body_bytes"):
+    names = ("max_batch", "max_queue", "block_size", "prefill_chunk", "prefill_rows")
+    for name in (*names, "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    if args.num_blocks is not None and args.num_blocks < 1:
-        raise ConfigError(f"--num-blocks {args.num_blocks} must be >= 1")
+    for name in ("num_blocks", "max_context"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
     if not args.drain_timeout >= 0:
         raise ConfigError(f"--drain-timeout {args.drain_timeout} must be >= 0")
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
@@ -91,11 +98,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def build(args, api_key: str | None):
-    """(app, engine) for the parsed arguments: loads the checkpoint and starts the engine."""
+    """(app, engine) for the parsed arguments: loads the checkpoint, makes the engine."""
     from mixtral_jax.checkpoint.placement import show_progress
     from mixtral_jax.generate.loading import load_for_inference
-    from mixtral_jax.serve.app import create_app
-    from mixtral_jax.serve.engine import Engine
     from mixtral_jax.train.config import compute_overrides
 
     changes = compute_overrides(args.overrides)
@@ -104,6 +109,15 @@ def build(args, api_key: str | None):
     model, tokenizer = load_for_inference(
         args.checkpoint, args.tokenizer, compute=changes, progress=show_progress(args.quiet)
     )
+    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    return app_for(model, tokenizer, name, args, api_key)
+
+
+def app_for(model, tokenizer, name: str, args, api_key: str | None):
+    """(app, engine) serving a model (warmed up unless --no-warmup; started by `serve`)."""
+    from mixtral_jax.serve.app import create_app
+    from mixtral_jax.serve.engine import Engine
+
     engine = Engine(
         model,
         max_batch=args.max_batch,
@@ -111,16 +125,17 @@ def build(args, api_key: str | None):
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         prefill_chunk=args.prefill_chunk,
+        prefill_rows=args.prefill_rows,
+        max_context=args.max_context,
         eos_id=tokenizer.eos_id,
     )
     if not args.no_warmup:
         engine.warmup()
-    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     app = create_app(
         engine,
         tokenizer,
         model_name=name,
-        context=model.cfg.max_seq_len,
+        context=engine.max_context,
         vocab_size=model.cfg.vocab_size,
         api_key=api_key,
         max_body_bytes=args.max_body_bytes,

@@ -186,6 +186,7 @@ class _Server:
             "created": self.created,
             "owned_by": "mixtral_jax",
             "max_model_len": self.limits.context,
+            "vocab_size": self.limits.vocab_size,
         }
         return JSONResponse({"object": "list", "data": [card]})
 
