@@ -142,7 +142,8 @@ def start_server(args):
     else:
         command = [sys.executable, os.path.abspath(__file__), "--role", "server"]
         command += sys.argv[1:]
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ, "PYTHONPATH": ROOT}
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # carried wheels
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ, "PYTHONPATH": path}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     info, deadline = {}, time.monotonic() + args.startup_timeout
     while True:
