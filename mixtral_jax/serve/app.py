@@ -3,9 +3,9 @@
   POST /v1/completions, POST /v1/chat/completions   (stream: true -> server-sent events)
   GET /v1/models, GET /health, GET /metrics
 
-The engine runs on its own thread; a request's `Stream.get` blocks, so it runs in a worker thread
-(`anyio.to_thread`) with a short timeout, never on the event loop, and each wake-up takes every
-event already waiting. A client that goes away cancels its stream at once: for a streamed answer
+The engine runs on its own thread; a request's `Stream.get` blocks, so a wait runs in a worker
+thread (`anyio.to_thread`) with a short timeout, never on the event loop; events already waiting
+are taken without one, and each wake-up takes every event waiting. A client that goes away cancels its stream at once: for a streamed answer
 sse-starlette sees the disconnect and cancels the generator (whose `finally` calls
 `stream.cancel()`); for a whole answer the loop polls `request.is_disconnected()`.
 
@@ -139,7 +139,9 @@ class _Run:
         server = self.server
         try:
             while self.finish is None:
-                events = await anyio.to_thread.run_sync(
+                # Events already waiting are taken here; only an empty queue costs a thread hop
+                # (under load the loop runs behind the engine, so most wake-ups find some).
+                events = _next_events(self.stream, 0) or await anyio.to_thread.run_sync(
                     _next_events,
                     self.stream,
                     server.poll_s,
