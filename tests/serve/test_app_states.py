@@ -79,3 +79,25 @@ def test_cli_bad_flags_are_one_line_errors(capsys, args, words):
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert words in err and err.startswith("error: ") and "\n" not in err
+
+
+def test_an_engine_failure_is_a_500_whole_and_an_error_event_streamed(parts, monkeypatch):
+    model, tok = parts
+    engine = Engine(model, max_batch=2, max_queue=4, block_size=8)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.steps, "prefill", boom)  # the engine fails the rows it ran
+    engine.start()
+    try:
+        client = TestClient(create_app(engine, tok, model_name="m", context=32))
+        r = client.post("/v1/completions", json=BODY)
+        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={**BODY, "stream": True})
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert "device lost" in events[-2] and '"error"' in events[-2]
+        assert events[-1] == "data: [DONE]"
+        assert client.get("/health").status_code == 200  # the server goes on
+    finally:
+        engine.shutdown()
