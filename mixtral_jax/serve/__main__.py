@@ -54,7 +54,9 @@ def parse_args(argv):
         "--max-context", type=int, help="longest prompt + max_tokens (default: the model's)"
     )
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies: 413")
-    p.add_argument("--max-prompt-tokens", type=int, help="longer prompts: 400 (default: context)")
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="longer prompts: 400 (default: the context less one)"
+    )
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the weights')"
