@@ -230,7 +230,6 @@ class _Server:
                 self._chunks(run, head),
                 ping=15,
                 shutdown_grace_period=self.drain_s,
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         return await self._whole(run, request, head)
 
