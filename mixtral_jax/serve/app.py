@@ -108,7 +108,8 @@ class _Run:
         """Applies one engine event -> (its kept token ids, their routing)."""
         kept = self.text.add(event.tokens)
         ids, routing = list(event.tokens[:kept]), list((event.routing or [])[:kept])
-        self.routing += routing
+        if not self.gen.stream:  # a whole answer returns it all at the end
+            self.routing += routing
         self._observe(len(ids))
         if event.finish is not None:
             self._engine_done = True
