@@ -1,0 +1,307 @@
+"""The OpenAI-compatible server under load, measured by a client over HTTP.
+
+  python3 bench/serve.py [--layers 32] [--concurrency 1,16,64,256] [--prompt 128] [--output 512]
+      [--requests-per-client 2] [--max-batch 256] [--prefill-chunk 256] [--prefill-rows 1]
+      [--tokenizer FILE] [--checkpoint DIR]
+  JAX_PLATFORMS=cpu python3 bench/serve.py --tiny       # the code path on CPU, in seconds
+
+Two processes. The server: `python -m mixtral_jax.serve --checkpoint DIR` with --checkpoint,
+else this script's server role, which makes the full Mixtral 8x7B widths (bf16, `--layers`) with
+random weights on the device (the checkpoint does not fit the GPU machine's disk;
+bench/common.random_model) and serves it through the same code (`serve.__main__.app_for`,
+`serve`). The tokenizer is --tokenizer, else mistral-common's tokenizer.model.v1 where it is
+installed (only text comes from it: the prompts are random token ids).
+
+The client (this process; no JAX): per concurrency level C, C workers each send
+`--requests-per-client` streamed /v1/completions requests one after another (closed loop, so new
+requests are prefilled while others decode) of `--prompt` random token ids and `--output` new
+tokens (ignore_eos, greedy), and time every chunk's tokens (return_token_ids). Reported per level:
+aggregate output tokens/s (all tokens / wall time of the level), time to first token p50/p99,
+inter-token latency p50/p99 (a chunk of n tokens after a gap g counts n gaps of g/n), their
+ratio, errors, and the engine's compiles during the level (`traces` in /metrics: 0 in steady
+state). At the end the server gets SIGTERM and its exit status is recorded. Prints one JSON line
+and writes $OUT/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `python3 bench/serve.py`: bench.* and mixtral_jax from the repository
+
+import httpx
+import numpy as np
+
+MODEL = "bench"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--role", choices=["client", "server"], default="client")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--tiny", action="store_true", help="the tiny model with a trained tokenizer")
+    p.add_argument("--concurrency", default="1,16,64,256")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--output", type=int, default=512)
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-queue", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--prefill-rows", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--tokenizer", help="sentencepiece file of 32,000 tokens (Mixtral 8x7B's)")
+    p.add_argument("--checkpoint", help="serve this checkpoint through the CLI instead")
+    p.add_argument("--startup-timeout", type=float, default=1500.0)
+    return p.parse_args(argv)
+
+
+# ---- the server ------------------------------------------------------------------------------
+def server_main(args) -> None:
+    """Builds the model on the device and serves it on a free loopback port (until SIGTERM)."""
+    import mixtral_jax as mj
+    from bench.common import environment, random_model
+    from mixtral_jax.serve import __main__ as cli
+
+    tokenizer = _tokenizer(args)
+    if args.tiny:
+        cfg = mj.ModelConfig.tiny(vocab_size=tokenizer.vocab_size)
+    else:
+        cfg = mj.preset(
+            "mixtral-8x7b", num_layers=args.layers, dtype="bfloat16", param_dtype="bfloat16"
+        )
+    start = time.perf_counter()
+    model = random_model(cfg)
+    built_s = time.perf_counter() - start
+    serve_args = cli.parse_args(_serve_flags(args, "unused"))
+    start = time.perf_counter()
+    app, engine = cli.app_for(model, tokenizer, MODEL, serve_args, None)
+    warmup_s = time.perf_counter() - start
+    info = {"env": environment(), "model_built_s": built_s, "warmup_s": warmup_s}
+    print(json.dumps(info), flush=True)
+    cli.serve(app, engine, serve_args)
+
+
+def _tokenizer(args):
+    from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
+
+    if args.tokenizer:
+        return Tokenizer.load(args.tokenizer)
+    if args.tiny:
+        import tempfile
+
+        text = ["The quick brown fox jumps over the lazy dog.", "Experts route tokens."] * 30
+        return train_tokenizer(text, os.path.join(tempfile.mkdtemp(), "tok.model"), 96)
+    try:
+        return Tokenizer.load(default_tokenizer_path(32000))
+    except Exception as e:  # noqa: BLE001
+        raise SystemExit(f"pass --tokenizer FILE (mistral-common's tokenizer.model.v1): {e}")
+
+
+def _serve_flags(args, checkpoint: str) -> list[str]:
+    """The serving CLI's flags for these settings (a free loopback port)."""
+    return [
+        "--checkpoint",
+        checkpoint,
+        "--model-name",
+        MODEL,
+        "--port",
+        "0",
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        str(args.max_queue),
+        "--block-size",
+        str(args.block_size),
+        "--prefill-chunk",
+        str(args.prefill_chunk),
+        "--prefill-rows",
+        str(args.prefill_rows),
+        "--max-context",
+        str(args.prompt + args.output),
+        "--log-level",
+        "warning",
+        "--quiet",
+    ]
+
+
+def start_server(args):
+    """(process, base url, its start-up info) once the server answers /health."""
+    if args.checkpoint:
+        command = [sys.executable, "-m", "mixtral_jax.serve", *_serve_flags(args, args.checkpoint)]
+        if args.tokenizer:
+            command += ["--tokenizer", args.tokenizer]
+    else:
+        command = [sys.executable, os.path.abspath(__file__), "--role", "server"]
+        command += sys.argv[1:]
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # carried wheels
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ, "PYTHONPATH": path}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    info, deadline = {}, time.monotonic() + args.startup_timeout
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the server exited with {proc.wait()} before it served")
+        if line.startswith("{"):
+            info = json.loads(line)
+        if line.startswith("serving"):
+            url = line.split(" on ")[1].strip()
+            break
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url, info
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not answer /health in time")
+
+
+# ---- the client ------------------------------------------------------------------------------
+async def one_request(client, url: str, prompt: list[int], args) -> dict:
+    """One streamed completion: its start, (time, tokens) per chunk with tokens, and errors."""
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": args.output,
+        "temperature": args.temperature,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }
+    start, stamps, error = time.perf_counter(), [], None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"start": start, "stamps": [], "error": f"{r.status_code}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    error = chunk["error"]["message"]
+                for choice in chunk.get("choices", []):
+                    n = len(choice.get("token_ids") or [])
+                    if n:
+                        stamps.append((time.perf_counter(), n))
+    except httpx.HTTPError as e:
+        error = f"{type(e).__name__}: {e}"
+    tokens = sum(n for _, n in stamps)
+    if error is None and tokens != args.output:
+        error = f"{tokens} tokens of {args.output}"
+    return {"start": start, "stamps": stamps, "error": error}
+
+
+async def run_level(url: str, concurrency: int, requests: int, args, rng) -> tuple[list, float]:
+    """`requests` requests from `concurrency` closed-loop workers -> (results, wall seconds)."""
+    prompts = [[int(t) for t in rng.integers(3, args.vocab, args.prompt)] for _ in range(requests)]
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency)
+    results = []
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None)) as client:
+
+        async def worker():
+            while prompts:
+                results.append(await one_request(client, url, prompts.pop(), args))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - start
+
+
+def summarize(results: list, wall_s: float, concurrency: int) -> dict:
+    """A level's figures (seconds) from its requests' chunk timings."""
+    ttft = [r["stamps"][0][0] - r["start"] for r in results if r["stamps"]]
+    gaps = []
+    for r in results:
+        for (t0, _), (t1, n) in zip(r["stamps"], r["stamps"][1:]):
+            gaps += [(t1 - t0) / n] * n
+    tokens = sum(n for r in results for _, n in r["stamps"])
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else None
+
+    itl50, itl99 = pct(gaps, 50), pct(gaps, 99)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "errors": [r["error"] for r in results if r["error"]][:5],
+        "error_count": sum(bool(r["error"]) for r in results),
+        "output_tokens": tokens,
+        "wall_s": wall_s,
+        "output_tokens_per_s": tokens / wall_s,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "itl_p50_s": itl50,
+        "itl_p99_s": itl99,
+        "itl_p99_over_p50": itl99 / itl50 if itl50 else None,
+    }
+
+
+def engine_gauges(url: str) -> dict:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    prefix = "mixtral_jax_engine_"
+    return {
+        line.split()[0][len(prefix) :]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def client_main(args) -> dict:
+    proc, url, info = start_server(args)
+    args.vocab = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["vocab_size"]
+    rng = np.random.default_rng(0)
+    levels = []
+    try:
+        warm = min(args.max_batch, 8)  # the HTTP path and every engine shape once, not counted
+        short = argparse.Namespace(**{**vars(args), "output": min(args.output, 16)})
+        asyncio.run(run_level(url, warm, warm, short, rng))
+        for c in [int(c) for c in args.concurrency.split(",")]:
+            before = engine_gauges(url)
+            results, wall = asyncio.run(run_level(url, c, c * args.requests_per_client, args, rng))
+            row = summarize(results, wall, c)
+            row["compiles"] = engine_gauges(url).get("traces", 0) - before.get("traces", 0)
+            levels.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            exit_code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            exit_code = "killed after 120 s"
+    return {
+        **info,
+        "config": {
+            k: getattr(args, k)
+            for k in ("layers", "tiny", "prompt", "output", "requests_per_client", "max_batch")
+            + ("prefill_chunk", "prefill_rows", "block_size", "temperature", "checkpoint")
+        },
+        "levels": levels,
+        "server_exit": exit_code,
+    }
+
+
+def main():
+    args = parse_args()
+    if args.role == "server":
+        server_main(args)
+        return
+    payload = client_main(args)
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "serve.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    print(json.dumps(payload))
+
+
+if __name__ == "__main__":
+    main()

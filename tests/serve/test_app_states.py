@@ -1,0 +1,103 @@
+"""The app's answers in states a live server rarely shows on cue: a full queue (429 with
+Retry-After), draining (503) and a closed engine (503); Starlette's in-process test client, an
+engine that never steps (nothing compiles)."""
+
+import pytest
+from starlette.testclient import TestClient
+
+import mixtral_jax as mj
+from mixtral_jax.config import ConfigError
+from mixtral_jax.serve.app import create_app
+from mixtral_jax.serve.engine import Engine
+from mixtral_jax.tokenizer import train_tokenizer
+
+TEXT = ["The quick brown fox jumps over the lazy dog.", "Mixture of experts routes tokens."] * 30
+BODY = {"prompt": "fox", "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    tok = train_tokenizer(TEXT, str(tmp_path_factory.mktemp("tok") / "tok.model"), 64)
+    cfg = mj.ModelConfig.tiny(vocab_size=tok.vocab_size, max_seq_len=32)
+    return mj.init(cfg, seed=0), tok
+
+
+def _client(parts, **kw):
+    model, tok = parts
+    engine = Engine(model, max_batch=1, max_queue=0, block_size=8)  # every submit: QueueFull
+    app = create_app(engine, tok, model_name="m", context=model.cfg.max_seq_len, **kw)
+    return TestClient(app), engine, app
+
+
+def test_a_full_queue_is_a_429_with_retry_after(parts):
+    client, _, _ = _client(parts)
+    r = client.post("/v1/completions", json=BODY)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "queue_full"
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 429
+
+
+def test_draining_and_a_closed_engine_are_503s(parts):
+    client, engine, app = _client(parts)
+    app.state.server.draining = True
+    assert client.post("/v1/completions", json=BODY).status_code == 503
+    assert client.get("/health").json() == {"status": "draining"}
+    app.state.server.draining = False
+    engine.shutdown()
+    r = client.post("/v1/completions", json=BODY)
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    assert client.get("/health").status_code == 200
+
+
+def test_small_limits_and_bad_settings(parts):
+    client, _, _ = _client(parts, max_body_bytes=100, max_prompt_tokens=4)
+    r = client.post("/v1/completions", json={"prompt": "x" * 200})
+    assert r.status_code == 413 and "limit of 100 bytes" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": [1, 5, 5, 5, 5]})
+    assert r.status_code == 400 and "limit of 4" in r.json()["error"]["message"]
+    chunked = client.post("/v1/completions", content=iter([b"{" + b" " * 60, b" " * 60 + b"}"]))
+    assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+    with pytest.raises(ConfigError, match="max_prompt_tokens=32 must be in"):
+        _client(parts, max_prompt_tokens=32)
+    with pytest.raises(ConfigError, match="max_body_bytes=0"):
+        _client(parts, max_body_bytes=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--checkpoint", "nowhere", "--port", "70000"], "--port 70000 must be in [0, 65535]"),
+        (["--checkpoint", "nowhere", "--max-batch", "0"], "--max-batch 0 must be >= 1"),
+        (["--checkpoint", "nowhere", "--api-key", " "], "API key"),
+        (["--checkpoint", "nowhere"], "checkpoint nowhere does not exist"),
+    ],
+)
+def test_cli_bad_flags_are_one_line_errors(capsys, args, words):
+    from mixtral_jax.serve.__main__ import main
+
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert words in err and err.startswith("error: ") and "\n" not in err
+
+
+def test_an_engine_failure_is_a_500_whole_and_an_error_event_streamed(parts, monkeypatch):
+    model, tok = parts
+    engine = Engine(model, max_batch=2, max_queue=4, block_size=8)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.steps, "prefill", boom)  # the engine fails the rows it ran
+    engine.start()
+    try:
+        client = TestClient(create_app(engine, tok, model_name="m", context=32))
+        r = client.post("/v1/completions", json=BODY)
+        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={**BODY, "stream": True})
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert "device lost" in events[-2] and '"error"' in events[-2]
+        assert events[-1] == "data: [DONE]"
+        assert client.get("/health").status_code == 200  # the server goes on
+    finally:
+        engine.shutdown()
