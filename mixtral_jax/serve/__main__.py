@@ -189,6 +189,9 @@ def serve(app, engine, args) -> None:
 
 
 def main(argv=None) -> int:
+    from mixtral_jax.generate.loading import use_inference_memory_defaults
+
+    use_inference_memory_defaults()  # as infer.py: before JAX starts its GPU backend
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         api_key = check_args(args)
