@@ -36,8 +36,10 @@ from mixtral_jax.config import (
 from mixtral_jax.kernels import decode_attention as flash_decode
 from mixtral_jax.kernels import decode_matmul
 from mixtral_jax.kernels.plan import KernelPlan
+from mixtral_jax.model import lora
 from mixtral_jax.model.layers import apply_rope, normal_init
 
+_QKV = ("q_proj", "k_proj", "v_proj")
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
 
 
@@ -207,6 +209,7 @@ class Attention(nnx.Module):
             q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
             k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
             v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+        q, k, v = (lora.add(self, n, x, y) for n, y in zip(_QKV, (q, k, v), strict=True))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, out: jax.Array, layer=None, stacked=False) -> jax.Array:
@@ -216,8 +219,9 @@ class Attention(nnx.Module):
             b, t = out.shape[:2]
             stack = self.o_proj[...].reshape(self.o_proj.shape[0], -1, self.o_proj.shape[-1])
             (y,) = decode_matmul.project_stacked(out.reshape(b * t, -1), (stack,), layer)
-            return y.reshape(b, t, -1)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+            return lora.add(self, "o_proj", out, y.reshape(b, t, -1))
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+        return lora.add(self, "o_proj", out, y)  # the adapter's term, if any
 
     def cached(
         self,
