@@ -33,9 +33,7 @@ def is_adapters_dir(directory: str) -> bool:
 
 def _flat(tree: dict) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x) for p, x in leaves
-    }
+    return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x) for p, x in leaves}
 
 
 def save_adapters(
