@@ -142,7 +142,7 @@ def init_adapters(cfg: ModelConfig, lcfg: LoraConfig, seed: int, dtype=jnp.float
     key = jax.random.key(seed)
     out: dict = {"layers": {}}
     for i, target in enumerate(lcfg.targets):
-        module, batch, contracted = TARGETS[target]
+        module, batch, _ = TARGETS[target]
         a, b = factor_names(target)
         a_shape, b_shape = shapes["layers"][module][a], shapes["layers"][module][b]
         fan_in = math.prod(a_shape[1 + batch : -1])

@@ -178,7 +178,7 @@ def abstract_model(model_cfg: ModelConfig, part: Partition | None):
     model = abstract(model_cfg)
     if part is not None and part.lcfg is not None:
         shapes = lora.adapter_shapes(model_cfg, part.lcfg)
-        leaf = lambda s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+        leaf = lambda s: jax.ShapeDtypeStruct(s, jnp.float32)
         lora.attach(model, part.lcfg, jax.tree.map(leaf, shapes, is_leaf=_is_shape))
     return model
 
