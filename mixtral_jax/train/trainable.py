@@ -213,3 +213,14 @@ def place_train_part(part: Partition, params: dict, model_cfg: ModelConfig, seed
     """What trains, cut from (or, LoRA, drawn beside) the placed full parameters."""
     where = _train_shardings(part, train_shapes(part, params, model_cfg, seed, mesh), params, mesh)
     return jax.jit(lambda p: part.train_part(p, model_cfg, seed), out_shardings=where)(params)
+
+
+def check_same_base(saved: dict | None, cfg, step: int) -> None:
+    """A run that trains part of the model reads its frozen rest from checkpoint.init_from
+    again on resume: refuse another one (the saved state would meet a different base)."""
+    before = ((saved or {}).get("checkpoint") or {}).get("init_from", cfg.checkpoint.init_from)
+    if before != cfg.checkpoint.init_from:
+        raise ConfigError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from!r}: step {step} of this run trained "
+            f"over the frozen weights of {before!r}; resume with that one"
+        )

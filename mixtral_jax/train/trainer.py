@@ -389,6 +389,8 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     if latest is not None:
         step, restored, meta = latest
         check_resume(meta.get("config"), cfg, step)  # the step restored (an older one: checked)
+        if part is not None:
+            trainable.check_same_base(meta.get("config"), cfg, step)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
         frozen = None if part is None else (part, _start_params(cfg, model_cfg, mesh, part))

@@ -160,3 +160,11 @@ def test_bad_trainable_and_lora_settings_are_one_line_errors(overrides, message)
     with pytest.raises(ConfigError) as e:
         start()
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resuming_a_partial_run_over_another_base_is_refused():
+    cfg = load_run_config(None, ["checkpoint.init_from=runs/b/model", "train.lora_rank=2"])
+    trainable.check_same_base({"checkpoint": {"init_from": "runs/b/model"}}, cfg, 3)
+    with pytest.raises(ConfigError) as e:
+        trainable.check_same_base({"checkpoint": {"init_from": "runs/a/model"}}, cfg, 3)
+    assert "step 3 of this run trained over the frozen weights of 'runs/a/model'" in str(e.value)
