@@ -72,9 +72,9 @@ def lora_flops_per_token(cfg: mj.ModelConfig, lcfg: lora.LoraConfig, seq: int) -
     }
 
 
-def build(cfg: mj.ModelConfig, lcfg: lora.LoraConfig, tc: TrainConfig):
-    """(step, state, frozen params) on the first device."""
-    model = random_model(cfg)
+def build(cfg: mj.ModelConfig, lcfg: lora.LoraConfig, tc: TrainConfig, make_base=random_model):
+    """(step, state, frozen params) on the first device; `make_base(cfg)` the base model."""
+    model = make_base(cfg)
     graphdef_base, base = nnx.graphdef(model), mj.get_params(model)
     del model, graphdef_base
     part = trainable.Partition(lcfg=lcfg, rows={})
@@ -107,10 +107,12 @@ def run(layers: int, seq: int, batch: int, rank: int, steps: int, remat: str, pe
     return run_config(cfg, seq, batch, rank, steps, peak)
 
 
-def run_config(cfg, seq: int, batch: int, rank: int, steps: int, peak: bool) -> dict:
+def run_config(
+    cfg, seq: int, batch: int, rank: int, steps: int, peak: bool, make_base=random_model
+) -> dict:
     lcfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank, targets=TARGETS)
     tc = TrainConfig(steps=1000, batch_size=batch, seq_len=seq, warmup_steps=10)
-    step, state, base = build(cfg, lcfg, tc)
+    step, state, base = build(cfg, lcfg, tc, make_base)
     data = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch, seq))
     state, m, step_s, warm = time_train_steps(step, state, data, steps)
     flops = lora_flops_per_token(cfg, lcfg, seq)

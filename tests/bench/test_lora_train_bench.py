@@ -16,8 +16,10 @@ from bench import lora_train
 
 
 def test_tiny_lora_bench_step_runs_and_counts():
-    cfg = mj.ModelConfig.tiny(num_layers=2, dtype="float32", param_dtype="bfloat16")
-    row = lora_train.run_config(cfg, seq=16, batch=2, rank=4, steps=1, peak=False)
+    cfg = mj.ModelConfig.tiny(num_layers=1, dtype="float32", param_dtype="bfloat16")
+    row = lora_train.run_config(  # mj.init: bench/common's on-device draw is slow on CPU
+        cfg, seq=8, batch=2, rank=4, steps=1, peak=False, make_base=lambda c: mj.init(c, 0)
+    )
     assert row["finite"] and row["tflops"] > 0
     lcfg = mj.model.lora.LoraConfig(rank=4, alpha=8.0, targets=lora_train.TARGETS)
     shapes = mj.model.lora.adapter_shapes(cfg, lcfg)

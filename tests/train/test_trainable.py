@@ -84,7 +84,7 @@ def test_expert_only_training_keeps_the_rest_bit_identical_and_out_of_the_optimi
     assert len(jax.tree.leaves(mu)) == len(jax.tree.leaves(nu)) == 4  # 3 expert slices, lm_head
     assert _nbytes(mu) == _nbytes(nu) == trained
     assert _nbytes(state["opt_state"]) < 2 * trained + 64  # + step counters
-    assert _nbytes(state["opt_state"]) < _nbytes(start) / 2
+    assert _nbytes(state["opt_state"]) < _nbytes(start)  # full fine-tuning: 2x the model
 
 
 def _lora_cmd(run_dir, steps):
