@@ -44,6 +44,7 @@ def parse_args(argv):
         help="model checkpoint or Hugging Face directory (default: the demo's)",
     )
     p.add_argument("--tokenizer", help="sentencepiece model file")
+    p.add_argument("--adapters", help="LoRA adapter directory on top of --checkpoint (merged)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     p.add_argument("--prompt-file", help="one prompt per line ('-' = standard input)")
     p.add_argument("--chat", action="store_true", help="wrap prompts as [INST] ... [/INST]")
@@ -181,7 +182,11 @@ def run(args) -> int:
         enable_compile_cache(args.compile_cache)
     load_start = time.monotonic()
     model, tokenizer = load_for_inference(
-        args.checkpoint, args.tokenizer, compute=changes, progress=show_progress(args.quiet)
+        args.checkpoint,
+        args.tokenizer,
+        compute=changes,
+        progress=show_progress(args.quiet),
+        adapters=args.adapters,
     )
     load_s = time.monotonic() - load_start
     rss_after_load = host_memory() if args.memory_stats else None

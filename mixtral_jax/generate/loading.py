@@ -10,6 +10,7 @@ every layout it knows, every problem reported at once) before a tensor is read.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from mixtral_jax import checkpoint
@@ -73,8 +74,16 @@ def load_for_inference(
     compute: dict | None = None,
     mesh=None,
     progress: bool = False,
+    adapters: str | None = None,
+    merge_adapters: bool = True,
 ):
     """(model, tokenizer) from a model checkpoint or a Hugging Face / Mistral directory.
+
+    `adapters`: a LoRA adapter directory (a LoRA run's final model) applied on top of the base
+    at `path`. `merge_adapters` (default) folds them into the weights on the devices, one layer
+    at a time (W + A B * alpha / r: decoding then costs what the base costs); False keeps them
+    as separate factors (`model/lora.py`: attention and router add their low-rank term after
+    the kernels, the experts are merged per call on every path but the dropless one).
 
     `compute`: ComputeConfig changes (how to compute; the architecture is the checkpoint's);
     `dtype` is short for compute={"dtype": dtype}; without either the compute dtype is the
@@ -84,6 +93,10 @@ def load_for_inference(
 
     if not os.path.isdir(path):
         raise ConfigError(f"checkpoint {path} does not exist")
+    if os.path.isfile(os.path.join(path, "adapters.json")):
+        raise ConfigError(
+            f"{path} holds LoRA adapters, not a model: pass --checkpoint BASE --adapters {path}"
+        )
     changes = dict(compute or {})
     if dtype is not None:
         changes["dtype"] = dtype
@@ -96,8 +109,67 @@ def load_for_inference(
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}"
         )
+    factors = None
+    if adapters is not None:
+        lcfg, factors = _read_adapters(adapters, cfg, path)
+        if merge_adapters:
+            params, factors = merge_on_device(params, factors, lcfg), None
     try:
         model = from_params(cfg, params)
     except ValueError as e:
         raise ConfigError(f"{path}: weights do not match config.json: {e}") from None
+    if factors is not None:
+        from mixtral_jax.model import lora
+
+        lora.attach(model, lcfg, factors)
     return model, tokenizer
+
+
+def _read_adapters(directory: str, cfg, base: str):
+    """(LoraConfig, adapters) of `directory`, checked against the base's shapes."""
+    import jax
+
+    from mixtral_jax.checkpoint.adapters import load_adapters
+    from mixtral_jax.model import lora
+
+    lcfg, factors = load_adapters(directory)
+    expected = lora.adapter_shapes(cfg, lcfg)
+    got = jax.tree.map(lambda x: tuple(x.shape), factors)
+    if got != jax.tree.map(tuple, expected, is_leaf=lambda x: isinstance(x, tuple)):
+        raise ConfigError(f"adapters {directory} do not fit the model at {base} (shapes differ)")
+    return lcfg, factors
+
+
+def merge_on_device(params: dict, factors: dict, lcfg) -> dict:
+    """`params` with the adapters folded in, layer by layer in place on the devices (the
+    float32 temporary is one layer of one target, not the whole stack)."""
+    import jax
+
+    from mixtral_jax.model import lora
+
+    out = jax.tree.map(lambda x: x, params)
+    for target in lcfg.targets:
+        module, batch, _ = lora.TARGETS[target]
+        a_name, b_name = lora.factor_names(target)
+        w = out["layers"][module][target]
+        a, b = factors["layers"][module][a_name], factors["layers"][module][b_name]
+        for i in range(w.shape[0]):
+            w = _folder(lcfg.scale, batch)(w, a[i], b[i], i)
+        out["layers"][module][target] = w
+    return out
+
+
+@functools.cache
+def _folder(scale: float, batch: int):
+    """Compiled: w [L, ...], A, B of one layer, i -> w with layer i = W + A B * scale (w's
+    buffer donated, so the stack is updated in place)."""
+    import jax
+
+    from mixtral_jax.model import lora
+
+    def fold(w, a, b, i):
+        layer = jax.lax.dynamic_index_in_dim(w, i, keepdims=False)
+        merged = lora.merged_weight(layer, a, b, scale, batch)
+        return jax.lax.dynamic_update_index_in_dim(w, merged, i, 0)
+
+    return jax.jit(fold, donate_argnums=(0,))

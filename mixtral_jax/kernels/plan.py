@@ -43,6 +43,11 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       unless its kernel reads codes
 
 An explicit choice that cannot run here is a one-line `ConfigError` naming the reason.
+
+LoRA adapters (`model/lora.py`) do not change the plan: attention projections and the router add
+their low-rank term after whichever kernel ran; the experts' term rides the dropless path's
+grouped matmul, and every other expert path (the pallas decode-expert kernel included, which
+fuses the SwiGLU) falls back to running on that layer's weights merged for the call.
 """
 
 from __future__ import annotations

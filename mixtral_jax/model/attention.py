@@ -43,10 +43,11 @@ from mixtral_jax.kernels import decode_attention as flash_decode
 from mixtral_jax.kernels import decode_matmul
 from mixtral_jax.kernels import paged_attention as paged_decode
 from mixtral_jax.kernels.plan import KernelPlan
-from mixtral_jax.model import quantized
+from mixtral_jax.model import lora, quantized
 from mixtral_jax.model.layers import apply_rope, normal_init
 from mixtral_jax.model.paged_kv_cache import gather_rows, write_paged
 
+_QKV = ("q_proj", "k_proj", "v_proj")
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row stays NaN-free
 
 
@@ -234,6 +235,7 @@ class Attention(nnx.Module):
             q = jnp.einsum("BTD,DNH->BTNH", x, self.weight("q_proj"))
             k = jnp.einsum("BSD,DKH->BSKH", x, self.weight("k_proj"))
             v = jnp.einsum("BSD,DKH->BSKH", x, self.weight("v_proj"))
+        q, k, v = (lora.add(self, n, x, y) for n, y in zip(_QKV, (q, k, v), strict=True))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, out: jax.Array, layer=None, stacked=False) -> jax.Array:
@@ -243,8 +245,9 @@ class Attention(nnx.Module):
             b, t = out.shape[:2]
             stack = self.stack("o_proj")
             (y,) = decode_matmul.project_stacked(out.reshape(b * t, -1), (stack,), layer)
-            return y.reshape(b, t, -1)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.weight("o_proj"))
+            return lora.add(self, "o_proj", out, y.reshape(b, t, -1))
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.weight("o_proj"))
+        return lora.add(self, "o_proj", out, y)  # the adapter's term, if any
 
     def cached(
         self,

@@ -37,7 +37,7 @@ from mixtral_jax.config import (
 from mixtral_jax.kernels import decode_matmul, expert_decode
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
-from mixtral_jax.model import quantized
+from mixtral_jax.model import lora, quantized
 from mixtral_jax.model.layers import normal_init
 from mixtral_jax.moe import expert_parallel as moe_parallel
 from mixtral_jax.moe.local import moe_capacity, moe_dense, moe_dropless, moe_gathered
@@ -186,10 +186,13 @@ class MoE(nnx.Module):
             routing = route_logits(logits[:, : cfg.num_experts], cfg.num_experts_per_tok)
         else:
             routing = route(x, self.router[...], cfg.num_experts_per_tok)
+        routing = lora.add_to_router(self, x, routing, cfg.num_experts_per_tok)  # if adapted
         weights = tuple(quantized.read(self, n, cfg.expert_bits) for n in quantized.EXPERTS)
         if plan.quantized_experts != QuantizedImpl.PALLAS:  # cast / dequantize one layer
             weights, layer = quantized.as_compute(weights, dt, layer)
-        out, dropped = dispatch(cfg, plan, x, routing, weights, layer)
+        out, dropped = lora.expert_dispatch(  # dispatch(), or with the experts' adapters
+            plan, x, routing, weights, layer, self, lambda *a: dispatch(cfg, plan, *a)
+        )
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1)
         aux = routing_aux(routing, mask.astype(jnp.float32), dropped)
         return out.astype(dt).reshape(b, t, d), aux

@@ -40,6 +40,7 @@ def parse_args(argv):
     )
     p.add_argument("--checkpoint", required=True, help="model checkpoint or HF directory")
     p.add_argument("--tokenizer", help="sentencepiece model file (default: DIR/tokenizer.model)")
+    p.add_argument("--adapters", help="LoRA adapter directory on top of --checkpoint (merged)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     p.add_argument("--model-name", help="the name clients use (default: DIR's base name)")
@@ -109,7 +110,11 @@ def build(args, api_key: str | None):
     if args.dtype is not None:
         changes.setdefault("dtype", args.dtype)
     model, tokenizer = load_for_inference(
-        args.checkpoint, args.tokenizer, compute=changes, progress=show_progress(args.quiet)
+        args.checkpoint,
+        args.tokenizer,
+        compute=changes,
+        adapters=args.adapters,
+        progress=show_progress(args.quiet),
     )
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     return app_for(model, tokenizer, name, args, api_key)

@@ -4,6 +4,12 @@
   merge  --checkpoint A --out B --groups "0+1,2+3" [--weights-from-report R]
   topk   --checkpoint A --out B --k 1
   eval   --checkpoint A [--checkpoint B ...] [--text FILE] [--seq-len 128]
+  swap   --checkpoint A --donor B --expert E [--layer L|all] [--donor-expert E2] --out C
+  merge-lora --checkpoint BASE --adapters A --out C
+
+`swap` copies one expert (w_gate, w_up, w_down) from a donor checkpoint of the same widths, or
+from a dense Mistral/Llama Hugging Face directory's MLP (`surgery/swap.py`); `merge-lora` folds
+LoRA adapters (a LoRA run's final model) into their base: W + A B * alpha / r, a plain model.
 
 Every command that writes makes a new model checkpoint of a valid smaller config (tokenizer
 copied); `eval` prints held-out perplexity of each checkpoint on the same text, so trimming an
@@ -56,6 +62,17 @@ def parse_args(argv):
     ev.add_argument("--tokenizer", help="sentencepiece model (default: the first checkpoint's)")
     ev.add_argument("--seq-len", type=int, default=128)
     ev.add_argument("--max-rows", type=int, default=64)
+    swap = sub.add_parser("swap", help="copy one expert from a donor")
+    swap.add_argument("--checkpoint", required=True)
+    swap.add_argument("--donor", required=True, help="our checkpoint, or a dense HF directory")
+    swap.add_argument("--expert", type=int, required=True, help="the expert replaced")
+    swap.add_argument("--donor-expert", type=int, help="the donor's expert (default: --expert)")
+    swap.add_argument("--layer", default="all", help="a layer index, or 'all' (default)")
+    swap.add_argument("--out", required=True)
+    merge_lora = sub.add_parser("merge-lora", help="fold LoRA adapters into their base")
+    merge_lora.add_argument("--checkpoint", required=True, help="the base model checkpoint")
+    merge_lora.add_argument("--adapters", required=True, help="an adapter directory")
+    merge_lora.add_argument("--out", required=True)
     return p.parse_args(argv)
 
 
@@ -81,7 +98,11 @@ def operate(args) -> int:
             "float checkpoint, then quantize the result"
         )
     params = checkpoint.to_numpy(params)
-    if args.command == "drop":
+    if args.command in ("swap", "merge-lora"):
+        from mixtral_jax.surgery.swap_cli import swapped_or_merged
+
+        params = swapped_or_merged(args, cfg, params)
+    elif args.command == "drop":
         if args.least_used is not None:
             if not args.report:
                 raise ValueError("--least-used needs --report (a routing report.json)")

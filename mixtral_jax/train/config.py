@@ -24,6 +24,7 @@ import numpy as np
 
 from mixtral_jax.config import COMPUTE_FIELDS, ComputeConfig, ConfigError, ModelConfig, preset
 from mixtral_jax.hf.config import load_hf_config
+from mixtral_jax.model import lora
 from mixtral_jax.parallel.sharding import MeshConfig
 
 
@@ -50,6 +51,22 @@ def _check_float32(section: str, name: str, value: float, low: str) -> None:
     _check(section, name, value, ok, f"must be {low} and finite in float32 (max {FLOAT32_MAX:.3g})")
 
 
+def _check_lora(tc) -> None:
+    """LoRA and `trainable` settings (patterns are checked against the model at the start)."""
+    rank = tc.lora_rank
+    ok = isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0
+    _check("train", "lora_rank", rank, ok, "must be an integer >= 0 (0 = no adapters)")
+    if rank:
+        lora.LoraConfig(rank=rank, alpha=tc.lora_alpha, targets=tuple(tc.lora_targets))
+        _check(
+            "train",
+            "trainable",
+            list(tc.trainable),
+            not tc.trainable,
+            f"cannot go with train.lora_rank={rank}: adapters train, the base is frozen",
+        )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Optimisation. Loss = CE + aux_loss_coef * load balance + router_z_loss_coef * z-loss.
@@ -70,6 +87,12 @@ class TrainConfig:
       eval_every, eval_batches: held-out loss every this many steps, over this many batches.
       log_every: steps between progress/metrics lines.
       peak_tflops: accelerator peak for MFU (0 = from the device kind when known).
+      lora_rank, lora_alpha, lora_targets: LoRA adapters of rank r on the targets (q_proj,
+        k_proj, v_proj, o_proj, router, w_gate, w_up, w_down), scaled by alpha / r, train over
+        a frozen base (`model/lora.py`); 0 = no adapters.
+      trainable: patterns of the model's parts that train, the rest frozen (`train/trainable.py`
+        has the grammar: `layers.*.moe.experts[3]`, `layers.*.moe.router`, `embed`); empty =
+        everything trains.
     """
 
     steps: int = 300
@@ -92,8 +115,13 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     peak_tflops: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self):
+        _check_lora(self)
         for name in (
             "steps",
             "batch_size",

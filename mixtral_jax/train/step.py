@@ -145,20 +145,43 @@ def state_shardings(params, tx: optax.GradientTransformation, mesh) -> TrainStat
     )
 
 
+def _frozen_input(frozen):
+    """(join, frozen parameters, their shardings) of a `frozen` pair (see make_train_step)."""
+    if frozen is None:
+        return (lambda params, _: params), {}, {}
+    partition, fixed = frozen
+    return partition.join, fixed, jax.tree.map(lambda x: x.sharding, fixed)
+
+
+def _bind(compiled, fixed):
+    """The compiled function with its frozen argument bound (an empty tree when none)."""
+    return lambda *args: compiled(*args, fixed)
+
+
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, tc: TrainConfig, *, mesh, shardings: TrainState
+    graphdef,
+    tx: optax.GradientTransformation,
+    tc: TrainConfig,
+    *,
+    mesh,
+    shardings: TrainState,
+    frozen=None,
 ) -> Callable:
     """The compiled step: state, batch with a leading [A] micro-batch axis -> state, metrics.
 
     Compiled for `mesh` (a 1x1x1x1 mesh on one device) with `shardings` (see `state_shardings`)
     as the state's in and out shardings; batch [A, B/A, T] rows split over the data-holding axes.
+    `frozen`: (a `trainable.Partition`, the frozen parameters placed on `mesh`) when only part of
+    the model trains: the state holds that part, the frozen parameters are a (not donated)
+    input joined to it at the top of the forward, so they get no gradient and no moments.
     """
+    join, fixed, fixed_shardings = _frozen_input(frozen)
     total_loss = functools.partial(
         losses.total_loss, aux_loss_coef=tc.aux_loss_coef, router_z_loss_coef=tc.router_z_loss_coef
     )
 
-    def micro_loss(params, mb, rng, total_count):
-        out = _forward(graphdef, params, mb, rng)
+    def micro_loss(params, fixed, mb, rng, total_count):
+        out = _forward(graphdef, join(params, fixed), mb, rng)
         nll, count = losses.cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
         aux = out.aux
         # This micro-batch's share of the step's total_loss: its CE over all the step's tokens,
@@ -179,7 +202,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, fixed):
         total_count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         rngs = jax.random.split(jax.random.wrap_key_data(state.rng), tc.grad_accum + 1)
 
@@ -188,7 +211,7 @@ def make_train_step(
 
         def accumulate(grads, xs):
             mb, rng = xs
-            (_, stats), g = grad_fn(state.params, mb, rng, total_count)
+            (_, stats), g = grad_fn(state.params, fixed, mb, rng, total_count)
             return like_params(jax.tree.map(jnp.add, grads, g)), stats
 
         zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
@@ -225,29 +248,33 @@ def make_train_step(
         return new_state, metrics
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
+    compiled = jax.jit(
         step,
-        in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1)),
+        in_shardings=(shardings, sharding.batch_sharding(mesh, 3, leading=1), fixed_shardings),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
+    return _bind(compiled, fixed)
 
 
-def make_eval_step(graphdef, *, mesh, param_shardings) -> Callable:
+def make_eval_step(graphdef, *, mesh, param_shardings, frozen=None) -> Callable:
     """Compiled held-out evaluation: (params, batch [B, T] arrays) -> (summed NLL, counted
-    tokens), for `mesh` with the parameters in `param_shardings`."""
+    tokens), for `mesh` with the parameters in `param_shardings` (`frozen`: see
+    make_train_step)."""
+    join, fixed, fixed_shardings = _frozen_input(frozen)
 
-    def evaluate(params, batch):
+    def evaluate(params, batch, fixed):
         with sharding.active(mesh):
-            out = _forward(graphdef, params, batch, None)
+            out = _forward(graphdef, join(params, fixed), batch, None)
         return losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
+    compiled = jax.jit(
         evaluate,
-        in_shardings=(param_shardings, sharding.batch_sharding(mesh, 2)),
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh, 2), fixed_shardings),
         out_shardings=replicated,
     )
+    return _bind(compiled, fixed)
 
 
 def split_micro_batches(batch: dict, grad_accum: int) -> dict:

@@ -33,14 +33,15 @@ from flax import nnx
 from tqdm import tqdm
 
 from mixtral_jax import checkpoint
+from mixtral_jax.checkpoint.adapters import save_adapters
 from mixtral_jax.checkpoint.train import TrainCheckpointer
 from mixtral_jax.config import ConfigError
 from mixtral_jax.fileio import atomic_write_text
 from mixtral_jax.hf.config import load_hf_config
-from mixtral_jax.model.params import abstract, init_params
+from mixtral_jax.model.params import init_params
 from mixtral_jax.parallel import distributed, sharding
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
-from mixtral_jax.train import data, losses, metrics
+from mixtral_jax.train import data, losses, metrics, trainable
 from mixtral_jax.train.config import RunConfig, check_resume, to_dict
 from mixtral_jax.train.step import (
     TrainState,
@@ -380,9 +381,12 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     No weights are made before they are needed: a resumed run restores into abstract shapes, a
     fine-tuning run loads its start weights, and only a fresh run draws random ones (making and
     discarding them first would double the start-up memory: 187 GB for 8x7B in float32)."""
-    graphdef = nnx.graphdef(abstract(model_cfg))
+    part = trainable.partition(cfg.train, model_cfg)  # None: everything trains
+    graphdef = nnx.graphdef(trainable.abstract_model(model_cfg, part))
     shapes = jax.eval_shape(lambda: init_params(model_cfg, mesh, cfg.seed))  # nothing drawn
     shapes = _placed(shapes, sharding.param_shardings(shapes, mesh))
+    if part is not None:  # the state holds only what trains
+        shapes = trainable.train_shapes(part, shapes, model_cfg, cfg.seed, mesh)
     tx = make_optimizer(cfg.train, shapes)
     ckpt = TrainCheckpointer(
         cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
@@ -398,18 +402,29 @@ def _init_or_resume(cfg: RunConfig, model_cfg, batches: data.BatchIterator, mesh
     if latest is not None:
         step, restored, meta = latest
         check_resume(meta.get("config"), cfg, step)  # the step restored (an older one: checked)
+        if part is not None:
+            trainable.check_same_base(meta.get("config"), cfg, step)
         batches.restore(meta["data"])
         print(f"resumed from step {step} of {cfg.checkpoint.dir}")
-        return graphdef, tx, TrainState(**restored), ckpt
-    if cfg.checkpoint.init_from:
-        _, params = checkpoint.load_model(
-            cfg.checkpoint.init_from, param_dtype=model_cfg.compute.param_dtype
-        )
-        params = sharding.shard_params(params, mesh)
-        print(f"starting from the weights of {cfg.checkpoint.init_from}")
-    else:
-        params = init_params(model_cfg, mesh, cfg.seed)
-    return graphdef, tx, _fresh_state(params, tx, cfg.seed, mesh), ckpt
+        frozen = None if part is None else (part, _start_params(cfg, model_cfg, mesh, part))
+        return graphdef, tx, TrainState(**restored), ckpt, frozen
+    params, frozen = _start_params(cfg, model_cfg, mesh, part), None
+    if part is not None:  # the frozen rest is the start, again on resume (never saved)
+        frozen = (part, params)
+        params = trainable.place_train_part(part, params, model_cfg, cfg.seed, mesh)
+    return graphdef, tx, _fresh_state(params, tx, cfg.seed, mesh), ckpt, frozen
+
+
+def _start_params(cfg: RunConfig, model_cfg, mesh, part):
+    """The weights a fresh run starts from (`checkpoint.init_from`, or drawn from the seed),
+    placed on `mesh`; a LoRA run keeps a checkpoint's base in its stored dtype."""
+    if not cfg.checkpoint.init_from:
+        return init_params(model_cfg, mesh, cfg.seed)
+    keep_dtype = part is not None and part.lcfg is not None
+    dtype = None if keep_dtype else model_cfg.compute.param_dtype
+    _, params = checkpoint.load_model(cfg.checkpoint.init_from, param_dtype=dtype)
+    print(f"starting from the weights of {cfg.checkpoint.init_from}")
+    return sharding.shard_params(params, mesh)
 
 
 def _saved_config(ckpt: TrainCheckpointer, step: int) -> dict | None:
@@ -491,12 +506,12 @@ def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
 
 def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh) -> dict:
     tc = cfg.train
-    graphdef, tx, state, ckpt = _init_or_resume(cfg, model_cfg, batches, mesh)
+    graphdef, tx, state, ckpt, frozen = _init_or_resume(cfg, model_cfg, batches, mesh)
     if int(state.step) >= tc.steps:
-        return _complete(cfg, ckpt, state, model_cfg, mesh)
+        return _complete(cfg, ckpt, state, model_cfg, mesh, frozen)
     where = state_shardings(state.params, tx, mesh)
-    train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where)
-    eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params)
+    train_step = make_train_step(graphdef, tx, tc, mesh=mesh, shardings=where, frozen=frozen)
+    eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params, frozen=frozen)
     log = _Logger(cfg, model_cfg, int(state.step), show_progress)
     global_rows = _load_local_rows(cfg, mesh, batches)
     final: dict = {}
@@ -535,7 +550,7 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     finally:
         log.close()
     if int(state.step) >= tc.steps:
-        write_model(cfg.checkpoint.dir, state.params, model_cfg, int(state.step), mesh)
+        write_final(cfg, state.params, model_cfg, int(state.step), mesh, frozen)
     final["step"] = int(state.step)
     final["unigram_entropy"] = losses.unigram_entropy(
         train_rows.tokens[:, 1:], train_rows.segments[:, 1:] > 0
@@ -543,7 +558,7 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     return final
 
 
-def _complete(cfg: RunConfig, ckpt: TrainCheckpointer, state, model_cfg, mesh) -> dict:
+def _complete(cfg: RunConfig, ckpt: TrainCheckpointer, state, model_cfg, mesh, frozen) -> dict:
     """A run whose newest checkpoint already reached train.steps: nothing to train. The final
     model is written only when it is missing or not of this step (a kill during its write);
     returns {"step", "complete": True, "model_written"}."""
@@ -551,7 +566,7 @@ def _complete(cfg: RunConfig, ckpt: TrainCheckpointer, state, model_cfg, mesh) -
     step = int(state.step)
     written = model_step(cfg.checkpoint.dir) != step
     if written:
-        write_model(cfg.checkpoint.dir, state.params, model_cfg, step, mesh)
+        write_final(cfg, state.params, model_cfg, step, mesh, frozen)
     return {"step": step, "complete": True, "model_written": written}
 
 
@@ -598,6 +613,26 @@ def evaluate(eval_step, params, batches: list[dict], mesh) -> dict:
         nll, count = nll + float(b_nll), count + float(b_count)
     loss = nll / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+
+def write_final(cfg: RunConfig, params, model_cfg, step: int, mesh, frozen) -> str:
+    """The run's final model at `<run dir>/model`: the whole model, or, for a LoRA run, the
+    adapters alone (an adapter directory: `checkpoint/adapters.py`)."""
+    run_dir = cfg.checkpoint.dir
+    if frozen is None:
+        return write_model(run_dir, params, model_cfg, step, mesh)
+    part, fixed = frozen
+    if part.lcfg is None:  # selected parts trained: the whole model, joined
+        return write_model(run_dir, part.join(params, fixed), model_cfg, step, mesh)
+    _check_finite(params, f"the final adapters of step {step}", mesh)
+    target = os.path.join(run_dir, MODEL_DIR)
+    host = jax.tree.map(distributed.host_array, params)
+    if distributed.is_main():
+        base = os.path.abspath(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else ""
+        save_adapters(target, host, part.lcfg, base=base, overwrite=True)
+        atomic_write_text(os.path.join(run_dir, MODEL_STEP_FILE), json.dumps({"step": step}))
+    distributed.barrier("final adapters")
+    return target
 
 
 def write_model(run_dir: str, params, model_cfg, step: int, mesh) -> str:
