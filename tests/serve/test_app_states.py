@@ -88,7 +88,7 @@ def test_an_engine_failure_is_a_500_whole_and_an_error_event_streamed(parts, mon
     def boom(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine.steps, "prefill", boom)  # the engine fails the rows it ran
+    monkeypatch.setattr(engine.steps, "decode_with_chunk", boom)  # fails the rows it ran
     engine.start()
     try:
         client = TestClient(create_app(engine, tok, model_name="m", context=32))

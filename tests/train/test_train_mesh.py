@@ -90,7 +90,7 @@ def test_state_is_created_sharded_by_the_rules_table(tmp_path):
     cfg = _config(tmp_path, 1, ("data=2", "fsdp=2", "expert=2"))
     model_cfg, _, batches, _ = trainer._prepare_data(cfg)
     mesh = trainer.make_run_mesh(cfg)
-    _, tx, state, ckpt = trainer._init_or_resume(cfg, model_cfg, batches, mesh)
+    _, tx, state, ckpt, _ = trainer._init_or_resume(cfg, model_cfg, batches, mesh)
     ckpt.close()
     want = sharding.param_shardings(mj.param_shapes(model_cfg), mesh)
     flat_want = jax.tree.leaves(want)
