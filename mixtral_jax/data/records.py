@@ -167,9 +167,9 @@ def _record(line: bytes, field: str) -> str | None:
     if not text.strip():
         return None
     try:
-        record = json.loads(text)
+        record = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise _BadRecord(f"not valid JSON: {e.msg} at column {e.colno}") from None
+        raise _BadRecord(f"not valid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(record, dict) or field not in record:
         raise _BadRecord(f"no {field!r} field")
     if not isinstance(record[field], str):
@@ -183,7 +183,8 @@ def _jsonl_range(path: str, start: int, end: int, field: str, skipped) -> Iterat
         f.seek(max(start - 1, 0))
         if start > 0:
             f.readline()  # the rest of a line that began before `start` (none if at a start)
-        pos, local = f.tell(), 0
+        first = pos = f.tell()
+        local = 0
         while pos < end:
             line = f.readline()
             if not line:
@@ -193,7 +194,7 @@ def _jsonl_range(path: str, start: int, end: int, field: str, skipped) -> Iterat
             try:
                 text = _record(line, field)
             except _BadRecord as e:
-                line_no = _lines_before(path, start) + local
+                line_no = _lines_before(path, first) + local
                 _bad(skipped, f"{path}:{line_no}: {e}")
                 continue
             if text is not None:
