@@ -98,9 +98,11 @@ def prepare_tokenizer(
     file to copy, default `tokenizer_choice`)."""
     path = os.path.join(cfg.checkpoint.dir, TOKENIZER_FILE)
     choice = choice or tokenizer_choice(cfg, model_cfg)
-    if jax.process_count() > 1 and not os.path.isfile(path):  # process 0 makes it, once
-        if distributed.is_main():
+    if jax.process_count() > 1:  # process 0 makes it, once; every process waits for it
+        if distributed.is_main() and not os.path.isfile(path):
             _make_tokenizer(cfg, choice, documents, path)
+        # unconditional: a process that found the file process 0 had just written would skip
+        # a conditional barrier and leave process 0 waiting in it
         distributed.barrier("tokenizer")
     if os.path.isfile(path):  # a resumed run keeps its tokenizer
         return Tokenizer.load(path), choice == "train"
