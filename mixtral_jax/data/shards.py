@@ -114,6 +114,28 @@ def read_marker(out: str, k: int) -> dict | None:
         return None
 
 
+def prepared_tokenizer(path: str, requested: str, setting: str) -> str:
+    """The tokenizer file of the prepared directory `path`. `requested` is "auto", "train" or a
+    tokenizer file; anything but auto or a file of the same bytes is a ConfigError naming
+    `setting`: the shards' ids mean what their own tokenizer says."""
+    prepared = os.path.join(path, TOKENIZER)
+    if requested == "train":
+        raise ConfigError(
+            f"data.tokenizer='train' cannot go with the prepared source {path}: its tokens are "
+            "fixed by the tokenizer it was prepared with"
+        )
+    if requested != "auto":
+        if not os.path.isfile(requested):
+            raise ConfigError(f"tokenizer file {requested} does not exist")
+        with open(requested, "rb") as a, open(prepared, "rb") as b:
+            if a.read() != b.read():
+                raise ConfigError(
+                    f"{setting} is not the tokenizer {path} was prepared with ({prepared}); "
+                    "leave data.tokenizer=auto"
+                )
+    return prepared
+
+
 class ShardSet:
     """The documents of a prepared directory, memory-mapped, in shard order.
 
@@ -176,3 +198,12 @@ class ShardSet:
 
     def unigram_counts(self) -> np.ndarray:
         return np.load(os.path.join(self.path, UNIGRAM))
+
+    def check_ids(self, vocab_size: int) -> None:
+        """ConfigError when the shards hold an id outside [0, vocab_size) (model.vocab_size)."""
+        top = int(self.index["max_id"])
+        if top >= vocab_size:
+            raise ConfigError(
+                f"data source {self.path} holds token id {top}, outside the model's vocabulary "
+                f"of {vocab_size} (model.vocab_size)"
+            )

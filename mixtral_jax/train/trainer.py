@@ -277,7 +277,7 @@ def _prepare_data(cfg: RunConfig):
         documents = shards.ShardSet(cfg.data.source)
         tokenizer, trained_here = prepare_tokenizer(cfg, model_cfg, [], _shard_tokenizer(cfg))
         model_cfg = model_config_for(model_cfg, tokenizer, trained_here)
-        _check_prepared_ids(documents, model_cfg.vocab_size, cfg.data.source)
+        documents.check_ids(model_cfg.vocab_size)
     else:
         texts = [d for d in data.read_documents(cfg.data.source) if _has_text(d)]
         tokenizer_docs, _ = data.split_documents(texts, cfg.data.eval_fraction, cfg.seed)
@@ -303,41 +303,17 @@ def _has_text(doc) -> bool:
 
 
 def _shard_tokenizer(cfg: RunConfig) -> str:
-    """The tokenizer file of a prepared source; ConfigError when data.tokenizer names another."""
-    prepared = os.path.join(cfg.data.source, shards.TOKENIZER)
+    """The tokenizer file of a prepared source; ConfigError when data.tokenizer (or the starting
+    checkpoint's tokenizer) is another."""
     choice = cfg.data.tokenizer
-    if choice == "train":
-        raise ConfigError(
-            f"data.tokenizer='train' cannot go with the prepared source {cfg.data.source}: its "
-            "tokens are fixed by the tokenizer it was prepared with"
-        )
     if choice == "mistral":
         choice = default_tokenizer_path(32000)
+    setting = f"data.tokenizer={cfg.data.tokenizer}"
     beside_start = os.path.join(cfg.checkpoint.init_from, TOKENIZER_FILE)
     if choice == "auto" and cfg.checkpoint.init_from and os.path.isfile(beside_start):
         choice = beside_start  # the starting weights' tokenizer must be the shards' too
-    if choice != "auto" and not _same_file(choice, prepared):
-        raise ConfigError(
-            f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer {cfg.data.source} was "
-            f"prepared with ({prepared}); leave data.tokenizer=auto"
-        )
-    return prepared
-
-
-def _same_file(a: str, b: str) -> bool:
-    if not os.path.isfile(a):
-        raise ConfigError(f"tokenizer file {a} does not exist")
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        return fa.read() == fb.read()
-
-
-def _check_prepared_ids(documents: shards.ShardSet, vocab_size: int, source: str) -> None:
-    top = int(documents.index["max_id"])
-    if top >= vocab_size:
-        raise ConfigError(
-            f"data source {source} holds token id {top}, outside the model's vocabulary of "
-            f"{vocab_size} (model.vocab_size)"
-        )
+        setting = f"the tokenizer of checkpoint.init_from ({beside_start})"
+    return shards.prepared_tokenizer(cfg.data.source, choice, setting)
 
 
 def make_run_mesh(cfg: RunConfig) -> jax.sharding.Mesh:

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from mixtral_jax.data import prepare
+from mixtral_jax.config import ConfigError
+from mixtral_jax.data import prepare, shards
 from mixtral_jax.tokenizer import train_tokenizer
 from mixtral_jax.train import data, trainer
 from mixtral_jax.train.config import load_run_config
@@ -123,3 +124,18 @@ def test_two_processes_read_disjoint_rows_of_the_one_process_batches(corpus, tmp
     for i in range(len(parts[0]["tokens"])):
         whole = next(batches)["tokens"]
         np.testing.assert_array_equal(np.concatenate([p["tokens"][i] for p in parts]), whole)
+
+
+def test_a_tokenizer_other_than_the_shards_is_refused_naming_it(corpus, tmp_path):
+    source = corpus / "shards"
+    base = [*SMALL, f"data.source={source}", f"checkpoint.dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="data.tokenizer='train' cannot go with the prepared"):
+        trainer.run(load_run_config(None, [*base, "data.tokenizer=train"]), show_progress=False)
+    with pytest.raises(
+        ConfigError, match=rf"data.tokenizer=mistral is not the tokenizer {source} was prepared"
+    ):
+        trainer.run(load_run_config(None, [*base, "data.tokenizer=mistral"]), show_progress=False)
+    with pytest.raises(
+        ConfigError, match=r"holds token id 1\d\d, outside the model's vocabulary of 100"
+    ):
+        shards.ShardSet(str(source)).check_ids(100)
