@@ -9,7 +9,9 @@ shard set trains bit-identically to the in-memory path on the same corpus.
   aside for eval loss (`Split`); nothing of size N is held in memory.
 - Order: each epoch visits the training documents in its own seeded order (`Permutation` keyed
   by seed and epoch: a global shuffle evaluated lazily), packed first-fit into rows of T+1
-  tokens (`packing.Packer`); every B consecutive rows are one batch.
+  tokens (`packing.Packer`); each batch draws its B rows from a pool of the next POOL packed
+  rows (a quarter of an epoch's rows for a small corpus), so the pieces of one long document
+  spread over many batches.
 - State: the packer's position (a few KB of JSON), saved in every checkpoint.
 - Several processes: each packs the same rows from the document lengths, and reads the tokens of
   its own rows of each batch only (`BatchIterator.select`).
@@ -27,6 +29,8 @@ import numpy as np
 from mixtral_jax.config import ConfigError
 from mixtral_jax.data.packing import Packer, row_arrays
 from mixtral_jax.data.permutation import Permutation
+
+POOL = 1024  # packed rows a batch's rows are drawn from (packing.Packer's pool)
 
 
 class Documents:
@@ -153,7 +157,9 @@ class BatchIterator:
             ids = perms[epoch](np.arange(start, stop))
             return ids[~split.is_held(ids)]
 
-        self.packer = Packer(order, documents.lengths, n, self.width)
+        draws = int(np.random.default_rng((seed, 2)).integers(2**63))
+        pool = min(POOL, max(1, rows // 4))  # a small corpus: within about one epoch
+        self.packer = Packer(order, documents.lengths, n, self.width, pool=pool, key=draws)
         self.local: np.ndarray | None = None  # rows of each batch this process loads
 
     def select(self, local: np.ndarray | None) -> None:

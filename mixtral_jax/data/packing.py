@@ -8,8 +8,14 @@ the open rows are ready too. Rows are lists of pieces (document, start, length):
 only document lengths, so every process of a run packs the same rows and then reads the tokens
 of its own rows alone.
 
-The packer's whole position is `state` (epoch, cursor in the epoch's order, the open and the
-ready rows: a few KB), saved with every checkpoint; `restore(state)` continues exactly there.
+Ready rows wait in a pool of `pool` rows, from which a seeded draw picks each row handed out:
+consecutive rows are often consecutive pieces of one long document, and without the pool a batch
+would hold one document many times over (the default tiny run ended 0.2 nats worse in eval loss
+when batches came straight from the packer).
+
+The packer's whole position is `state` (epoch, cursor in the epoch's order, the open rows, the
+pool and the draws made: tens of KB at most), saved with every checkpoint; `restore(state)`
+continues exactly there.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mixtral_jax.config import ConfigError
+from mixtral_jax.data.permutation import draw
 
 WINDOW = 64  # open rows searched by first fit: bounds the work per piece on large data
 CHUNK = 256  # documents ordered and measured per vectorised call
@@ -34,6 +41,8 @@ class Packer:
       positions: positions per epoch (the `stop` of the last chunk).
       width: tokens per row (W = T+1).
       epochs: passes before the packer runs dry (None: forever).
+      pool: rows shuffled by the seeded draws (0: rows in packing order).
+      key: the draws' seed.
     """
 
     def __init__(
@@ -43,10 +52,13 @@ class Packer:
         positions: int,
         width: int,
         epochs: int | None = None,
+        pool: int = 0,
+        key: int = 0,
     ):
         self.order, self.lengths = order, lengths
         self.positions, self.width, self.epochs = positions, width, epochs
-        self.restore({"epoch": 0, "cursor": 0, "placed": 0, "open": [], "ready": []})
+        self.pool, self.key = pool, key
+        self.restore({"epoch": 0, "cursor": 0, "placed": 0, "open": [], "ready": [], "drawn": 0})
 
     @property
     def state(self) -> dict:
@@ -57,29 +69,48 @@ class Packer:
             "placed": self.placed,
             "open": [list(r) for r in self.open],
             "ready": [list(r) for r in self.ready],
+            "drawn": self.drawn,
         }
 
     def restore(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.placed = int(state["placed"])  # pieces placed this epoch (0 at its end: no data)
         self.open = [list(map(int, r)) for r in state["open"]]
-        self.ready = [list(map(int, r)) for r in state["ready"]]
+        self.ready = [list(map(int, r)) for r in state["ready"]]  # the pool
+        self.drawn = int(state["drawn"])
         self.room = [self.width - sum(r[2::3]) for r in self.open]
 
     def take(self, count: int) -> list[list[int]]:
         """The next `count` rows (fewer once a finite number of epochs is spent), each a flat
         list [document, start, length, document, start, length, ...]."""
-        while len(self.ready) < count and not self._spent():
-            if self.cursor >= self.positions:
-                self._end_epoch()
+        rows: list[list[int]] = []
+        while len(rows) < count:
+            while len(self.ready) < max(self.pool, count - len(rows)) and not self._spent():
+                self._advance()
+            if not self.ready:
+                break
+            if not self.pool:
+                take = self.ready[: count - len(rows)]
+                rows += take
+                del self.ready[: len(take)]
                 continue
-            stop = min(self.cursor + CHUNK, self.positions)
-            docs = np.asarray(self.order(self.epoch, self.cursor, stop))
-            for doc, n in zip(docs.tolist(), np.asarray(self.lengths(docs)).tolist()):
-                self._place(doc, n)
-            self.cursor = stop
-        rows, self.ready = self.ready[:count], self.ready[count:]
+            i = draw(self.key, self.drawn, len(self.ready))
+            self.drawn += 1
+            rows.append(self.ready[i])
+            self.ready[i] = self.ready[-1]  # swap-remove: O(1), deterministic
+            self.ready.pop()
         return rows
+
+    def _advance(self) -> None:
+        """Packs the next chunk of documents (or ends the epoch)."""
+        if self.cursor >= self.positions:
+            self._end_epoch()
+            return
+        stop = min(self.cursor + CHUNK, self.positions)
+        docs = np.asarray(self.order(self.epoch, self.cursor, stop))
+        for doc, n in zip(docs.tolist(), np.asarray(self.lengths(docs)).tolist()):
+            self._place(doc, n)
+        self.cursor = stop
 
     def _spent(self) -> bool:
         return self.epochs is not None and self.epoch >= self.epochs

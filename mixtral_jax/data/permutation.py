@@ -17,11 +17,18 @@ ROUNDS = 6
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser (wrapping uint64 arithmetic)."""
     x = (x ^ (x >> np.uint64(30))) * _M1
     x = (x ^ (x >> np.uint64(27))) * _M2
     return x ^ (x >> np.uint64(31))
+
+
+def draw(key: int, counter: int, n: int) -> int:
+    """A number in [0, n) from (key, counter): a counter-based draw, so no generator state."""
+    with np.errstate(over="ignore"):
+        x = mix64(np.array([key ^ mix64(np.array([counter], np.uint64))[0]], np.uint64))
+    return int(x[0] % np.uint64(n))
 
 
 class Permutation:
@@ -48,9 +55,9 @@ class Permutation:
         with np.errstate(over="ignore"):
             for k in keys:
                 if forward:
-                    left, right = right, left ^ (_mix(right ^ k) & self._mask)
+                    left, right = right, left ^ (mix64(right ^ k) & self._mask)
                 else:
-                    left, right = right ^ (_mix(left ^ k) & self._mask), left
+                    left, right = right ^ (mix64(left ^ k) & self._mask), left
         return (left << self._bits) | right
 
     def _walk(self, positions, forward: bool) -> np.ndarray:

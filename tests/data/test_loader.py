@@ -2,6 +2,7 @@
 exact resume from any state (Grain's checkpoint round-trip pattern), prefetch equal to direct
 draws, and a process reading only the documents of its own rows."""
 
+import collections
 import json
 import types
 
@@ -101,19 +102,37 @@ class _Broken(loader.BatchIterator):
 
 def test_a_process_reads_only_the_documents_of_its_rows():
     docs = loader.Documents(_corpus())
-    reads = {0: [], 1: []}
+    reads = {0: [], 1: [], "full": []}
     its = {}
-    for p in (0, 1):
+    for p in (0, 1, "full"):
         its[p] = loader.BatchIterator(docs, loader.Split(40, 0.0, 0), 4, 15, seed=2)
-        its[p].select(np.array([0, 1]) + 2 * p)
+        if p != "full":
+            its[p].select(np.array([0, 1]) + 2 * p)
         original = docs.read
         its[p].documents = types.SimpleNamespace(read=None)  # the same, reads recorded
         its[p].documents.read = lambda d, a, b, p=p, f=original: (
             reads[p].append((d, a)) or f(d, a, b)
         )
-    full = loader.BatchIterator(docs, loader.Split(40, 0.0, 0), 4, 15, seed=2)
     for _ in range(5):
-        want = next(full)["tokens"]
+        want = next(its["full"])["tokens"]
         got = [next(its[p])["tokens"] for p in (0, 1)]
         np.testing.assert_array_equal(np.concatenate(got), want)
-    assert reads[0] and reads[1] and not set(reads[0]) & set(reads[1])
+    # every slice the batches need is read by exactly one of the two processes
+    assert reads[0] and reads[1]
+    assert collections.Counter(reads[0]) + collections.Counter(reads[1]) == collections.Counter(
+        reads["full"]
+    )
+
+
+def test_the_pieces_of_a_long_document_spread_over_many_batches():
+    """Packed in order, a 50-row document fills six batches of 8 straight; drawn from the pool,
+    no batch holds more than 4 of its rows (and the epoch still holds all 50)."""
+    long = np.arange(3, 803, dtype=np.int32) % 400 + 3  # 800 tokens: 50 rows of 16
+    short = [np.full(15, 7 + i % 300, np.int32) for i in range(2000)]
+    docs = loader.Documents([long, *short])
+    it = loader.BatchIterator(docs, loader.Split(docs.num_docs, 0.0, 0), 8, 15, seed=0)
+    it.packer.epochs = 1
+    counts = []
+    while batch := it.packer.take(8):
+        counts.append(sum(row[0] == 0 for row in batch))  # rows starting with document 0
+    assert sum(counts) == 50 and max(counts) <= 4, counts
