@@ -80,6 +80,13 @@ class Tokenizer:
         ids = self._sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    def encode_batch(
+        self, texts: list[str], *, bos: bool = True, eos: bool = False, num_threads: int = 1
+    ) -> list[list[int]]:
+        """`encode` of each text, in one sentencepiece call on `num_threads` threads."""
+        head, tail = [self.bos_id] if bos else [], [self.eos_id] if eos else []
+        return [head + ids + tail for ids in self._sp.encode(list(texts), num_threads=num_threads)]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 

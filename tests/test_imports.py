@@ -142,6 +142,7 @@ LAYERS = [
     "checkpoint",
     "convert",
     "tokenizer",
+    "data",
     "train",
     "generate",
     "serve",

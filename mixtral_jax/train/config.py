@@ -167,7 +167,9 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Attributes:
-    source: `builtin:pydoc`, a .txt / .jsonl / .npy file, or a directory of them.
+    source: `builtin:pydoc`, a .txt / .jsonl / .npy file, or a directory of them (read into
+      memory), or a directory written by `python -m mixtral_jax.data prepare` (memory-mapped
+      token shards; their tokenizer is the run's: leave `tokenizer` at auto).
     tokenizer: `auto` (the starting checkpoint's tokenizer if `checkpoint.init_from` has one;
       Mistral's official tokenizer for a 32000- or 32768-token model; else `train`), `train`
       (train a BPE tokenizer on the training documents), `mistral`, or a sentencepiece file.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
@@ -29,14 +28,3 @@ def total_loss(ce_mean, load_balance, router_z, *, aux_loss_coef: float, router_
     place of the rule (scalars; ce_mean = 0 gives the router terms alone, which the train step
     spreads over its micro-batches)."""
     return ce_mean + aux_loss_coef * load_balance + router_z_loss_coef * router_z
-
-
-def unigram_entropy(tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Entropy (nats) of the token frequency distribution: the loss of the best context-free
-    predictor, which a model that learned anything must beat."""
-    tokens = np.asarray(tokens).reshape(-1)
-    if mask is not None:
-        tokens = tokens[np.asarray(mask).reshape(-1) > 0]
-    counts = np.bincount(tokens).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())

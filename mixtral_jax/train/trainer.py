@@ -36,12 +36,13 @@ from mixtral_jax import checkpoint
 from mixtral_jax.checkpoint.adapters import save_adapters
 from mixtral_jax.checkpoint.train import TrainCheckpointer
 from mixtral_jax.config import ConfigError
+from mixtral_jax.data import shards
 from mixtral_jax.fileio import atomic_write_text
 from mixtral_jax.hf.config import load_hf_config
 from mixtral_jax.model.params import init_params
 from mixtral_jax.parallel import distributed, sharding
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path, train_tokenizer
-from mixtral_jax.train import data, losses, metrics, trainable
+from mixtral_jax.train import data, metrics, trainable
 from mixtral_jax.train.config import RunConfig, check_resume, to_dict
 from mixtral_jax.train.step import (
     TrainState,
@@ -104,13 +105,18 @@ def tokenizer_choice(cfg: RunConfig, model_cfg) -> str:
     return choice
 
 
-def prepare_tokenizer(cfg: RunConfig, model_cfg, documents) -> tuple[Tokenizer, bool]:
-    """(tokenizer, trained_here), the tokenizer copied into the run directory."""
+def prepare_tokenizer(
+    cfg: RunConfig, model_cfg, documents, choice: str | None = None
+) -> tuple[Tokenizer, bool]:
+    """(tokenizer, trained_here), the tokenizer copied into the run directory (`choice`: the
+    file to copy, default `tokenizer_choice`)."""
     path = os.path.join(cfg.checkpoint.dir, TOKENIZER_FILE)
-    choice = tokenizer_choice(cfg, model_cfg)
-    if jax.process_count() > 1 and not os.path.isfile(path):  # process 0 makes it, once
-        if distributed.is_main():
+    choice = choice or tokenizer_choice(cfg, model_cfg)
+    if jax.process_count() > 1:  # process 0 makes it, once; every process waits for it
+        if distributed.is_main() and not os.path.isfile(path):
             _make_tokenizer(cfg, choice, documents, path)
+        # unconditional: a process that found the file process 0 had just written would skip
+        # a conditional barrier and leave process 0 waiting in it
         distributed.barrier("tokenizer")
     if os.path.isfile(path):  # a resumed run keeps its tokenizer
         return Tokenizer.load(path), choice == "train"
@@ -276,29 +282,52 @@ def library_logs_to(path: str):
 
 
 def _prepare_data(cfg: RunConfig):
-    """(model config, train rows, train batches, held-out batches); the tokenizer is prepared
-    (trained or copied) into the run directory on the way."""
+    """(model config, documents, train batches, held-out batches); the tokenizer is prepared
+    (trained or copied) into the run directory on the way. A prepared shard directory is read
+    memory-mapped, anything else into memory; both go through the same split and packing."""
     tc = cfg.train
-    documents = data.read_documents(cfg.data.source)
-    train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_fraction, cfg.seed)
     model_cfg = base_model_config(cfg)
-    tokenizer, trained_here = prepare_tokenizer(cfg, model_cfg, train_docs)
-    model_cfg = model_config_for(model_cfg, tokenizer, trained_here)
+    if shards.is_prepared(cfg.data.source):
+        documents = shards.ShardSet(cfg.data.source)
+        tokenizer, trained_here = prepare_tokenizer(cfg, model_cfg, [], _shard_tokenizer(cfg))
+        model_cfg = model_config_for(model_cfg, tokenizer, trained_here)
+        documents.check_ids(model_cfg.vocab_size)
+    else:
+        texts = [d for d in data.read_documents(cfg.data.source) if _has_text(d)]
+        tokenizer_docs, _ = data.split_documents(texts, cfg.data.eval_fraction, cfg.seed)
+        tokenizer, trained_here = prepare_tokenizer(cfg, model_cfg, tokenizer_docs)
+        model_cfg = model_config_for(model_cfg, tokenizer, trained_here)
+        tokens = data.tokenize_documents(texts, tokenizer)
+        data.check_token_ids(tokens, model_cfg.vocab_size, cfg.data.source)
+        documents = data.Documents(tokens)
     if tc.seq_len > model_cfg.max_seq_len:
         raise ConfigError(
             f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
         )
-    train_tokens = data.tokenize_documents(train_docs, tokenizer)
-    data.check_token_ids(train_tokens, model_cfg.vocab_size, cfg.data.source)
-    train_rows = data.pack(train_tokens, tc.seq_len, cfg.seed)
-    batches = data.BatchIterator(train_rows, tc.batch_size, cfg.seed)
-    held_out = []
-    if eval_docs:
-        eval_tokens = data.tokenize_documents(eval_docs, tokenizer)
-        data.check_token_ids(eval_tokens, model_cfg.vocab_size, cfg.data.source)
-        eval_rows = data.pack(eval_tokens, tc.seq_len, cfg.seed)
-        held_out = data.eval_batches(eval_rows, tc.batch_size, tc.eval_batches)
-    return model_cfg, train_rows, batches, held_out
+    split = data.Split(documents.num_docs, cfg.data.eval_fraction, cfg.seed)
+    batches = data.BatchIterator(documents, split, tc.batch_size, tc.seq_len, cfg.seed)
+    held_out = data.eval_batches(documents, split, tc.batch_size, tc.seq_len, tc.eval_batches)
+    return model_cfg, documents, batches, held_out
+
+
+def _has_text(doc) -> bool:
+    """A token array, or a text that is not blank (a blank one has no tokens: dropped before
+    the split, so text documents and their token arrays are numbered alike)."""
+    return isinstance(doc, np.ndarray) or bool(doc.strip())
+
+
+def _shard_tokenizer(cfg: RunConfig) -> str:
+    """The tokenizer file of a prepared source; ConfigError when data.tokenizer (or the starting
+    checkpoint's tokenizer) is another."""
+    choice = cfg.data.tokenizer
+    if choice == "mistral":
+        choice = default_tokenizer_path(32000)
+    setting = f"data.tokenizer={cfg.data.tokenizer}"
+    beside_start = os.path.join(cfg.checkpoint.init_from, TOKENIZER_FILE)
+    if choice == "auto" and cfg.checkpoint.init_from and os.path.isfile(beside_start):
+        choice = beside_start  # the starting weights' tokenizer must be the shards' too
+        setting = f"the tokenizer of checkpoint.init_from ({beside_start})"
+    return shards.prepared_tokenizer(cfg.data.source, choice, setting)
 
 
 def make_run_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
@@ -498,13 +527,13 @@ class _Logger:
 
 
 def _run(cfg: RunConfig, stop: _StopFlag, show_progress: bool) -> dict:
-    model_cfg, train_rows, batches, held_out = _prepare_data(cfg)
+    model_cfg, documents, batches, held_out = _prepare_data(cfg)
     mesh = make_run_mesh(cfg)
     _check_mesh_fits(cfg, model_cfg, mesh)
-    return _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh)
+    return _train(cfg, stop, show_progress, model_cfg, documents, batches, held_out, mesh)
 
 
-def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, mesh) -> dict:
+def _train(cfg, stop, show_progress, model_cfg, documents, batches, held_out, mesh) -> dict:
     tc = cfg.train
     graphdef, tx, state, ckpt, frozen = _init_or_resume(cfg, model_cfg, batches, mesh)
     if int(state.step) >= tc.steps:
@@ -514,6 +543,7 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=where.params, frozen=frozen)
     log = _Logger(cfg, model_cfg, int(state.step), show_progress)
     global_rows = _load_local_rows(cfg, mesh, batches)
+    batches = data.Prefetch(batches)  # after restore and select: draws from here on
     final: dict = {}
     try:
         ckpt.reserve(dataclasses.asdict(state))  # pinned host memory for the saves' copies
@@ -548,13 +578,12 @@ def _train(cfg, stop, show_progress, model_cfg, train_rows, batches, held_out, m
     else:
         ckpt.close()
     finally:
+        batches.close()
         log.close()
     if int(state.step) >= tc.steps:
         write_final(cfg, state.params, model_cfg, int(state.step), mesh, frozen)
     final["step"] = int(state.step)
-    final["unigram_entropy"] = losses.unigram_entropy(
-        train_rows.tokens[:, 1:], train_rows.segments[:, 1:] > 0
-    )
+    final["unigram_entropy"] = data.unigram_entropy(documents.unigram_counts())
     return final
 
 

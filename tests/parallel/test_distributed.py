@@ -123,8 +123,9 @@ def test_two_process_training_equals_one_process(clean_env, tmp_path):
     assert sorted(os.listdir(tmp_path / "multi" / "manifests" / "2")) == ["0.json", "1.json"]
 
 
-def _two_processes(run_dir, args, timeout=300) -> list[str]:
-    """Runs train.py as 2 processes x 2 CPU devices; their outputs (stdout + stderr)."""
+def _two_processes(run_dir, args, timeout=300, script="train.py") -> list[str]:
+    """Runs train.py (or another `script` taking its flags) as 2 processes x 2 CPU devices;
+    their outputs (stdout + stderr)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -138,7 +139,7 @@ def _two_processes(run_dir, args, timeout=300) -> list[str]:
         subprocess.Popen(
             [
                 sys.executable,
-                os.path.join(ROOT, "train.py"),
+                os.path.join(ROOT, script),
                 *args,
                 f"--checkpoint.dir={run_dir}",
                 f"--coordinator=localhost:{port}",

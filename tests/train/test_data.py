@@ -61,25 +61,28 @@ def test_packing_keeps_documents_apart_in_attention_and_loss():
             np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
 
 
+def _iterator(batch_size, seed, copies=12):
+    docs = data.Documents([np.arange(3, 40, dtype=np.int32) + i for i in range(copies)])
+    return data.BatchIterator(docs, data.Split(copies, 0.0, 0), batch_size, 15, seed)
+
+
 def test_iterator_order_is_seeded_and_resumes_exactly():
-    rows = data.pack([np.arange(3, 40, dtype=np.int32)] * 12, seq_len=15, seed=1)
-    a = data.BatchIterator(rows, 2, seed=7)
+    a = _iterator(2, seed=7)
     seen = [next(a)["tokens"] for _ in range(5)]
-    b = data.BatchIterator(rows, 2, seed=7)
+    b = _iterator(2, seed=7)
     for _ in range(3):
         next(b)
-    c = data.BatchIterator(rows, 2, seed=7)
+    c = _iterator(2, seed=7)
     c.restore(b.state)
     np.testing.assert_array_equal(next(c)["tokens"], seen[3])
-    other = data.BatchIterator(rows, 2, seed=8)
+    other = _iterator(2, seed=8)
     assert any(not np.array_equal(next(other)["tokens"], s) for s in seen)
     with pytest.raises(ConfigError, match="batch_size=999 exceeds"):
-        data.BatchIterator(rows, 999, seed=0)
+        _iterator(999, seed=0)
 
 
 def test_a_process_loads_only_its_rows_of_each_batch():
-    rows = data.pack([np.arange(3, 40, dtype=np.int32)] * 24, seq_len=15, seed=1)
-    full, mine = data.BatchIterator(rows, 4, seed=7), data.BatchIterator(rows, 4, seed=7)
+    full, mine = _iterator(4, seed=7, copies=24), _iterator(4, seed=7, copies=24)
     mine.select(np.array([1, 3]))
     for _ in range(4):  # across an epoch boundary too
         want, got = next(full), next(mine)
