@@ -1,10 +1,10 @@
 """What quantization costs: held-out perplexity of the original and the quantized model side by
 side, the largest logit error and the share of tokens whose top-1 prediction changes.
 
-The held-out text is the training run's split by default (`train/data.py`): documents of the
-data source held out by `split_documents(eval_fraction, seed)` (train.py's defaults: 5%, seed
-0), tokenized with the original checkpoint's tokenizer and packed into rows of seq_len + 1
-tokens. Counted tokens are those whose next token is in the same document (the loss mask).
+The held-out text is the training run's split by default (`train/data.py`): the documents of
+the data source that `Split(eval_fraction, seed)` holds out (train.py's defaults: 5%, seed 0),
+tokenized with the original checkpoint's tokenizer and packed into rows of seq_len + 1 tokens
+as train.py's eval batches are. Counted tokens are those whose next token is in the same document (the loss mask).
 """
 
 from __future__ import annotations
@@ -67,11 +67,16 @@ def held_out_batches(
 ) -> list[dict]:
     """Held-out batches of `source` as train.py makes them (see the module doc); with
     eval_fraction 0 the whole source is held-out text."""
-    documents = data.read_documents(source)
-    if eval_fraction:
-        documents = data.split_documents(documents, eval_fraction, seed)[1]
-    rows = data.pack(data.tokenize_documents(documents, tokenizer), seq_len, seed)
-    batches = data.eval_batches(rows, min(batch_size, rows.num_rows), max_batches)
+    texts = [d for d in data.read_documents(source) if not isinstance(d, str) or d.strip()]
+    documents = data.Documents(data.tokenize_documents(texts, tokenizer))
+    if eval_fraction:  # the trainer's held-out split and eval batches
+        split = data.Split(documents.num_docs, eval_fraction, seed)
+        batches = data.eval_batches(documents, split, batch_size, seq_len, max_batches)
+    else:  # every document, packed in the seeded order
+        rows = data.pack(documents.docs, seq_len, seed)
+        size = min(batch_size, rows.num_rows)
+        count = min(max_batches, rows.num_rows // max(size, 1))
+        batches = [data.make_batch(rows, np.arange(i * size, (i + 1) * size)) for i in range(count)]
     if not batches:
         raise ConfigError(f"{source}: no held-out rows of {seq_len + 1} tokens")
     return batches

@@ -54,6 +54,9 @@ class TooLong(ConfigError):
     """prompt + max_tokens beyond the context or the KV capacity (HTTP 400); names the numbers."""
 
 
+MAX_RETRIES = 1  # times a request with nothing cached is requeued after a failed step
+
+
 class EngineClosed(RuntimeError):
     """submit() after shutdown() began (HTTP 503)."""
 
@@ -335,20 +338,25 @@ class Engine:
         """Steps 1-4 of the module docstring. An exception (a device or XLA failure, or a bug)
         resets the pool (the donated one may be gone, and every row's KV with it): requests
         with tokens in the cache end with finish 'error', those without go back to the head of
-        the queue, and the engine carries on."""
+        the queue (`MAX_RETRIES` times: a request whose own step keeps failing would otherwise
+        be retried forever), and the engine carries on."""
         try:
             return self._step()
         except Exception as err:
             log.exception("engine step failed")
             self._pool = self._new_pool()
-            fresh = []  # rows with nothing in the cache yet lose nothing: back to the queue
-            for i, row in enumerate(self._rows):
-                if row is not None and row.cached == 0:
+            error = Event([], None, ERROR, f"{type(err).__name__}: {err}")
+            fresh = []  # rows with nothing in the cache yet lose nothing: back to the queue,
+            for i, row in enumerate(self._rows):  # once (a request that fails again ends)
+                if row is None:
+                    continue
+                row.stream.failures = getattr(row.stream, "failures", 0) + 1
+                if row.cached == 0 and row.stream.failures <= MAX_RETRIES:
                     self._blocks.release(row.blocks, row.promise)
                     self._table[i], self._rows[i] = 0, None
                     fresh.append(row)
-                elif row is not None:
-                    self._leave(i, Event([], None, ERROR, f"{type(err).__name__}: {err}"))
+                else:
+                    self._leave(i, error)
             with self._cond:
                 for row in sorted(fresh, key=lambda r: -r.order):
                     self._waiting.appendleft(row.stream)

@@ -174,6 +174,25 @@ def test_a_failed_step_ends_the_running_requests_with_error_and_the_engine_goes_
     assert engine.stats()["free_blocks"] == 32
 
 
+def test_a_request_whose_steps_keep_failing_ends_with_error_after_one_retry(engine, monkeypatch):
+    """A request with nothing cached goes back to the queue once, not forever (a livelock that
+    grew the process by ~45 MB/s while the failures' tracebacks piled up)."""
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("always")
+
+    monkeypatch.setattr(engine.steps, "decode", broken)
+    monkeypatch.setattr(engine.steps, "decode_with_chunk", broken)
+    stream = engine.submit(Request(PROMPTS["short"], 4, ignore_eos=True))
+    for _ in range(5):
+        engine.run_once()
+    assert _events(stream)[-1] == Event([], None, "error", "RuntimeError: always")
+    assert len(calls) == 2 and engine.stats()["queue_depth"] == 0
+    assert engine.stats()["free_blocks"] == 32
+
+
 def test_many_short_and_one_long_fit_a_pool_smaller_than_batch_times_context(engine, reference):
     assert engine._blocks.total < engine.max_batch * CONTEXT // BLOCK
     long = Request(PROMPTS["long"], 60, ignore_eos=True)  # 119 tokens: 15 of the 32 blocks
