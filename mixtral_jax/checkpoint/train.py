@@ -96,8 +96,9 @@ def pinned_host_copy(tree):
         groups.setdefault(tuple(sorted(d.id for d in x.sharding.device_set)), []).append(i)
     out = list(leaves)
     for members in groups.values():
-        device = next(iter(leaves[members[0]].sharding.device_set))
-        if PINNED_HOST not in {m.kind for m in device.addressable_memories()}:
+        first = leaves[members[0]]  # a device of this process (a pod's others are remote)
+        device = first.addressable_shards[0].device if first.addressable_shards else None
+        if device is None or PINNED_HOST not in {m.kind for m in device.addressable_memories()}:
             return tree
         shardings = tuple(leaves[i].sharding for i in members)
         for i, y in zip(members, _pinned_copy_fn(shardings)([leaves[i] for i in members])):
