@@ -43,6 +43,66 @@ def _blocks(size: int, rows_kv: int) -> tuple[int, int, int]:
     return block, -(-num // steps), steps
 
 
+def softmax_start(q: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The online softmax's state before any key: running max m [Gp], sum l [Gp], acc [Gp, H]."""
+    rows = q.shape[0]
+    return (
+        jnp.full((rows,), _NEG, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros(q.shape, jnp.float32),
+    )
+
+
+def online_softmax_step(carry, q, k, v, seen, scale: float, precision):
+    """One block of keys into the state (m, l, acc): q [Gp, H], k and v [Z, H], seen [Z] bool
+    (masked keys count for nothing). Shared by this kernel and the paged one."""
+    m, l, acc = carry
+    s = (
+        jax.lax.dot_general(
+            q,
+            k,
+            (((1,), (1,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        * scale
+    )  # [Gp, Z]
+    s = jnp.where(seen[None, :], s, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(seen[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    pv = jax.lax.dot_general(
+        p.astype(v.dtype),
+        v,
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+
+
+def split_outputs(b: int, kv_heads: int, splits: int, rows: int, h: int) -> tuple:
+    """out_shape of a flash-decoding call: per (row, kv head, split) acc [Gp, H], m and l [Gp]."""
+    return (
+        jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
+        jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
+        jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
+    )
+
+
+def combine_splits(o, m, l, q: jax.Array) -> jax.Array:
+    """The splits' partial softmaxes (o [B, K, J, Gp, H], m and l [B, K, J, Gp]) merged into
+    [B, N, H] in q's dtype (q [B, N, H]: the query the kernel ran for; padding rows dropped)."""
+    b, n, h = q.shape
+    groups = n // o.shape[1]
+    top = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, Gp]
+    weight = jnp.exp(m - top)  # [B, K, J, Gp]
+    total = jnp.sum(weight * l, axis=2)  # [B, K, Gp]
+    out = jnp.sum(weight[..., None] * o, axis=2) / jnp.maximum(total, 1e-30)[..., None]
+    out = out[:, :, :groups].reshape(b, n, h)  # [B, N, H]
+    return jax.lax.stop_gradient(out.astype(q.dtype))
+
+
 def _kernel(
     layer_ref,
     q_ref,
@@ -63,44 +123,16 @@ def _kernel(
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     q = q_ref[b, h]  # [Gp, H]
-    rows = q.shape[0]
 
     def step(i, carry):
-        m, l, acc = carry
         index = j * steps + i  # past the last block (ragged last split): re-read it, masked
         s0 = pl.multiple_of(jnp.minimum(index, num_blocks - 1) * block, block)
         k = k_ref[layer, b, pl.ds(s0, block), h, :]  # [block, H]
         v = v_ref[layer, b, pl.ds(s0, block), h, :]
         seen = (mask_ref[b, pl.ds(s0, block)] > 0) & (index < num_blocks)  # [block]
-        s = (
-            jax.lax.dot_general(
-                q,
-                k,
-                (((1,), (1,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            * scale
-        )  # [Gp, block]
-        s = jnp.where(seen[None, :], s, _NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(seen[None, :], jnp.exp(s - m_new[:, None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        pv = jax.lax.dot_general(
-            p.astype(v.dtype),
-            v,
-            (((1,), (0,)), ((), ())),
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+        return online_softmax_step(carry, q, k, v, seen, scale, precision)
 
-    init = (
-        jnp.full((rows,), _NEG, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros(q.shape, jnp.float32),
-    )
-    m, l, acc = jax.lax.fori_loop(0, steps, step, init)
+    m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
     o_ref[b, h, j] = acc
     m_ref[b, h, j] = m
     l_ref[b, h, j] = l
@@ -142,19 +174,10 @@ def decode_attention(
     )
     o, m, l = pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
-            jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
-            jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
-        ),
+        out_shape=split_outputs(b, kv_heads, splits, rows, h),
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="decode_attention",
     )(jnp.asarray(layer, jnp.int32).reshape(1), q_pad, mask.astype(jnp.int8), k_cache, v_cache)
-    top = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, Gp]
-    weight = jnp.exp(m - top)  # [B, K, J, Gp]
-    total = jnp.sum(weight * l, axis=2)  # [B, K, Gp]
-    out = jnp.sum(weight[..., None] * o, axis=2) / jnp.maximum(total, 1e-30)[..., None]
-    out = out[:, :, :groups].reshape(b, n, h)  # [B, N, H]
-    return jax.lax.stop_gradient(out.astype(q.dtype))
+    return combine_splits(o, m, l, q)

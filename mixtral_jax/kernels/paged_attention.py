@@ -28,9 +28,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mixtral_jax.kernels.common import matmul_precision, pow2_at_least
-from mixtral_jax.kernels.decode_attention import TARGET_PROGRAMS
+from mixtral_jax.kernels.decode_attention import (
+    TARGET_PROGRAMS,
+    combine_splits,
+    online_softmax_step,
+    softmax_start,
+    split_outputs,
+)
 
-_NEG = -1e30  # finite: a block with every key masked must not make exp(-inf - -inf) = nan
 MIN_BLOCK = 16  # the matrix unit's smallest tile: Z must be a multiple
 
 
@@ -62,10 +67,8 @@ def _kernel(
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     q = q_ref[b, h]  # [Gp, H]
-    rows = q.shape[0]
 
     def step(i, carry):
-        m, l, acc = carry
         index = j * steps + i  # past the last entry (ragged last split): re-read it, masked
         entry = jnp.minimum(index, entries - 1)
         page = table_ref[b, entry]
@@ -73,35 +76,9 @@ def _kernel(
         v = v_ref[layer, page, :, h, :]
         s0 = pl.multiple_of(entry * block, block)
         seen = (mask_ref[b, pl.ds(s0, block)] > 0) & (index < entries)  # [Z]
-        s = (
-            jax.lax.dot_general(
-                q,
-                k,
-                (((1,), (1,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            * scale
-        )  # [Gp, Z]
-        s = jnp.where(seen[None, :], s, _NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(seen[None, :], jnp.exp(s - m_new[:, None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        pv = jax.lax.dot_general(
-            p.astype(v.dtype),
-            v,
-            (((1,), (0,)), ((), ())),
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+        return online_softmax_step(carry, q, k, v, seen, scale, precision)
 
-    init = (
-        jnp.full((rows,), _NEG, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros(q.shape, jnp.float32),
-    )
-    m, l, acc = jax.lax.fori_loop(0, steps, step, init)
+    m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
     o_ref[b, h, j] = acc
     m_ref[b, h, j] = m
     l_ref[b, h, j] = l
@@ -148,11 +125,7 @@ def paged_decode_attention(
     )
     o, m, l = pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
-            jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
-            jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
-        ),
+        out_shape=split_outputs(b, kv_heads, splits, rows, h),
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
@@ -165,9 +138,4 @@ def paged_decode_attention(
         k_pool,
         v_pool,
     )
-    top = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, Gp]
-    weight = jnp.exp(m - top)  # [B, K, J, Gp]
-    total = jnp.sum(weight * l, axis=2)  # [B, K, Gp]
-    out = jnp.sum(weight[..., None] * o, axis=2) / jnp.maximum(total, 1e-30)[..., None]
-    out = out[:, :, :groups].reshape(b, n, h)  # [B, N, H]
-    return jax.lax.stop_gradient(out.astype(q.dtype))
+    return combine_splits(o, m, l, q)
