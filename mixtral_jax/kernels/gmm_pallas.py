@@ -90,7 +90,13 @@ def _fit_shared_memory(tiles: Tiles, kernel: str, itemsize: int) -> Tiles:
         other = t.block_m * t.block_n if kernel == "tgmm" else t.block_k * t.block_n
         return (t.block_m * t.block_k + other) * itemsize
 
-    while tiles.num_stages * stage_bytes(tiles) > SMEM_BYTES:
+    return shrink_until_fits(tiles, lambda t: t.num_stages * stage_bytes(t), SMEM_BYTES)
+
+
+def shrink_until_fits(tiles: Tiles, need, limit: int) -> Tiles:
+    """`tiles` with fewer pipeline stages (down to 2), then narrower column tiles (down to 16),
+    then shorter contraction tiles, until need(tiles) bytes of shared memory fit `limit`."""
+    while need(tiles) > limit:
         if tiles.num_stages > 2:
             tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
         elif tiles.block_n > 16:

@@ -81,14 +81,7 @@ def _fit_shared_memory(tiles: gmm_pallas.Tiles, x_tiles: int, itemsize: int) -> 
         stage = x_tiles * t.block_m * t.block_k * itemsize + t.block_k * t.block_n
         return t.num_stages * stage + x_tiles * t.block_k * t.block_n * itemsize
 
-    while need(tiles) > SMEM_LIMIT:
-        if tiles.num_stages > 2:
-            tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
-        elif tiles.block_n > 16:
-            tiles = dataclasses.replace(tiles, block_n=tiles.block_n // 2)
-        else:
-            tiles = dataclasses.replace(tiles, block_k=max(16, tiles.block_k // 2))
-    return tiles
+    return gmm_pallas.shrink_until_fits(tiles, need, SMEM_LIMIT)
 
 
 DEQUANTIZE_ROWS = 4096
