@@ -47,6 +47,23 @@ def step_bytes(cfg: mj.ModelConfig, batch: int) -> float:
     return 2.0 * (cfg.num_layers * per_layer + cfg.vocab_size * d)
 
 
+def decode_row(generator: Generator, prompts, new: int, floor_bytes: float, bandwidth: float):
+    """Batch decode of `prompts` (a second run, timed without compilation) beside the floor of
+    reading `floor_bytes` a step at `bandwidth` TB/s: tokens/s, ms per step, floor ms, share."""
+    for _ in range(2):
+        result = generator.generate(prompts, max_new_tokens=new, eos_id=None)
+    batch = len(prompts)
+    tok_s = result.decode_tokens / result.decode_s
+    floor_s = floor_bytes / (bandwidth * 1e12)
+    return {
+        "batch": batch,
+        "decode_tokens_per_s": tok_s,
+        "step_ms": 1000 * batch / tok_s,
+        "floor_step_ms": 1000 * floor_s,
+        "share_of_floor": floor_s / (batch / tok_s),
+    }
+
+
 def route_bf16_operands(x, router, topk):
     """moe.route with the logits' matmul on bf16 operands (exact products, float32 sums)."""
     logits = jnp.dot(x, router.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -154,19 +171,7 @@ def main():
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = [list(map(int, rng.integers(3, 32000, 16))) for _ in range(batch)]
-        for _ in range(2):  # the second run is timed without compilation
-            result = generator.generate(prompts, max_new_tokens=args.new, eos_id=None)
-        tok_s = result.decode_tokens / result.decode_s
-        floor_s = step_bytes(cfg, batch) / (bandwidth * 1e12)
-        rows.append(
-            {
-                "batch": batch,
-                "decode_tokens_per_s": tok_s,
-                "step_ms": 1000 * batch / tok_s,
-                "floor_step_ms": 1000 * floor_s,
-                "share_of_floor": floor_s / (batch / tok_s),
-            }
-        )
+        rows.append(decode_row(generator, prompts, args.new, step_bytes(cfg, batch), bandwidth))
         print(rows[-1], flush=True)
     prompt = [list(map(int, rng.integers(3, 32000, args.prefill)))]
     ttft = [

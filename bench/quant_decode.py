@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mixtral_jax as mj
+from bench.decode import decode_row
 from mixtral_jax.generate import Generator
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.model import quantized
@@ -113,20 +114,8 @@ def measure(cfg: mj.ModelConfig, batches: list[int], new: int, bandwidth: float)
     rows = []
     for batch in batches:
         prompts = [list(map(int, rng.integers(3, cfg.vocab_size, 16))) for _ in range(batch)]
-        for _ in range(2):  # the second run is timed without compilation
-            result = generator.generate(prompts, max_new_tokens=new, eos_id=None)
-        tok_s = result.decode_tokens / result.decode_s
-        floor_s = step_bytes(cfg, batch) / (bandwidth * 1e12)
-        rows.append(
-            {
-                "batch": batch,
-                "decode_tokens_per_s": tok_s,
-                "step_ms": 1000 * batch / tok_s,
-                "floor_step_ms": 1000 * floor_s,
-                "share_of_floor": floor_s / (batch / tok_s),
-                "plan": str(kernel_plan.resolve(cfg, batch, cached=True, queries=1)),
-            }
-        )
+        row = decode_row(generator, prompts, new, step_bytes(cfg, batch), bandwidth)
+        rows.append({**row, "plan": str(kernel_plan.resolve(cfg, batch, cached=True, queries=1))})
         print(json.dumps({"format": _name(cfg), **rows[-1]}), flush=True)
     weights = sum(x.nbytes for x in jax.tree.leaves(mj.get_params(model)))
     del generator, model
