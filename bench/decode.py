@@ -73,17 +73,19 @@ def route_bf16_operands(x, router, topk):
     return moe_ops.Routing(logits=logits, weights=weights, experts=experts.astype(jnp.int32))
 
 
-def profile_decode(generator: Generator, prompt: list[int] | None = None, calls: int = 3) -> dict:
-    """GPU kernels of batch-1 decode steps over the cache of `prompt` (default 16 tokens; a long
-    one is prefilled in chunks), one compiled chunk of generator.chunk steps per call, per step:
-    busy time, span, launches and the time of each kernel name."""
+def profile_decode(
+    generator: Generator, prompt: list[int] | None = None, calls: int = 3, batch: int = 1
+) -> dict:
+    """GPU kernels of decode steps of `batch` rows over the cache of `prompt` (default 16 tokens;
+    a long one is prefilled in chunks), one compiled chunk of generator.chunk steps per call, per
+    step: busy time, span, launches and the time of each kernel name."""
     prompt = list(range(3, 19)) if prompt is None else prompt
     width = prompt_width(len(prompt), generator.prefill_chunk)
-    tokens, valid = left_pad([prompt], width)
+    tokens, valid = left_pad([prompt] * batch, width)
     size = width + generator.chunk * (calls + 2)
     _, cache, next_pos, _ = generator.prefill(tokens, valid, cache_size=size)
     carry = {"cache": cache, "last": jnp.asarray(tokens[:, -1]), "pos": next_pos}
-    done, key = jnp.zeros((1,), bool), jax.random.key(0)
+    done, key = jnp.zeros((batch,), bool), jax.random.key(0)
 
     def chunk():
         out = generator._decode(
@@ -103,6 +105,7 @@ def profile_decode(generator: Generator, prompt: list[int] | None = None, calls:
     summary = kernel_summary(trace_kernels(chunk, reps=calls), per=calls * generator.chunk)
     summary["layers"] = generator.cfg.num_layers
     summary["cache_tokens"] = len(prompt)
+    summary["batch"] = batch
     return summary
 
 
@@ -122,6 +125,7 @@ def main():
     )
     p.add_argument("--peer", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile-batch", type=int, default=1, help="rows of the profiled steps")
     p.add_argument(
         "--set",
         action="append",
@@ -178,7 +182,7 @@ def main():
         generator.generate(prompt, max_new_tokens=16, eos_id=None).time_to_first_token_s
         for _ in range(3)
     ][-1]
-    profile = profile_decode(generator) if args.profile else None
+    profile = profile_decode(generator, batch=args.profile_batch) if args.profile else None
     payload = {
         "env": environment(),
         "config": {
@@ -207,7 +211,7 @@ def main():
         print(f"peer (transformers generate): {peer}")
     if profile:
         print(
-            f"\nbatch-1 decode step: busy {profile['busy_us']:.0f} us, span "
+            f"\nbatch-{profile['batch']} decode step: busy {profile['busy_us']:.0f} us, span "
             f"{profile['span_us']:.0f} us, {profile['kernels']:.0f} kernel launches"
         )
         for name, v in list(profile["by_name"].items())[:30]:

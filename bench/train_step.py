@@ -1,11 +1,12 @@
 """Training-step throughput of a reduced-depth, full-width Mixtral 8x7B on one GPU.
 
-  PYTHONPATH=. python bench/train_step.py [--layers 2] [--batch 4] [--seq 4096]
+  PYTHONPATH=. python bench/train_step.py [--layers 2] [--batch 4] [--seq 4096] [--profile]
 
 bfloat16 compute, float32 master weights and AdamW state, the real train step (CE + router
 losses, clipping, AdamW). MFU counts 6 x active matmul parameters + causal attention per token
 (`metrics.flops_per_token`), against the bf16 matmul peak measured in the same run and the
-989 TFLOP/s datasheet peak.
+989 TFLOP/s datasheet peak. --profile traces 3 more steps of each implementation and lists the
+GPU kernels of a step (busy time, span, time per kernel name; `bench/common.kernel_summary`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from flax import nnx
 import mixtral_jax as mj
 from bench.common import (
     environment,
+    kernel_summary,
     matmul_peak_tflops,
     random_model,
     run_peer,
     synthetic_batch,
     time_train_steps,
+    trace_kernels,
     write_json,
 )
 from mixtral_jax.parallel import sharding
@@ -32,7 +35,7 @@ from mixtral_jax.train.config import TrainConfig
 from mixtral_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
 
 
-def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
+def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int, profile: bool) -> dict:
     cfg = mj.preset(
         "mixtral-8x7b",
         num_layers=layers,
@@ -55,6 +58,15 @@ def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
     data = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch, seq))
     state, m, step_s, warm = time_train_steps(step, state, data, steps)
     tok_s = batch * seq / step_s
+    kernels = None
+    if profile:
+        box = {"state": state}
+
+        def one_step():
+            box["state"], out = step(box["state"], data)
+            return out["loss"]
+
+        kernels = kernel_summary(trace_kernels(one_step, reps=3), per=3)
     return {
         "moe_impl": moe_impl,
         "layers": layers,
@@ -65,7 +77,20 @@ def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int) -> dict:
         "loss": float(m["loss"]),
         "flops_per_token": metrics.flops_per_token(cfg, seq),
         "warmup_s": warm,
+        "profile": kernels,
     }
+
+
+def print_profile(summary: dict | None, impl: str, top: int = 40) -> None:
+    """The kernels of one step, longest first (ms)."""
+    if not summary:
+        return
+    print(
+        f"\n{impl} step kernels: busy {summary['busy_us'] / 1e3:.1f} ms, span "
+        f"{summary['span_us'] / 1e3:.1f} ms, {summary['kernels']:.0f} launches"
+    )
+    for name, v in list(summary["by_name"].items())[:top]:
+        print(f"  {v['us'] / 1e3:8.2f} ms {v['count']:6.1f}x  {name[:100]}")
 
 
 def main():
@@ -76,6 +101,7 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--impls", default="capacity,dropless")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--profile", action="store_true", help="the GPU kernels of a step")
     args = p.parse_args()
     peer_row = (
         {}
@@ -96,13 +122,14 @@ def main():
     peak = matmul_peak_tflops()
     rows = []
     for impl in args.impls.split(","):
-        row = run(impl, args.layers, args.batch, args.seq, args.steps)
+        row = run(impl, args.layers, args.batch, args.seq, args.steps, args.profile)
         achieved = row["tokens_per_s"] * row["flops_per_token"] / 1e12
         row.update(
             tflops=achieved, mfu_vs_measured_peak=achieved / peak, mfu_vs_989=achieved / 989.0
         )
         rows.append(row)
-        print(row, flush=True)
+        print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+        print_profile(row["profile"], impl)
         jax.clear_caches()
     if "tokens_per_s" in peer_row:
         flops = rows[0]["flops_per_token"]
