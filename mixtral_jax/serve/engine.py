@@ -5,12 +5,15 @@ One background thread steps the model. Each iteration:
   2. waiting requests take free rows, first come first served, when the block pool can promise
      each every block it may need (prompt + max_tokens; blocks are taken only as tokens fill
      them, and what is left of the promise returns when the request ends);
-  3. one decode step [max_batch, 1] for every row that has sampled a token (idle rows masked),
-     in the same compiled call as one prefill chunk [prefill_rows, prefill_chunk] for the
-     oldest rows still prefilling, if any: streams already running keep producing while a long
-     prompt is prefilled, and the chunk costs them its arithmetic, not a second weight read;
+  3. one decode step [b, 1] for every row that has sampled a token, b the smallest compiled
+     batch that holds them (their inputs packed into its first rows, the rest idle and
+     masked: a step of one stream computes one row, not max_batch), in the same compiled call
+     as one prefill chunk [prefill_rows, prefill_chunk] for the oldest rows still prefilling,
+     if any: streams already running keep producing while a long prompt is prefilled, and the
+     chunk costs them its arithmetic, not a second weight read;
   4. new tokens go to their streams; rows that finished (EOS, a stop id, max_tokens) leave.
-Only those two calls are ever compiled, once per attention span (`steps.py`; `warmup`).
+Only those two calls are ever compiled, once per (batch, attention span) pair (`steps.py`;
+`warmup`).
 
 A row's tokens depend on its own request only: per-row positions and lengths in the paged
 cache, per-row sampling settings, and keys fold_in(key(seed), token index).
@@ -96,6 +99,9 @@ class Engine:
       eos_id: the end-of-sequence id (default the model's eos_token_id).
       prefill_rows: Q, rows prefilled per chunk call.
       max_context: the longest prompt + max_tokens (default and limit: cfg.max_seq_len).
+      batches: the decode batch sizes the steps are compiled for (each step runs the smallest
+        that holds its decoding rows); default max_batch and the powers of 4 below it, 1
+        included (256 -> 1, 4, 16, 64, 256): a few compiles, at most 4x the rows needed.
       spans: the attention spans (tokens) the steps are compiled for: each call attends over
         the smallest span that holds its longest row (a step of short rows reads no more than
         it needs); default max_context and its quarters, sixteenths, ... down to 512 tokens.
@@ -115,6 +121,7 @@ class Engine:
         prefill_rows: int = 1,
         max_context: int | None = None,
         spans: tuple[int, ...] | None = None,
+        batches: tuple[int, ...] | None = None,
     ):
         cfg = self.cfg = model.cfg
         self.max_batch = _positive("max_batch", max_batch)
@@ -129,6 +136,7 @@ class Engine:
             )
         self.blocks_per_row = math.ceil(self.max_context / block_size)
         self.widths = self._widths(spans)  # table entries per row of each compiled shape
+        self.batches = self._batches(batches)  # decode rows of each compiled shape
         if num_blocks is None:
             num_blocks = self._default_blocks()
         self.num_blocks = _positive("num_blocks", num_blocks, 2)
@@ -187,6 +195,26 @@ class Engine:
                 raise ConfigError(f"spans: {span!r} must be an integer in [1, max_context]")
         widths = {math.ceil(span / self.block_size) for span in spans} | {self.blocks_per_row}
         return sorted(widths)
+
+    def _batches(self, batches: tuple[int, ...] | None) -> list[int]:
+        """Decode batch sizes of the compiled shapes, ascending; the largest is max_batch."""
+        if batches is None:
+            batches, size = [], 1
+            while size < self.max_batch:
+                batches.append(size)
+                size *= 4
+        for size in batches:
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or not 1 <= size <= self.max_batch
+            ):
+                raise ConfigError(f"batches: {size!r} must be an integer in [1, max_batch]")
+        return sorted(set(batches) | {self.max_batch})
+
+    def _batch(self, rows: int) -> int:
+        """The smallest compiled decode batch that holds `rows` rows."""
+        return next(b for b in self.batches if b >= rows)
 
     def _width(self, tokens: int) -> int:
         """The narrowest compiled table width whose rows hold `tokens` tokens."""
@@ -294,16 +322,17 @@ class Engine:
 
     def warmup(self) -> None:
         """Compiles (and runs once, every row idle: writes go to the sink) every step shape:
-        the decode step and the decode step with a prefill chunk, per table width."""
+        the decode step and the decode step with a prefill chunk, per batch and table width."""
         with self._step_lock:
-            decode, _ = self._decode_args([])
             chunk, _ = self._chunk_args([])
             pool = self._pool
-            for width in self.widths:
-                pool, _ = self.steps.decode(pool, *_narrow(decode, width))
-                pool, _, _ = self.steps.decode_with_chunk(
-                    pool, _narrow(decode, width), _narrow(chunk, width)
-                )
+            for batch in self.batches:
+                decode, _ = self._decode_args([], batch)
+                for width in self.widths:
+                    pool, _ = self.steps.decode(pool, *_narrow(decode, width))
+                    pool, _, _ = self.steps.decode_with_chunk(
+                        pool, _narrow(decode, width), _narrow(chunk, width)
+                    )
             self._pool = jax.block_until_ready(pool)
 
     def run_once(self) -> bool:
@@ -389,7 +418,7 @@ class Engine:
         for j, i in enumerate(prefilling):
             self._rows[i].cached += int(chunk[3][j])
         if decoding:
-            self._deliver(decoding, decoded, decoding)
+            self._deliver(decoding, decoded, range(len(decoding)))
         if prefilling:
             self._finish_prefill(prefilling, prefilled)
         return True
@@ -458,17 +487,21 @@ class Engine:
                 out.counter[j] = len(row.generated)
         return out
 
-    def _decode_args(self, decoding: list[int]) -> tuple[tuple, int]:
-        """Host inputs of the decode step for rows `decoding` (others idle): ((tokens [B],
-        block_table [B, R], lengths [B], active [B], sampling), tokens its widest row needs)."""
-        b = self.max_batch
+    def _decode_args(self, decoding: list[int], batch: int | None = None) -> tuple[tuple, int]:
+        """Host inputs of the decode step for rows `decoding`, packed into the first rows of a
+        compiled batch b (default the smallest that holds them; the rest idle): ((tokens [b],
+        block_table [b, R], lengths [b], active [b], sampling), tokens its widest row needs).
+        Output row j is rows decoding[j]'s token."""
+        b = self._batch(len(decoding)) if batch is None else batch
         tokens, lengths, active = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
-        for i in decoding:
+        table = np.zeros((b, self.blocks_per_row), np.int32)  # idle rows write to the sink
+        for j, i in enumerate(decoding):
             row = self._rows[i]
             self._hold(i, row.cached + 1)
-            tokens[i], lengths[i], active[i] = row.last, row.cached, True
-        table = self._table * active[:, None]  # prefilling rows take no part
-        sampling = self._sampling([self._rows[i] if active[i] else None for i in range(b)])
+            tokens[j], lengths[j], active[j] = row.last, row.cached, True
+            table[j] = self._table[i]
+        rows = [self._rows[i] for i in decoding]
+        sampling = self._sampling(rows + [None] * (b - len(rows)))
         return (tokens, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
 
     def _chunk_args(self, prefilling: list[int]) -> tuple[tuple, int]:

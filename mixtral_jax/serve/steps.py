@@ -1,18 +1,18 @@
 """The engine's two compiled calls over the paged KV cache, each of fixed shapes.
 
   decode        [B, 1]: one new token for every row of the batch (idle rows masked: their
-                writes go to the sink block), B = max_batch.
+                writes go to the sink block), B one of the engine's compiled batch sizes.
   decode+chunk  the same decode step and one prefill chunk [Q, C] of C prompt tokens for each
                 of Q rows (a short last chunk masked), Q = prefill_rows, in one call
                 (`Mixtral.extend_paged_groups`: the experts' weights are read once for both, so
                 a prefill costs the running streams its arithmetic, not a second weight read).
-Each is compiled once per table width R (the attention span, `Engine.widths`).
+Each is compiled once per (batch B, table width R) pair (`Engine.batches`, `Engine.widths`).
 
 Both donate the pool, sample each row's next token with its own settings and key
 (`sample_rows`), and return the routing of the position that chose it: [L, rows, k] experts and
 gate weights, from the router logits the MoE computed (`route_logits` again: the same function
 of the same logits). `traces` counts how often they were traced: after `Engine.warmup`, a steady
-state that compiles nothing more leaves it at 2 per width.
+state that compiles nothing more leaves it at 2 per (batch, width).
 """
 
 from __future__ import annotations

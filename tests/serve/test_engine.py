@@ -292,5 +292,6 @@ def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, re
         assert events[-1].finish == "length" and stream.first_token_at >= stream.submitted
     with pytest.raises(EngineClosed):
         engine.submit(Request([1, 2], 4))
-    # a decode step and a prefill chunk per width, compiled once each by warmup
-    assert engine.stats()["traces"] == 4
+    # a decode step and a prefill chunk per (batch, width), compiled once each by warmup
+    assert engine.batches == [1, 4]
+    assert engine.stats()["traces"] == 2 * len(engine.batches) * len(engine.widths) == 8
