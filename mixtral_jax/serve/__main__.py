@@ -147,7 +147,6 @@ def app_for(model, tokenizer, name: str, args, api_key: str | None):
         api_key=api_key,
         max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
-        max_streams=args.max_batch + args.max_queue + 16,
         drain_timeout_s=args.drain_timeout,
     )
     return app, engine

@@ -3,9 +3,10 @@
   POST /v1/completions, POST /v1/chat/completions   (stream: true -> server-sent events)
   GET /v1/models, GET /health, GET /metrics
 
-The engine runs on its own thread; a request's `Stream.get` blocks, so a wait runs in a worker
-thread (`anyio.to_thread`) with a short timeout, never on the event loop; events already waiting
-are taken without one, and each wake-up takes every event waiting. A client that goes away cancels its stream at once: for a streamed answer
+The engine runs on its own thread and tells the event loop of a stream's new events through
+`Stream.listen` (`call_soon_threadsafe` setting the run's asyncio event): no thread waits per
+stream. Each wake-up takes every event waiting and sends them as one chunk (a loop running behind
+the engine under load sends fewer, larger chunks rather than falling further behind). A client that goes away cancels its stream at once: for a streamed answer
 sse-starlette sees the disconnect and cancels the generator (whose `finally` calls
 `stream.cancel()`); for a whole answer the loop polls `request.is_disconnected()`.
 
@@ -21,6 +22,7 @@ Draining (SIGTERM, see __main__): new requests get a 503; running streams go on 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -42,7 +44,7 @@ from starlette.routing import Route
 from mixtral_jax.config import ConfigError
 from mixtral_jax.serve import protocol
 from mixtral_jax.serve.detok import TextStream
-from mixtral_jax.serve.engine import EngineClosed, QueueFull, Request, TooLong
+from mixtral_jax.serve.engine import EngineClosed, Event, QueueFull, Request, TooLong
 from mixtral_jax.serve.metrics import Metrics
 from mixtral_jax.serve.protocol import ApiError, Generation
 
@@ -77,18 +79,25 @@ class _Auth:
         await self.app(scope, receive, send)
 
 
-def _next_events(stream, timeout: float) -> list:
-    """Up to `timeout` s for the stream's next event, then every event already waiting."""
-    try:
-        events = [stream.get(timeout=timeout)]
-    except queue.Empty:
-        return []
-    while events[-1].finish is None:
+def _waiting_events(stream) -> list:
+    """Every event already waiting on the stream, up to and including a finish."""
+    events = []
+    while not events or events[-1].finish is None:
         try:
             events.append(stream.get(timeout=0))
         except queue.Empty:
             break
     return events
+
+
+def _merged(events: list) -> Event:
+    """Consecutive events as one: their tokens and routing in order, the last one's finish."""
+    if len(events) == 1:
+        return events[0]
+    has_routing = any(e.routing is not None for e in events)
+    routing = [r for e in events for r in (e.routing or [])] if has_routing else None
+    last = events[-1]
+    return Event([t for e in events for t in e.tokens], routing, last.finish, last.error)
 
 
 class _Run:
@@ -137,22 +146,17 @@ class _Run:
     async def events(self, request: HttpRequest | None):
         """Yields (new token ids, their routing) until the run finishes; with `request`, a
         disconnected client ends it. The engine stream is cancelled unless it finished."""
-        server = self.server
+        server, loop, ready = self.server, asyncio.get_running_loop(), asyncio.Event()
+        self.stream.listen(lambda: loop.call_soon_threadsafe(ready.set))
         try:
             while self.finish is None:
-                # Events already waiting are taken here; only an empty queue costs a thread hop
-                # (under load the loop runs behind the engine, so most wake-ups find some).
-                events = _next_events(self.stream, 0) or await anyio.to_thread.run_sync(
-                    _next_events,
-                    self.stream,
-                    server.poll_s,
-                    limiter=server.limiter,
-                    abandon_on_cancel=True,
-                )
-                for event in events:
-                    yield self._take(event)
-                    if self.finish is not None:
-                        break
+                ready.clear()  # set again by any event delivered after this point
+                events = _waiting_events(self.stream)
+                if events:
+                    yield self._take(_merged(events))
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ready.wait(), server.poll_s)
                 if request is not None and self.finish is None and await request.is_disconnected():
                     self.finish = "cancelled"
         finally:
@@ -165,14 +169,11 @@ class _Run:
 class _Server:
     """The app's state and handlers (one per app)."""
 
-    def __init__(
-        self, engine, tokenizer, limits, *, api_key, max_body_bytes, max_streams, drain_s, poll_s
-    ):
+    def __init__(self, engine, tokenizer, limits, *, api_key, max_body_bytes, drain_s, poll_s):
         self.engine, self.tokenizer, self.limits = engine, tokenizer, limits
         self.api_key, self.max_body_bytes = api_key, max_body_bytes
         self.drain_s, self.poll_s = drain_s, poll_s
         self.metrics = Metrics(engine.stats)
-        self.limiter = anyio.CapacityLimiter(max_streams)  # threads waiting on streams
         self.draining = False
         self.created = int(time.time())
 
@@ -373,7 +374,6 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_prompt_tokens: int | None = None,
-    max_streams: int = 512,
     drain_timeout_s: float = 30.0,
     poll_s: float = 0.25,
 ) -> Starlette:
@@ -388,16 +388,13 @@ def create_app(
       api_key: when set, every path but /health needs `Authorization: Bearer <api_key>`.
       max_body_bytes: larger request bodies are a 413.
       max_prompt_tokens: longer prompts are a 400 (default: the context less one).
-      max_streams: worker threads that may wait on streams at once (>= running + queued).
       drain_timeout_s: on shutdown, how long running streams may go on before they are cancelled.
-      poll_s: longest wait of a worker for an event (also the disconnect check of whole answers).
+      poll_s: longest wait of a run for an event (also the disconnect check of whole answers).
     """
     if max_prompt_tokens is None:
         max_prompt_tokens = context - 1
     if not 1 <= max_prompt_tokens < context:
         raise ConfigError(f"max_prompt_tokens={max_prompt_tokens} must be in [1, {context})")
-    if max_streams < 1:
-        raise ConfigError(f"max_streams={max_streams} must be >= 1")
     if max_body_bytes < 1:
         raise ConfigError(f"max_body_bytes={max_body_bytes} must be >= 1")
     limits = protocol.Limits(
@@ -409,7 +406,6 @@ def create_app(
         limits,
         api_key=api_key,
         max_body_bytes=max_body_bytes,
-        max_streams=max_streams,
         drain_s=drain_timeout_s,
         poll_s=poll_s,
     )

@@ -84,6 +84,15 @@ class Stream:
         self._events: queue.Queue[Event] = queue.Queue()
         self._cancel = threading.Event()
         self._wake = wake
+        self._listener: Callable[[], None] | None = None
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` (on the engine thread) after each event is delivered, and once now
+        if some already wait: how an event loop learns of events without a thread blocked in
+        `get` per stream."""
+        self._listener = listener
+        if not self._events.empty():
+            listener()
 
     def get(self, timeout: float | None = None) -> Event:
         """The next event, blocking; raises queue.Empty after `timeout` seconds."""
@@ -115,6 +124,8 @@ class Stream:
         if event.finish is not None:
             self.finish, self.finished_at = event.finish, now
         self._events.put(event)
+        if self._listener is not None:
+            self._listener()
 
 
 @dataclasses.dataclass
