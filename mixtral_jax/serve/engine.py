@@ -11,7 +11,13 @@ One background thread steps the model. Each iteration:
      as one prefill chunk [prefill_rows, prefill_chunk] for the oldest rows still prefilling,
      if any: streams already running keep producing while a long prompt is prefilled, and the
      chunk costs them its arithmetic, not a second weight read;
-  4. new tokens go to their streams; rows that finished (EOS, a stop id, max_tokens) leave.
+  4. the previous step's tokens go to their streams (while this one runs on the device); rows
+     that finished (EOS, a stop id, max_tokens) leave.
+The sampled tokens never wait for the host: each step writes them into a device array of the
+last token per row (`Steps`), which the next step reads, so step N+1 is dispatched before step
+N's tokens are copied out and streamed, and the host's work hides behind the device's. A row
+that turns out to have ended (EOS or a stop id) was decoded once more for nothing; its result
+is dropped, and its blocks were already freed before any later step could take them.
 Only those two calls are ever compiled, once per (batch, attention span) pair (`steps.py`;
 `warmup`).
 
@@ -149,6 +155,8 @@ class Engine:
         self.eos_id = cfg.eos_token_id if eos_id is None else eos_id
         self.steps = Steps(model)
         self._pool = self._new_pool()
+        self._last = self._new_last()
+        self._pending = None  # the dispatched step whose tokens are not yet delivered
         self._blocks = BlockPool(num_blocks)
         self._table = np.zeros((max_batch, self.blocks_per_row), np.int32)
         self._rows: list[Row | None] = [None] * max_batch
@@ -219,6 +227,10 @@ class Engine:
     def _width(self, tokens: int) -> int:
         """The narrowest compiled table width whose rows hold `tokens` tokens."""
         return next(w for w in self.widths if w * self.block_size >= tokens)
+
+    def _new_last(self) -> jax.Array:
+        """The device's last sampled token per row [max_batch] (what each step feeds)."""
+        return jnp.zeros((self.max_batch,), jnp.int32)
 
     def _new_pool(self):
         cache = PagedKVCache.create(
@@ -325,15 +337,15 @@ class Engine:
         the decode step and the decode step with a prefill chunk, per batch and table width."""
         with self._step_lock:
             chunk, _ = self._chunk_args([])
-            pool = self._pool
+            pool, last = self._pool, self._last
             for batch in self.batches:
                 decode, _ = self._decode_args([], batch)
                 for width in self.widths:
-                    pool, _ = self.steps.decode(pool, *_narrow(decode, width))
-                    pool, _, _ = self.steps.decode_with_chunk(
-                        pool, _narrow(decode, width), _narrow(chunk, width)
+                    pool, last, _ = self.steps.decode(pool, last, *_narrow(decode, width))
+                    pool, last, _, _ = self.steps.decode_with_chunk(
+                        pool, last, _narrow(decode, width), _narrow(chunk, width)
                     )
-            self._pool = jax.block_until_ready(pool)
+            self._pool, self._last = jax.block_until_ready((pool, last))
 
     def run_once(self) -> bool:
         """One iteration on the caller's thread (tests, tools; not together with start()).
@@ -373,7 +385,7 @@ class Engine:
             return self._step()
         except Exception as err:
             log.exception("engine step failed")
-            self._pool = self._new_pool()
+            self._pool, self._last, self._pending = self._new_pool(), self._new_last(), None
             error = Event([], None, ERROR, f"{type(err).__name__}: {err}")
             fresh = []  # rows with nothing in the cache yet lose nothing: back to the queue,
             for i, row in enumerate(self._rows):  # once (a request that fails again ends)
@@ -394,33 +406,56 @@ class Engine:
     def _step(self) -> bool:
         self._reap()
         self._admit()
-        decoding = [i for i, r in enumerate(self._rows) if r is not None and not r.prefilling]
+        decoding = [
+            i
+            for i, r in enumerate(self._rows)
+            if r is not None and not r.prefilling and r.dispatched < r.request.max_tokens
+        ]
         prefilling = sorted(
             (i for i, r in enumerate(self._rows) if r is not None and r.prefilling),
             key=lambda i: self._rows[i].order,
         )[: self.prefill_rows]
         if not decoding and not prefilling:
-            return False
+            return self._deliver_pending()
         decode, decode_need = self._decode_args(decoding)
         width = self._width(decode_need)
+        prefilled = None
         if prefilling:  # one call: the decode step (rows may all be idle) and a prefill chunk
             chunk, chunk_need = self._chunk_args(prefilling)
             width = self._width(max(decode_need, chunk_need))
-            self._pool, decoded, prefilled = self.steps.decode_with_chunk(
-                self._pool, _narrow(decode, width), _narrow(chunk, width)
+            self._pool, self._last, decoded, prefilled = self.steps.decode_with_chunk(
+                self._pool, self._last, _narrow(decode, width), _narrow(chunk, width)
             )
             self.prefill_calls += 1
         else:
-            self._pool, decoded = self.steps.decode(self._pool, *_narrow(decode, width))
+            self._pool, self._last, decoded = self.steps.decode(
+                self._pool, self._last, *_narrow(decode, width)
+            )
         self.decode_steps += bool(decoding)
         for i in decoding:
             self._rows[i].cached += 1
+            self._rows[i].dispatched += 1
+        first = []  # rows whose prompt is now all in the cache: their first token was sampled
         for j, i in enumerate(prefilling):
-            self._rows[i].cached += int(chunk[3][j])
-        if decoding:
-            self._deliver(decoding, decoded, range(len(decoding)))
-        if prefilling:
-            self._finish_prefill(prefilling, prefilled)
+            row = self._rows[i]
+            row.cached += int(chunk[3][j])
+            if not row.prefilling:
+                row.dispatched += 1
+                first.append((i, row, j))
+        stepped = [(i, self._rows[i], j) for j, i in enumerate(decoding)]
+        self._deliver_pending()  # the previous step's, while this one runs
+        self._pending = (stepped, decoded, first, prefilled)
+        return True
+
+    def _deliver_pending(self) -> bool:
+        """Streams the tokens of the dispatched step not yet delivered; False if there is none."""
+        if self._pending is None:
+            return False
+        (stepped, decoded, first, prefilled), self._pending = self._pending, None
+        if stepped:
+            self._deliver(stepped, decoded)
+        if first:
+            self._deliver(first, prefilled)
         return True
 
     def _reap(self) -> None:
@@ -459,6 +494,7 @@ class Engine:
         row.stream.put(event)
 
     def _cancel_everything(self) -> None:
+        self._pending = None
         for i, row in enumerate(self._rows):
             if row is not None:
                 self._leave(i, Event([], None, CANCELLED))
@@ -484,55 +520,58 @@ class Engine:
                 params = row.request.sampling
                 out.temperature[j], out.top_k[j] = params.temperature, params.top_k
                 out.top_p[j], out.seed[j] = params.top_p, row.request.seed
-                out.counter[j] = len(row.generated)
+                out.counter[j] = row.dispatched  # the index of the token it samples
         return out
 
     def _decode_args(self, decoding: list[int], batch: int | None = None) -> tuple[tuple, int]:
         """Host inputs of the decode step for rows `decoding`, packed into the first rows of a
-        compiled batch b (default the smallest that holds them; the rest idle): ((tokens [b],
-        block_table [b, R], lengths [b], active [b], sampling), tokens its widest row needs).
-        Output row j is rows decoding[j]'s token."""
+        compiled batch b (default the smallest that holds them; the rest idle): ((slots [b]: the
+        rows whose last token each feeds, max_batch for idle ones; block_table [b, R], lengths
+        [b], active [b], sampling), tokens its widest row needs). Output row j is rows
+        decoding[j]'s token."""
         b = self._batch(len(decoding)) if batch is None else batch
-        tokens, lengths, active = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
+        slots = np.full(b, self.max_batch, np.int32)
+        lengths, active = np.zeros(b, np.int32), np.zeros(b, bool)
         table = np.zeros((b, self.blocks_per_row), np.int32)  # idle rows write to the sink
         for j, i in enumerate(decoding):
             row = self._rows[i]
             self._hold(i, row.cached + 1)
-            tokens[j], lengths[j], active[j] = row.last, row.cached, True
+            slots[j], lengths[j], active[j] = i, row.cached, True
             table[j] = self._table[i]
         rows = [self._rows[i] for i in decoding]
         sampling = self._sampling(rows + [None] * (b - len(rows)))
-        return (tokens, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
+        return (slots, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
 
     def _chunk_args(self, prefilling: list[int]) -> tuple[tuple, int]:
         """Host inputs of a prefill chunk for rows `prefilling`: ((tokens [Q, C], block_table
-        [Q, R], lengths [Q], counts [Q], sampling), tokens its widest row needs)."""
+        [Q, R], lengths [Q], counts [Q], sampling, slots [Q]: the row whose last token a final
+        chunk's sample becomes, max_batch for other chunks), tokens its widest row needs)."""
         q, c = self.prefill_rows, self.prefill_chunk
         tokens, lengths = np.zeros((q, c), np.int32), np.zeros(q, np.int32)
         counts, rows = np.zeros(q, np.int32), [self._rows[i] for i in prefilling]
+        slots = np.full(q, self.max_batch, np.int32)
         for j, (i, row) in enumerate(zip(prefilling, rows)):
             piece = row.request.prompt[row.cached : row.cached + c]
             self._hold(i, row.cached + len(piece))
             tokens[j, : len(piece)] = piece
             lengths[j], counts[j] = row.cached, len(piece)
+            if row.cached + len(piece) == len(row.request.prompt):
+                slots[j] = i
         table = np.zeros((q, self.blocks_per_row), np.int32)
         table[: len(prefilling)] = self._table[prefilling]
         sampling = self._sampling(rows + [None] * (q - len(rows)))
-        return (tokens, table, lengths, counts, sampling), int((lengths + counts).max())
-
-    def _finish_prefill(self, prefilling: list[int], out) -> None:
-        """Rows whose prompt is now all in the cache take their first token."""
-        done = [j for j, i in enumerate(prefilling) if self._rows[i].cached == self._prompt(i)]
-        self._deliver([prefilling[j] for j in done], out, done)
+        return (tokens, table, lengths, counts, sampling, slots), int((lengths + counts).max())
 
     def _prompt(self, i: int) -> int:
         return len(self._rows[i].request.prompt)
 
-    def _deliver(self, rows: list[int], out, columns) -> None:
-        """Row rows[n] sampled out.tokens[columns[n]]: stream it, or end the row."""
-        tokens, experts, weights = _host(out, [self._rows[i] for i in rows])
-        for i, j in zip(rows, columns):
-            row = self._rows[i]
+    def _deliver(self, entries: list[tuple[int, Row, int]], out) -> None:
+        """(i, row, j): row (in row i when dispatched) sampled out.tokens[j]: stream it, or end
+        the row. Rows that left since (cancelled, or ended by the token before) are skipped."""
+        tokens, experts, weights = _host(out, [row for _, row, _ in entries])
+        for i, row, j in entries:
+            if self._rows[i] is not row:
+                continue
             token, request = int(tokens[j]), row.request
             finish = None
             if token == self.eos_id and not request.ignore_eos:
@@ -552,7 +591,6 @@ class Engine:
             if finish is not None:
                 self._leave(i, event)
             else:
-                row.last = token
                 row.stream.put(event)
 
 

@@ -137,9 +137,11 @@ class Row:
       order: admission order (prefill goes first come, first served).
       promise: KV blocks still promised to it by the pool (`BlockPool`).
       blocks: pool blocks it holds, in token order (its block-table row).
-      cached: tokens in the cache (the next token's absolute index and RoPE position).
+      cached: tokens in the cache once the steps dispatched so far have run (the next
+        token's absolute index and RoPE position).
+      dispatched: tokens whose sampling has been dispatched (the next one's sampling counter);
+        the last of them lives on the device until its step is delivered.
       generated: tokens returned so far.
-      last: the token to feed next (the last sampled), None while prefilling.
     """
 
     stream: Stream
@@ -147,8 +149,8 @@ class Row:
     promise: int
     blocks: list[int] = dataclasses.field(default_factory=list)
     cached: int = 0
+    dispatched: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
-    last: int | None = None
 
     @property
     def request(self) -> Request:
@@ -156,4 +158,4 @@ class Row:
 
     @property
     def prefilling(self) -> bool:
-        return self.last is None
+        return self.cached < len(self.request.prompt)

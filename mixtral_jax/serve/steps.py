@@ -56,32 +56,39 @@ class Steps:
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.traces = 0
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
-        self._fused = jax.jit(self._fused_fn, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
+        self._fused = jax.jit(self._fused_fn, donate_argnums=(1, 2))
 
     def _routing(self, router_logits: jax.Array, tokens: jax.Array) -> StepOutput:
         """router_logits: [L, rows, E] -> StepOutput with the routing of those positions."""
         routing = route_logits(router_logits, self.cfg.num_experts_per_tok)
         return StepOutput(tokens=tokens, experts=routing.experts, weights=routing.weights)
 
-    def _decode_fn(self, state, pool, tokens, block_table, lengths, active, sampling):
-        """tokens [B] fed at lengths [B] of rows with active [B] -> (pool, StepOutput)."""
+    def _decode_fn(self, state, pool, last, slots, block_table, lengths, active, sampling):
+        """last [max_batch]: each engine row's last sampled token; slots [B]: the row each
+        batch row decodes (max_batch: idle), its token fed at lengths [B] for active [B] rows
+        -> (pool, last with the new tokens of those rows, StepOutput)."""
         self.traces += 1
         model = nnx.merge(self.graphdef, state)
+        tokens = last.at[slots].get(mode="fill", fill_value=0)  # [B]
         cache = PagedKVCache(k=pool[0], v=pool[1], block_table=block_table, lengths=lengths)
         out, cache = model.extend_paged(tokens[:, None], cache, valid=active[:, None])
         chosen = sample_rows(out.logits[:, 0], sampling)
-        return (cache.k, cache.v), self._routing(out.aux.layers.router_logits[:, :, 0], chosen)
+        last = last.at[slots].set(chosen, mode="drop")
+        routing = self._routing(out.aux.layers.router_logits[:, :, 0], chosen)
+        return (cache.k, cache.v), last, routing
 
-    def _fused_fn(self, state, pool, decode, chunk):
-        """decode: (tokens [B], block_table, lengths, active, sampling) as `_decode_fn`; chunk:
+    def _fused_fn(self, state, pool, last, decode, chunk):
+        """decode: (slots [B], block_table, lengths, active, sampling) as `_decode_fn`; chunk:
         (tokens [Q, C] of which the first counts [Q] are real, block_table [Q, R], lengths [Q],
-        counts, sampling) -> (pool, decode StepOutput, chunk StepOutput at each row's last real
+        counts, sampling, slots [Q]: the row a final chunk's sample is the last token of, else
+        max_batch) -> (pool, last, decode StepOutput, chunk StepOutput at each row's last real
         token: meaningful for a row's final chunk)."""
         self.traces += 1
         model = nnx.merge(self.graphdef, state)
-        tokens, table, lengths, active, decode_sampling = decode
-        chunk_tokens, chunk_table, chunk_lengths, counts, chunk_sampling = chunk
+        slots, table, lengths, active, decode_sampling = decode
+        chunk_tokens, chunk_table, chunk_lengths, counts, chunk_sampling, chunk_slots = chunk
+        tokens = last.at[slots].get(mode="fill", fill_value=0)  # [B]
         valid = jnp.arange(chunk_tokens.shape[1], dtype=jnp.int32)[None, :] < counts[:, None]
         groups = (
             PagedGroup(tokens[:, None], table, lengths, active[:, None]),
@@ -90,17 +97,20 @@ class Steps:
         (d, c), pool, _ = model.extend_paged_groups(groups, pool[0], pool[1])
         chosen = sample_rows(d.logits[:, 0], decode_sampling)
         decoded = self._routing(d.aux.layers.router_logits[:, :, 0], chosen)
-        last = jnp.maximum(counts - 1, 0)  # [Q]
-        logits = jnp.take_along_axis(c.logits, last[:, None, None], axis=1)[:, 0]  # [Q, V]
+        end = jnp.maximum(counts - 1, 0)  # [Q]
+        logits = jnp.take_along_axis(c.logits, end[:, None, None], axis=1)[:, 0]  # [Q, V]
         router = c.aux.layers.router_logits  # [L, Q, C, E]
-        router = jnp.take_along_axis(router, last[None, :, None, None], axis=2)[:, :, 0]
-        return pool, decoded, self._routing(router, sample_rows(logits, chunk_sampling))
+        router = jnp.take_along_axis(router, end[None, :, None, None], axis=2)[:, :, 0]
+        first = sample_rows(logits, chunk_sampling)  # [Q]
+        last = last.at[slots].set(chosen, mode="drop").at[chunk_slots].set(first, mode="drop")
+        return pool, last, decoded, self._routing(router, first)
 
-    def decode(self, pool, tokens, block_table, lengths, active, sampling):
-        """Runs the decode step on host arrays; returns (pool, StepOutput of device arrays)."""
-        return self._decode(self.state, pool, tokens, block_table, lengths, active, sampling)
+    def decode(self, pool, last, slots, block_table, lengths, active, sampling):
+        """Runs the decode step on host arrays (pool and last on the device, donated); returns
+        (pool, last, StepOutput of device arrays)."""
+        return self._decode(self.state, pool, last, slots, block_table, lengths, active, sampling)
 
-    def decode_with_chunk(self, pool, decode: tuple, chunk: tuple):
+    def decode_with_chunk(self, pool, last, decode: tuple, chunk: tuple):
         """Runs the decode step and a prefill chunk in one call (see `_fused_fn`); returns
-        (pool, decode StepOutput, chunk StepOutput) of device arrays."""
-        return self._fused(self.state, pool, decode, chunk)
+        (pool, last, decode StepOutput, chunk StepOutput) of device arrays."""
+        return self._fused(self.state, pool, last, decode, chunk)
