@@ -187,10 +187,12 @@ def trace_kernels(fn, reps: int = 10) -> list[tuple[str, int, int]]:
     for plane in jax.profiler.ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
-        for line in plane.lines:
-            if "stream" in line.name.lower() and "memcpy" not in line.name.lower():
+        for line in plane.lines:  # e.g. "Stream #14(Compute)", "Stream #14(Compute,Memcpy)"
+            if "stream" in line.name.lower():
                 kernels.update(
-                    (ev.name, int(ev.start_ns), int(ev.duration_ns)) for ev in line.events
+                    (ev.name, int(ev.start_ns), int(ev.duration_ns))
+                    for ev in line.events
+                    if not ev.name.lower().startswith(("memcpy", "memset"))
                 )
     return sorted(kernels, key=lambda k: k[1])
 
