@@ -1,5 +1,5 @@
 """What the Pallas kernels share: the shared-memory budget, in-kernel dot and its precision, tile
-rounding, the decode kernels' token limit, tiles and tile fitting, and the exclusive cumsum of
+rounding, the decode kernels' token limits, tiles and tile fitting, and the exclusive cumsum of
 group sizes (kernel schedules and MoE dispatch alike).
 """
 
@@ -14,7 +14,14 @@ import jax.numpy as jnp
 SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KiB per block; leave room for the epilogue
 
 
-MAX_TOKENS = 64  # above this the sorted grouped matmul (gmm_pallas) wastes less arithmetic
+MAX_TOKENS = 64  # above this every slot computing all tokens wastes too much arithmetic
+# The grouped-rows decode kernels' limit (expert_decode_grouped.py; the sorted grouped matmul
+# above it). At Mixtral 8x7B widths 512 tokens are 1,024 token-expert rows: 11.5 TFLOP a
+# 32-layer step, ~18 ms at 650 TFLOP/s against the 21.7 ms of reading the weights once, so the
+# step is still about memory-bound; chunks padded to R rows (up to ~1.5x the rows at 512) make it
+# compute-bound past that, where the grouped matmul's training tiles belong. A guess until the
+# H200 sweep (bench/expert_decode_grouped.py --tokens 512) measures the crossover.
+MAX_GROUPED_TOKENS = 512
 
 
 @dataclasses.dataclass(frozen=True)
