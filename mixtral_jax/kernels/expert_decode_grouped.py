@@ -41,9 +41,13 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.kernels import expert_decode
-from mixtral_jax.kernels.common import MAX_GROUPED_TOKENS, DecodeTiles, pow2_at_least
+from mixtral_jax.kernels.common import (
+    MAX_GROUPED_TOKENS,
+    DecodeTiles,
+    group_positions,
+    pow2_at_least,
+)
 from mixtral_jax.kernels.quant import QuantizedWeight
-from mixtral_jax.moe.ops import group_positions
 
 MIN_ROWS, MAX_ROWS = 16, 128  # the matrix unit's smallest tile; gate/up's accumulators
 HEADROOM = 1.25  # R covers 1.25x the mean rows per expert: a balanced batch fits one chunk
