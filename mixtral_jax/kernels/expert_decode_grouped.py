@@ -52,7 +52,7 @@ from mixtral_jax.kernels.quant import QuantizedWeight
 MIN_ROWS, MAX_ROWS = 16, 128  # the matrix unit's smallest tile; gate/up's accumulators
 HEADROOM = 1.25  # R covers 1.25x the mean rows per expert: a balanced batch fits one chunk
 # Registers a thread gives the float32 accumulators: R x bn x streams / (32 x num_warps). The
-# brief's bound is ~128; 64 leaves room for the dot operands. A guess until measured on the
+# issue's bound is ~128; 64 leaves room for the dot operands. A guess until measured on the
 # H200 (bench/expert_decode_grouped.py sweeps R and the tiles).
 ACCUMULATOR_REGISTERS = 64
 
