@@ -8,7 +8,12 @@
    (A = 2 x tokens assignments over 8 experts, D = 4096, F = 14336; the up/gate shape K=D, N=F
    and the down shape K=F, N=D) for a list of tile configurations, in TFLOP/s of useful work,
    beside one dense XLA matmul with the same FLOPs measured in the same run.
-Writes $OUT/gmm_tiles.json.
+3. --decode-rows 512 (or 256): only the gmm forward at that many rows (a batch-256 or -128
+   decode step's token-expert rows) in 8 uneven groups, at both 8x7B shapes, for
+   DECODE_ROW_CONFIGS (decode-friendly tiles beside the training tiles the fallback runs
+   today): profiler device time, GB/s of the weights read (every expert's, once) and the share
+   of 4.3 TB/s. `--small` runs that mode at tiny widths on the CPU (interpreted; wall time).
+Writes $OUT/gmm_tiles.json (or $OUT/gmm_decode_rows.json).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import environment, timed, write_json
+from bench.common import environment, kernel_summary, timed, trace_kernels, write_json
 from mixtral_jax.kernels import gmm_pallas as gp
 
 
@@ -192,6 +197,67 @@ def decode_sweep(configs) -> list[dict]:
     return rows
 
 
+DECODE_ROW_CONFIGS = [  # block_m, block_n, block_k, num_warps, num_stages
+    (128, 256, 64, 8, 4),  # the training tiles the fallback runs above 64 rows (reference)
+    (16, 64, 256, 4, 3),  # gmm_pallas.DECODE (<= 64 rows)
+    (16, 128, 128, 4, 4),
+    (32, 64, 128, 4, 4),
+    (32, 128, 128, 4, 4),
+    (32, 128, 64, 8, 4),
+    (32, 64, 256, 4, 3),
+    (64, 64, 128, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 128, 128, 8, 3),
+    (64, 64, 256, 8, 3),
+    (16, 128, 256, 8, 3),
+]
+
+
+def decode_rows_sweep(rows: int, configs, small: bool = False) -> list[dict]:
+    """gmm forward over `rows` rows in 8 uneven groups (random assignment counts, no tile
+    multiples) at the up/gate shape (K=D, N=F) and the down shape (K=F, N=D)."""
+    e, d, f = (8, 64, 128) if small else (8, 4096, 14336)
+    sizes = np.bincount(np.random.default_rng(rows).integers(0, e, rows), minlength=e)
+    gs = jnp.asarray(sizes, jnp.int32)
+    print(f"rows={rows} groups {sizes.tolist()}", flush=True)
+    out = []
+    for k, n in ((d, f), (f, d)):
+        lhs = jax.random.normal(jax.random.key(rows), (rows, k), jnp.bfloat16)
+        rhs = 0.02 * jax.random.normal(jax.random.key(k), (e, k, n), jnp.bfloat16)
+        weight_bytes, floor_us = e * k * n * 2, e * k * n * 2 / 4.3e6
+        for cfg in configs:
+            tiles = gp.Tiles(*cfg[:3], num_warps=cfg[3], num_stages=cfg[4])
+            tiles = gp._fit_shared_memory(gp.fit_tiles(tiles, rows, k, n), "gmm", 2)
+            fitted = [tiles.block_m, tiles.block_n, tiles.block_k, tiles.num_warps]
+            lhs_p = jnp.pad(lhs, ((0, -rows % tiles.block_m), (0, 0)))
+            fn = jax.jit(lambda x, w, t=tiles: gp._gmm_call(x, w, gs, t, False, small))
+            row = {"rows": rows, "K": k, "N": n, "tiles": list(cfg)}
+            row["fitted"] = [*fitted, tiles.num_stages]  # after the shared-memory fit
+            try:
+                if small:
+                    us = 1e6 * timed(fn, lhs_p, rhs, repeats=2, warmup=1)
+                else:
+                    trace = trace_kernels(lambda fn=fn, x=lhs_p, w=rhs: fn(x, w), reps=10)
+                    by_name = kernel_summary(trace, per=10)["by_name"]
+                    us = sum(v["us"] for name, v in by_name.items() if "gmm" in name)
+                row.update(us=us, GBps=weight_bytes / us / 1e3, share=floor_us / us)
+                print(
+                    f"  K={k:>5} N={n:>5} {row['fitted']}: {us:7.1f} us {row['GBps']:6.0f} GB/s "
+                    f"{100 * row['share']:5.1f}% of 4.3 TB/s",
+                    flush=True,
+                )
+            except Exception as err:  # noqa: BLE001 (a config that does not compile)
+                row["error"] = str(err).splitlines()[0][:200]
+                print(f"  K={k:>5} N={n:>5} {cfg}: error {row['error']}", flush=True)
+            out.append(row)
+    for k in (d, f):
+        ok = [r for r in out if r["K"] == k and "us" in r]
+        if ok:
+            best = min(ok, key=lambda r: r["us"])
+            print(f"best K={k}: {best['tiles']} {best['us']:.1f} us {100 * best['share']:.1f}%")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
@@ -199,7 +265,13 @@ def main():
     p.add_argument("--tgmm-only", action="store_true", help="sweep TGMM_CONFIGS for tgmm")
     p.add_argument("--decode", action="store_true", help="also sweep DECODE_CONFIGS")
     p.add_argument("--correctness-only", action="store_true")
+    p.add_argument("--decode-rows", type=int, help="only sweep DECODE_ROW_CONFIGS at these rows")
+    p.add_argument("--small", action="store_true", help="--decode-rows at tiny widths, on CPU")
     args = p.parse_args()
+    if args.decode_rows:
+        rows = decode_rows_sweep(args.decode_rows, DECODE_ROW_CONFIGS, args.small)
+        write_json("gmm_decode_rows.json", {"env": environment(), "rows": rows})
+        return
     checks = correctness()
     if args.correctness_only:
         write_json("gmm_correctness.json", {"env": environment(), "correctness": checks})

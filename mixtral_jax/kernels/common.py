@@ -1,6 +1,7 @@
 """What the Pallas kernels share: the shared-memory budget, in-kernel dot and its precision, tile
-rounding, the decode kernels' token limit, tiles and tile fitting, and the exclusive cumsum of
-group sizes (kernel schedules and MoE dispatch alike).
+rounding, the decode kernels' token limits, tiles and tile fitting, and the sort of token-expert
+assignments by expert with the exclusive cumsum of group sizes (kernel schedules and MoE dispatch
+alike; `moe/ops.py` re-exports them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import jax.numpy as jnp
 SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KiB per block; leave room for the epilogue
 
 
-MAX_TOKENS = 64  # above this the sorted grouped matmul (gmm_pallas) wastes less arithmetic
+MAX_TOKENS = 64  # above this every slot computing all tokens wastes too much arithmetic
+# The grouped-rows decode kernels' limit (expert_decode_grouped.py; the sorted grouped matmul
+# above it). At Mixtral 8x7B widths 512 tokens are 1,024 token-expert rows: 11.5 TFLOP a
+# 32-layer step, ~18 ms at 650 TFLOP/s against the 21.7 ms of reading the weights once, so the
+# step is still about memory-bound; chunks padded to R rows (up to ~1.5x the rows at 512) make it
+# compute-bound past that, where the grouped matmul's training tiles belong. A guess until the
+# H200 sweep (bench/expert_decode_grouped.py --tokens 512) measures the crossover.
+MAX_GROUPED_TOKENS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,3 +111,27 @@ def matmul_precision(dtype):
 def exclusive_cumsum(sizes: jax.Array) -> jax.Array:
     """[n] -> [n] start offset of each consecutive group of the given sizes."""
     return jnp.cumsum(sizes) - sizes
+
+
+def sort_by_expert(experts: jax.Array, num_experts: int):
+    """Stable sort of the A = M*k assignments by expert.
+
+    Args:
+      experts: [M, k] int32.
+    Returns:
+      order: [A] assignment index (m*k + j) of each sorted row.
+      group_sizes: [E] int32 rows per expert.
+    """
+    flat = experts.reshape(-1)  # [A]
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, group_sizes
+
+
+def group_positions(experts: jax.Array, num_experts: int) -> jax.Array:
+    """experts: [M, k] int32 -> [M, k] position of each assignment inside its expert's group
+    (assignments in token order, stable: earlier tokens first)."""
+    order, group_sizes = sort_by_expert(experts, num_experts)
+    flat = experts.reshape(-1)  # [A]
+    rank = jnp.zeros_like(flat).at[order].set(jnp.arange(flat.shape[0], dtype=flat.dtype))
+    return (rank - exclusive_cumsum(group_sizes)[flat]).reshape(experts.shape)

@@ -22,7 +22,9 @@ scales cross memory (1/2 or 1/4 of bf16's bytes). One token can instead run on t
 
 Every slot computes all M tokens; tokens that did not choose its expert get combine weight 0.
 That wastes arithmetic (M rows instead of the ~M*k/E that chose the expert), which is free while
-the kernel is bound by memory: the path is for M <= MAX_TOKENS.
+the kernel is bound by memory: the path is for M <= MAX_TOKENS. Above it the same two kernels
+(`expert_kernels`) run over slots of their own rows instead, each a chunk of one expert's
+tokens (`expert_decode_grouped.py`).
 
 Letters: M tokens, k choices per token, E experts, S slots (= min(E, M*k)), D embed width, F expert
 hidden width, J splits of F in the down projection, L layers of a weight stack. Weights are
@@ -66,9 +68,24 @@ VECTOR_GATE_UP = DecodeTiles(block_n=128, block_k=32, num_warps=4, num_stages=4)
 VECTOR_DOWN = DecodeTiles(block_n=128, block_k=32, splits=4, num_warps=4, num_stages=4)
 
 
+def _program(num_cols: int, splits: int, chunks: int):
+    """This program's (slot, column tile, split of F) from its id.
+
+    pid = ((g * num_cols + col) * splits + split) * chunks + c for slot s = g * chunks + c: the
+    `chunks` slots of one group (the row chunks of one expert, `expert_decode_grouped.py`; 1
+    here) read the same weight tile side by side, so a tile one chunk brought into L2 is still
+    there for the next and the expert's weights cross HBM about once.
+    """
+    pid = pl.program_id(0)
+    chunk, rest = pid % chunks, pid // chunks
+    split, rest = rest % splits, rest // splits
+    col, group = rest % num_cols, rest // num_cols
+    return group * chunks + chunk, col, split
+
+
 def _gate_up_kernel(
     slot_expert_ref,
-    num_used_ref,
+    active_ref,
     layer_ref,
     x_ref,
     wg_ref,
@@ -77,20 +94,25 @@ def _gate_up_kernel(
     *,
     tiles: DecodeTiles,
     num_cols: int,
+    chunks: int,
     rows: int,
     precision,
     vector: bool,
 ):
     """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c]).
 
-    With `vector` (one token) only row 0 of h is written."""
-    bm, bn, bk = x_ref.shape[0], tiles.block_n, tiles.block_k
-    slot, col = pl.program_id(0) // num_cols, pl.program_id(0) % num_cols
+    x is [bm, D] (every slot's rows) or [S, bm, D] (each slot its own rows); slots with
+    active[s] = 0 write nothing. With `vector` (one token) only row 0 of h is written."""
+    bm, bn, bk = x_ref.shape[-2], tiles.block_n, tiles.block_k
+    slot, col, _ = _program(num_cols, 1, chunks)
     expert, layer = slot_expert_ref[slot], layer_ref[0]
     col0 = pl.multiple_of(col * bn, bn)
     row_mask = jnp.broadcast_to((jnp.arange(bm) < rows)[:, None], (bm, bn))
 
-    @pl.when(slot < num_used_ref[0])
+    def x_tile(k0):  # [bm, bk] of this slot's rows
+        return x_ref[:, pl.ds(k0, bk)] if x_ref.ndim == 2 else x_ref[slot, :, pl.ds(k0, bk)]
+
+    @pl.when(active_ref[slot] != 0)
     def _():
         lead, steps = (layer, expert), weight_tiles.stored_rows(wg_ref) // bk
         if vector:  # one token, on the vector units: accumulators [bk, bn], summed at the end
@@ -117,7 +139,7 @@ def _gate_up_kernel(
             gs = weight_tiles.load(wg_ref, lead, r0, col0, bk, bn, x_ref.dtype)
             us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, x_ref.dtype)
             for (k0, g, g_scale), (_, u, u_scale) in zip(gs, us):  # [(row0, [bk, bn], scale)]
-                a = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
+                a = x_tile(k0)  # [bm, bk]
                 gate = gate + weight_tiles.scaled(dot_f32(a, g, precision), g_scale)
                 up = up + weight_tiles.scaled(dot_f32(a, u, precision), u_scale)
             return gate, up
@@ -130,7 +152,7 @@ def _gate_up_kernel(
 
 def _down_kernel(
     slot_expert_ref,
-    num_used_ref,
+    active_ref,
     layer_ref,
     h_ref,
     combine_ref,
@@ -139,25 +161,24 @@ def _down_kernel(
     *,
     tiles: DecodeTiles,
     num_cols: int,
+    chunks: int,
     steps: int,
     rows: int,
     precision,
     vector: bool,
 ):
     """Program (slot s, column tile c, split j): part[j, s, :, c] = combine[s] * h[s, :, split j]
-    @ Wd[e_s][split j, c]; slots past the used ones store zeros. With `vector` (one token) only
-    row 0 of used slots is written."""
+    @ Wd[e_s][split j, c]; inactive slots (active[s] = 0) store zeros. With `vector` (one token)
+    only row 0 of used slots is written."""
     bm, bn, bk, splits = h_ref.shape[1], tiles.block_n, tiles.block_k, tiles.splits
-    pid = pl.program_id(0)
-    slot, rest = pid // (num_cols * splits), pid % (num_cols * splits)
-    col, split = rest // splits, rest % splits
+    slot, col, split = _program(num_cols, splits, chunks)
     expert, layer = slot_expert_ref[slot], layer_ref[0]
     col0 = pl.multiple_of(col * bn, bn)
     valid = jnp.arange(bm) < rows
     row_mask = jnp.broadcast_to(valid[:, None], (bm, bn))
     out_block = out_ref.at[split, slot, :, pl.ds(col0, bn)]
 
-    @pl.when(slot < num_used_ref[0])
+    @pl.when(active_ref[slot] != 0)
     def _():
         lead = (layer, expert)
         if vector:  # one token (row 0), on the vector units
@@ -189,7 +210,7 @@ def _down_kernel(
         weight = combine_ref[slot, :]  # [bm] float32
         plgpu.store(out_block, acc * weight[:, None], mask=row_mask)
 
-    @pl.when(slot >= num_used_ref[0])
+    @pl.when(active_ref[slot] == 0)
     def _():
         plgpu.store(out_block, jnp.zeros((bm, bn), jnp.float32), mask=row_mask)
 
@@ -249,29 +270,74 @@ def decode_experts(
     Returns:
       [M, D] float32 = sum_j weights[:, j] * SwiGLU expert experts[:, j] of x (no gradient).
     """
-    m, d = x.shape
-    _, num_experts, _, f = w_gate.shape
+    m, _ = x.shape
+    num_experts = w_gate.shape[1]
     if m > MAX_TOKENS:
         raise ValueError(f"decode_experts takes at most {MAX_TOKENS} tokens, got {m}")
-    _check_weights(w_gate, w_up, w_down)
     if vector and m != 1:
         raise ValueError(f"decode_experts(vector=True) takes one token, got {m}")
     bm = pow2_at_least(m)
     slot_expert, num_used, combine = _slots(experts, weights, num_experts)
-    num_slots = slot_expert.shape[0]
-    combine = jnp.pad(combine, ((0, 0), (0, bm - m)))  # [S, bm]
-    x_p = jnp.pad(x, ((0, bm - m), (0, 0)))  # [bm, D]
+    active = (jnp.arange(slot_expert.shape[0]) < num_used[0]).astype(jnp.int32)  # [S]
+    part = expert_kernels(
+        jnp.pad(x, ((0, bm - m), (0, 0))),  # [bm, D]
+        slot_expert,
+        active,
+        jnp.pad(combine, ((0, 0), (0, bm - m))),  # [S, bm]
+        (w_gate, w_up, w_down),
+        layer,
+        rows=m,
+        gate_up_tiles=gate_up_tiles or (VECTOR_GATE_UP if vector else GATE_UP),
+        down_tiles=down_tiles or (VECTOR_DOWN if vector else DOWN if bm < 64 else DOWN_WIDE),
+        vector=vector,
+        interpret=interpret,
+    )
+    return jax.lax.stop_gradient(jnp.sum(part[:, :, :m], axis=(0, 1)))
+
+
+def expert_kernels(
+    x: jax.Array,
+    slot_expert: jax.Array,
+    active: jax.Array,
+    combine: jax.Array,
+    stacks: tuple,
+    layer: jax.Array | int,
+    *,
+    rows: int,
+    gate_up_tiles: DecodeTiles,
+    down_tiles: DecodeTiles,
+    chunks: int = 1,
+    vector: bool = False,
+    interpret: bool = False,
+) -> jax.Array:
+    """The two kernels over S slots: part[j, s] = combine[s] * SwiGLU expert e_s of s's rows.
+
+    Args:
+      x: [bm, D] rows every slot computes, or [S, bm, D] each slot's own rows.
+      slot_expert: [S] int32 expert of each slot; active: [S] int32, 0 for a slot that is
+        skipped (its part is zeros, its h is not written).
+      combine: [S, bm] float32 weight of each slot's row (0 for rows that did not choose it).
+      stacks: (w_gate, w_up, w_down) as `decode_experts` takes them.
+      rows: rows of x that are real (h rows past it are not stored).
+      gate_up_tiles, down_tiles: tiles, fitted to the problem here.
+      chunks: consecutive slots that share an expert (`_program`'s order), 1 for none.
+    Returns:
+      [J, S, bm, D] float32 partial outputs, J the down kernel's splits of F.
+    """
+    w_gate, w_up, w_down = stacks
+    check_weights(w_gate, w_up, w_down)
+    bm, d, f, num_slots = x.shape[-2], x.shape[-1], w_gate.shape[-1], slot_expert.shape[0]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     precision, itemsize = matmul_precision(x.dtype), x.dtype.itemsize
 
-    t1 = gate_up_tiles or (VECTOR_GATE_UP if vector else GATE_UP)
-    t1 = weight_tiles.fit(t1, bm, w_gate, f, 2, itemsize)
+    t1 = weight_tiles.fit(gate_up_tiles, bm, w_gate, f, 2, itemsize)
     h = pl.pallas_call(
         functools.partial(
             _gate_up_kernel,
             tiles=t1,
             num_cols=f // t1.block_n,
-            rows=m,
+            chunks=chunks,
+            rows=rows,
             precision=precision,
             vector=vector,
         ),
@@ -280,18 +346,18 @@ def decode_experts(
         compiler_params=plgpu.CompilerParams(num_warps=t1.num_warps, num_stages=t1.num_stages),
         interpret=interpret,
         name="expert_gate_up",
-    )(slot_expert, num_used, layer, x_p, w_gate, w_up)
+    )(slot_expert, active, layer, x, w_gate, w_up)
 
-    t2 = down_tiles or (VECTOR_DOWN if vector else DOWN if bm < 64 else DOWN_WIDE)
-    t2 = weight_tiles.fit(t2, bm, w_down, d, 1, itemsize)
+    t2 = weight_tiles.fit(down_tiles, bm, w_down, d, 1, itemsize)
     steps = weight_tiles.stored_rows(w_down) // (t2.splits * t2.block_k)
-    part = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(
             _down_kernel,
             tiles=t2,
             num_cols=d // t2.block_n,
+            chunks=chunks,
             steps=steps,
-            rows=m,
+            rows=rows,
             precision=precision,
             vector=vector,
         ),
@@ -300,11 +366,10 @@ def decode_experts(
         compiler_params=plgpu.CompilerParams(num_warps=t2.num_warps, num_stages=t2.num_stages),
         interpret=interpret,
         name="expert_down",
-    )(slot_expert, num_used, layer, h, combine, w_down)
-    return jax.lax.stop_gradient(jnp.sum(part[:, :, :m], axis=(0, 1)))
+    )(slot_expert, active, layer, h, combine, w_down)
 
 
-def _check_weights(w_gate, w_up, w_down) -> None:
+def check_weights(w_gate, w_up, w_down) -> None:
     """ValueError unless the three stacks share one format the kernels read."""
     gate, up, down = (weight_tiles.format_of(w) for w in (w_gate, w_up, w_down))
     if gate != up or (gate is None) != (down is None) or (gate and gate[0] != down[0]):

@@ -10,7 +10,8 @@ A `KernelPlan` is resolved at the top of each traced model call (`Mixtral.__call
   the active mesh      `sharding.active_mesh()`: expert-parallel dispatch when its expert axis
                        is > 1; decode kernels only on one device (they read unsharded stacks);
   the token count      B*T of the call, and whether it reads a KV cache (decode kernels apply
-                       to cached calls of at most `MAX_DECODE_TOKENS` tokens); T, the new tokens
+                       to cached calls of at most `MAX_DECODE_TOKENS` tokens, the decode
+                       experts to `MAX_GROUPED_TOKENS`); T, the new tokens
                        per row of a cached call (flash attention over the cache for chunks of
                        at least `MIN_FLASH_QUERIES`).
 
@@ -24,8 +25,10 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       NVIDIA GPUs for cached calls of one new token per row on one device
   grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; JAX's megablox on TPU (float32 and
                       bfloat16); jax.lax.ragged_dot elsewhere
-  decode_experts      pallas (expert_decode.py) on NVIDIA GPUs; `gather` for a single token
-                      where the grouped matmul is ragged_dot (which would read every expert)
+  decode_experts      pallas on NVIDIA GPUs: expert_decode.py up to MAX_DECODE_TOKENS, its
+                      grouped-rows form (expert_decode_grouped.py) up to MAX_GROUPED_TOKENS
+                      (`decode_expert_rows`); `gather` for a single token where the grouped
+                      matmul is ragged_dot (which would read every expert)
   decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
   paged_attention     off (the XLA gather of each row's blocks) until kernels/paged_attention.py
                       is measured; pallas by name on NVIDIA GPUs for one new token per row
@@ -73,8 +76,8 @@ from mixtral_jax.config import (
     MoEImpl,
     QuantizedImpl,
 )
-from mixtral_jax.kernels import weight_tiles
-from mixtral_jax.kernels.common import MAX_TOKENS, supports
+from mixtral_jax.kernels import expert_decode_grouped, weight_tiles
+from mixtral_jax.kernels.common import MAX_GROUPED_TOKENS, MAX_TOKENS, supports
 from mixtral_jax.kernels.gmm_megablox import DTYPES as MEGABLOX_DTYPES
 from mixtral_jax.parallel import sharding
 
@@ -116,6 +119,8 @@ class KernelPlan:
       grouped_matmul: XLA (ragged_dot), PALLAS or MEGABLOX, the expert matmuls of dropless
         dispatch (cached calls included) and of the ragged expert-parallel exchange.
       decode_experts: OFF, GATHER or PALLAS, the experts of a few-token call.
+      decode_expert_rows: with decode_experts PALLAS, 0 for expert_decode.py (every slot
+        computes all tokens), else R, the rows per chunk of expert_decode_grouped.py.
       decode_projections: OFF or PALLAS, q/k/v, o and the router of a few-token cached call,
         reading layer l of the weight stacks in place.
       decode_attention: OFF or PALLAS, one new token per row attending over layer l of the
@@ -137,6 +142,7 @@ class KernelPlan:
     cached_attention: AttentionImpl = AttentionImpl.XLA
     grouped_matmul: GmmImpl = GmmImpl.XLA
     decode_experts: DecodeExpertImpl = DecodeExpertImpl.OFF
+    decode_expert_rows: int = 0
     decode_projections: DecodeProjectionImpl = DecodeProjectionImpl.OFF
     decode_attention: DecodeAttentionImpl = DecodeAttentionImpl.OFF
     paged_attention: DecodeAttentionImpl = DecodeAttentionImpl.OFF
@@ -220,6 +226,7 @@ def resolve(
         ),
         grouped_matmul=gmm,
         decode_experts=decode_experts,
+        decode_expert_rows=_decode_expert_rows(cfg, tokens, decode_experts),
         decode_projections=projections,
         decode_attention=_decode_attention(
             cfg, cached, tokens if queries is None else queries, one_device, where
@@ -339,22 +346,34 @@ def _needs_nvidia(field: str, value: str, where: str) -> None:
 def _decode_experts(
     cfg: ModelConfig, tokens: int, cached: bool, gmm: GmmImpl, local: bool, where: str
 ) -> DecodeExpertImpl:
-    """The decode-expert choice: only for dropless dispatch on one expert shard, few tokens."""
+    """The decode-expert choice: only for dropless dispatch on one expert shard, few tokens
+    (pallas up to MAX_GROUPED_TOKENS, gather up to MAX_DECODE_TOKENS: it copies M*k matrices)."""
     impl = cfg.compute.decode_expert_impl
     if impl == DecodeExpertImpl.PALLAS:
         _needs_nvidia("decode_expert_impl", impl.value, where)
-    applies = cfg.compute.moe_impl == MoEImpl.DROPLESS and local and tokens <= MAX_DECODE_TOKENS
+    applies = cfg.compute.moe_impl == MoEImpl.DROPLESS and local and tokens <= MAX_GROUPED_TOKENS
     if impl == DecodeExpertImpl.OFF or not applies:
         return DecodeExpertImpl.OFF
     pallas_fits = cached and supports(cfg.embed_dim, cfg.hidden_dim)
+    if impl == DecodeExpertImpl.PALLAS or (impl == DecodeExpertImpl.AUTO and where == NVIDIA_GPU):
+        return DecodeExpertImpl.PALLAS if pallas_fits else DecodeExpertImpl.OFF
+    if tokens > MAX_DECODE_TOKENS:
+        return DecodeExpertImpl.OFF
     if impl == DecodeExpertImpl.AUTO:
-        if where == NVIDIA_GPU:
-            return DecodeExpertImpl.PALLAS if pallas_fits else DecodeExpertImpl.OFF
         single = tokens == 1 and cfg.num_experts_per_tok < cfg.num_experts
         return DecodeExpertImpl.GATHER if single and gmm == GmmImpl.XLA else DecodeExpertImpl.OFF
-    if impl == DecodeExpertImpl.PALLAS and not pallas_fits:
-        return DecodeExpertImpl.OFF
-    return impl
+    return impl  # GATHER
+
+
+def _decode_expert_rows(cfg: ModelConfig, tokens: int, decode_experts: DecodeExpertImpl) -> int:
+    """Which pallas decode-expert kernels run. The rule: up to MAX_DECODE_TOKENS (64) tokens
+    every slot computes all M tokens (expert_decode.py, 0 here): no sort, and the wasted rows
+    are free while the weights stream; above, up to MAX_GROUPED_TOKENS, slots of R rows of one
+    expert each (expert_decode_grouped.py), R from the mean rows per expert M*k/E
+    (`chunk_rows`): all M rows in every slot would be E/k times the real arithmetic."""
+    if decode_experts != DecodeExpertImpl.PALLAS or tokens <= MAX_DECODE_TOKENS:
+        return 0
+    return expert_decode_grouped.chunk_rows(tokens, cfg.num_experts_per_tok, cfg.num_experts)
 
 
 def _decode_projections(

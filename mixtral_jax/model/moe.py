@@ -3,7 +3,8 @@
   1. route:    router logits (float32) -> softmax over E -> top-k -> renormalise (`ops.py`).
   2. dispatch: each (token, choice) assignment to its expert and back, by the kernel plan:
                  on one device  dense / dropless / gathered / capacity (`local.py`), or the
-                                decode kernels of a few-token call (`expert_decode`);
+                                decode kernels of a few-token call (`expert_decode`, and
+                                `expert_decode_grouped` above 64 tokens);
                  on a mesh whose expert axis is > 1  all-to-all over it (`expert_parallel.py`).
                All compute the same function (dropless ones exactly; capacity may drop).
   3. expert_ffn: SwiGLU, silu(x W_gate) * (x W_up) W_down.
@@ -34,7 +35,7 @@ from mixtral_jax.config import (
     MoEImpl,
     QuantizedImpl,
 )
-from mixtral_jax.kernels import decode_matmul, expert_decode
+from mixtral_jax.kernels import decode_matmul, expert_decode, expert_decode_grouped
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model import lora, quantized
@@ -100,7 +101,12 @@ def dispatch(
     slices the layer out.
     """
     if plan.decode_experts == DecodeExpertImpl.PALLAS and layer is not None:
-        out = expert_decode.decode_experts(x, routing.experts, routing.weights, *weights, layer)
+        route_args = (x, routing.experts, routing.weights, *weights, layer)
+        if plan.decode_expert_rows:  # chunks of rows of one expert each (65+ tokens)
+            rows = plan.decode_expert_rows
+            out = expert_decode_grouped.decode_experts_grouped(*route_args, rows=rows)
+        else:  # every slot computes all tokens
+            out = expert_decode.decode_experts(*route_args)
         return out, jnp.zeros((), jnp.int32)
     local_dropless = plan.moe == MoEImpl.DROPLESS and plan.expert_mesh is None
     if layer is not None and local_dropless and plan.decode_experts == DecodeExpertImpl.OFF:

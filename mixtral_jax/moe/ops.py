@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mixtral_jax.kernels.common import exclusive_cumsum
+# The sort by expert lives with the kernels (expert_decode_grouped.py chunks rows by it too);
+# the dispatches import it from here.
+from mixtral_jax.kernels.common import (  # noqa: F401 (re-exported)
+    exclusive_cumsum,
+    group_positions,
+    sort_by_expert,
+)
 
 
 @struct.dataclass
@@ -52,30 +58,6 @@ def route_logits(logits: jax.Array, topk: int) -> Routing:
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """silu(x W_gate) * (x W_up), given both products."""
     return jax.nn.silu(gate) * up
-
-
-def sort_by_expert(experts: jax.Array, num_experts: int):
-    """Stable sort of the A = M*k assignments by expert.
-
-    Args:
-      experts: [M, k] int32.
-    Returns:
-      order: [A] assignment index (m*k + j) of each sorted row.
-      group_sizes: [E] int32 rows per expert.
-    """
-    flat = experts.reshape(-1)  # [A]
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return order, group_sizes
-
-
-def group_positions(experts: jax.Array, num_experts: int) -> jax.Array:
-    """experts: [M, k] int32 -> [M, k] position of each assignment inside its expert's group
-    (assignments in token order, stable: earlier tokens first)."""
-    order, group_sizes = sort_by_expert(experts, num_experts)
-    flat = experts.reshape(-1)  # [A]
-    rank = jnp.zeros_like(flat).at[order].set(jnp.arange(flat.shape[0], dtype=flat.dtype))
-    return (rank - exclusive_cumsum(group_sizes)[flat]).reshape(experts.shape)
 
 
 def unsort_and_combine(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
