@@ -3,7 +3,7 @@ GPU: the full Mixtral 8x7B widths, random bf16 weights made on the device, besid
 
   python3 bench/engine.py [--layers 32] [--batches 1,16,64,256] [--prompt 128] [--max-tokens 512]
       [--steps 32] [--block-size 16] [--prefill-chunk 256] [--prefill-rows 1]
-      [--set paged_attention_impl=pallas]
+      [--set paged_attention_impl=pallas] [--profile]
   JAX_PLATFORMS=cpu python3 bench/engine.py --preset tiny      # the code path, in seconds
 
 Per batch size B, one `Engine(max_batch=B)`: warmup (both step shapes compiled, timed), then B
@@ -17,7 +17,9 @@ The floor of a step: the weight bytes it must read (bench/decode.step_bytes: att
 router of every layer, the experts B tokens touch in expectation, the LM head), and beside it
 the same plus the KV bytes of the rows' tokens (k and v, every layer), at the copy bandwidth
 measured in the same run. Writes $OUT/engine_b<batches>[_<settings>].json and prints one JSON
-line.
+line. --profile traces the running engine for a moment after the timed window and lists the GPU
+kernels per decode step, with busy time against span: a span well above the busy time is time
+the device waited for the host.
 """
 
 from __future__ import annotations
@@ -35,10 +37,18 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `python3 bench/engine.py`: bench.* and mixtral_jax from the repository
 
+import jax.numpy as jnp
 import numpy as np
 
 import mixtral_jax as mj
-from bench.common import copy_bandwidth_tbs, environment, random_model, write_json
+from bench.common import (
+    copy_bandwidth_tbs,
+    environment,
+    kernel_summary,
+    random_model,
+    trace_kernels,
+    write_json,
+)
 from bench.decode import step_bytes
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.serve.engine import Engine, Request
@@ -97,6 +107,7 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
     t0, s0 = wait_for(engine, lambda s: decoding_only(s) and s["steps"] >= 1, timeout=900)
     fill_s = t0 - start
     t1, s1 = wait_for(engine, lambda s: s["steps"] >= s0["steps"] + args.steps, timeout=900)
+    profile = trace_engine(engine) if args.profile else None
     engine.shutdown(cancel=True)
     for stream in streams:
         list(stream)  # drain: every stream ended
@@ -125,7 +136,27 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
         "compile_s": compile_s,
         "fill_s": fill_s,
         "kernel_plan": str(kernel_plan.resolve(cfg, batch, cached=True, queries=1)),
+        "profile": profile,
     }
+
+
+def trace_engine(engine: Engine, reps: int = 4, window_s: float = 0.05) -> dict:
+    """The GPU kernels of the running engine's decode steps over reps x window_s seconds,
+    per step (`bench.common.kernel_summary`), and how many steps that was."""
+    seen = {"calls": 0}
+
+    def window():
+        seen["calls"] += 1
+        if seen["calls"] == 2:  # the first traced window (trace_kernels runs one untraced)
+            seen["start"] = engine.stats()["steps"]
+        time.sleep(window_s)
+        return jnp.zeros(())
+
+    kernels = trace_kernels(window, reps=reps)
+    steps = max(1, engine.stats()["steps"] - seen["start"])
+    summary = kernel_summary(kernels, per=steps)
+    summary["steps"] = steps
+    return summary
 
 
 def main():
@@ -148,6 +179,7 @@ def main():
     p.add_argument(
         "--bandwidth-tbs", type=float, default=None, help="default: measured (tiny: 0.05 nominal)"
     )
+    p.add_argument("--profile", action="store_true", help="GPU kernels per decode step")
     args = p.parse_args()
     tiny = args.preset == "tiny"
     batches = [int(b) for b in (args.batches or ("1,4" if tiny else "1,16,64,256")).split(",")]
@@ -166,7 +198,16 @@ def main():
     rows = []
     for batch in batches:
         rows.append(measure(model, batch, args, bandwidth))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        summary = rows[-1]["profile"]
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
+        if summary:
+            print(
+                f"batch {batch}: per decode step busy {summary['busy_us']:.0f} us, span "
+                f"{summary['span_us']:.0f} us, {summary['kernels']:.0f} launches "
+                f"({summary['steps']} steps traced)"
+            )
+            for name, v in list(summary["by_name"].items())[:25]:
+                print(f"  {v['us']:8.1f} us {v['count']:6.1f}x  {name[:90]}")
     payload = {
         "env": environment(),
         "config": {
