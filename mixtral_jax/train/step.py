@@ -214,9 +214,15 @@ def make_train_step(
             (_, stats), g = grad_fn(state.params, fixed, mb, rng, total_count)
             return like_params(jax.tree.map(jnp.add, grads, g)), stats
 
-        zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
         with sharding.active(mesh):
-            grads, stats = jax.lax.scan(accumulate, zeros, (batch, rngs[1:]))
+            if tc.grad_accum == 1:  # no accumulator: a zeroed tree and an add are 2 passes
+                one = jax.tree.map(lambda a: a[0], (batch, rngs[1:]))
+                (_, stats), grads = grad_fn(state.params, fixed, one[0], one[1], total_count)
+                grads = like_params(grads)
+                stats = jax.tree.map(lambda a: a[None], stats)  # as the scan stacks them
+            else:
+                zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
+                grads, stats = jax.lax.scan(accumulate, zeros, (batch, rngs[1:]))
         grad_norm = _global_norm(grads)
         ce = jnp.sum(stats["nll"]) / total_count
         lb, z = jnp.mean(stats["load_balance_loss"]), jnp.mean(stats["router_z_loss"])
