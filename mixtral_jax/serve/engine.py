@@ -1,10 +1,13 @@
 """Continuous batching over a paged KV cache: requests join and leave a running batch.
 
 One background thread steps the model. Each iteration:
-  1. cancelled requests leave (their row and KV blocks free at once);
-  2. waiting requests take free rows, first come first served, when the block pool can promise
-     each every block it may need (prompt + max_tokens; blocks are taken only as tokens fill
-     them, and what is left of the promise returns when the request ends);
+  1. cancelled requests leave (their row and KV blocks free at once); with a sliding window,
+     blocks that left every row's window return to the pool;
+  2. rows take the KV blocks their new tokens fill, oldest first (`_schedule`): when the pool
+     is short, the youngest row is preempted (its blocks freed, its request back at the head of
+     the queue with what it generated, recomputed later), as vLLM does; then, if nothing was
+     preempted, waiting requests take free rows, first come first served, while the pool holds
+     their first prefill chunk (less a block per decoding row, for their next tokens);
   3. one decode step [max_batch, 1] for every row that has sampled a token (idle rows masked),
      in the same compiled call as one prefill chunk [prefill_rows, prefill_chunk] for the
      oldest rows still prefilling, if any: streams already running keep producing while a long
@@ -33,7 +36,7 @@ from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.paged_attention import MIN_BLOCK
 from mixtral_jax.model.paged_kv_cache import PagedKVCache
 from mixtral_jax.model.transformer import Mixtral
-from mixtral_jax.serve.blocks import BlockPool
+from mixtral_jax.serve.blocks import BlockTables, blocks_at_once
 from mixtral_jax.serve.rows import CANCELLED, EOS, ERROR, LENGTH, STOP, Event, Request, Row, Stream
 from mixtral_jax.serve.steps import Steps, idle_sampling
 
@@ -141,16 +144,17 @@ class Engine:
         self.eos_id = cfg.eos_token_id if eos_id is None else eos_id
         self.steps = Steps(model)
         self._pool = self._new_pool()
-        self._blocks = BlockPool(num_blocks)
-        self._table = np.zeros((max_batch, self.blocks_per_row), np.int32)
+        self._tables = BlockTables(num_blocks, max_batch, self.blocks_per_row, block_size)
         self._rows: list[Row | None] = [None] * max_batch
         self._waiting: collections.deque[Stream] = collections.deque()
+        self._preempted: dict[str, Row] = {}  # stream id -> its row, while it waits again
         self._cond = threading.Condition()
         self._step_lock = threading.Lock()
         self._closed = self._cancel_on_close = False
         self._thread: threading.Thread | None = None
         self._admitted = 0
-        self.generated_tokens = self.decode_steps = self.prefill_calls = 0
+        self.generated_tokens = self.decode_steps = self.prefill_calls = self.calls = 0
+        self.preemptions = self.cancel_lag = 0
 
     def block_bytes(self) -> int:
         """Bytes of one KV block: k and v, every layer."""
@@ -200,9 +204,11 @@ class Engine:
 
     # ---- the interface ----------------------------------------------------------------------
     def blocks_needed(self, request: Request) -> int:
-        """KV blocks a request fills at most: prompt + max_tokens - 1 tokens (the last token
-        sampled is never fed back)."""
-        return math.ceil((len(request.prompt) + request.max_tokens - 1) / self.block_size)
+        """KV blocks a request holds at most at one time: those of prompt + max_tokens - 1
+        tokens (the last token sampled is never fed back), or with a sliding window those of
+        the window's keys (`blocks_at_once`)."""
+        tokens = len(request.prompt) + request.max_tokens - 1
+        return blocks_at_once(tokens, self.block_size, self.cfg.sliding_window)
 
     def validate(self, request: Request) -> None:
         """Raises ConfigError (TooLong for length) naming the field, value and rule; no side
@@ -229,10 +235,11 @@ class Engine:
                 f"exceeds the context of {self.max_context} tokens"
             )
         need = self.blocks_needed(request)
-        if need > self._blocks.total:
+        if need > self._tables.total:
             raise TooLong(
                 f"prompt of {len(prompt)} tokens + max_tokens={request.max_tokens} needs {need} "
-                f"KV blocks of {self.block_size} tokens; the pool has {self._blocks.total}"
+                f"KV blocks of {self.block_size} tokens at once; the pool has "
+                f"{self._tables.total}"
             )
 
     def submit(self, request: Request) -> Stream:
@@ -244,7 +251,7 @@ class Engine:
           EngineClosed: shutdown() has begun.
         """
         self.validate(request)
-        stream = Stream(request, self._wake)
+        stream = Stream(request, self._wake, lambda: self.calls)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is shutting down and admits no new requests")
@@ -277,18 +284,24 @@ class Engine:
             self._thread.join()
 
     def stats(self) -> dict:
-        """queue_depth, running (rows held; prefilling of them), free_blocks, total_blocks,
-        generated_tokens (monotonic), steps (decode steps), prefill_calls, traces (compiles)."""
+        """queue_depth (preempted requests included), running (rows held; prefilling of
+        them), free_blocks, total_blocks, generated_tokens (monotonic), steps (decode steps),
+        prefill_calls, calls (model calls: every step), preemptions, cancel_lag (the most
+        model calls any cancelled row ran between its cancel() and the release of its row),
+        traces (compiles)."""
         rows = [r for r in self._rows if r is not None]
         return {
             "queue_depth": len(self._waiting),
             "running": len(rows),
             "prefilling": sum(r.prefilling for r in rows),
-            "free_blocks": self._blocks.free,
-            "total_blocks": self._blocks.total,
+            "free_blocks": self._tables.free,
+            "total_blocks": self._tables.total,
             "generated_tokens": self.generated_tokens,
             "steps": self.decode_steps,
             "prefill_calls": self.prefill_calls,
+            "calls": self.calls,
+            "preemptions": self.preemptions,
+            "cancel_lag": self.cancel_lag,
             "traces": self.steps.traces,
         }
 
@@ -297,7 +310,7 @@ class Engine:
         the decode step and the decode step with a prefill chunk, per table width."""
         with self._step_lock:
             decode, _ = self._decode_args([])
-            chunk, _ = self._chunk_args([])
+            chunk, _ = self._chunk_args([], {})
             pool = self._pool
             for width in self.widths:
                 pool, _ = self.steps.decode(pool, *_narrow(decode, width))
@@ -346,36 +359,28 @@ class Engine:
             log.exception("engine step failed")
             self._pool = self._new_pool()
             error = Event([], None, ERROR, f"{type(err).__name__}: {err}")
-            fresh = []  # rows with nothing in the cache yet lose nothing: back to the queue,
-            for i, row in enumerate(self._rows):  # once (a request that fails again ends)
+            for i, row in enumerate(self._rows):  # nothing cached: back to the queue, once
                 if row is None:
                     continue
                 row.stream.failures = getattr(row.stream, "failures", 0) + 1
                 if row.cached == 0 and row.stream.failures <= MAX_RETRIES:
-                    self._blocks.release(row.blocks, row.promise)
-                    self._table[i], self._rows[i] = 0, None
-                    fresh.append(row)
+                    self._tables.release(i)
+                    self._rows[i] = None
+                    self._requeue(row)
                 else:
                     self._leave(i, error)
-            with self._cond:
-                for row in sorted(fresh, key=lambda r: -r.order):
-                    self._waiting.appendleft(row.stream)
             return True
 
     def _step(self) -> bool:
         self._reap()
-        self._admit()
-        decoding = [i for i, r in enumerate(self._rows) if r is not None and not r.prefilling]
-        prefilling = sorted(
-            (i for i, r in enumerate(self._rows) if r is not None and r.prefilling),
-            key=lambda i: self._rows[i].order,
-        )[: self.prefill_rows]
+        self._slide()
+        decoding, prefilling, pieces = self._schedule()
         if not decoding and not prefilling:
             return False
         decode, decode_need = self._decode_args(decoding)
         width = self._width(decode_need)
         if prefilling:  # one call: the decode step (rows may all be idle) and a prefill chunk
-            chunk, chunk_need = self._chunk_args(prefilling)
+            chunk, chunk_need = self._chunk_args(prefilling, pieces)
             width = self._width(max(decode_need, chunk_need))
             self._pool, decoded, prefilled = self.steps.decode_with_chunk(
                 self._pool, _narrow(decode, width), _narrow(chunk, width)
@@ -384,10 +389,11 @@ class Engine:
         else:
             self._pool, decoded = self.steps.decode(self._pool, *_narrow(decode, width))
         self.decode_steps += bool(decoding)
+        self.calls += 1
         for i in decoding:
             self._rows[i].cached += 1
-        for j, i in enumerate(prefilling):
-            self._rows[i].cached += int(chunk[3][j])
+        for i in prefilling:
+            self._rows[i].cached += pieces[i]
         if decoding:
             self._deliver(decoding, decoded, decoding)
         if prefilling:
@@ -398,34 +404,127 @@ class Engine:
         """Cancelled requests leave: rows free their blocks, queued ones drop out."""
         for i, row in enumerate(self._rows):
             if row is not None and row.stream.cancelled:
+                self.cancel_lag = max(self.cancel_lag, self.calls - row.stream.cancel_step)
                 self._leave(i, Event([], None, CANCELLED))
         with self._cond:
             gone = [s for s in self._waiting if s.cancelled]
             for stream in gone:
                 self._waiting.remove(stream)
+                self._preempted.pop(stream.id, None)
         for stream in gone:
             stream.put(Event([], None, CANCELLED))
 
-    def _admit(self) -> None:
-        """Free rows to waiting requests, first come first served, while the pool can promise
-        the head its blocks (the head waits rather than be overtaken: no starvation)."""
+    def _slide(self) -> None:
+        """With a sliding window W, rows free the blocks wholly older than the first key their
+        next query sees (index cached - W + 1)."""
+        window = self.cfg.sliding_window
+        if window is not None:
+            for i, row in enumerate(self._rows):
+                if row is not None:
+                    self._tables.slide(i, row.cached - window + 1)
+
+    def _schedule(self) -> tuple[list[int], list[int], dict[int, int]]:
+        """Step 2 of the module docstring: (decoding rows, prefilling rows, {prefilling row:
+        its chunk's tokens}), each row with the blocks its new tokens fill.
+
+        Oldest first, every decoding row and the Q oldest prefilling rows take their blocks;
+        one the pool cannot hold preempts the youngest rows until it fits. The youngest row
+        itself, short of blocks, is preempted if decoding; prefilling, its chunk shrinks to
+        the free blocks (none: it waits). The oldest row alone always fits (`validate`), so
+        it always runs."""
+        decoding, prefilling, pieces = [], [], {}
+        before = self.preemptions
+        for i in sorted(self._live(), key=lambda i: self._rows[i].order):
+            row = self._rows[i]
+            if row is None:  # preempted by an older row
+                continue
+            if not row.prefilling:
+                if self._grant(i, 1):
+                    decoding.append(i)
+                else:
+                    self._preempt(i)
+            elif len(prefilling) < self.prefill_rows:
+                want = min(self.prefill_chunk, len(row.context) - row.cached)
+                pieces[i] = self._grant(i, want)
+                if pieces[i]:
+                    prefilling.append(i)
+        if self.preemptions == before:
+            self._admit(prefilling, pieces, reserve=len(decoding))
+        return decoding, prefilling, pieces
+
+    def _live(self) -> list[int]:
+        return [i for i, r in enumerate(self._rows) if r is not None]
+
+    def _grant(self, i: int, want: int) -> int:
+        """Row i takes blocks for its next `want` tokens, preempting younger rows while the
+        pool is short; the youngest takes what is free. Returns the tokens granted."""
+        row, tables = self._rows[i], self._tables
+        end = row.cached + want
+        while tables.short(i, end) > tables.free:
+            younger = [j for j in self._live() if self._rows[j].order > row.order]
+            if not younger:
+                end = min(end, tables.covered(i) + tables.free * self.block_size)
+                break
+            self._preempt(max(younger, key=lambda j: self._rows[j].order))
+        granted = max(0, end - row.cached)
+        tables.cover(i, row.cached + granted)
+        return granted
+
+    def _preempt(self, i: int) -> None:
+        """Row i gives back its row and blocks and waits at the head of the queue; what it
+        generated is kept (its stream saw those tokens) and recomputed when it runs again."""
+        row = self._rows[i]
+        self._tables.release(i)
+        self._rows[i] = None
+        row.evict()
+        self.preemptions += 1
+        self._requeue(row)
+
+    def _requeue(self, row: Row) -> None:
+        """A row back to the queue's head, behind preempted rows older than it."""
+        with self._cond:
+            at = 0
+            while at < len(self._waiting):
+                ahead = self._preempted.get(self._waiting[at].id)
+                if ahead is None or ahead.order > row.order:
+                    break
+                at += 1
+            self._preempted[row.stream.id] = row
+            self._waiting.insert(at, row.stream)
+
+    def _admit(self, prefilling: list[int], pieces: dict[int, int], reserve: int) -> None:
+        """Free rows to waiting requests, first come first served, while the pool holds the
+        head's first chunk beside `reserve` blocks (the head waits rather than be overtaken: no
+        starvation). The new row takes its chunk's blocks, and prefills in this step if fewer
+        than Q rows do."""
+        z = self.block_size
         while None in self._rows:
             with self._cond:
                 if not self._waiting:
                     return
                 stream = self._waiting[0]
-                need = self.blocks_needed(stream.request)
-                if not self._blocks.promise(need):
+                row = self._preempted.get(stream.id) or Row(stream, 0, list(stream.request.prompt))
+                want = min(self.prefill_chunk, len(row.context))
+                need = min(math.ceil(want / z), self.blocks_needed(row.request))
+                if self._tables.free - reserve < need:
                     return
                 self._waiting.popleft()
-            self._admitted += 1
-            self._rows[self._rows.index(None)] = Row(stream, self._admitted, need)
+                self._preempted.pop(stream.id, None)
+            if not row.order:
+                self._admitted += 1
+                row.order = self._admitted
+            i = self._rows.index(None)
+            self._rows[i] = row
+            granted = min(want, (self._tables.free - reserve) * z)
+            self._tables.cover(i, granted)
+            if len(prefilling) < self.prefill_rows:
+                prefilling.append(i)
+                pieces[i] = granted
 
     def _leave(self, i: int, event: Event) -> None:
-        """Row i's request ends with `event`: its blocks and unused promise return at once."""
+        """Row i's request ends with `event`: its blocks return at once."""
         row = self._rows[i]
-        self._blocks.release(row.blocks, row.promise)
-        self._table[i] = 0
+        self._tables.release(i)
         self._rows[i] = None
         row.stream.put(event)
 
@@ -435,17 +534,9 @@ class Engine:
                 self._leave(i, Event([], None, CANCELLED))
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
+            self._preempted.clear()
         for stream in waiting:
             stream.put(Event([], None, CANCELLED))
-
-    def _hold(self, i: int, tokens: int) -> None:
-        """Row i takes pool blocks until its table covers `tokens` tokens."""
-        row = self._rows[i]
-        while len(row.blocks) * self.block_size < tokens:
-            block = self._blocks.take()
-            row.promise -= 1
-            self._table[i, len(row.blocks)] = block
-            row.blocks.append(block)
 
     def _sampling(self, rows: list[Row | None]):
         """RowSampling host arrays for `rows` (None: idle, greedy)."""
@@ -465,35 +556,33 @@ class Engine:
         tokens, lengths, active = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
         for i in decoding:
             row = self._rows[i]
-            self._hold(i, row.cached + 1)
             tokens[i], lengths[i], active[i] = row.last, row.cached, True
-        table = self._table * active[:, None]  # prefilling rows take no part
+        table = self._tables.table * active[:, None]  # prefilling rows take no part
         sampling = self._sampling([self._rows[i] if active[i] else None for i in range(b)])
         return (tokens, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
 
-    def _chunk_args(self, prefilling: list[int]) -> tuple[tuple, int]:
-        """Host inputs of a prefill chunk for rows `prefilling`: ((tokens [Q, C], block_table
-        [Q, R], lengths [Q], counts [Q], sampling), tokens its widest row needs)."""
+    def _chunk_args(self, prefilling: list[int], pieces: dict[int, int]) -> tuple[tuple, int]:
+        """Host inputs of a prefill chunk of pieces[i] tokens for each row i of `prefilling`:
+        ((tokens [Q, C], block_table [Q, R], lengths [Q], counts [Q], sampling), tokens its
+        widest row needs)."""
         q, c = self.prefill_rows, self.prefill_chunk
         tokens, lengths = np.zeros((q, c), np.int32), np.zeros(q, np.int32)
         counts, rows = np.zeros(q, np.int32), [self._rows[i] for i in prefilling]
         for j, (i, row) in enumerate(zip(prefilling, rows)):
-            piece = row.request.prompt[row.cached : row.cached + c]
-            self._hold(i, row.cached + len(piece))
+            piece = row.context[row.cached : row.cached + pieces[i]]
             tokens[j, : len(piece)] = piece
             lengths[j], counts[j] = row.cached, len(piece)
         table = np.zeros((q, self.blocks_per_row), np.int32)
-        table[: len(prefilling)] = self._table[prefilling]
+        table[: len(prefilling)] = self._tables.table[prefilling]
         sampling = self._sampling(rows + [None] * (q - len(rows)))
         return (tokens, table, lengths, counts, sampling), int((lengths + counts).max())
 
     def _finish_prefill(self, prefilling: list[int], out) -> None:
-        """Rows whose prompt is now all in the cache take their first token."""
-        done = [j for j, i in enumerate(prefilling) if self._rows[i].cached == self._prompt(i)]
+        """Rows whose context is now all in the cache take their next token (a new request its
+        first, a recomputed one the one after those it had generated)."""
+        rows = self._rows
+        done = [j for j, i in enumerate(prefilling) if rows[i].cached == len(rows[i].context)]
         self._deliver([prefilling[j] for j in done], out, done)
-
-    def _prompt(self, i: int) -> int:
-        return len(self._rows[i].request.prompt)
 
     def _deliver(self, rows: list[int], out, columns) -> None:
         """Row rows[n] sampled out.tokens[columns[n]]: stream it, or end the row."""

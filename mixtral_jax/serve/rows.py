@@ -71,9 +71,12 @@ class Stream:
       prompt_tokens: the prompt's length.
       submitted: time.monotonic() at submit; first_token_at, finished_at: when those happened
         (None until then), for metrics.
+      cancel_step: the engine's step count (`clock`) when cancel() was first called, else None.
     """
 
-    def __init__(self, request: Request, wake: Callable[[], None]):
+    def __init__(
+        self, request: Request, wake: Callable[[], None], clock: Callable[[], int] = lambda: 0
+    ):
         self.id = uuid.uuid4().hex
         self.request = request
         self.prompt_tokens = len(request.prompt)
@@ -83,7 +86,8 @@ class Stream:
         self.finish: str | None = None
         self._events: queue.Queue[Event] = queue.Queue()
         self._cancel = threading.Event()
-        self._wake = wake
+        self._wake, self._clock = wake, clock
+        self.cancel_step: int | None = None
 
     def get(self, timeout: float | None = None) -> Event:
         """The next event, blocking; raises queue.Empty after `timeout` seconds."""
@@ -100,6 +104,8 @@ class Stream:
     def cancel(self) -> None:
         """Ends the request: its row and KV blocks are freed before the next decode step, and
         the stream then yields finish='cancelled' (a no-op once finished)."""
+        if self.cancel_step is None:
+            self.cancel_step = self._clock()
         self._cancel.set()
         self._wake()
 
@@ -119,13 +125,15 @@ class Stream:
 
 @dataclasses.dataclass
 class Row:
-    """(Engine thread) a request holding a row of the batch.
+    """(Engine thread) a request holding a row of the batch, or preempted and waiting to be
+    recomputed (its KV blocks went back to the pool; what it generated stays).
 
     Attributes:
       stream: its stream (request at stream.request).
-      order: admission order (prefill goes first come, first served).
-      promise: KV blocks still promised to it by the pool (`BlockPool`).
-      blocks: pool blocks it holds, in token order (its block-table row).
+      order: admission order, kept through preemption: older rows are scheduled (prefilled,
+        given blocks) first, and the youngest is preempted first.
+      context: the tokens to prefill: the prompt, or after a preemption the prompt and every
+        token generated before it (recomputed; the next token is sampled after them).
       cached: tokens in the cache (the next token's absolute index and RoPE position).
       generated: tokens returned so far.
       last: the token to feed next (the last sampled), None while prefilling.
@@ -133,8 +141,7 @@ class Row:
 
     stream: Stream
     order: int
-    promise: int
-    blocks: list[int] = dataclasses.field(default_factory=list)
+    context: list[int]
     cached: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     last: int | None = None
@@ -146,3 +153,8 @@ class Row:
     @property
     def prefilling(self) -> bool:
         return self.last is None
+
+    def evict(self) -> None:
+        """Preempted: nothing cached; the prompt and what it generated are prefilled again."""
+        self.context = [*self.request.prompt, *self.generated]
+        self.cached, self.last = 0, None

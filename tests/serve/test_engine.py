@@ -194,7 +194,7 @@ def test_a_request_whose_steps_keep_failing_ends_with_error_after_one_retry(engi
 
 
 def test_many_short_and_one_long_fit_a_pool_smaller_than_batch_times_context(engine, reference):
-    assert engine._blocks.total < engine.max_batch * CONTEXT // BLOCK
+    assert engine._tables.total < engine.max_batch * CONTEXT // BLOCK
     long = Request(PROMPTS["long"], 60, ignore_eos=True)  # 119 tokens: 15 of the 32 blocks
     shorts = [Request(_prompt(6, 10 + n), 30, ignore_eos=True) for n in range(9)]  # 5 each
     streams = [engine.submit(long)] + [engine.submit(s) for s in shorts]
@@ -244,7 +244,7 @@ def test_bad_requests_too_long_and_a_full_queue(engine, model):
     assert wide.widths == [32, 128, 512]  # spans 512, 2048, 8192 of blocks of 16
     with pytest.raises(ConfigError, match="spans: 0 must be an integer in \\[1, max_context\\]"):
         Engine(model, spans=(0,))
-    with pytest.raises(TooLong, match="needs 5 KV blocks of 8 tokens; the pool has 4"):
+    with pytest.raises(TooLong, match="needs 5 KV blocks of 8 tokens at once; the pool has 4"):
         small.submit(Request(_prompt(30, 0), 10))
     for bad, message in [
         (Request([], 4), "prompt must be a non-empty"),
