@@ -197,10 +197,17 @@ class Engine:
         return next(w for w in self.widths if w * self.block_size >= tokens)
 
     def _new_pool(self):
+        """An empty pool, committed to the model's device like the pools the steps return: a
+        call with an uncommitted pool is compiled apart from one with a committed pool (one
+        trace, two executables), so `warmup` would miss the shapes steady state runs. (A model
+        over several devices leaves the pool to jit's placement: the pool is not sharded.)"""
         cache = PagedKVCache.create(
             self.cfg, 1, self.num_blocks, self.block_size, self.blocks_per_row
         )
-        return (cache.k, cache.v)
+        devices = jax.tree.leaves(self.steps.state)[0].devices()
+        if len(devices) != 1:
+            return (cache.k, cache.v)
+        return jax.device_put((cache.k, cache.v), next(iter(devices)))
 
     # ---- the interface ----------------------------------------------------------------------
     def blocks_needed(self, request: Request) -> int:
@@ -494,9 +501,11 @@ class Engine:
 
     def _admit(self, prefilling: list[int], pieces: dict[int, int], reserve: int) -> None:
         """Free rows to waiting requests, first come first served, while the pool holds the
-        head's first chunk beside `reserve` blocks (the head waits rather than be overtaken: no
-        starvation). The new row takes its chunk's blocks, and prefills in this step if fewer
-        than Q rows do."""
+        head's whole context (its prompt, or prompt + generated tokens after a preemption;
+        with a window, what the window needs) beside `reserve` blocks: a row admitted into a
+        pool with less would be the first preempted again, its prefill wasted. The head waits
+        rather than be overtaken (no starvation). The new row takes its first chunk's blocks,
+        and prefills in this step if fewer than Q rows do."""
         z = self.block_size
         while None in self._rows:
             with self._cond:
@@ -505,7 +514,7 @@ class Engine:
                 stream = self._waiting[0]
                 row = self._preempted.get(stream.id) or Row(stream, 0, list(stream.request.prompt))
                 want = min(self.prefill_chunk, len(row.context))
-                need = min(math.ceil(want / z), self.blocks_needed(row.request))
+                need = blocks_at_once(len(row.context), z, self.cfg.sliding_window)
                 if self._tables.free - reserve < need:
                     return
                 self._waiting.popleft()

@@ -146,6 +146,7 @@ def test_cancel_frees_the_row_and_its_blocks_within_one_step(engine):
     engine.run_once()
     stats = engine.stats()
     assert stats["running"] == 0 and stats["queue_depth"] == 0 and stats["free_blocks"] == 32
+    assert stats["cancel_lag"] == 0  # cancelled between steps: gone before the next one ran
     events = [_events(s) for s in [running, *queued]]
     assert all(e[-1].finish == "cancelled" for e in events)
     assert sum(len(x.tokens) for x in events[0]) >= 1  # it had been producing
@@ -205,6 +206,31 @@ def test_many_short_and_one_long_fit_a_pool_smaller_than_batch_times_context(eng
     assert got[0][0] == reference["long"]
     # 15 + 9 x 5 = 60 blocks went through a pool of 32: freed blocks were reused
     assert all(len(g[0]) == 30 for g in got[1:]) and engine.stats()["free_blocks"] == 32
+
+
+def test_a_pool_too_small_for_every_row_preempts_the_youngest_and_loses_no_token(
+    engine, reference, monkeypatch
+):
+    """Four requests of 8-15 blocks each (45) in a pool of 32: the youngest rows are preempted
+    as the older ones grow, recomputed later, and every stream still yields exactly the greedy
+    tokens of an unconstrained run (none twice, none lost), then frees its blocks."""
+    names = ["long", "chunks", "mid", "short"]
+    assert sum(engine.blocks_needed(Request(PROMPTS[n], 60)) for n in names) > 32
+    evicted = []  # tokens a row had streamed when it was preempted
+    real = engine._preempt
+
+    def preempt(i):
+        evicted.append(len(engine._rows[i].generated))
+        real(i)
+
+    monkeypatch.setattr(engine, "_preempt", preempt)
+    before = engine.stats()["preemptions"]
+    streams = [engine.submit(Request(PROMPTS[n], 60, ignore_eos=True)) for n in names]
+    got = _drain(engine, streams)
+    assert [g[0] for g in got] == [reference[n] for n in names]
+    assert {g[1] for g in got} == {"length"}
+    assert engine.stats()["preemptions"] - before == len(evicted) and max(evicted) > 0
+    assert engine.stats()["free_blocks"] == 32 and engine.stats()["queue_depth"] == 0
 
 
 def test_stop_ids_eos_and_routing_traces(engine, model, reference):
@@ -283,8 +309,9 @@ def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, re
     dropped = engine.submit(Request(_prompt(9, 50), 100, ignore_eos=True))
     first = dropped.get(timeout=60)
     assert first.tokens and first.finish is None
-    dropped.cancel()
+    dropped.cancel()  # while the engine thread steps: freed before the step after the next
     assert _events(dropped)[-1].finish == "cancelled"
+    assert engine.stats()["cancel_lag"] <= 1
     engine.shutdown(cancel=False, timeout=60)  # in-flight requests run to the end
     for n, stream in enumerate(streams):
         events = _events(stream)

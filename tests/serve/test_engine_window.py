@@ -5,7 +5,8 @@ as it advances, so a long generation holds O(window) blocks, and its greedy toke
 Tiny model, window 8, blocks of 4: a decoding row holds at most ceil(7 / 4) + 1 = 3 blocks, a
 prefill chunk of 8 at most ceil(14 / 4) + 1 = 5. Two rows of 104 tokens (26 blocks each
 without freeing) share a pool of 10 blocks, so freed blocks are reused by the other row while
-it runs: one freed a block too early would read the other's keys and change its tokens.
+it runs: one freed a block too early would read the other's keys and change its tokens. The
+engine's warmup compiles every shape the run then uses (counted by jax.monitoring).
 """
 
 import contextlib
@@ -26,10 +27,27 @@ PROMPTS = [[int(t) for t in np.random.default_rng(n).integers(3, 500, 6 + 9 * n)
 
 @pytest.fixture(scope="module")
 def model():
-    """The tiny model with a window of 8, weights 10x their init (logits far from ties)."""
+    """The tiny model with a window of 8, weights 10x their init (logits far from ties),
+    committed to the device as a loaded checkpoint is."""
     cfg = mj.ModelConfig.tiny(sliding_window=WINDOW, max_seq_len=128)
     params = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, mj.get_params(mj.init(cfg, 1)))
-    return mj.from_params(cfg, params)
+    return mj.from_params(cfg, jax.device_put(params, jax.devices()[0]))
+
+
+@contextlib.contextmanager
+def _compiles():
+    """Counts XLA compilations inside the block: yields a list that gets one entry each."""
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_blocks_at_once():
@@ -37,6 +55,24 @@ def test_blocks_at_once():
     assert blocks_at_once(103, BLOCK, WINDOW) == 3
     assert blocks_at_once(103, BLOCK, 9) == 3  # keys i-8 .. i: entries (i-8)//4 .. i//4
     assert blocks_at_once(5, BLOCK, 64) == 2  # a short row holds all of itself
+
+
+def _run(engine, streams, got: list, most: list) -> None:
+    """Steps the engine to the end: each stream's tokens into got, the most blocks each row
+    held after a decode step into most (and never more than a prefill chunk needs)."""
+    for _ in range(400):
+        if not engine.run_once():
+            return
+        for n, stream in enumerate(streams):
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    got[n] += stream.get(timeout=0).tokens
+        for i, row in enumerate(engine._rows):
+            if row is not None:
+                held = engine._tables.held(i)
+                assert held <= 5, (i, row.cached, held)
+                if len(row.generated) >= 2:  # after a decode step
+                    most[i] = max(most[i], held)
 
 
 def test_a_long_windowed_generation_holds_o_window_blocks_and_equals_the_generator(model):
@@ -50,24 +86,17 @@ def test_a_long_windowed_generation_holds_o_window_blocks_and_equals_the_generat
         max_context=128,
         spans=(128,),
     )
+    with _compiles() as warm:
+        engine.warmup()
+    assert len(warm) == 2  # the decode step and the decode step with a chunk, one width
     streams = [engine.submit(Request(p, NEW, ignore_eos=True)) for p in PROMPTS]
     got, most = [[], []], [0, 0]
-    for _ in range(400):
-        if not engine.run_once():
-            break
-        for n, stream in enumerate(streams):
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    got[n] += stream.get(timeout=0).tokens
-        for i, row in enumerate(engine._rows):
-            if row is not None:  # held blocks, at most (decoding: 3)
-                held = engine._tables.held(i)
-                assert held <= 5, (i, row.cached, held)
-                if len(row.generated) >= 2:  # after a decode step
-                    most[i] = max(most[i], held)
+    with _compiles() as steady:
+        _run(engine, streams, got, most)
     assert got == want
     assert most == [3, 3] and engine.stats()["preemptions"] == 0
     assert engine.stats()["free_blocks"] == 10
+    assert not steady  # warmup compiled every shape steady state runs (the pool committed)
     # without a window, the same request alone needs more than the pool holds
     plain = Engine(
         mj.from_params(model.cfg.replace(sliding_window=None), mj.get_params(model)),
