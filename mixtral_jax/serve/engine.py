@@ -1,13 +1,12 @@
 """Continuous batching over a paged KV cache: requests join and leave a running batch.
 
 One background thread steps the model. Each iteration:
-  1. cancelled requests leave (their row and KV blocks free at once); with a sliding window,
-     blocks that left every row's window return to the pool;
-  2. rows take the KV blocks their new tokens fill, oldest first (`_schedule`): when the pool
-     is short, the youngest row is preempted (its blocks freed, its request back at the head of
-     the queue with what it generated, recomputed later), as vLLM does; then, if nothing was
-     preempted, waiting requests take free rows, first come first served, while the pool holds
-     their first prefill chunk (less a block per decoding row, for their next tokens);
+  1. cancelled requests leave (their row and KV blocks free at once);
+  2. the scheduler (`scheduler.py`) decides which rows run and gives them the KV blocks their
+     new tokens fill, oldest first: with a sliding window, blocks that left a row's window
+     return to the pool; when the pool is short, the youngest row is preempted (its blocks
+     freed, its request back at the head of the queue with what it generated, recomputed
+     later), as vLLM does; then waiting requests take free rows, first come first served;
   3. one decode step [max_batch, 1] for every row that has sampled a token (idle rows masked),
      in the same compiled call as one prefill chunk [prefill_rows, prefill_chunk] for the
      oldest rows still prefilling, if any: streams already running keep producing while a long
@@ -21,7 +20,6 @@ cache, per-row sampling settings, and keys fold_in(key(seed), token index).
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import threading
@@ -38,6 +36,7 @@ from mixtral_jax.model.paged_kv_cache import PagedKVCache
 from mixtral_jax.model.transformer import Mixtral
 from mixtral_jax.serve.blocks import BlockTables, blocks_at_once
 from mixtral_jax.serve.rows import CANCELLED, EOS, ERROR, LENGTH, STOP, Event, Request, Row, Stream
+from mixtral_jax.serve.scheduler import Scheduler
 from mixtral_jax.serve.steps import Steps, idle_sampling
 
 __all__ = ["Engine", "EngineClosed", "Event", "QueueFull", "Request", "Stream", "TooLong"]
@@ -144,17 +143,21 @@ class Engine:
         self.eos_id = cfg.eos_token_id if eos_id is None else eos_id
         self.steps = Steps(model)
         self._pool = self._new_pool()
-        self._tables = BlockTables(num_blocks, max_batch, self.blocks_per_row, block_size)
-        self._rows: list[Row | None] = [None] * max_batch
-        self._waiting: collections.deque[Stream] = collections.deque()
-        self._preempted: dict[str, Row] = {}  # stream id -> its row, while it waits again
         self._cond = threading.Condition()
+        self._tables = BlockTables(num_blocks, max_batch, self.blocks_per_row, block_size)
+        self._sched = Scheduler(
+            max_batch=max_batch,
+            prefill_rows=prefill_rows,
+            prefill_chunk=prefill_chunk,
+            tables=self._tables,
+            window=cfg.sliding_window,
+            cond=self._cond,
+        )
         self._step_lock = threading.Lock()
         self._closed = self._cancel_on_close = False
         self._thread: threading.Thread | None = None
-        self._admitted = 0
         self.generated_tokens = self.decode_steps = self.prefill_calls = self.calls = 0
-        self.preemptions = self.cancel_lag = 0
+        self.cancel_lag = 0
 
     def block_bytes(self) -> int:
         """Bytes of one KV block: k and v, every layer."""
@@ -262,9 +265,9 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is shutting down and admits no new requests")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._sched.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full: {self.max_queue} requests are waiting")
-            self._waiting.append(stream)
+            self._sched.waiting.append(stream)
             self._cond.notify_all()
         return stream
 
@@ -296,9 +299,9 @@ class Engine:
         prefill_calls, calls (model calls: every step), preemptions, cancel_lag (the most
         model calls any cancelled row ran between its cancel() and the release of its row),
         traces (compiles)."""
-        rows = [r for r in self._rows if r is not None]
+        rows = [r for r in self._sched.rows if r is not None]
         return {
-            "queue_depth": len(self._waiting),
+            "queue_depth": len(self._sched.waiting),
             "running": len(rows),
             "prefilling": sum(r.prefilling for r in rows),
             "free_blocks": self._tables.free,
@@ -307,7 +310,7 @@ class Engine:
             "steps": self.decode_steps,
             "prefill_calls": self.prefill_calls,
             "calls": self.calls,
-            "preemptions": self.preemptions,
+            "preemptions": self._sched.preemptions,
             "cancel_lag": self.cancel_lag,
             "traces": self.steps.traces,
         }
@@ -338,7 +341,7 @@ class Engine:
             self._cond.notify_all()
 
     def _busy(self) -> bool:
-        return bool(self._waiting) or any(r is not None for r in self._rows)
+        return bool(self._sched.waiting) or bool(self._sched.live())
 
     def _loop(self) -> None:
         while True:
@@ -366,22 +369,18 @@ class Engine:
             log.exception("engine step failed")
             self._pool = self._new_pool()
             error = Event([], None, ERROR, f"{type(err).__name__}: {err}")
-            for i, row in enumerate(self._rows):  # nothing cached: back to the queue, once
-                if row is None:
-                    continue
+            for i in self._sched.live():  # nothing cached: back to the queue, once
+                row = self._sched.rows[i]
                 row.stream.failures = getattr(row.stream, "failures", 0) + 1
                 if row.cached == 0 and row.stream.failures <= MAX_RETRIES:
-                    self._tables.release(i)
-                    self._rows[i] = None
-                    self._requeue(row)
+                    self._sched.requeue(i)
                 else:
-                    self._leave(i, error)
+                    self._sched.leave(i, error)
             return True
 
     def _step(self) -> bool:
         self._reap()
-        self._slide()
-        decoding, prefilling, pieces = self._schedule()
+        decoding, prefilling, pieces = self._sched.plan()
         if not decoding and not prefilling:
             return False
         decode, decode_need = self._decode_args(decoding)
@@ -398,9 +397,9 @@ class Engine:
         self.decode_steps += bool(decoding)
         self.calls += 1
         for i in decoding:
-            self._rows[i].cached += 1
+            self._sched.rows[i].cached += 1
         for i in prefilling:
-            self._rows[i].cached += pieces[i]
+            self._sched.rows[i].cached += pieces[i]
         if decoding:
             self._deliver(decoding, decoded, decoding)
         if prefilling:
@@ -409,142 +408,19 @@ class Engine:
 
     def _reap(self) -> None:
         """Cancelled requests leave: rows free their blocks, queued ones drop out."""
-        for i, row in enumerate(self._rows):
-            if row is not None and row.stream.cancelled:
-                self.cancel_lag = max(self.cancel_lag, self.calls - row.stream.cancel_step)
-                self._leave(i, Event([], None, CANCELLED))
-        with self._cond:
-            gone = [s for s in self._waiting if s.cancelled]
-            for stream in gone:
-                self._waiting.remove(stream)
-                self._preempted.pop(stream.id, None)
-        for stream in gone:
+        sched = self._sched
+        for i in sched.live():
+            stream = sched.rows[i].stream
+            if stream.cancelled:
+                self.cancel_lag = max(self.cancel_lag, self.calls - stream.cancel_step)
+                sched.leave(i, Event([], None, CANCELLED))
+        for stream in sched.drop_cancelled():
             stream.put(Event([], None, CANCELLED))
 
-    def _slide(self) -> None:
-        """With a sliding window W, rows free the blocks wholly older than the first key their
-        next query sees (index cached - W + 1)."""
-        window = self.cfg.sliding_window
-        if window is not None:
-            for i, row in enumerate(self._rows):
-                if row is not None:
-                    self._tables.slide(i, row.cached - window + 1)
-
-    def _schedule(self) -> tuple[list[int], list[int], dict[int, int]]:
-        """Step 2 of the module docstring: (decoding rows, prefilling rows, {prefilling row:
-        its chunk's tokens}), each row with the blocks its new tokens fill.
-
-        Oldest first, every decoding row and the Q oldest prefilling rows take their blocks;
-        one the pool cannot hold preempts the youngest rows until it fits. The youngest row
-        itself, short of blocks, is preempted if decoding; prefilling, its chunk shrinks to
-        the free blocks (none: it waits). The oldest row alone always fits (`validate`), so
-        it always runs."""
-        decoding, prefilling, pieces = [], [], {}
-        before = self.preemptions
-        for i in sorted(self._live(), key=lambda i: self._rows[i].order):
-            row = self._rows[i]
-            if row is None:  # preempted by an older row
-                continue
-            if not row.prefilling:
-                if self._grant(i, 1):
-                    decoding.append(i)
-                else:
-                    self._preempt(i)
-            elif len(prefilling) < self.prefill_rows:
-                want = min(self.prefill_chunk, len(row.context) - row.cached)
-                pieces[i] = self._grant(i, want)
-                if pieces[i]:
-                    prefilling.append(i)
-        if self.preemptions == before:
-            self._admit(prefilling, pieces, reserve=len(decoding))
-        return decoding, prefilling, pieces
-
-    def _live(self) -> list[int]:
-        return [i for i, r in enumerate(self._rows) if r is not None]
-
-    def _grant(self, i: int, want: int) -> int:
-        """Row i takes blocks for its next `want` tokens, preempting younger rows while the
-        pool is short; the youngest takes what is free. Returns the tokens granted."""
-        row, tables = self._rows[i], self._tables
-        end = row.cached + want
-        while tables.short(i, end) > tables.free:
-            younger = [j for j in self._live() if self._rows[j].order > row.order]
-            if not younger:
-                end = min(end, tables.covered(i) + tables.free * self.block_size)
-                break
-            self._preempt(max(younger, key=lambda j: self._rows[j].order))
-        granted = max(0, end - row.cached)
-        tables.cover(i, row.cached + granted)
-        return granted
-
-    def _preempt(self, i: int) -> None:
-        """Row i gives back its row and blocks and waits at the head of the queue; what it
-        generated is kept (its stream saw those tokens) and recomputed when it runs again."""
-        row = self._rows[i]
-        self._tables.release(i)
-        self._rows[i] = None
-        row.evict()
-        self.preemptions += 1
-        self._requeue(row)
-
-    def _requeue(self, row: Row) -> None:
-        """A row back to the queue's head, behind preempted rows older than it."""
-        with self._cond:
-            at = 0
-            while at < len(self._waiting):
-                ahead = self._preempted.get(self._waiting[at].id)
-                if ahead is None or ahead.order > row.order:
-                    break
-                at += 1
-            self._preempted[row.stream.id] = row
-            self._waiting.insert(at, row.stream)
-
-    def _admit(self, prefilling: list[int], pieces: dict[int, int], reserve: int) -> None:
-        """Free rows to waiting requests, first come first served, while the pool holds the
-        head's whole context (its prompt, or prompt + generated tokens after a preemption;
-        with a window, what the window needs) beside `reserve` blocks: a row admitted into a
-        pool with less would be the first preempted again, its prefill wasted. The head waits
-        rather than be overtaken (no starvation). The new row takes its first chunk's blocks,
-        and prefills in this step if fewer than Q rows do."""
-        z = self.block_size
-        while None in self._rows:
-            with self._cond:
-                if not self._waiting:
-                    return
-                stream = self._waiting[0]
-                row = self._preempted.get(stream.id) or Row(stream, 0, list(stream.request.prompt))
-                want = min(self.prefill_chunk, len(row.context))
-                need = blocks_at_once(len(row.context), z, self.cfg.sliding_window)
-                if self._tables.free - reserve < need:
-                    return
-                self._waiting.popleft()
-                self._preempted.pop(stream.id, None)
-            if not row.order:
-                self._admitted += 1
-                row.order = self._admitted
-            i = self._rows.index(None)
-            self._rows[i] = row
-            granted = min(want, (self._tables.free - reserve) * z)
-            self._tables.cover(i, granted)
-            if len(prefilling) < self.prefill_rows:
-                prefilling.append(i)
-                pieces[i] = granted
-
-    def _leave(self, i: int, event: Event) -> None:
-        """Row i's request ends with `event`: its blocks return at once."""
-        row = self._rows[i]
-        self._tables.release(i)
-        self._rows[i] = None
-        row.stream.put(event)
-
     def _cancel_everything(self) -> None:
-        for i, row in enumerate(self._rows):
-            if row is not None:
-                self._leave(i, Event([], None, CANCELLED))
-        with self._cond:
-            waiting, self._waiting = list(self._waiting), collections.deque()
-            self._preempted.clear()
-        for stream in waiting:
+        for i in self._sched.live():
+            self._sched.leave(i, Event([], None, CANCELLED))
+        for stream in self._sched.drop_waiting():
             stream.put(Event([], None, CANCELLED))
 
     def _sampling(self, rows: list[Row | None]):
@@ -564,10 +440,10 @@ class Engine:
         b = self.max_batch
         tokens, lengths, active = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
         for i in decoding:
-            row = self._rows[i]
+            row = self._sched.rows[i]
             tokens[i], lengths[i], active[i] = row.last, row.cached, True
         table = self._tables.table * active[:, None]  # prefilling rows take no part
-        sampling = self._sampling([self._rows[i] if active[i] else None for i in range(b)])
+        sampling = self._sampling([self._sched.rows[i] if active[i] else None for i in range(b)])
         return (tokens, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
 
     def _chunk_args(self, prefilling: list[int], pieces: dict[int, int]) -> tuple[tuple, int]:
@@ -576,7 +452,7 @@ class Engine:
         widest row needs)."""
         q, c = self.prefill_rows, self.prefill_chunk
         tokens, lengths = np.zeros((q, c), np.int32), np.zeros(q, np.int32)
-        counts, rows = np.zeros(q, np.int32), [self._rows[i] for i in prefilling]
+        counts, rows = np.zeros(q, np.int32), [self._sched.rows[i] for i in prefilling]
         for j, (i, row) in enumerate(zip(prefilling, rows)):
             piece = row.context[row.cached : row.cached + pieces[i]]
             tokens[j, : len(piece)] = piece
@@ -589,15 +465,15 @@ class Engine:
     def _finish_prefill(self, prefilling: list[int], out) -> None:
         """Rows whose context is now all in the cache take their next token (a new request its
         first, a recomputed one the one after those it had generated)."""
-        rows = self._rows
+        rows = self._sched.rows
         done = [j for j, i in enumerate(prefilling) if rows[i].cached == len(rows[i].context)]
         self._deliver([prefilling[j] for j in done], out, done)
 
     def _deliver(self, rows: list[int], out, columns) -> None:
         """Row rows[n] sampled out.tokens[columns[n]]: stream it, or end the row."""
-        tokens, experts, weights = _host(out, [self._rows[i] for i in rows])
+        tokens, experts, weights = _host(out, [self._sched.rows[i] for i in rows])
         for i, j in zip(rows, columns):
-            row = self._rows[i]
+            row = self._sched.rows[i]
             token, request = int(tokens[j]), row.request
             finish = None
             if token == self.eos_id and not request.ignore_eos:
@@ -615,7 +491,7 @@ class Engine:
             self.generated_tokens += len(new)
             event = Event(new, routing, finish)
             if finish is not None:
-                self._leave(i, event)
+                self._sched.leave(i, event)
             else:
                 row.last = token
                 row.stream.put(event)

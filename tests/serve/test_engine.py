@@ -217,13 +217,13 @@ def test_a_pool_too_small_for_every_row_preempts_the_youngest_and_loses_no_token
     names = ["long", "chunks", "mid", "short"]
     assert sum(engine.blocks_needed(Request(PROMPTS[n], 60)) for n in names) > 32
     evicted = []  # tokens a row had streamed when it was preempted
-    real = engine._preempt
+    real = engine._sched.preempt
 
     def preempt(i):
-        evicted.append(len(engine._rows[i].generated))
+        evicted.append(len(engine._sched.rows[i].generated))
         real(i)
 
-    monkeypatch.setattr(engine, "_preempt", preempt)
+    monkeypatch.setattr(engine._sched, "preempt", preempt)
     before = engine.stats()["preemptions"]
     streams = [engine.submit(Request(PROMPTS[n], 60, ignore_eos=True)) for n in names]
     got = _drain(engine, streams)

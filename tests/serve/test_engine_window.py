@@ -18,7 +18,7 @@ import pytest
 
 import mixtral_jax as mj
 from mixtral_jax.generate import Generator
-from mixtral_jax.serve.blocks import blocks_at_once
+from mixtral_jax.serve.blocks import BlockTables, blocks_at_once
 from mixtral_jax.serve.engine import Engine, Request, TooLong
 
 WINDOW, BLOCK, CHUNK, NEW = 8, 4, 8, 90
@@ -57,6 +57,21 @@ def test_blocks_at_once():
     assert blocks_at_once(5, BLOCK, 64) == 2  # a short row holds all of itself
 
 
+def test_block_tables_cover_slide_and_release():
+    tables = BlockTables(num_blocks=6, rows=2, entries_per_row=8, block_size=BLOCK)
+    tables.cover(0, 9)  # tokens 0..8: 3 blocks, the lowest first
+    assert tables.table[0, :4].tolist() == [1, 2, 3, 0] and tables.free == 2
+    tables.slide(0, 7)  # keys from 7 on: block 0 (tokens 0..3) left, block 1 (4..7) stays
+    assert tables.table[0, :3].tolist() == [0, 2, 3] and tables.held(0) == 2
+    assert tables.short(0, 13) == 1 and tables.covered(0) == 12
+    tables.cover(1, 8)  # the freed block goes to the other row
+    assert tables.table[1, :2].tolist() == [1, 4] and tables.free == 1
+    with pytest.raises(RuntimeError, match="2 blocks short, 1 free"):
+        tables.cover(0, 20)
+    tables.release(0)
+    assert tables.table[0].tolist() == [0] * 8 and tables.free == 3 and tables.held(0) == 0
+
+
 def _run(engine, streams, got: list, most: list) -> None:
     """Steps the engine to the end: each stream's tokens into got, the most blocks each row
     held after a decode step into most (and never more than a prefill chunk needs)."""
@@ -67,7 +82,7 @@ def _run(engine, streams, got: list, most: list) -> None:
             with contextlib.suppress(queue.Empty):
                 while True:
                     got[n] += stream.get(timeout=0).tokens
-        for i, row in enumerate(engine._rows):
+        for i, row in enumerate(engine._sched.rows):
             if row is not None:
                 held = engine._tables.held(i)
                 assert held <= 5, (i, row.cached, held)
