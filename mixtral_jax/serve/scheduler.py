@@ -98,7 +98,9 @@ class Scheduler:
         row, tables = self.rows[i], self.tables
         end = row.cached + want
         while tables.short(i, end) > tables.free:
-            younger = [j for j in self.live() if self.rows[j].order > row.order]
+            younger = [  # those holding blocks: preempting one that holds none frees nothing
+                j for j in self.live() if self.rows[j].order > row.order and tables.held(j)
+            ]
             if not younger:
                 end = min(end, tables.covered(i) + tables.free * tables.block_size)
                 break
