@@ -216,20 +216,33 @@ def test_a_pool_too_small_for_every_row_preempts_the_youngest_and_loses_no_token
     tokens of an unconstrained run (none twice, none lost), then frees its blocks."""
     names = ["long", "chunks", "mid", "short"]
     assert sum(engine.blocks_needed(Request(PROMPTS[n], 60)) for n in names) > 32
-    evicted = []  # tokens a row had streamed when it was preempted
+    evicted = []  # (request, tokens it had streamed) of each row preempted
     real = engine._sched.preempt
 
     def preempt(i):
-        evicted.append(len(engine._sched.rows[i].generated))
+        row = engine._sched.rows[i]
+        evicted.append((row.request, len(row.generated)))
         real(i)
 
     monkeypatch.setattr(engine._sched, "preempt", preempt)
+    requests = [Request(PROMPTS[n], 60, routing=n == "short", ignore_eos=True) for n in names]
+    alone = _drain(engine, [engine.submit(requests[-1])])[0]  # the youngest, traced
     before = engine.stats()["preemptions"]
-    streams = [engine.submit(Request(PROMPTS[n], 60, ignore_eos=True)) for n in names]
-    got = _drain(engine, streams)
+    evicted.clear()
+    got = _drain(engine, [engine.submit(r) for r in requests])
     assert [g[0] for g in got] == [reference[n] for n in names]
     assert {g[1] for g in got} == {"length"}
-    assert engine.stats()["preemptions"] - before == len(evicted) and max(evicted) > 0
+    assert engine.stats()["preemptions"] - before == len(evicted)
+    assert max(n for _, n in evicted) > 0 and requests[-1] in [r for r, _ in evicted]
+    # the youngest's routing traces (it was preempted): one per token, as when it ran alone
+    assert len(got[-1][2]) == 60
+    for trace, want in zip(got[-1][2], alone[2]):
+        assert [[e for e, _ in layer] for layer in trace] == [[e for e, _ in la] for la in want]
+        np.testing.assert_allclose(
+            [[w for _, w in layer] for layer in trace],
+            [[w for _, w in la] for la in want],
+            atol=1e-5,
+        )
     assert engine.stats()["free_blocks"] == 32 and engine.stats()["queue_depth"] == 0
 
 
