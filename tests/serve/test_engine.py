@@ -212,8 +212,9 @@ def test_a_pool_too_small_for_every_row_preempts_the_youngest_and_loses_no_token
     engine, reference, monkeypatch
 ):
     """Four requests of 8-15 blocks each (45) in a pool of 32: the youngest rows are preempted
-    as the older ones grow, recomputed later, and every stream still yields exactly the greedy
-    tokens of an unconstrained run (none twice, none lost), then frees its blocks."""
+    as the older ones grow, recomputed later, and every stream still yields exactly the tokens
+    of an unconstrained run (greedy, and seeded sampling: none twice, none lost), then frees its
+    blocks."""
     names = ["long", "chunks", "mid", "short"]
     assert sum(engine.blocks_needed(Request(PROMPTS[n], 60)) for n in names) > 32
     evicted = []  # (request, tokens it had streamed) of each row preempted
@@ -225,12 +226,15 @@ def test_a_pool_too_small_for_every_row_preempts_the_youngest_and_loses_no_token
         real(i)
 
     monkeypatch.setattr(engine._sched, "preempt", preempt)
-    requests = [Request(PROMPTS[n], 60, routing=n == "short", ignore_eos=True) for n in names]
-    alone = _drain(engine, [engine.submit(requests[-1])])[0]  # the youngest, traced
+    requests = [Request(PROMPTS[n], 60, ignore_eos=True) for n in names[:3]]
+    hot = SamplingParams(temperature=0.9, top_k=20)  # the youngest: sampled, seeded, traced
+    requests.append(Request(PROMPTS["short"], 60, hot, seed=5, routing=True, ignore_eos=True))
+    alone = _drain(engine, [engine.submit(requests[-1])])[0]
     before = engine.stats()["preemptions"]
     evicted.clear()
     got = _drain(engine, [engine.submit(r) for r in requests])
-    assert [g[0] for g in got] == [reference[n] for n in names]
+    assert [g[0] for g in got[:3]] == [reference[n] for n in names[:3]]
+    assert got[-1][0] == alone[0]  # its key for token i is fold_in(key(seed), i), recomputed
     assert {g[1] for g in got} == {"length"}
     assert engine.stats()["preemptions"] - before == len(evicted)
     assert max(n for _, n in evicted) > 0 and requests[-1] in [r for r, _ in evicted]
