@@ -2,9 +2,11 @@
 
 One background thread steps the model. Each iteration:
   1. cancelled requests leave (their row and KV blocks free at once);
-  2. waiting requests take free rows, first come first served, when the block pool can promise
-     each every block it may need (prompt + max_tokens; blocks are taken only as tokens fill
-     them, and what is left of the promise returns when the request ends);
+  2. the scheduler (`scheduler.py`) decides which rows run and gives them the KV blocks their
+     new tokens fill, oldest first: with a sliding window, blocks that left a row's window
+     return to the pool; when the pool is short, the youngest row is preempted (its blocks
+     freed, its request back at the head of the queue with what it generated, recomputed
+     later), as vLLM does; then waiting requests take free rows, first come first served;
   3. one decode step [b, 1] for every row that has sampled a token, b the smallest compiled
      batch that holds them (their inputs packed into its first rows, the rest idle and
      masked: a step of one stream computes one row, not max_batch), in the same compiled call
@@ -13,13 +15,16 @@ One background thread steps the model. Each iteration:
      chunk costs them its arithmetic, not a second weight read;
   4. the previous step's tokens go to their streams (while this one runs on the device); rows
      that finished (EOS, a stop id, max_tokens) leave.
+Only those two calls are ever compiled, once per (batch, attention span) pair (`steps.py`;
+`warmup`).
+
 The sampled tokens never wait for the host: each step writes them into a device array of the
 last token per row (`Steps`), which the next step reads, so step N+1 is dispatched before step
 N's tokens are copied out and streamed, and the host's work hides behind the device's. A row
-that turns out to have ended (EOS or a stop id) was decoded once more for nothing; its result
-is dropped, and its blocks were already freed before any later step could take them.
-Only those two calls are ever compiled, once per (batch, attention span) pair (`steps.py`;
-`warmup`).
+that turns out to have ended (EOS or a stop id) was decoded once more for nothing: that result
+is dropped, and its blocks were freed before any later step could take them. A row preempted
+while its last token was in flight samples that token again when it is recomputed (same
+sampling counter, same key).
 
 A row's tokens depend on its own request only: per-row positions and lengths in the paged
 cache, per-row sampling settings, and keys fold_in(key(seed), token index).
@@ -27,7 +32,6 @@ cache, per-row sampling settings, and keys fold_in(key(seed), token index).
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import threading
@@ -42,8 +46,9 @@ from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.paged_attention import MIN_BLOCK
 from mixtral_jax.model.paged_kv_cache import PagedKVCache
 from mixtral_jax.model.transformer import Mixtral
-from mixtral_jax.serve.blocks import BlockPool
+from mixtral_jax.serve.blocks import BlockTables, blocks_at_once
 from mixtral_jax.serve.rows import CANCELLED, EOS, ERROR, LENGTH, STOP, Event, Request, Row, Stream
+from mixtral_jax.serve.scheduler import Scheduler
 from mixtral_jax.serve.steps import Steps, idle_sampling
 
 __all__ = ["Engine", "EngineClosed", "Event", "QueueFull", "Request", "Stream", "TooLong"]
@@ -157,16 +162,21 @@ class Engine:
         self._pool = self._new_pool()
         self._last = self._new_last()
         self._pending = None  # the dispatched step whose tokens are not yet delivered
-        self._blocks = BlockPool(num_blocks)
-        self._table = np.zeros((max_batch, self.blocks_per_row), np.int32)
-        self._rows: list[Row | None] = [None] * max_batch
-        self._waiting: collections.deque[Stream] = collections.deque()
         self._cond = threading.Condition()
+        self._tables = BlockTables(num_blocks, max_batch, self.blocks_per_row, block_size)
+        self._sched = Scheduler(
+            max_batch=max_batch,
+            prefill_rows=prefill_rows,
+            prefill_chunk=prefill_chunk,
+            tables=self._tables,
+            window=cfg.sliding_window,
+            cond=self._cond,
+        )
         self._step_lock = threading.Lock()
         self._closed = self._cancel_on_close = False
         self._thread: threading.Thread | None = None
-        self._admitted = 0
-        self.generated_tokens = self.decode_steps = self.prefill_calls = 0
+        self.generated_tokens = self.decode_steps = self.prefill_calls = self.calls = 0
+        self.cancel_lag = 0
 
     def block_bytes(self) -> int:
         """Bytes of one KV block: k and v, every layer."""
@@ -229,20 +239,32 @@ class Engine:
         return next(w for w in self.widths if w * self.block_size >= tokens)
 
     def _new_last(self) -> jax.Array:
-        """The device's last sampled token per row [max_batch] (what each step feeds)."""
-        return jnp.zeros((self.max_batch,), jnp.int32)
+        """The device's last sampled token per row [max_batch] (what each step feeds), placed
+        like the pool."""
+        last = jnp.zeros((self.max_batch,), jnp.int32)
+        devices = jax.tree.leaves(self.steps.state)[0].devices()
+        return jax.device_put(last, next(iter(devices))) if len(devices) == 1 else last
 
     def _new_pool(self):
+        """An empty pool, committed to the model's device like the pools the steps return: a
+        call with an uncommitted pool is compiled apart from one with a committed pool (one
+        trace, two executables), so `warmup` would miss the shapes steady state runs. (A model
+        over several devices leaves the pool to jit's placement: the pool is not sharded.)"""
         cache = PagedKVCache.create(
             self.cfg, 1, self.num_blocks, self.block_size, self.blocks_per_row
         )
-        return (cache.k, cache.v)
+        devices = jax.tree.leaves(self.steps.state)[0].devices()
+        if len(devices) != 1:
+            return (cache.k, cache.v)
+        return jax.device_put((cache.k, cache.v), next(iter(devices)))
 
     # ---- the interface ----------------------------------------------------------------------
     def blocks_needed(self, request: Request) -> int:
-        """KV blocks a request fills at most: prompt + max_tokens - 1 tokens (the last token
-        sampled is never fed back)."""
-        return math.ceil((len(request.prompt) + request.max_tokens - 1) / self.block_size)
+        """KV blocks a request holds at most at one time: those of prompt + max_tokens - 1
+        tokens (the last token sampled is never fed back), or with a sliding window those of
+        the window's keys (`blocks_at_once`)."""
+        tokens = len(request.prompt) + request.max_tokens - 1
+        return blocks_at_once(tokens, self.block_size, self.cfg.sliding_window)
 
     def validate(self, request: Request) -> None:
         """Raises ConfigError (TooLong for length) naming the field, value and rule; no side
@@ -269,10 +291,11 @@ class Engine:
                 f"exceeds the context of {self.max_context} tokens"
             )
         need = self.blocks_needed(request)
-        if need > self._blocks.total:
+        if need > self._tables.total:
             raise TooLong(
                 f"prompt of {len(prompt)} tokens + max_tokens={request.max_tokens} needs {need} "
-                f"KV blocks of {self.block_size} tokens; the pool has {self._blocks.total}"
+                f"KV blocks of {self.block_size} tokens at once; the pool has "
+                f"{self._tables.total}"
             )
 
     def submit(self, request: Request) -> Stream:
@@ -284,13 +307,13 @@ class Engine:
           EngineClosed: shutdown() has begun.
         """
         self.validate(request)
-        stream = Stream(request, self._wake)
+        stream = Stream(request, self._wake, lambda: self.calls)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is shutting down and admits no new requests")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._sched.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full: {self.max_queue} requests are waiting")
-            self._waiting.append(stream)
+            self._sched.waiting.append(stream)
             self._cond.notify_all()
         return stream
 
@@ -317,18 +340,24 @@ class Engine:
             self._thread.join()
 
     def stats(self) -> dict:
-        """queue_depth, running (rows held; prefilling of them), free_blocks, total_blocks,
-        generated_tokens (monotonic), steps (decode steps), prefill_calls, traces (compiles)."""
-        rows = [r for r in self._rows if r is not None]
+        """queue_depth (preempted requests included), running (rows held; prefilling of
+        them), free_blocks, total_blocks, generated_tokens (monotonic), steps (decode steps),
+        prefill_calls, calls (model calls: every step), preemptions, cancel_lag (the most
+        model calls any cancelled row ran between its cancel() and the release of its row),
+        traces (compiles)."""
+        rows = [r for r in self._sched.rows if r is not None]
         return {
-            "queue_depth": len(self._waiting),
+            "queue_depth": len(self._sched.waiting),
             "running": len(rows),
             "prefilling": sum(r.prefilling for r in rows),
-            "free_blocks": self._blocks.free,
-            "total_blocks": self._blocks.total,
+            "free_blocks": self._tables.free,
+            "total_blocks": self._tables.total,
             "generated_tokens": self.generated_tokens,
             "steps": self.decode_steps,
             "prefill_calls": self.prefill_calls,
+            "calls": self.calls,
+            "preemptions": self._sched.preemptions,
+            "cancel_lag": self.cancel_lag,
             "traces": self.steps.traces,
         }
 
@@ -336,7 +365,7 @@ class Engine:
         """Compiles (and runs once, every row idle: writes go to the sink) every step shape:
         the decode step and the decode step with a prefill chunk, per batch and table width."""
         with self._step_lock:
-            chunk, _ = self._chunk_args([])
+            chunk, _ = self._chunk_args([], {})
             pool, last = self._pool, self._last
             for batch in self.batches:
                 decode, _ = self._decode_args([], batch)
@@ -359,7 +388,7 @@ class Engine:
             self._cond.notify_all()
 
     def _busy(self) -> bool:
-        return bool(self._waiting) or any(r is not None for r in self._rows)
+        return bool(self._sched.waiting) or bool(self._sched.live())
 
     def _loop(self) -> None:
         while True:
@@ -387,41 +416,25 @@ class Engine:
             log.exception("engine step failed")
             self._pool, self._last, self._pending = self._new_pool(), self._new_last(), None
             error = Event([], None, ERROR, f"{type(err).__name__}: {err}")
-            fresh = []  # rows with nothing in the cache yet lose nothing: back to the queue,
-            for i, row in enumerate(self._rows):  # once (a request that fails again ends)
-                if row is None:
-                    continue
+            for i in self._sched.live():  # nothing cached: back to the queue, once
+                row = self._sched.rows[i]
                 row.stream.failures = getattr(row.stream, "failures", 0) + 1
                 if row.cached == 0 and row.stream.failures <= MAX_RETRIES:
-                    self._blocks.release(row.blocks, row.promise)
-                    self._table[i], self._rows[i] = 0, None
-                    fresh.append(row)
+                    self._sched.requeue(i)
                 else:
-                    self._leave(i, error)
-            with self._cond:
-                for row in sorted(fresh, key=lambda r: -r.order):
-                    self._waiting.appendleft(row.stream)
+                    self._sched.leave(i, error)
             return True
 
     def _step(self) -> bool:
         self._reap()
-        self._admit()
-        decoding = [
-            i
-            for i, r in enumerate(self._rows)
-            if r is not None and not r.prefilling and r.dispatched < r.request.max_tokens
-        ]
-        prefilling = sorted(
-            (i for i, r in enumerate(self._rows) if r is not None and r.prefilling),
-            key=lambda i: self._rows[i].order,
-        )[: self.prefill_rows]
+        decoding, prefilling, pieces = self._sched.plan()
         if not decoding and not prefilling:
             return self._deliver_pending()
         decode, decode_need = self._decode_args(decoding)
         width = self._width(decode_need)
         prefilled = None
         if prefilling:  # one call: the decode step (rows may all be idle) and a prefill chunk
-            chunk, chunk_need = self._chunk_args(prefilling)
+            chunk, chunk_need = self._chunk_args(prefilling, pieces)
             width = self._width(max(decode_need, chunk_need))
             self._pool, self._last, decoded, prefilled = self.steps.decode_with_chunk(
                 self._pool, self._last, _narrow(decode, width), _narrow(chunk, width)
@@ -432,17 +445,18 @@ class Engine:
                 self._pool, self._last, *_narrow(decode, width)
             )
         self.decode_steps += bool(decoding)
+        self.calls += 1
+        rows = self._sched.rows
         for i in decoding:
-            self._rows[i].cached += 1
-            self._rows[i].dispatched += 1
-        first = []  # rows whose prompt is now all in the cache: their first token was sampled
+            rows[i].cached += 1
+            rows[i].dispatched += 1
+        first = []  # rows whose context is now all in the cache: their next token was sampled
         for j, i in enumerate(prefilling):
-            row = self._rows[i]
-            row.cached += int(chunk[3][j])
-            if not row.prefilling:
-                row.dispatched += 1
-                first.append((i, row, j))
-        stepped = [(i, self._rows[i], j) for j, i in enumerate(decoding)]
+            rows[i].cached += pieces[i]
+            if not rows[i].prefilling:
+                rows[i].dispatched += 1
+                first.append((i, rows[i], j))
+        stepped = [(i, rows[i], j) for j, i in enumerate(decoding)]
         self._deliver_pending()  # the previous step's, while this one runs
         self._pending = (stepped, decoded, first, prefilled)
         return True
@@ -460,57 +474,21 @@ class Engine:
 
     def _reap(self) -> None:
         """Cancelled requests leave: rows free their blocks, queued ones drop out."""
-        for i, row in enumerate(self._rows):
-            if row is not None and row.stream.cancelled:
-                self._leave(i, Event([], None, CANCELLED))
-        with self._cond:
-            gone = [s for s in self._waiting if s.cancelled]
-            for stream in gone:
-                self._waiting.remove(stream)
-        for stream in gone:
+        sched = self._sched
+        for i in sched.live():
+            stream = sched.rows[i].stream
+            if stream.cancelled:
+                self.cancel_lag = max(self.cancel_lag, self.calls - stream.cancel_step)
+                sched.leave(i, Event([], None, CANCELLED))
+        for stream in sched.drop_cancelled():
             stream.put(Event([], None, CANCELLED))
-
-    def _admit(self) -> None:
-        """Free rows to waiting requests, first come first served, while the pool can promise
-        the head its blocks (the head waits rather than be overtaken: no starvation)."""
-        while None in self._rows:
-            with self._cond:
-                if not self._waiting:
-                    return
-                stream = self._waiting[0]
-                need = self.blocks_needed(stream.request)
-                if not self._blocks.promise(need):
-                    return
-                self._waiting.popleft()
-            self._admitted += 1
-            self._rows[self._rows.index(None)] = Row(stream, self._admitted, need)
-
-    def _leave(self, i: int, event: Event) -> None:
-        """Row i's request ends with `event`: its blocks and unused promise return at once."""
-        row = self._rows[i]
-        self._blocks.release(row.blocks, row.promise)
-        self._table[i] = 0
-        self._rows[i] = None
-        row.stream.put(event)
 
     def _cancel_everything(self) -> None:
         self._pending = None
-        for i, row in enumerate(self._rows):
-            if row is not None:
-                self._leave(i, Event([], None, CANCELLED))
-        with self._cond:
-            waiting, self._waiting = list(self._waiting), collections.deque()
-        for stream in waiting:
+        for i in self._sched.live():
+            self._sched.leave(i, Event([], None, CANCELLED))
+        for stream in self._sched.drop_waiting():
             stream.put(Event([], None, CANCELLED))
-
-    def _hold(self, i: int, tokens: int) -> None:
-        """Row i takes pool blocks until its table covers `tokens` tokens."""
-        row = self._rows[i]
-        while len(row.blocks) * self.block_size < tokens:
-            block = self._blocks.take()
-            row.promise -= 1
-            self._table[i, len(row.blocks)] = block
-            row.blocks.append(block)
 
     def _sampling(self, rows: list[Row | None]):
         """RowSampling host arrays for `rows` (None: idle, greedy)."""
@@ -527,50 +505,47 @@ class Engine:
         """Host inputs of the decode step for rows `decoding`, packed into the first rows of a
         compiled batch b (default the smallest that holds them; the rest idle): ((slots [b]: the
         rows whose last token each feeds, max_batch for idle ones; block_table [b, R], lengths
-        [b], active [b], sampling), tokens its widest row needs). Output row j is rows
+        [b], active [b], sampling), tokens its widest row needs). Output row j is row
         decoding[j]'s token."""
         b = self._batch(len(decoding)) if batch is None else batch
         slots = np.full(b, self.max_batch, np.int32)
         lengths, active = np.zeros(b, np.int32), np.zeros(b, bool)
         table = np.zeros((b, self.blocks_per_row), np.int32)  # idle rows write to the sink
-        for j, i in enumerate(decoding):
-            row = self._rows[i]
-            self._hold(i, row.cached + 1)
+        rows = [self._sched.rows[i] for i in decoding]
+        for j, (i, row) in enumerate(zip(decoding, rows)):
             slots[j], lengths[j], active[j] = i, row.cached, True
-            table[j] = self._table[i]
-        rows = [self._rows[i] for i in decoding]
+        table[: len(decoding)] = self._tables.table[decoding]
         sampling = self._sampling(rows + [None] * (b - len(rows)))
         return (slots, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
 
-    def _chunk_args(self, prefilling: list[int]) -> tuple[tuple, int]:
-        """Host inputs of a prefill chunk for rows `prefilling`: ((tokens [Q, C], block_table
-        [Q, R], lengths [Q], counts [Q], sampling, slots [Q]: the row whose last token a final
-        chunk's sample becomes, max_batch for other chunks), tokens its widest row needs)."""
+    def _chunk_args(self, prefilling: list[int], pieces: dict[int, int]) -> tuple[tuple, int]:
+        """Host inputs of a prefill chunk of pieces[i] tokens for each row i of `prefilling`:
+        ((tokens [Q, C], block_table [Q, R], lengths [Q], counts [Q], sampling, slots [Q]: the
+        row whose last token a final chunk's sample becomes, max_batch for other chunks), tokens
+        its widest row needs). A row's final chunk samples its next token (a new request its
+        first, a recomputed one the one after those it had generated)."""
         q, c = self.prefill_rows, self.prefill_chunk
         tokens, lengths = np.zeros((q, c), np.int32), np.zeros(q, np.int32)
-        counts, rows = np.zeros(q, np.int32), [self._rows[i] for i in prefilling]
+        counts, rows = np.zeros(q, np.int32), [self._sched.rows[i] for i in prefilling]
         slots = np.full(q, self.max_batch, np.int32)
         for j, (i, row) in enumerate(zip(prefilling, rows)):
-            piece = row.request.prompt[row.cached : row.cached + c]
-            self._hold(i, row.cached + len(piece))
+            piece = row.context[row.cached : row.cached + pieces[i]]
             tokens[j, : len(piece)] = piece
             lengths[j], counts[j] = row.cached, len(piece)
-            if row.cached + len(piece) == len(row.request.prompt):
+            if row.cached + len(piece) == len(row.context):
                 slots[j] = i
         table = np.zeros((q, self.blocks_per_row), np.int32)
-        table[: len(prefilling)] = self._table[prefilling]
+        table[: len(prefilling)] = self._tables.table[prefilling]
         sampling = self._sampling(rows + [None] * (q - len(rows)))
         return (tokens, table, lengths, counts, sampling, slots), int((lengths + counts).max())
 
-    def _prompt(self, i: int) -> int:
-        return len(self._rows[i].request.prompt)
-
     def _deliver(self, entries: list[tuple[int, Row, int]], out) -> None:
-        """(i, row, j): row (in row i when dispatched) sampled out.tokens[j]: stream it, or end
-        the row. Rows that left since (cancelled, or ended by the token before) are skipped."""
+        """(i, row, j): row (in slot i when dispatched) sampled out.tokens[j]: stream it, or end
+        the row. Rows that left since (cancelled, preempted, or ended by the token before) are
+        skipped."""
         tokens, experts, weights = _host(out, [row for _, row, _ in entries])
         for i, row, j in entries:
-            if self._rows[i] is not row:
+            if self._sched.rows[i] is not row:
                 continue
             token, request = int(tokens[j]), row.request
             finish = None
@@ -589,7 +564,7 @@ class Engine:
             self.generated_tokens += len(new)
             event = Event(new, routing, finish)
             if finish is not None:
-                self._leave(i, event)
+                self._sched.leave(i, event)
             else:
                 row.stream.put(event)
 

@@ -71,9 +71,12 @@ class Stream:
       prompt_tokens: the prompt's length.
       submitted: time.monotonic() at submit; first_token_at, finished_at: when those happened
         (None until then), for metrics.
+      cancel_step: the engine's step count (`clock`) when cancel() was first called, else None.
     """
 
-    def __init__(self, request: Request, wake: Callable[[], None]):
+    def __init__(
+        self, request: Request, wake: Callable[[], None], clock: Callable[[], int] = lambda: 0
+    ):
         self.id = uuid.uuid4().hex
         self.request = request
         self.prompt_tokens = len(request.prompt)
@@ -83,7 +86,8 @@ class Stream:
         self.finish: str | None = None
         self._events: queue.Queue[Event] = queue.Queue()
         self._cancel = threading.Event()
-        self._wake = wake
+        self._wake, self._clock = wake, clock
+        self.cancel_step: int | None = None
         self._listener: Callable[[], None] | None = None
 
     def listen(self, listener: Callable[[], None]) -> None:
@@ -109,6 +113,8 @@ class Stream:
     def cancel(self) -> None:
         """Ends the request: its row and KV blocks are freed before the next decode step, and
         the stream then yields finish='cancelled' (a no-op once finished)."""
+        if self.cancel_step is None:
+            self.cancel_step = self._clock()
         self._cancel.set()
         self._wake()
 
@@ -130,13 +136,15 @@ class Stream:
 
 @dataclasses.dataclass
 class Row:
-    """(Engine thread) a request holding a row of the batch.
+    """(Engine thread) a request holding a row of the batch, or preempted and waiting to be
+    recomputed (its KV blocks went back to the pool; what it generated stays).
 
     Attributes:
       stream: its stream (request at stream.request).
-      order: admission order (prefill goes first come, first served).
-      promise: KV blocks still promised to it by the pool (`BlockPool`).
-      blocks: pool blocks it holds, in token order (its block-table row).
+      order: admission order, kept through preemption: older rows are scheduled (prefilled,
+        given blocks) first, and the youngest is preempted first.
+      context: the tokens to prefill: the prompt, or after a preemption the prompt and every
+        token generated before it (recomputed; the next token is sampled after them).
       cached: tokens in the cache once the steps dispatched so far have run (the next
         token's absolute index and RoPE position).
       dispatched: tokens whose sampling has been dispatched (the next one's sampling counter);
@@ -146,8 +154,7 @@ class Row:
 
     stream: Stream
     order: int
-    promise: int
-    blocks: list[int] = dataclasses.field(default_factory=list)
+    context: list[int]
     cached: int = 0
     dispatched: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -158,4 +165,14 @@ class Row:
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.request.prompt)
+        return self.cached < len(self.context)
+
+    @property
+    def sampled_all(self) -> bool:
+        """Every token it may generate has been dispatched: it waits for its last delivery."""
+        return self.dispatched >= self.request.max_tokens
+
+    def evict(self) -> None:
+        """Preempted: nothing cached; the prompt and what it generated are prefilled again."""
+        self.context = [*self.request.prompt, *self.generated]
+        self.cached, self.dispatched = 0, len(self.generated)  # a pending token is resampled

@@ -1,8 +1,9 @@
 """The server end to end: `python -m mixtral_jax.serve` on loopback, the official openai client.
 
-One server process per module (the CLI: checkpoint loader, engine, uvicorn, an API key) serves
-every test here; infer.py runs in this process on the same checkpoint as the oracle of greedy
-tokens. The last test stops the server with SIGTERM.
+One server process per module (the CLI: checkpoint loader, LoRA adapters merged over the base
+with --adapters, engine, uvicorn, an API key) serves every test here; infer.py runs in this
+process on the same checkpoint and adapters as the oracle of greedy tokens (and without the
+adapters, to show they change them). The last test stops the server with SIGTERM.
 """
 
 import concurrent.futures
@@ -18,11 +19,15 @@ import threading
 import time
 
 import httpx
+import jax
+import numpy as np
 import openai
 import pytest
 
 import mixtral_jax as mj
 from mixtral_jax import checkpoint
+from mixtral_jax.checkpoint.adapters import save_adapters
+from mixtral_jax.model import lora
 from mixtral_jax.tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,12 +45,21 @@ MAX_BATCH = 10  # eight others, the greedy one and one spare row
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """(base checkpoint, adapter directory): rank-4 adapters on attention, the router and the
+    experts, factors of std 0.3 (far from the base)."""
     root = tmp_path_factory.mktemp("serve")
     tok = train_tokenizer(TEXT, str(root / "tok.model"), 96)
     cfg = mj.ModelConfig.tiny(vocab_size=tok.vocab_size, max_seq_len=CONTEXT)
     model = mj.init(cfg, seed=3)
     checkpoint.save_model(str(root / "ckpt"), mj.get_params(model), cfg, str(root / "tok.model"))
-    return str(root / "ckpt")
+    lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "router", "w_up"))
+    rng = np.random.default_rng(7)
+    factors = jax.tree.map(
+        lambda x: (0.3 * rng.standard_normal(x.shape)).astype(x.dtype),
+        jax.eval_shape(lambda: lora.init_adapters(cfg, lcfg, 1)),
+    )
+    save_adapters(str(root / "adapters"), factors, lcfg)
+    return str(root / "ckpt"), str(root / "adapters")
 
 
 class _Server:
@@ -53,7 +67,9 @@ class _Server:
     waits until it answers (so the oracle runs in this process meanwhile)."""
 
     def __init__(self, ckpt):
-        command = [sys.executable, "-m", "mixtral_jax.serve", "--checkpoint", ckpt]
+        base, adapters = ckpt
+        command = [sys.executable, "-m", "mixtral_jax.serve", "--checkpoint", base]
+        command += ["--adapters", adapters]
         command += ["--model-name", NAME, "--port", "0", "--max-batch", str(MAX_BATCH)]
         command += ["--max-queue", "64", "--block-size", "8", "--prefill-chunk", "16"]
         command += ["--quiet", "--log-level", "warning"]
@@ -95,7 +111,7 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def _infer(ckpt, prompt, new):
+def _infer(ckpt, prompt, new, adapters=None):
     """infer.py --json in this process: (ids, text) of the greedy completion of one prompt."""
     sys.path.insert(0, ROOT)
     try:
@@ -103,6 +119,7 @@ def _infer(ckpt, prompt, new):
     finally:
         sys.path.remove(ROOT)
     args = ["--checkpoint", ckpt, "--prompt", prompt, "--max-new-tokens", str(new), "--json"]
+    args += ["--adapters", adapters] if adapters else []
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = infer.main([*args, "--quiet", "--no-compile-cache"])
@@ -113,8 +130,10 @@ def _infer(ckpt, prompt, new):
 
 @pytest.fixture(scope="module")
 def oracle(server, ckpt):
-    """infer.py's greedy completions, computed while the server starts."""
-    return {"prompt": _infer(ckpt, PROMPT, NEW)}
+    """infer.py's greedy completions with the adapters, and of the base alone, computed while
+    the server starts."""
+    base, adapters = ckpt
+    return {"prompt": _infer(base, PROMPT, NEW, adapters), "base": _infer(base, PROMPT, NEW)}
 
 
 def _engine(url) -> dict:
@@ -144,6 +163,7 @@ def test_completions_greedy_equal_infer_whole_and_streamed(oracle, client):
     )
     choice = got.choices[0]
     assert choice.token_ids == ids and choice.text == text
+    assert oracle["base"][0] != ids  # the served tokens are the adapted model's
     assert choice.finish_reason == ("length" if len(ids) == NEW else "stop")
     assert got.usage.completion_tokens == len(ids)
     assert got.usage.prompt_tokens == len(got.prompt_token_ids)
@@ -295,6 +315,9 @@ def test_a_cancelled_stream_frees_its_slot(server, client):
     after = _engine(url)
     assert after["running"] == 0 and after["free_blocks"] == before["free_blocks"]
     assert after["generated_tokens"] - before["generated_tokens"] < 200  # stopped early
+    # the engine freed the row by the step after the one running when the server saw the
+    # disconnect (the wait above only bounds the test)
+    assert after["cancel_lag"] <= 1 and after["calls"] > before["calls"]
     # a whole (non-streamed) answer whose client goes away is cancelled too
     before = _engine(url)
     body = json.dumps({"prompt": "x", "max_tokens": 240, "ignore_eos": True}).encode()
@@ -314,6 +337,7 @@ def test_a_cancelled_stream_frees_its_slot(server, client):
     after = _engine(url)
     assert after["running"] == 0 and after["free_blocks"] == before["free_blocks"]
     assert 0 < after["generated_tokens"] - before["generated_tokens"] < 240
+    assert after["cancel_lag"] <= 1
 
 
 def _post(url, body, path="/v1/completions", **kw):

@@ -22,9 +22,10 @@ def parts(tmp_path_factory):
     return mj.init(cfg, seed=0), tok
 
 
-def _client(parts, **kw):
+def _client(parts, num_blocks=None, **kw):
     model, tok = parts
-    engine = Engine(model, max_batch=1, max_queue=0, block_size=8)  # every submit: QueueFull
+    engine = Engine(model, max_batch=1, max_queue=0, block_size=8, num_blocks=num_blocks)
+    # every valid submit: QueueFull
     app = create_app(engine, tok, model_name="m", context=model.cfg.max_seq_len, **kw)
     return TestClient(app), engine, app
 
@@ -36,6 +37,18 @@ def test_a_full_queue_is_a_429_with_retry_after(parts):
     assert r.json()["error"]["code"] == "queue_full"
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 429
+
+
+def test_a_request_the_whole_pool_cannot_hold_is_a_400_naming_the_pool(parts):
+    """Rows short of blocks are preempted and recomputed, so only a request that alone needs
+    more than the pool is refused, up front."""
+    client, _, _ = _client(parts, num_blocks=3)  # 2 blocks of 8 tokens
+    r = client.post("/v1/completions", json={"prompt": "fox", "max_tokens": 20})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "needs 3 KV blocks of 8 tokens at once; the pool has 2" in r.json()["error"]["message"]
+    assert (
+        client.post("/v1/completions", json={"prompt": "fox", "max_tokens": 5}).status_code == 429
+    )
 
 
 def test_draining_and_a_closed_engine_are_503s(parts):

@@ -146,6 +146,7 @@ def test_cancel_frees_the_row_and_its_blocks_within_one_step(engine):
     engine.run_once()
     stats = engine.stats()
     assert stats["running"] == 0 and stats["queue_depth"] == 0 and stats["free_blocks"] == 32
+    assert stats["cancel_lag"] == 0  # cancelled between steps: gone before the next one ran
     events = [_events(s) for s in [running, *queued]]
     assert all(e[-1].finish == "cancelled" for e in events)
     assert sum(len(x.tokens) for x in events[0]) >= 1  # it had been producing
@@ -194,7 +195,7 @@ def test_a_request_whose_steps_keep_failing_ends_with_error_after_one_retry(engi
 
 
 def test_many_short_and_one_long_fit_a_pool_smaller_than_batch_times_context(engine, reference):
-    assert engine._blocks.total < engine.max_batch * CONTEXT // BLOCK
+    assert engine._tables.total < engine.max_batch * CONTEXT // BLOCK
     long = Request(PROMPTS["long"], 60, ignore_eos=True)  # 119 tokens: 15 of the 32 blocks
     shorts = [Request(_prompt(6, 10 + n), 30, ignore_eos=True) for n in range(9)]  # 5 each
     streams = [engine.submit(long)] + [engine.submit(s) for s in shorts]
@@ -205,6 +206,50 @@ def test_many_short_and_one_long_fit_a_pool_smaller_than_batch_times_context(eng
     assert got[0][0] == reference["long"]
     # 15 + 9 x 5 = 60 blocks went through a pool of 32: freed blocks were reused
     assert all(len(g[0]) == 30 for g in got[1:]) and engine.stats()["free_blocks"] == 32
+
+
+def test_a_pool_too_small_for_every_row_preempts_the_youngest_and_loses_no_token(
+    engine, reference, monkeypatch
+):
+    """Four requests of 8-15 blocks each (45) in a pool of 32: the youngest rows are preempted
+    as the older ones grow, recomputed later, and every stream still yields exactly the tokens
+    of an unconstrained run (greedy, and seeded sampling: none twice, none lost), then frees its
+    blocks."""
+    names = ["long", "chunks", "mid", "short"]
+    assert sum(engine.blocks_needed(Request(PROMPTS[n], 60)) for n in names) > 32
+    evicted = []  # (request, tokens it had streamed) of each row preempted
+    real = engine._sched.preempt
+
+    def preempt(i):
+        row = engine._sched.rows[i]
+        evicted.append((row.request, len(row.generated)))
+        real(i)
+
+    monkeypatch.setattr(engine._sched, "preempt", preempt)
+    requests = [Request(PROMPTS[n], 60, ignore_eos=True) for n in names[:3]]
+    hot = SamplingParams(temperature=0.9, top_k=20)  # the youngest: sampled, seeded, traced
+    requests.append(Request(PROMPTS["short"], 60, hot, seed=5, routing=True, ignore_eos=True))
+    alone = _drain(engine, [engine.submit(requests[-1])])[0]
+    before = engine.stats()["preemptions"]
+    evicted.clear()
+    got = _drain(engine, [engine.submit(r) for r in requests])
+    assert [g[0] for g in got[:3]] == [reference[n] for n in names[:3]]
+    assert got[-1][0] == alone[0]  # its key for token i is fold_in(key(seed), i), recomputed
+    assert {g[1] for g in got} == {"length"}
+    assert engine.stats()["preemptions"] - before == len(evicted)
+    assert max(n for _, n in evicted) > 0 and requests[-1] in [r for r, _ in evicted]
+    # the youngest's routing traces (it was preempted): one per token, as when it ran alone;
+    # alone its steps ran the compiled batch of 1, here that of 4 (float32 sums in another
+    # order: weights agree to ~2e-5, the experts exactly)
+    assert len(got[-1][2]) == 60
+    for trace, want in zip(got[-1][2], alone[2]):
+        assert [[e for e, _ in layer] for layer in trace] == [[e for e, _ in la] for la in want]
+        np.testing.assert_allclose(
+            [[w for _, w in layer] for layer in trace],
+            [[w for _, w in la] for la in want],
+            atol=1e-4,
+        )
+    assert engine.stats()["free_blocks"] == 32 and engine.stats()["queue_depth"] == 0
 
 
 def test_stop_ids_eos_and_routing_traces(engine, model, reference):
@@ -244,7 +289,7 @@ def test_bad_requests_too_long_and_a_full_queue(engine, model):
     assert wide.widths == [32, 128, 512]  # spans 512, 2048, 8192 of blocks of 16
     with pytest.raises(ConfigError, match="spans: 0 must be an integer in \\[1, max_context\\]"):
         Engine(model, spans=(0,))
-    with pytest.raises(TooLong, match="needs 5 KV blocks of 8 tokens; the pool has 4"):
+    with pytest.raises(TooLong, match="needs 5 KV blocks of 8 tokens at once; the pool has 4"):
         small.submit(Request(_prompt(30, 0), 10))
     for bad, message in [
         (Request([], 4), "prompt must be a non-empty"),
@@ -283,8 +328,9 @@ def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, re
     dropped = engine.submit(Request(_prompt(9, 50), 100, ignore_eos=True))
     first = dropped.get(timeout=60)
     assert first.tokens and first.finish is None
-    dropped.cancel()
+    dropped.cancel()  # while the engine thread steps: freed before the step after the next
     assert _events(dropped)[-1].finish == "cancelled"
+    assert engine.stats()["cancel_lag"] <= 1
     engine.shutdown(cancel=False, timeout=60)  # in-flight requests run to the end
     for n, stream in enumerate(streams):
         events = _events(stream)
