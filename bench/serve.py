@@ -4,6 +4,7 @@
       [--requests-per-client 2] [--max-batch 256] [--prefill-chunk 256] [--prefill-rows 1]
       [--tokenizer FILE] [--checkpoint DIR]
   JAX_PLATFORMS=cpu python3 bench/serve.py --tiny       # the code path on CPU, in seconds
+  python3 bench/serve.py --fake-engine [--fake-step-ms 0]  # the HTTP layer alone (a harness)
 
 Two processes. The server: `python -m mixtral_jax.serve --checkpoint DIR` with --checkpoint,
 else this script's server role, which makes the full Mixtral 8x7B widths (bf16, `--layers`) with
@@ -12,7 +13,13 @@ bench/common.random_model) and serves it through the same code (`serve.__main__.
 `serve`). The tokenizer is --tokenizer, else mistral-common's tokenizer.model.v1 where it is
 installed (only text comes from it: the prompts are random token ids).
 
-The client (this process; no JAX): per concurrency level C, C workers each send
+With --fake-engine the server streams tokens from `bench/fake_engine.py` (no model: one token
+per running request every --fake-step-ms) through the same app: the HTTP layer's and the
+client's own ceiling, which the model's figures can approach but not pass.
+
+The client (no JAX; --client-procs processes, default 1 per 32 concurrent requests up to 8, so
+that parsing the chunks of 256 streams does not bound the rate it measures): per concurrency
+level C, C workers each send
 `--requests-per-client` streamed /v1/completions requests one after another (closed loop, so new
 requests are prefilled while others decode) of `--prompt` random token ids and `--output` new
 tokens (ignore_eos, greedy), and time every chunk's tokens (return_token_ids). Reported per level:
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -61,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="sentencepiece file of 32,000 tokens (Mixtral 8x7B's)")
     p.add_argument("--checkpoint", help="serve this checkpoint through the CLI instead")
     p.add_argument("--startup-timeout", type=float, default=1500.0)
+    p.add_argument("--fake-engine", action="store_true", help="no model: the HTTP layer alone")
+    p.add_argument("--fake-step-ms", type=float, default=0.0, help="the fake engine's step")
+    p.add_argument("--client-procs", type=int, default=None, help="default: C // 32, 1 to 8")
     return p.parse_args(argv)
 
 
@@ -72,6 +83,8 @@ def server_main(args) -> None:
     from mixtral_jax.serve import __main__ as cli
 
     tokenizer = _tokenizer(args)
+    if args.fake_engine:
+        return _serve_fake(args, tokenizer, cli, environment)
     if args.tiny:
         cfg = mj.ModelConfig.tiny(vocab_size=tokenizer.vocab_size)
     else:
@@ -88,6 +101,23 @@ def server_main(args) -> None:
     info = {"env": environment(), "model_built_s": built_s, "warmup_s": warmup_s}
     print(json.dumps(info), flush=True)
     cli.serve(app, engine, serve_args)
+
+
+def _serve_fake(args, tokenizer, cli, environment) -> None:
+    from bench.fake_engine import FakeEngine
+    from mixtral_jax.serve.app import create_app
+
+    context = args.prompt + args.output
+    engine = FakeEngine(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=context,
+        vocab=tokenizer.vocab_size,
+        step_s=args.fake_step_ms / 1e3,
+    )
+    app = create_app(engine, tokenizer, model_name=MODEL, context=context)
+    print(json.dumps({"env": environment(), "fake_engine": True}), flush=True)
+    cli.serve(app, engine, cli.parse_args(_serve_flags(args, "unused")))
 
 
 def _tokenizer(args):
@@ -201,9 +231,33 @@ async def one_request(client, url: str, prompt: list[int], args) -> dict:
     return {"start": start, "stamps": stamps, "error": error}
 
 
-async def run_level(url: str, concurrency: int, requests: int, args, rng) -> tuple[list, float]:
-    """`requests` requests from `concurrency` closed-loop workers -> (results, wall seconds)."""
+def run_level(url: str, concurrency: int, requests: int, args, rng) -> tuple[list, float]:
+    """`requests` requests from `concurrency` closed-loop workers, spread over client
+    processes -> (results, wall seconds from the first request to the last chunk)."""
     prompts = [[int(t) for t in rng.integers(3, args.vocab, args.prompt)] for _ in range(requests)]
+    procs = args.client_procs or max(1, min(8, concurrency // 32))
+    procs = min(procs, concurrency)
+    if procs == 1:
+        return asyncio.run(_level(url, concurrency, prompts, args))
+    shares = [
+        (url, concurrency // procs + (n < concurrency % procs), prompts[n::procs], args)
+        for n in range(procs)
+    ]
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        parts = pool.map(_level_in_process, shares)
+    results = [r for part, _ in parts for r in part]
+    starts = [r["start"] for r in results]
+    ends = [r["stamps"][-1][0] for r in results if r["stamps"]] or starts
+    return results, max(ends) - min(starts)
+
+
+def _level_in_process(share) -> tuple[list, float]:
+    return asyncio.run(_level(*share))
+
+
+async def _level(url: str, concurrency: int, prompts: list, args) -> tuple[list, float]:
+    """Closed-loop workers over `prompts` in this process -> (results, wall seconds)."""
+    prompts = list(prompts)
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency)
     results = []
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None)) as client:
@@ -264,10 +318,10 @@ def client_main(args) -> dict:
     try:
         warm = min(args.max_batch, 8)  # the HTTP path and every engine shape once, not counted
         short = argparse.Namespace(**{**vars(args), "output": min(args.output, 16)})
-        asyncio.run(run_level(url, warm, warm, short, rng))
+        run_level(url, warm, warm, short, rng)
         for c in [int(c) for c in args.concurrency.split(",")]:
             before = engine_gauges(url)
-            results, wall = asyncio.run(run_level(url, c, c * args.requests_per_client, args, rng))
+            results, wall = run_level(url, c, c * args.requests_per_client, args, rng)
             row = summarize(results, wall, c)
             row["compiles"] = engine_gauges(url).get("traces", 0) - before.get("traces", 0)
             levels.append(row)
@@ -285,6 +339,7 @@ def client_main(args) -> dict:
             k: getattr(args, k)
             for k in ("layers", "tiny", "prompt", "output", "requests_per_client", "max_batch")
             + ("prefill_chunk", "prefill_rows", "block_size", "temperature", "checkpoint")
+            + ("fake_engine", "fake_step_ms", "client_procs")
         },
         "levels": levels,
         "server_exit": exit_code,
