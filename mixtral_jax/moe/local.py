@@ -17,7 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
-from mixtral_jax.kernels.grouped_matmul import grouped_matmul, grouped_matmul_stacked
+from mixtral_jax.kernels.grouped_matmul import (
+    grouped_matmul,
+    grouped_matmul_stacked,
+    grouped_swiglu,
+)
 from mixtral_jax.moe.ops import exclusive_cumsum, sort_by_expert, swiglu, unsort_and_combine
 
 
@@ -44,11 +48,14 @@ def moe_dropless(
     w_down,
     gmm_impl: GmmImpl = GmmImpl.AUTO,
     layer: jax.Array | None = None,
+    fused_swiglu: bool = False,
 ):
     """Sort by expert, one grouped matmul per projection (kernel: `gmm_impl`, as the kernel plan
     resolved it; `auto` resolves by platform), none dropped.
 
     With `layer`, w_* are stacks [L, E, ...] used at that layer (`grouped_matmul_stacked`).
+    With `fused_swiglu` (and no `layer`), gate and up are one grouped matmul with the SwiGLU
+    fused (`grouped_swiglu`).
     """
     topk = routing.experts.shape[1]
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[-3])
@@ -62,7 +69,10 @@ def moe_dropless(
         def gmm(lhs, w):
             return grouped_matmul_stacked(lhs, w, group_sizes, layer, gmm_impl)
 
-    h = swiglu(gmm(x_sorted, w_gate), gmm(x_sorted, w_up))  # [A, F]
+    if fused_swiglu and layer is None:
+        h = grouped_swiglu(x_sorted, w_gate, w_up, group_sizes, gmm_impl)  # [A, F]
+    else:
+        h = swiglu(gmm(x_sorted, w_gate), gmm(x_sorted, w_up))  # [A, F]
     y_sorted = gmm(h, w_down)  # [A, D]
     return unsort_and_combine(y_sorted, order, routing.weights), jnp.zeros((), jnp.int32)
 

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mixtral_jax.config import GmmImpl
 from mixtral_jax.kernels import gmm_pallas, gmm_swiglu
+from mixtral_jax.moe import local as moe_local
+from mixtral_jax.moe import ops as moe_ops
 from mixtral_jax.moe.ops import swiglu
 
 
@@ -69,3 +72,40 @@ def test_saved_residuals_are_the_pre_activations_and_tiles_fit_shared_memory():
         need = t.num_stages * (t.block_m * t.block_k + 2 * t.block_k * t.block_n) * itemsize
         assert need <= gmm_pallas.SMEM_BYTES
     assert gmm_swiglu.tiles_for(4).block_m == gmm_pallas.DECODE.block_m  # decode-sized calls
+
+
+def test_dropless_moe_with_the_fused_kernel_equals_the_dense_oracle(monkeypatch):
+    """The whole dropless MoE as the plan runs it with fused_swiglu (both kernels interpreted):
+    output and gradients with respect to x and the three expert weights."""
+    real_gmm, real_fused = gmm_pallas.gmm, gmm_swiglu.gmm_swiglu
+    monkeypatch.setattr(gmm_pallas, "gmm", lambda l, r, g: real_gmm(l, r, g, True))
+    calls = []
+
+    def interpreted(lhs, w_gate, w_up, gs):
+        calls.append(lhs.shape)
+        return real_fused(lhs, w_gate, w_up, gs, True)
+
+    monkeypatch.setattr(gmm_swiglu, "gmm_swiglu", interpreted)
+    m, d, f, e = 12, 16, 32, 4
+    keys = jax.random.split(jax.random.key(5), 5)
+    x = jax.random.normal(keys[0], (m, d))
+    router = jax.random.normal(keys[1], (d, e))
+    w = [
+        jax.random.normal(keys[i], s) * 0.3
+        for i, s in ((2, (e, d, f)), (3, (e, d, f)), (4, (e, f, d)))
+    ]
+
+    def loss(fn, x, *w):
+        out, _ = fn(x, moe_ops.route(x, router, 2), *w)
+        return jnp.sum(jnp.sin(out)), out
+
+    def grad(fn):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2, 3), has_aux=True))
+
+    fused = functools.partial(moe_local.moe_dropless, gmm_impl=GmmImpl.PALLAS, fused_swiglu=True)
+    (_, got), g_got = grad(fused)(x, *w)
+    assert calls == [(m * 2, d)]  # the fused kernel ran, on the sorted rows
+    (_, want), g_want = grad(moe_local.moe_dense)(x, *w)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
