@@ -22,7 +22,13 @@ from mixtral_jax.kernels.grouped_matmul import (
     grouped_matmul_stacked,
     grouped_swiglu,
 )
-from mixtral_jax.moe.ops import exclusive_cumsum, sort_by_expert, swiglu, unsort_and_combine
+from mixtral_jax.moe.ops import (
+    exclusive_cumsum,
+    sort_by_expert,
+    sort_rows,
+    swiglu,
+    unsort_and_combine,
+)
 
 
 def moe_dense(x, routing, w_gate, w_up, w_down):
@@ -59,7 +65,7 @@ def moe_dropless(
     """
     topk = routing.experts.shape[1]
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[-3])
-    x_sorted = x[order // topk]  # [A, D]
+    x_sorted = sort_rows(x, order, topk)  # [A, D]
     if layer is None:
 
         def gmm(lhs, w):
@@ -105,7 +111,7 @@ def moe_capacity(x, routing, w_gate, w_up, w_down, capacity: int):
     num_assign = order.shape[0]
     group_start = exclusive_cumsum(group_sizes)  # [E]
     # Dispatch: slot (e, c) takes sorted row group_start[e] + c, or a zero row if c is unused.
-    x_sorted = jnp.concatenate([x[order // topk], jnp.zeros_like(x[:1])])  # [A + 1, D]
+    x_sorted = jnp.concatenate([sort_rows(x, order, topk), jnp.zeros_like(x[:1])])  # [A + 1, D]
     c = jnp.arange(capacity)[None, :]  # [1, C]
     src = jnp.where(c < group_sizes[:, None], group_start[:, None] + c, num_assign)  # [E, C]
     buffer = x_sorted[src]  # [E, C, D]
