@@ -106,8 +106,8 @@ def timed_carry(fn, carry, *args, repeats: int, warmup: int = 2):
 
 
 def fwd_and_fwd_bwd(fn, args, diff: tuple[int, ...], repeats: int):
-    """(forward s, forward + backward s) of fn(*args): the vjp w.r.t. args[i] for i in diff,
-    with a random cotangent of the output's float leaves."""
+    """(forward s, forward + backward s) of fn(*args): the output and its vjp w.r.t. args[i]
+    for i in diff, with a random cotangent of the output's float leaves."""
     out = jax.eval_shape(fn, *args)
     leaves, treedef = jax.tree.flatten(out)
     keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -120,8 +120,8 @@ def fwd_and_fwd_bwd(fn, args, diff: tuple[int, ...], repeats: int):
                 full[i] = x
             return fn(*full)
 
-        _, vjp = jax.vjp(part, *(a[i] for i in diff))
-        return vjp(ct)
+        out, vjp = jax.vjp(part, *(a[i] for i in diff))
+        return out, vjp(ct)  # the output too: else XLA drops a forward the backward does not use
 
     return timed(jax.jit(fn), *args, repeats=repeats), timed(jax.jit(both), *args, repeats=repeats)
 
@@ -204,6 +204,17 @@ def moe_pieces(cfg: mj.ModelConfig, tokens: int, table: Table, repeats: int) -> 
             a * d * 2 + m * d * 4,
         ),
     ]
+    w32 = (w_gate.astype(jnp.float32), w_up.astype(jnp.float32), w_down.astype(jnp.float32))
+    pieces.append(  # the master weights' cast to the compute dtype, and its transpose
+        (
+            "cast experts f32->bf16",
+            lambda *w: tuple(x.astype(dt) for x in w),
+            w32,
+            (0, 1, 2),
+            0,
+            3 * e * d * f * 6,
+        )
+    )
     for fused in (False, True):
         pieces.append(
             (
@@ -305,10 +316,19 @@ def model_parts(cfg, tc, batch: int, seq: int, table: Table, repeats: int):
         params, opt, _, _ = guarded_update(tx, st, g, loss)
         return st.replace(params=params, opt_state=opt)
 
+    def inputs_only(st, g):  # a measurement only: the guard without its checks of the outputs
+        norm = optax.tree.norm(g)
+        updates, opt = tx.update(g, st.opt_state, st.params)
+        ok = jnp.isfinite(loss) & jnp.isfinite(norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_params = optax.apply_updates(st.params, updates)
+        return st.replace(params=keep(new_params, st.params), opt_state=keep(opt, st.opt_state))
+
     opt_bytes = 28 * n_params  # f32 p, g, mu, nu read; p, mu, nu written
     for name, fn, nbytes in (
         ("(c) optimizer update+apply", plain, opt_bytes),
         ("(c) guarded update (norm, finite)", guarded, opt_bytes + 4 * n_params),
+        ("(c) guard on loss+norm only (probe)", inputs_only, opt_bytes + 4 * n_params),
     ):
         seconds, state = timed_carry(
             jax.jit(fn, donate_argnums=(0,)), state, grads, repeats=repeats
@@ -318,10 +338,12 @@ def model_parts(cfg, tc, batch: int, seq: int, table: Table, repeats: int):
     step_fn = make_train_step(
         graphdef, tx, tc, mesh=mesh, shardings=state_shardings(state.params, tx, mesh)
     )
-    step_s, state = timed_carry(lambda st, d: step_fn(st, d)[0], state, data, repeats=repeats)
-    # the jitted step inside make_train_step's binding of its frozen input (compiled: cached)
-    jitted = [c.cell_contents for c in step_fn.__closure__ if hasattr(c.cell_contents, "lower")]
-    memory = memory_stats(jitted[0].lower(state, data, {}).compile()) if jitted else {}
+    # The jitted step inside make_train_step's binding of its (empty) frozen input, compiled
+    # once here: its memory stats, then it runs (as step_fn would).
+    (jitted,) = [c.cell_contents for c in step_fn.__closure__ if hasattr(c.cell_contents, "lower")]
+    compiled = jitted.lower(state, data, {}).compile()
+    memory = memory_stats(compiled)
+    step_s, state = timed_carry(lambda st, d: compiled(st, d, {})[0], state, data, repeats=repeats)
     table.add("(d) train step", step_s, tokens * fpt, opt_bytes)
     return 1e3 * step_s, memory, n_params
 
@@ -334,6 +356,7 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="default 4 (small: 2)")
     p.add_argument("--seq", type=int, default=None, help="default 4096 (small: 64)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--parts", default="model,moe,attention", help="which groups to run")
     p.add_argument("--tflops", type=float, default=650.0, help="matmul floor, TFLOP/s")
     p.add_argument("--tbs", type=float, default=4.3, help="memory floor, TB/s")
     args = p.parse_args()
@@ -342,11 +365,15 @@ def main():
     cfg = config(args.small, args.fused_swiglu, args.layers, seq)
     tc = TrainConfig(steps=1000, batch_size=batch, seq_len=seq, warmup_steps=10)
     table = Table(args.tflops, args.tbs)
-    start = time.perf_counter()
-    step_ms, memory, n_params = model_parts(cfg, tc, batch, seq, table, args.repeats)
-    jax.clear_caches()
-    moe_pieces(cfg, batch * seq, table, args.repeats)
-    attention_and_head(cfg, batch, seq, table, args.repeats)
+    start, parts = time.perf_counter(), args.parts.split(",")
+    step_ms, memory, n_params = float("nan"), {}, 0
+    if "model" in parts:
+        step_ms, memory, n_params = model_parts(cfg, tc, batch, seq, table, args.repeats)
+        jax.clear_caches()
+    if "moe" in parts:
+        moe_pieces(cfg, batch * seq, table, args.repeats)
+    if "attention" in parts:
+        attention_and_head(cfg, batch, seq, table, args.repeats)
     plan = kernel_plan.resolve(cfg, batch * seq, cached=False)
     tflops = batch * seq * metrics.flops_per_token(cfg, seq) / step_ms / 1e9
     print(
