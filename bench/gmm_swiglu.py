@@ -4,11 +4,14 @@ against the unfused pair, its speed beside the pair, and a sweep of its tiles.
   PYTHONPATH=. python bench/gmm_swiglu.py [--tokens 16384] [--no-sweep]
   PYTHONPATH=. python bench/gmm_swiglu.py --tiny     # CPU: the same code, interpreted, tiny
 
-1. Correctness: h = silu(x W_gate) * (x W_up) and its gradients w.r.t. x, W_gate, W_up, fused
-   against two `gmm_pallas.gmm` calls + SwiGLU (float32, bfloat16; empty and uneven groups):
-   one line per case, max relative error of [h, dx, dW_gate, dW_up], "ok" within 1e-5 / 2e-2.
+1. Correctness: "gate+up", h = silu(x W_gate) * (x W_up) and its gradients w.r.t. x, W_gate,
+   W_up (gmm_swiglu), and "ffn", y = h W_down and its four gradients (expert_ffn, whose
+   backward fuses the SwiGLU's), fused against `gmm_pallas.gmm` calls + SwiGLU (float32,
+   bfloat16; empty and uneven groups): one line per case, max relative error of each output,
+   "ok" within 1e-5 / 2e-2.
 2. Speed at 8x7B widths (A = 2 x tokens rows over 8 experts, D = 4096, F = 14336): forward and
-   forward + backward, fused and unfused, ms and TFLOP/s of useful work (4 A D F forward).
+   forward + backward, fused and unfused, ms and TFLOP/s of useful work (4 A D F forward for
+   gate+up, 6 A D F for the ffn; x3 forward + backward).
 3. Sweep (forward): the fused kernel's tiles (gmm_swiglu.FUSED) over a few configurations.
 Writes $OUT/gmm_swiglu.json.
 """
@@ -41,8 +44,8 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def paths(gs, interpret: bool):
-    """(fused, unfused) functions of (x, w_gate, w_up) -> h."""
+def paths(gs, interpret: bool) -> dict:
+    """{kind: (fused, unfused)}: "gate+up" (x, w_gate, w_up) -> h, "ffn" (+ w_down) -> y."""
 
     def fused(x, wg, wu):
         return gmm_swiglu.gmm_swiglu(x, wg, wu, gs, interpret)
@@ -51,22 +54,31 @@ def paths(gs, interpret: bool):
         gate = gmm_pallas.gmm(x, wg, gs, interpret)
         return jax.nn.silu(gate) * gmm_pallas.gmm(x, wu, gs, interpret)
 
-    return fused, unfused
+    def ffn_fused(x, wg, wu, wd):
+        return gmm_swiglu.expert_ffn(x, wg, wu, wd, gs, interpret)
+
+    def ffn_unfused(x, wg, wu, wd):
+        return gmm_pallas.gmm(unfused(x, wg, wu), wd, gs, interpret)
+
+    return {"gate+up": (fused, unfused), "ffn": (ffn_fused, ffn_unfused)}
 
 
-def with_grads(fn, dh):
-    def both(x, wg, wu):
-        h, vjp = jax.vjp(fn, x, wg, wu)
-        return (h, *vjp(dh))
+def with_grads(fn, ct):
+    def both(*args):
+        out, vjp = jax.vjp(fn, *args)
+        return (out, *vjp(ct))
 
     return jax.jit(both)
 
 
 def inputs(rows: int, d: int, f: int, groups: int, dtype, seed: int = 0):
-    keys = jax.random.split(jax.random.key(seed), 4)
+    """x [A, D], w_gate, w_up [G, D, F], w_down [G, F, D], cotangents dh [A, F], dy [A, D]."""
+    keys = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(keys[0], (rows, d), dtype)
     wg, wu = (jax.random.normal(k, (groups, d, f), dtype) * d**-0.5 for k in keys[1:3])
-    return x, wg, wu, jax.random.normal(keys[3], (rows, f), dtype)
+    wd = jax.random.normal(keys[3], (groups, f, d), dtype) * f**-0.5
+    dh = jax.random.normal(keys[4], (rows, f), dtype)
+    return x, wg, wu, wd, dh, jax.random.normal(keys[5], (rows, d), dtype)
 
 
 def correctness(interpret: bool) -> list[dict]:
@@ -75,55 +87,56 @@ def correctness(interpret: bool) -> list[dict]:
         cases = [(40, 16, 24, [7, 0, 20, 5])]
     rows = []
     for (a, d, f, sizes), dtype in itertools.product(cases, (jnp.float32, jnp.bfloat16)):
-        x, wg, wu, dh = inputs(a, d, f, len(sizes), dtype, seed=a)
+        x, wg, wu, wd, dh, dy = inputs(a, d, f, len(sizes), dtype, seed=a)
         gs = jnp.asarray(sizes, jnp.int32)
-        fused, unfused = paths(gs, interpret)
-        errs = [
-            rel_err(p, q)
-            for p, q in zip(with_grads(fused, dh)(x, wg, wu), with_grads(unfused, dh)(x, wg, wu))
-        ]
-        limit = 1e-5 if dtype == jnp.float32 else 2e-2
-        row = {"shape": [a, d, f], "groups": sizes, "dtype": jnp.dtype(dtype).name, "errors": errs}
-        row["ok"] = all(e <= limit for e in errs)
-        rows.append(row)
-        print(
-            f"  {row['dtype']:>8} {a}x{d}x{f} groups {sizes}: h, dx, dWg, dWu rel err "
-            + ", ".join(f"{e:.1e}" for e in errs)
-            + ("  ok" if row["ok"] else "  FAIL"),
-            flush=True,
-        )
+        for kind, (fused, unfused) in paths(gs, interpret).items():
+            args, ct = ((x, wg, wu), dh) if kind == "gate+up" else ((x, wg, wu, wd), dy)
+            pairs = zip(with_grads(fused, ct)(*args), with_grads(unfused, ct)(*args))
+            errs = [rel_err(p, q) for p, q in pairs]
+            limit = 1e-5 if dtype == jnp.float32 else 2e-2
+            row = {"kind": kind, "shape": [a, d, f], "groups": sizes, "errors": errs}
+            row.update(dtype=jnp.dtype(dtype).name, ok=all(e <= limit for e in errs))
+            rows.append(row)
+            print(
+                f"  {kind:>7} {row['dtype']:>8} {a}x{d}x{f} groups {sizes}: rel err of out, dx, "
+                "dWg, dWu(, dWd) "
+                + ", ".join(f"{e:.1e}" for e in errs)
+                + ("  ok" if row["ok"] else "  FAIL"),
+                flush=True,
+            )
     return rows
 
 
 def speed(tokens: int, d: int, f: int, experts: int, interpret: bool, repeats: int) -> dict:
     rows = 2 * tokens
-    x, wg, wu, dh = inputs(rows, d, f, experts, jnp.bfloat16)
+    x, wg, wu, wd, dh, dy = inputs(rows, d, f, experts, jnp.bfloat16)
     counts = np.random.default_rng(0).multinomial(rows, np.ones(experts) / experts)
     gs = jnp.asarray(counts, jnp.int32)
-    fused, unfused = paths(gs, interpret)
-    flops = 4 * rows * d * f
     out = {}
-    for name, fn in (("fused", fused), ("unfused", unfused)):
-        fwd = timed(jax.jit(fn), x, wg, wu, repeats=repeats)
-        both = timed(with_grads(fn, dh), x, wg, wu, repeats=repeats)
-        out[name] = {
-            "forward_ms": 1e3 * fwd,
-            "forward_backward_ms": 1e3 * both,
-            "forward_tflops": flops / fwd / 1e12,
-            "forward_backward_tflops": 3 * flops / both / 1e12,
-        }
-        r = out[name]
-        print(
-            f"  {name:>8}: forward {r['forward_ms']:.2f} ms ({r['forward_tflops']:.0f} TFLOP/s), "
-            f"fwd+bwd {r['forward_backward_ms']:.2f} ms ({r['forward_backward_tflops']:.0f})",
-            flush=True,
-        )
+    for kind, pair in paths(gs, interpret).items():
+        args, ct = ((x, wg, wu), dh) if kind == "gate+up" else ((x, wg, wu, wd), dy)
+        flops = (4 if kind == "gate+up" else 6) * rows * d * f
+        for name, fn in zip(("fused", "unfused"), pair):
+            fwd = timed(jax.jit(fn), *args, repeats=repeats)
+            both = timed(with_grads(fn, ct), *args, repeats=repeats)
+            r = out[f"{kind} {name}"] = {
+                "forward_ms": 1e3 * fwd,
+                "forward_backward_ms": 1e3 * both,
+                "forward_tflops": flops / fwd / 1e12,
+                "forward_backward_tflops": 3 * flops / both / 1e12,
+            }
+            print(
+                f"  {kind:>7} {name:>8}: forward {r['forward_ms']:.2f} ms "
+                f"({r['forward_tflops']:.0f} TFLOP/s), fwd+bwd {r['forward_backward_ms']:.2f} ms "
+                f"({r['forward_backward_tflops']:.0f})",
+                flush=True,
+            )
     return out
 
 
 def sweep(tokens: int, d: int, f: int, experts: int, interpret: bool, repeats: int) -> list:
     rows = 2 * tokens
-    x, wg, wu, _ = inputs(rows, d, f, experts, jnp.bfloat16)
+    x, wg, wu, *_ = inputs(rows, d, f, experts, jnp.bfloat16)
     gs = jnp.asarray(np.full(experts, rows // experts), jnp.int32)
     results, default = [], gmm_swiglu.FUSED
     try:

@@ -15,6 +15,12 @@ gmm_t(d up, w_up), d w_* = tgmm(x, d *). It does not recompute gate and up from 
 8x7B widths and 32k rows that is 2 x 2 x A x D x F = 7.7 TFLOP (~12 ms per layer on an H200)
 against ~1 ms of memory traffic to store and reload them.
 
+`expert_ffn` is the whole expert FFN, (silu(x W_gate) * (x W_up)) W_down, with its own VJP: the
+forward is gmm_swiglu then gmm; the backward computes d h = dy W_down^T and the SwiGLU's backward
+in one kernel (`_bwd_kernel`: the d h tile stays in registers, the stored gate and up are read in
+its epilogue, d gate and d up are written), so neither d h nor a separate elementwise pass over
+[A, F] reaches memory. The dropless MoE runs it where the plan's `fused_swiglu` holds.
+
 Schedule, masking, padding and the virtual group of rows past the last group are those of
 `gmm_pallas.gmm` (rows past sum(group_sizes) come out as zeros). `interpret=True` runs the
 kernel in Pallas' interpreter (the CPU tests; oracle: the unfused path,
@@ -181,3 +187,147 @@ def _bwd(interpret, residuals, dh):
 
 
 gmm_swiglu.defvjp(_fwd, _bwd)
+
+
+# ---- the whole expert FFN: the SwiGLU's backward in the epilogue of the down projection's d h
+def _bwd_kernel(
+    work_group_ref,
+    work_tile_ref,
+    starts_ref,
+    ends_ref,
+    dy_ref,
+    w_ref,
+    gate_ref,
+    up_ref,
+    d_gate_ref,
+    d_up_ref,
+    *,
+    tiles: Tiles,
+    num_items: int,
+    num_cols: int,
+    steps: int,
+    num_groups: int,
+    precision,
+):
+    """One (row tile, group, column tile of F): d h = dy @ w_down[g]^T in float32, then
+    d gate = d h * up * silu'(gate) and d up = d h * silu(gate) from the stored gate and up."""
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    item, col = gmm_pallas._swizzle(pl.program_id(0), num_items, num_cols, tiles.group_m)
+    group = work_group_ref[item]
+    row0 = pl.multiple_of(work_tile_ref[item] * bm, bm)
+    col0 = pl.multiple_of(col * bn, bn)
+    rows = row0 + jnp.arange(bm, dtype=jnp.int32)
+    start, end = starts_ref[jnp.maximum(group, 0)], ends_ref[jnp.maximum(group, 0)]
+    mask = jnp.broadcast_to(((rows >= start) & (rows < end))[:, None], (bm, bn))
+    at = (pl.ds(row0, bm), pl.ds(col0, bn))
+
+    @pl.when(group == num_groups)  # rows past the last group
+    def _():
+        for ref in (d_gate_ref, d_up_ref):
+            plgpu.store(ref.at[at], jnp.zeros((bm, bn), ref.dtype), mask=mask)
+
+    @pl.when((group >= 0) & (group < num_groups))
+    def _():
+        g = jnp.maximum(group, 0)
+
+        def step(i, acc):
+            k0 = pl.multiple_of(i * bk, bk)
+            a = dy_ref[pl.ds(row0, bm), pl.ds(k0, bk)]  # [bm, bk]
+            b = w_ref[g, pl.ds(col0, bn), pl.ds(k0, bk)]  # [bn, bk] of w_down [G, F, D]
+            return acc + jax.lax.dot_general(
+                a,
+                b,
+                (((1,), (1,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+
+        dh = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+        gate, up = (
+            plgpu.load(ref.at[at], mask=mask, other=0).astype(jnp.float32)
+            for ref in (gate_ref, up_ref)
+        )
+        sig = 1.0 / (1.0 + jnp.exp(-gate))
+        d_up = dh * gate * sig
+        d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+        for ref, value in ((d_gate_ref, d_gate), (d_up_ref, d_up)):
+            plgpu.store(ref.at[at], value.astype(ref.dtype), mask=mask)
+
+
+def _bwd_call(dy, w_down, gate, up, group_sizes, *, interpret: bool):
+    """dy [A, D], w_down [G, F, D], gate, up [A, F] -> (d gate, d up) [A, F], padded to tiles."""
+    rows, contract = dy.shape
+    num_groups, width, _ = w_down.shape
+    tiles = gmm_pallas.tiles_for("gmm_t", width, contract, rows, dy.dtype.itemsize)
+    tiles = gmm_pallas.fit_tiles(tiles, rows, contract, width)
+    pad = gmm_pallas._pad_to
+    dy_p = pad(pad(dy, 0, tiles.block_m), 1, tiles.block_k)
+    w_p = pad(pad(w_down, 1, tiles.block_n), 2, tiles.block_k)
+    gate_p, up_p = (pad(pad(x, 0, tiles.block_m), 1, tiles.block_n) for x in (gate, up))
+    rows_p, contract_p = dy_p.shape
+    width_p = w_p.shape[1]
+    work_group, work_tile = gmm_pallas.schedule(group_sizes, rows_p, tiles.block_m)
+    starts, ends = gmm_pallas._group_bounds(group_sizes, rows_p)
+    num_items, num_cols = work_group.shape[0], width_p // tiles.block_n
+    kernel = functools.partial(
+        _bwd_kernel,
+        tiles=tiles,
+        num_items=num_items,
+        num_cols=num_cols,
+        steps=contract_p // tiles.block_k,
+        num_groups=num_groups,
+        precision=matmul_precision(dy.dtype),
+    )
+    out = jax.ShapeDtypeStruct((rows_p, width_p), dy.dtype)
+    d_gate, d_up = pl.pallas_call(
+        kernel,
+        out_shape=(out, out),
+        grid=(num_items * num_cols,),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages
+        ),
+        interpret=interpret,
+        name="gmm_t_swiglu_bwd",
+    )(work_group, work_tile, starts, ends, dy_p, w_p, gate_p, up_p)
+    return d_gate[:rows, :width], d_up[:rows, :width]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def expert_ffn(lhs, w_gate, w_up, w_down, group_sizes, interpret: bool = False):
+    """The experts' SwiGLU FFN over row groups: (silu(lhs W_gate[g]) * (lhs W_up[g])) W_down[g].
+
+    Args:
+      lhs: [A, D] rows sorted by group; w_gate, w_up: [G, D, F]; w_down: [G, F, D], all in
+        lhs's dtype; group_sizes: [G] int32 (rows past their sum come out as zeros).
+    Returns:
+      [A, D] in lhs's dtype. Forward: `gmm_swiglu`, then `gmm_pallas.gmm`. Backward: d h and
+      the SwiGLU's backward in one kernel (`_bwd_kernel`: d h never reaches memory), then
+      gmm_t / tgmm for d lhs and the three weight gradients. Residuals: gate, up, h [A, F].
+    """
+    h = gmm_swiglu(lhs, w_gate, w_up, group_sizes, interpret)
+    return gmm_pallas._gmm(h, w_down, group_sizes, transpose_rhs=False, interpret=interpret)
+
+
+def _ffn_fwd(lhs, w_gate, w_up, w_down, group_sizes, interpret):
+    h, gate, up = _call(lhs, w_gate, w_up, group_sizes, save=True, interpret=interpret)
+    y = gmm_pallas._gmm(h, w_down, group_sizes, transpose_rhs=False, interpret=interpret)
+    return y, (lhs, w_gate, w_up, w_down, group_sizes, gate, up, h)
+
+
+def _ffn_bwd(interpret, residuals, dy):
+    lhs, w_gate, w_up, w_down, group_sizes, gate, up, h = residuals
+    dy = dy.astype(lhs.dtype)
+    d_gate, d_up = _bwd_call(dy, w_down, gate, up, group_sizes, interpret=interpret)
+    num_groups = w_gate.shape[0]
+    tgmm = functools.partial(
+        gmm_pallas._tgmm, group_sizes=group_sizes, num_groups=num_groups, interpret=interpret
+    )
+    gmm_t = functools.partial(
+        gmm_pallas._gmm, group_sizes=group_sizes, transpose_rhs=True, interpret=interpret
+    )
+    d_lhs = gmm_t(d_gate, w_gate) + gmm_t(d_up, w_up)
+    d_ws = (tgmm(lhs, d_gate), tgmm(lhs, d_up), tgmm(h, dy))
+    return d_lhs, *(d.astype(w.dtype) for d, w in zip(d_ws, (w_gate, w_up, w_down))), None
+
+
+expert_ffn.defvjp(_ffn_fwd, _ffn_bwd)

@@ -88,6 +88,29 @@ def grouped_swiglu(
     return jax.nn.silu(gate) * grouped_matmul(lhs, w_up, group_sizes, impl)
 
 
+def grouped_expert_ffn(
+    lhs: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    group_sizes: jax.Array,
+    impl: GmmImpl | str = GmmImpl.AUTO,
+) -> jax.Array:
+    """(silu(lhs W_gate[e]) * (lhs W_up[e])) W_down[e] per row group: under pallas the fused
+    kernels (`gmm_swiglu.expert_ffn`: SwiGLU in the gate/up epilogue, its backward in the
+    epilogue of d h), else `grouped_swiglu` and a `grouped_matmul`.
+
+    lhs: [A, D] sorted rows; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> [A, D] in lhs's dtype.
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    impl = _resolved(impl, lhs.dtype)
+    if impl == GmmImpl.PALLAS:
+        ws = (w.astype(lhs.dtype) for w in (w_gate, w_up, w_down))
+        return gmm_swiglu.expert_ffn(lhs, *ws, group_sizes)
+    h = grouped_swiglu(lhs, w_gate, w_up, group_sizes, impl)
+    return grouped_matmul(h, w_down, group_sizes, impl)
+
+
 def grouped_matmul_stacked(
     lhs: jax.Array,
     stack: jax.Array,

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
 from mixtral_jax.kernels.grouped_matmul import (
+    grouped_expert_ffn,
     grouped_matmul,
     grouped_matmul_stacked,
-    grouped_swiglu,
 )
 from mixtral_jax.moe.ops import (
     exclusive_cumsum,
@@ -60,8 +60,9 @@ def moe_dropless(
     resolved it; `auto` resolves by platform), none dropped.
 
     With `layer`, w_* are stacks [L, E, ...] used at that layer (`grouped_matmul_stacked`).
-    With `fused_swiglu` (and no `layer`), gate and up are one grouped matmul with the SwiGLU
-    fused (`grouped_swiglu`).
+    With `fused_swiglu` (and no `layer`), the expert FFN runs as `grouped_expert_ffn`: gate and
+    up one grouped matmul with the SwiGLU fused, its backward fused into that of the down
+    projection.
     """
     topk = routing.experts.shape[1]
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[-3])
@@ -76,10 +77,10 @@ def moe_dropless(
             return grouped_matmul_stacked(lhs, w, group_sizes, layer, gmm_impl)
 
     if fused_swiglu and layer is None:
-        h = grouped_swiglu(x_sorted, w_gate, w_up, group_sizes, gmm_impl)  # [A, F]
+        y_sorted = grouped_expert_ffn(x_sorted, w_gate, w_up, w_down, group_sizes, gmm_impl)
     else:
         h = swiglu(gmm(x_sorted, w_gate), gmm(x_sorted, w_up))  # [A, F]
-    y_sorted = gmm(h, w_down)  # [A, D]
+        y_sorted = gmm(h, w_down)  # [A, D]
     return unsort_and_combine(y_sorted, order, routing.weights), jnp.zeros((), jnp.int32)
 
 

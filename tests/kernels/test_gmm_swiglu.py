@@ -25,6 +25,34 @@ def _vjp_all(fn, x, w_gate, w_up, dh):
     return (out, *vjp(dh))
 
 
+def unfused_ffn(x, w_gate, w_up, w_down, gs):
+    return jax.lax.ragged_dot(unfused(x, w_gate, w_up, gs), w_down, gs)
+
+
+def test_expert_ffn_equals_unfused_forward_and_four_gradients():
+    """Float32; empty groups, uneven ones, rows past the last group (zeros)."""
+    rows, d, f, sizes = 50, 20, 24, [3, 0, 0, 30, 9]
+    keys = jax.random.split(jax.random.key(11), 5)
+    x = jax.random.normal(keys[0], (rows, d))
+    w_gate, w_up = (jax.random.normal(k, (len(sizes), d, f)) * 0.3 for k in keys[1:3])
+    w_down = jax.random.normal(keys[3], (len(sizes), f, d)) * 0.3
+    dy = jax.random.normal(keys[4], (rows, d))
+    gs = jnp.asarray(sizes, jnp.int32)
+
+    def run(fn):
+        out, vjp = jax.vjp(lambda *a: fn(*a, gs), x, w_gate, w_up, w_down)
+        return (out, *vjp(dy))
+
+    got_all = jax.jit(lambda: run(lambda *a: gmm_swiglu.expert_ffn(*a, True)))()
+    want_all = jax.jit(lambda: run(unfused_ffn))()
+    for name, got, want in zip(("y", "dx", "dwg", "dwu", "dwd"), got_all, want_all):
+        got, want = np.asarray(got), np.asarray(want)
+        np.testing.assert_allclose(
+            got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=name
+        )
+    assert np.all(np.asarray(got_all[0])[sum(sizes) :] == 0)
+
+
 @pytest.mark.parametrize(
     "rows,d,f,sizes,dtype",
     [
@@ -77,15 +105,13 @@ def test_saved_residuals_are_the_pre_activations_and_tiles_fit_shared_memory():
 def test_dropless_moe_with_the_fused_kernel_equals_the_dense_oracle(monkeypatch):
     """The whole dropless MoE as the plan runs it with fused_swiglu (both kernels interpreted):
     output and gradients with respect to x and the three expert weights."""
-    real_gmm, real_fused = gmm_pallas.gmm, gmm_swiglu.gmm_swiglu
-    monkeypatch.setattr(gmm_pallas, "gmm", lambda l, r, g: real_gmm(l, r, g, True))
-    calls = []
+    calls, real_ffn = [], gmm_swiglu.expert_ffn
 
-    def interpreted(lhs, w_gate, w_up, gs):
+    def interpreted(lhs, w_gate, w_up, w_down, gs):
         calls.append(lhs.shape)
-        return real_fused(lhs, w_gate, w_up, gs, True)
+        return real_ffn(lhs, w_gate, w_up, w_down, gs, True)
 
-    monkeypatch.setattr(gmm_swiglu, "gmm_swiglu", interpreted)
+    monkeypatch.setattr(gmm_swiglu, "expert_ffn", interpreted)
     m, d, f, e = 12, 16, 32, 4
     keys = jax.random.split(jax.random.key(5), 5)
     x = jax.random.normal(keys[0], (m, d))
@@ -104,7 +130,7 @@ def test_dropless_moe_with_the_fused_kernel_equals_the_dense_oracle(monkeypatch)
 
     fused = functools.partial(moe_local.moe_dropless, gmm_impl=GmmImpl.PALLAS, fused_swiglu=True)
     (_, got), g_got = grad(fused)(x, *w)
-    assert calls == [(m * 2, d)]  # the fused kernel ran, on the sorted rows
+    assert calls == [(m * 2, d)]  # the fused kernels ran, on the sorted rows
     (_, want), g_want = grad(moe_local.moe_dense)(x, *w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_got, g_want):
