@@ -12,7 +12,9 @@ against the unfused pair, its speed beside the pair, and a sweep of its tiles.
 2. Speed at 8x7B widths (A = 2 x tokens rows over 8 experts, D = 4096, F = 14336): forward and
    forward + backward, fused and unfused, ms and TFLOP/s of useful work (4 A D F forward for
    gate+up, 6 A D F for the ffn; x3 forward + backward).
-3. Sweep (forward): the fused kernel's tiles (gmm_swiglu.FUSED) over a few configurations.
+3. Sweep: the fused forward kernel's tiles (gmm_swiglu.FUSED) and the backward d h kernel's
+   (FUSED_BWD) over a few configurations, each kernel alone (TFLOP/s of 4 A D F forward,
+   2 A D F for the backward's d h).
 Writes $OUT/gmm_swiglu.json.
 """
 
@@ -135,30 +137,36 @@ def speed(tokens: int, d: int, f: int, experts: int, interpret: bool, repeats: i
 
 
 def sweep(tokens: int, d: int, f: int, experts: int, interpret: bool, repeats: int) -> list:
+    """Each of SWEEP as the forward kernel's tiles (gmm_swiglu.FUSED: h from x) and as the
+    backward d h kernel's (FUSED_BWD: d gate, d up from dy), timed alone."""
     rows = 2 * tokens
-    x, wg, wu, *_ = inputs(rows, d, f, experts, jnp.bfloat16)
+    x, wg, wu, wd, _, dy = inputs(rows, d, f, experts, jnp.bfloat16)
     gs = jnp.asarray(np.full(experts, rows // experts), jnp.int32)
-    results, default = [], gmm_swiglu.FUSED
+    gate, up = x @ wg[0], x @ wu[0]  # any [A, F] values
+    kernels = {
+        "FUSED": lambda: gmm_swiglu.gmm_swiglu(x, wg, wu, gs, interpret),
+        "FUSED_BWD": lambda: gmm_swiglu._bwd_call(dy, wd, gate, up, gs, interpret=interpret),
+    }
+    results, defaults = [], (gmm_swiglu.FUSED, gmm_swiglu.FUSED_BWD)
     try:
-        for tiles in SWEEP:
-            gmm_swiglu.FUSED = tiles
-            fn = jax.jit(lambda x, wg, wu: gmm_swiglu.gmm_swiglu(x, wg, wu, gs, interpret))
-            try:
-                seconds = timed(fn, x, wg, wu, repeats=repeats)
-                entry = {"tiles": tiles.__dict__, "ms": 1e3 * seconds}
-                entry["tflops"] = 4 * rows * d * f / seconds / 1e12
-            except Exception as err:  # noqa: BLE001 (a tile that does not compile is a row)
-                entry = {"tiles": tiles.__dict__, "error": str(err).splitlines()[0][:200]}
-            results.append(entry)
+        for (name, call), tiles in itertools.product(kernels.items(), SWEEP):
+            setattr(gmm_swiglu, name, tiles)
             t = tiles
-            shape = f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
-            if "error" in entry:
-                print(f"  {shape}: {entry['error']}", flush=True)
-            else:
+            entry = {"kernel": name, "tiles": t.__dict__}
+            shape = f"{name:>9} {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
+            try:
+                seconds = timed(jax.jit(call), repeats=repeats)
+                flops = (4 if name == "FUSED" else 2) * rows * d * f
+                entry.update(ms=1e3 * seconds, tflops=flops / seconds / 1e12)
                 print(f"  {shape}: {entry['ms']:.2f} ms {entry['tflops']:.0f} TFLOP/s", flush=True)
+            except Exception as err:  # noqa: BLE001 (a tile that does not compile is a row)
+                entry["error"] = str(err).splitlines()[0][:200]
+                print(f"  {shape}: {entry['error']}", flush=True)
+            results.append(entry)
+            gmm_swiglu.FUSED, gmm_swiglu.FUSED_BWD = defaults
             jax.clear_caches()
     finally:
-        gmm_swiglu.FUSED = default
+        gmm_swiglu.FUSED, gmm_swiglu.FUSED_BWD = defaults
     return results
 
 
@@ -178,7 +186,7 @@ def main():
     timing = speed(tokens, d, f, e, interpret, repeats)
     tiles = []
     if not args.no_sweep:
-        print("3. sweep of the fused kernel's tiles (forward)", flush=True)
+        print("3. sweep of the fused kernels' tiles", flush=True)
         tiles = sweep(tokens, d, f, e, interpret, repeats)
     write_json(
         "gmm_swiglu.json",

@@ -44,6 +44,9 @@ from mixtral_jax.kernels.gmm_pallas import Tiles
 # the registers per thread of one accumulator. Not yet swept on the H200 (bench/train_parts.py
 # times it against the unfused pair).
 FUSED = Tiles(128, 128, 64, num_warps=8, num_stages=4)
+# The backward's d h kernel keeps one accumulator but holds it beside the gate and up tiles in
+# its epilogue: the same half-width column tile. Not yet swept either.
+FUSED_BWD = Tiles(128, 128, 64, num_warps=8, num_stages=4)
 
 
 def tiles_for(rows: int, itemsize: int = 2) -> Tiles:
@@ -53,6 +56,16 @@ def tiles_for(rows: int, itemsize: int = 2) -> Tiles:
 
     def need(t):
         return t.num_stages * (t.block_m * t.block_k + 2 * t.block_k * t.block_n) * itemsize
+
+    return gmm_pallas.shrink_until_fits(tiles, need, SMEM_BYTES)
+
+
+def bwd_tiles_for(rows: int, itemsize: int = 2) -> Tiles:
+    """The backward d h kernel's tiles: a dy tile and a w_down tile per stage, fitted."""
+    tiles = gmm_pallas.DECODE if rows <= gmm_pallas.DECODE_ROWS else FUSED_BWD
+
+    def need(t):
+        return t.num_stages * (t.block_m * t.block_k + t.block_k * t.block_n) * itemsize
 
     return gmm_pallas.shrink_until_fits(tiles, need, SMEM_BYTES)
 
@@ -258,8 +271,7 @@ def _bwd_call(dy, w_down, gate, up, group_sizes, *, interpret: bool):
     """dy [A, D], w_down [G, F, D], gate, up [A, F] -> (d gate, d up) [A, F], padded to tiles."""
     rows, contract = dy.shape
     num_groups, width, _ = w_down.shape
-    tiles = gmm_pallas.tiles_for("gmm_t", width, contract, rows, dy.dtype.itemsize)
-    tiles = gmm_pallas.fit_tiles(tiles, rows, contract, width)
+    tiles = gmm_pallas.fit_tiles(bwd_tiles_for(rows, dy.dtype.itemsize), rows, contract, width)
     pad = gmm_pallas._pad_to
     dy_p = pad(pad(dy, 0, tiles.block_m), 1, tiles.block_k)
     w_p = pad(pad(w_down, 1, tiles.block_n), 2, tiles.block_k)

@@ -99,6 +99,10 @@ def test_saved_residuals_are_the_pre_activations_and_tiles_fit_shared_memory():
         t = gmm_swiglu.tiles_for(32768, itemsize)
         need = t.num_stages * (t.block_m * t.block_k + 2 * t.block_k * t.block_n) * itemsize
         assert need <= gmm_pallas.SMEM_BYTES
+        b = gmm_swiglu.bwd_tiles_for(32768, itemsize)
+        assert (
+            b.num_stages * (b.block_m + b.block_n) * b.block_k * itemsize <= gmm_pallas.SMEM_BYTES
+        )
     assert gmm_swiglu.tiles_for(4).block_m == gmm_pallas.DECODE.block_m  # decode-sized calls
 
 
