@@ -174,7 +174,8 @@ def write_json(name: str, payload: dict) -> None:
 
 def trace_kernels(fn, reps: int = 10) -> list[tuple[str, int, int]]:
     """Runs fn() `reps` times (after one untraced run) under the JAX profiler and returns the
-    GPU kernels it launched as (name, start ns, duration ns): device time without host gaps."""
+    GPU kernels it launched as (name, start ns, duration ns): device time without host gaps.
+    Finding none, it says on stderr what the trace held (`describe_profile`)."""
     jax.block_until_ready(fn())
     where = tempfile.mkdtemp()
     with jax.profiler.trace(where):
@@ -182,19 +183,68 @@ def trace_kernels(fn, reps: int = 10) -> list[tuple[str, int, int]]:
         for _ in range(reps):
             out = fn()
         jax.block_until_ready(out)
-    path = glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True)[0]
+    paths = glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        print(f"trace_kernels: no *.xplane.pb under {where}", file=sys.stderr)
+        return []
+    profile = jax.profiler.ProfileData.from_file(paths[0])
+    kernels = device_kernels(profile)
+    if not kernels:
+        for line in describe_profile(profile):
+            print(f"trace_kernels: {line}", file=sys.stderr)
+    return kernels
+
+
+# Lines of a GPU plane that hold kernels, best first: CUPTI's per-stream lines ("Stream #7",
+# "Stream #13(Compute)", "Stream #14(Compute,MemcpyD2H)": a stream that also copies is one line,
+# whose copy events are left out; lines of copies alone too), a "Kernels" line, and XLA's
+# per-op line ("XLA Ops": one event per thunk, which spans its kernels).
+KERNEL_LINES = (
+    lambda n: (
+        n.startswith("stream") and ("compute" in n or not any(w in n for w in ("memcpy", "memset")))
+    ),
+    lambda n: n == "kernels" or n.endswith(" kernels"),
+    lambda n: n == "xla ops",
+)
+
+
+def is_gpu_plane(name: str) -> bool:
+    """The device planes of NVIDIA GPUs: "/device:GPU:0", "/device:GPU:0 (...)", "/device:CUDA:0"."""
+    n = name.lower()
+    return n.startswith(("/device:gpu", "/device:cuda"))
+
+
+def device_kernels(profile) -> list[tuple[str, int, int]]:
+    """(name, start ns, duration ns) of every kernel on the GPU planes of a ProfileData-like
+    object (`.planes`, each with `.name`, `.lines`; a line with `.name`, `.events`; an event
+    with `.name`, `.start_ns`, `.duration_ns`), sorted by start. Per plane, the first kind of
+    line in KERNEL_LINES that it has (no double counting of derived lines)."""
     kernels = set()
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
+    for plane in profile.planes:
+        if not is_gpu_plane(plane.name):
             continue
-        for line in plane.lines:  # e.g. "Stream #14(Compute)", "Stream #14(Compute,Memcpy)"
-            if "stream" in line.name.lower():
-                kernels.update(
-                    (ev.name, int(ev.start_ns), int(ev.duration_ns))
-                    for ev in line.events
-                    if not ev.name.lower().startswith(("memcpy", "memset"))
-                )
+        lines = list(plane.lines)
+        for wanted in KERNEL_LINES:
+            chosen = [line for line in lines if wanted(line.name.strip().lower())]
+            if chosen:
+                break
+        for line in chosen:
+            kernels.update(
+                (ev.name, int(ev.start_ns), int(ev.duration_ns))
+                for ev in line.events
+                if not ev.name.lower().startswith(("memcpy", "memset"))
+            )
     return sorted(kernels, key=lambda k: k[1])
+
+
+def describe_profile(profile) -> list[str]:
+    """One line per plane of a trace (its name, then each line's name and event count): what
+    a run that found no kernels prints, so the next run shows why."""
+    out = []
+    for plane in profile.planes:
+        lines = [f"{line.name!r}: {sum(1 for _ in line.events)}" for line in plane.lines]
+        out.append(f"plane {plane.name!r}, {len(lines)} lines: " + ", ".join(lines))
+    return out or ["the trace has no planes (did CUPTI load? look for 'cupti' in the log)"]
 
 
 def kernel_summary(kernels: list[tuple[str, int, int]], per: int = 1) -> dict:

@@ -1,6 +1,7 @@
 """Training-step throughput of a reduced-depth, full-width Mixtral 8x7B on one GPU.
 
   PYTHONPATH=. python bench/train_step.py [--layers 2] [--batch 4] [--seq 4096] [--profile]
+                                          [--fused-swiglu auto|on|off]
 
 bfloat16 compute, float32 master weights and AdamW state, the real train step (CE + router
 losses, clipping, AdamW). MFU counts 6 x active matmul parameters + causal attention per token
@@ -29,13 +30,16 @@ from bench.common import (
     trace_kernels,
     write_json,
 )
+from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.parallel import sharding
 from mixtral_jax.train import metrics
 from mixtral_jax.train.config import TrainConfig
 from mixtral_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
 
 
-def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int, profile: bool) -> dict:
+def run(
+    moe_impl: str, layers: int, batch: int, seq: int, steps: int, profile: bool, fused: str = "auto"
+) -> dict:
     cfg = mj.preset(
         "mixtral-8x7b",
         num_layers=layers,
@@ -44,6 +48,7 @@ def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int, profile: b
         moe_impl=moe_impl,
         capacity_factor=1.25,
         max_seq_len=seq,
+        fused_swiglu=fused,
     )
     tc = TrainConfig(steps=1000, batch_size=batch, seq_len=seq, warmup_steps=10)
     model = random_model(cfg)
@@ -69,6 +74,7 @@ def run(moe_impl: str, layers: int, batch: int, seq: int, steps: int, profile: b
         kernels = kernel_summary(trace_kernels(one_step, reps=3), per=3)
     return {
         "moe_impl": moe_impl,
+        "fused_swiglu": kernel_plan.resolve(cfg, batch * seq, cached=False).fused_swiglu,
         "layers": layers,
         "batch": batch,
         "seq": seq,
@@ -102,6 +108,9 @@ def main():
     p.add_argument("--impls", default="capacity,dropless")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--profile", action="store_true", help="the GPU kernels of a step")
+    p.add_argument(
+        "--fused-swiglu", default="auto", choices=("auto", "on", "off"), help="gate+up+SwiGLU"
+    )
     args = p.parse_args()
     peer_row = (
         {}
@@ -122,7 +131,9 @@ def main():
     peak = matmul_peak_tflops()
     rows = []
     for impl in args.impls.split(","):
-        row = run(impl, args.layers, args.batch, args.seq, args.steps, args.profile)
+        row = run(
+            impl, args.layers, args.batch, args.seq, args.steps, args.profile, args.fused_swiglu
+        )
         achieved = row["tokens_per_s"] * row["flops_per_token"] / 1e12
         row.update(
             tflops=achieved, mfu_vs_measured_peak=achieved / peak, mfu_vs_989=achieved / 989.0

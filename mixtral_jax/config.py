@@ -59,6 +59,15 @@ class GmmImpl(str, enum.Enum):
     MEGABLOX = "megablox"  # JAX's TPU kernels (gmm_megablox.py); interpreted on CPU
 
 
+class FusedSwiglu(str, enum.Enum):
+    """Whether the dropless MoE runs gate and up as one grouped matmul with SwiGLU in its
+    epilogue (`kernels/gmm_swiglu.py`) instead of two grouped matmuls and XLA's SwiGLU."""
+
+    AUTO = "auto"  # on where the local dropless path's grouped matmul is pallas
+    ON = "on"  # the same, refused where the grouped matmul is not pallas
+    OFF = "off"  # two grouped matmuls, then SwiGLU
+
+
 class DecodeExpertImpl(str, enum.Enum):
     """How the MoE of a call with few tokens (decode) reaches its experts (`kernels.plan`)."""
 
@@ -111,6 +120,7 @@ _ENUM_FIELDS = {
     "attention_impl": AttentionImpl,
     "cached_attention_impl": AttentionImpl,
     "gmm_impl": GmmImpl,
+    "fused_swiglu": FusedSwiglu,
     "decode_expert_impl": DecodeExpertImpl,
     "decode_projection_impl": DecodeProjectionImpl,
     "decode_attention_impl": DecodeAttentionImpl,
@@ -135,6 +145,7 @@ class ComputeConfig:
       cached_attention_impl: attention over the KV cache in `extend` (prefill chunks, decode),
         see `AttentionImpl`.
       gmm_impl: grouped-matmul kernel of the dropless MoE, see `GmmImpl`.
+      fused_swiglu: gate and up as one grouped matmul with SwiGLU fused, see `FusedSwiglu`.
       decode_expert_impl: experts of calls with few tokens, see `DecodeExpertImpl`.
       decode_projection_impl: attention projections and router of few-token cached calls, see
         `DecodeProjectionImpl`.
@@ -158,6 +169,7 @@ class ComputeConfig:
     attention_impl: AttentionImpl = AttentionImpl.AUTO
     cached_attention_impl: AttentionImpl = AttentionImpl.AUTO
     gmm_impl: GmmImpl = GmmImpl.AUTO
+    fused_swiglu: FusedSwiglu = FusedSwiglu.AUTO
     decode_expert_impl: DecodeExpertImpl = DecodeExpertImpl.AUTO
     decode_projection_impl: DecodeProjectionImpl = DecodeProjectionImpl.AUTO
     decode_attention_impl: DecodeAttentionImpl = DecodeAttentionImpl.AUTO

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
-from mixtral_jax.kernels import gmm_megablox, gmm_pallas, gmm_quant
+from mixtral_jax.kernels import gmm_megablox, gmm_pallas, gmm_quant, gmm_swiglu
 from mixtral_jax.kernels.plan import platform, resolve_gmm
 from mixtral_jax.kernels.quant import QuantizedWeight
 
@@ -64,6 +64,51 @@ def grouped_matmul(
     if impl == GmmImpl.MEGABLOX:
         return gmm_megablox.gmm(lhs, rhs.astype(lhs.dtype), group_sizes, _interpret())
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def grouped_swiglu(
+    lhs: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    group_sizes: jax.Array,
+    impl: GmmImpl | str = GmmImpl.AUTO,
+) -> jax.Array:
+    """silu(lhs @ w_gate[e]) * (lhs @ w_up[e]) per row group: under pallas one fused kernel
+    (`gmm_swiglu.py`, SwiGLU in the epilogue), else two `grouped_matmul`s and the SwiGLU.
+
+    lhs: [A, D] sorted rows; w_gate, w_up: [E, D, F] float weights -> [A, F] in lhs's dtype.
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    impl = _resolved(impl, lhs.dtype)
+    if impl == GmmImpl.PALLAS:
+        return gmm_swiglu.gmm_swiglu(
+            lhs, w_gate.astype(lhs.dtype), w_up.astype(lhs.dtype), group_sizes
+        )
+    gate = grouped_matmul(lhs, w_gate, group_sizes, impl)
+    return jax.nn.silu(gate) * grouped_matmul(lhs, w_up, group_sizes, impl)
+
+
+def grouped_expert_ffn(
+    lhs: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    group_sizes: jax.Array,
+    impl: GmmImpl | str = GmmImpl.AUTO,
+) -> jax.Array:
+    """(silu(lhs W_gate[e]) * (lhs W_up[e])) W_down[e] per row group: under pallas the fused
+    kernels (`gmm_swiglu.expert_ffn`: SwiGLU in the gate/up epilogue, its backward in the
+    epilogue of d h), else `grouped_swiglu` and a `grouped_matmul`.
+
+    lhs: [A, D] sorted rows; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> [A, D] in lhs's dtype.
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    impl = _resolved(impl, lhs.dtype)
+    if impl == GmmImpl.PALLAS:
+        ws = (w.astype(lhs.dtype) for w in (w_gate, w_up, w_down))
+        return gmm_swiglu.expert_ffn(lhs, *ws, group_sizes)
+    h = grouped_swiglu(lhs, w_gate, w_up, group_sizes, impl)
+    return grouped_matmul(h, w_down, group_sizes, impl)
 
 
 def grouped_matmul_stacked(

@@ -25,6 +25,10 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       NVIDIA GPUs for cached calls of one new token per row on one device
   grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; JAX's megablox on TPU (float32 and
                       bfloat16); jax.lax.ragged_dot elsewhere
+  fused_swiglu        on (gmm_swiglu.py: gate and up as one grouped matmul, SwiGLU in its
+                      epilogue) where the local dropless path's grouped matmul is pallas and
+                      its experts are float weights (not read as codes), for full-sequence
+                      calls (training, eval); cached calls keep the stacked unfused path
   decode_experts      pallas on NVIDIA GPUs: expert_decode.py up to MAX_DECODE_TOKENS, its
                       grouped-rows form (expert_decode_grouped.py) up to MAX_GROUPED_TOKENS
                       (`decode_expert_rows`); `gather` for a single token where the grouped
@@ -71,6 +75,7 @@ from mixtral_jax.config import (
     DecodeExpertImpl,
     DecodeProjectionImpl,
     Exchange,
+    FusedSwiglu,
     GmmImpl,
     ModelConfig,
     MoEImpl,
@@ -118,6 +123,8 @@ class KernelPlan:
       cached_attention: XLA or CUDNN, the attention of a cached call over the KV cache.
       grouped_matmul: XLA (ragged_dot), PALLAS or MEGABLOX, the expert matmuls of dropless
         dispatch (cached calls included) and of the ragged expert-parallel exchange.
+      fused_swiglu: whether the local dropless path of a full-sequence call runs gate and up
+        as one grouped matmul with SwiGLU fused (`gmm_swiglu.py`).
       decode_experts: OFF, GATHER or PALLAS, the experts of a few-token call.
       decode_expert_rows: with decode_experts PALLAS, 0 for expert_decode.py (every slot
         computes all tokens), else R, the rows per chunk of expert_decode_grouped.py.
@@ -141,6 +148,7 @@ class KernelPlan:
     attention: AttentionImpl = AttentionImpl.XLA
     cached_attention: AttentionImpl = AttentionImpl.XLA
     grouped_matmul: GmmImpl = GmmImpl.XLA
+    fused_swiglu: bool = False
     decode_experts: DecodeExpertImpl = DecodeExpertImpl.OFF
     decode_expert_rows: int = 0
     decode_projections: DecodeProjectionImpl = DecodeProjectionImpl.OFF
@@ -225,6 +233,12 @@ def resolve(
             where,
         ),
         grouped_matmul=gmm,
+        fused_swiglu=resolve_fused_swiglu(
+            c.fused_swiglu,
+            gmm,
+            local_gmm=dropless_gmm and not cached and decode_experts == DecodeExpertImpl.OFF,
+            float_experts=quantized_experts != QuantizedImpl.PALLAS,
+        ),
         decode_experts=decode_experts,
         decode_expert_rows=_decode_expert_rows(cfg, tokens, decode_experts),
         decode_projections=projections,
@@ -333,6 +347,21 @@ def resolve_gmm(impl: GmmImpl | str, where: str | None = None, dtype=None) -> Gm
             f"{where!r}; use 'auto' or 'xla'"
         )
     return impl
+
+
+def resolve_fused_swiglu(
+    impl: FusedSwiglu | str, gmm: GmmImpl, *, local_gmm: bool = True, float_experts: bool = True
+) -> bool:
+    """`auto` / `on` -> True where the call's experts run through the local dropless path's
+    Pallas grouped matmul (`local_gmm`) on float weights; `on` with a grouped matmul other
+    than pallas is a ConfigError (elsewhere, e.g. expert-parallel or decode calls, it is off)."""
+    impl = FusedSwiglu(impl)
+    if impl == FusedSwiglu.ON and gmm != GmmImpl.PALLAS:
+        raise ConfigError(
+            f"fused_swiglu='on' needs gmm_impl 'pallas' (an NVIDIA GPU), but the grouped "
+            f"matmul is {gmm.value!r}; use 'auto' or 'off'"
+        )
+    return impl != FusedSwiglu.OFF and gmm == GmmImpl.PALLAS and local_gmm and float_experts
 
 
 def _needs_nvidia(field: str, value: str, where: str) -> None:

@@ -130,7 +130,9 @@ def dispatch(
         return moe_capacity(x, routing, *weights, capacity=cfg.capacity(x.shape[0]))
     if plan.decode_experts == DecodeExpertImpl.GATHER:
         return moe_gathered(x, routing, *weights)
-    return moe_dropless(x, routing, *weights, gmm_impl=plan.grouped_matmul)
+    return moe_dropless(
+        x, routing, *weights, gmm_impl=plan.grouped_matmul, fused_swiglu=plan.fused_swiglu
+    )
 
 
 class MoE(nnx.Module):

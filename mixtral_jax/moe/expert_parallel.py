@@ -44,6 +44,7 @@ from mixtral_jax.moe.ops import (
     exclusive_cumsum,
     group_positions,
     sort_by_expert,
+    sort_rows,
     swiglu,
     unsort_and_combine,
 )
@@ -108,7 +109,7 @@ def _local_ragged(
     topk = experts.shape[1]
     a, local_e = m * topk, num_experts // x_shards
     order, group_sizes = sort_by_expert(experts, num_experts)  # [A], [E]
-    x_sorted = x[order // topk]  # [A, D] by expert, so by destination shard
+    x_sorted = sort_rows(x, order, topk)  # [A, D] by expert, so by destination shard
     send_groups = group_sizes.reshape(x_shards, local_e)  # [X, E/X] by destination
     send_sizes = send_groups.sum(axis=1)  # [X]
     send_offsets = exclusive_cumsum(send_sizes)

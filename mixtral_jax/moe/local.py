@@ -17,8 +17,18 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
-from mixtral_jax.kernels.grouped_matmul import grouped_matmul, grouped_matmul_stacked
-from mixtral_jax.moe.ops import exclusive_cumsum, sort_by_expert, swiglu, unsort_and_combine
+from mixtral_jax.kernels.grouped_matmul import (
+    grouped_expert_ffn,
+    grouped_matmul,
+    grouped_matmul_stacked,
+)
+from mixtral_jax.moe.ops import (
+    exclusive_cumsum,
+    sort_by_expert,
+    sort_rows,
+    swiglu,
+    unsort_and_combine,
+)
 
 
 def moe_dense(x, routing, w_gate, w_up, w_down):
@@ -44,15 +54,19 @@ def moe_dropless(
     w_down,
     gmm_impl: GmmImpl = GmmImpl.AUTO,
     layer: jax.Array | None = None,
+    fused_swiglu: bool = False,
 ):
     """Sort by expert, one grouped matmul per projection (kernel: `gmm_impl`, as the kernel plan
     resolved it; `auto` resolves by platform), none dropped.
 
     With `layer`, w_* are stacks [L, E, ...] used at that layer (`grouped_matmul_stacked`).
+    With `fused_swiglu` (and no `layer`), the expert FFN runs as `grouped_expert_ffn`: gate and
+    up one grouped matmul with the SwiGLU fused, its backward fused into that of the down
+    projection.
     """
     topk = routing.experts.shape[1]
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[-3])
-    x_sorted = x[order // topk]  # [A, D]
+    x_sorted = sort_rows(x, order, topk)  # [A, D]
     if layer is None:
 
         def gmm(lhs, w):
@@ -62,8 +76,11 @@ def moe_dropless(
         def gmm(lhs, w):
             return grouped_matmul_stacked(lhs, w, group_sizes, layer, gmm_impl)
 
-    h = swiglu(gmm(x_sorted, w_gate), gmm(x_sorted, w_up))  # [A, F]
-    y_sorted = gmm(h, w_down)  # [A, D]
+    if fused_swiglu and layer is None:
+        y_sorted = grouped_expert_ffn(x_sorted, w_gate, w_up, w_down, group_sizes, gmm_impl)
+    else:
+        h = swiglu(gmm(x_sorted, w_gate), gmm(x_sorted, w_up))  # [A, F]
+        y_sorted = gmm(h, w_down)  # [A, D]
     return unsort_and_combine(y_sorted, order, routing.weights), jnp.zeros((), jnp.int32)
 
 
@@ -95,7 +112,7 @@ def moe_capacity(x, routing, w_gate, w_up, w_down, capacity: int):
     num_assign = order.shape[0]
     group_start = exclusive_cumsum(group_sizes)  # [E]
     # Dispatch: slot (e, c) takes sorted row group_start[e] + c, or a zero row if c is unused.
-    x_sorted = jnp.concatenate([x[order // topk], jnp.zeros_like(x[:1])])  # [A + 1, D]
+    x_sorted = jnp.concatenate([sort_rows(x, order, topk), jnp.zeros_like(x[:1])])  # [A + 1, D]
     c = jnp.arange(capacity)[None, :]  # [1, C]
     src = jnp.where(c < group_sizes[:, None], group_start[:, None] + c, num_assign)  # [E, C]
     buffer = x_sorted[src]  # [E, C, D]

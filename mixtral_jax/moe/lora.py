@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
 from mixtral_jax.kernels.grouped_matmul import grouped_matmul, grouped_matmul_stacked
-from mixtral_jax.moe.ops import sort_by_expert, swiglu, unsort_and_combine
+from mixtral_jax.moe.ops import sort_by_expert, sort_rows, swiglu, unsort_and_combine
 
 
 def moe_dropless_lora(
@@ -41,7 +41,7 @@ def moe_dropless_lora(
     """
     topk = routing.experts.shape[1]
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[-3])
-    x_sorted = x[order // topk]  # [A, D]
+    x_sorted = sort_rows(x, order, topk)  # [A, D]
 
     def base(lhs, w):
         if layer is None:

@@ -158,6 +158,53 @@ def _bind(compiled, fixed):
     return lambda *args: compiled(*args, fixed)
 
 
+def make_micro_loss(graphdef, tc: TrainConfig, join=None) -> Callable:
+    """The loss of one micro-batch: (params, fixed, mb, rng, total_count) -> (loss, stats).
+
+    loss is this micro-batch's share of the step's `total_loss`: its CE summed over all the
+    step's `total_count` tokens, the router terms over the micro-batch count. `join`
+    (params, fixed) -> the model's parameters (default: params; see make_train_step).
+    """
+    join = (lambda params, _: params) if join is None else join
+    total_loss = functools.partial(
+        losses.total_loss, aux_loss_coef=tc.aux_loss_coef, router_z_loss_coef=tc.router_z_loss_coef
+    )
+
+    def micro_loss(params, fixed, mb, rng, total_count):
+        out = _forward(graphdef, join(params, fixed), mb, rng)
+        nll, count = losses.cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
+        aux = out.aux
+        router = total_loss(0.0, aux.load_balance_loss, aux.router_z_loss)
+        loss = nll / total_count + router / tc.grad_accum
+        real = (mb["segment_ids"] > 0).astype(jnp.float32)
+        stats = {
+            "nll": nll,
+            "count": count,
+            "load_balance_loss": aux.load_balance_loss,
+            "router_z_loss": aux.router_z_loss,
+            "tokens_per_expert": aux.layers.tokens_per_expert,  # [L, E]
+            "dropped_fraction": aux.layers.dropped_fraction,  # [L]
+            "routing_entropy": _routing_entropy(aux.layers.router_logits, real),  # [L]
+        }
+        return loss, stats
+
+    return micro_loss
+
+
+def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads, loss):
+    """The step after its gradients: global norm, the optimizer (clipping, AdamW), the guard.
+
+    Returns (params, opt_state, finite, grad_norm): the updated parameters and optimizer
+    state where `step_is_finite` holds, else the state's own (the step is skipped).
+    """
+    grad_norm = _global_norm(grads)  # clip_by_global_norm's norm is the same HLO (one, CSE'd)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = step_is_finite(loss, grad_norm, new_params, new_opt)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    return keep(new_params, state.params), keep(new_opt, state.opt_state), finite, grad_norm
+
+
 def make_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -179,28 +226,7 @@ def make_train_step(
     total_loss = functools.partial(
         losses.total_loss, aux_loss_coef=tc.aux_loss_coef, router_z_loss_coef=tc.router_z_loss_coef
     )
-
-    def micro_loss(params, fixed, mb, rng, total_count):
-        out = _forward(graphdef, join(params, fixed), mb, rng)
-        nll, count = losses.cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
-        aux = out.aux
-        # This micro-batch's share of the step's total_loss: its CE over all the step's tokens,
-        # the router terms (total_loss without CE) over the micro-batch count.
-        router = total_loss(0.0, aux.load_balance_loss, aux.router_z_loss)
-        loss = nll / total_count + router / tc.grad_accum
-        real = (mb["segment_ids"] > 0).astype(jnp.float32)
-        stats = {
-            "nll": nll,
-            "count": count,
-            "load_balance_loss": aux.load_balance_loss,
-            "router_z_loss": aux.router_z_loss,
-            "tokens_per_expert": aux.layers.tokens_per_expert,  # [L, E]
-            "dropped_fraction": aux.layers.dropped_fraction,  # [L]
-            "routing_entropy": _routing_entropy(aux.layers.router_logits, real),  # [L]
-        }
-        return loss, stats
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(make_micro_loss(graphdef, tc, join), has_aux=True)
 
     def step(state: TrainState, batch: dict, fixed):
         total_count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -223,18 +249,14 @@ def make_train_step(
             else:
                 zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
                 grads, stats = jax.lax.scan(accumulate, zeros, (batch, rngs[1:]))
-        grad_norm = _global_norm(grads)
         ce = jnp.sum(stats["nll"]) / total_count
         lb, z = jnp.mean(stats["load_balance_loss"]), jnp.mean(stats["router_z_loss"])
         loss = total_loss(ce, lb, z)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        finite = step_is_finite(loss, grad_norm, new_params, new_opt)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_params, new_opt, finite, grad_norm = guarded_update(tx, state, grads, loss)
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=new_params,
+            opt_state=new_opt,
             rng=jax.random.key_data(rngs[0]),
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         )

@@ -157,6 +157,7 @@ def test_each_choice_has_its_own_field():
             "decode_projection_impl='pallas' needs an NVIDIA GPU",
         ),
         ({"attention_impl": "cudnn"}, "attention_impl='cudnn' needs an NVIDIA GPU"),
+        ({"fused_swiglu": "on"}, "fused_swiglu='on' needs gmm_impl 'pallas'.*is 'xla'"),
         (
             {"cached_attention_impl": "cudnn"},
             "cached_attention_impl='cudnn' needs an NVIDIA GPU",
@@ -234,3 +235,20 @@ def test_paged_attention_only_by_name_on_nvidia_gpus_for_one_token_per_row():
     assert resolve(auto, 8, cached=True, queries=1, where=NVIDIA_GPU).paged_attention == "off"
     with pytest.raises(ConfigError, match="paged_attention_impl='pallas' needs an NVIDIA GPU"):
         resolve(named, 1, cached=True, where="cpu")
+
+
+def test_fused_swiglu_runs_where_the_local_dropless_grouped_matmul_is_pallas():
+    def fused(cfg, cached=False, tokens=4096, where=NVIDIA_GPU, **kw):
+        return resolve(cfg, tokens, cached=cached, where=where, **kw).fused_swiglu
+
+    assert fused(GPU_BF16)  # auto: a training / eval forward on an NVIDIA GPU
+    assert not fused(GPU_BF16, where="cpu")
+    assert not fused(GPU_BF16, cached=True)  # prefill reads the stacks: the unfused path
+    assert not fused(GPU_BF16.replace(fused_swiglu="off"))
+    assert not fused(GPU_BF16.replace(gmm_impl="xla"))
+    assert not fused(GPU_BF16.replace(moe_impl="capacity"))
+    assert fused(GPU_BF16.replace(fused_swiglu="on"))
+    with pytest.raises(ConfigError, match="fused_swiglu='on' needs gmm_impl 'pallas'"):
+        fused(GPU_BF16.replace(fused_swiglu="on", gmm_impl="xla"))
+    mesh = sh.make_mesh(sh.MeshConfig(expert=4), jax.devices()[:4])
+    assert not fused(GPU_BF16, mesh=mesh)  # the expert-parallel path keeps its own matmuls
