@@ -4,7 +4,11 @@ A target weight W keeps its checkpoint dtype and never trains; its adapter is tw
 (`Adapter` variables, not `nnx.Param`, so `params.get_params` and every checkpoint of the base
 leave them out) and the layer computes x W + (x A) B * (alpha / r). B starts at zero, so a model
 with fresh adapters computes exactly the base's logits. The base weight is read where it always
-was; only the low-rank term is added (the one hook a quantized base plugs into later).
+was; only the low-rank term is added. A quantized base (int8 / int4 experts or projections,
+QLoRA) is read the same way: its kernels, or one layer dequantized inside the layer scan, with
+a gradient in the activations alone (`model/quantized.py`); its adapters are never merged into
+its codes (inference keeps them as factors; `surgery merge-lora` writes a dequantized float
+model).
 
 Targets and factor shapes per layer (every factor also has the leading [L] axis of the stack):
 
@@ -18,7 +22,8 @@ Where they run: attention projections and the router add the term after whicheve
 computed x W (the decode kernels too: the term is linear). The experts' term runs through the
 same grouped matmul as the base on the sorted rows of the dropless path (`moe/lora.py`); every
 other dispatch (dense oracle, capacity, gathered, expert-parallel, the Pallas decode-expert
-kernel, which fuses the SwiGLU) runs on the weights merged for the call, W + A B * alpha / r.
+kernel, which fuses the SwiGLU) runs on the weights merged for the call, W + A B * alpha / r
+(a quantized layer dequantized to the compute dtype first).
 
 Adapters travel as a nested dict shaped like the model's (`layers.attn.lora_q_proj_a` ...).
 Letters as in `transformer.py`; r the rank.
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ConfigError, DecodeExpertImpl, ModelConfig, MoEImpl
+from mixtral_jax.kernels.quant import QuantizedWeight
 from mixtral_jax.moe.lora import moe_dropless_lora
 from mixtral_jax.moe.ops import route_logits
 
@@ -234,6 +240,12 @@ def add_to_router(module, x: jax.Array, routing, topk: int):
     return route_logits(logits, topk)
 
 
+def _layer_of(w, layer):
+    if isinstance(w, QuantizedWeight):
+        return w[layer]
+    return jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+
+
 def expert_dispatch(plan, x, routing, weights, layer, module, dispatch):
     """The experts with their adapters (or `dispatch(x, routing, weights, layer)` without any).
 
@@ -254,7 +266,10 @@ def expert_dispatch(plan, x, routing, weights, layer, module, dispatch):
             x, routing, *weights, pairs, scale, gmm_impl=plan.grouped_matmul, layer=layer
         )
     if layer is not None:  # stacks [L, E, ...] -> this layer's [E, ...]
-        weights = tuple(jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in weights)
+        weights = tuple(_layer_of(w, layer) for w in weights)
+    # quantized stacks read in place by the plan's kernels (QLoRA decode): this layer's
+    # weights dequantized to the compute dtype, merged, and dispatched as float weights
+    weights = tuple(w.dequantize(x.dtype) if isinstance(w, QuantizedWeight) else w for w in weights)
     names = ("w_gate", "w_up", "w_down")
     weights = tuple(
         merged_weight(w, *found[n][:2], scale, 1) if n in found else w

@@ -1,0 +1,146 @@
+"""LoRA over a quantized base (QLoRA) in the model: zero-initialised adapters compute the
+quantized base bit for bit; the adapters' gradient equals the one over the dequantized float
+base; no backward residual holds the dequantized weights of every layer; the decode path that
+reads quantized stacks in place runs the adapters on that layer's dequantized, merged weights."""
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
+
+import mixtral_jax as mj
+from mixtral_jax.config import DecodeExpertImpl, QuantizedImpl
+from mixtral_jax.kernels import quant
+from mixtral_jax.kernels.plan import KernelPlan
+from mixtral_jax.model import lora, moe, quantized
+from mixtral_jax.model.params import from_params, get_params
+from mixtral_jax.moe.ops import route
+
+FORMATS = {
+    "int8-experts-int8-attention": {"expert_bits": 8, "attention_bits": 8},
+    "int4-g32-experts-int4-attention": {
+        "expert_bits": 4,
+        "attention_bits": 4,
+        "quant_group_size": 32,
+        "quant_scale_dtype": "bfloat16",
+    },
+}
+ALL = tuple(lora.TARGETS)
+SOME = ("q_proj", "o_proj", "w_gate", "w_down")  # v_proj, w_up: the base alone
+
+
+def _drawn(cfg, lcfg, seed=3, size=0.3):
+    """Adapters with B drawn too (trained ones), so every factor has a gradient."""
+    leaves, tree = jax.tree.flatten(lora.init_adapters(cfg, lcfg, seed))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [size * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    )
+
+
+@functools.cache
+def _quantized_and_float(fmt, remat="none"):
+    """(quantized config, its params, the float config, the dequantized params); built once
+    per format (a quantized init takes seconds on a busy CPU)."""
+    cfg = mj.ModelConfig.tiny(**FORMATS[fmt], remat=remat)
+    params = jax.jit(lambda: get_params(mj.init(cfg, 0)))()
+    fcfg = quantized.float_config(cfg)
+    return cfg, params, fcfg, quantized.dequantize_params(params, cfg)
+
+
+def _loss_of_adapters(cfg, params, lcfg, tokens, weights):
+    graphdef, _ = nnx.split(_adapted(cfg, params, lcfg, lora.init_adapters(cfg, lcfg, 0)))
+
+    def loss(adapters):
+        model = nnx.merge(graphdef, lora.join(params, adapters))
+        return jnp.sum(model(tokens).logits * weights)
+
+    return loss
+
+
+def _adapted(cfg, params, lcfg, adapters):
+    model = from_params(cfg, params)
+    lora.attach(model, lcfg, adapters)
+    return model
+
+
+def test_zero_initialised_adapters_compute_the_quantized_base_bit_for_bit():
+    cfg, params, _, _ = _quantized_and_float("int4-g32-experts-int4-attention")
+    lcfg = lora.LoraConfig(rank=4, targets=ALL)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    adapted = _adapted(cfg, params, lcfg, lora.init_adapters(cfg, lcfg, 1))
+    base = from_params(cfg, params)
+    logits = jax.jit(lambda m, t: m(t).logits)
+    np.testing.assert_array_equal(logits(adapted, tokens), logits(base, tokens))
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_adapter_gradient_over_the_quantized_base_equals_the_dequantized_float_bases(fmt):
+    cfg, params, fcfg, fparams = _quantized_and_float(fmt)
+    lcfg = lora.LoraConfig(rank=4, targets=SOME)
+    adapters = _drawn(cfg, lcfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    weights = jax.random.normal(jax.random.key(2), (2, 9, cfg.vocab_size))
+    got = jax.jit(jax.grad(_loss_of_adapters(cfg, params, lcfg, tokens, weights)))(adapters)
+    want = jax.jit(jax.grad(_loss_of_adapters(fcfg, fparams, lcfg, tokens, weights)))(adapters)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.max(jnp.abs(w))) > 0  # every factor has a gradient
+        assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) <= 1e-5
+
+
+def _stacked_float_shapes(cfg) -> set:
+    """[L, ...] shapes a float copy of a quantized weight stack would have (float layout and
+    the stored matrix layout)."""
+    out = set()
+    for _, name in quantized.quantized_leaves(cfg):
+        shape = quantized.float_shape(cfg, name, (cfg.num_layers,))
+        out |= {shape, quantized.to_matrix(name, jnp.zeros(shape)).shape}
+    return out
+
+
+def test_no_backward_residual_holds_every_layers_dequantized_weights(capsys):
+    cfg, params, _, _ = _quantized_and_float("int8-experts-int8-attention", remat="none")
+    lcfg = lora.LoraConfig(rank=4, targets=SOME)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    loss = _loss_of_adapters(cfg, params, lcfg, tokens, jnp.ones((2, 9, cfg.vocab_size)))
+    print_saved_residuals(loss, _drawn(cfg, lcfg))
+    lines = capsys.readouterr().out.splitlines()
+    saved = {line.split(" ")[0] for line in lines}
+    assert any(s.startswith("i8[") for s in saved)  # the codes are what the backward reads
+    floats = {f"f32[{','.join(map(str, s))}]" for s in _stacked_float_shapes(cfg)}
+    assert not saved & floats, sorted(saved & floats)
+
+
+def test_decode_over_quantized_stacks_merges_that_layers_dequantized_weights():
+    """The expert path a GPU's quantized decode plan takes (stacks read in place, the adapters
+    merged per call) equals the same call on the dequantized float stacks."""
+    cfg = mj.ModelConfig.tiny(**FORMATS["int4-g32-experts-int4-attention"])
+    (l, e, d, f), layer = (cfg.num_layers, cfg.num_experts, cfg.embed_dim, cfg.hidden_dim), 1
+    keys = jax.random.split(jax.random.key(0), 4)
+    floats = [
+        0.1 * jax.random.normal(k, s) for k, s in zip(keys, [(l, e, d, f)] * 2 + [(l, e, f, d)])
+    ]
+    stacks = [quant.quantize(w, 4, 32) for w in floats]
+    dense = [w.dequantize(jnp.float32) for w in stacks]
+    lcfg = lora.LoraConfig(rank=4, targets=("w_gate", "w_down"))
+    factors = jax.tree.map(lambda x: x[layer], _drawn(cfg, lcfg)["layers"]["moe"])
+    module = types.SimpleNamespace(**factors, **{lora.SCALE_ATTR: lcfg.scale})
+    x = jax.random.normal(keys[3], (3, d))
+    routing = route(x, jax.random.normal(keys[0], (d, e)), cfg.num_experts_per_tok)
+    plan = KernelPlan(
+        decode_experts=DecodeExpertImpl.GATHER, quantized_experts=QuantizedImpl.PALLAS
+    )
+
+    def run(weights):
+        dispatch = lambda *a: moe.dispatch(cfg, plan, *a)
+        return lora.expert_dispatch(plan, x, routing, weights, jnp.int32(layer), module, dispatch)
+
+    (got, _), (want, _) = run(tuple(stacks)), run(tuple(dense))
+    np.testing.assert_array_equal(got, want)
+    base, _ = moe.dispatch(cfg, plan, x, routing, tuple(w[layer] for w in dense))
+    assert float(jnp.max(jnp.abs(got - base))) > 1e-3  # the adapters took part
