@@ -33,6 +33,7 @@ from flax import nnx, struct
 from mixtral_jax.config import (
     DecodeExpertImpl,
     DecodeProjectionImpl,
+    GmmImpl,
     ModelConfig,
     MoEImpl,
     QuantizedImpl,
@@ -136,7 +137,9 @@ def _gmm_reads(cfg: ModelConfig, plan: KernelPlan, layer) -> bool:
     is kept for the backward: `kernels/grouped_matmul.py`)."""
     local = plan.moe == MoEImpl.DROPLESS and plan.expert_mesh is None
     full = layer is None and plan.decode_experts == DecodeExpertImpl.OFF
-    return cfg.expert_bits < 16 and local and full
+    # under pallas a QuantizedWeight goes to the codes-reading kernel: only where the plan says
+    float_kernel = plan.grouped_matmul != GmmImpl.PALLAS
+    return cfg.expert_bits < 16 and local and full and float_kernel
 
 
 class MoE(nnx.Module):

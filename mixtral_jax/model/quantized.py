@@ -21,7 +21,11 @@ so a layer scan without remat would hold every layer's dequantized weights at on
 backward. `frozen_einsum` is that einsum with its own VJP instead: the residuals are the codes
 and scales (scan inputs, read in place by the backward), and the backward dequantizes the layer
 again for d x (one transient layer, the cost of one elementwise pass over the codes). The
-experts' grouped matmul does the same (`kernels/grouped_matmul.py`, `kernels/gmm_quant.py`).
+experts' grouped matmul does the same (`kernels/grouped_matmul.py`, `kernels/gmm_quant.py`) on
+the local dropless path, the training default. The other expert paths (dense, capacity,
+expert-parallel, and the Pallas float kernel where the codes-reading one does not tile the
+format) take the layer dequantized by `as_compute`: under remat "none" their backward
+keeps that copy per layer, so train them with remat "full" or "save_dots".
 """
 
 from __future__ import annotations
