@@ -194,18 +194,28 @@ def is_out_of_memory(err: BaseException) -> bool:
     return "resource_exhausted" in text or "out of memory" in text or "oom" in text.split()
 
 
+def _one_line(err: BaseException, where: str = "") -> str:
+    """ "out of memory: <first line>" (or the error's type), `where` it happened if given."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    kind = "out of memory" if is_out_of_memory(err) else type(err).__name__
+    return f"{kind}{' building the ' + where if where else ''}: {first}"
+
+
 def sweep(cfg, lcfg, tc, seqs: list[int], batch: int, steps: int, make_base=None) -> list[dict]:
     """`measure` at each of `seqs` (ascending) on one base; a length that does not fit gives
     {"seq", "fits": False, "error"} and ends the sweep (a longer one would not fit either)."""
-    step, fresh_state, base = build(cfg, lcfg, tc, make_base)
+    try:
+        step, fresh_state, base = build(cfg, lcfg, tc, make_base)
+    except Exception as err:  # noqa: BLE001 - the base itself does not fit: one line
+        row = {"seq": min(seqs), "batch": batch, "fits": False, "error": _one_line(err, "base")}
+        print(json.dumps({"bench": "lora_train", **row}), flush=True)
+        return [row]
     rows = []
     for seq in sorted(seqs):
         try:
             row = {"fits": True, **measure(step, fresh_state(), base, cfg, lcfg, seq, batch, steps)}
         except Exception as err:  # noqa: BLE001 - reported as one line, not a traceback
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            kind = "out of memory" if is_out_of_memory(err) else type(err).__name__
-            row = {"seq": seq, "batch": batch, "fits": False, "error": f"{kind}: {first}"}
+            row = {"seq": seq, "batch": batch, "fits": False, "error": _one_line(err)}
         print(json.dumps({"bench": "lora_train", **row}), flush=True)
         rows.append(row)
         if not row["fits"]:

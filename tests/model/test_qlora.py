@@ -3,6 +3,7 @@ quantized base bit for bit; the adapters' gradient equals the one over the dequa
 base; no backward residual holds the dequantized weights of every layer; the decode path that
 reads quantized stacks in place runs the adapters on that layer's dequantized, merged weights."""
 
+import dataclasses
 import functools
 import types
 
@@ -14,9 +15,9 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 import mixtral_jax as mj
-from mixtral_jax.config import DecodeExpertImpl, QuantizedImpl
-from mixtral_jax.kernels import quant
-from mixtral_jax.kernels.plan import KernelPlan
+from mixtral_jax.config import DecodeExpertImpl, GmmImpl, QuantizedImpl
+from mixtral_jax.kernels import gmm_pallas, gmm_quant, grouped_matmul, quant
+from mixtral_jax.kernels.plan import KernelPlan, resolve
 from mixtral_jax.model import lora, moe, quantized
 from mixtral_jax.model.params import from_params, get_params
 from mixtral_jax.moe.ops import route
@@ -53,12 +54,12 @@ def _quantized_and_float(fmt, remat="none"):
     return cfg, params, fcfg, quantized.dequantize_params(params, cfg)
 
 
-def _loss_of_adapters(cfg, params, lcfg, tokens, weights):
+def _loss_of_adapters(cfg, params, lcfg, tokens, weights, plan=None):
     graphdef, _ = nnx.split(_adapted(cfg, params, lcfg, lora.init_adapters(cfg, lcfg, 0)))
 
     def loss(adapters):
         model = nnx.merge(graphdef, lora.join(params, adapters))
-        return jnp.sum(model(tokens).logits * weights)
+        return jnp.sum(model(tokens, plan=plan).logits * weights)
 
     return loss
 
@@ -91,6 +92,39 @@ def test_adapter_gradient_over_the_quantized_base_equals_the_dequantized_float_b
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert float(jnp.max(jnp.abs(w))) > 0  # every factor has a gradient
         assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) <= 1e-5
+
+
+def test_the_gpu_route_quantized_kernels_give_the_float_bases_gradient(monkeypatch):
+    """An H200's plan (pallas grouped matmul reading codes, `kernels/gmm_quant.py`, whose VJP
+    dequantizes for d x), run in Pallas' interpreter: the adapters' gradient equals the one
+    over the dequantized float base through ragged_dot."""
+    seen = []
+
+    def interpreted(kernel, **interpret):
+        def run(lhs, rhs, sizes):
+            seen.append(type(rhs).__name__)
+            return kernel(lhs, rhs, sizes, **interpret)
+
+        return types.SimpleNamespace(gmm=run)
+
+    monkeypatch.setattr(grouped_matmul, "gmm_quant", interpreted(gmm_quant.gmm, interpret=True))
+    monkeypatch.setattr(grouped_matmul, "gmm_pallas", interpreted(gmm_pallas.gmm, interpret=True))
+    cfg, params, fcfg, fparams = _quantized_and_float("int4-g32-experts-int4-attention")
+    plan = dataclasses.replace(
+        resolve(cfg, 18, cached=False, where="cpu"),
+        grouped_matmul=GmmImpl.PALLAS,
+        quantized_experts=QuantizedImpl.PALLAS,
+    )
+    lcfg = lora.LoraConfig(rank=16, targets=("q_proj", "w_gate", "w_down"))
+    adapters = _drawn(cfg, lcfg, size=0.1)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    weights = jax.random.normal(jax.random.key(2), (2, 9, cfg.vocab_size))
+    got = jax.jit(jax.grad(_loss_of_adapters(cfg, params, lcfg, tokens, weights, plan)))(adapters)
+    want = jax.jit(jax.grad(_loss_of_adapters(fcfg, fparams, lcfg, tokens, weights)))(adapters)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) <= 1e-5
+    # the base through the codes kernel, the adapters' factors through the float one
+    assert seen.count("QuantizedWeight") >= 3 and len(set(seen)) == 2, seen
 
 
 def _stacked_float_shapes(cfg) -> set:
