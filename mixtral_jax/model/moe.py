@@ -133,8 +133,8 @@ def dispatch(
 
 def _gmm_reads(cfg: ModelConfig, plan: KernelPlan, layer) -> bool:
     """Quantized experts in a full forward's local dropless dispatch: the grouped matmul takes
-    the QuantizedWeights as they are and dequantizes each one there (its gradient reaches the rows alone, and no copy
-    is kept for the backward: `kernels/grouped_matmul.py`)."""
+    the QuantizedWeights as they are and dequantizes each one there (its gradient reaches the
+    rows alone, and no copy is kept for the backward: `kernels/grouped_matmul.py`)."""
     local = plan.moe == MoEImpl.DROPLESS and plan.expert_mesh is None
     full = layer is None and plan.decode_experts == DecodeExpertImpl.OFF
     # under pallas a QuantizedWeight goes to the codes-reading kernel: only where the plan says

@@ -20,9 +20,13 @@ frozen base: codes and scales get no gradient, the activations do. Autodiff thro
 so a layer scan without remat would hold every layer's dequantized weights at once until the
 backward. `frozen_einsum` is that einsum with its own VJP instead: the residuals are the codes
 and scales (scan inputs, read in place by the backward), and the backward dequantizes the layer
-again for d x (one transient layer, the cost of one elementwise pass over the codes). The
-experts' grouped matmul does the same (`kernels/grouped_matmul.py`, `kernels/gmm_quant.py`) on
-the local dropless path, the training default. The other expert paths (dense, capacity,
+again for d x (one transient layer, the cost of one elementwise pass over the codes). Why this
+and not remat of the dequantize alone: the product's own linearisation is what saves W, so only
+owning the product's VJP keeps W out of the residuals without recomputing the forward matmul.
+The experts' grouped matmul does the same on the local dropless path, the training default:
+on CPU the float kernel on the dequantized matrix (`kernels/grouped_matmul.py`), on an H200
+the kernel reading codes (`kernels/gmm_quant.py`: codes in the forward below 4,096 rows, else
+dequantize + the bf16 kernel; the backward dequantizes + the transposed bf16 kernel). The other expert paths (dense, capacity,
 expert-parallel, and the Pallas float kernel where the codes-reading one does not tile the
 format) take the layer dequantized by `as_compute`: under remat "none" their backward
 keeps that copy per layer, so train them with remat "full" or "save_dots".
@@ -82,8 +86,8 @@ def frozen_einsum(spec: str, x: jax.Array, w: QuantizedWeight, shape, dtype) -> 
     layout, e.g. [D, N, H] of a stored [D, N*H]), differentiable in x alone (module doc).
 
     Args:
-      spec: a two-operand einsum "x,w->out" with no repeated or summed-away-only letters of x
-        (every letter of x is in w or out), as the projections' "BTD,DNH->BTNH".
+      spec: a two-operand einsum "x,w->out" in which every letter of x is also in w or in
+        out (none summed over x alone), as the projections' "BTD,DNH->BTNH".
     """
     return _frozen_einsum(spec, tuple(shape), jnp.dtype(dtype), w.bits, x, w.codes, w.scale)
 
