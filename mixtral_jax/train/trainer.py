@@ -72,7 +72,7 @@ def base_model_config(cfg: RunConfig):
     table's expert_bits / attention_bits, or a checkpoint written by `python -m
     mixtral_jax.quantize`) trains LoRA adapters over its frozen codes only (QLoRA)."""
     if not cfg.checkpoint.init_from:
-        trainable.check_quantized(cfg.train, cfg.model, "the model")
+        trainable.check_quantized(cfg.train, cfg.model, "the [model] table")
         return cfg.model
     start = load_hf_config(cfg.checkpoint.init_from)
     where = f"checkpoint.init_from={cfg.checkpoint.init_from}"

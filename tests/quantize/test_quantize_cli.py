@@ -178,7 +178,9 @@ def test_full_fine_tuning_refuses_quantized_weights_in_one_line(setup):
     with pytest.raises(ConfigError, match="lora_rank=0: full fine-tuning cannot train the quant"):
         base_model_config(start)
     fresh = load_run_config(None, ["model.expert_bits=8"])
-    with pytest.raises(ConfigError, match="weights of the model .expert_bits=8, attention_bits"):
+    with pytest.raises(
+        ConfigError, match=r"weights of the \[model\] table .expert_bits=8, attention_bits"
+    ):
         base_model_config(fresh)
     qlora = load_run_config(None, ["model.expert_bits=8", "train.lora_rank=4"])
     assert base_model_config(qlora).expert_bits == 8  # LoRA over the frozen codes: QLoRA
