@@ -10,7 +10,6 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
@@ -23,7 +22,7 @@ from mixtral_jax.model.params import from_params, get_params
 from mixtral_jax.moe.ops import route
 
 FORMATS = {
-    "int8-experts-int8-attention": {"expert_bits": 8, "attention_bits": 8},
+    "int8-experts-int4-attention": {"expert_bits": 8, "attention_bits": 4, "quant_group_size": 32},
     "int4-g32-experts-int4-attention": {
         "expert_bits": 4,
         "attention_bits": 4,
@@ -80,9 +79,8 @@ def test_zero_initialised_adapters_compute_the_quantized_base_bit_for_bit():
     np.testing.assert_array_equal(logits(adapted, tokens), logits(base, tokens))
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_adapter_gradient_over_the_quantized_base_equals_the_dequantized_float_bases(fmt):
-    cfg, params, fcfg, fparams = _quantized_and_float(fmt)
+def test_adapter_gradient_over_an_int8_base_equals_the_dequantized_float_bases():
+    cfg, params, fcfg, fparams = _quantized_and_float("int8-experts-int4-attention")
     lcfg = lora.LoraConfig(rank=4, targets=SOME)
     adapters = _drawn(cfg, lcfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
@@ -138,7 +136,7 @@ def _stacked_float_shapes(cfg) -> set:
 
 
 def test_no_backward_residual_holds_every_layers_dequantized_weights(capsys):
-    cfg, params, _, _ = _quantized_and_float("int8-experts-int8-attention", remat="none")
+    cfg, params, _, _ = _quantized_and_float("int8-experts-int4-attention", remat="none")
     lcfg = lora.LoraConfig(rank=4, targets=SOME)
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
     loss = _loss_of_adapters(cfg, params, lcfg, tokens, jnp.ones((2, 9, cfg.vocab_size)))
