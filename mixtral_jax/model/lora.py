@@ -23,7 +23,9 @@ computed x W (the decode kernels too: the term is linear). The experts' term run
 same grouped matmul as the base on the sorted rows of the dropless path (`moe/lora.py`); every
 other dispatch (dense oracle, capacity, gathered, expert-parallel, the Pallas decode-expert
 kernel, which fuses the SwiGLU) runs on the weights merged for the call, W + A B * alpha / r
-(a quantized layer dequantized to the compute dtype first).
+(a quantized layer dequantized to the compute dtype first), except a decode call over
+quantized stacks under the pallas grouped matmul: that one takes the dropless path too, the
+base's products reading codes in place (a merge would dequantize every layer each step).
 
 Adapters travel as a nested dict shaped like the model's (`layers.attn.lora_q_proj_a` ...).
 Letters as in `transformer.py`; r the rank.
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.config import ConfigError, DecodeExpertImpl, ModelConfig, MoEImpl
+from mixtral_jax.config import ConfigError, DecodeExpertImpl, GmmImpl, ModelConfig, MoEImpl
 from mixtral_jax.kernels.quant import QuantizedWeight
 from mixtral_jax.moe.lora import moe_dropless_lora
 from mixtral_jax.moe.ops import route_logits
@@ -250,9 +252,12 @@ def expert_dispatch(plan, x, routing, weights, layer, module, dispatch):
     """The experts with their adapters (or `dispatch(x, routing, weights, layer)` without any).
 
     The local dropless path of a call that the plan runs through the grouped matmul adds the
-    low-rank terms there (`moe_dropless_lora`); every other path gets this layer's merged
-    weights W + A B * s (the Pallas decode-expert kernel fuses the SwiGLU, so the term cannot be
-    added after it; merging costs E * D * F * r * 2 FLOPs a projection).
+    low-rank terms there (`moe_dropless_lora`); so does a decode call over quantized stacks
+    where the grouped matmul reads codes in place (pallas: `gmm_quant.gmm_stacked`), instead
+    of the decode-expert kernel. Every other path gets this layer's merged weights
+    W + A B * s (the Pallas decode-expert kernel fuses the SwiGLU, so the term cannot be
+    added after it; merging costs E * D * F * r * 2 FLOPs a projection, and a quantized layer
+    is dequantized first).
     """
     found = {t: factors(module, t) for t in EXPERT_TARGETS}
     found = {t: ab for t, ab in found.items() if ab is not None}
@@ -260,7 +265,12 @@ def expert_dispatch(plan, x, routing, weights, layer, module, dispatch):
         return dispatch(x, routing, weights, layer)
     scale = getattr(module, SCALE_ATTR)
     local = plan.moe == MoEImpl.DROPLESS and plan.expert_mesh is None
-    if local and plan.decode_experts == DecodeExpertImpl.OFF:
+    codes_in_place = (
+        layer is not None
+        and plan.grouped_matmul == GmmImpl.PALLAS
+        and isinstance(weights[0], QuantizedWeight)
+    )
+    if local and (plan.decode_experts == DecodeExpertImpl.OFF or codes_in_place):
         pairs = {t: ab[:2] for t, ab in found.items()}
         return moe_dropless_lora(
             x, routing, *weights, pairs, scale, gmm_impl=plan.grouped_matmul, layer=layer

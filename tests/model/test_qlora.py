@@ -153,31 +153,71 @@ def test_no_backward_residual_holds_every_layers_dequantized_weights(capsys):
     assert not saved & floats, sorted(saved & floats)
 
 
-def test_decode_over_quantized_stacks_merges_that_layers_dequantized_weights():
-    """The expert path a GPU's quantized decode plan takes (stacks read in place, the adapters
-    merged per call) equals the same call on the dequantized float stacks."""
+def _decode_case():
+    """(cfg, layer, int4 stacks, their dequantized float stacks, adapter module, x, routing)
+    of one decode call's experts: 3 tokens, layer 1 of the stacks."""
     cfg = mj.ModelConfig.tiny(**FORMATS["int4-g32-experts-int4-attention"])
     (l, e, d, f), layer = (cfg.num_layers, cfg.num_experts, cfg.embed_dim, cfg.hidden_dim), 1
     keys = jax.random.split(jax.random.key(0), 4)
     floats = [
         0.1 * jax.random.normal(k, s) for k, s in zip(keys, [(l, e, d, f)] * 2 + [(l, e, f, d)])
     ]
-    stacks = [quant.quantize(w, 4, 32) for w in floats]
-    dense = [w.dequantize(jnp.float32) for w in stacks]
-    lcfg = lora.LoraConfig(rank=4, targets=("w_gate", "w_down"))
-    factors = jax.tree.map(lambda x: x[layer], _drawn(cfg, lcfg)["layers"]["moe"])
+    stacks = tuple(quant.quantize(w, 4, 32) for w in floats)
+    dense = tuple(w.dequantize(jnp.float32) for w in stacks)
+    lcfg = lora.LoraConfig(rank=16, targets=("w_gate", "w_down"))
+    factors = jax.tree.map(lambda x: x[layer], _drawn(cfg, lcfg, size=0.1)["layers"]["moe"])
     module = types.SimpleNamespace(**factors, **{lora.SCALE_ATTR: lcfg.scale})
     x = jax.random.normal(keys[3], (3, d))
     routing = route(x, jax.random.normal(keys[0], (d, e)), cfg.num_experts_per_tok)
-    plan = KernelPlan(
-        decode_experts=DecodeExpertImpl.GATHER, quantized_experts=QuantizedImpl.PALLAS
-    )
+    return cfg, layer, stacks, dense, module, x, routing
 
-    def run(weights):
-        dispatch = lambda *a: moe.dispatch(cfg, plan, *a)
-        return lora.expert_dispatch(plan, x, routing, weights, jnp.int32(layer), module, dispatch)
 
-    (got, _), (want, _) = run(tuple(stacks)), run(tuple(dense))
-    np.testing.assert_array_equal(got, want)
-    base, _ = moe.dispatch(cfg, plan, x, routing, tuple(w[layer] for w in dense))
+def _experts(cfg, plan, layer, weights, module, x, routing):
+    dispatch = lambda *a: moe.dispatch(cfg, plan, *a)
+    out, _ = lora.expert_dispatch(plan, x, routing, weights, jnp.int32(layer), module, dispatch)
+    return out
+
+
+GATHER = KernelPlan(decode_experts=DecodeExpertImpl.GATHER, quantized_experts=QuantizedImpl.PALLAS)
+
+
+def test_decode_over_quantized_stacks_merges_that_layers_dequantized_weights():
+    """Quantized stacks on a decode path without a codes-reading grouped matmul: the adapters
+    merged into that layer's dequantized weights, equal to the same call on float stacks."""
+    cfg, layer, stacks, dense, module, x, routing = _decode_case()
+    got = _experts(cfg, GATHER, layer, stacks, module, x, routing)
+    np.testing.assert_array_equal(got, _experts(cfg, GATHER, layer, dense, module, x, routing))
+    base, _ = moe.dispatch(cfg, GATHER, x, routing, tuple(w[layer] for w in dense))
     assert float(jnp.max(jnp.abs(got - base))) > 1e-3  # the adapters took part
+
+
+def test_gpu_decode_over_quantized_stacks_reads_codes_in_place_with_the_low_rank_terms(
+    monkeypatch,
+):
+    """An H200's decode plan (decode-expert kernel, pallas grouped matmul) with adapters over
+    quantized experts: the grouped matmul reads layer l of the code stacks in place and adds
+    the low-rank terms (no per-step dequantize and merge); in Pallas' interpreter it equals the
+    merged float oracle."""
+    seen = []
+    real_stacked, real_float = gmm_quant.gmm_stacked, gmm_pallas.gmm
+
+    def stacked(lhs, rhs, sizes, layer):
+        seen.append("codes")
+        return real_stacked(lhs, rhs, sizes, layer, interpret=True)
+
+    def float_gmm(lhs, rhs, sizes):
+        seen.append("float")
+        return real_float(lhs, rhs, sizes, True)
+
+    monkeypatch.setattr(grouped_matmul, "gmm_quant", types.SimpleNamespace(gmm_stacked=stacked))
+    monkeypatch.setattr(grouped_matmul, "gmm_pallas", types.SimpleNamespace(gmm=float_gmm))
+    cfg, layer, stacks, dense, module, x, routing = _decode_case()
+    plan = KernelPlan(
+        grouped_matmul=GmmImpl.PALLAS,
+        decode_experts=DecodeExpertImpl.PALLAS,
+        quantized_experts=QuantizedImpl.PALLAS,
+    )
+    got = _experts(cfg, plan, layer, stacks, module, x, routing)
+    want = _experts(cfg, GATHER, layer, dense, module, x, routing)
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) <= 1e-5
+    assert seen.count("codes") == 3 and seen.count("float") == 4, seen  # 2 adapted projections
