@@ -44,7 +44,10 @@ def parse_args(argv):
         help="model checkpoint or Hugging Face directory (default: the demo's)",
     )
     p.add_argument("--tokenizer", help="sentencepiece model file")
-    p.add_argument("--adapters", help="LoRA adapter directory on top of --checkpoint (merged)")
+    p.add_argument(
+        "--adapters",
+        help="LoRA adapter directory on top of --checkpoint (merged; factors over quantized weights)",
+    )
     p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     p.add_argument("--prompt-file", help="one prompt per line ('-' = standard input)")
     p.add_argument("--chat", action="store_true", help="wrap prompts as [INST] ... [/INST]")

@@ -10,6 +10,7 @@ every layout it knows, every problem reported at once) before a tensor is read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -81,7 +82,8 @@ def load_for_inference(
 
     `adapters`: a LoRA adapter directory (a LoRA run's final model) applied on top of the base
     at `path`. `merge_adapters` (default) folds them into the weights on the devices, one layer
-    at a time (W + A B * alpha / r: decoding then costs what the base costs); False keeps them
+    at a time (W + A B * alpha / r: decoding then costs what the base costs), except into
+    quantized weights (QLoRA), whose adapters stay factors; False keeps them all
     as separate factors (`model/lora.py`: attention and router add their low-rank term after
     the kernels, the experts are merged per call on every path but the dropless one).
 
@@ -109,11 +111,13 @@ def load_for_inference(
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}"
         )
-    factors = None
+    lcfg = factors = None
     if adapters is not None:
         lcfg, factors = _read_adapters(adapters, cfg, path)
-        if merge_adapters:
-            params, factors = merge_on_device(params, factors, lcfg), None
+        if merge_adapters:  # a quantized target keeps its factors: codes take no merge
+            (merged_cfg, merged), (lcfg, factors) = split_quantized(cfg, lcfg, factors)
+            if merged_cfg is not None:
+                params = merge_on_device(params, merged, merged_cfg)
     try:
         model = from_params(cfg, params)
     except ValueError as e:
@@ -138,6 +142,30 @@ def _read_adapters(directory: str, cfg, base: str):
     if got != jax.tree.map(tuple, expected, is_leaf=lambda x: isinstance(x, tuple)):
         raise ConfigError(f"adapters {directory} do not fit the model at {base} (shapes differ)")
     return lcfg, factors
+
+
+def split_quantized(cfg, lcfg, factors: dict):
+    """((LoraConfig, factors) of the targets whose base weight is float, (the same) of those
+    stored quantized); (None, None) for a side without targets."""
+    from mixtral_jax.model import lora
+    from mixtral_jax.model.quantized import quantized_leaves
+
+    frozen = quantized_leaves(cfg)
+    sides = ([], [])
+    for target in lcfg.targets:
+        sides[(lora.TARGETS[target][0], target) in frozen].append(target)
+    out = []
+    for targets in sides:
+        if not targets:
+            out.append((None, None))
+            continue
+        part: dict = {"layers": {}}
+        for target in targets:
+            module = lora.TARGETS[target][0]
+            for name in lora.factor_names(target):
+                part["layers"].setdefault(module, {})[name] = factors["layers"][module][name]
+        out.append((dataclasses.replace(lcfg, targets=tuple(targets)), part))
+    return tuple(out)
 
 
 def merge_on_device(params: dict, factors: dict, lcfg) -> dict:

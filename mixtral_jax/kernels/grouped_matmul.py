@@ -13,11 +13,17 @@ kernel is the one the kernel plan resolved from `ComputeConfig.gmm_impl` (`kerne
 
 `rhs` may be a `quant.QuantizedWeight` (int8 / int4 experts): under pallas the quantized kernel
 reads its codes (`gmm_quant.gmm`, `gmm_quant.gmm_stacked`; the kernel plan picks pallas for
-quantized experts only where `weight_tiles.supports_format` holds), under xla
-the weight (one layer of a stack) is dequantized to lhs's dtype for ragged_dot.
+quantized experts only where `weight_tiles.supports_format` holds), under xla / megablox
+the weight (one layer of a stack) is dequantized to lhs's dtype for the float kernel. Either
+way a quantized weight is a frozen base (QLoRA): the product has a gradient in lhs only,
+d lhs = d y W^T, and its backward dequantizes the weight again rather than keeping the
+dequantized copy as a residual (`_dequantized_gmm`; a layer scan would otherwise hold every
+layer's copy until the backward).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +64,11 @@ def grouped_matmul(
     if isinstance(rhs, QuantizedWeight):
         if impl == GmmImpl.PALLAS:
             return gmm_quant.gmm(lhs, rhs, group_sizes)
-        rhs = rhs.dequantize(lhs.dtype)
+        return _dequantized_gmm(impl, rhs.bits, lhs, rhs.codes, rhs.scale, group_sizes)
+    return _float_gmm(lhs, rhs, group_sizes, impl)
+
+
+def _float_gmm(lhs, rhs, group_sizes, impl: GmmImpl):
     if impl == GmmImpl.PALLAS:
         return gmm_pallas.gmm(lhs, rhs.astype(lhs.dtype), group_sizes)
     if impl == GmmImpl.MEGABLOX:
@@ -109,6 +119,28 @@ def grouped_expert_ffn(
         return gmm_swiglu.expert_ffn(lhs, *ws, group_sizes)
     h = grouped_swiglu(lhs, w_gate, w_up, group_sizes, impl)
     return grouped_matmul(h, w_down, group_sizes, impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _dequantized_gmm(impl, bits, lhs, codes, scale, group_sizes):
+    """The float kernel on the weight dequantized to lhs's dtype; gradient in lhs alone."""
+    w = QuantizedWeight(codes, scale, bits).dequantize(lhs.dtype)  # [E, D, F]
+    return _float_gmm(lhs, w, group_sizes, impl)
+
+
+def _dequantized_gmm_fwd(impl, bits, lhs, codes, scale, group_sizes):
+    out = _dequantized_gmm(impl, bits, lhs, codes, scale, group_sizes)
+    return out, (codes, scale, group_sizes)
+
+
+def _dequantized_gmm_bwd(impl, bits, residuals, dy):
+    codes, scale, group_sizes = residuals
+    w = QuantizedWeight(codes, scale, bits).dequantize(dy.dtype)  # again: [E, D, F]
+    d_lhs = _float_gmm(dy, jnp.swapaxes(w, -1, -2), group_sizes, impl)  # d y W^T: [A, D]
+    return d_lhs, None, jnp.zeros_like(scale), None
+
+
+_dequantized_gmm.defvjp(_dequantized_gmm_fwd, _dequantized_gmm_bwd)
 
 
 def grouped_matmul_stacked(

@@ -23,8 +23,9 @@ new token per row), the attention reads this layer of the cache stack in place
 Quantized projections (`ModelConfig.attention_bits` 8 or 4) are stored as 2-D matrices,
 contraction first (`kernels/quant.py`): q_proj [D, N*H], k_proj and v_proj [D, K*H], o_proj
 [N*H, D] hold the codes and q_proj_scale ... o_proj_scale the scales (`model/quantized.py`).
-They are dequantized one layer at a time to the compute dtype, or read as `QuantizedWeight`
-stacks by the decode projection kernel where the plan's `quantized_projections` is pallas.
+They are dequantized one layer at a time to the compute dtype (inside `quantized.frozen_einsum`,
+whose gradient reaches the activations, never the codes), or read as `QuantizedWeight` stacks
+by the decode projection kernel where the plan's `quantized_projections` is pallas.
 """
 
 from __future__ import annotations
@@ -189,12 +190,14 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.compute.dtype)
         self.sliding_window = cfg.sliding_window
 
-    def weight(self, name: str) -> jax.Array:
-        """One layer's projection `name` in the compute dtype and its float shape ([D, N, H],
-        ..., [N, H, D]), dequantized when stored quantized."""
+    def product(self, spec: str, x: jax.Array, name: str) -> jax.Array:
+        """einsum(spec, x, W) of one layer's projection `name` in the compute dtype and its
+        float shape ([D, N, H], ..., [N, H, D]); stored quantized, dequantized inside the
+        product, which then has a gradient in x alone (`quantized.frozen_einsum`)."""
         w = quantized.read(self, name, self.bits)
-        (w,), _ = quantized.as_compute((w,), self.dtype)
-        return w.reshape(self.shapes[name])
+        if self.bits < 16:
+            return quantized.frozen_einsum(spec, x, w, self.shapes[name], self.dtype)
+        return jnp.einsum(spec, x, w.astype(self.dtype))
 
     def stack(self, name: str) -> jax.Array | quantized.QuantizedWeight:
         """Every layer's projection `name` as a 2-D stack [L, K, N] (contraction first) for the
@@ -232,9 +235,9 @@ class Attention(nnx.Module):
             k = k.reshape(b, t, *self.shapes["k_proj"][1:])
             v = v.reshape(b, t, *self.shapes["v_proj"][1:])
         else:
-            q = jnp.einsum("BTD,DNH->BTNH", x, self.weight("q_proj"))
-            k = jnp.einsum("BSD,DKH->BSKH", x, self.weight("k_proj"))
-            v = jnp.einsum("BSD,DKH->BSKH", x, self.weight("v_proj"))
+            q = self.product("BTD,DNH->BTNH", x, "q_proj")
+            k = self.product("BSD,DKH->BSKH", x, "k_proj")
+            v = self.product("BSD,DKH->BSKH", x, "v_proj")
         q, k, v = (lora.add(self, n, x, y) for n, y in zip(_QKV, (q, k, v), strict=True))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -246,7 +249,7 @@ class Attention(nnx.Module):
             stack = self.stack("o_proj")
             (y,) = decode_matmul.project_stacked(out.reshape(b * t, -1), (stack,), layer)
             return lora.add(self, "o_proj", out, y.reshape(b, t, -1))
-        y = jnp.einsum("BTNH,NHD->BTD", out, self.weight("o_proj"))
+        y = self.product("BTNH,NHD->BTD", out, "o_proj")
         return lora.add(self, "o_proj", out, y)  # the adapter's term, if any
 
     def cached(

@@ -4,7 +4,11 @@ A target weight W keeps its checkpoint dtype and never trains; its adapter is tw
 (`Adapter` variables, not `nnx.Param`, so `params.get_params` and every checkpoint of the base
 leave them out) and the layer computes x W + (x A) B * (alpha / r). B starts at zero, so a model
 with fresh adapters computes exactly the base's logits. The base weight is read where it always
-was; only the low-rank term is added (the one hook a quantized base plugs into later).
+was; only the low-rank term is added. A quantized base (int8 / int4 experts or projections,
+QLoRA) is read the same way: its kernels, or one layer dequantized inside the layer scan, with
+a gradient in the activations alone (`model/quantized.py`); its adapters are never merged into
+its codes (inference keeps them as factors; `surgery merge-lora` writes a dequantized float
+model).
 
 Targets and factor shapes per layer (every factor also has the leading [L] axis of the stack):
 
@@ -18,7 +22,10 @@ Where they run: attention projections and the router add the term after whicheve
 computed x W (the decode kernels too: the term is linear). The experts' term runs through the
 same grouped matmul as the base on the sorted rows of the dropless path (`moe/lora.py`); every
 other dispatch (dense oracle, capacity, gathered, expert-parallel, the Pallas decode-expert
-kernel, which fuses the SwiGLU) runs on the weights merged for the call, W + A B * alpha / r.
+kernel, which fuses the SwiGLU) runs on the weights merged for the call, W + A B * alpha / r
+(a quantized layer dequantized to the compute dtype first), except a decode call over
+quantized stacks under the pallas grouped matmul: that one takes the dropless path too, the
+base's products reading codes in place (a merge would dequantize every layer each step).
 
 Adapters travel as a nested dict shaped like the model's (`layers.attn.lora_q_proj_a` ...).
 Letters as in `transformer.py`; r the rank.
@@ -33,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.config import ConfigError, DecodeExpertImpl, ModelConfig, MoEImpl
+from mixtral_jax.config import ConfigError, DecodeExpertImpl, GmmImpl, ModelConfig, MoEImpl
+from mixtral_jax.kernels.quant import QuantizedWeight
 from mixtral_jax.moe.lora import moe_dropless_lora
 from mixtral_jax.moe.ops import route_logits
 
@@ -234,13 +242,22 @@ def add_to_router(module, x: jax.Array, routing, topk: int):
     return route_logits(logits, topk)
 
 
+def _layer_of(w, layer):
+    if isinstance(w, QuantizedWeight):
+        return w[layer]
+    return jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+
+
 def expert_dispatch(plan, x, routing, weights, layer, module, dispatch):
     """The experts with their adapters (or `dispatch(x, routing, weights, layer)` without any).
 
     The local dropless path of a call that the plan runs through the grouped matmul adds the
-    low-rank terms there (`moe_dropless_lora`); every other path gets this layer's merged
-    weights W + A B * s (the Pallas decode-expert kernel fuses the SwiGLU, so the term cannot be
-    added after it; merging costs E * D * F * r * 2 FLOPs a projection).
+    low-rank terms there (`moe_dropless_lora`); so does a decode call over quantized stacks
+    where the grouped matmul reads codes in place (pallas: `gmm_quant.gmm_stacked`), instead
+    of the decode-expert kernel. Every other path gets this layer's merged weights
+    W + A B * s (the Pallas decode-expert kernel fuses the SwiGLU, so the term cannot be
+    added after it; merging costs E * D * F * r * 2 FLOPs a projection, and a quantized layer
+    is dequantized first).
     """
     found = {t: factors(module, t) for t in EXPERT_TARGETS}
     found = {t: ab for t, ab in found.items() if ab is not None}
@@ -248,13 +265,21 @@ def expert_dispatch(plan, x, routing, weights, layer, module, dispatch):
         return dispatch(x, routing, weights, layer)
     scale = getattr(module, SCALE_ATTR)
     local = plan.moe == MoEImpl.DROPLESS and plan.expert_mesh is None
-    if local and plan.decode_experts == DecodeExpertImpl.OFF:
+    codes_in_place = (
+        layer is not None
+        and plan.grouped_matmul == GmmImpl.PALLAS
+        and isinstance(weights[0], QuantizedWeight)
+    )
+    if local and (plan.decode_experts == DecodeExpertImpl.OFF or codes_in_place):
         pairs = {t: ab[:2] for t, ab in found.items()}
         return moe_dropless_lora(
             x, routing, *weights, pairs, scale, gmm_impl=plan.grouped_matmul, layer=layer
         )
     if layer is not None:  # stacks [L, E, ...] -> this layer's [E, ...]
-        weights = tuple(jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in weights)
+        weights = tuple(_layer_of(w, layer) for w in weights)
+    # quantized stacks read in place by the plan's kernels (QLoRA decode): this layer's
+    # weights dequantized to the compute dtype, merged, and dispatched as float weights
+    weights = tuple(w.dequantize(x.dtype) if isinstance(w, QuantizedWeight) else w for w in weights)
     names = ("w_gate", "w_up", "w_down")
     weights = tuple(
         merged_weight(w, *found[n][:2], scale, 1) if n in found else w

@@ -15,8 +15,11 @@
 Quantized experts (`ModelConfig.expert_bits` 8 or 4): `w_gate`, `w_up`, `w_down` hold the
 integer codes and `w_gate_scale`, `w_up_scale`, `w_down_scale` the scales (`model/quantized.py`,
 `kernels/quant.py`). Where the plan's `quantized_experts` is pallas the decode expert kernels or
-the grouped matmul read them as `QuantizedWeight` (stacks); otherwise one layer is dequantized
-to the compute dtype and dispatched as float weights.
+the grouped matmul read them as `QuantizedWeight` (stacks); a full forward's local dropless
+dispatch hands them to the grouped matmul too, which dequantizes each matrix to the compute
+dtype for its float kernel (gradient in the activations only, no dequantized copy kept for
+the backward: QLoRA); otherwise one layer is dequantized to the compute dtype and dispatched
+as float weights.
 
 Letters: M tokens (B*T flattened), A = M*k assignments, E experts, k choices per token,
 D embed width, F expert hidden width, L layers.
@@ -31,6 +34,7 @@ from flax import nnx, struct
 from mixtral_jax.config import (
     DecodeExpertImpl,
     DecodeProjectionImpl,
+    GmmImpl,
     ModelConfig,
     MoEImpl,
     QuantizedImpl,
@@ -135,6 +139,17 @@ def dispatch(
     )
 
 
+def _gmm_reads(cfg: ModelConfig, plan: KernelPlan, layer) -> bool:
+    """Quantized experts in a full forward's local dropless dispatch: the grouped matmul takes
+    the QuantizedWeights as they are and dequantizes each one there (its gradient reaches the
+    rows alone, and no copy is kept for the backward: `kernels/grouped_matmul.py`)."""
+    local = plan.moe == MoEImpl.DROPLESS and plan.expert_mesh is None
+    full = layer is None and plan.decode_experts == DecodeExpertImpl.OFF
+    # under pallas a QuantizedWeight goes to the codes-reading kernel: only where the plan says
+    float_kernel = plan.grouped_matmul != GmmImpl.PALLAS
+    return cfg.expert_bits < 16 and local and full and float_kernel
+
+
 class MoE(nnx.Module):
     """Top-k routed SwiGLU experts.
 
@@ -196,8 +211,8 @@ class MoE(nnx.Module):
             routing = route(x, self.router[...], cfg.num_experts_per_tok)
         routing = lora.add_to_router(self, x, routing, cfg.num_experts_per_tok)  # if adapted
         weights = tuple(quantized.read(self, n, cfg.expert_bits) for n in quantized.EXPERTS)
-        if plan.quantized_experts != QuantizedImpl.PALLAS:  # cast / dequantize one layer
-            weights, layer = quantized.as_compute(weights, dt, layer)
+        if plan.quantized_experts != QuantizedImpl.PALLAS and not _gmm_reads(cfg, plan, layer):
+            weights, layer = quantized.as_compute(weights, dt, layer)  # cast / dequantize
         out, dropped = lora.expert_dispatch(  # dispatch(), or with the experts' adapters
             plan, x, routing, weights, layer, self, lambda *a: dispatch(cfg, plan, *a)
         )

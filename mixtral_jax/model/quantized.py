@@ -13,9 +13,28 @@ applies to activations and to dequantized weights, never to the stored codes. Fl
 The dequantize path (`as_compute`) turns one layer into the compute dtype inside the layer
 scan, never a whole [L, ...] stack: a cached call that reads stacks at `layer` gets that layer
 as a one-layer stack [1, ...] and layer index 0.
+
+Gradients (QLoRA: adapters training over a frozen quantized base). A quantized weight is a
+frozen base: codes and scales get no gradient, the activations do. Autodiff through
+`einsum(x, dequantize(W))` would keep the dequantized layer as the residual of d x = d y W^T,
+so a layer scan without remat would hold every layer's dequantized weights at once until the
+backward. `frozen_einsum` is that einsum with its own VJP instead: the residuals are the codes
+and scales (scan inputs, read in place by the backward), and the backward dequantizes the layer
+again for d x (one transient layer, the cost of one elementwise pass over the codes). Why this
+and not remat of the dequantize alone: the product's own linearisation is what saves W, so only
+owning the product's VJP keeps W out of the residuals without recomputing the forward matmul.
+The experts' grouped matmul does the same on the local dropless path, the training default:
+on CPU the float kernel on the dequantized matrix (`kernels/grouped_matmul.py`), on an H200
+the kernel reading codes (`kernels/gmm_quant.py`: codes in the forward below 4,096 rows, else
+dequantize + the bf16 kernel; the backward dequantizes + the transposed bf16 kernel). The other expert paths (dense, capacity,
+expert-parallel, and the Pallas float kernel where the codes-reading one does not tile the
+format) take the layer dequantized by `as_compute`: under remat "none" their backward
+keeps that copy per layer, so train them with remat "full" or "save_dots".
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +79,40 @@ def as_compute(
     if layer is not None and any(_needs_work(w, dtype) for w in weights):
         weights, layer = tuple(w[layer][None] for w in weights), 0
     return tuple(_in_dtype(w, dtype) for w in weights), layer
+
+
+def frozen_einsum(spec: str, x: jax.Array, w: QuantizedWeight, shape, dtype) -> jax.Array:
+    """einsum(spec, x, W) with W = dequantize(w) in `dtype`, reshaped to `shape` (a float
+    layout, e.g. [D, N, H] of a stored [D, N*H]), differentiable in x alone (module doc).
+
+    Args:
+      spec: a two-operand einsum "x,w->out" in which every letter of x is also in w or in
+        out (none summed over x alone), as the projections' "BTD,DNH->BTNH".
+    """
+    return _frozen_einsum(spec, tuple(shape), jnp.dtype(dtype), w.bits, x, w.codes, w.scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _frozen_einsum(spec, shape, dtype, bits, x, codes, scale):
+    w = QuantizedWeight(codes, scale, bits).dequantize(dtype).reshape(shape)
+    return jnp.einsum(spec, x, w)
+
+
+def _frozen_einsum_fwd(spec, shape, dtype, bits, x, codes, scale):
+    # x's dtype rides as a zero-size array: the backward returns d x in it
+    return _frozen_einsum(spec, shape, dtype, bits, x, codes, scale), (codes, scale, x[:0])
+
+
+def _frozen_einsum_bwd(spec, shape, dtype, bits, residuals, dy):
+    codes, scale, x_like = residuals
+    w = QuantizedWeight(codes, scale, bits).dequantize(dtype).reshape(shape)
+    ins, out = spec.replace(" ", "").split("->")
+    x_letters, w_letters = ins.split(",")
+    dx = jnp.einsum(f"{out},{w_letters}->{x_letters}", dy, w)  # d y W^T
+    return dx.astype(x_like.dtype), None, jnp.zeros_like(scale)
+
+
+_frozen_einsum.defvjp(_frozen_einsum_fwd, _frozen_einsum_bwd)
 
 
 def _needs_work(w: Weight, dtype) -> bool:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
+from mixtral_jax.kernels.quant import QuantizedWeight
 from mixtral_jax.kernels.grouped_matmul import (
     grouped_expert_ffn,
     grouped_matmul,
@@ -76,7 +77,8 @@ def moe_dropless(
         def gmm(lhs, w):
             return grouped_matmul_stacked(lhs, w, group_sizes, layer, gmm_impl)
 
-    if fused_swiglu and layer is None:
+    float_weights = not any(isinstance(w, QuantizedWeight) for w in (w_gate, w_up, w_down))
+    if fused_swiglu and layer is None and float_weights:  # codes go through `gmm`
         y_sorted = grouped_expert_ffn(x_sorted, w_gate, w_up, w_down, group_sizes, gmm_impl)
     else:
         h = swiglu(gmm(x_sorted, w_gate), gmm(x_sorted, w_up))  # [A, F]

@@ -40,7 +40,10 @@ def parse_args(argv):
     )
     p.add_argument("--checkpoint", required=True, help="model checkpoint or HF directory")
     p.add_argument("--tokenizer", help="sentencepiece model file (default: DIR/tokenizer.model)")
-    p.add_argument("--adapters", help="LoRA adapter directory on top of --checkpoint (merged)")
+    p.add_argument(
+        "--adapters",
+        help="LoRA adapter directory on top of --checkpoint (merged; factors over quantized weights)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     p.add_argument("--model-name", help="the name clients use (default: DIR's base name)")

@@ -10,6 +10,8 @@
 `swap` copies one expert (w_gate, w_up, w_down) from a donor checkpoint of the same widths, or
 from a dense Mistral/Llama Hugging Face directory's MLP (`surgery/swap.py`); `merge-lora` folds
 LoRA adapters (a LoRA run's final model) into their base: W + A B * alpha / r, a plain model.
+Over a quantized base (QLoRA) it first dequantizes it (codes * scales, in the checkpoint's
+parameter dtype) and writes a float model: re-quantize it with `python -m mixtral_jax.quantize`.
 
 Every command that writes makes a new model checkpoint of a valid smaller config (tokenizer
 copied); `eval` prints held-out perplexity of each checkpoint on the same text, so trimming an
@@ -92,6 +94,8 @@ def operate(args) -> int:
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out} already exists: choose a new directory")
     cfg, params = checkpoint.load_model(args.checkpoint)
+    if cfg.quantized and args.command == "merge-lora":  # QLoRA adapters: a float model
+        params, cfg = _dequantized(params, cfg)
     if cfg.quantized:  # the ops rewrite float expert stacks, not codes and their scales
         raise ValueError(
             f"{args.checkpoint} is quantized (expert_bits={cfg.expert_bits}): operate on the "
@@ -127,6 +131,19 @@ def operate(args) -> int:
         f"{cfg.param_count:,} parameters ({cfg.active_param_count:,} active)"
     )
     return 0
+
+
+def _dequantized(params: dict, cfg):
+    """(params, config) of the float model a quantized checkpoint stands for: codes * scales in
+    the checkpoint's parameter dtype (what its other weights are stored in)."""
+    from mixtral_jax.model import quantized
+
+    dtype = cfg.compute.param_dtype
+    print(
+        f"dequantizing the base (expert_bits={cfg.expert_bits}, attention_bits="
+        f"{cfg.attention_bits}) to {dtype}: the merged model is a float model"
+    )
+    return quantized.dequantize_params(params, cfg, dtype), quantized.float_config(cfg)
 
 
 def _load_shares(path: str, cfg) -> np.ndarray:

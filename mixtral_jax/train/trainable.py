@@ -1,5 +1,7 @@
 """What a run trains: everything (the default), LoRA adapters over a frozen base
 (`train.lora_rank` > 0), or the parts of the model that `train.trainable` patterns select.
+Over a quantized base (int8 / int4 experts or projections) only LoRA adapters, or float parts
+that patterns select, train: the codes and scales are frozen (`check_quantized`).
 
 The run's state (`TrainState.params`, the optimizer state, the checkpoints) holds only what
 trains; the frozen rest is an input of the compiled step, never differentiated, never updated
@@ -32,6 +34,8 @@ import numpy as np
 from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.model import lora
 from mixtral_jax.model.params import abstract, param_shapes
+from mixtral_jax.model.quantized import quantized_leaves
+from mixtral_jax.parallel.sharding import SCALE_SUFFIX
 
 _EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -148,12 +152,47 @@ class Partition:
         return out
 
 
+def check_quantized(tc, model_cfg: ModelConfig, where: str = "the model") -> None:
+    """Over quantized weights (`model_cfg.quantized`) only LoRA trains (QLoRA): the integer codes
+    and their scales stay frozen. `where` names the weights' source in the message.
+
+    Raises:
+      ConfigError: full fine-tuning (train.lora_rank 0, no train.trainable) over quantized
+        weights, or a train.trainable pattern that selects a quantized weight (named).
+    """
+    if not model_cfg.quantized or tc.lora_rank:
+        return
+    bits = f"expert_bits={model_cfg.expert_bits}, attention_bits={model_cfg.attention_bits}"
+    if not tc.trainable:
+        raise ConfigError(
+            f"train.lora_rank=0: full fine-tuning cannot train the quantized weights of {where} "
+            f"({bits}); set train.lora_rank > 0 (LoRA over the frozen quantized base) or start "
+            "from the float checkpoint"
+        )
+    frozen = {
+        ("layers", module, n + s)
+        for module, n in quantized_leaves(model_cfg)
+        for s in ("", SCALE_SUFFIX)
+    }
+    shapes = param_shapes(model_cfg)
+    for text in tc.trainable:
+        hit = sorted(keys for keys in select(shapes, (text,)) if keys in frozen)
+        if hit:
+            raise ConfigError(
+                f"train.trainable: {text!r} selects {'.'.join(hit[0])}, stored quantized in "
+                f"{where} ({bits}): quantized weights cannot train; train LoRA adapters over "
+                "them (train.lora_rank > 0) or start from the float checkpoint"
+            )
+
+
 def partition(tc, model_cfg: ModelConfig) -> Partition | None:
     """The run's partition from its TrainConfig (None: everything trains, today's path).
 
     Raises:
-      ConfigError: a LoRA rank too large for a target, or a pattern selecting nothing.
+      ConfigError: a LoRA rank too large for a target, a pattern selecting nothing, or
+        anything but LoRA training quantized weights (`check_quantized`).
     """
+    check_quantized(tc, model_cfg)
     if tc.lora_rank:
         lcfg = lora_config(tc)
         lora.adapter_shapes(model_cfg, lcfg)  # the rank fits every target

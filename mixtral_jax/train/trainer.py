@@ -68,22 +68,15 @@ class NumericsHalt(RuntimeError):
 
 def base_model_config(cfg: RunConfig):
     """The run's model config: the [model] table, or the starting checkpoint's architecture
-    computed as this run's [model] table says (`ComputeConfig`)."""
+    computed as this run's [model] table says (`ComputeConfig`). A quantized one (the [model]
+    table's expert_bits / attention_bits, or a checkpoint written by `python -m
+    mixtral_jax.quantize`) trains LoRA adapters over its frozen codes only (QLoRA)."""
     if not cfg.checkpoint.init_from:
-        if cfg.model.quantized:
-            raise ConfigError(
-                f"model.expert_bits={cfg.model.expert_bits}, model.attention_bits="
-                f"{cfg.model.attention_bits}: training needs float weights (16); quantize the "
-                "trained model with python -m mixtral_jax.quantize"
-            )
+        trainable.check_quantized(cfg.train, cfg.model, "the [model] table")
         return cfg.model
     start = load_hf_config(cfg.checkpoint.init_from)
-    if start.quantized:  # integer codes have no gradient: train the float checkpoint
-        raise ConfigError(
-            f"checkpoint.init_from={cfg.checkpoint.init_from} is quantized (expert_bits="
-            f"{start.expert_bits}, attention_bits={start.attention_bits}): training needs float "
-            "weights; start from the checkpoint it was quantized from"
-        )
+    where = f"checkpoint.init_from={cfg.checkpoint.init_from}"
+    trainable.check_quantized(cfg.train, start, where)
     return start.replace(compute=cfg.model.compute)
 
 

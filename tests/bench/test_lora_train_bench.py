@@ -46,3 +46,35 @@ def test_tiny_lora_bench_step_runs_and_counts():
     expert_adapters = cfg.num_layers * k * 3 * r * (d + f)
     assert flops["adapter_params_active"] == attn_adapters + expert_adapters
     assert flops["adapters"] == pytest.approx(6.0 * (attn_adapters + expert_adapters))
+
+
+def test_tiny_qlora_bench_step_runs_over_the_stored_int4_base():
+    cfg = lora_train.model_config(1, 8, "full", 4, None, attention=True, tiny=True)
+    cfg = cfg.replace(dtype="float32")
+    assert (cfg.expert_bits, cfg.attention_bits, cfg.quant_group_size) == (4, 4, 32)
+    row = lora_train.run_config(
+        cfg, seq=8, batch=2, rank=4, steps=1, peak=False, make_base=lambda c: mj.init(c, 0)
+    )
+    assert row["finite"] and row["tflops"] > 0 and row["expert_bits"] == 4
+    stored = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(mj.param_shapes(cfg)))
+    assert row["base_bytes"] == stored  # codes and scales, as stored
+    experts = mj.param_shapes(cfg)["layers"]["moe"]
+    codes = sum(x.size * x.dtype.itemsize for k, x in experts.items() if k.startswith("w_"))
+    e_d_f = cfg.num_layers * cfg.num_experts * cfg.embed_dim * cfg.hidden_dim
+    assert codes == 3 * e_d_f * (0.5 + 4 / 32)  # int4 codes + a float32 scale per 32 rows
+
+
+def test_a_sequence_that_does_not_fit_is_one_line_and_ends_the_sweep(monkeypatch, capsys):
+    monkeypatch.setattr(lora_train, "build", lambda *a: (None, lambda: None, None))
+
+    def measure(step, state, base, cfg, lcfg, seq, batch, steps):
+        if seq > 16:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 bytes\nmore")
+        return {"seq": seq, "step_ms": 1.0}
+
+    monkeypatch.setattr(lora_train, "measure", measure)
+    rows = lora_train.sweep(None, None, None, [64, 16, 32], 1, 1)
+    assert [r["seq"] for r in rows] == [16, 32] and [r["fits"] for r in rows] == [True, False]
+    assert rows[1]["error"] == "out of memory: RESOURCE_EXHAUSTED: Out of memory allocating 1 bytes"
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and '"fits": false' in lines[1]

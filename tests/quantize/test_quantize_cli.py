@@ -169,17 +169,21 @@ def test_eval_compares_original_and_quantized_side_by_side(setup, capsys):
     assert re.search(r"perplexity [+-]\d+\.\d+%, max logit error .* top-1 changed on", out), out
 
 
-def test_training_refuses_quantized_weights_in_one_line(setup):
+def test_full_fine_tuning_refuses_quantized_weights_in_one_line(setup):
     from mixtral_jax.train.config import load_run_config
     from mixtral_jax.train.trainer import base_model_config
 
     root, _, _ = setup
     start = load_run_config(None, [f"checkpoint.init_from={root / 'q4'}"])
-    with pytest.raises(ConfigError, match="is quantized .*training needs float weights"):
+    with pytest.raises(ConfigError, match="lora_rank=0: full fine-tuning cannot train the quant"):
         base_model_config(start)
     fresh = load_run_config(None, ["model.expert_bits=8"])
-    with pytest.raises(ConfigError, match="model.expert_bits=8, .*training needs float weights"):
+    with pytest.raises(
+        ConfigError, match=r"weights of the \[model\] table .expert_bits=8, attention_bits"
+    ):
         base_model_config(fresh)
+    qlora = load_run_config(None, ["model.expert_bits=8", "train.lora_rank=4"])
+    assert base_model_config(qlora).expert_bits == 8  # LoRA over the frozen codes: QLoRA
 
 
 def test_dtype_sets_the_compute_dtype_never_the_codes(setup):
