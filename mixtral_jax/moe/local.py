@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import GmmImpl
-from mixtral_jax.kernels.quant import QuantizedWeight
 from mixtral_jax.kernels.grouped_matmul import (
     grouped_expert_ffn,
     grouped_matmul,
     grouped_matmul_stacked,
 )
+from mixtral_jax.kernels.quant import QuantizedWeight
 from mixtral_jax.moe.ops import (
     exclusive_cumsum,
     sort_by_expert,
