@@ -83,3 +83,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+@jax.custom_vjp
+def float32_logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, D] @ w [D, V], both in the compute dtype, summed in float32 -> [B, T, V] float32
+    logits. The backward gives both matmuls the cotangent in x's dtype (float32 sums): autodiff
+    would multiply the float32 cotangent [B, T, V] by the bf16 operands as float32 (TF32)
+    matmuls, 31 of a 274 ms step for the 2-layer 8x7B at 16k tokens on an H200 against ~14 in
+    bf16. With float32 compute it is autodiff's gradient."""
+    return jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_fwd(x, w):
+    return float32_logits(x, w), (x, w)
+
+
+def _float32_logits_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("BTV,DV->BTD", g, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("BTD,BTV->DV", x, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+float32_logits.defvjp(_float32_logits_fwd, _float32_logits_bwd)

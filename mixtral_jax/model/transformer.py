@@ -26,7 +26,7 @@ from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model import paged_kv_cache
 from mixtral_jax.model.attention import Attention, cached_attention_mask, make_attention_mask
 from mixtral_jax.model.kv_cache import KVCache
-from mixtral_jax.model.layers import Embed, RMSNorm, normal_init, rope_cos_sin
+from mixtral_jax.model.layers import Embed, RMSNorm, float32_logits, normal_init, rope_cos_sin
 from mixtral_jax.model.moe import MoE, MoEAux
 from mixtral_jax.model.paged_kv_cache import PagedGroup, PagedKVCache
 from mixtral_jax.parallel import sharding
@@ -259,9 +259,7 @@ class Mixtral(nnx.Module):
         x = sharding.constrain(self.embed(tokens), "batch", "length", "embed")  # [B, T, D]
         x, layer_aux = jax.lax.scan(body, x, (layer_state, layer_rngs))
         x = self.final_norm(x)
-        logits = jnp.einsum(
-            "BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32
-        )
+        logits = float32_logits(x, self.lm_head[...].astype(x.dtype))  # [B, T, V]
         logits = sharding.constrain(logits, "batch", "length", "vocab")
         return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t))
 
