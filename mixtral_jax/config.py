@@ -63,7 +63,7 @@ class FusedSwiglu(str, enum.Enum):
     """Whether the dropless MoE runs gate and up as one grouped matmul with SwiGLU in its
     epilogue (`kernels/gmm_swiglu.py`) instead of two grouped matmuls and XLA's SwiGLU."""
 
-    AUTO = "auto"  # on where the local dropless path's grouped matmul is pallas
+    AUTO = "auto"  # off: not faster in the H200 training step (BENCHMARKS.md)
     ON = "on"  # the same, refused where the grouped matmul is not pallas
     OFF = "off"  # two grouped matmuls, then SwiGLU
 

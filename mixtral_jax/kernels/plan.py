@@ -352,16 +352,18 @@ def resolve_gmm(impl: GmmImpl | str, where: str | None = None, dtype=None) -> Gm
 def resolve_fused_swiglu(
     impl: FusedSwiglu | str, gmm: GmmImpl, *, local_gmm: bool = True, float_experts: bool = True
 ) -> bool:
-    """`auto` / `on` -> True where the call's experts run through the local dropless path's
-    Pallas grouped matmul (`local_gmm`) on float weights; `on` with a grouped matmul other
-    than pallas is a ConfigError (elsewhere, e.g. expert-parallel or decode calls, it is off)."""
+    """`on` -> True where the call's experts run through the local dropless path's Pallas
+    grouped matmul (`local_gmm`) on float weights; `on` with a grouped matmul other than pallas
+    is a ConfigError (elsewhere, e.g. expert-parallel or decode calls, it is off). `auto` is off
+    for now: on the H200 the 2-layer 8x7B step ran 275.7 ms with it and 273.7 without
+    (BENCHMARKS.md), though the kernel alone is correct there and runs 540 TFLOP/s."""
     impl = FusedSwiglu(impl)
     if impl == FusedSwiglu.ON and gmm != GmmImpl.PALLAS:
         raise ConfigError(
             f"fused_swiglu='on' needs gmm_impl 'pallas' (an NVIDIA GPU), but the grouped "
             f"matmul is {gmm.value!r}; use 'auto' or 'off'"
         )
-    return impl != FusedSwiglu.OFF and gmm == GmmImpl.PALLAS and local_gmm and float_experts
+    return impl == FusedSwiglu.ON and gmm == GmmImpl.PALLAS and local_gmm and float_experts
 
 
 def _needs_nvidia(field: str, value: str, where: str) -> None:
