@@ -8,8 +8,11 @@
                 a prefill costs the running streams its arithmetic, not a second weight read).
 Each is compiled once per (batch B, table width R) pair (`Engine.batches`, `Engine.widths`).
 
-Both donate the pool, sample each row's next token with its own settings and key
-(`sample_rows`), and return the routing of the position that chose it: [L, rows, k] experts and
+Both donate the pool and `last` [max_batch], each engine row's last sampled token: a decoding
+row's input is read from it (`slots` map batch rows to engine rows) and its new token written
+back, as is a final prefill chunk's first token, so no token waits for the host between steps.
+Both sample each row's next token with its own settings and key (`sample_rows`), and return the
+routing of the position that chose it: [L, rows, k] experts and
 gate weights, from the router logits the MoE computed (`route_logits` again: the same function
 of the same logits). `traces` counts how often they were traced: after `Engine.warmup`, a steady
 state that compiles nothing more leaves it at 2 per (batch, width).
