@@ -124,6 +124,28 @@ def test_greedy_tokens_equal_the_generator_alone_and_among_eight_others(engine, 
     assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"] == 32
 
 
+def test_a_step_is_dispatched_before_the_last_ones_tokens_are_streamed_at_the_smallest_batch(
+    engine, reference, monkeypatch
+):
+    batches, real = [], engine.steps.decode
+
+    def recording(pool, last, slots, *rest):  # the decode step alone: which batch it ran
+        batches.append(len(slots))
+        return real(pool, last, slots, *rest)
+
+    monkeypatch.setattr(engine.steps, "decode", recording)
+    stream = engine.submit(Request(PROMPTS["short"], 3, ignore_eos=True))
+    engine.run_once()  # its prompt (one chunk) is prefilled and its first token sampled ...
+    with pytest.raises(queue.Empty):
+        stream.get(timeout=0)  # ... on the device: nothing streamed yet
+    engine.run_once()  # the second token's step is dispatched, then the first token streamed
+    assert stream.get(timeout=0).tokens == reference["short"][:1]
+    assert batches == [1]  # one decoding row: the compiled batch of 1, not max_batch (4)
+    got = _drain(engine, [stream])[0]
+    assert reference["short"][:3] == reference["short"][:1] + got[0] and got[1] == "length"
+    assert batches == [1, 1]  # max_tokens 3: two decode steps, none after the last token
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(engine):
     hot = SamplingParams(temperature=1.0, top_p=0.95)
     request = Request(_prompt(11, 7), 12, hot, seed=1234, ignore_eos=True)
