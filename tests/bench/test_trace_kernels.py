@@ -50,3 +50,19 @@ def test_no_kernels_describes_planes_lines_and_counts():
     assert text[0] == "plane '/host:CPU', 1 lines: 'python': 1"
     assert text[1] == "plane '/device:GPU:0', 2 lines: 'Steps': 0, 'XLA Modules': 1"
     assert "no planes" in describe_profile(NS(planes=[]))[0]
+
+
+def test_a_stream_that_also_copies_keeps_its_kernels_not_its_copies():
+    """CUPTI names a compute stream that also copies 'Stream #14(Compute,MemcpyD2H)': the H200
+    train-step profile of jax 0.11.2 held its kernels only there."""
+    gpu = plane(
+        "/device:GPU:0",
+        line(
+            "Stream #14(Compute,MemcpyD2H,MemcpyD2D)",
+            event("tgmm", 10, 7),
+            event("MemcpyD2D", 20, 3),
+            event("loop_select_fusion", 30, 4),
+        ),
+        line("Stream #20(MemcpyH2D)", event("MemcpyH2D", 40, 2)),
+    )
+    assert device_kernels(NS(planes=[gpu])) == [("tgmm", 10, 7), ("loop_select_fusion", 30, 4)]
