@@ -234,32 +234,64 @@ def _gmm_call(
         rhs, layer = rhs[None], 0
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     rows, contract = lhs.shape
-    num_groups = rhs.shape[1]
     width = rhs.shape[2] if transpose_rhs else rhs.shape[3]
-    steps = (contract if transpose_rhs else weight_tiles.stored_rows(rhs)) // tiles.block_k
+    return row_tile_call(
+        _gmm_kernel,
+        (layer, lhs, rhs),
+        jax.ShapeDtypeStruct((rows, width), lhs.dtype),
+        group_sizes=group_sizes,
+        tiles=tiles,
+        steps=(contract if transpose_rhs else weight_tiles.stored_rows(rhs)) // tiles.block_k,
+        num_groups=rhs.shape[1],
+        dtype=lhs.dtype,
+        name="gmm_t" if transpose_rhs else "gmm",
+        interpret=interpret,
+        transpose_rhs=transpose_rhs,
+    )
+
+
+def row_tile_call(
+    kernel,
+    operands: tuple,
+    out_shape,
+    *,
+    group_sizes,
+    tiles: Tiles,
+    steps: int,
+    num_groups: int,
+    dtype,
+    name: str,
+    interpret: bool,
+    **static,
+):
+    """A Pallas call of the forward kernels' shape: one program per (work item of `schedule`,
+    column tile) of [rows, width] outputs (`out_shape`: one ShapeDtypeStruct or a tuple of them,
+    of padded shapes that the tiles divide). `kernel` takes the refs (work_group, work_tile,
+    starts, ends, *operands, *outputs) and the keywords tiles, num_items, num_cols, steps,
+    num_groups, precision (of `dtype`) and `static`. gmm, gmm_t and gmm_swiglu.py's kernels."""
+    rows, width = (out_shape[0] if isinstance(out_shape, tuple) else out_shape).shape
     work_group, work_tile = schedule(group_sizes, rows, tiles.block_m)
     starts, ends = _group_bounds(group_sizes, rows)
     num_items, num_cols = work_group.shape[0], width // tiles.block_n
-    kernel = functools.partial(
-        _gmm_kernel,
-        tiles=tiles,
-        num_items=num_items,
-        num_cols=num_cols,
-        steps=steps,
-        num_groups=num_groups,
-        transpose_rhs=transpose_rhs,
-        precision=matmul_precision(lhs.dtype),
-    )
     return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((rows, width), lhs.dtype),
+        functools.partial(
+            kernel,
+            tiles=tiles,
+            num_items=num_items,
+            num_cols=num_cols,
+            steps=steps,
+            num_groups=num_groups,
+            precision=matmul_precision(dtype),
+            **static,
+        ),
+        out_shape=out_shape,
         grid=(num_items * num_cols,),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages
         ),
         interpret=interpret,
-        name="gmm_t" if transpose_rhs else "gmm",
-    )(work_group, work_tile, starts, ends, layer, lhs, rhs)
+        name=name,
+    )(work_group, work_tile, starts, ends, *operands)
 
 
 def _tgmm_kernel(

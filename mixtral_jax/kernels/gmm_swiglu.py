@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mixtral_jax.kernels import gmm_pallas
-from mixtral_jax.kernels.common import SMEM_BYTES, matmul_precision
+from mixtral_jax.kernels.common import SMEM_BYTES
 from mixtral_jax.kernels.gmm_pallas import Tiles
 
 # Two [bm, bn] float32 accumulators: half the column tile of the single gmm's 128 x 256 keeps
@@ -138,30 +138,19 @@ def _call(lhs, w_gate, w_up, group_sizes, *, save: bool, interpret: bool):
     lhs_p = pad(pad(lhs, 0, tiles.block_m), 1, tiles.block_k)
     w_gate_p, w_up_p = (pad(pad(w, 1, tiles.block_k), 2, tiles.block_n) for w in (w_gate, w_up))
     rows_p, contract_p = lhs_p.shape
-    width_p = w_gate_p.shape[2]
-    work_group, work_tile = gmm_pallas.schedule(group_sizes, rows_p, tiles.block_m)
-    starts, ends = gmm_pallas._group_bounds(group_sizes, rows_p)
-    num_items, num_cols = work_group.shape[0], width_p // tiles.block_n
-    kernel = functools.partial(
+    out = jax.ShapeDtypeStruct((rows_p, w_gate_p.shape[2]), lhs.dtype)
+    outs = gmm_pallas.row_tile_call(
         _kernel,
+        (lhs_p, w_gate_p, w_up_p),
+        (out,) * (3 if save else 1),
+        group_sizes=group_sizes,
         tiles=tiles,
-        num_items=num_items,
-        num_cols=num_cols,
         steps=contract_p // tiles.block_k,
         num_groups=num_groups,
-        precision=matmul_precision(lhs.dtype),
-    )
-    out = jax.ShapeDtypeStruct((rows_p, width_p), lhs.dtype)
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=(out,) * (3 if save else 1),
-        grid=(num_items * num_cols,),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages
-        ),
-        interpret=interpret,
+        dtype=lhs.dtype,
         name="gmm_swiglu",
-    )(work_group, work_tile, starts, ends, lhs_p, w_gate_p, w_up_p)
+        interpret=interpret,
+    )
     return tuple(o[:rows, :width] for o in outs)
 
 
@@ -277,30 +266,19 @@ def _bwd_call(dy, w_down, gate, up, group_sizes, *, interpret: bool):
     w_p = pad(pad(w_down, 1, tiles.block_n), 2, tiles.block_k)
     gate_p, up_p = (pad(pad(x, 0, tiles.block_m), 1, tiles.block_n) for x in (gate, up))
     rows_p, contract_p = dy_p.shape
-    width_p = w_p.shape[1]
-    work_group, work_tile = gmm_pallas.schedule(group_sizes, rows_p, tiles.block_m)
-    starts, ends = gmm_pallas._group_bounds(group_sizes, rows_p)
-    num_items, num_cols = work_group.shape[0], width_p // tiles.block_n
-    kernel = functools.partial(
+    out = jax.ShapeDtypeStruct((rows_p, w_p.shape[1]), dy.dtype)
+    d_gate, d_up = gmm_pallas.row_tile_call(
         _bwd_kernel,
+        (dy_p, w_p, gate_p, up_p),
+        (out, out),
+        group_sizes=group_sizes,
         tiles=tiles,
-        num_items=num_items,
-        num_cols=num_cols,
         steps=contract_p // tiles.block_k,
         num_groups=num_groups,
-        precision=matmul_precision(dy.dtype),
-    )
-    out = jax.ShapeDtypeStruct((rows_p, width_p), dy.dtype)
-    d_gate, d_up = pl.pallas_call(
-        kernel,
-        out_shape=(out, out),
-        grid=(num_items * num_cols,),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages
-        ),
-        interpret=interpret,
+        dtype=dy.dtype,
         name="gmm_t_swiglu_bwd",
-    )(work_group, work_tile, starts, ends, dy_p, w_p, gate_p, up_p)
+        interpret=interpret,
+    )
     return d_gate[:rows, :width], d_up[:rows, :width]
 
 
