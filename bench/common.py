@@ -5,6 +5,7 @@ Run from the repository root with PYTHONPATH=. (the GPU machine does not install
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -273,3 +274,18 @@ def kernel_summary(kernels: list[tuple[str, int, int]], per: int = 1) -> dict:
             for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])
         },
     }
+
+
+def expert_stacks(keys, layers: int, experts: int, d: int, f: int) -> list:
+    """Random bf16 expert stacks (std 0.02) drawn on the device a layer at a time, one of the
+    three `keys` each: [w_gate, w_up] [L, E, D, F] and w_down [L, E, F, D]."""
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def make(key, shape):
+        return jax.lax.map(
+            lambda k: (0.02 * jax.random.normal(k, shape[1:], jnp.float32)).astype(jnp.bfloat16),
+            jax.random.split(key, shape[0]),
+        )
+
+    shapes = ((layers, experts, d, f), (layers, experts, d, f), (layers, experts, f, d))
+    return [make(k, s) for k, s in zip(keys, shapes)]

@@ -31,7 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import environment, kernel_summary, timed, trace_kernels, write_json
+from bench.common import (
+    environment,
+    expert_stacks,
+    kernel_summary,
+    timed,
+    trace_kernels,
+    write_json,
+)
 from mixtral_jax.kernels import expert_decode as ed
 from mixtral_jax.kernels import expert_decode_grouped as grouped
 from mixtral_jax.kernels.common import DecodeTiles, pow2_at_least
@@ -172,20 +179,7 @@ def main():
     args = p.parse_args()
     tokens = args.tokens or ("65,128" if args.small else "256")
     d, f = WIDTHS["small" if args.small else "full"]
-    keys = jax.random.split(jax.random.key(0), 3)
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def make(key, shape):
-        return jax.lax.map(
-            lambda k: (0.02 * jax.random.normal(k, shape[1:], jnp.float32)).astype(jnp.bfloat16),
-            jax.random.split(key, shape[0]),
-        )
-
-    stacks = [
-        make(keys[0], (LAYERS, E, d, f)),
-        make(keys[1], (LAYERS, E, d, f)),
-        make(keys[2], (LAYERS, E, f, d)),
-    ]
+    stacks = expert_stacks(jax.random.split(jax.random.key(0), 3), LAYERS, E, d, f)
     layers = [jnp.int32(i) for i in range(LAYERS)]
     rows = []
     for m in [int(t) for t in tokens.split(",")]:

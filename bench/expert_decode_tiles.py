@@ -19,13 +19,19 @@ Writes $OUT/expert_decode_tiles.json (or $OUT/decode_projection_tiles.json).
 from __future__ import annotations
 
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import copy_bandwidth_tbs, environment, kernel_summary, trace_kernels, write_json
+from bench.common import (
+    copy_bandwidth_tbs,
+    environment,
+    expert_stacks,
+    kernel_summary,
+    trace_kernels,
+    write_json,
+)
 from mixtral_jax.kernels import decode_matmul as dm
 from mixtral_jax.kernels import expert_decode as ed
 from mixtral_jax.moe import local as moe_local
@@ -260,19 +266,7 @@ def main():
         projection_sweep([int(t) for t in args.tokens.split(",")])
         return
     keys = jax.random.split(jax.random.key(0), 5)
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def make(key, shape):
-        return jax.lax.map(
-            lambda k: (0.02 * jax.random.normal(k, shape[1:], jnp.float32)).astype(jnp.bfloat16),
-            jax.random.split(key, shape[0]),
-        )
-
-    stacks = [
-        make(keys[0], (LAYERS, E, D, F)),
-        make(keys[1], (LAYERS, E, D, F)),
-        make(keys[2], (LAYERS, E, F, D)),
-    ]
+    stacks = expert_stacks(keys[:3], LAYERS, E, D, F)
     router = jax.random.normal(keys[3], (D, E), jnp.bfloat16)
     copy_tbs = copy_bandwidth_tbs()
     layers = [jnp.int32(i) for i in range(LAYERS)]
