@@ -98,8 +98,18 @@ def test_moe_dropless_through_the_kernel_equals_the_dense_oracle(monkeypatch):
     """The whole dropless MoE with the Pallas kernel (interpreted) in place of ragged_dot."""
     real = gmm_pallas.gmm
     monkeypatch.setattr(gmm_pallas, "gmm", lambda l, r, g: real(l, r, g, True))
-    m, d, f, e = 12, 16, 32, 4
-    keys = jax.random.split(jax.random.key(3), 5)
+    pallas = functools.partial(moe_local.moe_dropless, gmm_impl=GmmImpl.PALLAS)  # the plan's choice
+    assert_moe_equals_the_dense_oracle(pallas, seed=3)
+
+
+MOE_TOKENS, MOE_WIDTH = 12, 16  # the oracle problem: M tokens of D, F = 32, E = 4, top-2
+
+
+def assert_moe_equals_the_dense_oracle(path, seed: int) -> None:
+    """path(x, routing, w_gate, w_up, w_down) -> (out, dropped) gives moe_dense's output and
+    gradients (x and the three expert weights; float32, <= 1e-5) on random tokens and routing."""
+    m, d, f, e = MOE_TOKENS, MOE_WIDTH, 32, 4
+    keys = jax.random.split(jax.random.key(seed), 5)
     x = jax.random.normal(keys[0], (m, d))
     router = jax.random.normal(keys[1], (d, e))
     w = [
@@ -111,15 +121,11 @@ def test_moe_dropless_through_the_kernel_equals_the_dense_oracle(monkeypatch):
         out, _ = fn(x, moe_ops.route(x, router, 2), *w)
         return jnp.sum(jnp.sin(out)), out
 
-    grad = jax.jit(
-        lambda fn, *a: jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2, 3), has_aux=True)(
-            *a
-        ),
-        static_argnums=0,
-    )
-    pallas = functools.partial(moe_local.moe_dropless, gmm_impl=GmmImpl.PALLAS)  # the plan's choice
-    (_, got), g_got = grad(pallas, x, *w)
-    (_, want), g_want = grad(moe_local.moe_dense, x, *w)
+    def grad(fn):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2, 3), has_aux=True))
+
+    (_, got), g_got = grad(path)(x, *w)
+    (_, want), g_want = grad(moe_local.moe_dense)(x, *w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_got, g_want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -12,8 +12,12 @@ import pytest
 from mixtral_jax.config import GmmImpl
 from mixtral_jax.kernels import gmm_pallas, gmm_swiglu
 from mixtral_jax.moe import local as moe_local
-from mixtral_jax.moe import ops as moe_ops
 from mixtral_jax.moe.ops import swiglu
+from tests.kernels.test_gmm_pallas import (
+    MOE_TOKENS,
+    MOE_WIDTH,
+    assert_moe_equals_the_dense_oracle,
+)
 
 
 def unfused(x, w_gate, w_up, gs):
@@ -116,26 +120,6 @@ def test_dropless_moe_with_the_fused_kernel_equals_the_dense_oracle(monkeypatch)
         return real_ffn(lhs, w_gate, w_up, w_down, gs, True)
 
     monkeypatch.setattr(gmm_swiglu, "expert_ffn", interpreted)
-    m, d, f, e = 12, 16, 32, 4
-    keys = jax.random.split(jax.random.key(5), 5)
-    x = jax.random.normal(keys[0], (m, d))
-    router = jax.random.normal(keys[1], (d, e))
-    w = [
-        jax.random.normal(keys[i], s) * 0.3
-        for i, s in ((2, (e, d, f)), (3, (e, d, f)), (4, (e, f, d)))
-    ]
-
-    def loss(fn, x, *w):
-        out, _ = fn(x, moe_ops.route(x, router, 2), *w)
-        return jnp.sum(jnp.sin(out)), out
-
-    def grad(fn):
-        return jax.jit(jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2, 3), has_aux=True))
-
     fused = functools.partial(moe_local.moe_dropless, gmm_impl=GmmImpl.PALLAS, fused_swiglu=True)
-    (_, got), g_got = grad(fused)(x, *w)
-    assert calls == [(m * 2, d)]  # the fused kernels ran, on the sorted rows
-    (_, want), g_want = grad(moe_local.moe_dense)(x, *w)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_got, g_want):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_moe_equals_the_dense_oracle(fused, seed=5)
+    assert calls == [(MOE_TOKENS * 2, MOE_WIDTH)]  # the fused kernels ran, on the sorted rows
