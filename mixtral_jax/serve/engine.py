@@ -239,24 +239,23 @@ class Engine:
         return next(w for w in self.widths if w * self.block_size >= tokens)
 
     def _new_last(self) -> jax.Array:
-        """The device's last sampled token per row [max_batch] (what each step feeds), placed
-        like the pool."""
-        last = jnp.zeros((self.max_batch,), jnp.int32)
-        devices = jax.tree.leaves(self.steps.state)[0].devices()
-        return jax.device_put(last, next(iter(devices))) if len(devices) == 1 else last
+        """The device's last sampled token per row [max_batch] (what each step feeds)."""
+        return self._committed(jnp.zeros((self.max_batch,), jnp.int32))
 
     def _new_pool(self):
-        """An empty pool, committed to the model's device like the pools the steps return: a
-        call with an uncommitted pool is compiled apart from one with a committed pool (one
-        trace, two executables), so `warmup` would miss the shapes steady state runs. (A model
-        over several devices leaves the pool to jit's placement: the pool is not sharded.)"""
+        """An empty pool (`_committed`)."""
         cache = PagedKVCache.create(
             self.cfg, 1, self.num_blocks, self.block_size, self.blocks_per_row
         )
+        return self._committed((cache.k, cache.v))
+
+    def _committed(self, tree):
+        """`tree` committed to the model's device like the arrays the steps return: a call with
+        an uncommitted input is compiled apart from one with a committed input (one trace, two
+        executables), so `warmup` would miss the shapes steady state runs. (A model over several
+        devices leaves them to jit's placement: the pool is not sharded.)"""
         devices = jax.tree.leaves(self.steps.state)[0].devices()
-        if len(devices) != 1:
-            return (cache.k, cache.v)
-        return jax.device_put((cache.k, cache.v), next(iter(devices)))
+        return jax.device_put(tree, next(iter(devices))) if len(devices) == 1 else tree
 
     # ---- the interface ----------------------------------------------------------------------
     def blocks_needed(self, request: Request) -> int:
