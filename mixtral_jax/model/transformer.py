@@ -457,9 +457,7 @@ class Mixtral(nnx.Module):
             body, (x, k_cache, v_cache), (layer_state, indices), unroll=plan.extend_unroll
         )
         x = self.final_norm(x)
-        logits = jnp.einsum(
-            "BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32
-        )
+        logits = float32_logits(x, self.lm_head[...].astype(x.dtype))  # [B, T, V]
         return logits, layer_aux, k, v
 
 
