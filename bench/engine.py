@@ -3,7 +3,7 @@ GPU: the full Mixtral 8x7B widths, random bf16 weights made on the device, besid
 
   python3 bench/engine.py [--layers 32] [--batches 1,16,64,256] [--prompt 128] [--max-tokens 512]
       [--steps 32] [--block-size 16] [--prefill-chunk 256] [--prefill-rows 1]
-      [--set paged_attention_impl=pallas] [--profile]
+      [--set paged_attention_impl=pallas] [--profile] [--unroll N]
   JAX_PLATFORMS=cpu python3 bench/engine.py --preset tiny      # the code path, in seconds
 
 Per batch size B, one `Engine(max_batch=B)`: warmup (both step shapes compiled, timed), then B
@@ -116,6 +116,9 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
         raise RuntimeError(f"rows left or prefilled during the window: {s0} -> {s1}")
     tokens = s1["generated_tokens"] - s0["generated_tokens"]
     step_s = (t1 - t0) / steps
+    calls = s1["calls"] - s0["calls"]
+    dispatch_ms = 1000 * (s1["dispatch_s"] - s0["dispatch_s"]) / calls
+    wait_ms = 1000 * (s1["wait_s"] - s0["wait_s"]) / calls
     mean_cached = args.prompt + (s0["generated_tokens"] + s1["generated_tokens"]) / 2 / batch
     floor_s = step_bytes(cfg, batch) / (bandwidth_tbs * 1e12)
     floor_kv_s = (step_bytes(cfg, batch) + kv_bytes(cfg, batch * mean_cached)) / (
@@ -128,6 +131,9 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
         "output_tokens_per_s": tokens / (t1 - t0),
         "step_ms": 1000 * step_s,
         "steps": steps,
+        "dispatch_ms_per_call": dispatch_ms,
+        "token_wait_ms_per_call": wait_ms,
+        "unroll": kernel_plan.GPU_EXTEND_UNROLL,
         "weights_floor_step_ms": 1000 * floor_s,
         "share_of_weights_floor": floor_s / step_s,
         "weights_kv_floor_step_ms": 1000 * floor_kv_s,
@@ -180,7 +186,12 @@ def main():
         "--bandwidth-tbs", type=float, default=None, help="default: measured (tiny: 0.05 nominal)"
     )
     p.add_argument("--profile", action="store_true", help="GPU kernels per decode step")
+    p.add_argument(
+        "--unroll", type=int, default=None, help="layers per layer-scan iteration (plan default)"
+    )
     args = p.parse_args()
+    if args.unroll is not None:
+        kernel_plan.GPU_EXTEND_UNROLL = args.unroll
     tiny = args.preset == "tiny"
     batches = [int(b) for b in (args.batches or ("1,4" if tiny else "1,16,64,256")).split(",")]
     args.prompt = args.prompt or (8 if tiny else 128)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.generated_tokens = self.decode_steps = self.prefill_calls = self.calls = 0
         self.cancel_lag = 0
+        # host seconds spent dispatching model calls and waiting for their tokens: a step whose
+        # dispatch time nears its step time is host-bound (the device waits for the launches)
+        self.dispatch_s = self.wait_s = 0.0
 
     def block_bytes(self) -> int:
         """Bytes of one KV block: k and v, every layer."""
@@ -343,7 +347,8 @@ class Engine:
         them), free_blocks, total_blocks, generated_tokens (monotonic), steps (decode steps),
         prefill_calls, calls (model calls: every step), preemptions, cancel_lag (the most
         model calls any cancelled row ran between its cancel() and the release of its row),
-        traces (compiles)."""
+        traces (compiles), dispatch_s and wait_s (host seconds dispatching model calls and
+        waiting for their tokens)."""
         rows = [r for r in self._sched.rows if r is not None]
         return {
             "queue_depth": len(self._sched.waiting),
@@ -358,6 +363,8 @@ class Engine:
             "preemptions": self._sched.preemptions,
             "cancel_lag": self.cancel_lag,
             "traces": self.steps.traces,
+            "dispatch_s": self.dispatch_s,
+            "wait_s": self.wait_s,
         }
 
     def warmup(self) -> None:
@@ -432,6 +439,7 @@ class Engine:
         decode, decode_need = self._decode_args(decoding)
         width = self._width(decode_need)
         prefilled = None
+        dispatch_start = time.perf_counter()
         if prefilling:  # one call: the decode step (rows may all be idle) and a prefill chunk
             chunk, chunk_need = self._chunk_args(prefilling, pieces)
             width = self._width(max(decode_need, chunk_need))
@@ -443,6 +451,7 @@ class Engine:
             self._pool, self._last, decoded = self.steps.decode(
                 self._pool, self._last, *_narrow(decode, width)
             )
+        self.dispatch_s += time.perf_counter() - dispatch_start
         self.decode_steps += bool(decoding)
         self.calls += 1
         rows = self._sched.rows
@@ -542,7 +551,9 @@ class Engine:
         """(i, row, j): row (in slot i when dispatched) sampled out.tokens[j]: stream it, or end
         the row. Rows that left since (cancelled, preempted, or ended by the token before) are
         skipped."""
+        wait_start = time.perf_counter()
         tokens, experts, weights = _host(out, [row for _, row, _ in entries])
+        self.wait_s += time.perf_counter() - wait_start
         for i, row, j in entries:
             if self._sched.rows[i] is not row:
                 continue
