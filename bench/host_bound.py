@@ -1,0 +1,114 @@
+"""Why is the engine's batch-1 decode step longer than its kernels? Variants in one process.
+
+  python3 bench/host_bound.py [--layers 32] [--steps 48] [--variants base,poll10,nocond,...]
+  JAX_PLATFORMS=cpu python3 bench/host_bound.py --preset tiny     # the code path
+
+One model (random bf16 weights made on the device), then per variant a fresh `Engine` at batch 1
+through `bench/engine.measure`, printing one JSON line: step ms, the host's dispatch ms per call
+(time inside the compiled call: it returns only when a host-synchronising op inside it, a while
+loop's or a conditional's predicate, has been reached on the device) and its wait for tokens.
+Variants (each a change of the code the step runs, applied here only):
+  base     the engine as it is
+  poll10   the benchmark polls the engine's counters every 10 ms instead of 0.5 ms (the GIL)
+  nocond   per-row sampling without its `lax.cond` (greedy and drawn tokens both computed, one
+           `where`): a conditional's predicate is copied to the host, which waits for it
+  unroll   the layer scan fully unrolled (no while loop: each iteration's predicate also syncs)
+  nocond_unroll  both
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax
+import jax.numpy as jnp
+
+import mixtral_jax as mj
+from bench import engine as engine_bench
+from bench.common import copy_bandwidth_tbs, environment, random_model, write_json
+from mixtral_jax.generate import sampling
+from mixtral_jax.kernels import plan as kernel_plan
+from mixtral_jax.serve import steps as serve_steps
+
+KEYS = (
+    "step_ms",
+    "output_tokens_per_s",
+    "dispatch_ms_per_call",
+    "token_wait_ms_per_call",
+    "unroll",
+    "compile_s",
+)
+
+
+def sample_rows_without_cond(logits, rows):
+    """`sampling.sample_rows` with both branches computed and one select (no conditional)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = rows.temperature > 0
+    forced = sampling.RowSampling(
+        temperature=jnp.where(hot, rows.temperature, 1.0),
+        top_k=rows.top_k,
+        top_p=rows.top_p,
+        seed=rows.seed,
+        counter=rows.counter,
+    )
+    drawn = sampling.sample_rows(logits, forced)  # every row hot: the cond takes `draw`
+    return jnp.where(hot, drawn, greedy)
+
+
+def run_variant(name: str, model, args, bandwidth: float) -> dict:
+    saved = (engine_bench.wait_for, serve_steps.sample_rows, kernel_plan.GPU_EXTEND_UNROLL)
+    try:
+        if name == "poll10":
+            engine_bench.wait_for = functools.partial(saved[0], poll=0.01)
+        if "nocond" in name:
+            serve_steps.sample_rows = sample_rows_without_cond
+        if "unroll" in name:
+            kernel_plan.GPU_EXTEND_UNROLL = model.cfg.num_layers
+        row = engine_bench.measure(model, 1, args, bandwidth)
+    finally:
+        engine_bench.wait_for, serve_steps.sample_rows, kernel_plan.GPU_EXTEND_UNROLL = saved
+    return {"variant": name, **{k: row[k] for k in KEYS}}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="mixtral-8x7b")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="default 48 (tiny 4)")
+    p.add_argument("--variants", default="base,poll10,nocond,unroll,nocond_unroll")
+    args = p.parse_args()
+    tiny = args.preset == "tiny"
+    changes = {} if args.layers is None else {"num_layers": args.layers}
+    dtype = "float32" if tiny else "bfloat16"
+    cfg = mj.preset(args.preset, dtype=dtype, param_dtype=dtype, **changes)
+    run_args = argparse.Namespace(
+        block_size=16,
+        prefill_chunk=256,
+        prefill_rows=1,
+        prompt=8 if tiny else 128,
+        max_tokens=24 if tiny else 512,
+        steps=args.steps or (4 if tiny else 48),
+        profile=False,
+    )
+    bandwidth = 0.05 if tiny else copy_bandwidth_tbs()
+    start = time.perf_counter()
+    model = random_model(cfg)
+    print(json.dumps({"model_build_s": time.perf_counter() - start, "jax": jax.__version__}))
+    rows = []
+    for name in args.variants.split(","):
+        rows.append(run_variant(name, model, run_args, bandwidth))
+        print(json.dumps(rows[-1]), flush=True)
+    write_json("host_bound.json", {"env": environment(), "layers": cfg.num_layers, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
