@@ -14,6 +14,10 @@ Variants (each a change of the code the step runs, applied here only):
            `where`): a conditional's predicate is copied to the host, which waits for it
   unroll   the layer scan fully unrolled (no while loop: each iteration's predicate also syncs)
   nocond_unroll  both
+  transfer the step's host inputs copied to the device first, timed apart from the call: the
+           time `jax.device_put` takes to return and until the copies are done (if these wait
+           for the step before, the host is held by its inputs, not by the launch)
+Run it again with XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async for the stream-ordered allocator.
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ KEYS = (
     "unroll",
     "compile_s",
 )
+TIMES = {"put_s": 0.0, "ready_s": 0.0, "calls": 0}
+
+
+def decode_with_inputs_put_first(original):
+    """`Steps.decode` that copies its host inputs to the device first, timing the copies."""
+
+    def decode(self, pool, last, *host):
+        start = time.perf_counter()
+        moved = jax.device_put(host)
+        TIMES["put_s"] += time.perf_counter() - start
+        jax.block_until_ready(moved)
+        TIMES["ready_s"] += time.perf_counter() - start
+        TIMES["calls"] += 1
+        return original(self, pool, last, *moved)
+
+    return decode
 
 
 def sample_rows_without_cond(logits, rows):
@@ -66,7 +86,11 @@ def sample_rows_without_cond(logits, rows):
 
 def run_variant(name: str, model, args, bandwidth: float) -> dict:
     saved = (engine_bench.wait_for, serve_steps.sample_rows, kernel_plan.GPU_EXTEND_UNROLL)
+    decode = serve_steps.Steps.decode
+    TIMES.update(put_s=0.0, ready_s=0.0, calls=0)
     try:
+        if name == "transfer":
+            serve_steps.Steps.decode = decode_with_inputs_put_first(decode)
         if name == "poll10":
             engine_bench.wait_for = functools.partial(saved[0], poll=0.01)
         if "nocond" in name:
@@ -75,8 +99,14 @@ def run_variant(name: str, model, args, bandwidth: float) -> dict:
             kernel_plan.GPU_EXTEND_UNROLL = model.cfg.num_layers
         row = engine_bench.measure(model, 1, args, bandwidth)
     finally:
+        serve_steps.Steps.decode = decode
         engine_bench.wait_for, serve_steps.sample_rows, kernel_plan.GPU_EXTEND_UNROLL = saved
-    return {"variant": name, **{k: row[k] for k in KEYS}}
+    out = {"variant": name, **{k: row[k] for k in KEYS}}
+    if TIMES["calls"]:  # over every decode call of the run (warmup's too)
+        out["put_ms_per_call"] = 1000 * TIMES["put_s"] / TIMES["calls"]
+        out["put_ready_ms_per_call"] = 1000 * TIMES["ready_s"] / TIMES["calls"]
+    out["allocator"] = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default")
+    return out
 
 
 def main():
