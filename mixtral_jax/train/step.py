@@ -116,7 +116,7 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
     )
 
 
-def clip_byglobal_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """optax.clip_by_global_norm, the same state and arithmetic (bit for bit: tested), that takes
     the gradients' global norm as `grad_norm=` when the caller has it: the guarded update
     (guarded_update) computes it once, instead of once more inside the applied update."""
@@ -137,7 +137,7 @@ def clip_byglobal_norm(max_norm: float) -> optax.GradientTransformationExtraArgs
 def make_optimizer(tc: TrainConfig, params: dict) -> optax.GradientTransformation:
     mask = decay_mask(params, tc.decay_norms_and_embeddings)
     return optax.chain(
-        clip_byglobal_norm(tc.clip_norm),
+        clip_by_global_norm(tc.clip_norm),
         optax.adamw(
             learning_rate_schedule(tc),
             b1=tc.b1,
