@@ -15,7 +15,9 @@ and writes to memory) and printed in units of one float32 copy of the parameters
 split into outside the `conditional` (the global norm and the guard's predicate) and inside its
 branches (the applied update); then the state-shaped selects and copies, the conditionals, and
 the costliest instructions. `--step`: the whole train step (batch 4 x 4096) instead, for its
-selects, copies and conditionals only (its activations share shapes with some parameters).
+selects, copies and conditionals only (its activations share shapes with some parameters; on
+the CPU the tiny step's 4 state-shaped copies, as before this change, are the layer scan's
+zero-initialised gradient carries, not the guard's).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def main():
         s = summarize(step_hlo(cfg, params, tc, batch, seq), params)
         print(
             f"train step: {s['conditionals']} conditional(s), state-shaped selects "
-            f"{s['selects']}, copies {s['copies']}"
+            f"{s['selects']}, copies {s['copies']} (the whole step's)"
         )
         return
     for name, guard in (("select_guard (before)", select_guard), ("guarded_update", None)):
