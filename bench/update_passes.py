@@ -48,8 +48,9 @@ _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2,
 _BYTES.update({"s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1})
 _ARRAY = re.compile(r"\b(\w+)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
-_CALLED = re.compile(r"(?:branch_computations=\{|true_computation=|false_computation=)([^}]+)")
-_FREE = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast", "conditional"}
+_BRANCHES = re.compile(r"(?:branch_computations=\{|true_computation=|false_computation=)([^}]+)")
+_CALLED = re.compile(r"to_apply=%?([\w.\-]+)")
+_FREE = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast", "conditional", "call"}
 
 
 def _arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -78,8 +79,9 @@ def computations(text: str) -> dict[str, tuple[bool, list[str]]]:
 
 def state_traffic(text: str, shapes: set[tuple[int, ...]]) -> list[dict]:
     """One row per top-level instruction of the entry computation and of its conditionals'
-    branches that reads or writes an array of a shape in `shapes`: where ("entry" or
-    "branch"), name, opcode, bytes of such arrays read (operands) and written (result)."""
+    branches (and of the computations they `call`) that reads or writes an array of a shape
+    in `shapes`: where ("entry" or "branch"), name, opcode, bytes of such arrays read
+    (operands) and written (result)."""
     comps = computations(text)
     entry = next(name for name, (is_entry, _) in comps.items() if is_entry)
     todo, rows = [(entry, "entry")], []
@@ -92,8 +94,10 @@ def state_traffic(text: str, shapes: set[tuple[int, ...]]) -> list[dict]:
                 continue
             name, shape, op, rest = m.groups()
             known[name] = shape
-            for called in _CALLED.findall(rest) if op == "conditional" else []:
+            for called in _BRANCHES.findall(rest) if op == "conditional" else []:
                 todo += [(c.strip().lstrip("%"), "branch") for c in called.split(",")]
+            if op == "call":  # e.g. the GPU's command buffers: their kernels, where they run
+                todo += [(c, where) for c in _CALLED.findall(rest)]
             if op in _FREE:
                 continue
             operands = re.findall(r"%([\w.\-]+)", rest.split("), ", 1)[0])
@@ -123,7 +127,12 @@ def summarize(text: str, params) -> dict:
         out[f"{where}_written"] = sum(r["written"] for r in mine) / tree
         out[f"{where}_kernels"] = len(mine)
     wrote = [r for r in rows if r["written"]]
-    out["selects"] = sum("select" in r["op"] or "select" in r["name"] for r in wrote)
+    # a kernel whose root is a select (XLA names fusions after their root): outside the cond,
+    # the select form's choice between new and old; in a branch, at most the clip's select
+    out["selects"] = sum(("select" in r["op"] or "select" in r["name"]) for r in wrote)
+    out["selects_in_branches"] = sum(
+        ("select" in r["op"] or "select" in r["name"]) and r["where"] == "branch" for r in wrote
+    )
     out["copies"] = sum(r["op"] in ("copy", "copy-start") for r in wrote)
     return out
 
@@ -201,7 +210,7 @@ def main():
         s = summarize(guard_hlo(params, tc, guard or guarded_update), params)
         print(
             f"{name}: {s['conditionals']} conditional(s), state-shaped selects "
-            f"{s['selects']}, copies {s['copies']}"
+            f"{s['selects']} ({s['selects_in_branches']} in branches), copies {s['copies']}"
         )
         for where in ("entry", "branch"):
             print(
