@@ -10,7 +10,8 @@ Each part is its own jitted function, timed as the median of a few runs after wa
   (a) loss forward          the step's micro-batch loss (train/step.make_micro_loss)
   (b) value_and_grad        forward + backward of it
   (c) optimizer             tx.update + apply_updates on a gradient tree (state donated), then
-      guarded update        the step's guarded_update: + global norm, finite checks, the select
+      guarded update        the step's guarded_update: + global norm, the guard's predicate
+      select guard (probe)  the guard as it was: checks of the written state, then a select
   (d) train step            make_train_step, the whole of it
   (e) MoE layer pieces      one layer's dropless dispatch at these sizes, forward and forward +
                             backward (a vjp with a random cotangent) of each piece alone: routing,
@@ -39,6 +40,7 @@ import optax
 from flax import nnx
 
 import mixtral_jax as mj
+from bench import update_passes
 from bench.common import environment, random_model, synthetic_batch, timed, write_json
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.grouped_matmul import grouped_matmul, grouped_swiglu
@@ -316,19 +318,17 @@ def model_parts(cfg, tc, batch: int, seq: int, table: Table, repeats: int):
         params, opt, _, _ = guarded_update(tx, st, g, loss)
         return st.replace(params=params, opt_state=opt)
 
-    def inputs_only(st, g):  # a measurement only: the guard without its checks of the outputs
-        norm = optax.tree.norm(g)
-        updates, opt = tx.update(g, st.opt_state, st.params)
-        ok = jnp.isfinite(loss) & jnp.isfinite(norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_params = optax.apply_updates(st.params, updates)
-        return st.replace(params=keep(new_params, st.params), opt_state=keep(opt, st.opt_state))
+    def select_form(st, g):  # a measurement only: the guard as it was (bench/update_passes.py)
+        params, opt, _, _ = update_passes.select_guard(tx, st, g, loss)
+        return st.replace(params=params, opt_state=opt)
 
     opt_bytes = 28 * n_params  # f32 p, g, mu, nu read; p, mu, nu written
     for name, fn, nbytes in (
         ("(c) optimizer update+apply", plain, opt_bytes),
-        ("(c) guarded update (norm, finite)", guarded, opt_bytes + 4 * n_params),
-        ("(c) guard on loss+norm only (probe)", inputs_only, opt_bytes + 4 * n_params),
+        # + the norm (g read), the predicate (g, mu, nu, p read; the update it checks unwritten)
+        ("(c) guarded update (norm, finite)", guarded, opt_bytes + 20 * n_params),
+        # + the norm, checks of the written p, mu, nu, a select of each against the old
+        ("(c) select guard, as before (probe)", select_form, opt_bytes + 52 * n_params),
     ):
         seconds, state = timed_carry(
             jax.jit(fn, donate_argnums=(0,)), state, grads, repeats=repeats

@@ -1,13 +1,15 @@
 """Training-step throughput of a reduced-depth, full-width Mixtral 8x7B on one GPU.
 
   PYTHONPATH=. python bench/train_step.py [--layers 2] [--batch 4] [--seq 4096] [--profile]
-                                          [--fused-swiglu auto|on|off]
+                                          [--fused-swiglu auto|on|off] [--tiny]
 
 bfloat16 compute, float32 master weights and AdamW state, the real train step (CE + router
 losses, clipping, AdamW). MFU counts 6 x active matmul parameters + causal attention per token
 (`metrics.flops_per_token`), against the bf16 matmul peak measured in the same run and the
 989 TFLOP/s datasheet peak. --profile traces 3 more steps of each implementation and lists the
 GPU kernels of a step (busy time, span, time per kernel name; `bench/common.kernel_summary`).
+--tiny: the tiny preset instead (batch 2 x 64 unless given, no peer, a 1024^3 peak matmul):
+the same step end to end on the CPU, for a check that the bench runs (its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ from mixtral_jax.train.step import init_state, make_optimizer, make_train_step, 
 
 
 def run(
-    moe_impl: str, layers: int, batch: int, seq: int, steps: int, profile: bool, fused: str = "auto"
+    moe_impl: str,
+    layers: int,
+    batch: int,
+    seq: int,
+    steps: int,
+    profile: bool,
+    fused: str = "auto",
+    preset: str = "mixtral-8x7b",
 ) -> dict:
     cfg = mj.preset(
-        "mixtral-8x7b",
+        preset,
         num_layers=layers,
         dtype="bfloat16",
         param_dtype="float32",
@@ -102,8 +111,9 @@ def print_profile(summary: dict | None, impl: str, top: int = 40) -> None:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=None, help="default 4 (tiny: 2)")
+    p.add_argument("--seq", type=int, default=None, help="default 4096 (tiny: 64)")
+    p.add_argument("--tiny", action="store_true", help="the tiny preset, on the CPU too")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--impls", default="capacity,dropless")
     p.add_argument("--no-peer", action="store_true")
@@ -112,9 +122,11 @@ def main():
         "--fused-swiglu", default="auto", choices=("auto", "on", "off"), help="gate+up+SwiGLU"
     )
     args = p.parse_args()
+    args.batch = args.batch or (2 if args.tiny else 4)
+    args.seq = args.seq or (64 if args.tiny else 4096)
     peer_row = (
         {}
-        if args.no_peer
+        if args.no_peer or args.tiny
         else run_peer(
             [
                 "bench/peer_train_step.py",
@@ -128,11 +140,19 @@ def main():
         )
     )
     print("peer:", peer_row, flush=True)
-    peak = matmul_peak_tflops()
+    peak = matmul_peak_tflops(1024 if args.tiny else 8192)
     rows = []
     for impl in args.impls.split(","):
+        preset = "tiny" if args.tiny else "mixtral-8x7b"
         row = run(
-            impl, args.layers, args.batch, args.seq, args.steps, args.profile, args.fused_swiglu
+            impl,
+            args.layers,
+            args.batch,
+            args.seq,
+            args.steps,
+            args.profile,
+            args.fused_swiglu,
+            preset,
         )
         achieved = row["tokens_per_s"] * row["flops_per_token"] / 1e12
         row.update(

@@ -45,23 +45,52 @@ class TrainState:
     bad_steps: jax.Array
 
 
-def _global_norm(tree):
+def global_norm(tree) -> jax.Array:
+    """[] the global (L2) norm of a tree's leaves: optax's."""
     norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
     return norm(tree) if norm is not None else optax.global_norm(tree)
 
 
+def _floating(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
 def all_finite(tree) -> jax.Array:
     """[] bool: every floating-point leaf of `tree` holds only finite values."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    leaves = [x for x in jax.tree.leaves(tree) if _floating(x)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def _per_parameter(params, opt_state) -> list[list]:
+    """The leaves of (params, opt_state) in groups: each parameter with its optimizer moments
+    (the subtrees of `opt_state` shaped like `params`: Adam's mu and nu), then every other
+    leaf of `opt_state` (counts) alone."""
+    treedef = jax.tree.structure(params)
+    like = lambda x: jax.tree.structure(x) == treedef
+    parts = jax.tree.leaves(opt_state, is_leaf=like)
+    groups, others = [], [[x] for x in parts if not like(x)]
+    for p, *ms in zip(
+        treedef.flatten_up_to(params), *[treedef.flatten_up_to(x) for x in parts if like(x)]
+    ):
+        groups.append([p] + [m for m in ms if jnp.shape(m) == jnp.shape(p)])
+        others += [[m] for m in ms if jnp.shape(m) != jnp.shape(p)]
+    return groups + others
 
 
 def step_is_finite(loss, grad_norm, new_params, new_opt_state) -> jax.Array:
     """[] bool, the guard: the step is kept only if its loss, its gradient norm and everything
     it would write (updated parameters and optimizer state) are finite. An update can overflow
-    (a huge learning rate) while loss and gradient are still finite."""
-    inputs = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    return inputs & all_finite(new_params) & all_finite(new_opt_state)
+    (a huge learning rate) while loss and gradient are still finite.
+
+    One reduction per parameter over it and its moments (isfinite and-ed elementwise): where
+    they are computed inside the reduction (guarded_update), their inputs are read once.
+    """
+    checks = [jnp.isfinite(loss) & jnp.isfinite(grad_norm)]
+    for group in _per_parameter(new_params, new_opt_state):
+        finite = [jnp.isfinite(x) for x in group if _floating(x)]
+        if finite:
+            checks.append(jnp.all(functools.reduce(jnp.logical_and, finite)))
+    return jnp.all(jnp.stack(checks))
 
 
 def decay_mask(params: dict, decay_norms_and_embeddings: bool) -> dict:
@@ -87,10 +116,28 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
     )
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm, the same state and arithmetic (bit for bit: tested), that takes
+    the gradients' global norm as `grad_norm=` when the caller has it: the guarded update
+    (guarded_update) computes it once, instead of once more inside the applied update."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        g_norm = global_norm(updates) if grad_norm is None else grad_norm
+        trigger = jnp.squeeze(g_norm < max_norm)
+
+        def clip(t):
+            return jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(tc: TrainConfig, params: dict) -> optax.GradientTransformation:
     mask = decay_mask(params, tc.decay_norms_and_embeddings)
     return optax.chain(
-        optax.clip_by_global_norm(tc.clip_norm),
+        clip_by_global_norm(tc.clip_norm),
         optax.adamw(
             learning_rate_schedule(tc),
             b1=tc.b1,
@@ -191,18 +238,37 @@ def make_micro_loss(graphdef, tc: TrainConfig, join=None) -> Callable:
     return micro_loss
 
 
+def apply_optimizer(tx: optax.GradientTransformation, params, opt_state, grads, grad_norm):
+    """(new params, new optimizer state): `tx`'s update, applied. `grad_norm`, the gradients'
+    global norm, goes to the transformations that take it (clip_by_global_norm)."""
+    tx = optax.with_extra_args_support(tx)
+    updates, new_opt = tx.update(grads, opt_state, params, grad_norm=grad_norm)
+    return optax.apply_updates(params, updates), new_opt
+
+
+def _unchanged(params, opt_state, grads, grad_norm):
+    del grads, grad_norm
+    return params, opt_state
+
+
 def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads, loss):
     """The step after its gradients: global norm, the optimizer (clipping, AdamW), the guard.
 
     Returns (params, opt_state, finite, grad_norm): the updated parameters and optimizer
     state where `step_is_finite` holds, else the state's own (the step is skipped).
+
+    The guard is decided before anything is written: `step_is_finite` reduces over the
+    would-be new state, which XLA computes inside the reduction's fusion from the gradients,
+    moments and parameters and never stores. Then a `lax.cond` either applies the update
+    (computed again, written in place of the donated state) or returns the state as it is;
+    no select over the whole state and no copy of it (tests/train/test_guard_structure.py).
     """
-    grad_norm = _global_norm(grads)  # clip_by_global_norm's norm is the same HLO (one, CSE'd)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    finite = step_is_finite(loss, grad_norm, new_params, new_opt)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    return keep(new_params, state.params), keep(new_opt, state.opt_state), finite, grad_norm
+    grad_norm = global_norm(grads)
+    apply = functools.partial(apply_optimizer, tx)
+    operands = (state.params, state.opt_state, grads, grad_norm)
+    finite = step_is_finite(loss, grad_norm, *apply(*operands))
+    params, opt_state = jax.lax.cond(finite, apply, _unchanged, *operands)
+    return params, opt_state, finite, grad_norm
 
 
 def make_train_step(
