@@ -1,0 +1,109 @@
+"""The split form of a prefill chunk's attention (model/chunk_attention.py: prefix keys unmasked +
+the chunk's own keys causal, merged by log-sum-exp) against the masked einsum oracle
+(attention.dot_product_attention with cached_attention_mask). On CPU the parts run as einsums;
+bench/split_attention.py runs the cuDNN parts on the GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixtral_jax.config import AttentionImpl
+from mixtral_jax.model import chunk_attention
+from mixtral_jax.model.attention import cached_attention_mask, dot_product_attention, write_cache
+
+
+def _chunk_problem(seed, size, prefix, t, pads, n=4, kv=2, h=8):
+    """A cache of `size` slots holding `prefix` tokens, then a chunk of t written at
+    [prefix, prefix + t); row b's first pads[b] tokens are padding. Returns q, the layer's
+    cache after the write, the chunk's k and v, index, valid [B, S] and the real queries [B, T]."""
+    b = len(pads)
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k_cache = jax.random.normal(keys[1], (1, b, size, kv, h))  # stale values in every slot
+    v_cache = jax.random.normal(keys[2], (1, b, size, kv, h))
+    k_new = jax.random.normal(keys[3], (b, t, kv, h))
+    v_new = jax.random.normal(keys[4], (b, t, kv, h))
+    slots = jnp.arange(prefix, prefix + t)
+    layer = jnp.zeros((), jnp.int32)
+    k_cache = write_cache(k_cache, k_new, layer, slots)[0]
+    v_cache = write_cache(v_cache, v_new, layer, slots)[0]
+    end = prefix + t
+    index = np.where(np.arange(size) < end, np.arange(size), -1)
+    valid = (index >= 0)[None] & (np.arange(size)[None] >= np.asarray(pads)[:, None])
+    real = valid[:, prefix:end]
+    return q, k_cache, v_cache, k_new, v_new, jnp.asarray(index), jnp.asarray(valid), real
+
+
+@pytest.mark.parametrize(
+    "size,prefix,t,pads",
+    [
+        (24, 0, 8, (0,)),  # the first chunk: no prefix key at all
+        (24, 0, 8, (0, 3, 8)),  # padding inside the first chunk; row 2 all padding
+        (24, 16, 8, (0,)),  # the chunk fills the cache
+        (37, 13, 6, (0, 5, 13, 15)),  # T not dividing S; padding in the prefix, and past it
+        (40, 12, 12, (4, 0, 11)),  # T == P
+    ],
+)
+def test_split_equals_the_masked_oracle(size, prefix, t, pads):
+    q, k_cache, v_cache, k_new, v_new, index, valid, real = _chunk_problem(
+        size + prefix, size, prefix, t, pads
+    )
+    layout = chunk_attention.chunk_layout(jnp.int32(prefix), t, index, valid)
+    assert bool(layout.exact)
+    np.testing.assert_array_equal(np.asarray(layout.first), [min(p, prefix + t) for p in pads])
+    mask = cached_attention_mask(jnp.arange(prefix, prefix + t), index, valid, None)
+    want = dot_product_attention(q, k_cache, v_cache, mask)
+    got = chunk_attention.split_attention(
+        q, k_cache, v_cache, k_new, v_new, layout, AttentionImpl.XLA
+    )
+    assert np.isfinite(np.asarray(got)).all()  # padding queries too
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=1e-5)
+
+
+def test_split_under_jit_with_a_traced_prefix():
+    """One compiled split for every P (P traced, as in the layer scan)."""
+    size, t = 30, 5
+    split = jax.jit(
+        lambda *a: chunk_attention.split_attention(*a, AttentionImpl.XLA), static_argnums=()
+    )
+    for prefix in (0, 7, 25):
+        q, k_cache, v_cache, k_new, v_new, index, valid, real = _chunk_problem(
+            prefix, size, prefix, t, (0, 2)
+        )
+        layout = chunk_attention.chunk_layout(jnp.int32(prefix), t, index, valid)
+        mask = cached_attention_mask(jnp.arange(prefix, prefix + t), index, valid, None)
+        want = dot_product_attention(q, k_cache, v_cache, mask)
+        got = split(q, k_cache, v_cache, k_new, v_new, layout)
+        np.testing.assert_allclose(
+            np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=1e-5
+        )
+    assert split._cache_size() == 1
+
+
+def test_layout_is_not_exact_for_a_hole_a_wrap_or_a_stale_slot():
+    size, prefix, t = 24, 8, 8
+    _, _, _, _, _, index, valid, _ = _chunk_problem(0, size, prefix, t, (0, 2))
+    exact = chunk_attention.chunk_layout(jnp.int32(prefix), t, index, valid).exact
+    assert bool(exact)
+    hole = valid.at[1, 5].set(False)  # padding after a real token (not left padding)
+    assert not bool(chunk_attention.chunk_layout(jnp.int32(prefix), t, index, hole).exact)
+    late = valid.at[0, prefix + t].set(True)  # a real token past the chunk
+    assert not bool(chunk_attention.chunk_layout(jnp.int32(prefix), t, index, late).exact)
+    moved = index.at[3].set(27)  # a slot holding another index (a wrapped buffer)
+    assert not bool(chunk_attention.chunk_layout(jnp.int32(prefix), t, moved, valid).exact)
+    # the chunk would run past the buffer
+    assert not bool(chunk_attention.chunk_layout(jnp.int32(size - 4), t, index, valid).exact)
+
+
+def test_combine_ignores_an_empty_part_even_when_it_is_nan():
+    """A row with no prefix key: part a may be anything (cuDNN over zero keys), NaN included."""
+    o_b = jnp.ones((2, 3, 4, 8))
+    l_b = jnp.zeros((2, 3, 4))
+    o_a = jnp.full((2, 3, 4, 8), jnp.nan)
+    l_a = jnp.full((2, 3, 4), jnp.nan)
+    out = chunk_attention.combine(o_a, l_a, o_b, l_b, jnp.array([False, False]))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(o_b))
+    # equal log-sum-exps weigh the parts equally
+    out = chunk_attention.combine(2 * o_b, l_b, o_b, l_b, jnp.array([True, True]))
+    np.testing.assert_allclose(np.asarray(out), 1.5)
