@@ -25,7 +25,7 @@ _MASKS = ("NO_MASK", "PADDING", "CAUSAL")
 
 
 def _module():
-    from jax._src.cudnn import fused_attention_stablehlo
+    from jax._src.cudnn import fused_attention_stablehlo  # private: imported where used
 
     return fused_attention_stablehlo
 

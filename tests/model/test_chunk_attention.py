@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import mixtral_jax as mj
 from mixtral_jax.config import AttentionImpl
 from mixtral_jax.model import chunk_attention
 from mixtral_jax.model.attention import cached_attention_mask, dot_product_attention, write_cache
+from mixtral_jax.model.kv_cache import KVCache
 
 
 def _chunk_problem(seed, size, prefix, t, pads, n=4, kv=2, h=8):
@@ -107,3 +110,42 @@ def test_combine_ignores_an_empty_part_even_when_it_is_nan():
     # equal log-sum-exps weigh the parts equally
     out = chunk_attention.combine(2 * o_b, l_b, o_b, l_b, jnp.array([True, True]))
     np.testing.assert_allclose(np.asarray(out), 1.5)
+
+
+def _chunked_prefill(cfg, tokens, valid, chunk, size):
+    """Logits [B, W, V] of a prefill of tokens, valid [B, W] in chunks of `chunk` through
+    Mixtral.extend (one compiled chunk call)."""
+    model = mj.init(cfg, 3)
+    graphdef, state = nnx.split(model)
+    extend = jax.jit(
+        lambda s, t, c, p, v: nnx.merge(graphdef, s).extend(t, c, positions=p, valid=v)
+    )
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    cache, logits = KVCache.create(cfg, tokens.shape[0], size), []
+    for start in range(0, tokens.shape[1], chunk):
+        piece = slice(start, start + chunk)
+        out, cache = extend(state, tokens[:, piece], cache, positions[:, piece], valid[:, piece])
+        logits.append(out.logits)
+    return np.asarray(jnp.concatenate(logits, axis=1))
+
+
+@pytest.mark.parametrize("hole", [False, True], ids=["left-padding", "padding-after-a-token"])
+def test_extend_splits_where_the_cache_allows_and_masks_elsewhere(monkeypatch, hole):
+    """Chunks of 8 over a 40-slot cache, row 1 left-padded by 11 (into the second chunk): the
+    split (einsum parts on CPU) equals the masked call. A split that returned zeros changes the
+    logits with left padding (so the split ran) and not with padding after a real token (the
+    layout is not exact there: the masked call ran)."""
+    cfg = mj.ModelConfig.tiny()
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, cfg.vocab_size, (2, 24)))
+    valid = jnp.ones((2, 24), bool).at[1, :11].set(False)
+    if hole:
+        valid = valid.at[0, 3].set(False)  # every chunk sees it
+    real = np.asarray(valid)
+    masked = _chunked_prefill(cfg.replace(chunk_attention_impl="masked"), tokens, valid, 8, 40)
+    split = _chunked_prefill(cfg.replace(chunk_attention_impl="split"), tokens, valid, 8, 40)
+    scale = np.abs(masked[real]).max()
+    assert np.abs(split[real] - masked[real]).max() / scale <= 1e-5
+    monkeypatch.setattr(chunk_attention, "split_attention", lambda q, *args: jnp.zeros_like(q))
+    zeroed = _chunked_prefill(cfg.replace(chunk_attention_impl="split"), tokens, valid, 8, 40)
+    changed = np.abs(zeroed[real] - masked[real]).max() / scale > 1e-2
+    assert changed != hole
