@@ -21,12 +21,12 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
   attention           cudnn flash attention on NVIDIA GPUs in bf16/fp16 with head_dim <= 128
   cached_attention    the same, for cached calls of T >= MIN_FLASH_QUERIES new tokens per row
                       (prefill chunks); decode steps keep the XLA einsum (faster there) unless
+  decode_attention    pallas (decode_attention.py: flash decoding reading the cache in place) on
+                      NVIDIA GPUs for cached calls of one new token per row on one device
   split_chunk_attention  on where cached_attention is cudnn and this jax's cuDNN call returns
                       the log-sum-exp (`kernels/cudnn_attention.py`): a chunk attends as prefix
                       keys unmasked + its own keys causal (`model/chunk_attention.py`), where
                       the cache is in that shape (else the masked call)
-  decode_attention    pallas (decode_attention.py: flash decoding reading the cache in place) on
-                      NVIDIA GPUs for cached calls of one new token per row on one device
   grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; JAX's megablox on TPU (float32 and
                       bfloat16); jax.lax.ragged_dot elsewhere
   fused_swiglu        on (gmm_swiglu.py: gate and up as one grouped matmul, SwiGLU in its

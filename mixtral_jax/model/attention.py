@@ -13,9 +13,9 @@ Two kernels for the full-sequence forward, as the kernel plan says (`kernels/pla
 The cached path (`Attention.cached`, inference) runs the plan's `cached_attention` (from
 `ComputeConfig.cached_attention_impl`): the einsum for decode steps, cuDNN flash attention for a
 prefill chunk over the cache (`cached_flash_attention`: the mask alone says which keys a query
-sees, since cuDNN's `is_causal` is aligned top-left, wrong for queries at the end of a cache). Where
-the plan's `split_chunk_attention` is on, a prefill chunk over a cache filled from slot 0 runs in
-two unmasked parts merged by log-sum-exp instead (`chunk_attention.py`). Where
+sees, since cuDNN's `is_causal` is aligned top-left, wrong for queries at the end of a cache);
+where the plan's `split_chunk_attention` is on, a prefill chunk over a cache filled from slot 0
+runs instead as two unmasked calls merged by log-sum-exp (`chunk_attention.py`). Where
 the plan's `decode_projections` is pallas (few tokens on an NVIDIA GPU), its projections read the
 layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes them) through one
 Pallas launch for q, k and v and one for the output. Where its `decode_attention` is pallas (one
