@@ -314,22 +314,24 @@ class Attention(nnx.Module):
             # one token per row: flash decoding reads this layer of the cache where it lies
             att = flash_decode.decode_attention(q[:, 0], k_cache, v_cache, layer, mask[:, 0])
             return self.output(att[:, None], layer, stacked), k_cache, v_cache
-        k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]
-        v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
-        keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
-        values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
         impl = plan.cached_attention
-        if chunk is None:
-            out = attend_cached(q, keys, values, mask, impl, key_limit)
-        else:  # the chunk's own keys as the cache holds them (its dtype), without a cache read
-            k_own, v_own = (x.astype(k_cache.dtype).astype(x.dtype) for x in (k, v))
-            out = jax.lax.cond(
-                chunk.exact,
-                lambda: chunk_attention.split_attention(
-                    q, k_layer, v_layer, k_own, v_own, chunk, impl
-                ),
-                lambda: attend_cached(q, keys, values, mask, impl, key_limit),
+
+        def layer_cache():  # [B, S, K, H] this layer's keys and values (sliced in each branch)
+            return (
+                jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in (k_cache, v_cache)
             )
+
+        def masked():
+            k_layer, v_layer = layer_cache()
+            keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
+            values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
+            return attend_cached(q, keys, values, mask, impl, key_limit)
+
+        def split():  # the chunk's own keys as the cache holds them (its dtype), not re-read
+            k_own, v_own = (x.astype(k_cache.dtype).astype(x.dtype) for x in (k, v))
+            return chunk_attention.split_attention(q, *layer_cache(), k_own, v_own, chunk, impl)
+
+        out = masked() if chunk is None else jax.lax.cond(chunk.exact, split, masked)
         out = self.output(out, layer, stacked)
         if read_first:
             k_cache, v_cache = write(k_cache, v_cache)
