@@ -3,6 +3,8 @@ the chunk's own keys causal, merged by log-sum-exp) against the masked einsum or
 (attention.dot_product_attention with cached_attention_mask). On CPU the parts run as einsums;
 bench/split_attention.py runs the cuDNN parts on the GPU."""
 
+import enum
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from flax import nnx
 
 import mixtral_jax as mj
 from mixtral_jax.config import AttentionImpl
+from mixtral_jax.kernels import cudnn_attention
 from mixtral_jax.model import chunk_attention
 from mixtral_jax.model.attention import cached_attention_mask, dot_product_attention, write_cache
 from mixtral_jax.model.kv_cache import KVCache
@@ -149,3 +152,62 @@ def test_extend_splits_where_the_cache_allows_and_masks_elsewhere(monkeypatch, h
     zeroed = _chunked_prefill(cfg.replace(chunk_attention_impl="split"), tokens, valid, 8, 40)
     changed = np.abs(zeroed[real] - masked[real]).max() / scale > 1e-2
     assert changed != hole
+
+
+class _EinsumCudnn:
+    """A stand-in for jax._src.cudnn.fused_attention_stablehlo with cuDNN's documented contract
+    (scale applied in the kernel; PADDING hides keys at and past kv_seqlen; CAUSAL top-left;
+    the log-sum-exp laid out [B, N, T]), so the CPU runs `attention_with_lse`'s own argument
+    and layout handling."""
+
+    class MaskType(enum.Enum):
+        NO_MASK = 0
+        PADDING = 1
+        CAUSAL = 2
+
+    @classmethod
+    def dot_product_attention(
+        cls,
+        q,
+        k,
+        v,
+        q_seqlen=None,
+        kv_seqlen=None,
+        *,
+        scale,
+        mask_type,
+        qkv_layout,
+        return_residual,
+    ):
+        assert qkv_layout == "BTNH" and return_residual and q.dtype == k.dtype == v.dtype
+        b, t, n, h = q.shape
+        s, kv = k.shape[1], k.shape[2]
+        allowed = jnp.ones((b, t, s), bool)
+        if mask_type == cls.MaskType.PADDING:
+            allowed &= jnp.arange(s)[None, None] < kv_seqlen[:, None, None]
+        if mask_type == cls.MaskType.CAUSAL:
+            allowed &= jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+        qg = q.reshape(b, t, kv, n // kv, h)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k) * scale
+        logits = jnp.where(allowed[:, None, None], logits, -jnp.inf)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", jnp.exp(logits - lse[..., None]), v)
+        return out.reshape(b, t, n, h), lse.reshape(b, n, t)
+
+
+def test_the_cudnn_parts_call_form_against_an_einsum_stand_in(monkeypatch):
+    """split_attention with cudnn parts, cuDNN replaced by `_EinsumCudnn`: the call form
+    (scale, masks, kv lengths clamped to >= 1 for a row with no prefix key, the [B, N, T]
+    log-sum-exp turned [B, T, N]) equals the masked oracle."""
+    monkeypatch.setattr(cudnn_attention, "_module", lambda: _EinsumCudnn)
+    size, prefix, t, pads = 37, 13, 6, (0, 5, 15)
+    q, k_cache, v_cache, k_new, v_new, index, valid, real = _chunk_problem(
+        9, size, prefix, t, pads, n=4, kv=2
+    )
+    layout = chunk_attention.chunk_layout(jnp.int32(prefix), t, index, valid)
+    mask = cached_attention_mask(jnp.arange(prefix, prefix + t), index, valid, None)
+    want = dot_product_attention(q, k_cache, v_cache, mask)
+    got = chunk_attention.split_attention(
+        q, k_cache, v_cache, k_new, v_new, layout, AttentionImpl.CUDNN
+    )
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=1e-5)
