@@ -50,6 +50,14 @@ class AttentionImpl(str, enum.Enum):
     CUDNN = "cudnn"  # cuDNN flash attention through jax.nn.dot_product_attention
 
 
+class ChunkAttentionImpl(str, enum.Enum):
+    """How a prefill chunk attends over the KV cache (`model/chunk_attention.py`)."""
+
+    AUTO = "auto"  # split where the cached attention is cudnn and cuDNN returns the log-sum-exp
+    MASKED = "masked"  # one call over the cache with the explicit mask (cuDNN reads it as a bias)
+    SPLIT = "split"  # prefix keys unmasked + the chunk's own keys causal, merged by log-sum-exp
+
+
 class GmmImpl(str, enum.Enum):
     """Which grouped matmul the dropless MoE uses (`grouped_matmul.py`)."""
 
@@ -119,6 +127,7 @@ _ENUM_FIELDS = {
     "remat": Remat,
     "attention_impl": AttentionImpl,
     "cached_attention_impl": AttentionImpl,
+    "chunk_attention_impl": ChunkAttentionImpl,
     "gmm_impl": GmmImpl,
     "fused_swiglu": FusedSwiglu,
     "decode_expert_impl": DecodeExpertImpl,
@@ -144,6 +153,8 @@ class ComputeConfig:
       attention_impl: full-sequence attention kernel, see `AttentionImpl`.
       cached_attention_impl: attention over the KV cache in `extend` (prefill chunks, decode),
         see `AttentionImpl`.
+      chunk_attention_impl: the form of a prefill chunk's attention over the cache (the masked
+        call or the split in two unmasked calls), see `ChunkAttentionImpl`.
       gmm_impl: grouped-matmul kernel of the dropless MoE, see `GmmImpl`.
       fused_swiglu: gate and up as one grouped matmul with SwiGLU fused, see `FusedSwiglu`.
       decode_expert_impl: experts of calls with few tokens, see `DecodeExpertImpl`.
@@ -168,6 +179,7 @@ class ComputeConfig:
     router_jitter_noise: float = 0.0
     attention_impl: AttentionImpl = AttentionImpl.AUTO
     cached_attention_impl: AttentionImpl = AttentionImpl.AUTO
+    chunk_attention_impl: ChunkAttentionImpl = ChunkAttentionImpl.AUTO
     gmm_impl: GmmImpl = GmmImpl.AUTO
     fused_swiglu: FusedSwiglu = FusedSwiglu.AUTO
     decode_expert_impl: DecodeExpertImpl = DecodeExpertImpl.AUTO

@@ -23,6 +23,10 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       (prefill chunks); decode steps keep the XLA einsum (faster there) unless
   decode_attention    pallas (decode_attention.py: flash decoding reading the cache in place) on
                       NVIDIA GPUs for cached calls of one new token per row on one device
+  split_chunk_attention  on where cached_attention is cudnn and this jax's cuDNN call returns
+                      the log-sum-exp (`kernels/cudnn_attention.py`): a chunk attends as prefix
+                      keys unmasked + its own keys causal (`model/chunk_attention.py`), where
+                      the cache is in that shape (else the masked call)
   grouped_matmul      our Pallas-Triton gmm on NVIDIA GPUs; JAX's megablox on TPU (float32 and
                       bfloat16); jax.lax.ragged_dot elsewhere
   fused_swiglu        on (gmm_swiglu.py: gate and up as one grouped matmul, SwiGLU in its
@@ -70,6 +74,7 @@ from jax.sharding import PartitionSpec as P
 
 from mixtral_jax.config import (
     AttentionImpl,
+    ChunkAttentionImpl,
     ConfigError,
     DecodeAttentionImpl,
     DecodeExpertImpl,
@@ -81,7 +86,7 @@ from mixtral_jax.config import (
     MoEImpl,
     QuantizedImpl,
 )
-from mixtral_jax.kernels import expert_decode_grouped, weight_tiles
+from mixtral_jax.kernels import cudnn_attention, expert_decode_grouped, weight_tiles
 from mixtral_jax.kernels.common import MAX_GROUPED_TOKENS, MAX_TOKENS, supports
 from mixtral_jax.kernels.gmm_megablox import DTYPES as MEGABLOX_DTYPES
 from mixtral_jax.parallel import sharding
@@ -121,6 +126,10 @@ class KernelPlan:
     Attributes:
       attention: XLA or CUDNN, the full-sequence attention.
       cached_attention: XLA or CUDNN, the attention of a cached call over the KV cache.
+      split_chunk_attention: whether a cached call of several new tokens per row attends as
+        (prefix keys, unmasked) + (its own keys, causal) merged by log-sum-exp, each part
+        through `cached_attention` (`model/chunk_attention.py`; `Mixtral.extend` says where a
+        cache is in that shape), instead of one masked call over the cache.
       grouped_matmul: XLA (ragged_dot), PALLAS or MEGABLOX, the expert matmuls of dropless
         dispatch (cached calls included) and of the ragged expert-parallel exchange.
       fused_swiglu: whether the local dropless path of a full-sequence call runs gate and up
@@ -147,6 +156,7 @@ class KernelPlan:
 
     attention: AttentionImpl = AttentionImpl.XLA
     cached_attention: AttentionImpl = AttentionImpl.XLA
+    split_chunk_attention: bool = False
     grouped_matmul: GmmImpl = GmmImpl.XLA
     fused_swiglu: bool = False
     decode_experts: DecodeExpertImpl = DecodeExpertImpl.OFF
@@ -223,14 +233,15 @@ def resolve(
     quantized_projections = _quantized(cfg, cfg.attention_bits, widths, projections_run, where)
     if cfg.attention_bits < 16 and quantized_projections != QuantizedImpl.PALLAS:
         projections = DecodeProjectionImpl.OFF  # the float kernel would need a whole float stack
+    queries = tokens if queries is None else queries
+    cached_attention = resolve_cached_attention(
+        c.cached_attention_impl, c.dtype, cfg.head_dim, queries, where
+    )
     return KernelPlan(
         attention=resolve_attention(c.attention_impl, c.dtype, cfg.head_dim, where),
-        cached_attention=resolve_cached_attention(
-            c.cached_attention_impl,
-            c.dtype,
-            cfg.head_dim,
-            tokens if queries is None else queries,
-            where,
+        cached_attention=cached_attention,
+        split_chunk_attention=resolve_split_chunk_attention(
+            c.chunk_attention_impl, cached_attention, cached, queries
         ),
         grouped_matmul=gmm,
         fused_swiglu=resolve_fused_swiglu(
@@ -242,12 +253,8 @@ def resolve(
         decode_experts=decode_experts,
         decode_expert_rows=_decode_expert_rows(cfg, tokens, decode_experts),
         decode_projections=projections,
-        decode_attention=_decode_attention(
-            cfg, cached, tokens if queries is None else queries, one_device, where
-        ),
-        paged_attention=_paged_attention(
-            cfg, cached, tokens if queries is None else queries, one_device, where
-        ),
+        decode_attention=_decode_attention(cfg, cached, queries, one_device, where),
+        paged_attention=_paged_attention(cfg, cached, queries, one_device, where),
         extend_unroll=GPU_EXTEND_UNROLL if where == NVIDIA_GPU else 1,
         moe=c.moe_impl,
         expert_mesh=expert_mesh,
@@ -316,6 +323,32 @@ def resolve_cached_attention(
     if impl == AttentionImpl.AUTO and queries < MIN_FLASH_QUERIES:
         return AttentionImpl.XLA
     return resolved
+
+
+def resolve_split_chunk_attention(
+    impl: ChunkAttentionImpl | str, cached_attention: AttentionImpl, cached: bool, queries: int
+) -> bool:
+    """Whether a cached call of `queries` (T) new tokens per row splits its attention.
+
+    `auto` -> on where `cached_attention` is cudnn (NVIDIA GPUs, prefill chunks) and cuDNN
+    returns the log-sum-exp here (`cudnn_attention.lse_available`), else off (the masked call);
+    `split` -> on for every cached call of T > 1 (its parts through `cached_attention`: the
+    einsums elsewhere, which is how CPU tests run it), a ConfigError where the parts are cudnn
+    and the log-sum-exp is not available; `masked` -> off. Decode steps (T = 1) never split.
+    """
+    impl = ChunkAttentionImpl(impl)
+    if impl == ChunkAttentionImpl.MASKED or not cached or queries < 2:
+        return False
+    cudnn = cached_attention == AttentionImpl.CUDNN
+    if impl == ChunkAttentionImpl.AUTO:
+        return cudnn and queries >= MIN_FLASH_QUERIES and cudnn_attention.lse_available()
+    if cudnn and not cudnn_attention.lse_available():
+        raise ConfigError(
+            f"chunk_attention_impl='split' with cudnn parts needs the log-sum-exp of cuDNN "
+            f"attention (return_residual), which jax {jax.__version__} does not offer; use "
+            "'auto' or 'masked'"
+        )
+    return True
 
 
 def resolve_gmm(impl: GmmImpl | str, where: str | None = None, dtype=None) -> GmmImpl:
@@ -469,10 +502,14 @@ def for_queries(
     mesh = sharding.active_mesh() if mesh is None else mesh
     where = platform() if where is None else where
     one_device = mesh is None or mesh.size == 1
+    cached_attention = resolve_cached_attention(
+        c.cached_attention_impl, c.dtype, cfg.head_dim, queries, where
+    )
     return dataclasses.replace(
         plan,
-        cached_attention=resolve_cached_attention(
-            c.cached_attention_impl, c.dtype, cfg.head_dim, queries, where
+        cached_attention=cached_attention,
+        split_chunk_attention=resolve_split_chunk_attention(
+            c.chunk_attention_impl, cached_attention, True, queries
         ),
         decode_attention=_decode_attention(cfg, True, queries, one_device, where),
         paged_attention=_paged_attention(cfg, True, queries, one_device, where),

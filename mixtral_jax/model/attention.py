@@ -13,7 +13,9 @@ Two kernels for the full-sequence forward, as the kernel plan says (`kernels/pla
 The cached path (`Attention.cached`, inference) runs the plan's `cached_attention` (from
 `ComputeConfig.cached_attention_impl`): the einsum for decode steps, cuDNN flash attention for a
 prefill chunk over the cache (`cached_flash_attention`: the mask alone says which keys a query
-sees, since cuDNN's `is_causal` is aligned top-left, wrong for queries at the end of a cache). Where
+sees, since cuDNN's `is_causal` is aligned top-left, wrong for queries at the end of a cache);
+where the plan's `split_chunk_attention` is on, a prefill chunk over a cache filled from slot 0
+runs instead as two unmasked calls merged by log-sum-exp (`chunk_attention.py`). Where
 the plan's `decode_projections` is pallas (few tokens on an NVIDIA GPU), its projections read the
 layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes them) through one
 Pallas launch for q, k and v and one for the output. Where its `decode_attention` is pallas (one
@@ -44,7 +46,7 @@ from mixtral_jax.kernels import decode_attention as flash_decode
 from mixtral_jax.kernels import decode_matmul
 from mixtral_jax.kernels import paged_attention as paged_decode
 from mixtral_jax.kernels.plan import KernelPlan
-from mixtral_jax.model import lora, quantized
+from mixtral_jax.model import chunk_attention, lora, quantized
 from mixtral_jax.model.layers import apply_rope, normal_init
 from mixtral_jax.model.paged_kv_cache import gather_rows, write_paged
 
@@ -265,6 +267,7 @@ class Attention(nnx.Module):
         plan: KernelPlan,
         read_first=False,
         key_limit=None,
+        chunk=None,
     ):
         """Writes T new tokens into one layer of the cache, then attends over it.
 
@@ -286,6 +289,9 @@ class Attention(nnx.Module):
             S + T keys), then write: exact where a write could evict a key that an earlier new
             query sees (see `Mixtral.extend`); XLA copies the stack to keep the old one readable.
           key_limit: [] int32 or None: keys at and past it are empty (see `Mixtral.extend`).
+          chunk: a `chunk_attention.ChunkLayout` or None: where the plan splits a chunk's
+            attention (`split_chunk_attention`) and the call's keys are the cache's slots alone;
+            the split runs where the layout is exact, the masked call elsewhere (a cond).
         Returns:
           ([B, T, D], k_cache, v_cache) with layer `layer`'s `slots` overwritten.
         """
@@ -308,11 +314,24 @@ class Attention(nnx.Module):
             # one token per row: flash decoding reads this layer of the cache where it lies
             att = flash_decode.decode_attention(q[:, 0], k_cache, v_cache, layer, mask[:, 0])
             return self.output(att[:, None], layer, stacked), k_cache, v_cache
-        k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # [B, S, K, H]
-        v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
-        keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
-        values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
-        out = attend_cached(q, keys, values, mask, plan.cached_attention, key_limit)
+        impl = plan.cached_attention
+
+        def layer_cache():  # [B, S, K, H] this layer's keys and values (sliced in each branch)
+            return (
+                jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in (k_cache, v_cache)
+            )
+
+        def masked():
+            k_layer, v_layer = layer_cache()
+            keys = jnp.concatenate([k_layer.astype(k.dtype), k[:, :beyond]], axis=1)
+            values = jnp.concatenate([v_layer.astype(v.dtype), v[:, :beyond]], axis=1)
+            return attend_cached(q, keys, values, mask, impl, key_limit)
+
+        def split():  # the chunk's own keys as the cache holds them (its dtype), not re-read
+            k_own, v_own = (x.astype(k_cache.dtype).astype(x.dtype) for x in (k, v))
+            return chunk_attention.split_attention(q, *layer_cache(), k_own, v_own, chunk, impl)
+
+        out = masked() if chunk is None else jax.lax.cond(chunk.exact, split, masked)
         out = self.output(out, layer, stacked)
         if read_first:
             k_cache, v_cache = write(k_cache, v_cache)

@@ -25,6 +25,7 @@ from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model import paged_kv_cache
 from mixtral_jax.model.attention import Attention, cached_attention_mask, make_attention_mask
+from mixtral_jax.model.chunk_attention import ChunkLayout, chunk_layout
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.model.layers import Embed, RMSNorm, float32_logits, normal_init, rope_cos_sin
 from mixtral_jax.model.moe import MoE, MoEAux
@@ -93,6 +94,7 @@ class DecoderBlock(nnx.Module):
         plan: KernelPlan,
         read_first=False,
         key_limit=None,
+        chunk=None,
     ):
         """Like __call__ over new tokens, reading and writing layer `layer` of the cache.
 
@@ -112,6 +114,7 @@ class DecoderBlock(nnx.Module):
             plan=plan,
             read_first=read_first,
             key_limit=key_limit,
+            chunk=chunk,
         )
         h = x + attn
         moe_out, aux = self.moe(self.moe_norm(h), token_mask, layer=layer, plan=plan)
@@ -289,6 +292,10 @@ class Mixtral(nnx.Module):
         buffer (sliding window W) smaller than W + T - 1, where a write can evict a key that an
         earlier new query still sees; such calls attend over the buffer before the write and
         all T new tokens instead (XLA then copies each layer's cache once; prefill only).
+
+        Where the plan's `split_chunk_attention` is on, a chunk whose keys are the buffer's
+        slots alone attends in two unmasked parts (`chunk_attention.py`) when the cache is in
+        that form (`_chunk_layout`): P = cache.length prefix slots, each row's left padding.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -312,6 +319,9 @@ class Mixtral(nnx.Module):
         # past `key_limit` is empty: flash attention may skip them (not when new tokens that did
         # not fit, or the pre-write buffer, are appended as extra keys).
         key_limit = None if read_first or kept < t else jnp.minimum(cache.length + t, size)
+        chunk = None
+        if plan.split_chunk_attention and key_limit is not None:
+            chunk = self._chunk_layout(cache, t, index, slot_valid)
         token_mask = valid.astype(jnp.float32)
 
         def layer_call(layer, x, cos, sin, k_cache, v_cache, layer_index):
@@ -328,6 +338,7 @@ class Mixtral(nnx.Module):
                 plan=plan,
                 read_first=read_first,
                 key_limit=key_limit,
+                chunk=chunk,
             )
 
         logits, layer_aux, k, v = self._scan_cached(
@@ -335,6 +346,17 @@ class Mixtral(nnx.Module):
         )
         new_cache = KVCache(k=k, v=v, index=index, valid=slot_valid, length=cache.length + t)
         return ModelOutput(logits=logits, aux=_model_aux(layer_aux, b, t)), new_cache
+
+    def _chunk_layout(self, cache: KVCache, t: int, index, slot_valid) -> ChunkLayout | None:
+        """Where the chunk's keys lie for the split form (`chunk_attention.py`), or None where
+        a window could hide part of the prefix: W < S (with S <= W every query of a cache that
+        has not wrapped is at an index below W, so the window hides no key). Whether the cache
+        is in the split's shape (filled from slot 0, left padding only, room for the chunk) is
+        decided at run time (`ChunkLayout.exact`)."""
+        window = self.cfg.sliding_window
+        if window is not None and window < cache.index.shape[0]:
+            return None
+        return chunk_layout(cache.length, t, index, slot_valid)
 
     def extend_paged(
         self,

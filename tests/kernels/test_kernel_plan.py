@@ -17,6 +17,7 @@ from mixtral_jax.config import (
     Exchange,
     GmmImpl,
 )
+from mixtral_jax.kernels import cudnn_attention
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import NVIDIA_GPU, resolve
 from mixtral_jax.model import moe as moe_block
@@ -251,3 +252,27 @@ def test_fused_swiglu_runs_where_the_local_dropless_grouped_matmul_is_pallas():
         fused(GPU_BF16.replace(fused_swiglu="on", gmm_impl="xla"))
     mesh = sh.make_mesh(sh.MeshConfig(expert=4), jax.devices()[:4])
     assert not fused(on, mesh=mesh)  # the expert-parallel path keeps its own matmuls
+
+
+def test_a_prefill_chunk_splits_its_attention_where_cudnn_returns_the_log_sum_exp(monkeypatch):
+    def split(cfg, queries, where=NVIDIA_GPU, cached=True):
+        return resolve(cfg, queries, cached=cached, queries=queries, where=where)
+
+    assert cudnn_attention.lse_available()  # this jax's cuDNN call takes return_residual
+    assert split(GPU_BF16, 2048).split_chunk_attention  # auto: cudnn chunk on an NVIDIA GPU
+    assert not split(GPU_BF16, 1).split_chunk_attention  # decode
+    assert not split(GPU_BF16, 2048, cached=False).split_chunk_attention
+    assert not split(GPU_BF16, 2048, where="cpu").split_chunk_attention
+    assert not split(GPU_BF16.replace(cached_attention_impl="xla"), 2048).split_chunk_attention
+    assert not split(GPU_BF16.replace(chunk_attention_impl="masked"), 2048).split_chunk_attention
+    on = mj.ModelConfig.tiny(chunk_attention_impl="split")
+    plan = split(on, 8, where="cpu")  # by name anywhere: the einsum parts
+    assert plan.split_chunk_attention and plan.cached_attention == AttentionImpl.XLA
+    assert not split(on, 1, where="cpu").split_chunk_attention
+    decode = resolve(GPU_BF16, 4, cached=True, queries=1, where=NVIDIA_GPU)
+    assert kernel_plan.for_queries(decode, GPU_BF16, 64, where=NVIDIA_GPU).split_chunk_attention
+    monkeypatch.setattr(cudnn_attention, "lse_available", lambda: False)  # an older cuDNN API
+    assert not split(GPU_BF16, 2048).split_chunk_attention  # auto keeps the masked call
+    assert split(on, 8, where="cpu").split_chunk_attention  # einsum parts need no cuDNN
+    with pytest.raises(ConfigError, match="chunk_attention_impl='split' with cudnn parts needs"):
+        split(GPU_BF16.replace(chunk_attention_impl="split"), 2048)
