@@ -64,6 +64,11 @@ def parse_args(argv):
     p.add_argument(
         "--max-context", type=int, help="longest prompt + max_tokens (default: the model's)"
     )
+    p.add_argument(
+        "--decode-batches",
+        help="decode batch sizes compiled, e.g. 16,64,256 (default: --max-batch and the powers "
+        "of 4 below it); fewer compile sooner, a step runs the smallest that holds its rows",
+    )
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies: 413")
     p.add_argument(
         "--max-prompt-tokens", type=int, help="longer prompts: 400 (default: the context less one)"
@@ -100,12 +105,29 @@ def check_args(args) -> str | None:
             f"--prefill-budget {args.prefill_budget} must be >= --prefill-chunk "
             f"{args.prefill_chunk} (a step prefills at least one chunk)"
         )
+    decode_batches(args)
     if not args.drain_timeout >= 0:
         raise ConfigError(f"--drain-timeout {args.drain_timeout} must be >= 0")
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if key is not None and not key.strip():
         raise ConfigError(f"the API key (--api-key or ${API_KEY_ENV}) is empty")
     return key
+
+
+def decode_batches(args) -> tuple[int, ...] | None:
+    """--decode-batches as a tuple (None: the engine's default); ConfigError if malformed."""
+    if args.decode_batches is None:
+        return None
+    try:
+        batches = tuple(int(b) for b in args.decode_batches.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or not all(1 <= b <= args.max_batch for b in batches):
+        raise ConfigError(
+            f"--decode-batches {args.decode_batches} must be integers in [1, --max-batch "
+            f"{args.max_batch}], comma-separated"
+        )
+    return batches
 
 
 def _is_loopback(host: str) -> bool:
@@ -149,6 +171,7 @@ def app_for(model, tokenizer, name: str, args, api_key: str | None):
         prefill_chunk=args.prefill_chunk,
         prefill_budget=args.prefill_budget,
         max_context=args.max_context,
+        batches=decode_batches(args),
         eos_id=tokenizer.eos_id,
     )
     if not args.no_warmup:

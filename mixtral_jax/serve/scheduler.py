@@ -8,12 +8,12 @@ row at its longest serves them all. Each step (`plan`):
      chunks of C tokens (P the prefill budget): a prompt shorter than C takes one chunk, a
      longer one as many as the budget has left (the engine runs each chunk in a row of the
      step's prefill group, so one call prefills a burst of short prompts, or several chunks of
-     one long one). A row the pool cannot hold
-     preempts the youngest rows until it fits (vLLM's recompute preemption: the victim's
-     blocks return at once, its request goes back to the head of the queue with the tokens it
-     generated, and later prefills prompt + generated and samples on from there, so its stream
-     sees every token once). The youngest row itself, when short, is preempted if decoding, or
-     prefills what the free blocks hold (nothing: it waits);
+     one long one). A row the pool cannot hold preempts the youngest rows until it fits
+     (vLLM's recompute preemption: the victim's blocks return at once, its request goes back
+     to the head of the queue with the tokens it generated, and later prefills prompt +
+     generated and samples on from there, so its stream sees every token once). The youngest
+     row itself, when short, is preempted if decoding, or prefills what the free blocks hold
+     (nothing: it waits);
   3. if nothing was preempted, waiting requests take free rows, first come first served, while
      the pool holds the head's whole context beside a block per decoding row (one admitted
      into less would be the first preempted again, its prefill wasted); each new row
