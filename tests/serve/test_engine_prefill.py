@@ -6,7 +6,9 @@ budget of 32 (prefill groups of 1, 2 and 4 rows), stepped by `run_once`, so iter
 counted, not timed; `Generator` is the oracle of greedy tokens.
 """
 
+import contextlib
 import math
+import queue
 
 import jax
 import numpy as np
@@ -56,10 +58,11 @@ def _tokens(engine, streams) -> list[list[int]]:
     for _ in range(500):
         engine.run_once()
         for n, stream in enumerate(streams):
-            while not done[n] and not stream._events.empty():
-                event = stream.get(timeout=0)
-                got[n] += event.tokens
-                done[n] = event.finish is not None
+            with contextlib.suppress(queue.Empty):
+                while not done[n]:
+                    event = stream.get(timeout=0)
+                    got[n] += event.tokens
+                    done[n] = event.finish is not None
         if all(done):
             return got
     raise AssertionError("streams did not finish")
