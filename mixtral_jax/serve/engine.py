@@ -124,7 +124,7 @@ class Engine:
       prefill_chunk: C, prompt tokens per chunk: a row of a step's prefill group.
       prefill_budget: P, prompt tokens per step at most (P // C chunks; ConfigError if below
         C); default 4 x C: see the latency bound in the module docstring. The prefill group
-        is compiled for 1, 2, 4, ... and P // C rows (`chunk_rows`).
+        is compiled for P // C rows and the powers of 4 below (`chunk_rows`; default 1, 4).
       eos_id: the end-of-sequence id (default the model's eos_token_id).
       max_context: the longest prompt + max_tokens (default and limit: cfg.max_seq_len).
       batches: the decode batch sizes the steps are compiled for (each step runs the smallest
@@ -163,7 +163,7 @@ class Engine:
                 f"prefill_budget={budget} must be >= prefill_chunk={prefill_chunk} "
                 "(a step prefills at least one chunk)"
             )
-        self.chunk_rows = _doubling(self.prefill_budget // self.prefill_chunk)
+        self.chunk_rows = _powers_of_4(self.prefill_budget // self.prefill_chunk)
         self.max_context = _positive("max_context", max_context or cfg.max_seq_len)
         if self.max_context > cfg.max_seq_len:
             raise ConfigError(
@@ -242,10 +242,7 @@ class Engine:
     def _batches(self, batches: tuple[int, ...] | None) -> list[int]:
         """Decode batch sizes of the compiled shapes, ascending; the largest is max_batch."""
         if batches is None:
-            batches, size = [], 1
-            while size < self.max_batch:
-                batches.append(size)
-                size *= 4
+            batches = _powers_of_4(self.max_batch)
         for size in batches:
             if (
                 not isinstance(size, int)
@@ -613,9 +610,10 @@ class Engine:
                 row.stream.put(event)
 
 
-def _doubling(top: int) -> list[int]:
-    """1, 2, 4, ... below `top`, and `top`: the compiled prefill group rows."""
-    sizes = [1 << n for n in range(top.bit_length()) if 1 << n < top]
+def _powers_of_4(top: int) -> list[int]:
+    """1, 4, 16, ... below `top`, and `top`: the default compiled sizes (decode batches,
+    prefill group rows): a few compiles, at most 4x the rows needed."""
+    sizes = [4**n for n in range(top.bit_length()) if 4**n < top]
     return [*sizes, top]
 
 

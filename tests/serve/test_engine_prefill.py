@@ -2,7 +2,7 @@
 getting a token every step, and no step prefills more than the budget.
 
 One engine of 16 rows (one compiled decode batch and span), prefill chunks of 8 tokens and a
-budget of 32 (prefill groups of 1, 2 and 4 rows), stepped by `run_once`, so iterations are
+budget of 32 (prefill groups of 1 and 4 rows), stepped by `run_once`, so iterations are
 counted, not timed; `Generator` is the oracle of greedy tokens.
 """
 
@@ -41,9 +41,9 @@ def engine(model):
         max_context=64,
         batches=(ROWS,),
     )
-    assert eng.chunk_rows == [1, 2, 4] and eng.widths == [8]
+    assert eng.chunk_rows == [1, 4] and eng.widths == [8]
     eng.warmup()
-    assert eng.steps.traces == 4  # the decode step, and with each prefill group
+    assert eng.steps.traces == 3  # the decode step, and with each prefill group
     yield eng
     eng.shutdown()
 
@@ -95,7 +95,7 @@ def test_a_burst_is_admitted_budget_tokens_a_step_while_a_stream_decodes(engine,
     assert engine.stats()["running"] == n + 1
     got = _tokens(engine, [runner, *burst])
     assert got == _greedy(model, [_prompt(CHUNK, 1)], 12) + _greedy(model, prompts, 6)
-    assert engine.steps.traces == 4  # the group sizes of the burst were all compiled
+    assert engine.steps.traces == 3  # the group sizes of the burst were all compiled
 
 
 def test_long_prompts_take_several_group_rows_and_equal_the_generator(engine, model):
@@ -115,13 +115,10 @@ def test_long_prompts_take_several_group_rows_and_equal_the_generator(engine, mo
 
 def test_the_budget_defaults_to_four_chunks_and_holds_at_least_one(model):
     default = Engine(model, max_batch=2, block_size=8, num_blocks=9, max_context=64)
-    assert (default.prefill_chunk, default.prefill_budget, default.chunk_rows) == (
-        128,
-        512,
-        [1, 2, 4],
-    )
+    assert (default.prefill_chunk, default.prefill_budget) == (128, 512)
+    assert default.chunk_rows == [1, 4]  # like the decode batches: the powers of 4 below
     wide = Engine(model, max_batch=2, num_blocks=9, prefill_chunk=16, prefill_budget=200)
-    assert wide.chunk_rows == [1, 2, 4, 8, 12]  # 12 chunks of 16 fit 200 tokens
+    assert wide.chunk_rows == [1, 4, 12]  # 12 chunks of 16 fit 200 tokens
     with pytest.raises(ConfigError, match="prefill_budget=64 must be >= prefill_chunk=128"):
         Engine(model, max_batch=2, prefill_budget=64)
     with pytest.raises(ConfigError, match="prefill_budget=0 must be an integer >= 1"):
