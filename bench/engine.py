@@ -150,17 +150,23 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
 
 def step_costs(engine: Engine, batch: int, cached: int, reps: int) -> dict:
     """ms of the compiled decode step of `batch` active rows (random last tokens, `cached`
-    tokens each, tables at the sink: the arithmetic and reads of real rows, writes to the
-    sink) alone, and with a prefill group of q full chunks of random tokens for each compiled
-    q (median of `reps` calls after one); itl_bound: the largest group's step over the decode
-    step alone. Run on the idle engine after warmup (nothing compiles)."""
+    tokens each) alone, and with a prefill group of q full chunks of random tokens for each
+    compiled q (median of `reps` calls after one); itl_bound: the largest group's step over the
+    decode step alone. Every row's table spreads over distinct pool blocks, as real rows' do.
+    Run on the idle engine after warmup (nothing compiles; what it writes, rows overwrite
+    before they read it)."""
     rng = np.random.default_rng(0)
     vocab, chunk = engine.cfg.vocab_size, engine.prefill_chunk
     slots, table, lengths, active, sampling = engine._decode_args([], batch)[0]
     slots[:], lengths[:], active[:] = np.arange(batch), cached, True
     decode = (slots, table, lengths, active, sampling)
     width = engine._width(min(max(cached + 1, chunk), engine.max_context))
-    decode = (decode[0], decode[1][:, :width], *decode[2:])
+
+    def spread(rows: int, first: int) -> np.ndarray:  # [rows, width] distinct blocks
+        index = first + np.arange(rows * width)
+        return (1 + index % (engine.num_blocks - 1)).reshape(rows, width).astype(np.int32)
+
+    decode = (decode[0], spread(batch, 0), *decode[2:])
     pool = engine._pool
     last = engine._committed(jnp.asarray(rng.integers(3, vocab, engine.max_batch), jnp.int32))
 
@@ -179,7 +185,7 @@ def step_costs(engine: Engine, batch: int, cached: int, reps: int) -> dict:
     for q in engine.chunk_rows:
         args = list(engine._chunk_args([], {}, q)[0])
         args[0] = rng.integers(3, vocab, (q, chunk)).astype(np.int32)  # tokens [q, C]
-        args[1] = args[1][:, :width]  # the table: every chunk at the sink
+        args[1] = spread(q, batch * width)
         args[3] = np.full(q, chunk, np.int32)  # counts: full chunks
         with_prefill[q] = timed(
             lambda pool, last, a=tuple(args): engine.steps.decode_with_chunk(pool, last, decode, a)
