@@ -19,7 +19,8 @@ One background thread steps the model. Each iteration:
   4. the previous step's tokens go to their streams (while this one runs on the device); rows
      that finished (EOS, a stop id, max_tokens) leave.
 Only those two calls are ever compiled: the decode step once per (batch, attention span), the
-decode step with a prefill group once per (batch, span, group rows) (`steps.py`; `warmup`).
+decode step with a prefill group once per (batch, span, group rows) (`steps.py`; `warmup`);
+`inputs.py` packs their host inputs.
 
 The inter-token latency bound. Every step carries at most P prompt tokens, so a step that
 prefills takes at most the decode step's time plus that of P tokens' arithmetic beside it (the
@@ -61,10 +62,11 @@ from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.paged_attention import MIN_BLOCK
 from mixtral_jax.model.paged_kv_cache import PagedKVCache
 from mixtral_jax.model.transformer import Mixtral
+from mixtral_jax.serve import inputs
 from mixtral_jax.serve.blocks import BlockTables, blocks_at_once
 from mixtral_jax.serve.rows import CANCELLED, EOS, ERROR, LENGTH, STOP, Event, Request, Row, Stream
 from mixtral_jax.serve.scheduler import Scheduler
-from mixtral_jax.serve.steps import Steps, idle_sampling
+from mixtral_jax.serve.steps import Steps
 
 __all__ = ["Engine", "EngineClosed", "Event", "QueueFull", "Request", "Stream", "TooLong"]
 
@@ -518,67 +520,21 @@ class Engine:
         for stream in self._sched.drop_waiting():
             stream.put(Event([], None, CANCELLED))
 
-    def _sampling(self, rows: list[Row | None]):
-        """RowSampling host arrays for `rows` (None: idle, greedy)."""
-        out = idle_sampling(len(rows))
-        for j, row in enumerate(rows):
-            if row is not None:
-                params = row.request.sampling
-                out.temperature[j], out.top_k[j] = params.temperature, params.top_k
-                out.top_p[j], out.seed[j] = params.top_p, row.request.seed
-                out.counter[j] = row.dispatched  # the index of the token it samples
-        return out
-
     def _decode_args(self, decoding: list[int], batch: int | None = None) -> tuple[tuple, int]:
-        """Host inputs of the decode step for rows `decoding`, packed into the first rows of a
-        compiled batch b (default the smallest that holds them; the rest idle): ((slots [b]: the
-        rows whose last token each feeds, max_batch for idle ones; block_table [b, R], lengths
-        [b], active [b], sampling), tokens its widest row needs). Output row j is row
-        decoding[j]'s token."""
+        """`inputs.decode_inputs` of rows `decoding` in a compiled batch (default the smallest
+        that holds them)."""
         b = self._batch(len(decoding)) if batch is None else batch
-        slots = np.full(b, self.max_batch, np.int32)
-        lengths, active = np.zeros(b, np.int32), np.zeros(b, bool)
-        table = np.zeros((b, self.blocks_per_row), np.int32)  # idle rows write to the sink
-        rows = [self._sched.rows[i] for i in decoding]
-        for j, (i, row) in enumerate(zip(decoding, rows)):
-            slots[j], lengths[j], active[j] = i, row.cached, True
-        table[: len(decoding)] = self._tables.table[decoding]
-        sampling = self._sampling(rows + [None] * (b - len(rows)))
-        return (slots, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
+        return inputs.decode_inputs(self._sched.rows, decoding, self._tables.table, b)
 
     def _chunk_args(
         self, prefilling: list[int], pieces: dict[int, int], rows: int | None = None
     ) -> tuple[tuple, int, dict[int, int]]:
-        """Host inputs of the prefill group: pieces[i] new tokens of each row i of
-        `prefilling`, cut into chunks of C, one group row per chunk, packed into the first of
-        q rows (default the smallest compiled count that holds them; the rest idle): ((tokens
-        [q, C], block_table [q, R], lengths [q], counts [q], sampling, slots [q]: the row whose
-        last token a final chunk's sample becomes, max_batch for other chunks), tokens its
-        widest row needs, {i: the group row of row i's final chunk}). The chunks of one row
-        share its table and follow each other (lengths cached, cached + C, ...): each layer
-        writes every group row's keys before any attends, so a chunk sees those before it in
-        the same call. A row's final chunk samples its next token (a new request its first, a
-        recomputed one the one after those it had generated)."""
-        c, sched = self.prefill_chunk, self._sched
-        cuts = [  # (row, first token index, tokens) per chunk, in row order
-            (i, at, min(c, sched.rows[i].cached + pieces[i] - at))
-            for i in prefilling
-            for at in range(sched.rows[i].cached, sched.rows[i].cached + pieces[i], c)
-        ]
+        """`inputs.chunk_inputs` of pieces[i] new tokens of each row i of `prefilling`, in
+        chunks of C, in a compiled group of `rows` rows (default the fewest that hold them)."""
+        table, c = self._tables.table, self.prefill_chunk
+        cuts = inputs.chunk_cuts(self._sched.rows, prefilling, pieces, c)
         q = next(n for n in self.chunk_rows if n >= len(cuts)) if rows is None else rows
-        tokens, lengths = np.zeros((q, c), np.int32), np.zeros(q, np.int32)
-        counts, slots = np.zeros(q, np.int32), np.full(q, self.max_batch, np.int32)
-        table = np.zeros((q, self.blocks_per_row), np.int32)  # idle rows write to the sink
-        finals = {}
-        for j, (i, at, n) in enumerate(cuts):
-            row = sched.rows[i]
-            tokens[j, :n] = row.context[at : at + n]
-            lengths[j], counts[j], table[j] = at, n, self._tables.table[i]
-            if at + n == len(row.context):
-                slots[j], finals[i] = i, j
-        sampling = self._sampling([sched.rows[i] for i, _, _ in cuts] + [None] * (q - len(cuts)))
-        need = int((lengths + counts).max())
-        return (tokens, table, lengths, counts, sampling, slots), need, finals
+        return inputs.chunk_inputs(self._sched.rows, cuts, table, c, q)
 
     def _deliver(self, entries: list[tuple[int, Row, int]], out) -> None:
         """(i, row, j): row (in slot i when dispatched) sampled out.tokens[j]: stream it, or end
