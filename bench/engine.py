@@ -10,9 +10,10 @@ Per batch size B, one `Engine(max_batch=B)`: warmup (every step shape compiled, 
 the prefill cost (`step_costs`: the compiled decode step of B active rows alone, and with a
 prefill group of q full chunks for each compiled q, timed directly: `itl_bound`, the step with
 the whole budget over the step without, is how much a prefilling step stretches a running
-stream's inter-token gap at this batch; the budget keeps it near 2 or below), then B
-requests of `--prompt` random tokens and `--max-tokens` new ones (ignore_eos) submitted at once
-and run by the engine's thread. Measured from the first decode step after every request has
+stream's inter-token gap at this batch; the budget is chosen to keep it at 2 or below), then
+B requests of `--prompt` random tokens and `--max-tokens` new ones (ignore_eos) submitted at
+once and run by the engine's thread (fill_s: until all are prefilled, ceil(B x prompt /
+budget) steps when the chunk divides the prompt). Measured from the first decode step after every request has
 been prefilled (decode only: no prefill chunk between steps) over `--steps` decode steps, from
 the engine's counters: output tokens/s and ms per step, through the engine's whole loop (host
 bookkeeping, per-row sampling, block tables) as a server runs it.
