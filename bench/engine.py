@@ -2,13 +2,18 @@
 GPU: the full Mixtral 8x7B widths, random bf16 weights made on the device, beside the floor.
 
   python3 bench/engine.py [--layers 32] [--batches 1,16,64,256] [--prompt 128] [--max-tokens 512]
-      [--steps 32] [--block-size 16] [--prefill-chunk 256] [--prefill-rows 1]
-      [--set paged_attention_impl=pallas] [--profile] [--unroll N]
+      [--steps 32] [--block-size 16] [--prefill-chunk 128] [--prefill-budget 512]
+      [--set paged_attention_impl=pallas] [--one-batch] [--profile] [--unroll N]
   JAX_PLATFORMS=cpu python3 bench/engine.py --preset tiny      # the code path, in seconds
 
-Per batch size B, one `Engine(max_batch=B)`: warmup (both step shapes compiled, timed), then B
-requests of `--prompt` random tokens and `--max-tokens` new ones (ignore_eos) submitted at once
-and run by the engine's thread. Measured from the first decode step after every request has
+Per batch size B, one `Engine(max_batch=B)`: warmup (every step shape compiled, timed), then
+the prefill cost (`step_costs`: the compiled decode step of B active rows alone, and with a
+prefill group of q full chunks for each compiled q, timed directly: `itl_bound`, the step with
+the whole budget over the step without, is how much a prefilling step stretches a running
+stream's inter-token gap at this batch; the budget is chosen to keep it at 2 or below), then
+B requests of `--prompt` random tokens and `--max-tokens` new ones (ignore_eos) submitted at
+once and run by the engine's thread (fill_s: until all are prefilled, ceil(B x prompt /
+budget) steps when the chunk divides the prompt). Measured from the first decode step after every request has
 been prefilled (decode only: no prefill chunk between steps) over `--steps` decode steps, from
 the engine's counters: output tokens/s and ms per step, through the engine's whole loop (host
 bookkeeping, per-row sampling, block tables) as a server runs it.
@@ -37,6 +42,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `python3 bench/engine.py`: bench.* and mixtral_jax from the repository
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -79,14 +85,16 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
         max_queue=batch,
         block_size=args.block_size,
         prefill_chunk=args.prefill_chunk,
-        prefill_rows=args.prefill_rows,
+        prefill_budget=args.prefill_budget,
         max_context=args.prompt + args.max_tokens,
+        batches=(batch,) if args.one_batch else None,
         # every row at the full length: an allocation that does not fit fails here, loudly
         num_blocks=batch * -(-(args.prompt + args.max_tokens) // args.block_size) + 1,
     )
     start = time.perf_counter()
     engine.warmup()
     compile_s = time.perf_counter() - start
+    costs = step_costs(engine, batch, args.prompt, args.cost_reps)
     rng = np.random.default_rng(batch)
     streams = [
         engine.submit(
@@ -141,8 +149,60 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
         "mean_cached_tokens": mean_cached,
         "compile_s": compile_s,
         "fill_s": fill_s,
+        **costs,
         "kernel_plan": str(kernel_plan.resolve(cfg, batch, cached=True, queries=1)),
         "profile": profile,
+    }
+
+
+def step_costs(engine: Engine, batch: int, cached: int, reps: int) -> dict:
+    """ms of the compiled decode step of `batch` active rows (random last tokens, `cached`
+    tokens each) alone, and with a prefill group of q full chunks of random tokens for each
+    compiled q (median of `reps` calls after one); itl_bound: the largest group's step over the
+    decode step alone. Every row's table spreads over distinct pool blocks, as real rows' do.
+    Run on the idle engine after warmup (nothing compiles; what it writes, rows overwrite
+    before they read it)."""
+    rng = np.random.default_rng(0)
+    vocab, chunk = engine.cfg.vocab_size, engine.prefill_chunk
+    slots, table, lengths, active, sampling = engine._decode_args([], batch)[0]
+    slots[:], lengths[:], active[:] = np.arange(batch), cached, True
+    decode = (slots, table, lengths, active, sampling)
+    width = engine._width(min(max(cached + 1, chunk), engine.max_context))
+
+    def spread(rows: int, first: int) -> np.ndarray:  # [rows, width] distinct blocks
+        index = first + np.arange(rows * width)
+        return (1 + index % (engine.num_blocks - 1)).reshape(rows, width).astype(np.int32)
+
+    decode = (decode[0], spread(batch, 0), *decode[2:])
+    pool = engine._pool
+    last = engine._committed(jnp.asarray(rng.integers(3, vocab, engine.max_batch), jnp.int32))
+
+    def timed(call) -> float:
+        nonlocal pool, last
+        times = []
+        for _ in range(reps + 1):
+            start = time.perf_counter()
+            pool, last, *out = call(pool, last)
+            jax.block_until_ready((pool, last, out))
+            times.append(time.perf_counter() - start)
+        return 1000 * float(np.median(times[1:]))
+
+    decode_ms = timed(lambda pool, last: engine.steps.decode(pool, last, *decode))
+    with_prefill = {}
+    for q in engine.chunk_rows:
+        args = list(engine._chunk_args([], {}, q)[0])
+        args[0] = rng.integers(3, vocab, (q, chunk)).astype(np.int32)  # tokens [q, C]
+        args[1] = spread(q, batch * width)
+        args[3] = np.full(q, chunk, np.int32)  # counts: full chunks
+        with_prefill[q] = timed(
+            lambda pool, last, a=tuple(args): engine.steps.decode_with_chunk(pool, last, decode, a)
+        )
+    engine._pool, engine._last = pool, engine._new_last()
+    top = max(with_prefill)
+    return {
+        "decode_step_ms": decode_ms,
+        "prefill_step_ms": {f"{q}x{chunk}": ms for q, ms in with_prefill.items()},
+        "itl_bound": with_prefill[top] / decode_ms,
     }
 
 
@@ -174,8 +234,9 @@ def main():
     p.add_argument("--max-tokens", type=int, default=None, help="default 512 (tiny 24)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 32, tiny 4)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--prefill-chunk", type=int, default=256)
-    p.add_argument("--prefill-rows", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--prefill-budget", type=int, default=None, help="default: 4 chunks")
+    p.add_argument("--cost-reps", type=int, default=None, help="timed calls per step shape")
     p.add_argument(
         "--set",
         action="append",
@@ -187,6 +248,12 @@ def main():
     )
     p.add_argument("--profile", action="store_true", help="GPU kernels per decode step")
     p.add_argument(
+        "--one-batch",
+        action="store_true",
+        help="compile the decode batch B only (the fill runs at B, idle rows masked): a "
+        "shorter warmup, the same timed window",
+    )
+    p.add_argument(
         "--unroll", type=int, default=None, help="layers per layer-scan iteration (plan default)"
     )
     args = p.parse_args()
@@ -197,6 +264,7 @@ def main():
     args.prompt = args.prompt or (8 if tiny else 128)
     args.max_tokens = args.max_tokens or (24 if tiny else 512)
     args.steps = args.steps or (4 if tiny else 32)
+    args.cost_reps = args.cost_reps or (2 if tiny else 10)
     changes = dict(item.split("=", 1) for item in args.set)
     if args.layers is not None:
         changes["num_layers"] = args.layers
@@ -228,7 +296,8 @@ def main():
             "max_tokens": args.max_tokens,
             "block_size": args.block_size,
             "prefill_chunk": args.prefill_chunk,
-            "prefill_rows": args.prefill_rows,
+            "prefill_budget": args.prefill_budget,
+            "one_batch": args.one_batch,
             "set": args.set,
         },
         "model_build_s": build_s,

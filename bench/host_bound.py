@@ -122,8 +122,10 @@ def main():
     cfg = mj.preset(args.preset, dtype=dtype, param_dtype=dtype, **changes)
     run_args = argparse.Namespace(
         block_size=16,
-        prefill_chunk=256,
-        prefill_rows=1,
+        prefill_chunk=128,
+        prefill_budget=512,
+        one_batch=True,
+        cost_reps=1,
         prompt=8 if tiny else 128,
         max_tokens=24 if tiny else 512,
         steps=args.steps or (4 if tiny else 48),

@@ -1,7 +1,8 @@
 """The OpenAI-compatible server under load, measured by a client over HTTP.
 
   python3 bench/serve.py [--layers 32] [--concurrency 1,16,64,256] [--prompt 128] [--output 512]
-      [--requests-per-client 2] [--max-batch 256] [--prefill-chunk 256] [--prefill-rows 1]
+      [--requests-per-client 2] [--max-batch 256] [--prefill-chunk 128] [--prefill-budget 512]
+      [--decode-batches 64,256]
       [--tokenizer FILE] [--checkpoint DIR]
   JAX_PLATFORMS=cpu python3 bench/serve.py --tiny       # the code path on CPU, in seconds
   python3 bench/serve.py --fake-engine [--fake-step-ms 0]  # the HTTP layer alone (a harness)
@@ -63,8 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-queue", type=int, default=512)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--prefill-chunk", type=int, default=256)
-    p.add_argument("--prefill-rows", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--prefill-budget", type=int, default=None, help="default: the server's")
+    p.add_argument(
+        "--decode-batches",
+        default=None,
+        help="the server's compiled decode batches (default: its own)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--tokenizer", help="sentencepiece file of 32,000 tokens (Mixtral 8x7B's)")
     p.add_argument("--checkpoint", help="serve this checkpoint through the CLI instead")
@@ -99,6 +105,13 @@ def server_main(args) -> None:
     app, engine = cli.app_for(model, tokenizer, MODEL, serve_args, None)
     warmup_s = time.perf_counter() - start
     info = {"env": environment(), "model_built_s": built_s, "warmup_s": warmup_s}
+    info["engine"] = {  # the shapes warmup compiled
+        "batches": engine.batches,
+        "widths": engine.widths,
+        "prefill_chunk": engine.prefill_chunk,
+        "prefill_budget": engine.prefill_budget,
+        "chunk_rows": engine.chunk_rows,
+    }
     print(json.dumps(info), flush=True)
     cli.serve(app, engine, serve_args)
 
@@ -153,13 +166,16 @@ def _serve_flags(args, checkpoint: str) -> list[str]:
         str(args.block_size),
         "--prefill-chunk",
         str(args.prefill_chunk),
-        "--prefill-rows",
-        str(args.prefill_rows),
         "--max-context",
         str(args.prompt + args.output),
         "--log-level",
         "warning",
         "--quiet",
+    ] + [
+        flag
+        for name in ("prefill_budget", "decode_batches")
+        if getattr(args, name) is not None
+        for flag in (f"--{name.replace('_', '-')}", str(getattr(args, name)))
     ]
 
 
@@ -338,7 +354,8 @@ def client_main(args) -> dict:
         "config": {
             k: getattr(args, k)
             for k in ("layers", "tiny", "prompt", "output", "requests_per_client", "max_batch")
-            + ("prefill_chunk", "prefill_rows", "block_size", "temperature", "checkpoint")
+            + ("prefill_chunk", "prefill_budget", "decode_batches", "block_size", "temperature")
+            + ("checkpoint",)
             + ("fake_engine", "fake_step_ms", "client_procs")
         },
         "levels": levels,

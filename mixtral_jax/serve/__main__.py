@@ -52,10 +52,22 @@ def parse_args(argv):
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429s")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--num-blocks", type=int, help="KV cache blocks (default: the engine's)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step")
-    p.add_argument("--prefill-rows", type=int, default=1, help="requests prefilled per step")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=128, help="prompt tokens per prefill row of a step"
+    )
+    p.add_argument(
+        "--prefill-budget",
+        type=int,
+        help="prompt tokens per step at most, over as many prompts as it holds (default: 4 "
+        "chunks); bounds how much a prefill slows running streams",
+    )
     p.add_argument(
         "--max-context", type=int, help="longest prompt + max_tokens (default: the model's)"
+    )
+    p.add_argument(
+        "--decode-batches",
+        help="decode batch sizes compiled, e.g. 16,64,256 (default: --max-batch and the powers "
+        "of 4 below it); fewer compile sooner, a step runs the smallest that holds its rows",
     )
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies: 413")
     p.add_argument(
@@ -80,20 +92,42 @@ def check_args(args) -> str | None:
     """One-line errors for bad flags, before anything is loaded; returns the API key."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} must be in [0, 65535]")
-    names = ("max_batch", "max_queue", "block_size", "prefill_chunk", "prefill_rows")
+    names = ("max_batch", "max_queue", "block_size", "prefill_chunk")
     for name in (*names, "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    for name in ("num_blocks", "max_context"):
+    for name in ("num_blocks", "max_context", "prefill_budget"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if args.prefill_budget is not None and args.prefill_budget < args.prefill_chunk:
+        raise ConfigError(
+            f"--prefill-budget {args.prefill_budget} must be >= --prefill-chunk "
+            f"{args.prefill_chunk} (a step prefills at least one chunk)"
+        )
+    decode_batches(args)
     if not args.drain_timeout >= 0:
         raise ConfigError(f"--drain-timeout {args.drain_timeout} must be >= 0")
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if key is not None and not key.strip():
         raise ConfigError(f"the API key (--api-key or ${API_KEY_ENV}) is empty")
     return key
+
+
+def decode_batches(args) -> tuple[int, ...] | None:
+    """--decode-batches as a tuple (None: the engine's default); ConfigError if malformed."""
+    if args.decode_batches is None:
+        return None
+    try:
+        batches = tuple(int(b) for b in args.decode_batches.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or not all(1 <= b <= args.max_batch for b in batches):
+        raise ConfigError(
+            f"--decode-batches {args.decode_batches} must be integers in [1, --max-batch "
+            f"{args.max_batch}], comma-separated"
+        )
+    return batches
 
 
 def _is_loopback(host: str) -> bool:
@@ -135,8 +169,9 @@ def app_for(model, tokenizer, name: str, args, api_key: str | None):
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         prefill_chunk=args.prefill_chunk,
-        prefill_rows=args.prefill_rows,
+        prefill_budget=args.prefill_budget,
         max_context=args.max_context,
+        batches=decode_batches(args),
         eos_id=tokenizer.eos_id,
     )
     if not args.no_warmup:

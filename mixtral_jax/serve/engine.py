@@ -10,13 +10,29 @@ One background thread steps the model. Each iteration:
   3. one decode step [b, 1] for every row that has sampled a token, b the smallest compiled
      batch that holds them (their inputs packed into its first rows, the rest idle and
      masked: a step of one stream computes one row, not max_batch), in the same compiled call
-     as one prefill chunk [prefill_rows, prefill_chunk] for the oldest rows still prefilling,
-     if any: streams already running keep producing while a long prompt is prefilled, and the
-     chunk costs them its arithmetic, not a second weight read;
+     as a prefill group [q, C] of the prompt tokens the scheduler gave the rows still
+     prefilling (oldest first, `prefill_budget` P tokens at most, in chunks of C =
+     `prefill_chunk`: one group row per chunk, so a burst of short prompts enters together
+     and a long prompt takes several rows), q the smallest compiled count of group rows that
+     holds the chunks (`chunk_rows`). Streams already running keep producing while prompts
+     are prefilled, and the group costs them its arithmetic, not a second weight read;
   4. the previous step's tokens go to their streams (while this one runs on the device); rows
      that finished (EOS, a stop id, max_tokens) leave.
-Only those two calls are ever compiled, once per (batch, attention span) pair (`steps.py`;
-`warmup`).
+Only those two calls are ever compiled: the decode step once per (batch, attention span), the
+decode step with a prefill group once per (batch, span, group rows) (`steps.py`; `warmup`);
+`inputs.py` packs their host inputs.
+
+The inter-token latency bound. Every step carries at most P prompt tokens, so a step that
+prefills takes at most the decode step's time plus that of P tokens' arithmetic beside it (the
+weights are read once for both). A running stream's gap between two tokens is therefore at most
+t_decode + P x t_token, and P chosen so that P tokens' arithmetic costs no more than one decode
+step's weight read keeps every gap within 2x a decode-only one: on one H200 with 8x7B in bf16
+the step reads ~93 GB (~20-30 ms at the measured 3-4 TB/s) and a token's arithmetic is
+2 x 12.9 GFLOP, ~40-50 us at a grouped matmul's ~500-600 TFLOP/s, so P ~ 500. The default,
+4 chunks of the default C = 128 = 512 tokens, is that; a burst then enters four 128-token
+prompts per step. `bench/engine.py` prints the ratio measured per decode batch (the step with a
+full prefill group over the decode step alone): a ratio above 2 at the batches a server runs
+says lower P.
 
 The sampled tokens never wait for the host: each step writes them into a device array of the
 last token per row (`Steps`), which the next step reads, so step N+1 is dispatched before step
@@ -47,10 +63,11 @@ from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.paged_attention import MIN_BLOCK
 from mixtral_jax.model.paged_kv_cache import PagedKVCache
 from mixtral_jax.model.transformer import Mixtral
+from mixtral_jax.serve import inputs
 from mixtral_jax.serve.blocks import BlockTables, blocks_at_once
 from mixtral_jax.serve.rows import CANCELLED, EOS, ERROR, LENGTH, STOP, Event, Request, Row, Stream
 from mixtral_jax.serve.scheduler import Scheduler
-from mixtral_jax.serve.steps import Steps, idle_sampling
+from mixtral_jax.serve.steps import Steps
 
 __all__ = ["Engine", "EngineClosed", "Event", "QueueFull", "Request", "Stream", "TooLong"]
 
@@ -69,7 +86,7 @@ class TooLong(ConfigError):
     """prompt + max_tokens beyond the context or the KV capacity (HTTP 400); names the numbers."""
 
 
-MAX_RETRIES = 1  # times a request with nothing cached is requeued after a failed step
+MAX_RETRIES = 1  # times a request is recomputed after failed steps before it ends with 'error'
 
 
 class EngineClosed(RuntimeError):
@@ -107,9 +124,11 @@ class Engine:
         full context (max_batch * ceil(max_context / Z) + 1), or what fits in the device's free
         memory less a reserve (`MEMORY_RESERVE`) if that is less (ConfigError, naming the
         GiB, if not even one row at the full context fits).
-      prefill_chunk: C, prompt tokens per prefill call.
+      prefill_chunk: C, prompt tokens per chunk: a row of a step's prefill group.
+      prefill_budget: P, prompt tokens per step at most (P // C chunks; ConfigError if below
+        C); default 4 x C: see the latency bound in the module docstring. The prefill group
+        is compiled for P // C rows and the powers of 4 below (`chunk_rows`; default 1, 4).
       eos_id: the end-of-sequence id (default the model's eos_token_id).
-      prefill_rows: Q, rows prefilled per chunk call.
       max_context: the longest prompt + max_tokens (default and limit: cfg.max_seq_len).
       batches: the decode batch sizes the steps are compiled for (each step runs the smallest
         that holds its decoding rows); default max_batch and the powers of 4 below it, 1
@@ -128,9 +147,9 @@ class Engine:
         max_queue: int = 64,
         block_size: int = 16,
         num_blocks: int | None = None,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 128,
+        prefill_budget: int | None = None,
         eos_id: int | None = None,
-        prefill_rows: int = 1,
         max_context: int | None = None,
         spans: tuple[int, ...] | None = None,
         batches: tuple[int, ...] | None = None,
@@ -140,7 +159,14 @@ class Engine:
         self.max_queue = _positive("max_queue", max_queue, 0)
         self.block_size = _positive("block_size", block_size)
         self.prefill_chunk = _positive("prefill_chunk", prefill_chunk)
-        self.prefill_rows = _positive("prefill_rows", prefill_rows)
+        budget = 4 * prefill_chunk if prefill_budget is None else prefill_budget
+        self.prefill_budget = _positive("prefill_budget", budget)
+        if self.prefill_budget < self.prefill_chunk:
+            raise ConfigError(
+                f"prefill_budget={budget} must be >= prefill_chunk={prefill_chunk} "
+                "(a step prefills at least one chunk)"
+            )
+        self.chunk_rows = _powers_of_4(self.prefill_budget // self.prefill_chunk)
         self.max_context = _positive("max_context", max_context or cfg.max_seq_len)
         if self.max_context > cfg.max_seq_len:
             raise ConfigError(
@@ -167,8 +193,8 @@ class Engine:
         self._tables = BlockTables(num_blocks, max_batch, self.blocks_per_row, block_size)
         self._sched = Scheduler(
             max_batch=max_batch,
-            prefill_rows=prefill_rows,
             prefill_chunk=prefill_chunk,
+            prefill_budget=self.prefill_budget,
             tables=self._tables,
             window=cfg.sliding_window,
             cond=self._cond,
@@ -177,6 +203,7 @@ class Engine:
         self._closed = self._cancel_on_close = False
         self._thread: threading.Thread | None = None
         self.generated_tokens = self.decode_steps = self.prefill_calls = self.calls = 0
+        self.prefill_tokens = 0
         self.cancel_lag = 0
         # host seconds spent dispatching model calls and waiting for their tokens: a step whose
         # dispatch time nears its step time is host-bound (the device waits for the launches)
@@ -221,10 +248,7 @@ class Engine:
     def _batches(self, batches: tuple[int, ...] | None) -> list[int]:
         """Decode batch sizes of the compiled shapes, ascending; the largest is max_batch."""
         if batches is None:
-            batches, size = [], 1
-            while size < self.max_batch:
-                batches.append(size)
-                size *= 4
+            batches = _powers_of_4(self.max_batch)
         for size in batches:
             if (
                 not isinstance(size, int)
@@ -345,7 +369,8 @@ class Engine:
     def stats(self) -> dict:
         """queue_depth (preempted requests included), running (rows held; prefilling of
         them), free_blocks, total_blocks, generated_tokens (monotonic), steps (decode steps),
-        prefill_calls, calls (model calls: every step), preemptions, cancel_lag (the most
+        prefill_calls, prefill_tokens (prompt tokens prefilled, recomputed ones included),
+        calls (model calls: every step), preemptions, cancel_lag (the most
         model calls any cancelled row ran between its cancel() and the release of its row),
         traces (compiles), dispatch_s and wait_s (host seconds dispatching model calls and
         waiting for their tokens)."""
@@ -359,6 +384,7 @@ class Engine:
             "generated_tokens": self.generated_tokens,
             "steps": self.decode_steps,
             "prefill_calls": self.prefill_calls,
+            "prefill_tokens": self.prefill_tokens,
             "calls": self.calls,
             "preemptions": self._sched.preemptions,
             "cancel_lag": self.cancel_lag,
@@ -369,17 +395,19 @@ class Engine:
 
     def warmup(self) -> None:
         """Compiles (and runs once, every row idle: writes go to the sink) every step shape:
-        the decode step and the decode step with a prefill chunk, per batch and table width."""
+        the decode step per batch and table width, and the decode step with a prefill group
+        per batch, width and group rows."""
         with self._step_lock:
-            chunk, _ = self._chunk_args([], {})
+            chunks = [self._chunk_args([], {}, rows)[0] for rows in self.chunk_rows]
             pool, last = self._pool, self._last
             for batch in self.batches:
                 decode, _ = self._decode_args([], batch)
                 for width in self.widths:
                     pool, last, _ = self.steps.decode(pool, last, *_narrow(decode, width))
-                    pool, last, _, _ = self.steps.decode_with_chunk(
-                        pool, last, _narrow(decode, width), _narrow(chunk, width)
-                    )
+                    for chunk in chunks:
+                        pool, last, _, _ = self.steps.decode_with_chunk(
+                            pool, last, _narrow(decode, width), _narrow(chunk, width)
+                        )
             self._pool, self._last = jax.block_until_ready((pool, last))
 
     def run_once(self) -> bool:
@@ -412,20 +440,22 @@ class Engine:
 
     def _iterate(self) -> bool:
         """Steps 1-4 of the module docstring. An exception (a device or XLA failure, or a bug)
-        resets the pool (the donated one may be gone, and every row's KV with it): requests
-        with tokens in the cache end with finish 'error', those without go back to the head of
-        the queue (`MAX_RETRIES` times: a request whose own step keeps failing would otherwise
-        be retried forever), and the engine carries on."""
+        resets the pool (the donated one may be gone, and every row's KV with it) and drops
+        the step in flight; every request holding a row is then recomputed like a preempted
+        one (`Scheduler.requeue`: back to the head of the queue with the tokens it streamed;
+        the one in flight is sampled again, with the same key), `MAX_RETRIES` times at most
+        per request (a request whose own step keeps failing would otherwise be retried
+        forever): after that it ends with finish 'error'. The engine carries on."""
         try:
             return self._step()
         except Exception as err:
             log.exception("engine step failed")
             self._pool, self._last, self._pending = self._new_pool(), self._new_last(), None
             error = Event([], None, ERROR, f"{type(err).__name__}: {err}")
-            for i in self._sched.live():  # nothing cached: back to the queue, once
+            for i in self._sched.live():
                 row = self._sched.rows[i]
-                row.stream.failures = getattr(row.stream, "failures", 0) + 1
-                if row.cached == 0 and row.stream.failures <= MAX_RETRIES:
+                row.stream.failures += 1
+                if row.stream.failures <= MAX_RETRIES:
                     self._sched.requeue(i)
                 else:
                     self._sched.leave(i, error)
@@ -438,16 +468,18 @@ class Engine:
             return self._deliver_pending()
         decode, decode_need = self._decode_args(decoding)
         width = self._width(decode_need)
-        prefilled = None
-        dispatch_start = time.perf_counter()
-        if prefilling:  # one call: the decode step (rows may all be idle) and a prefill chunk
-            chunk, chunk_need = self._chunk_args(prefilling, pieces)
+        prefilled, finals = None, {}
+        if prefilling:  # one call: the decode step (rows may all be idle) and a prefill group
+            chunk, chunk_need, finals = self._chunk_args(prefilling, pieces)
             width = self._width(max(decode_need, chunk_need))
+            dispatch_start = time.perf_counter()
             self._pool, self._last, decoded, prefilled = self.steps.decode_with_chunk(
                 self._pool, self._last, _narrow(decode, width), _narrow(chunk, width)
             )
             self.prefill_calls += 1
+            self.prefill_tokens += sum(pieces[i] for i in prefilling)
         else:
+            dispatch_start = time.perf_counter()
             self._pool, self._last, decoded = self.steps.decode(
                 self._pool, self._last, *_narrow(decode, width)
             )
@@ -459,11 +491,11 @@ class Engine:
             rows[i].cached += 1
             rows[i].dispatched += 1
         first = []  # rows whose context is now all in the cache: their next token was sampled
-        for j, i in enumerate(prefilling):
+        for i in prefilling:
             rows[i].cached += pieces[i]
             if not rows[i].prefilling:
                 rows[i].dispatched += 1
-                first.append((i, rows[i], j))
+                first.append((i, rows[i], finals[i]))
         stepped = [(i, rows[i], j) for j, i in enumerate(decoding)]
         self._deliver_pending()  # the previous step's, while this one runs
         self._pending = (stepped, decoded, first, prefilled)
@@ -498,54 +530,21 @@ class Engine:
         for stream in self._sched.drop_waiting():
             stream.put(Event([], None, CANCELLED))
 
-    def _sampling(self, rows: list[Row | None]):
-        """RowSampling host arrays for `rows` (None: idle, greedy)."""
-        out = idle_sampling(len(rows))
-        for j, row in enumerate(rows):
-            if row is not None:
-                params = row.request.sampling
-                out.temperature[j], out.top_k[j] = params.temperature, params.top_k
-                out.top_p[j], out.seed[j] = params.top_p, row.request.seed
-                out.counter[j] = row.dispatched  # the index of the token it samples
-        return out
-
     def _decode_args(self, decoding: list[int], batch: int | None = None) -> tuple[tuple, int]:
-        """Host inputs of the decode step for rows `decoding`, packed into the first rows of a
-        compiled batch b (default the smallest that holds them; the rest idle): ((slots [b]: the
-        rows whose last token each feeds, max_batch for idle ones; block_table [b, R], lengths
-        [b], active [b], sampling), tokens its widest row needs). Output row j is row
-        decoding[j]'s token."""
+        """`inputs.decode_inputs` of rows `decoding` in a compiled batch (default the smallest
+        that holds them)."""
         b = self._batch(len(decoding)) if batch is None else batch
-        slots = np.full(b, self.max_batch, np.int32)
-        lengths, active = np.zeros(b, np.int32), np.zeros(b, bool)
-        table = np.zeros((b, self.blocks_per_row), np.int32)  # idle rows write to the sink
-        rows = [self._sched.rows[i] for i in decoding]
-        for j, (i, row) in enumerate(zip(decoding, rows)):
-            slots[j], lengths[j], active[j] = i, row.cached, True
-        table[: len(decoding)] = self._tables.table[decoding]
-        sampling = self._sampling(rows + [None] * (b - len(rows)))
-        return (slots, table, lengths, active, sampling), int(lengths.max(initial=0)) + 1
+        return inputs.decode_inputs(self._sched.rows, decoding, self._tables.table, b)
 
-    def _chunk_args(self, prefilling: list[int], pieces: dict[int, int]) -> tuple[tuple, int]:
-        """Host inputs of a prefill chunk of pieces[i] tokens for each row i of `prefilling`:
-        ((tokens [Q, C], block_table [Q, R], lengths [Q], counts [Q], sampling, slots [Q]: the
-        row whose last token a final chunk's sample becomes, max_batch for other chunks), tokens
-        its widest row needs). A row's final chunk samples its next token (a new request its
-        first, a recomputed one the one after those it had generated)."""
-        q, c = self.prefill_rows, self.prefill_chunk
-        tokens, lengths = np.zeros((q, c), np.int32), np.zeros(q, np.int32)
-        counts, rows = np.zeros(q, np.int32), [self._sched.rows[i] for i in prefilling]
-        slots = np.full(q, self.max_batch, np.int32)
-        for j, (i, row) in enumerate(zip(prefilling, rows)):
-            piece = row.context[row.cached : row.cached + pieces[i]]
-            tokens[j, : len(piece)] = piece
-            lengths[j], counts[j] = row.cached, len(piece)
-            if row.cached + len(piece) == len(row.context):
-                slots[j] = i
-        table = np.zeros((q, self.blocks_per_row), np.int32)
-        table[: len(prefilling)] = self._tables.table[prefilling]
-        sampling = self._sampling(rows + [None] * (q - len(rows)))
-        return (tokens, table, lengths, counts, sampling, slots), int((lengths + counts).max())
+    def _chunk_args(
+        self, prefilling: list[int], pieces: dict[int, int], rows: int | None = None
+    ) -> tuple[tuple, int, dict[int, int]]:
+        """`inputs.chunk_inputs` of pieces[i] new tokens of each row i of `prefilling`, in
+        chunks of C, in a compiled group of `rows` rows (default the fewest that hold them)."""
+        table, c = self._tables.table, self.prefill_chunk
+        cuts = inputs.chunk_cuts(self._sched.rows, prefilling, pieces, c)
+        q = next(n for n in self.chunk_rows if n >= len(cuts)) if rows is None else rows
+        return inputs.chunk_inputs(self._sched.rows, cuts, table, c, q)
 
     def _deliver(self, entries: list[tuple[int, Row, int]], out) -> None:
         """(i, row, j): row (in slot i when dispatched) sampled out.tokens[j]: stream it, or end
@@ -577,6 +576,13 @@ class Engine:
                 self._sched.leave(i, event)
             else:
                 row.stream.put(event)
+
+
+def _powers_of_4(top: int) -> list[int]:
+    """1, 4, 16, ... below `top`, and `top`: the default compiled sizes (decode batches,
+    prefill group rows): a few compiles, at most 4x the rows needed."""
+    sizes = [4**n for n in range(top.bit_length()) if 4**n < top]
+    return [*sizes, top]
 
 
 def _narrow(args: tuple, width: int) -> tuple:

@@ -30,7 +30,8 @@ ENGINE_GAUGES = {
     "total_blocks": "KV cache blocks in all",
     "generated_tokens": "tokens the engine generated since it started",
     "steps": "decode steps since the engine started",
-    "calls": "model calls (steps, with or without a prefill chunk) since the engine started",
+    "calls": "model calls (steps, with or without a prefill group) since the engine started",
+    "prefill_tokens": "prompt tokens prefilled since the engine started (recomputed included)",
     "preemptions": "rows preempted for lack of KV blocks (recomputed later)",
     "cancel_lag": "the most model calls a cancelled row ran after its cancel before it left",
 }

@@ -72,6 +72,8 @@ class Stream:
       submitted: time.monotonic() at submit; first_token_at, finished_at: when those happened
         (None until then), for metrics.
       cancel_step: the engine's step count (`clock`) when cancel() was first called, else None.
+      failures: failed engine steps it held a row in (the engine recomputes it `MAX_RETRIES`
+        times, then ends it with 'error').
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Stream:
         self._cancel = threading.Event()
         self._wake, self._clock = wake, clock
         self.cancel_step: int | None = None
+        self.failures = 0
         self._listener: Callable[[], None] | None = None
 
     def listen(self, listener: Callable[[], None]) -> None:

@@ -3,16 +3,21 @@
 Blocks are taken as tokens fill them; nothing is reserved ahead, so a pool smaller than every
 row at its longest serves them all. Each step (`plan`):
   1. with a sliding window, rows free the blocks that left their window (`slide`);
-  2. oldest first, every decoding row takes the block its next token may need, and the Q
-     oldest prefilling rows those of their next chunk of C tokens. A row the pool cannot hold
-     preempts the youngest rows until it fits (vLLM's recompute preemption: the victim's
-     blocks return at once, its request goes back to the head of the queue with the tokens it
-     generated, and later prefills prompt + generated and samples on from there, so its stream
-     sees every token once). The youngest row itself, when short, is preempted if decoding, or
-     prefills what the free blocks hold (nothing: it waits);
+  2. oldest first, every decoding row takes the block its next token may need, and the
+     prefilling rows those of their next prompt tokens, up to the step's budget of N = P // C
+     chunks of C tokens (P the prefill budget): a prompt shorter than C takes one chunk, a
+     longer one as many as the budget has left (the engine runs each chunk in a row of the
+     step's prefill group, so one call prefills a burst of short prompts, or several chunks of
+     one long one). A row the pool cannot hold preempts the youngest rows until it fits
+     (vLLM's recompute preemption: the victim's blocks return at once, its request goes back
+     to the head of the queue with the tokens it generated, and later prefills prompt +
+     generated and samples on from there, so its stream sees every token once). The youngest
+     row itself, when short, is preempted if decoding, or prefills what the free blocks hold
+     (nothing: it waits);
   3. if nothing was preempted, waiting requests take free rows, first come first served, while
      the pool holds the head's whole context beside a block per decoding row (one admitted
-     into less would be the first preempted again, its prefill wasted).
+     into less would be the first preempted again, its prefill wasted); each new row
+     prefills in this step with the chunks of the budget still unused.
 The oldest row is never preempted and alone always fits (the engine refuses a request that
 alone needs more than the pool), so every request finishes.
 """
@@ -30,7 +35,8 @@ class Scheduler:
     """The batch's rows, the waiting queue and the block tables.
 
     Args:
-      max_batch: B rows; prefill_rows: Q rows prefilled per step; prefill_chunk: C tokens.
+      max_batch: B rows; prefill_chunk: C, prompt tokens per chunk (one row of the step's
+        prefill group); prefill_budget: P, prompt tokens per step at most (N = P // C chunks).
       tables: the pool's block tables; window: the model's sliding window (None: none).
       cond: the engine's condition, which guards `waiting` (submit appends from any thread).
 
@@ -44,8 +50,8 @@ class Scheduler:
         self,
         *,
         max_batch: int,
-        prefill_rows: int,
         prefill_chunk: int,
+        prefill_budget: int,
         tables: BlockTables,
         window: int | None,
         cond: threading.Condition,
@@ -53,7 +59,8 @@ class Scheduler:
         self.rows: list[Row | None] = [None] * max_batch
         self.waiting: collections.deque[Stream] = collections.deque()
         self.tables, self.window, self._cond = tables, window, cond
-        self.prefill_rows, self.prefill_chunk = prefill_rows, prefill_chunk
+        self.prefill_chunk = prefill_chunk
+        self.prefill_chunks = prefill_budget // prefill_chunk  # N, chunks per step
         self.preemptions = self._admitted = 0
         self._preempted: dict[str, Row] = {}  # stream id -> its row, while it waits again
 
@@ -63,10 +70,11 @@ class Scheduler:
 
     def plan(self) -> tuple[list[int], list[int], dict[int, int]]:
         """Steps 1-3 of the module docstring: (decoding rows, prefilling rows, {prefilling row:
-        its chunk's tokens}), each row holding the blocks its new tokens fill."""
+        its new prompt tokens this step, in ceil(tokens / C) chunks, N chunks in all at most}),
+        each row holding the blocks its new tokens fill."""
         self._slide()
         decoding, prefilling, pieces = [], [], {}
-        before = self.preemptions
+        before, chunks = self.preemptions, self.prefill_chunks
         for i in sorted(self.live(), key=lambda i: self.rows[i].order):
             row = self.rows[i]
             if row is None:  # preempted by an older row
@@ -78,14 +86,19 @@ class Scheduler:
                     decoding.append(i)
                 else:
                     self.preempt(i)
-            elif len(prefilling) < self.prefill_rows:
-                want = min(self.prefill_chunk, len(row.context) - row.cached)
+            elif chunks:
+                want = min(chunks * self.prefill_chunk, len(row.context) - row.cached)
                 pieces[i] = self._grant(i, want)
                 if pieces[i]:
                     prefilling.append(i)
+                    chunks -= self.chunks(pieces[i])
         if self.preemptions == before:
-            self._admit(prefilling, pieces, reserve=len(decoding))
+            self._admit(prefilling, pieces, len(decoding), chunks)
         return decoding, prefilling, pieces
+
+    def chunks(self, tokens: int) -> int:
+        """Chunks of C tokens that `tokens` prompt tokens of one row fill."""
+        return -(-tokens // self.prefill_chunk)
 
     def _slide(self) -> None:
         """With a sliding window W, rows free the blocks wholly older than the first key their
@@ -133,12 +146,15 @@ class Scheduler:
             self._preempted[row.stream.id] = row
             self.waiting.insert(at, row.stream)
 
-    def _admit(self, prefilling: list[int], pieces: dict[int, int], reserve: int) -> None:
+    def _admit(
+        self, prefilling: list[int], pieces: dict[int, int], reserve: int, chunks: int
+    ) -> None:
         """Step 3: free slots to the head of the queue while the pool holds its whole context
         (prompt, or prompt + generated after a preemption; with a window, what the window
         needs) beside `reserve` blocks. The head waits rather than be overtaken (no
-        starvation). The new row takes its first chunk's blocks, and prefills in this step if
-        fewer than Q rows do."""
+        starvation). The new row takes the blocks of what it prefills in this step (as many of
+        the `chunks` still unused as its context fills), or with none left of its first
+        chunk."""
         z = self.tables.block_size
         while None in self.rows:
             with self._cond:
@@ -146,7 +162,7 @@ class Scheduler:
                     return
                 stream = self.waiting[0]
                 row = self._preempted.get(stream.id) or Row(stream, 0, list(stream.request.prompt))
-                want = min(self.prefill_chunk, len(row.context))
+                want = min(max(chunks, 1) * self.prefill_chunk, len(row.context))
                 if self.tables.free - reserve < blocks_at_once(len(row.context), z, self.window):
                     return
                 self.waiting.popleft()
@@ -158,9 +174,10 @@ class Scheduler:
             self.rows[i] = row
             granted = min(want, (self.tables.free - reserve) * z)
             self.tables.cover(i, granted)
-            if len(prefilling) < self.prefill_rows:
+            if chunks:
                 prefilling.append(i)
                 pieces[i] = granted
+                chunks -= self.chunks(granted)
 
     def leave(self, i: int, event: Event) -> None:
         """Row i's request ends with `event`: its blocks return at once."""

@@ -2,11 +2,13 @@
 
   decode        [B, 1]: one new token for every row of the batch (idle rows masked: their
                 writes go to the sink block), B one of the engine's compiled batch sizes.
-  decode+chunk  the same decode step and one prefill chunk [Q, C] of C prompt tokens for each
-                of Q rows (a short last chunk masked), Q = prefill_rows, in one call
+  decode+chunk  the same decode step and a prefill group [Q, C]: Q chunks of up to C prompt
+                tokens (a short chunk masked), each of one row's block table and lengths
+                (several may be one prompt's, in order), in one call
                 (`Mixtral.extend_paged_groups`: the experts' weights are read once for both, so
                 a prefill costs the running streams its arithmetic, not a second weight read).
-Each is compiled once per (batch B, table width R) pair (`Engine.batches`, `Engine.widths`).
+The decode step is compiled once per (batch B, table width R) pair (`Engine.batches`,
+`Engine.widths`), the decode step with a prefill group once per (B, R, Q) (`Engine.chunk_rows`).
 
 Both donate the pool and `last` [max_batch], each engine row's last sampled token: a decoding
 row's input is read from it (`slots` map batch rows to engine rows) and its new token written
@@ -15,7 +17,7 @@ Both sample each row's next token with its own settings and key (`sample_rows`),
 routing of the position that chose it: [L, rows, k] experts and
 gate weights, from the router logits the MoE computed (`route_logits` again: the same function
 of the same logits). `traces` counts how often they were traced: after `Engine.warmup`, a steady
-state that compiles nothing more leaves it at 2 per (batch, width).
+state that compiles nothing more leaves it at 1 + len(chunk_rows) per (batch, width).
 """
 
 from __future__ import annotations

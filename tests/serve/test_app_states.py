@@ -82,6 +82,14 @@ def test_small_limits_and_bad_settings(parts):
     [
         (["--checkpoint", "nowhere", "--port", "70000"], "--port 70000 must be in [0, 65535]"),
         (["--checkpoint", "nowhere", "--max-batch", "0"], "--max-batch 0 must be >= 1"),
+        (
+            ["--checkpoint", "nowhere", "--prefill-budget", "64"],
+            "--prefill-budget 64 must be >= --prefill-chunk 128",
+        ),
+        (
+            ["--checkpoint", "nowhere", "--max-batch", "8", "--decode-batches", "4,16"],
+            "--decode-batches 4,16 must be integers in [1, --max-batch 8]",
+        ),
         (["--checkpoint", "nowhere", "--api-key", " "], "API key"),
         (["--checkpoint", "nowhere"], "checkpoint nowhere does not exist"),
     ],

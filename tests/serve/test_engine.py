@@ -1,9 +1,10 @@
 """The serving engine: continuous batching over the paged KV cache, on the tiny model.
 
-One engine (max_batch 4, blocks of 8, prefill chunks of 8 tokens, a pool of 32 blocks: half of
-max_batch x context; steps compiled for spans of 32 and 128 tokens) serves every test, stepped on the test's thread by `run_once` (determinate
-interleavings), and by its own thread in the last test; `Generator` (infer.py's loop) is the
-oracle of greedy tokens.
+One engine (max_batch 4, blocks of 8, prefill chunks of 8 tokens and two a step, a pool of 32
+blocks: half of max_batch x context; steps compiled for spans of 32 and 128 tokens) serves every
+test, stepped on the test's thread by `run_once` (determinate interleavings), and by its own
+thread in the last test; `Generator` (infer.py's loop) is the oracle of greedy tokens (of
+prompts prefilled in one chunk, and in two chunks of one call: "chunks", 30 tokens, is 16 + 14).
 """
 
 import queue
@@ -39,10 +40,11 @@ def engine(model):
         block_size=BLOCK,
         num_blocks=33,
         prefill_chunk=8,
+        prefill_budget=16,  # two chunks a step: prefill groups of 1 and 2 rows
         max_context=CONTEXT,
         spans=(32,),  # rows up to 32 tokens attend over 4 blocks, longer ones over all 16
     )
-    assert eng.widths == [4, 16]
+    assert eng.widths == [4, 16] and eng.chunk_rows == [1, 2]
     eng.warmup()
     yield eng
     eng.shutdown()
@@ -174,32 +176,49 @@ def test_cancel_frees_the_row_and_its_blocks_within_one_step(engine):
     assert sum(len(x.tokens) for x in events[0]) >= 1  # it had been producing
 
 
-def test_a_failed_step_ends_the_running_requests_with_error_and_the_engine_goes_on(
+def test_a_failed_step_recomputes_the_running_requests_and_the_engine_goes_on(
     engine, reference, monkeypatch
 ):
-    running = [engine.submit(Request(_prompt(6, n), 20, ignore_eos=True)) for n in range(2)]
-    for _ in range(3):
+    """Rows with tokens cached and streamed when a step fails are recomputed like preempted
+    ones: every stream still yields exactly its greedy tokens (none twice, none lost)."""
+    names = ["short", "mid"]
+    running = [engine.submit(Request(PROMPTS[n], 20, ignore_eos=True)) for n in names]
+    for _ in range(4):
         engine.run_once()
-    real = engine.steps.decode, engine.steps.decode_with_chunk
+    assert all(engine._sched.rows[i].generated for i in engine._sched.live())  # mid-stream
+    real, failed = (engine.steps.decode, engine.steps.decode_with_chunk), []
 
     def broken(*args):  # whichever call runs next fails, once
+        failed.append(1)
         monkeypatch.setattr(engine.steps, "decode", real[0])
         monkeypatch.setattr(engine.steps, "decode_with_chunk", real[1])
         raise RuntimeError("device fell over")
 
     monkeypatch.setattr(engine.steps, "decode", broken)
     monkeypatch.setattr(engine.steps, "decode_with_chunk", broken)
-    later = engine.submit(Request(PROMPTS["short"], 10, ignore_eos=True))
-    engine.run_once()
-    for stream in running:
-        assert _events(stream)[-1] == Event([], None, "error", "RuntimeError: device fell over")
-    assert _drain(engine, [later])[0][:2] == (reference["short"][:10], "length")
+    later = engine.submit(Request(PROMPTS["chunks"], 10, ignore_eos=True))
+    before = engine.stats()["preemptions"]
+    got = _drain(engine, [*running, later])
+    assert [g[:2] for g in got] == [(reference[n][:20], "length") for n in names] + [
+        (reference["chunks"][:10], "length")
+    ]
+    assert failed and engine.stats()["preemptions"] == before  # a failure is not one
     assert engine.stats()["free_blocks"] == 32
 
 
 def test_a_request_whose_steps_keep_failing_ends_with_error_after_one_retry(engine, monkeypatch):
-    """A request with nothing cached goes back to the queue once, not forever (a livelock that
-    grew the process by ~45 MB/s while the failures' tracebacks piled up)."""
+    """A request goes back to the queue MAX_RETRIES times, not forever (a livelock that grew
+    the process by ~45 MB/s while the failures' tracebacks piled up): one with nothing cached,
+    and one that had streamed tokens."""
+    assert engine_module.MAX_RETRIES == 1
+    fresh = engine.submit(Request(PROMPTS["short"], 4, ignore_eos=True))
+    streaming = engine.submit(Request(PROMPTS["mid"], 30, ignore_eos=True))
+    for _ in range(3):
+        engine.run_once()
+    fresh.cancel()
+    engine.run_once()  # the cancelled one leaves; the other streams on
+    streaming.get(timeout=0)
+    fresh = engine.submit(Request(PROMPTS["short"], 4, ignore_eos=True))
     calls = []
 
     def broken(*args):
@@ -208,10 +227,10 @@ def test_a_request_whose_steps_keep_failing_ends_with_error_after_one_retry(engi
 
     monkeypatch.setattr(engine.steps, "decode", broken)
     monkeypatch.setattr(engine.steps, "decode_with_chunk", broken)
-    stream = engine.submit(Request(PROMPTS["short"], 4, ignore_eos=True))
     for _ in range(5):
         engine.run_once()
-    assert _events(stream)[-1] == Event([], None, "error", "RuntimeError: always")
+    for stream in (fresh, streaming):
+        assert _events(stream)[-1] == Event([], None, "error", "RuntimeError: always")
     assert len(calls) == 2 and engine.stats()["queue_depth"] == 0
     assert engine.stats()["free_blocks"] == 32
 
@@ -360,6 +379,7 @@ def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, re
         assert events[-1].finish == "length" and stream.first_token_at >= stream.submitted
     with pytest.raises(EngineClosed):
         engine.submit(Request([1, 2], 4))
-    # a decode step and a prefill chunk per (batch, width), compiled once each by warmup
+    # a decode step, and one with a prefill group of 1 and of 2 rows, per (batch, width),
+    # compiled once each by warmup
     assert engine.batches == [1, 4]
-    assert engine.stats()["traces"] == 2 * len(engine.batches) * len(engine.widths) == 8
+    assert engine.stats()["traces"] == 3 * len(engine.batches) * len(engine.widths) == 12

@@ -98,6 +98,7 @@ def test_a_long_windowed_generation_holds_o_window_blocks_and_equals_the_generat
         block_size=BLOCK,
         num_blocks=11,
         prefill_chunk=CHUNK,
+        prefill_budget=CHUNK,  # one chunk a step
         max_context=128,
         spans=(128,),
     )
