@@ -29,8 +29,8 @@ t_decode + P x t_token, and P chosen so that P tokens' arithmetic costs no more 
 step's weight read keeps every gap within 2x a decode-only one: on one H200 with 8x7B in bf16
 the step reads ~93 GB (~20-30 ms at the measured 3-4 TB/s) and a token's arithmetic is
 2 x 12.9 GFLOP, ~40-50 us at a grouped matmul's ~500-600 TFLOP/s, so P ~ 500. The default,
-4 chunks of the default C = 128 = 512 tokens, is that; a burst then enters four 128-token
-prompts per step. `bench/engine.py` prints the ratio measured per decode batch (the step with a
+4 chunks of the default C = 128 = 512 tokens, is that, where the decode rows leave room for it
+(`default_prefill_budget`); a burst then enters four 128-token prompts per step. `bench/engine.py` prints the ratio measured per decode batch (the step with a
 full prefill group over the decode step alone): a ratio above 2 at the batches a server runs
 says lower P.
 
@@ -60,6 +60,7 @@ import numpy as np
 from mixtral_jax.config import ConfigError, DecodeAttentionImpl
 from mixtral_jax.generate.sampling import SamplingParams
 from mixtral_jax.kernels import plan as kernel_plan
+from mixtral_jax.kernels.common import MAX_GROUPED_TOKENS
 from mixtral_jax.kernels.paged_attention import MIN_BLOCK
 from mixtral_jax.model.paged_kv_cache import PagedKVCache
 from mixtral_jax.model.transformer import Mixtral
@@ -126,7 +127,7 @@ class Engine:
         GiB, if not even one row at the full context fits).
       prefill_chunk: C, prompt tokens per chunk: a row of a step's prefill group.
       prefill_budget: P, prompt tokens per step at most (P // C chunks; ConfigError if below
-        C); default 4 x C: see the latency bound in the module docstring. The prefill group
+        C); default `default_prefill_budget`: see the latency bound in the module docstring. The prefill group
         is compiled for P // C rows and the powers of 4 below (`chunk_rows`; default 1, 4).
       eos_id: the end-of-sequence id (default the model's eos_token_id).
       max_context: the longest prompt + max_tokens (default and limit: cfg.max_seq_len).
@@ -159,7 +160,10 @@ class Engine:
         self.max_queue = _positive("max_queue", max_queue, 0)
         self.block_size = _positive("block_size", block_size)
         self.prefill_chunk = _positive("prefill_chunk", prefill_chunk)
-        budget = 4 * prefill_chunk if prefill_budget is None else prefill_budget
+        if prefill_budget is None:
+            budget = default_prefill_budget(max_batch, prefill_chunk)
+        else:
+            budget = prefill_budget
         self.prefill_budget = _positive("prefill_budget", budget)
         if self.prefill_budget < self.prefill_chunk:
             raise ConfigError(
@@ -576,6 +580,16 @@ class Engine:
                 self._sched.leave(i, event)
             else:
                 row.stream.put(event)
+
+
+def default_prefill_budget(max_batch: int, prefill_chunk: int) -> int:
+    """4 x C, lowered (to whole chunks, C at least) so that a full decode batch and a full
+    prefill group stay within the grouped decode kernel's MAX_GROUPED_TOKENS: past it the fused
+    call's experts take the grouped matmul over each layer's sliced weights, slower and with a
+    copy of several layers' experts (H200, 8x7B, 256 rows + 4 x 128 prompt tokens: 30 GiB of
+    temporaries, which a pool sized to the free memory left no room for)."""
+    room = (MAX_GROUPED_TOKENS - max_batch) // prefill_chunk
+    return prefill_chunk * max(1, min(4, room))
 
 
 def _powers_of_4(top: int) -> list[int]:

@@ -17,7 +17,7 @@ import pytest
 import mixtral_jax as mj
 from mixtral_jax.config import ConfigError
 from mixtral_jax.generate import Generator
-from mixtral_jax.serve.engine import Engine, Request
+from mixtral_jax.serve.engine import Engine, Request, default_prefill_budget
 
 CHUNK, BUDGET, ROWS = 8, 32, 16
 
@@ -114,9 +114,15 @@ def test_long_prompts_take_several_group_rows_and_equal_the_generator(engine, mo
 
 
 def test_the_budget_defaults_to_four_chunks_and_holds_at_least_one(model):
-    default = Engine(model, max_batch=2, block_size=8, num_blocks=9, max_context=64)
-    assert (default.prefill_chunk, default.prefill_budget) == (128, 512)
+    default = Engine(
+        model, max_batch=2, block_size=8, num_blocks=9, max_context=64, prefill_chunk=64
+    )
+    assert default.prefill_budget == 256  # 4 chunks: 2 decode rows + 256 fit the grouped kernel
     assert default.chunk_rows == [1, 4]  # like the decode batches: the powers of 4 below
+    # decode rows and a full group stay within the grouped decode kernel's tokens (512)
+    assert default_prefill_budget(2, 128) == 384  # 2 + 4 x 128 would be 514
+    assert default_prefill_budget(256, 128) == 256
+    assert default_prefill_budget(512, 128) == 128  # never below one chunk
     wide = Engine(model, max_batch=2, num_blocks=9, prefill_chunk=16, prefill_budget=200)
     assert wide.chunk_rows == [1, 4, 12]  # 12 chunks of 16 fit 200 tokens
     with pytest.raises(ConfigError, match="prefill_budget=64 must be >= prefill_chunk=128"):
