@@ -98,32 +98,30 @@ def sample_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
     """`sample` with each row's own settings and key: logits [B, V] float32 -> [B] int32.
 
     Row b's token equals `sample(logits[b:b+1], rows.keys()[b], SamplingParams(...row b...))`.
-    A batch of greedy rows skips the sort (a `lax.cond`, both branches in one program).
+    The draw (a sort over the vocabulary per row) runs for every batch, greedy or not: no
+    `lax.cond` on whether any row samples. On a GPU a conditional copies its predicate to the
+    host and waits for it, so the host could not dispatch the next step before this one's whole
+    forward had run (H200, the engine's batch-1 8x7B step: 6.7 of its 9.2 ms of host time were
+    spent inside that cond, `bench/host_trace.py`).
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     hot = rows.temperature > 0
-
-    def draw():
-        scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
-        vocab = logits.shape[-1]
-        order = jnp.argsort(-scaled, axis=-1)  # most probable first, stable as in `sample`
-        ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V]
-        k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, vocab), vocab)
-        kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)  # [B, 1]
-        ranked = jnp.where(ranked < kth, -jnp.inf, ranked)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more probable tokens
-        keep_ranked = (before < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1)
-        keep_ranked &= ranked > -jnp.inf
-        keep = (
-            jnp.zeros_like(keep_ranked)
-            .at[jnp.arange(logits.shape[0])[:, None], order]
-            .set(keep_ranked)
-        )
-        filtered = jnp.where(keep, scaled, -jnp.inf)
-        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(
-            rows.keys(), filtered
-        )
-        return jnp.where(hot, drawn.astype(jnp.int32), greedy)
-
-    return jax.lax.cond(jnp.any(hot), draw, lambda: greedy)
+    scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
+    vocab = logits.shape[-1]
+    order = jnp.argsort(-scaled, axis=-1)  # most probable first, stable as in `sample`
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V]
+    k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)  # [B, 1]
+    ranked = jnp.where(ranked < kth, -jnp.inf, ranked)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more probable tokens
+    keep_ranked = (before < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1)
+    keep_ranked &= ranked > -jnp.inf
+    keep = (
+        jnp.zeros_like(keep_ranked).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_ranked)
+    )
+    filtered = jnp.where(keep, scaled, -jnp.inf)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(
+        rows.keys(), filtered
+    )
+    return jnp.where(hot, drawn.astype(jnp.int32), greedy)

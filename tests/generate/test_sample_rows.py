@@ -56,3 +56,17 @@ def test_greedy_batch_is_argmax_and_seeds_change_draws():
     }
     assert all(len(set(d)) == 1 for d in draws)  # equal settings, seed and counter: equal tokens
     assert len({d[0] for d in draws}) > 1  # other seeds / counters: other tokens
+
+
+def test_sample_rows_has_no_conditional():
+    """No cond in the compiled step: on a GPU its predicate is copied to the host, which then
+    waits for the whole forward before it can dispatch the next step."""
+    rows = RowSampling(
+        temperature=jnp.zeros(3, jnp.float32),
+        top_k=jnp.zeros(3, jnp.int32),
+        top_p=jnp.ones(3, jnp.float32),
+        seed=jnp.zeros(3, jnp.uint32),
+        counter=jnp.zeros(3, jnp.int32),
+    )
+    jaxpr = str(jax.make_jaxpr(sample_rows)(jnp.zeros((3, 11), jnp.float32), rows))
+    assert "cond[" not in jaxpr and "while[" not in jaxpr
