@@ -19,6 +19,12 @@ from mixtral_jax.model.attention import cached_attention_mask, dot_product_atten
 from mixtral_jax.model.kv_cache import KVCache
 
 
+# compiled once per shape: op-by-op dispatch of these small programs is most of a test's time
+_layout = jax.jit(chunk_attention.chunk_layout, static_argnums=(1,))
+_split = jax.jit(chunk_attention.split_attention, static_argnums=(6,))
+_oracle = jax.jit(dot_product_attention)
+
+
 def _chunk_problem(seed, size, prefix, t, pads, n=4, kv=2, h=8):
     """A cache of `size` slots holding `prefix` tokens, then a chunk of t written at
     [prefix, prefix + t); row b's first pads[b] tokens are padding. Returns q, the layer's
@@ -55,14 +61,12 @@ def test_split_equals_the_masked_oracle(size, prefix, t, pads):
     q, k_cache, v_cache, k_new, v_new, index, valid, real = _chunk_problem(
         size + prefix, size, prefix, t, pads
     )
-    layout = chunk_attention.chunk_layout(jnp.int32(prefix), t, index, valid)
+    layout = _layout(jnp.int32(prefix), t, index, valid)
     assert bool(layout.exact)
     np.testing.assert_array_equal(np.asarray(layout.first), [min(p, prefix + t) for p in pads])
     mask = cached_attention_mask(jnp.arange(prefix, prefix + t), index, valid, None)
-    want = dot_product_attention(q, k_cache, v_cache, mask)
-    got = chunk_attention.split_attention(
-        q, k_cache, v_cache, k_new, v_new, layout, AttentionImpl.XLA
-    )
+    want = _oracle(q, k_cache, v_cache, mask)
+    got = _split(q, k_cache, v_cache, k_new, v_new, layout, AttentionImpl.XLA)
     assert np.isfinite(np.asarray(got)).all()  # padding queries too
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=1e-5)
 

@@ -73,6 +73,7 @@ class _Server:
         command += ["--model-name", NAME, "--port", "0", "--max-batch", str(MAX_BATCH)]
         command += ["--max-queue", "64", "--block-size", "8", "--prefill-chunk", "16"]
         command += ["--prefill-budget", "32"]  # groups of 1 and 2 rows: fewer compiles
+        command += ["--decode-batches", f"1,{MAX_BATCH}"]  # 2 compiled batches, not 3
         command += ["--quiet", "--log-level", "warning"]
         env = {**os.environ, "MIXTRAL_JAX_API_KEY": KEY, "PYTHONPATH": ROOT}
         self.proc = subprocess.Popen(
