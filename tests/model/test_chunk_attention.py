@@ -18,7 +18,6 @@ from mixtral_jax.model import chunk_attention
 from mixtral_jax.model.attention import cached_attention_mask, dot_product_attention, write_cache
 from mixtral_jax.model.kv_cache import KVCache
 
-
 # compiled once per shape: op-by-op dispatch of these small programs is most of a test's time
 _layout = jax.jit(chunk_attention.chunk_layout, static_argnums=(1,))
 _split = jax.jit(chunk_attention.split_attention, static_argnums=(6,))
