@@ -5,7 +5,9 @@
                  on one device  dense / dropless / gathered / capacity (`local.py`), or the
                                 decode kernels of a few-token call (`expert_decode`, and
                                 `expert_decode_grouped` above 64 tokens);
-                 on a mesh whose expert axis is > 1  all-to-all over it (`expert_parallel.py`).
+                 on a mesh whose expert axis is > 1  all-to-all over it (`expert_parallel.py`);
+                 on a mesh without one, the Pallas / megablox dropless path per device over
+                                the batch axes (`data_parallel.py`, the plan's token_mesh).
                All compute the same function (dropless ones exactly; capacity may drop).
   3. expert_ffn: SwiGLU, silu(x W_gate) * (x W_up) W_down.
   4. combine:  unsort and take the routing-weighted sum over the k choices (float32).
@@ -27,6 +29,8 @@ D embed width, F expert hidden width, L layers.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -44,6 +48,7 @@ from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model import lora, quantized
 from mixtral_jax.model.layers import normal_init
+from mixtral_jax.moe import data_parallel
 from mixtral_jax.moe import expert_parallel as moe_parallel
 from mixtral_jax.moe.local import moe_capacity, moe_dense, moe_dropless, moe_gathered
 from mixtral_jax.moe.ops import Routing, route, route_logits
@@ -114,7 +119,13 @@ def dispatch(
         return out, jnp.zeros((), jnp.int32)
     local_dropless = plan.moe == MoEImpl.DROPLESS and plan.expert_mesh is None
     if layer is not None and local_dropless and plan.decode_experts == DecodeExpertImpl.OFF:
-        return moe_dropless(x, routing, *weights, gmm_impl=plan.grouped_matmul, layer=layer)
+
+        def stacked(x, routing, w_gate, w_up, w_down, at):
+            return moe_dropless(x, routing, w_gate, w_up, w_down, plan.grouped_matmul, layer=at)
+
+        return data_parallel.moe_per_device(
+            stacked, x, routing, (*weights, layer), mesh=plan.token_mesh
+        )
     if layer is not None:
         weights = tuple(w[layer] for w in weights)
     if plan.moe == MoEImpl.DENSE:
@@ -134,9 +145,8 @@ def dispatch(
         return moe_capacity(x, routing, *weights, capacity=cfg.capacity(x.shape[0]))
     if plan.decode_experts == DecodeExpertImpl.GATHER:
         return moe_gathered(x, routing, *weights)
-    return moe_dropless(
-        x, routing, *weights, gmm_impl=plan.grouped_matmul, fused_swiglu=plan.fused_swiglu
-    )
+    fn = partial(moe_dropless, gmm_impl=plan.grouped_matmul, fused_swiglu=plan.fused_swiglu)
+    return data_parallel.moe_per_device(fn, x, routing, weights, mesh=plan.token_mesh)
 
 
 def _gmm_reads(cfg: ModelConfig, plan: KernelPlan, layer) -> bool:
