@@ -42,7 +42,6 @@ from flax import nnx
 
 from mixtral_jax.config import ConfigError, DecodeExpertImpl, GmmImpl, ModelConfig, MoEImpl
 from mixtral_jax.kernels.quant import QuantizedWeight
-from mixtral_jax.moe import data_parallel
 from mixtral_jax.moe.lora import moe_dropless_lora
 from mixtral_jax.moe.ops import route_logits
 
@@ -273,14 +272,9 @@ def expert_dispatch(plan, x, routing, weights, layer, module, dispatch):
     )
     if local and (plan.decode_experts == DecodeExpertImpl.OFF or codes_in_place):
         pairs = {t: ab[:2] for t, ab in found.items()}
-
-        def adapted(x, routing, w_gate, w_up, w_down, pairs, at):  # per device on token_mesh
-            return moe_dropless_lora(
-                x, routing, w_gate, w_up, w_down, pairs, scale, plan.grouped_matmul, layer=at
-            )
-
-        replicated = (*weights, pairs, layer)
-        return data_parallel.moe_per_device(adapted, x, routing, replicated, mesh=plan.token_mesh)
+        return moe_dropless_lora(
+            x, routing, *weights, pairs, scale, gmm_impl=plan.grouped_matmul, layer=layer
+        )
     if layer is not None:  # stacks [L, E, ...] -> this layer's [E, ...]
         weights = tuple(_layer_of(w, layer) for w in weights)
     # quantized stacks read in place by the plan's kernels (QLoRA decode): this layer's

@@ -1,23 +1,24 @@
-"""The local dropless MoE per device on a mesh without an expert axis (issue 17, part 2).
+"""The dropless MoE per device on a mesh without an expert axis (issue 17, part 2).
 
 On a data / FSDP mesh (expert axis 1) the dropless dispatch is local: every expert on every
-device. Traced on the global token array, its grouped matmul is a Pallas custom call (our
+device. Traced on the global token array, its grouped matmul is a Pallas call (our
 Pallas-Triton kernel, JAX's megablox) that XLA cannot partition: it all-gathers the tokens and
 the sort onto every device and computes the whole batch's MoE on each. (`ragged_dot` XLA
-partitions; the plan leaves that path global.) Here the dispatch runs under `jax.shard_map`:
+partitions; the kernel plan leaves that path global.) Here the MoE's routing and dispatch
+(`model/moe.py`, steps 1-4) run under `jax.shard_map`:
 
-  tokens   x [M, D] and the routing [M, ...] split by rows over the mesh's batch axes
-           (LOGICAL_RULES["batch"] of size > 1, as `sharding.batch_sharding` splits a batch):
-           each device sorts, runs the grouped matmuls and combines its own m = M/P rows;
-  weights  replicated inside (in_specs P()): XLA all-gathers FSDP-sharded expert weights before
-           the call, as FSDP does for every layer anyway; their gradient is the psum of the
-           devices' gradients (shard_map's transpose). A tensor axis > 1 gets the whole experts
-           too: correct, not tensor-parallel (each of its devices computes the same rows).
-
-Routing and the aux statistics (`model/moe.py`'s `routing_aux`) stay outside, on the global
-arrays: the router matmul, softmax and top-k are per token, which XLA partitions by rows, and
-the sums over tokens (tokens per expert, router probability, z-loss) become its all-reduces,
-so the aux losses are the one-device values by construction. Nothing is dropped here.
+  tokens   x [M, D] split by rows over the mesh's batch axes (LOGICAL_RULES["batch"] of size
+           > 1, as `sharding.batch_sharding` splits a batch): each device routes, sorts, runs
+           the grouped matmuls and combines its own m = M/P rows (router logits, softmax and
+           top-k are per token; outside, XLA:CPU all-gathered the logits for one global top-k);
+  weights  replicated inside (in_specs P(); the router and adapters, closed over, likewise):
+           XLA all-gathers FSDP-sharded expert weights before the call, as FSDP does for every
+           layer anyway; their gradient is the psum of the devices' gradients (shard_map's
+           transpose). A tensor axis > 1 gets the whole experts too: correct, but not
+           tensor-parallel (each of its devices computes the same rows);
+  aux      the routing comes back row-split and `routing_aux` runs outside on it: its sums
+           over tokens (tokens per expert, router probability, z-loss) become XLA all-reduces,
+           so the aux losses are the one-device values by construction.
 
 Letters as in `ops.py`; P devices on the batch axes, m = M/P rows per device.
 """
@@ -31,7 +32,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mixtral_jax.moe.ops import Routing
 from mixtral_jax.parallel import sharding
 
 TOKEN_AXES = sharding.LOGICAL_RULES["batch"]  # mesh axes that split the tokens
@@ -46,42 +46,37 @@ def token_axes(mesh: Mesh | None) -> tuple[str, ...]:
     return tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1)
 
 
-def moe_per_device(local_fn, x, routing: Routing, replicated: tuple, *, mesh: Mesh | None):
-    """local_fn(x, routing, *replicated) on every device over its own token rows (mesh: the
-    kernel plan's `token_mesh`), or on the global tokens where `mesh` is None.
+def moe_per_device(local_fn, x, replicated: tuple, *, mesh: Mesh):
+    """local_fn(x, *replicated) on every device over its own token rows.
 
     Args:
-      local_fn: a local dropless dispatch, e.g. `moe_dropless` with its static options bound:
-        ([m, D], Routing of [m, ...], *replicated) -> ([m, D] float32, dropped = 0).
-      x: [M, D]; routing: a `Routing` of M tokens.
-      replicated: whole on every device: expert weights [E, ...] or stacks [L, E, ...] (arrays
-        or `QuantizedWeight`s), a layer index, adapter factors (any pytrees).
-      mesh: None, or one with batch axes > 1 (`token_axes`) and an expert axis of 1.
+      local_fn: route and dispatch m tokens (`model/moe.py`'s `MoE._route_and_dispatch`):
+        ([m, D], *replicated) -> ([m, D] float32, dropped assignments [], `Routing` of m rows).
+        What it closes over (the router, adapters) shard_map takes whole, as `replicated`.
+      x: [M, D] tokens.
+      replicated: whole on every device: expert weights [E, ...] or a one-layer stack
+        [1, E, ...] (arrays or `QuantizedWeight`s), a layer index or None.
+      mesh: with batch axes > 1 (`token_axes`) and an expert axis of 1.
     Returns:
-      ([M, D] float32, dropped = 0).
+      ([M, D] float32, dropped summed over the devices, `Routing` of the M tokens, row-split).
 
-    M not a multiple of P (decode) is padded with rows of router weight 0 (routed to expert 0,
-    so their output is 0 and no gradient flows through them) and cut off again.
+    M not a multiple of P (decode) is padded with zero rows, routed like any other and cut off
+    again: their output and routing leave nothing behind, nor any gradient.
     """
-    if mesh is None:
-        return local_fn(x, routing, *replicated)
     axes = token_axes(mesh)
     if not axes:
         raise ValueError(f"mesh {dict(mesh.shape)} has no batch axis > 1 without an expert axis")
     parts = math.prod(mesh.shape[a] for a in axes)
     num_tokens = x.shape[0]
-    pad = -num_tokens % parts
-    if pad:
-        x = jnp.pad(x, ((0, pad), (0, 0)))
-        routing = jax.tree.map(lambda r: jnp.pad(r, ((0, pad), (0, 0))), routing)
+    x = jnp.pad(x, ((0, -num_tokens % parts), (0, 0)))
 
-    def local(x, routing, replicated):
-        out, _ = local_fn(x, routing, *replicated)
-        return out, jnp.zeros((), jnp.int32)
+    def local(x, replicated):
+        out, dropped, routing = local_fn(x, *replicated)
+        return out, jax.lax.psum(dropped, axes), routing
 
     tok = P(axes)
     run = jax.shard_map(
-        local, mesh=mesh, in_specs=(tok, tok, P()), out_specs=(tok, P()), check_vma=False
+        local, mesh=mesh, in_specs=(tok, P()), out_specs=(tok, P(), tok), check_vma=False
     )
-    out, dropped = run(x, routing, tuple(replicated))
-    return out[:num_tokens], dropped
+    out, dropped, routing = run(x, tuple(replicated))
+    return out[:num_tokens], dropped, jax.tree.map(lambda r: r[:num_tokens], routing)

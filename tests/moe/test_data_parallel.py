@@ -4,6 +4,7 @@ aux), with LoRA adapters and quantized experts too, and its compiled program gat
 The kernels run in Pallas' interpreter (CPU)."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from mixtral_jax.model import moe as moe_block
 from mixtral_jax.moe import data_parallel
 from mixtral_jax.parallel import sharding as sh
 
-TINY = dict(embed_dim=16, hidden_dim=32, num_experts=4, num_experts_per_tok=2)
+TINY = {"embed_dim": 16, "hidden_dim": 32, "num_experts": 4, "num_experts_per_tok": 2}
 B, T = 4, 6  # M = 24 tokens
 
 
@@ -38,17 +39,18 @@ def _block(cfg, seed=0):
     return block
 
 
-def _plan(cfg, mesh, gmm):
+def _plan(cfg, mesh, gmm, tokens=B * T):
     """The plan of a full forward on `mesh`; pallas as resolved on an NVIDIA GPU."""
     where = kernel_plan.NVIDIA_GPU if gmm == "pallas" else "cpu"
-    plan = kernel_plan.resolve(cfg, B * T, cached=False, mesh=mesh, where=where)
+    plan = kernel_plan.resolve(cfg, tokens, cached=False, mesh=mesh, where=where)
     assert plan.grouped_matmul == GmmImpl(gmm) and plan.token_mesh is mesh
     return plan
 
 
-def _value_and_grads(block, x, mask, plan, mesh=None):
-    """(out, aux, (d state, d x)) of sum(out * probe) + both aux losses, jitted; on `mesh`, x
-    and mask split by rows over its batch axes and the parameters replicated."""
+def _value_and_grads(block, x, mask, plan, mesh=None, wrt=(0, 1)):
+    """(out, aux, grads) of sum(out * probe) + both aux losses, jitted; grads in the state
+    (wrt 0) and x (wrt 1). On `mesh`, the parameters replicated and x and mask split by rows
+    over its batch axes where they divide them (else whole: the dispatch splits them)."""
     graphdef, state = nnx.split(block)
     probe = jax.random.normal(jax.random.key(9), x.shape)
 
@@ -56,12 +58,12 @@ def _value_and_grads(block, x, mask, plan, mesh=None):
         out, aux = nnx.merge(graphdef, state)(x, mask, plan=plan)
         return jnp.sum(out * probe) + aux.load_balance_loss + aux.router_z_loss, (out, aux)
 
-    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    grad = jax.value_and_grad(loss, argnums=wrt, has_aux=True)
     if mesh is not None:
-        rows = sh.batch_sharding(mesh, 2)
-        x = jax.device_put(x, sh.batch_sharding(mesh, 3))
-        mask = jax.device_put(mask, rows)
         state = jax.device_put(state, NamedSharding(mesh, P()))
+        if x.shape[0] % math.prod(mesh.shape[a] for a in data_parallel.token_axes(mesh)) == 0:
+            x = jax.device_put(x, sh.batch_sharding(mesh, 3))
+            mask = jax.device_put(mask, sh.batch_sharding(mesh, 2))
     (_, (out, aux)), grads = jax.jit(grad)(state, x, mask)
     return out, aux, grads
 
@@ -72,61 +74,66 @@ def _assert_close(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * scale)
 
 
-def _inputs(cfg, tokens=(B, T)):
+def _inputs(cfg, tokens):
     x = jax.random.normal(jax.random.key(1), (*tokens, cfg.embed_dim))
     mask = jnp.ones(tokens, jnp.float32).at[0, :2].set(0.0)  # left padding: out of the aux
     return x, mask
 
 
+def _mesh(spec):
+    return sh.make_mesh(sh.MeshConfig.parse(spec), jax.devices()[:4])
+
+
 @pytest.mark.parametrize(
-    "gmm,spec", [("pallas", "data=2,fsdp=2"), ("megablox", "data=2,fsdp=2"), ("pallas", "fsdp=4")]
+    "gmm,spec,tokens",
+    [
+        ("pallas", "data=2,fsdp=2", (4, 6)),
+        ("megablox", "fsdp=4", (3, 5)),  # 15 tokens over 4 devices: padded to 16, cut again
+    ],
 )
-def test_per_device_dropless_equals_the_one_device_dense_oracle(interpreted_pallas, gmm, spec):
+def test_per_device_dropless_equals_the_one_device_dense_oracle(
+    interpreted_pallas, gmm, spec, tokens
+):
     cfg = mj.ModelConfig.tiny(**TINY, gmm_impl=gmm)
-    mesh = sh.make_mesh(sh.MeshConfig.parse(spec), jax.devices()[:4])
-    block, (x, mask) = _block(cfg), _inputs(cfg)
-    got = _value_and_grads(block, x, mask, _plan(cfg, mesh, gmm), mesh)
+    mesh = _mesh(spec)
+    block, (x, mask) = _block(cfg), _inputs(cfg, tokens)
+    m = tokens[0] * tokens[1]
+    got = _value_and_grads(block, x, mask, _plan(cfg, mesh, gmm, m), mesh)
     oracle = cfg.replace(moe_impl="dense", gmm_impl="xla")
-    dense = kernel_plan.resolve(oracle, B * T, cached=False, mesh=None)
+    dense = kernel_plan.resolve(oracle, m, cached=False, mesh=None)
     want = _value_and_grads(block, x, mask, dense)
     _assert_close(got, want)  # out, every aux field (losses, counts, router logits), gradients
-    assert int(jnp.sum(got[1].tokens_per_expert)) == (B * T - 2) * 2
+    assert int(jnp.sum(got[1].tokens_per_expert)) == (m - 2) * 2
 
 
-def test_uneven_tokens_are_padded_and_a_mesh_without_batch_axes_is_refused():
-    """15 tokens over data=2 x fsdp=2: padded to 16 and cut; ragged_dot keeps the global path."""
+def test_the_plan_runs_per_device_only_for_a_kernel_on_batch_axes_without_expert_axis():
     cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox")
-    mesh = sh.make_mesh(sh.MeshConfig.parse("data=2,fsdp=2"), jax.devices()[:4])
-    block, (x, mask) = _block(cfg), _inputs(cfg, (3, 5))
-    got = _value_and_grads(block, x, mask, _plan(cfg, mesh, "megablox"))
-    dense = kernel_plan.resolve(cfg.replace(moe_impl="dense"), 15, cached=False, mesh=None)
-    _assert_close(got, _value_and_grads(block, x, mask, dense))
-    xla = kernel_plan.resolve(cfg.replace(gmm_impl="xla"), 16, cached=False, mesh=mesh)
-    expert = sh.make_mesh(sh.MeshConfig.parse("data=2,expert=2"), jax.devices()[:4])
-    assert xla.token_mesh is None and _plan_mesh(cfg, expert) is None
-    tensor = sh.make_mesh(sh.MeshConfig.parse("tensor=2"), jax.devices()[:2])
-    assert _plan_mesh(cfg, tensor) is None
+
+    def token_mesh(cfg, spec):
+        mesh = None if spec is None else _mesh(spec)
+        return kernel_plan.resolve(cfg, 16, cached=False, mesh=mesh, where="cpu").token_mesh
+
+    assert token_mesh(cfg, "data=4") is not None
+    assert token_mesh(cfg.replace(gmm_impl="xla"), "data=4") is None  # XLA partitions it
+    assert token_mesh(cfg.replace(moe_impl="capacity"), "data=4") is None
+    assert token_mesh(cfg, "data=2,expert=2") is None  # expert-parallel
+    assert token_mesh(cfg, "tensor=4") is None and token_mesh(cfg, None) is None
     with pytest.raises(ValueError, match="has no batch axis > 1 without an expert axis"):
-        data_parallel.moe_per_device(None, x, None, (), mesh=tensor)
-
-
-def _plan_mesh(cfg, mesh):
-    return kernel_plan.resolve(cfg, 16, cached=False, mesh=mesh, where="cpu").token_mesh
+        data_parallel.moe_per_device(None, None, (), mesh=_mesh("tensor=4"))
 
 
 @pytest.mark.parametrize("variant", ["lora", "int8"])
 def test_lora_and_quantized_experts_take_the_per_device_path(variant):
     """Expert adapters (moe_dropless_lora) against the dense oracle on the merged weights
     W + A B s; int8 experts (the grouped matmul dequantizes each) against the same block's
-    one-device path."""
+    one-device path. Forward, aux and d x."""
     bits = 8 if variant == "int8" else 16
     cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox", expert_bits=bits)
-    mesh = sh.make_mesh(sh.MeshConfig.parse("data=2,fsdp=2"), jax.devices()[:4])
-    block, (x, mask) = _block(cfg), _inputs(cfg)
+    mesh = _mesh("data=2,fsdp=2")
+    block, (x, mask) = _block(cfg), _inputs(cfg, (B, T))
     plan = _plan(cfg, mesh, "megablox")
     if variant == "int8":
-        one_device = dataclasses.replace(plan, token_mesh=None)
-        want = _value_and_grads(block, x, mask, one_device)
+        want = _value_and_grads(block, x, mask, dataclasses.replace(plan, token_mesh=None), wrt=1)
     else:
         oracle = _block(cfg.replace(moe_impl="dense"))
         keys = jax.random.split(jax.random.key(5), 2)
@@ -136,15 +143,13 @@ def test_lora_and_quantized_experts_take_the_per_device_path(variant):
         block.lora_w_gate_a, block.lora_w_gate_b = lora.Adapter(a), lora.Adapter(b)
         block.lora_scale = 2.0
         dense = kernel_plan.resolve(oracle.cfg, B * T, cached=False, mesh=None)
-        want = _value_and_grads(oracle, x, mask, dense)
-    got = _value_and_grads(block, x, mask, plan, mesh)
-    _assert_close(got[:2], want[:2])
-    _assert_close(got[2][1], want[2][1])  # d x (the state trees differ by the adapters)
+        want = _value_and_grads(oracle, x, mask, dense, wrt=1)
+    _assert_close(_value_and_grads(block, x, mask, plan, mesh, wrt=1), want)
 
 
 def _compiled_hlo(plan, mesh):
     cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox")
-    block, (x, mask) = _block(cfg), _inputs(cfg)
+    block, (x, mask) = _block(cfg), _inputs(cfg, (B, T))
     graphdef, state = nnx.split(block)
     fn = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, m, plan=plan))
     state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -156,7 +161,7 @@ def test_the_compiled_layer_gathers_no_tokens():
     """Replicated weights and row-split tokens: the per-device program has no all-gather (its
     only collectives are the aux sums' all-reduces); the global path all-gathers the rows."""
     cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox")
-    mesh = sh.make_mesh(sh.MeshConfig.parse("data=2,fsdp=2"), jax.devices()[:4])
+    mesh = _mesh("data=2,fsdp=2")
     plan = _plan(cfg, mesh, "megablox")
     assert "all-gather" not in _compiled_hlo(plan, mesh)
     assert "all-gather" in _compiled_hlo(dataclasses.replace(plan, token_mesh=None), mesh)
