@@ -47,24 +47,29 @@ def _plan(cfg, mesh, gmm, tokens=B * T):
     return plan
 
 
-def _value_and_grads(block, x, mask, plan, mesh=None, wrt=(0, 1)):
-    """(out, aux, grads) of sum(out * probe) + both aux losses, jitted; grads in the state
-    (wrt 0) and x (wrt 1). On `mesh`, the parameters replicated and x and mask split by rows
-    over its batch axes where they divide them (else whole: the dispatch splits them)."""
-    graphdef, state = nnx.split(block)
+def _value_and_grads(block, x, mask, plan, mesh=None, wrt=nnx.Param):
+    """(out, aux, (d wrt-variables, d x)) of sum(out * probe) + both aux losses, jitted. On
+    `mesh`, the variables replicated and x and mask split by rows over its batch axes where
+    they divide them (else whole: the dispatch pads and splits them), and then the compiled
+    program holds no all-gather (no token rows gathered: the structural check)."""
+    graphdef, diff, rest = nnx.split(block, wrt, ...)
     probe = jax.random.normal(jax.random.key(9), x.shape)
 
-    def loss(state, x, mask):
-        out, aux = nnx.merge(graphdef, state)(x, mask, plan=plan)
+    def loss(diff, x, mask, rest):
+        out, aux = nnx.merge(graphdef, diff, rest)(x, mask, plan=plan)
         return jnp.sum(out * probe) + aux.load_balance_loss + aux.router_z_loss, (out, aux)
 
-    grad = jax.value_and_grad(loss, argnums=wrt, has_aux=True)
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    split = False
     if mesh is not None:
-        state = jax.device_put(state, NamedSharding(mesh, P()))
-        if x.shape[0] % math.prod(mesh.shape[a] for a in data_parallel.token_axes(mesh)) == 0:
-            x = jax.device_put(x, sh.batch_sharding(mesh, 3))
-            mask = jax.device_put(mask, sh.batch_sharding(mesh, 2))
-    (_, (out, aux)), grads = jax.jit(grad)(state, x, mask)
+        diff, rest = jax.device_put((diff, rest), NamedSharding(mesh, P()))
+        split = x.shape[0] % math.prod(mesh.shape[a] for a in data_parallel.token_axes(mesh)) == 0
+    if split:
+        x = jax.device_put(x, sh.batch_sharding(mesh, 3))
+        mask = jax.device_put(mask, sh.batch_sharding(mesh, 2))
+    compiled = jax.jit(grad).lower(diff, x, mask, rest).compile()
+    assert not split or "all-gather" not in compiled.as_text()
+    (_, (out, aux)), grads = compiled(diff, x, mask, rest)
     return out, aux, grads
 
 
@@ -122,46 +127,57 @@ def test_the_plan_runs_per_device_only_for_a_kernel_on_batch_axes_without_expert
         data_parallel.moe_per_device(None, None, (), mesh=_mesh("tensor=4"))
 
 
-@pytest.mark.parametrize("variant", ["lora", "int8"])
-def test_lora_and_quantized_experts_take_the_per_device_path(variant):
-    """Expert adapters (moe_dropless_lora) against the dense oracle on the merged weights
-    W + A B s; int8 experts (the grouped matmul dequantizes each) against the same block's
-    one-device path. Forward, aux and d x."""
-    bits = 8 if variant == "int8" else 16
-    cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox", expert_bits=bits)
+def test_qlora_experts_take_the_per_device_path():
+    """int8 experts with an adapter on w_gate: moe_dropless_lora per device, its grouped matmul
+    dequantizing each code matrix, against the dense oracle on the merged weights
+    dequantize(W) + A B s (lora.expert_dispatch's merge). Forward, aux, d adapters, d x."""
+    cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox", expert_bits=8)
     mesh = _mesh("data=2,fsdp=2")
     block, (x, mask) = _block(cfg), _inputs(cfg, (B, T))
-    plan = _plan(cfg, mesh, "megablox")
-    if variant == "int8":
-        want = _value_and_grads(block, x, mask, dataclasses.replace(plan, token_mesh=None), wrt=1)
-    else:
-        oracle = _block(cfg.replace(moe_impl="dense"))
-        keys = jax.random.split(jax.random.key(5), 2)
-        a = 0.3 * jax.random.normal(keys[0], (4, 16, 3))  # [E, D, r] on w_gate
-        b = 0.3 * jax.random.normal(keys[1], (4, 3, 32))
-        oracle.w_gate[...] = lora.merged_weight(block.w_gate[...], a, b, 2.0, 1)
-        block.lora_w_gate_a, block.lora_w_gate_b = lora.Adapter(a), lora.Adapter(b)
-        block.lora_scale = 2.0
-        dense = kernel_plan.resolve(oracle.cfg, B * T, cached=False, mesh=None)
-        want = _value_and_grads(oracle, x, mask, dense, wrt=1)
-    _assert_close(_value_and_grads(block, x, mask, plan, mesh, wrt=1), want)
+    keys = jax.random.split(jax.random.key(5), 2)
+    block.lora_w_gate_a = lora.Adapter(0.3 * jax.random.normal(keys[0], (4, 16, 3)))  # [E, D, r]
+    block.lora_w_gate_b = lora.Adapter(0.3 * jax.random.normal(keys[1], (4, 3, 32)))
+    block.lora_scale = 2.0
+    oracle = cfg.replace(moe_impl="dense", gmm_impl="xla")
+    dense = kernel_plan.resolve(oracle, B * T, cached=False, mesh=None)
+    want = _value_and_grads(block, x, mask, dense, wrt=lora.Adapter)
+    got = _value_and_grads(block, x, mask, _plan(cfg, mesh, "megablox"), mesh, wrt=lora.Adapter)
+    _assert_close(got, want)
 
 
-def _compiled_hlo(plan, mesh):
+def test_a_cached_call_takes_its_layer_of_the_stacks_per_device():
+    """A decode-sized cached call (3 tokens over 4 devices: padded) reading layer 1 of
+    [L, E, ...] stacks: per device it gets that layer's weights, and equals the dense oracle."""
     cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox")
+    block, (x, _) = _block(cfg), _inputs(cfg, (3, 1))
+    layer_weights = {}
+    for i, name in enumerate(("w_gate", "w_up", "w_down")):
+        w = getattr(block, name)
+        layer_weights[name] = 0.5 * jax.random.normal(jax.random.key(i), w.shape)
+        setattr(block, name, nnx.Param(jnp.stack([w[...], layer_weights[name]])))  # [L=2, ...]
+    mesh = _mesh("data=2,fsdp=2")
+    plan = kernel_plan.resolve(cfg, 3, cached=True, mesh=mesh, where="cpu")
+    assert plan.token_mesh is mesh
+    graphdef, state = nnx.split(block)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, layer=jnp.int32(1), plan=plan)[0])
+    dense = _block(cfg.replace(moe_impl="dense"))
+    for name, w in layer_weights.items():
+        getattr(dense, name)[...] = w
+    want = nnx.jit(lambda m, x: m(x)[0])(dense, x)
+    np.testing.assert_allclose(run(state, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_global_path_gathers_the_tokens():
+    """What the per-device path removes (and `_value_and_grads` checks it did): the same layer
+    traced on the global tokens all-gathers them (and the router logits, for one top-k)."""
+    cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox")
+    mesh = _mesh("data=2,fsdp=2")
+    global_path = dataclasses.replace(_plan(cfg, mesh, "megablox"), token_mesh=None)
     block, (x, mask) = _block(cfg), _inputs(cfg, (B, T))
     graphdef, state = nnx.split(block)
-    fn = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, m, plan=plan))
+    fn = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, m, plan=global_path))
     state = jax.device_put(state, NamedSharding(mesh, P()))
     x = jax.device_put(x, sh.batch_sharding(mesh, 3))
-    return fn.lower(state, x, jax.device_put(mask, sh.batch_sharding(mesh, 2))).compile().as_text()
-
-
-def test_the_compiled_layer_gathers_no_tokens():
-    """Replicated weights and row-split tokens: the per-device program has no all-gather (its
-    only collectives are the aux sums' all-reduces); the global path all-gathers the rows."""
-    cfg = mj.ModelConfig.tiny(**TINY, gmm_impl="megablox")
-    mesh = _mesh("data=2,fsdp=2")
-    plan = _plan(cfg, mesh, "megablox")
-    assert "all-gather" not in _compiled_hlo(plan, mesh)
-    assert "all-gather" in _compiled_hlo(dataclasses.replace(plan, token_mesh=None), mesh)
+    mask = jax.device_put(mask, sh.batch_sharding(mesh, 2))
+    assert "all-gather" in fn.lower(state, x, mask).compile().as_text()
