@@ -91,7 +91,6 @@ from mixtral_jax.config import (
 from mixtral_jax.kernels import cudnn_attention, expert_decode_grouped, weight_tiles
 from mixtral_jax.kernels.common import MAX_GROUPED_TOKENS, MAX_TOKENS, supports
 from mixtral_jax.kernels.gmm_megablox import DTYPES as MEGABLOX_DTYPES
-from mixtral_jax.moe import data_parallel
 from mixtral_jax.parallel import sharding
 
 MAX_DECODE_TOKENS = MAX_TOKENS  # the decode kernels' limit (kernels/common.py)
@@ -281,7 +280,7 @@ def _token_mesh(moe: MoEImpl, gmm: GmmImpl, mesh: Mesh | None) -> Mesh | None:
     """`mesh` where the local dropless dispatch's Pallas grouped matmul must run per device
     (a batch axis > 1, expert axis 1: `moe/data_parallel.py`), else None."""
     kernel = gmm in (GmmImpl.PALLAS, GmmImpl.MEGABLOX)
-    if moe != MoEImpl.DROPLESS or not kernel or not data_parallel.token_axes(mesh):
+    if moe != MoEImpl.DROPLESS or not kernel or not sharding.data_parallel_axes(mesh):
         return None
     return mesh
 

@@ -211,7 +211,8 @@ class MoE(nnx.Module):
           noise_rng: PRNG key enabling router jitter (training); None for deterministic.
           layer: a cached call inside the layer scan: w_* (and, where the plan's decode
             projections run, the router) hold every layer's stack [L, ...] and this int32
-            scalar picks one (the stacks are read in place, not sliced out).
+            scalar picks one (the stacks are read in place, not sliced out; on the plan's
+            `token_mesh` that layer is taken out first: every device gathers one layer).
           plan: the call's kernels (`kernel_plan.resolve`); default: resolved for this call.
         Returns:
           ([B, T, D] in the compute dtype, MoEAux).

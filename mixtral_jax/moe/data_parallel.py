@@ -34,17 +34,6 @@ from jax.sharding import PartitionSpec as P
 
 from mixtral_jax.parallel import sharding
 
-TOKEN_AXES = sharding.LOGICAL_RULES["batch"]  # mesh axes that split the tokens
-(EXPERT_AXIS,) = sharding.LOGICAL_RULES["experts"]
-
-
-def token_axes(mesh: Mesh | None) -> tuple[str, ...]:
-    """The batch axes of `mesh` of size > 1, where a local dropless dispatch runs per device;
-    () without a mesh, or on one whose expert axis is > 1 (that is expert-parallel)."""
-    if mesh is None or mesh.shape[EXPERT_AXIS] > 1:
-        return ()
-    return tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1)
-
 
 def moe_per_device(local_fn, x, replicated: tuple, *, mesh: Mesh):
     """local_fn(x, *replicated) on every device over its own token rows.
@@ -56,14 +45,14 @@ def moe_per_device(local_fn, x, replicated: tuple, *, mesh: Mesh):
       x: [M, D] tokens.
       replicated: whole on every device: expert weights [E, ...] or a one-layer stack
         [1, E, ...] (arrays or `QuantizedWeight`s), a layer index or None.
-      mesh: with batch axes > 1 (`token_axes`) and an expert axis of 1.
+      mesh: with batch axes > 1 and an expert axis of 1 (`sharding.data_parallel_axes`).
     Returns:
       ([M, D] float32, dropped summed over the devices, `Routing` of the M tokens, row-split).
 
     M not a multiple of P (decode) is padded with zero rows, routed like any other and cut off
     again: their output and routing leave nothing behind, nor any gradient.
     """
-    axes = token_axes(mesh)
+    axes = sharding.data_parallel_axes(mesh)
     if not axes:
         raise ValueError(f"mesh {dict(mesh.shape)} has no batch axis > 1 without an expert axis")
     parts = math.prod(mesh.shape[a] for a in axes)

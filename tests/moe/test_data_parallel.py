@@ -63,7 +63,7 @@ def _value_and_grads(block, x, mask, plan, mesh=None, wrt=nnx.Param):
     split = False
     if mesh is not None:
         diff, rest = jax.device_put((diff, rest), NamedSharding(mesh, P()))
-        split = x.shape[0] % math.prod(mesh.shape[a] for a in data_parallel.token_axes(mesh)) == 0
+        split = x.shape[0] % math.prod(mesh.shape[a] for a in sh.data_parallel_axes(mesh)) == 0
     if split:
         x = jax.device_put(x, sh.batch_sharding(mesh, 3))
         mask = jax.device_put(mask, sh.batch_sharding(mesh, 2))
