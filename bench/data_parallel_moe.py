@@ -135,14 +135,14 @@ def main():
     p.add_argument("--tokens", type=int, default=8192, help="tokens per device (time phase)")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
-    jax.config.update("jax_default_matmul_precision", "highest")
     n = min(jax.device_count(), 4) if args.tiny else jax.device_count()
     if n < 2:
         sys.exit(f"needs 2 or more devices, found {jax.device_count()}")
     tokens = 32 if args.tiny else args.tokens
     rows = []
     for spec in (f"data={n}", f"fsdp={n}"):
-        rows.append(check(spec, n, args.tiny))
+        with jax.default_matmul_precision("highest"):  # the float32 check only
+            rows.append(check(spec, n, args.tiny))
         rows.append(time_layer(spec, n, args.tiny, tokens, args.repeats))
         for r in rows[-2:]:
             print(
