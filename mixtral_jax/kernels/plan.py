@@ -8,7 +8,9 @@ A `KernelPlan` is resolved at the top of each traced model call (`Mixtral.__call
                        expert_exchange / moe_impl` (`auto` or a choice);
   the platform         `platform()`: NVIDIA GPU, or not (CPU, TPU, other GPUs);
   the active mesh      `sharding.active_mesh()`: expert-parallel dispatch when its expert axis
-                       is > 1; decode kernels only on one device (they read unsharded stacks);
+                       is > 1; else a Pallas / megablox dropless dispatch per device over its
+                       batch axes (`token_mesh`); decode kernels only on one device (they
+                       read unsharded stacks);
   the token count      B*T of the call, and whether it reads a KV cache (decode kernels apply
                        to cached calls of at most `MAX_DECODE_TOKENS` tokens, the decode
                        experts to `MAX_GROUPED_TOKENS`); T, the new tokens
@@ -147,6 +149,10 @@ class KernelPlan:
       moe: the dispatch (`MoEImpl`).
       expert_mesh: the mesh whose expert axis splits the experts, or None (one device).
       exchange: the expert-parallel all-to-all (resolved; unused without `expert_mesh`).
+      token_mesh: the mesh over whose batch axes the local dropless dispatch runs per device
+        (`moe/data_parallel.py`), or None (traced on the global tokens): set where the grouped
+        matmul is PALLAS or MEGABLOX, a Pallas call XLA cannot partition, on a mesh with a batch
+        axis > 1 and no expert axis (ragged_dot XLA partitions itself).
       quantized_experts: DEQUANTIZE or PALLAS, how quantized experts are read (PALLAS only
         with decode_experts PALLAS, or OFF with local dropless dispatch and grouped_matmul
         PALLAS: the kernels take `QuantizedWeight` stacks).
@@ -168,6 +174,7 @@ class KernelPlan:
     moe: MoEImpl = MoEImpl.DROPLESS
     expert_mesh: Mesh | None = None
     exchange: Exchange = Exchange.CAPACITY
+    token_mesh: Mesh | None = None
     quantized_experts: QuantizedImpl = QuantizedImpl.DEQUANTIZE
     quantized_projections: QuantizedImpl = QuantizedImpl.DEQUANTIZE
 
@@ -263,9 +270,19 @@ def resolve(
             if expert_mesh is not None
             else Exchange.CAPACITY
         ),
+        token_mesh=_token_mesh(c.moe_impl, gmm, mesh),
         quantized_experts=quantized_experts,
         quantized_projections=quantized_projections,
     )
+
+
+def _token_mesh(moe: MoEImpl, gmm: GmmImpl, mesh: Mesh | None) -> Mesh | None:
+    """`mesh` where the local dropless dispatch's Pallas grouped matmul must run per device
+    (a batch axis > 1, expert axis 1: `moe/data_parallel.py`), else None."""
+    kernel = gmm in (GmmImpl.PALLAS, GmmImpl.MEGABLOX)
+    if moe != MoEImpl.DROPLESS or not kernel or not sharding.data_parallel_axes(mesh):
+        return None
+    return mesh
 
 
 def quantized_tile_reader():

@@ -5,7 +5,10 @@
                  on one device  dense / dropless / gathered / capacity (`local.py`), or the
                                 decode kernels of a few-token call (`expert_decode`, and
                                 `expert_decode_grouped` above 64 tokens);
-                 on a mesh whose expert axis is > 1  all-to-all over it (`expert_parallel.py`).
+                 on a mesh whose expert axis is > 1  all-to-all over it (`expert_parallel.py`);
+                 on a mesh without one where the grouped matmul is a Pallas kernel (pallas,
+                                megablox), steps 1-4 per device on its own tokens under
+                                shard_map (`data_parallel.py`, the plan's token_mesh).
                All compute the same function (dropless ones exactly; capacity may drop).
   3. expert_ffn: SwiGLU, silu(x W_gate) * (x W_up) W_down.
   4. combine:  unsort and take the routing-weighted sum over the k choices (float32).
@@ -44,6 +47,7 @@ from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model import lora, quantized
 from mixtral_jax.model.layers import normal_init
+from mixtral_jax.moe import data_parallel
 from mixtral_jax.moe import expert_parallel as moe_parallel
 from mixtral_jax.moe.local import moe_capacity, moe_dense, moe_dropless, moe_gathered
 from mixtral_jax.moe.ops import Routing, route, route_logits
@@ -170,6 +174,27 @@ class MoE(nnx.Module):
             )
         self.cfg = cfg
 
+    def _route_and_dispatch(self, x, weights, layer, plan: KernelPlan):
+        """Steps 1-4 on x [M, D]: ([M, D] float32, dropped assignments, Routing).
+
+        weights: w_gate, w_up, w_down as `dispatch` takes them (with `layer`, stacks)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.compute.dtype)
+        if layer is not None and plan.decode_projections == DecodeProjectionImpl.PALLAS:
+            # Decode on a GPU: every layer's router [L, D, E'], E' >= E padded to the kernel's
+            # tile (Mixtral.extend), read at `layer` in place. XLA turns the [1, D] x [D, 8]
+            # product into a reduction down 4096 rows with 8 outputs: 11 us per layer on an H200.
+            (logits,) = decode_matmul.project_stacked(
+                x, (self.router[...].astype(dt),), layer, out_dtype=jnp.float32
+            )
+            routing = route_logits(logits[:, : cfg.num_experts], cfg.num_experts_per_tok)
+        else:
+            routing = route(x, self.router[...], cfg.num_experts_per_tok)
+        routing = lora.add_to_router(self, x, routing, cfg.num_experts_per_tok)  # if adapted
+        out, dropped = lora.expert_dispatch(  # dispatch(), or with the experts' adapters
+            plan, x, routing, weights, layer, self, lambda *a: dispatch(cfg, plan, *a)
+        )
+        return out, dropped, routing
+
     def __call__(
         self,
         x: jax.Array,
@@ -186,7 +211,8 @@ class MoE(nnx.Module):
           noise_rng: PRNG key enabling router jitter (training); None for deterministic.
           layer: a cached call inside the layer scan: w_* (and, where the plan's decode
             projections run, the router) hold every layer's stack [L, ...] and this int32
-            scalar picks one (the stacks are read in place, not sliced out).
+            scalar picks one (the stacks are read in place, not sliced out; on the plan's
+            `token_mesh` that layer is taken out first: every device gathers one layer).
           plan: the call's kernels (`kernel_plan.resolve`); default: resolved for this call.
         Returns:
           ([B, T, D] in the compute dtype, MoEAux).
@@ -199,23 +225,20 @@ class MoE(nnx.Module):
         jitter = cfg.compute.router_jitter_noise
         if noise_rng is not None and jitter > 0:
             x = x * jax.random.uniform(noise_rng, x.shape, dt, 1.0 - jitter, 1.0 + jitter)
-        if layer is not None and plan.decode_projections == DecodeProjectionImpl.PALLAS:
-            # Decode on a GPU: every layer's router [L, D, E'], E' >= E padded to the kernel's
-            # tile (Mixtral.extend), read at `layer` in place. XLA turns the [1, D] x [D, 8]
-            # product into a reduction down 4096 rows with 8 outputs: 11 us per layer on an H200.
-            (logits,) = decode_matmul.project_stacked(
-                x, (self.router[...].astype(dt),), layer, out_dtype=jnp.float32
-            )
-            routing = route_logits(logits[:, : cfg.num_experts], cfg.num_experts_per_tok)
-        else:
-            routing = route(x, self.router[...], cfg.num_experts_per_tok)
-        routing = lora.add_to_router(self, x, routing, cfg.num_experts_per_tok)  # if adapted
         weights = tuple(quantized.read(self, n, cfg.expert_bits) for n in quantized.EXPERTS)
         if plan.quantized_experts != QuantizedImpl.PALLAS and not _gmm_reads(cfg, plan, layer):
             weights, layer = quantized.as_compute(weights, dt, layer)  # cast / dequantize
-        out, dropped = lora.expert_dispatch(  # dispatch(), or with the experts' adapters
-            plan, x, routing, weights, layer, self, lambda *a: dispatch(cfg, plan, *a)
-        )
+        if plan.token_mesh is None:
+            out, dropped, routing = self._route_and_dispatch(x, weights, layer, plan)
+        else:  # its Pallas grouped matmul per device (moe/data_parallel.py)
+            if layer is not None:  # this layer's weights gathered, not every layer's stacks
+                weights, layer = tuple(w[layer][None] for w in weights), jnp.zeros((), jnp.int32)
+            out, dropped, routing = data_parallel.moe_per_device(
+                lambda x, *w: self._route_and_dispatch(x, w[:-1], w[-1], plan),
+                x,
+                (*weights, layer),
+                mesh=plan.token_mesh,
+            )
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1)
         aux = routing_aux(routing, mask.astype(jnp.float32), dropped)
         return out.astype(dt).reshape(b, t, d), aux

@@ -248,11 +248,25 @@ def shard(x: jax.Array, mesh: Mesh | None, *logical_names: str) -> jax.Array:
     )
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that split a batch (LOGICAL_RULES["batch"], in order)."""
+    return tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
+
+
+def data_parallel_axes(mesh: Mesh | None) -> tuple[str, ...]:
+    """`batch_axes` of a mesh whose expert axis is 1 (data / FSDP), where a Pallas dropless
+    MoE runs per device (`moe/data_parallel.py`); () without a mesh or with an expert axis."""
+    (expert,) = LOGICAL_RULES["experts"]
+    if mesh is None or mesh.shape[expert] > 1:
+        return ()
+    return batch_axes(mesh)
+
+
 def batch_sharding(mesh: Mesh, rank: int = 2, leading: int = 0) -> NamedSharding:
     """Sharding of a [B, ...] input batch: B over data, fsdp and expert; with `leading`, that
     many unsplit axes come first ([A, B, T] micro-batches: leading=1)."""
-    batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
-    rows = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    axes = batch_axes(mesh)
+    rows = None if not axes else axes[0] if len(axes) == 1 else axes
     spec = [None] * rank
     spec[leading] = rows
     return NamedSharding(mesh, PartitionSpec(*spec))
