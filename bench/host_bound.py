@@ -1,6 +1,6 @@
 """Why is the engine's batch-1 decode step longer than its kernels? Variants in one process.
 
-  python3 bench/host_bound.py [--layers 32] [--steps 48] [--variants base,poll10,nocond,...]
+  python3 bench/host_bound.py [--layers 32] [--steps 48] [--variants base,poll10,unroll,transfer]
   JAX_PLATFORMS=cpu python3 bench/host_bound.py --preset tiny     # the code path
 
 One model (random bf16 weights made on the device), then per variant a fresh `Engine` at batch 1
@@ -10,10 +10,7 @@ loop's or a conditional's predicate, has been reached on the device) and its wai
 Variants (each a change of the code the step runs, applied here only):
   base     the engine as it is
   poll10   the benchmark polls the engine's counters every 10 ms instead of 0.5 ms (the GIL)
-  nocond   per-row sampling without its `lax.cond` (greedy and drawn tokens both computed, one
-           `where`): a conditional's predicate is copied to the host, which waits for it
-  unroll   the layer scan fully unrolled (no while loop: each iteration's predicate also syncs)
-  nocond_unroll  both
+  unroll   the layer scan fully unrolled (no while loop)
   transfer the step's host inputs copied to the device first, timed apart from the call: the
            time `jax.device_put` takes to return and until the copies are done (if these wait
            for the step before, the host is held by its inputs, not by the launch)
@@ -34,12 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax
-import jax.numpy as jnp
 
 import mixtral_jax as mj
 from bench import engine as engine_bench
 from bench.common import copy_bandwidth_tbs, environment, random_model, write_json
-from mixtral_jax.generate import sampling
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.serve import steps as serve_steps
 
@@ -69,23 +64,8 @@ def decode_with_inputs_put_first(original):
     return decode
 
 
-def sample_rows_without_cond(logits, rows):
-    """`sampling.sample_rows` with both branches computed and one select (no conditional)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    hot = rows.temperature > 0
-    forced = sampling.RowSampling(
-        temperature=jnp.where(hot, rows.temperature, 1.0),
-        top_k=rows.top_k,
-        top_p=rows.top_p,
-        seed=rows.seed,
-        counter=rows.counter,
-    )
-    drawn = sampling.sample_rows(logits, forced)  # every row hot: the cond takes `draw`
-    return jnp.where(hot, drawn, greedy)
-
-
 def run_variant(name: str, model, args, bandwidth: float) -> dict:
-    saved = (engine_bench.wait_for, serve_steps.sample_rows, kernel_plan.GPU_EXTEND_UNROLL)
+    saved = (engine_bench.wait_for, kernel_plan.GPU_EXTEND_UNROLL)
     decode = serve_steps.Steps.decode
     TIMES.update(put_s=0.0, ready_s=0.0, calls=0)
     try:
@@ -93,14 +73,12 @@ def run_variant(name: str, model, args, bandwidth: float) -> dict:
             serve_steps.Steps.decode = decode_with_inputs_put_first(decode)
         if name == "poll10":
             engine_bench.wait_for = functools.partial(saved[0], poll=0.01)
-        if "nocond" in name:
-            serve_steps.sample_rows = sample_rows_without_cond
         if "unroll" in name:
             kernel_plan.GPU_EXTEND_UNROLL = model.cfg.num_layers
         row = engine_bench.measure(model, 1, args, bandwidth)
     finally:
         serve_steps.Steps.decode = decode
-        engine_bench.wait_for, serve_steps.sample_rows, kernel_plan.GPU_EXTEND_UNROLL = saved
+        engine_bench.wait_for, kernel_plan.GPU_EXTEND_UNROLL = saved
     out = {"variant": name, **{k: row[k] for k in KEYS}}
     if TIMES["calls"]:  # over every decode call of the run (warmup's too)
         out["put_ms_per_call"] = 1000 * TIMES["put_s"] / TIMES["calls"]
@@ -114,7 +92,7 @@ def main():
     p.add_argument("--preset", default="mixtral-8x7b")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="default 48 (tiny 4)")
-    p.add_argument("--variants", default="base,poll10,nocond,unroll,nocond_unroll")
+    p.add_argument("--variants", default="base,poll10,unroll,transfer")
     args = p.parse_args()
     tiny = args.preset == "tiny"
     changes = {} if args.layers is None else {"num_layers": args.layers}
