@@ -59,7 +59,8 @@ def parse_args(argv):
         "--prefill-budget",
         type=int,
         help="prompt tokens per step at most, over as many prompts as it holds (default: 4 "
-        "chunks); bounds how much a prefill slows running streams",
+        "chunks, fewer where max-batch plus them would pass the grouped decode kernel's 512 "
+        "tokens); bounds how much a prefill slows running streams",
     )
     p.add_argument(
         "--max-context", type=int, help="longest prompt + max_tokens (default: the model's)"
