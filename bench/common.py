@@ -276,6 +276,12 @@ def kernel_summary(kernels: list[tuple[str, int, int]], per: int = 1) -> dict:
     }
 
 
+def print_kernel_rows(summary: dict, top: int) -> None:
+    """The `top` kernels of a `kernel_summary` by time: us, launches, name (one line each)."""
+    for name, v in list(summary["by_name"].items())[:top]:
+        print(f"  {v['us']:8.1f} us {v['count']:6.1f}x  {name[:90]}")
+
+
 def expert_stacks(keys, layers: int, experts: int, d: int, f: int) -> list:
     """Random bf16 expert stacks (std 0.02) drawn on the device a layer at a time, one of the
     three `keys` each: [w_gate, w_up] [L, E, D, F] and w_down [L, E, F, D]."""

@@ -26,6 +26,7 @@ from bench.common import (
     copy_bandwidth_tbs,
     environment,
     kernel_summary,
+    print_kernel_rows,
     random_model,
     run_peer,
     trace_kernels,
@@ -214,8 +215,7 @@ def main():
             f"\nbatch-{profile['batch']} decode step: busy {profile['busy_us']:.0f} us, span "
             f"{profile['span_us']:.0f} us, {profile['kernels']:.0f} kernel launches"
         )
-        for name, v in list(profile["by_name"].items())[:30]:
-            print(f"  {v['us']:8.1f} us {v['count']:6.1f}x  {name[:90]}")
+        print_kernel_rows(profile, 30)
     jax.clear_caches()
 
 

@@ -51,6 +51,7 @@ from bench.common import (
     copy_bandwidth_tbs,
     environment,
     kernel_summary,
+    print_kernel_rows,
     random_model,
     trace_kernels,
     write_json,
@@ -285,8 +286,7 @@ def main():
                 f"{summary['span_us']:.0f} us, {summary['kernels']:.0f} launches "
                 f"({summary['steps']} steps traced)"
             )
-            for name, v in list(summary["by_name"].items())[:25]:
-                print(f"  {v['us']:8.1f} us {v['count']:6.1f}x  {name[:90]}")
+            print_kernel_rows(summary, 25)
     payload = {
         "env": environment(),
         "config": {

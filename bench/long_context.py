@@ -34,6 +34,7 @@ from bench.common import (
     environment,
     loaded_random_model,
     matmul_peak_tflops,
+    print_kernel_rows,
     random_model,
     write_json,
 )
@@ -209,8 +210,7 @@ def main():
             f"{profile['busy_us']:.0f} us, span {profile['span_us']:.0f} us, "
             f"{profile['kernels']:.0f} launches"
         )
-        for name, v in list(profile["by_name"].items())[:25]:
-            print(f"  {v['us']:8.1f} us {v['count']:6.1f}x  {name[:90]}")
+        print_kernel_rows(profile, 25)
 
 
 if __name__ == "__main__":

@@ -134,10 +134,14 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(tc: TrainConfig, params: dict) -> optax.GradientTransformation:
+def make_optimizer(
+    tc: TrainConfig, params: dict, clip=clip_by_global_norm
+) -> optax.GradientTransformation:
+    """Gradient clipping to tc.clip_norm, then AdamW with the schedule and the decay mask.
+    `clip` makes the clipping transformation (tests pass optax's own as an oracle)."""
     mask = decay_mask(params, tc.decay_norms_and_embeddings)
     return optax.chain(
-        clip_by_global_norm(tc.clip_norm),
+        clip(tc.clip_norm),
         optax.adamw(
             learning_rate_schedule(tc),
             b1=tc.b1,

@@ -9,7 +9,6 @@ prompts prefilled in one chunk, and in two chunks of one call: "chunks", 30 toke
 
 import queue
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,14 +21,6 @@ from mixtral_jax.serve import engine as engine_module
 from mixtral_jax.serve.engine import Engine, EngineClosed, Event, QueueFull, Request, TooLong
 
 CONTEXT, BLOCK = 128, 8
-
-
-@pytest.fixture(scope="module")
-def model():
-    """The tiny model with weights 10x its init (std 0.2): logits far from ties."""
-    cfg = mj.ModelConfig.tiny()
-    params = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, mj.get_params(mj.init(cfg, 0)))
-    return mj.from_params(cfg, params)
 
 
 @pytest.fixture(scope="module")

@@ -10,24 +10,14 @@ import contextlib
 import math
 import queue
 
-import jax
 import numpy as np
 import pytest
 
-import mixtral_jax as mj
 from mixtral_jax.config import ConfigError
 from mixtral_jax.generate import Generator
 from mixtral_jax.serve.engine import Engine, Request, default_prefill_budget
 
 CHUNK, BUDGET, ROWS = 8, 32, 16
-
-
-@pytest.fixture(scope="module")
-def model():
-    """The tiny model with weights 10x its init (std 0.2): logits far from ties."""
-    cfg = mj.ModelConfig.tiny()
-    params = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, mj.get_params(mj.init(cfg, 0)))
-    return mj.from_params(cfg, params)
 
 
 @pytest.fixture(scope="module")
