@@ -163,6 +163,23 @@ def _swizzle(pid, num_rows, num_cols, group_m):
     return first_row + (pid % per_band) % band_rows, (pid % per_band) // band_rows
 
 
+def row_tile(
+    tiles: Tiles, num_items: int, num_cols: int, work_group_ref, work_tile_ref, starts_ref, ends_ref
+):
+    """This program's tile of a forward-shaped grouped kernel (`row_tile_call`): (group, the
+    first row and column of its [bm, bn] output block, mask [bm, bn] of the rows inside the
+    group). group == num_groups marks rows past the last group, < 0 a tile with no work."""
+    bm, bn = tiles.block_m, tiles.block_n
+    item, col = _swizzle(pl.program_id(0), num_items, num_cols, tiles.group_m)
+    group = work_group_ref[item]
+    row0 = pl.multiple_of(work_tile_ref[item] * bm, bm)
+    col0 = pl.multiple_of(col * bn, bn)
+    rows = row0 + jnp.arange(bm, dtype=jnp.int32)
+    start, end = starts_ref[jnp.maximum(group, 0)], ends_ref[jnp.maximum(group, 0)]
+    mask = jnp.broadcast_to(((rows >= start) & (rows < end))[:, None], (bm, bn))
+    return group, row0, col0, mask
+
+
 def _gmm_kernel(
     work_group_ref,
     work_tile_ref,
@@ -182,14 +199,10 @@ def _gmm_kernel(
     precision,
 ):
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    item, col = _swizzle(pl.program_id(0), num_items, num_cols, tiles.group_m)
-    group = work_group_ref[item]
+    group, row0, col0, mask = row_tile(
+        tiles, num_items, num_cols, work_group_ref, work_tile_ref, starts_ref, ends_ref
+    )
     layer = layer_ref[0]
-    row0 = pl.multiple_of(work_tile_ref[item] * bm, bm)
-    col0 = pl.multiple_of(col * bn, bn)
-    rows = row0 + jnp.arange(bm, dtype=jnp.int32)
-    start, end = starts_ref[jnp.maximum(group, 0)], ends_ref[jnp.maximum(group, 0)]
-    mask = jnp.broadcast_to(((rows >= start) & (rows < end))[:, None], (bm, bn))
     out_block = out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)]
 
     @pl.when(group == num_groups)  # rows past the last group

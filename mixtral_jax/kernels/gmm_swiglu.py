@@ -88,13 +88,9 @@ def _kernel(
 ):
     """One (row tile, group, column tile): h (and, if three outputs, gate and up) of its rows."""
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    item, col = gmm_pallas._swizzle(pl.program_id(0), num_items, num_cols, tiles.group_m)
-    group = work_group_ref[item]
-    row0 = pl.multiple_of(work_tile_ref[item] * bm, bm)
-    col0 = pl.multiple_of(col * bn, bn)
-    rows = row0 + jnp.arange(bm, dtype=jnp.int32)
-    start, end = starts_ref[jnp.maximum(group, 0)], ends_ref[jnp.maximum(group, 0)]
-    mask = jnp.broadcast_to(((rows >= start) & (rows < end))[:, None], (bm, bn))
+    group, row0, col0, mask = gmm_pallas.row_tile(
+        tiles, num_items, num_cols, work_group_ref, work_tile_ref, starts_ref, ends_ref
+    )
     blocks = [ref.at[pl.ds(row0, bm), pl.ds(col0, bn)] for ref in out_refs]
 
     @pl.when(group == num_groups)  # rows past the last group
@@ -214,13 +210,9 @@ def _bwd_kernel(
     """One (row tile, group, column tile of F): d h = dy @ w_down[g]^T in float32, then
     d gate = d h * up * silu'(gate) and d up = d h * silu(gate) from the stored gate and up."""
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    item, col = gmm_pallas._swizzle(pl.program_id(0), num_items, num_cols, tiles.group_m)
-    group = work_group_ref[item]
-    row0 = pl.multiple_of(work_tile_ref[item] * bm, bm)
-    col0 = pl.multiple_of(col * bn, bn)
-    rows = row0 + jnp.arange(bm, dtype=jnp.int32)
-    start, end = starts_ref[jnp.maximum(group, 0)], ends_ref[jnp.maximum(group, 0)]
-    mask = jnp.broadcast_to(((rows >= start) & (rows < end))[:, None], (bm, bn))
+    group, row0, col0, mask = gmm_pallas.row_tile(
+        tiles, num_items, num_cols, work_group_ref, work_tile_ref, starts_ref, ends_ref
+    )
     at = (pl.ds(row0, bm), pl.ds(col0, bn))
 
     @pl.when(group == num_groups)  # rows past the last group
