@@ -12,7 +12,10 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               (profiler) of gate_up and down for the default tiles and (no --quick) a few tile
               choices; GB/s = bytes the kernel must read (the used experts' codes + scales)
               / its time, beside 4.3-4.8 TB/s. One token: both paths, "dot" (matrix units,
-              the default) and "vector" (vector=True).
+              the default) and "vector" (vector=True); more tokens: "dot" (every slot
+              computes every token) and "grouped16" / "grouped32" (expert_decode_grouped:
+              slots of 16 / 32 rows of one expert, so each row is computed once per expert
+              it chose).
   projection  project_stacked: q, k, v in one launch, then o (attention widths of 8x7B); one
               token: both paths.
   gmm         the prefill grouped matmul (gmm_quant.gmm; bf16: gmm_pallas.gmm) on 2,048 and
@@ -43,6 +46,7 @@ import numpy as np
 from bench.common import environment, kernel_summary, timed, trace_kernels, write_json
 from mixtral_jax.kernels import decode_matmul as dm
 from mixtral_jax.kernels import expert_decode as ed
+from mixtral_jax.kernels import expert_decode_grouped as edg
 from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant
 from mixtral_jax.kernels.common import DecodeTiles
 from mixtral_jax.moe import local as moe_local
@@ -142,6 +146,27 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
         ),
         static_argnames=("t1", "t2", "vector"),
     )
+    grouped = {
+        f"grouped{r}": jax.jit(
+            lambda x, ex, wt, layer, wg, wu, wd, t1=None, t2=None, vector=False, r=r: (
+                edg.decode_experts_grouped(
+                    x,
+                    ex,
+                    wt,
+                    wg,
+                    wu,
+                    wd,
+                    layer,
+                    rows=r,
+                    gate_up_tiles=t1,
+                    down_tiles=t2,
+                    interpret=interpret,
+                )
+            ),
+            static_argnames=("t1", "t2", "vector"),
+        )
+        for r in (16, 32)
+    }
     for m in tokens:
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
         routing = moe_ops.route(x, router, TOPK)
@@ -152,12 +177,13 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
             want = moe_local.moe_dense(x.astype(jnp.float32), routing, *dense)[0]
             one = [stored(s) / (LAYERS * e) for s in w]  # bytes of one expert's matrix
             nbytes = {"gate_up": used * (one[0] + one[1]), "down": used * one[2]}
-            for path in ("dot", "vector") if m == 1 else ("dot",):
+            for path in ("dot", "vector") if m == 1 else ("dot", *grouped):
                 vector = path == "vector"
                 base = {"part": "experts", "path": path, "format": fmt, "tokens": m}
-                measure = _expert_timer(run, x, routing, w, vector)
+                call = grouped.get(path, run)
+                measure = _expert_timer(call, x, routing, w, vector)
                 try:
-                    got = run(x, routing.experts, routing.weights, jnp.int32(1), *w, vector=vector)
+                    got = call(x, routing.experts, routing.weights, jnp.int32(1), *w, vector=vector)
                     err = rel_err(got, want)
                     us = measure(None, None)
                 except Exception as error:  # noqa: BLE001 (a path that does not compile here)
@@ -175,7 +201,7 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
                         "floor_us_4.3TBs": total / 4.3e6,
                     }
                 )
-                if quick or fmt == "bf16" or m not in (1, max(tokens)):
+                if quick or fmt == "bf16" or m not in (1, max(tokens)) or path in grouped:
                     continue
                 for kernel in ("gate_up", "down"):
                     for cfg in SWEEP[(path, kernel)]:
