@@ -3,6 +3,12 @@
   XLA_FLAGS="--xla_dump_to=DUMP --xla_dump_hlo_module_re=.*decode_fn.*" \
       python bench/decode.py --profile --batches 1
   python bench/hlo_fusions.py DUMP $OUT/decode_dropless_unroll4.json [--top 25]
+  XLA_FLAGS="--xla_dump_to=DUMP --xla_dump_hlo_module_re=.*train.*" \
+      python bench/train_step.py --impls dropless --no-peer --profile
+  python bench/hlo_fusions.py DUMP $OUT/train_step.json --module train --runs 0
+
+The profile JSON is a file with a top-level "profile" (decode.py) or a list "runs" whose
+entry --runs N has one (train_step.py).
 
 For each kernel name in the profile (Pallas kernels and matmuls skipped), the instruction that
 launches it and the first lines of the computation it runs: what each small kernel does.
@@ -21,11 +27,15 @@ def main():
     p.add_argument("dump")
     p.add_argument("profile_json")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--module", default="decode_fn", help="part of the dumped module's name")
+    p.add_argument("--runs", type=int, default=None, help="the profile of runs[N]")
+    p.add_argument("--lines", type=int, default=13, help="lines of each fused computation")
     args = p.parse_args()
     with open(args.profile_json) as f:
-        profile = json.load(f)["profile"]["by_name"]
+        data = json.load(f)
+    profile = (data["runs"][args.runs] if args.runs is not None else data)["profile"]["by_name"]
     texts = []
-    for path in glob.glob(f"{args.dump}/*decode_fn*after_optimizations.txt"):
+    for path in glob.glob(f"{args.dump}/*{args.module}*after_optimizations.txt"):
         with open(path) as f:
             texts.append(f.read())
     # The module of the profiled step: the one that defines most of the profile's kernel names.
@@ -34,7 +44,7 @@ def main():
     for name, v in profile.items():
         if shown >= args.top:
             break
-        if name.startswith(("expert_", "decode_projection", "memcpy")):
+        if name.startswith(("expert_", "decode_projection", "memcpy", "gmm", "tgmm")):
             continue
         shown += 1
         print(f"\n== {name}: {v['us']:.1f} us per step, {v['count']:.1f} launches")
@@ -49,7 +59,7 @@ def main():
                 rf"^%{re.escape(called.group(1))} .*?^}}", text, re.MULTILINE | re.DOTALL
             )
             if body:
-                for line in body.group(0).splitlines()[1:14]:
+                for line in body.group(0).splitlines()[1 : 1 + args.lines]:
                     print("      " + line.strip()[:220])
 
 

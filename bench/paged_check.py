@@ -64,8 +64,16 @@ def main():
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument(
+        "--float32",
+        action="store_true",
+        help="float32 weights and compute, matmuls at full precision: the two paths then agree "
+        "to rounding, so every token should",
+    )
     args = p.parse_args()
-    dtype = "float32" if args.tiny else "bfloat16"
+    if args.float32:
+        jax.config.update("jax_default_matmul_precision", "highest")
+    dtype = "float32" if args.tiny or args.float32 else "bfloat16"
     base = mj.preset(
         "tiny" if args.tiny else "mixtral-8x7b",
         num_layers=args.layers,
@@ -104,7 +112,7 @@ def main():
         if not r["equal"]:
             print("differs:", r)
     write_json(
-        "paged_check.json",
+        "paged_check_float32.json" if args.float32 else "paged_check.json",
         {"env": environment(), "config": vars(args), "summary": summary, "rows": rows},
     )
 
