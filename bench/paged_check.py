@@ -115,6 +115,8 @@ def main():
         "paged_check_float32.json" if args.float32 else "paged_check.json",
         {"env": environment(), "config": vars(args), "summary": summary, "rows": rows},
     )
+    if args.float32 and equal != len(rows):
+        raise SystemExit(f"float32: {len(rows) - equal} of {len(rows)} requests differ")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--fake-engine", action="store_true", help="no model: the HTTP layer alone")
     p.add_argument("--fake-step-ms", type=float, default=0.0, help="the fake engine's step")
     p.add_argument("--client-procs", type=int, default=None, help="default: C // 32, 1 to 8")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="compute setting of the built model, e.g. paged_attention_impl=pallas (repeatable)",
+    )
     return p.parse_args(argv)
 
 
@@ -95,7 +101,11 @@ def server_main(args) -> None:
         cfg = mj.ModelConfig.tiny(vocab_size=tokenizer.vocab_size)
     else:
         cfg = mj.preset(
-            "mixtral-8x7b", num_layers=args.layers, dtype="bfloat16", param_dtype="bfloat16"
+            "mixtral-8x7b",
+            num_layers=args.layers,
+            dtype="bfloat16",
+            param_dtype="bfloat16",
+            **dict(item.split("=", 1) for item in args.set),
         )
     start = time.perf_counter()
     model = random_model(cfg)
