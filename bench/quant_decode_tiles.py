@@ -15,7 +15,7 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               the default) and "vector" (vector=True); more tokens: "dot" (every slot
               computes every token) and "grouped16" / "grouped32" (expert_decode_grouped:
               slots of 16 / 32 rows of one expert, so each row is computed once per expert
-              it chose; "...T": its tiles transposed, common.tile_dot).
+              it chose).
   projection  project_stacked: q, k, v in one launch, then o (attention widths of 8x7B); one
               token: both paths.
   gmm         the prefill grouped matmul (gmm_quant.gmm; bf16: gmm_pallas.gmm) on 2,048 and
@@ -32,7 +32,6 @@ script's logic. Writes $OUT/quant_decode_tiles.json with every line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -57,22 +56,10 @@ LAYERS, TOPK = 4, 2
 FULL = {"d": 4096, "f": 14336, "e": 8, "kv": 1024, "group": 128, "rows": (2048, 8192)}
 SMALL = {"d": 64, "f": 96, "e": 8, "kv": 32, "group": 32, "rows": (40,)}
 FORMATS = ("bf16", "int8", "int4")
-# Tile alternatives to each default (DecodeTiles fields; block_k counts stored rows; a sixth
-# field True: the transposed product, common.tile_dot).
+# Tile alternatives to each default (DecodeTiles fields; block_k counts stored rows).
 SWEEP = {
-    ("dot", "gate_up"): [
-        (128, 64, 1, 4, 4, True),
-        (128, 128, 1, 4, 3, True),
-        (128, 64, 1, 8, 4, True),
-        (64, 128, 1, 4, 4, True),
-        (128, 128, 1, 4, 3),
-    ],
-    ("dot", "down"): [
-        (128, 64, 4, 4, 5, True),
-        (128, 128, 8, 8, 3, True),
-        (64, 128, 1, 4, 4, True),
-        (128, 128, 8, 8, 3),
-    ],
+    ("dot", "gate_up"): [(64, 128, 1, 4, 4), (128, 128, 1, 4, 3), (64, 64, 1, 4, 6)],
+    ("dot", "down"): [(64, 128, 4, 4, 4), (128, 128, 8, 8, 3), (64, 128, 1, 4, 4)],
     ("vector", "gate_up"): [(64, 64, 1, 4, 4), (128, 64, 1, 8, 4), (256, 32, 1, 8, 3)],
     ("vector", "down"): [(64, 64, 4, 4, 4), (128, 32, 8, 4, 3), (256, 32, 2, 8, 3)],
     ("dot", "projection"): [(64, 128, 8, 4, 3), (32, 128, 4, 4, 4)],
@@ -160,11 +147,8 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
         static_argnames=("t1", "t2", "vector"),
     )
 
-    def grouped_run(r: int, flip: bool):
-        """expert_decode_grouped with R = r rows a slot (its default tiles, transposed: flip)."""
-        up, down = edg.default_tiles(r)
-        if flip:
-            up, down = (dataclasses.replace(t, transposed=True) for t in (up, down))
+    def grouped_run(r: int):
+        """expert_decode_grouped with R = r rows a slot (its default tiles)."""
 
         def call(x, ex, wt, layer, wg, wu, wd, t1=None, t2=None, vector=False):
             return edg.decode_experts_grouped(
@@ -176,18 +160,14 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
                 wd,
                 layer,
                 rows=r,
-                gate_up_tiles=t1 or up,
-                down_tiles=t2 or down,
+                gate_up_tiles=t1,
+                down_tiles=t2,
                 interpret=interpret,
             )
 
         return jax.jit(call, static_argnames=("t1", "t2", "vector"))
 
-    grouped = {
-        f"grouped{r}{'T' if flip else ''}": grouped_run(r, flip)
-        for r in (16, 32)
-        for flip in (False, True)
-    }
+    grouped = {f"grouped{r}": grouped_run(r) for r in (16, 32)}
     for m in tokens:
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
         routing = moe_ops.route(x, router, TOPK)

@@ -164,7 +164,7 @@ class ComputeConfig:
         `DecodeAttentionImpl`.
       paged_attention_impl: the same over the serving engine's paged cache: pallas follows the
         block table in place (`kernels/paged_attention.py`), off gathers each row's blocks
-        (XLA); auto is off until the kernel is measured on a GPU.
+        (XLA); auto is pallas on NVIDIA GPUs, off elsewhere.
       expert_exchange: the all-to-all of expert parallelism, see `Exchange`.
       quantized_impl: kernels reading quantized weights or the dequantize path, see
         `QuantizedImpl`.

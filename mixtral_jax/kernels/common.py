@@ -27,16 +27,13 @@ MAX_GROUPED_TOKENS = 512
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTiles:
-    """Column tile, contraction tile, splits of the contraction (down only), launch parameters;
-    `transposed`: the dot path computes (w^T x^T)^T, the weight tile as the left operand (see
-    `tile_dot`)."""
+    """Column tile, contraction tile, splits of the contraction (down only), launch parameters."""
 
     block_n: int = 64
     block_k: int = 128
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    transposed: bool = False
 
 
 def supports(*widths: int) -> bool:
@@ -99,18 +96,6 @@ def dot_f32(a, b, precision):
     return jax.lax.dot_general(
         a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
     )
-
-
-def tile_dot(a, w, precision, transposed: bool):
-    """A step's product of x rows a [bm, bk] and a weight tile w [bk, bn], in float32: [bm, bn],
-    or with `transposed` its transpose [bn, bm] = w^T a^T. The transposed form puts the weight
-    (dequantized in registers for quantized formats) on the matrix unit's left operand, which it
-    may read from registers, and the few token rows on the right (as narrow as 16 columns):
-    the product every small-batch kernel makes, in the orientation that spares the weight tile
-    a trip through shared memory when the compiler takes it. Accumulators follow the form."""
-    if transposed:
-        return dot_f32(w.T, a.T, precision)
-    return dot_f32(a, w, precision)
 
 
 def pow2_at_least(n: int, low: int = 16) -> int:

@@ -45,9 +45,9 @@ from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.kernels.common import (
     MAX_TOKENS,
     DecodeTiles,
+    dot_f32,
     matmul_precision,
     pow2_at_least,
-    tile_dot,
 )
 from mixtral_jax.kernels.quant import QuantizedWeight
 
@@ -133,8 +133,6 @@ def _gate_up_kernel(
             plgpu.store(h_ref.at[slot, jnp.int32(0), pl.ds(col0, bn)], h.astype(h_ref.dtype))
             return
 
-        flip = tiles.transposed  # accumulators [bn, bm] (tile_dot)
-
         def step(i, acc):
             gate, up = acc
             r0 = pl.multiple_of(i * bk, bk)  # stored rows (K/2 byte rows for int4)
@@ -142,14 +140,13 @@ def _gate_up_kernel(
             us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, x_ref.dtype)
             for (k0, g, g_scale), (_, u, u_scale) in zip(gs, us):  # [(row0, [bk, bn], scale)]
                 a = x_tile(k0)  # [bm, bk]
-                gate = gate + weight_tiles.scaled(tile_dot(a, g, precision, flip), g_scale, flip)
-                up = up + weight_tiles.scaled(tile_dot(a, u, precision, flip), u_scale, flip)
+                gate = gate + weight_tiles.scaled(dot_f32(a, g, precision), g_scale)
+                up = up + weight_tiles.scaled(dot_f32(a, u, precision), u_scale)
             return gate, up
 
-        zeros = jnp.zeros((bn, bm) if flip else (bm, bn), jnp.float32)
+        zeros = jnp.zeros((bm, bn), jnp.float32)
         gate, up = jax.lax.fori_loop(0, steps, step, (zeros, zeros))
         h = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, in float32
-        h = h.T if flip else h  # [bm, bn]
         plgpu.store(h_ref.at[slot, :, pl.ds(col0, bn)], h.astype(h_ref.dtype), mask=row_mask)
 
 
@@ -198,8 +195,6 @@ def _down_kernel(
             plgpu.store(out_ref.at[split, slot, jnp.int32(0), pl.ds(col0, bn)], out)
             return
 
-        flip = tiles.transposed  # accumulator [bn, bm] (tile_dot)
-
         def step(i, acc):
             r0 = pl.multiple_of((split * steps + i) * bk, bk)  # stored rows of split j
             for k0, b, scale in weight_tiles.load(wd_ref, lead, r0, col0, bk, bn, h_ref.dtype):
@@ -208,13 +203,10 @@ def _down_kernel(
                     mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
                     other=0,
                 )  # [bm, bk]
-                part = tile_dot(a, b, precision, flip)  # b: [bk, bn]
-                acc = acc + weight_tiles.scaled(part, scale, flip)
+                acc = acc + weight_tiles.scaled(dot_f32(a, b, precision), scale)  # b: [bk, bn]
             return acc
 
-        zeros = jnp.zeros((bn, bm) if flip else (bm, bn), jnp.float32)
-        acc = jax.lax.fori_loop(0, steps, step, zeros)
-        acc = acc.T if flip else acc  # [bm, bn]
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
         weight = combine_ref[slot, :]  # [bm] float32
         plgpu.store(out_block, acc * weight[:, None], mask=row_mask)
 

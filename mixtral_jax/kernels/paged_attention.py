@@ -60,6 +60,7 @@ def _kernel(
     block,
     steps,
     entries,
+    pages,
     scale,
     precision,
 ):
@@ -71,7 +72,8 @@ def _kernel(
     def step(i, carry):
         index = j * steps + i  # past the last entry (ragged last split): re-read it, masked
         entry = jnp.minimum(index, entries - 1)
-        page = table_ref[b, entry]
+        # clamped like XLA's gather (the oracle): no table value can send a read off the pool
+        page = jnp.clip(table_ref[b, entry], 0, pages - 1)
         k = k_ref[layer, page, :, h, :]  # [Z, H]
         v = v_ref[layer, page, :, h, :]
         s0 = pl.multiple_of(entry * block, block)
@@ -120,6 +122,7 @@ def paged_decode_attention(
         block=block,
         steps=steps,
         entries=entries,
+        pages=k_pool.shape[1],
         scale=h**-0.5,
         precision=matmul_precision(k_pool.dtype),
     )

@@ -109,12 +109,9 @@ def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[tuple]:
     return tiles
 
 
-def scaled(part: jax.Array, scale, transposed: bool = False) -> jax.Array:
-    """A partial product [bm, bn] (or [bn, bm], `transposed`: `common.tile_dot`) times its
-    tile's scale row (none for float weights)."""
-    if scale is None:
-        return part
-    return part * (scale[:, None] if transposed else scale[None, :])
+def scaled(part: jax.Array, scale) -> jax.Array:
+    """A partial product [bm, bn] times its tile's scale row (none for float weights)."""
+    return part if scale is None else part * scale[None, :]
 
 
 def vector_step(acc, x_of, w, lead: tuple, r0, col0: int, bk: int, bn: int) -> jax.Array:

@@ -185,8 +185,9 @@ class Engine:
         plan = kernel_plan.resolve(cfg, max_batch, cached=True, queries=1)
         if plan.paged_attention == DecodeAttentionImpl.PALLAS and block_size % MIN_BLOCK:
             raise ConfigError(
-                f"block_size={block_size} must be a multiple of {MIN_BLOCK} for "
-                "paged_attention_impl='pallas'"
+                f"block_size={block_size} must be a multiple of {MIN_BLOCK} for the paged "
+                "attention kernel (paged_attention_impl auto on NVIDIA GPUs, or pallas); "
+                "paged_attention_impl=off takes any block size"
             )
         self.eos_id = cfg.eos_token_id if eos_id is None else eos_id
         self.steps = Steps(model)

@@ -228,12 +228,16 @@ def test_decode_attention_reads_the_cache_in_place_only_for_one_token_per_row():
         resolve(mj.ModelConfig.tiny(decode_attention_impl="pallas"), 1, cached=True, where="cpu")
 
 
-def test_paged_attention_only_by_name_on_nvidia_gpus_for_one_token_per_row():
+def test_paged_attention_on_nvidia_gpus_for_one_token_per_row():
     named = mj.ModelConfig.tiny(paged_attention_impl="pallas")
     assert resolve(named, 8, cached=True, queries=1, where=NVIDIA_GPU).paged_attention == "pallas"
     assert resolve(named, 8, cached=True, queries=4, where=NVIDIA_GPU).paged_attention == "off"
     auto = mj.ModelConfig.tiny()
-    assert resolve(auto, 8, cached=True, queries=1, where=NVIDIA_GPU).paged_attention == "off"
+    assert resolve(auto, 8, cached=True, queries=1, where=NVIDIA_GPU).paged_attention == "pallas"
+    assert resolve(auto, 8, cached=True, queries=4, where=NVIDIA_GPU).paged_attention == "off"
+    assert resolve(auto, 8, cached=True, queries=1, where="cpu").paged_attention == "off"
+    off = mj.ModelConfig.tiny(paged_attention_impl="off")
+    assert resolve(off, 8, cached=True, queries=1, where=NVIDIA_GPU).paged_attention == "off"
     with pytest.raises(ConfigError, match="paged_attention_impl='pallas' needs an NVIDIA GPU"):
         resolve(named, 1, cached=True, where="cpu")
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from mixtral_jax.kernels import decode_matmul, expert_decode, gmm_quant, quant, weight_tiles
-from mixtral_jax.kernels.common import DecodeTiles
 from mixtral_jax.moe import local as moe_local
 from mixtral_jax.moe import ops as moe_ops
 
@@ -69,44 +68,6 @@ def test_decode_experts_equal_the_oracle(m, bits, group, dtype, vector):
     else:
         want = _bf16_experts(x, experts, weights, *dense)
         assert _rel(got, want) <= 2e-3
-
-
-@pytest.mark.parametrize(
-    "m,bits,group,dtype",
-    [
-        (1, 8, None, jnp.float32),  # batch 1, per-channel int8
-        (7, 4, 32, jnp.bfloat16),  # int4 in 3 / 5 groups
-        (5, None, None, jnp.float32),  # float stacks
-    ],
-)
-def test_transposed_tile_products_equal_the_oracle(m, bits, group, dtype):
-    """Tiles with `transposed` (the weight tile as the dot's left operand, accumulators [bn,
-    bm]) compute the same experts: both kernels, split and unsplit down projections."""
-    e, d, f = 8, 96, 160
-    keys = jax.random.split(jax.random.key(m + 3), 3)
-    x = jax.random.normal(keys[0], (m, d), dtype)
-    top = jax.lax.top_k(jax.random.normal(keys[1], (m, e)).at[:, 6:].set(-1e9), 2)
-    experts, weights = top[1].astype(jnp.int32), jax.nn.softmax(top[0], axis=-1)
-    w = _stacks(keys[2], 2, e, d, f, bits or 8, group, dtype)
-    dense = [s[1].dequantize() for s in w]
-    if bits is None:
-        w = [s.dequantize(dtype) for s in w]
-        dense = [s[1].astype(jnp.float32) for s in w]
-    gate_up = DecodeTiles(block_n=32, block_k=16, transposed=True)
-    for down in (
-        DecodeTiles(32, 16, splits=2, transposed=True),
-        DecodeTiles(16, 32, transposed=True),
-    ):
-        got = jax.jit(
-            lambda x, ex, wt, *w, down=down: expert_decode.decode_experts(
-                x, ex, wt, *w, layer=1, gate_up_tiles=gate_up, down_tiles=down, interpret=True
-            )
-        )(x, experts, weights, *w)
-        if dtype == jnp.float32:
-            routing = moe_ops.Routing(logits=top[0], experts=experts, weights=weights)
-            assert _rel(got, moe_local.moe_dense(x, routing, *dense)[0]) <= 1e-5
-        else:
-            assert _rel(got, _bf16_experts(x, experts, weights, *dense)) <= 2e-3
 
 
 def _bf16_experts(x, experts, weights, wg, wu, wd):
