@@ -1,4 +1,4 @@
-"""Projections of a few tokens (decode) reading layer l of a weight stack in place: one Pallas kernel.
+"""Projections of decode-sized calls reading layer l of a weight stack in place: one Pallas kernel.
 
 Inside `Mixtral.extend`'s layer scan, each layer's attention weights are a slice of a stack
 [L, K, N]. Sliced as scan inputs they are copied before XLA's matmul reads them (H200, 8x7B,
@@ -8,7 +8,8 @@ the layer where it lies and splits the contraction so that even a short, narrow 
 
 `project_stacked(x, stacks, layer)` computes x @ stack[layer] for several stacks that share the
 contraction width (q, k and v from the same x) in ONE launch: the programs of all stacks form
-one grid; each program knows its stack from its id. Partial sums per split come back in float32
+one grid; each program knows its stack from its id. More than MAX_TOKENS rows (a serving step
+of hundreds of rows) run in row tiles of MAX_TOKENS, the tiles of one weight tile side by side. Partial sums per split come back in float32
 and are added by XLA (which fuses the sum into the consumer).
 
 A stack may be a `quant.QuantizedWeight` [L, K, N] (int8 or int4 attention projections): its
@@ -60,17 +61,21 @@ def _kernel(
     cols: tuple[int, ...],
     steps: tuple[int, ...],
     rows: int,
+    row_tiles: int,
     precision,
     vector: bool,
 ):
-    """Program p: stack i whose column tiles hold p, column tile c, split j of K. With `vector`
-    (one token) only row 0 is written."""
+    """Program p * row_tiles + t: stack i whose column tiles hold p, column tile c, split j of
+    K, over row tile t of x (the row tiles of one weight tile run side by side, so the tile one
+    brought into L2 is still there for the next: the weights cross HBM about once). With
+    `vector` (one token) only row 0 is written."""
     num = len(cols)
     w_refs, out_refs = refs[:num], refs[num:]
-    bm, bn, bk, splits = x_ref.shape[0], tiles.block_n, tiles.block_k, tiles.splits
+    bm, bn, bk, splits = x_ref.shape[0] // row_tiles, tiles.block_n, tiles.block_k, tiles.splits
     layer = layer_ref[0]
-    pid = pl.program_id(0)
-    row_mask = jnp.broadcast_to((jnp.arange(bm) < rows)[:, None], (bm, bn))
+    pid, row_tile = pl.program_id(0) // row_tiles, pl.program_id(0) % row_tiles
+    row0 = pl.multiple_of(row_tile * bm, bm)
+    row_mask = jnp.broadcast_to((row0 + jnp.arange(bm) < rows)[:, None], (bm, bn))
     first = 0
     for w_ref, out_ref, num_cols, num_steps in zip(w_refs, out_refs, cols, steps):
         last = first + num_cols * splits
@@ -100,12 +105,13 @@ def _kernel(
                 for k0, b, scale in weight_tiles.load(
                     w_ref, (layer,), r0, col0, bk, bn, x_ref.dtype
                 ):
-                    part = dot_f32(x_ref[:, pl.ds(k0, bk)], b, precision)  # [bm, bk] @ b
-                    acc = acc + weight_tiles.scaled(part, scale)
+                    a = x_ref[pl.ds(row0, bm), pl.ds(k0, bk)]  # [bm, bk]
+                    acc = acc + weight_tiles.scaled(dot_f32(a, b, precision), scale)
                 return acc
 
             acc = jax.lax.fori_loop(0, num_steps, step, jnp.zeros((bm, bn), jnp.float32))
-            plgpu.store(out_ref.at[split, :, pl.ds(col0, bn)], acc, mask=row_mask)
+            out = out_ref.at[split, pl.ds(row0, bm), pl.ds(col0, bn)]
+            plgpu.store(out, acc, mask=row_mask)
 
         first = last
 
@@ -123,7 +129,8 @@ def project_stacked(
     """x @ stack[layer] for each stack, in one launch.
 
     Args:
-      x: [M, K] tokens (M <= MAX_TOKENS) in the compute dtype.
+      x: [M, K] tokens in the compute dtype: up to MAX_TOKENS in one row tile, more in row
+        tiles of MAX_TOKENS (their programs adjacent: each weight tile is read ~once).
       stacks: each [L, K, N_i] in x's dtype (the same L and K), or a `QuantizedWeight` of
         that shape (any format the kernels read, `weight_tiles.supports_format`).
       layer: int32 scalar.
@@ -134,11 +141,10 @@ def project_stacked(
       one [M, N_i] per stack (float32 accumulation and split sum).
     """
     m, contract = x.shape
-    if m > MAX_TOKENS:
-        raise ValueError(f"project_stacked takes at most {MAX_TOKENS} tokens, got {m}")
     if any(s.shape[-2] != contract for s in stacks):
         raise ValueError(f"every stack needs K={contract} rows, got {[s.shape for s in stacks]}")
-    bm = pow2_at_least(m)
+    bm = pow2_at_least(m) if m <= MAX_TOKENS else MAX_TOKENS
+    row_tiles = -(-m // bm)
     widths = [s.shape[-1] for s in stacks]
     if vector and m != 1:
         raise ValueError(f"project_stacked(vector=True) takes one token, got {m}")
@@ -146,16 +152,24 @@ def project_stacked(
     steps = tuple(weight_tiles.stored_rows(s) // (t.splits * t.block_k) for s in stacks)
     cols = tuple(w // t.block_n for w in widths)
     precision = matmul_precision(x.dtype)
+    padded = row_tiles * bm
     parts = pl.pallas_call(
         functools.partial(
-            _kernel, tiles=t, cols=cols, steps=steps, rows=m, precision=precision, vector=vector
+            _kernel,
+            tiles=t,
+            cols=cols,
+            steps=steps,
+            rows=m,
+            row_tiles=row_tiles,
+            precision=precision,
+            vector=vector,
         ),
-        out_shape=tuple(jax.ShapeDtypeStruct((t.splits, bm, w), jnp.float32) for w in widths),
-        grid=(sum(cols) * t.splits,),
+        out_shape=tuple(jax.ShapeDtypeStruct((t.splits, padded, w), jnp.float32) for w in widths),
+        grid=(sum(cols) * t.splits * row_tiles,),
         compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
         interpret=interpret,
         name="decode_projection",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.pad(x, ((0, bm - m), (0, 0))), *stacks)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.pad(x, ((0, padded - m), (0, 0))), *stacks)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     return tuple(jax.lax.stop_gradient(jnp.sum(p[:, :m], axis=0).astype(out_dtype)) for p in parts)
 

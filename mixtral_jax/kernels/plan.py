@@ -13,7 +13,7 @@ A `KernelPlan` is resolved at the top of each traced model call (`Mixtral.__call
                        read unsharded stacks);
   the token count      B*T of the call, and whether it reads a KV cache (decode kernels apply
                        to cached calls of at most `MAX_DECODE_TOKENS` tokens, the decode
-                       experts to `MAX_GROUPED_TOKENS`); T, the new tokens
+                       experts and projections to `MAX_GROUPED_TOKENS`); T, the new tokens
                        per row of a cached call (flash attention over the cache for chunks of
                        at least `MIN_FLASH_QUERIES`).
 
@@ -39,7 +39,8 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       grouped-rows form (expert_decode_grouped.py) up to MAX_GROUPED_TOKENS
                       (`decode_expert_rows`); `gather` for a single token where the grouped
                       matmul is ragged_dot (which would read every expert)
-  decode_projections  pallas (decode_matmul.py) on NVIDIA GPUs
+  decode_projections  pallas (decode_matmul.py, reading layer l of the stacks in place) on
+                      NVIDIA GPUs for cached calls up to MAX_GROUPED_TOKENS
   paged_attention     pallas (kernels/paged_attention.py: the serving engine's decode steps
                       follow the block table through the pool in place) on NVIDIA GPUs for one
                       new token per row on one device; elsewhere the XLA gather of each row's
@@ -462,8 +463,10 @@ def _decode_expert_rows(cfg: ModelConfig, tokens: int, decode_experts: DecodeExp
 def _decode_projections(
     cfg: ModelConfig, tokens: int, cached: bool, one_device: bool, where: str
 ) -> DecodeProjectionImpl:
-    """Stacked projections where they apply: a cached call of few tokens on one device, weights
-    stored in the compute dtype (a cast would copy the whole stack), widths the tiles divide."""
+    """Stacked projections where they apply: a cached call of up to MAX_GROUPED_TOKENS tokens
+    on one device (decode steps and a serving step's prefill group: as the scan's per-layer
+    slices, XLA copies each layer's projections before its matmul reads them), weights stored
+    in the compute dtype (a cast would copy the whole stack), widths the tiles divide."""
     c = cfg.compute
     impl = c.decode_projection_impl
     if impl == DecodeProjectionImpl.PALLAS:
@@ -473,7 +476,7 @@ def _decode_projections(
     applies = (
         cached
         and one_device
-        and tokens <= MAX_DECODE_TOKENS
+        and tokens <= MAX_GROUPED_TOKENS
         and jnp.dtype(c.param_dtype) == jnp.dtype(c.dtype)
         and supports(cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
     )

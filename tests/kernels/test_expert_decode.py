@@ -157,6 +157,7 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
         (1, (64, 32, 32), jnp.float32, 1e-5),  # q, k, v of one token in one launch
         (3, (96,), jnp.float32, 1e-5),  # a width that only a 32-column tile divides
         (2, (64, 16), jnp.bfloat16, 1e-2),
+        (150, (64, 32), jnp.float32, 1e-5),  # 3 row tiles of 64, the last one partly padding
     ],
 )
 def test_stacked_projection_equals_the_matmul_of_the_chosen_layer(m, widths, dtype, tol):

@@ -14,9 +14,9 @@ from flax import nnx
 
 import mixtral_jax as mj
 from mixtral_jax.config import DecodeExpertImpl, QuantizedImpl
+from mixtral_jax.kernels import decode_matmul, quant
 from mixtral_jax.kernels import expert_decode_grouped as grouped
 from mixtral_jax.kernels import plan as kernel_plan
-from mixtral_jax.kernels import quant
 from mixtral_jax.kernels.plan import NVIDIA_GPU, resolve
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.moe import local as moe_local
@@ -189,13 +189,18 @@ def test_cached_call_of_many_tokens_through_the_grouped_kernel_equals_the_full_f
 ):
     """extend() with the GPU choice forced (kernels interpreted): a 2 x 40 prefill (80 tokens)
     runs every layer's MoE through decode_experts_grouped on the whole expert stacks at its
-    layer; the logits equal the full forward's."""
-    calls = []
-    real = grouped.decode_experts_grouped
+    layer, and its projections and router through decode_matmul in row tiles (64 + 16); the
+    logits equal the full forward's."""
+    calls, projected = [], []
+    real, real_projection = grouped.decode_experts_grouped, decode_matmul.project_stacked
 
     def interpreted(x, experts, weights, w_gate, *rest, **kw):
         calls.append((x.shape[0], w_gate.shape[0], kw["rows"]))
         return real(x, experts, weights, w_gate, *rest, **kw, interpret=True)
+
+    def interpreted_projection(x, stacks, layer, **kw):
+        projected.append((x.shape[0], stacks[0].shape[0]))
+        return real_projection(x, stacks, layer, **kw, interpret=True)
 
     cfg = mj.ModelConfig.tiny(moe_impl="dropless")  # float32: attention stays XLA
     model = mj.init(cfg, 2)
@@ -205,6 +210,7 @@ def test_cached_call_of_many_tokens_through_the_grouped_kernel_equals_the_full_f
     full = model(tokens, valid.astype(jnp.int32), positions=positions).logits
     monkeypatch.setattr(kernel_plan, "platform", lambda: NVIDIA_GPU)
     monkeypatch.setattr(grouped, "decode_experts_grouped", interpreted)
+    monkeypatch.setattr(decode_matmul, "project_stacked", interpreted_projection)
     graphdef, state = nnx.split(model)
     extend = jax.jit(
         lambda s, t, c, p, v: nnx.merge(graphdef, s).extend(t, c, positions=p, valid=v)
@@ -212,3 +218,4 @@ def test_cached_call_of_many_tokens_through_the_grouped_kernel_equals_the_full_f
     out, _ = extend(state, tokens, KVCache.create(cfg, 2, 48), positions, valid)
     assert _rel(out.logits, full) <= 1e-5
     assert set(calls) == {(80, cfg.num_layers, 64)}  # whole stacks [L, ...]; R = 64 for E = 4
+    assert set(projected) == {(80, cfg.num_layers)}  # q/k/v, o and the router, whole stacks

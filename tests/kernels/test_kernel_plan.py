@@ -56,10 +56,12 @@ def test_token_count_cache_dtype_and_mesh_switch_the_decode_kernels_off():
     prefill = resolve(GPU_BF16, 65, cached=True, where=NVIDIA_GPU)
     assert (prefill.decode_experts, prefill.decode_projections) == (
         DecodeExpertImpl.PALLAS,  # the grouped-rows experts, up to 512 tokens
-        DecodeProjectionImpl.OFF,
+        DecodeProjectionImpl.PALLAS,  # the projections in row tiles, up to 512 tokens
     )
-    assert resolve(GPU_BF16, 513, cached=True, where=NVIDIA_GPU).decode_experts == (
-        DecodeExpertImpl.OFF
+    longer = resolve(GPU_BF16, 513, cached=True, where=NVIDIA_GPU)
+    assert (longer.decode_experts, longer.decode_projections) == (
+        DecodeExpertImpl.OFF,
+        DecodeProjectionImpl.OFF,
     )
     uncached = resolve(GPU_BF16, 8, cached=False, where=NVIDIA_GPU)
     assert (uncached.decode_experts, uncached.decode_projections) == (

@@ -107,6 +107,7 @@ def test_decode_experts_refuse_mixed_formats():
     [
         (1, ((8, None), (4, 32), (4, 32)), jnp.float32, 1e-5),  # q int8; k, v int4, 3 groups
         (7, ((4, 32), (8, 32)), jnp.bfloat16, 2e-3),
+        (70, ((8, None), (4, 32)), jnp.float32, 1e-5),  # two row tiles (64 + 6)
     ],
 )
 def test_stacked_projection_equals_the_oracle(m, formats, dtype, tol):
