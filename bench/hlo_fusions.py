@@ -22,6 +22,12 @@ import json
 import re
 
 
+def hlo_names(name: str) -> set[str]:
+    """The instruction names a profiled kernel may have in HLO text: the profiler writes
+    loop_add_fusion_3 where the text has loop_add_fusion.3."""
+    return {name, re.sub(r"_(\d+)$", r".\1", name)}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("dump")
@@ -38,8 +44,12 @@ def main():
     for path in glob.glob(f"{args.dump}/*{args.module}*after_optimizations.txt"):
         with open(path) as f:
             texts.append(f.read())
+
     # The module of the profiled step: the one that defines most of the profile's kernel names.
-    text = max(texts, key=lambda t: sum(f"%{name} = " in t for name in profile))
+    def names_in(t: str) -> int:
+        return sum(any(f"%{n} = " in t for n in hlo_names(name)) for name in profile)
+
+    text = max(texts, key=names_in)
     shown = 0
     for name, v in profile.items():
         if shown >= args.top:
@@ -48,7 +58,8 @@ def main():
             continue
         shown += 1
         print(f"\n== {name}: {v['us']:.1f} us per step, {v['count']:.1f} launches")
-        match = re.search(rf"^\s*(ROOT )?%{re.escape(name)} = .*$", text, re.MULTILINE)
+        pattern = "|".join(re.escape(n) for n in hlo_names(name))
+        match = re.search(rf"^\s*(ROOT )?%(?:{pattern}) = .*$", text, re.MULTILINE)
         if not match:
             print("   (not found)")
             continue
