@@ -366,7 +366,7 @@ def client_main(args) -> dict:
             for k in ("layers", "tiny", "prompt", "output", "requests_per_client", "max_batch")
             + ("prefill_chunk", "prefill_budget", "decode_batches", "block_size", "temperature")
             + ("checkpoint",)
-            + ("fake_engine", "fake_step_ms", "client_procs")
+            + ("fake_engine", "fake_step_ms", "client_procs", "set")
         },
         "levels": levels,
         "server_exit": exit_code,
