@@ -9,8 +9,9 @@ the layer where it lies and splits the contraction so that even a short, narrow 
 `project_stacked(x, stacks, layer)` computes x @ stack[layer] for several stacks that share the
 contraction width (q, k and v from the same x) in ONE launch: the programs of all stacks form
 one grid; each program knows its stack from its id. More than MAX_TOKENS rows (a serving step
-of hundreds of rows) run in row tiles of MAX_TOKENS, the tiles of one weight tile side by side. Partial sums per split come back in float32
-and are added by XLA (which fuses the sum into the consumer).
+of hundreds of rows) run in row tiles of MAX_TOKENS, the tiles of one weight tile side by side.
+Partial sums per split come back in float32 and are added by XLA (which fuses the sum into the
+consumer).
 
 A stack may be a `quant.QuantizedWeight` [L, K, N] (int8 or int4 attention projections): its
 code tiles become integer codes in x's dtype in registers and the float32 partial products are

@@ -50,6 +50,10 @@ def test_gpu_dequantizes_unless_the_kernels_read_the_format(monkeypatch):
     assert set(formats) == {(4, 32, 64), (4, 32, 96), (8, 32, 64)}  # D, F; D, N*H
     assert _both(plan) == (PALLAS, PALLAS)
     assert plan.decode_projections == DecodeProjectionImpl.PALLAS
+    # quantized projections stay on the einsums above 64 tokens (float ones: up to 512)
+    assert resolve(cfg, 65, cached=True, where=NVIDIA_GPU).decode_projections == "off"
+    floats = cfg.replace(attention_bits=16)
+    assert resolve(floats, 65, cached=True, where=NVIDIA_GPU).decode_projections == "pallas"
     # prefill: the grouped matmul reads quantized experts; the projections' einsums dequantize
     assert _both(resolve(cfg, 4096, cached=True, where=NVIDIA_GPU)) == (PALLAS, DQ)
     assert _both(resolve(cfg, 4096, cached=False, where=NVIDIA_GPU)) == (PALLAS, DQ)
