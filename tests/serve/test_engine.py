@@ -16,6 +16,7 @@ import pytest
 import mixtral_jax as mj
 from mixtral_jax.config import ConfigError
 from mixtral_jax.generate import Generator, SamplingParams
+from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.moe.ops import route_logits
 from mixtral_jax.serve import engine as engine_module
 from mixtral_jax.serve.engine import Engine, EngineClosed, Event, QueueFull, Request, TooLong
@@ -350,6 +351,16 @@ def test_the_default_pool_fits_the_free_device_memory(model, monkeypatch):
     monkeypatch.setattr(engine_module, "device_free_bytes", lambda: free - 10 * per_block)
     with pytest.raises(ConfigError, match="one row of max_context=128 needs 0.0 GiB"):
         Engine(model, max_batch=4, block_size=BLOCK, max_context=CONTEXT)
+
+
+def test_the_paged_kernel_chosen_by_auto_needs_whole_tiles_of_blocks(model, monkeypatch):
+    """On an NVIDIA GPU `auto` takes the paged attention kernel: a block size it cannot tile is
+    one line naming the value, the limit and the way out (the gather takes any size)."""
+    monkeypatch.setattr(kernel_plan, "platform", lambda: kernel_plan.NVIDIA_GPU)
+    with pytest.raises(ConfigError, match="block_size=8 must be a multiple of 16 .* auto"):
+        Engine(model, max_batch=2, block_size=8, num_blocks=9, max_context=32)
+    gather = mj.from_params(model.cfg.replace(paged_attention_impl="off"), mj.get_params(model))
+    assert Engine(gather, max_batch=2, block_size=8, num_blocks=9, max_context=32).block_size == 8
 
 
 def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, reference):
