@@ -2,6 +2,8 @@
 those of the XLA gather path (the default), on a reduced-depth full-width 8x7B.
 
   python3 bench/paged_check.py [--layers 4] [--requests 24] [--max-tokens 48] [--batch 16]
+      [--float32]   # float32 weights and compute: the two paths agree to rounding, so every
+                    # token must (exits 1 otherwise); bf16 picks can flip at close calls
   JAX_PLATFORMS=cpu python3 bench/paged_check.py --tiny   # the code path (both runs use the
       gather: the kernel needs an NVIDIA GPU), to check this script's logic
 
