@@ -217,10 +217,12 @@ def trace_engine(engine: Engine, reps: int = 4, window_s: float = 0.05) -> dict:
         if seen["calls"] == 2:  # the first traced window (trace_kernels runs one untraced)
             seen["start"] = engine.stats()["steps"]
         time.sleep(window_s)
+        if seen["calls"] == 1 + reps:  # the last traced window: the engine steps on while the
+            seen["end"] = engine.stats()["steps"]  # profiler stops and its file is parsed
         return jnp.zeros(())
 
     kernels = trace_kernels(window, reps=reps)
-    steps = max(1, engine.stats()["steps"] - seen["start"])
+    steps = max(1, seen["end"] - seen["start"])
     summary = kernel_summary(kernels, per=steps)
     summary["steps"] = steps
     return summary
