@@ -16,9 +16,9 @@ prefill chunk over the cache (`cached_flash_attention`: the mask alone says whic
 sees, since cuDNN's `is_causal` is aligned top-left, wrong for queries at the end of a cache);
 where the plan's `split_chunk_attention` is on, a prefill chunk over a cache filled from slot 0
 runs instead as two unmasked calls merged by log-sum-exp (`chunk_attention.py`). Where
-the plan's `decode_projections` is pallas (few tokens on an NVIDIA GPU), its projections read the
-layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes them) through one
-Pallas launch for q, k and v and one for the output. Where its `decode_attention` is pallas (one
+the plan's `decode_projections` is pallas (cached calls up to 512 tokens on an NVIDIA GPU), its
+projections read the layer's weights in place from the stacks [L, ...] (`Mixtral.extend` passes
+them) through one Pallas launch for q, k and v and one for the output. Where its `decode_attention` is pallas (one
 new token per row), the attention reads this layer of the cache stack in place
 (`kernels/decode_attention.py`: no slice or relayout copy of the layer's keys and values).
 
