@@ -130,28 +130,14 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
         )
     }
     router = jax.random.normal(keys[3], (d, e), jnp.bfloat16)
-    run = jax.jit(
-        lambda x, ex, wt, layer, wg, wu, wd, t1=None, t2=None, vector=False: ed.decode_experts(
-            x,
-            ex,
-            wt,
-            wg,
-            wu,
-            wd,
-            layer,
-            gate_up_tiles=t1,
-            down_tiles=t2,
-            vector=vector,
-            interpret=interpret,
-        ),
-        static_argnames=("t1", "t2", "vector"),
-    )
 
-    def grouped_run(r: int):
-        """expert_decode_grouped with R = r rows a slot (its default tiles)."""
+    def runner(kernel, **fixed):
+        """kernel (decode_experts or decode_experts_grouped with `fixed` arguments) jitted as
+        (x, experts, weights, layer, w_gate, w_up, w_down, t1=, t2=, vector=)."""
 
         def call(x, ex, wt, layer, wg, wu, wd, t1=None, t2=None, vector=False):
-            return edg.decode_experts_grouped(
+            one_token = {"vector": True} if vector else {}  # decode_experts only
+            return kernel(
                 x,
                 ex,
                 wt,
@@ -159,15 +145,17 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
                 wu,
                 wd,
                 layer,
-                rows=r,
                 gate_up_tiles=t1,
                 down_tiles=t2,
                 interpret=interpret,
+                **fixed,
+                **one_token,
             )
 
         return jax.jit(call, static_argnames=("t1", "t2", "vector"))
 
-    grouped = {f"grouped{r}": grouped_run(r) for r in (16, 32)}
+    run = runner(ed.decode_experts)
+    grouped = {f"grouped{r}": runner(edg.decode_experts_grouped, rows=r) for r in (16, 32)}
     for m in tokens:
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
         routing = moe_ops.route(x, router, TOPK)

@@ -263,8 +263,12 @@ def resolve(
         decode_experts=decode_experts,
         decode_expert_rows=_decode_expert_rows(cfg, tokens, decode_experts),
         decode_projections=projections,
-        decode_attention=_decode_attention(cfg, cached, queries, one_device, where),
-        paged_attention=_paged_attention(cfg, cached, queries, one_device, where),
+        decode_attention=_one_query_attention(
+            "decode_attention_impl", cfg, cached, queries, one_device, where
+        ),
+        paged_attention=_one_query_attention(
+            "paged_attention_impl", cfg, cached, queries, one_device, where
+        ),
         extend_unroll=GPU_EXTEND_UNROLL if where == NVIDIA_GPU else 1,
         moe=c.moe_impl,
         expert_mesh=expert_mesh,
@@ -485,30 +489,22 @@ def _decode_projections(
     return DecodeProjectionImpl.PALLAS if applies else DecodeProjectionImpl.OFF
 
 
-def _decode_attention(
-    cfg: ModelConfig, cached: bool, queries: int, one_device: bool, where: str
+def _one_query_attention(
+    field: str, cfg: ModelConfig, cached: bool, queries: int, one_device: bool, where: str
 ) -> DecodeAttentionImpl:
-    """Flash decoding over the cache read in place: cached calls of one new token per row on
-    one device (the cache stack unsharded), head widths the matrix unit tiles."""
-    impl = cfg.compute.decode_attention_impl
-    if impl == DecodeAttentionImpl.PALLAS:
-        _needs_nvidia("decode_attention_impl", impl.value, where)
-    if impl == DecodeAttentionImpl.OFF or where != NVIDIA_GPU:
-        return DecodeAttentionImpl.OFF
-    applies = cached and queries == 1 and one_device and supports(cfg.head_dim)
-    return DecodeAttentionImpl.PALLAS if applies else DecodeAttentionImpl.OFF
+    """The attention kernel of compute field `field` that reads the cache in place, for cached
+    calls of one new token per row on one device (the cache unsharded), head widths the matrix
+    unit tiles, on NVIDIA GPUs; OFF elsewhere (an explicit pallas there is a ConfigError).
 
-
-def _paged_attention(
-    cfg: ModelConfig, cached: bool, queries: int, one_device: bool, where: str
-) -> DecodeAttentionImpl:
-    """The paged decode kernel (following the block table in place) on NVIDIA GPUs for one new
-    token per row on one device; elsewhere the XLA gather of each row's blocks. H200, 8x7B,
-    256 rows at a 640-token context: a 41.4-41.9 ms decode step against 52.3-53.2 with the
-    gather; greedy tokens equal to the gather path's in float32 (bench/paged_check.py)."""
-    impl = cfg.compute.paged_attention_impl
+      decode_attention_impl  flash decoding over the contiguous cache (decode_attention.py)
+      paged_attention_impl   the paged pool, following each row's block table
+                             (paged_attention.py; H200, 8x7B, 256 rows at a 640-token context:
+                             a 41.4-41.9 ms decode step against 52.3-53.2 with XLA's gather;
+                             greedy tokens equal the gather's in float32, bench/paged_check.py)
+    """
+    impl = getattr(cfg.compute, field)
     if impl == DecodeAttentionImpl.PALLAS:
-        _needs_nvidia("paged_attention_impl", impl.value, where)
+        _needs_nvidia(field, impl.value, where)
     if impl == DecodeAttentionImpl.OFF or where != NVIDIA_GPU:
         return DecodeAttentionImpl.OFF
     applies = cached and queries == 1 and one_device and supports(cfg.head_dim)
@@ -538,8 +534,12 @@ def for_queries(
         split_chunk_attention=resolve_split_chunk_attention(
             c.chunk_attention_impl, cached_attention, True, queries
         ),
-        decode_attention=_decode_attention(cfg, True, queries, one_device, where),
-        paged_attention=_paged_attention(cfg, True, queries, one_device, where),
+        decode_attention=_one_query_attention(
+            "decode_attention_impl", cfg, True, queries, one_device, where
+        ),
+        paged_attention=_one_query_attention(
+            "paged_attention_impl", cfg, True, queries, one_device, where
+        ),
     )
 
 
