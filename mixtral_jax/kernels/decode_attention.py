@@ -7,9 +7,14 @@ the two matmuls). This kernel reads the keys and values where they lie, split ov
 even batch 1 has enough programs in flight (flash decoding):
 
   program (b, kv head, split j): the G query heads of that kv head (padded to the matrix unit's
-  16 rows) against keys [j*S/J, (j+1)*S/J) in blocks, online softmax in float32; it writes its
-  partial output and its running max and sum;
+  16 rows) against split j of the blocks that hold a key row b sees, online softmax in float32;
+  it writes its partial output and its running max and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
+
+Only the blocks from the first to the last that hold a seen key are read (`seen_span`, from the
+mask): a cache sized for the longest request, or a row early in its generation, costs the keys
+it has, not the slots it could hold. A skipped block would have counted for nothing (every key
+masked), so skipping changes no result; the J splits share each row's own span.
 
 Letters: B rows, S cache slots, K kv heads, G = N / K query heads per kv head, H head_dim,
 L layers, J splits of S. Inference only: no gradient.
@@ -30,17 +35,40 @@ _NEG = -1e30  # finite: a block with every key masked must not make exp(-inf - -
 TARGET_PROGRAMS = 256  # enough to fill an H200's 132 SMs about twice
 
 
-def _blocks(size: int, rows_kv: int) -> tuple[int, int, int]:
-    """(block of S, splits J, blocks per split): the block the largest power of two <= 128 that
-    divides S (no padding of the cache, which would copy it), about TARGET_PROGRAMS programs
-    over B*K; the last split may hold fewer blocks (S / block need not divide by J)."""
+def _blocks(size: int, rows_kv: int) -> tuple[int, int]:
+    """(block of S, splits J): the block the largest power of two <= 128 that divides S (no
+    padding of the cache, which would copy it), about TARGET_PROGRAMS programs over B*K."""
     block = 128
     while size % block:
         block //= 2
-    num = size // block
-    splits = max(1, min(num, TARGET_PROGRAMS // max(rows_kv, 1)))
-    steps = -(-num // splits)
-    return block, -(-num // steps), steps
+    return block, num_splits(size // block, rows_kv)
+
+
+def num_splits(blocks: int, rows_kv: int) -> int:
+    """Splits J of each row's blocks: about TARGET_PROGRAMS programs over B*K, at most one per
+    block."""
+    return max(1, min(blocks, TARGET_PROGRAMS // max(rows_kv, 1)))
+
+
+def seen_span(mask: jax.Array, block: int) -> jax.Array:
+    """mask [B, S] bool -> [B, 2] int32: (first, end) of the blocks of `block` keys that hold a
+    key the row sees ([first, end) may hold blocks with none, between windows); (0, 0) for a row
+    that sees none."""
+    b, size = mask.shape
+    seen = jnp.any(mask.reshape(b, size // block, block), axis=2)  # [B, S / block]
+    first = jnp.argmax(seen, axis=1)
+    end = seen.shape[1] - jnp.argmax(seen[:, ::-1], axis=1)
+    some = jnp.any(seen, axis=1)
+    return jnp.stack([jnp.where(some, first, 0), jnp.where(some, end, 0)], 1).astype(jnp.int32)
+
+
+def split_range(span_ref, b, j, splits: int):
+    """Inside a kernel: blocks [start, stop) of row b that split j reads, its share of the
+    row's span (`seen_span`) in J contiguous pieces; empty for splits past the span."""
+    first, end = span_ref[b, 0], span_ref[b, 1]
+    per = jax.lax.div(end - first + (splits - 1), splits)
+    start = jnp.minimum(first + j * per, end)
+    return start, jnp.minimum(start + per, end)
 
 
 def softmax_start(q: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -105,6 +133,7 @@ def combine_splits(o, m, l, q: jax.Array) -> jax.Array:
 
 def _kernel(
     layer_ref,
+    span_ref,
     q_ref,
     mask_ref,
     k_ref,
@@ -114,25 +143,24 @@ def _kernel(
     l_ref,
     *,
     block,
-    steps,
-    num_blocks,
+    splits,
     scale,
     precision,
 ):
-    """Program (b, kv head h, split j): online softmax of q [Gp, H] over its keys."""
+    """Program (b, kv head h, split j): online softmax of q [Gp, H] over its split's blocks."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     q = q_ref[b, h]  # [Gp, H]
 
-    def step(i, carry):
-        index = j * steps + i  # past the last block (ragged last split): re-read it, masked
-        s0 = pl.multiple_of(jnp.minimum(index, num_blocks - 1) * block, block)
+    def step(index, carry):
+        s0 = pl.multiple_of(index * block, block)
         k = k_ref[layer, b, pl.ds(s0, block), h, :]  # [block, H]
         v = v_ref[layer, b, pl.ds(s0, block), h, :]
-        seen = (mask_ref[b, pl.ds(s0, block)] > 0) & (index < num_blocks)  # [block]
+        seen = mask_ref[b, pl.ds(s0, block)] > 0  # [block]
         return online_softmax_step(carry, q, k, v, seen, scale, precision)
 
-    m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
+    start, stop = split_range(span_ref, b, j, splits)
+    m, l, acc = jax.lax.fori_loop(start, stop, step, softmax_start(q))
     o_ref[b, h, j] = acc
     m_ref[b, h, j] = m
     l_ref[b, h, j] = l
@@ -161,14 +189,13 @@ def decode_attention(
     _, _, size, kv_heads, _ = k_cache.shape
     groups = n // kv_heads
     rows = pow2_at_least(groups)
-    block, splits, steps = _blocks(size, b * kv_heads)
+    block, splits = _blocks(size, b * kv_heads)
     q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
     q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_cache.dtype)
     kernel = functools.partial(
         _kernel,
         block=block,
-        steps=steps,
-        num_blocks=size // block,
+        splits=splits,
         scale=h**-0.5,
         precision=matmul_precision(k_cache.dtype),
     )
@@ -179,5 +206,12 @@ def decode_attention(
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="decode_attention",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), q_pad, mask.astype(jnp.int8), k_cache, v_cache)
+    )(
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        seen_span(mask, block),
+        q_pad,
+        mask.astype(jnp.int8),
+        k_cache,
+        v_cache,
+    )
     return combine_splits(o, m, l, q)

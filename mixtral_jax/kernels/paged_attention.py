@@ -7,9 +7,16 @@ step) before the einsums. This kernel follows the block table instead, flash dec
 `decode_attention.py`:
 
   program (b, kv head, split j): the G query heads of that kv head (padded to the matrix unit's
-  16 rows) against table entries [j*R/J, (j+1)*R/J), one block of Z keys at a time, online
-  softmax in float32; it writes its partial output and its running max and sum;
+  16 rows) against split j of the table entries whose blocks hold keys row b sees, one block of
+  Z keys at a time, online softmax in float32; it writes its partial output and its running max
+  and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
+
+Only a row's entries from the first to the last with a seen key are followed
+(`decode_attention.seen_span`): the engine's tables are as wide as its compiled shape (say 128
+entries for 2,048 tokens) while a row holds the blocks of its own length, and the entries past
+it all name the sink block. Those entries would have counted for nothing, so skipping them
+changes no result.
 
 Letters: B rows, R table entries per row, Z tokens per block (a multiple of 16), P pool blocks,
 K kv heads, G = N / K, H head_dim, L layers, J splits. JAX's own Pallas paged attention
@@ -29,25 +36,21 @@ from jax.experimental.pallas import triton as plgpu
 
 from mixtral_jax.kernels.common import matmul_precision, pow2_at_least
 from mixtral_jax.kernels.decode_attention import (
-    TARGET_PROGRAMS,
     combine_splits,
+    num_splits,
     online_softmax_step,
+    seen_span,
     softmax_start,
     split_outputs,
+    split_range,
 )
 
 MIN_BLOCK = 16  # the matrix unit's smallest tile: Z must be a multiple
 
 
-def _splits(entries: int, rows_kv: int) -> tuple[int, int]:
-    """(splits J, table entries per split) for about TARGET_PROGRAMS programs over B*K."""
-    splits = max(1, min(entries, TARGET_PROGRAMS // max(rows_kv, 1)))
-    steps = -(-entries // splits)
-    return -(-entries // steps), steps
-
-
 def _kernel(
     layer_ref,
+    span_ref,
     table_ref,
     q_ref,
     mask_ref,
@@ -58,8 +61,7 @@ def _kernel(
     l_ref,
     *,
     block,
-    steps,
-    entries,
+    splits,
     pages,
     scale,
     precision,
@@ -69,18 +71,17 @@ def _kernel(
     layer = layer_ref[0]
     q = q_ref[b, h]  # [Gp, H]
 
-    def step(i, carry):
-        index = j * steps + i  # past the last entry (ragged last split): re-read it, masked
-        entry = jnp.minimum(index, entries - 1)
+    def step(entry, carry):
         # clamped like XLA's gather (the oracle): no table value can send a read off the pool
         page = jnp.clip(table_ref[b, entry], 0, pages - 1)
         k = k_ref[layer, page, :, h, :]  # [Z, H]
         v = v_ref[layer, page, :, h, :]
         s0 = pl.multiple_of(entry * block, block)
-        seen = (mask_ref[b, pl.ds(s0, block)] > 0) & (index < entries)  # [Z]
+        seen = mask_ref[b, pl.ds(s0, block)] > 0  # [Z]
         return online_softmax_step(carry, q, k, v, seen, scale, precision)
 
-    m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
+    start, stop = split_range(span_ref, b, j, splits)
+    m, l, acc = jax.lax.fori_loop(start, stop, step, softmax_start(q))
     o_ref[b, h, j] = acc
     m_ref[b, h, j] = m
     l_ref[b, h, j] = l
@@ -114,14 +115,13 @@ def paged_decode_attention(
     entries = block_table.shape[1]
     groups = n // kv_heads
     rows = pow2_at_least(groups)
-    splits, steps = _splits(entries, b * kv_heads)
+    splits = num_splits(entries, b * kv_heads)
     q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
     q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_pool.dtype)
     kernel = functools.partial(
         _kernel,
         block=block,
-        steps=steps,
-        entries=entries,
+        splits=splits,
         pages=k_pool.shape[1],
         scale=h**-0.5,
         precision=matmul_precision(k_pool.dtype),
@@ -135,6 +135,7 @@ def paged_decode_attention(
         name="paged_decode_attention",
     )(
         jnp.asarray(layer, jnp.int32).reshape(1),
+        seen_span(mask, block),
         block_table.astype(jnp.int32),
         q_pad,
         mask.astype(jnp.int8),

@@ -46,10 +46,39 @@ def test_kernel_equals_the_gathered_einsum_attention_of_the_chosen_layer(
         assert err <= tol * float(jnp.max(jnp.abs(want.astype(jnp.float32)))), err
 
 
-def test_splits_fill_the_programs_and_blocks_must_tile():
-    assert paged_attention._splits(40, 8) == (20, 2)  # batch 1, 8 kv heads: 160 programs
-    assert paged_attention._splits(40, 256 * 8) == (1, 40)
-    assert paged_attention._splits(7, 64) == (4, 2)  # a ragged last split
+def test_only_the_entries_a_row_sees_are_read():
+    """Entries past a row's length name the sink block; with NaN there (or in any block the
+    row does not see) the kernel's output is still the oracle's over a clean pool: those blocks
+    are never read. (The gather oracle itself would turn NaN keys into NaN.)"""
+    b, n, kv, h, z, entries = 4, 4, 1, 16, 16, 32  # a wide table, short rows
+    keys = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(keys[0], (b, n, h))
+    k_pool = jax.random.normal(keys[1], (1, 40, z, kv, h))
+    v_pool = jax.random.normal(keys[2], (1, 40, z, kv, h))
+    table = np.zeros((b, entries), np.int32)  # entry 0: the sink
+    lengths = np.array([0, 20, 70, 33], np.int32)
+    used = (lengths + 1 + z - 1) // z
+    for row in range(b):
+        table[row, : used[row]] = 1 + row * 5 + np.arange(used[row])
+    mask = paged_attention_mask(jnp.asarray(lengths), 1, jnp.ones((b, 1), bool), entries * z, 40)[
+        :, 0
+    ]
+    # the sink, and row 2's first block (below its window of 40: 70 - 40 = 30 > 16)
+    dirty = (
+        k_pool.at[0, 0].set(jnp.nan).at[0, 11].set(jnp.nan),
+        v_pool.at[0, 0].set(jnp.nan).at[0, 11].set(jnp.nan),
+    )
+    got = paged_attention.paged_decode_attention(
+        q, *dirty, 0, jnp.asarray(table), mask, interpret=True
+    )
+    rows_k = gather_rows(k_pool, jnp.int32(0), jnp.asarray(table))
+    rows_v = gather_rows(v_pool, jnp.int32(0), jnp.asarray(table))
+    want = dot_product_attention(q[:, None], rows_k, rows_v, mask[:, None])[:, 0]
+    assert bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_must_tile():
     pool = jnp.zeros((1, 3, 8, 2, 16))
     with pytest.raises(ValueError, match="block_size=8 must be a multiple of 16"):
         paged_attention.paged_decode_attention(
