@@ -23,6 +23,7 @@ L layers, J splits of S. Inference only: no gradient.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,19 +36,41 @@ _NEG = -1e30  # finite: a block with every key masked must not make exp(-inf - -
 TARGET_PROGRAMS = 256  # enough to fill an H200's 132 SMs about twice
 
 
-def _blocks(size: int, rows_kv: int) -> tuple[int, int]:
-    """(block of S, splits J): the block the largest power of two <= 128 that divides S (no
-    padding of the cache, which would copy it), about TARGET_PROGRAMS programs over B*K."""
-    block = 128
+class AttentionTiles(NamedTuple):
+    """How a flash-decoding kernel walks its keys.
+
+    Attributes:
+      blocks_per_step: blocks one loop step loads (their loads in flight together).
+      programs: about how many programs (B * K * J) the splits J aim for.
+      max_block: the largest block of S (contiguous cache; the paged one's is its pool's Z).
+      num_warps, num_stages: Triton's.
+    """
+
+    blocks_per_step: int = 1
+    programs: int = TARGET_PROGRAMS
+    max_block: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DECODE_TILES = AttentionTiles()
+
+
+def _blocks(
+    size: int, rows_kv: int, max_block: int = 128, programs: int = TARGET_PROGRAMS
+) -> tuple[int, int]:
+    """(block of S, splits J): the block the largest power of two <= max_block that divides S
+    (no padding of the cache, which would copy it), about `programs` programs over B*K."""
+    block = max_block
     while size % block:
         block //= 2
-    return block, num_splits(size // block, rows_kv)
+    return block, num_splits(size // block, rows_kv, programs)
 
 
-def num_splits(blocks: int, rows_kv: int) -> int:
-    """Splits J of each row's blocks: about TARGET_PROGRAMS programs over B*K, at most one per
+def num_splits(blocks: int, rows_kv: int, programs: int = TARGET_PROGRAMS) -> int:
+    """Splits J of each row's blocks: about `programs` programs over B*K, at most one per
     block."""
-    return max(1, min(blocks, TARGET_PROGRAMS // max(rows_kv, 1)))
+    return max(1, min(blocks, programs // max(rows_kv, 1)))
 
 
 def seen_span(mask: jax.Array, block: int) -> jax.Array:
@@ -81,32 +104,38 @@ def softmax_start(q: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     )
 
 
-def online_softmax_step(carry, q, k, v, seen, scale: float, precision):
-    """One block of keys into the state (m, l, acc): q [Gp, H], k and v [Z, H], seen [Z] bool
-    (masked keys count for nothing). Shared by this kernel and the paged one."""
+def online_softmax_step(carry, q, blocks, scale: float, precision):
+    """Blocks of keys into the state (m, l, acc): q [Gp, H]; blocks [(k [Z, H], v [Z, H], seen
+    [Z] bool)], one or several (their loads in flight together; masked keys count for nothing).
+    Shared by this kernel and the paged one."""
     m, l, acc = carry
-    s = (
-        jax.lax.dot_general(
-            q,
-            k,
-            (((1,), (1,)), ((), ())),
+    scores = []
+    for k, _, seen in blocks:
+        s = (
+            jax.lax.dot_general(
+                q,
+                k,
+                (((1,), (1,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            * scale
+        )  # [Gp, Z]
+        scores.append(jnp.where(seen[None, :], s, _NEG))
+    m_new = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in scores], m)
+    alpha = jnp.exp(m - m_new)
+    l, acc = l * alpha, acc * alpha[:, None]
+    for s, (_, v, seen) in zip(scores, blocks):
+        p = jnp.where(seen[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+        pv = jax.lax.dot_general(
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
             precision=precision,
             preferred_element_type=jnp.float32,
         )
-        * scale
-    )  # [Gp, Z]
-    s = jnp.where(seen[None, :], s, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.where(seen[None, :], jnp.exp(s - m_new[:, None]), 0.0)
-    alpha = jnp.exp(m - m_new)
-    pv = jax.lax.dot_general(
-        p.astype(v.dtype),
-        v,
-        (((1,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
-    return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+        l, acc = l + jnp.sum(p, axis=1), acc + pv
+    return m_new, l, acc
 
 
 def split_outputs(b: int, kv_heads: int, splits: int, rows: int, h: int) -> tuple:
@@ -157,7 +186,7 @@ def _kernel(
         k = k_ref[layer, b, pl.ds(s0, block), h, :]  # [block, H]
         v = v_ref[layer, b, pl.ds(s0, block), h, :]
         seen = mask_ref[b, pl.ds(s0, block)] > 0  # [block]
-        return online_softmax_step(carry, q, k, v, seen, scale, precision)
+        return online_softmax_step(carry, q, [(k, v, seen)], scale, precision)
 
     start, stop = split_range(span_ref, b, j, splits)
     m, l, acc = jax.lax.fori_loop(start, stop, step, softmax_start(q))
@@ -173,6 +202,7 @@ def decode_attention(
     layer: jax.Array,
     mask: jax.Array,
     *,
+    tiles: AttentionTiles = DECODE_TILES,
     interpret: bool = False,
 ) -> jax.Array:
     """Softmax attention of one query per row over layer `layer` of the cache, read in place.
@@ -182,6 +212,8 @@ def decode_attention(
       k_cache, v_cache: [L, B, S, K, H] every layer's cache (the new token already written).
       layer: [] int32.
       mask: [B, S] bool, the keys each row's query sees (`cached_attention_mask` at T = 1).
+      tiles: the largest block, programs, warps and stages (`blocks_per_step` is the paged
+        kernel's: here one block a step).
     Returns:
       [B, N, H] in q's dtype; the same function as `attention.dot_product_attention`.
     """
@@ -189,7 +221,7 @@ def decode_attention(
     _, _, size, kv_heads, _ = k_cache.shape
     groups = n // kv_heads
     rows = pow2_at_least(groups)
-    block, splits = _blocks(size, b * kv_heads)
+    block, splits = _blocks(size, b * kv_heads, tiles.max_block, tiles.programs)
     q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
     q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_cache.dtype)
     kernel = functools.partial(
@@ -203,7 +235,9 @@ def decode_attention(
         kernel,
         out_shape=split_outputs(b, kv_heads, splits, rows, h),
         grid=(b, kv_heads, splits),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages
+        ),
         interpret=interpret,
         name="decode_attention",
     )(

@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mixtral_jax.kernels.common import matmul_precision, pow2_at_least
 from mixtral_jax.kernels.decode_attention import (
+    AttentionTiles,
     combine_splits,
     num_splits,
     online_softmax_step,
@@ -46,6 +47,7 @@ from mixtral_jax.kernels.decode_attention import (
 )
 
 MIN_BLOCK = 16  # the matrix unit's smallest tile: Z must be a multiple
+PAGED_TILES = AttentionTiles(blocks_per_step=1, num_warps=4, num_stages=2)
 
 
 def _kernel(
@@ -62,26 +64,35 @@ def _kernel(
     *,
     block,
     splits,
+    per_step,
     pages,
     scale,
     precision,
 ):
-    """Program (b, kv head h, split j): online softmax of q [Gp, H] over its blocks."""
+    """Program (b, kv head h, split j): online softmax of q [Gp, H] over its blocks, `per_step`
+    table entries a loop step (their loads in flight together)."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     q = q_ref[b, h]  # [Gp, H]
+    start, stop = split_range(span_ref, b, j, splits)
 
-    def step(entry, carry):
+    def load(index):  # entry `index` of the split, or (past its end) its last one, unseen
+        entry = jnp.minimum(index, stop - 1)
         # clamped like XLA's gather (the oracle): no table value can send a read off the pool
         page = jnp.clip(table_ref[b, entry], 0, pages - 1)
         k = k_ref[layer, page, :, h, :]  # [Z, H]
         v = v_ref[layer, page, :, h, :]
         s0 = pl.multiple_of(entry * block, block)
-        seen = mask_ref[b, pl.ds(s0, block)] > 0  # [Z]
-        return online_softmax_step(carry, q, k, v, seen, scale, precision)
+        seen = (mask_ref[b, pl.ds(s0, block)] > 0) & (index < stop)  # [Z]
+        return k, v, seen
 
-    start, stop = split_range(span_ref, b, j, splits)
-    m, l, acc = jax.lax.fori_loop(start, stop, step, softmax_start(q))
+    def step(i, carry):
+        first = start + i * per_step
+        blocks = [load(first + t) for t in range(per_step)]
+        return online_softmax_step(carry, q, blocks, scale, precision)
+
+    steps = jax.lax.div(stop - start + (per_step - 1), per_step)
+    m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
     o_ref[b, h, j] = acc
     m_ref[b, h, j] = m
     l_ref[b, h, j] = l
@@ -95,6 +106,7 @@ def paged_decode_attention(
     block_table: jax.Array,
     mask: jax.Array,
     *,
+    tiles: AttentionTiles = PAGED_TILES,
     interpret: bool = False,
 ) -> jax.Array:
     """Softmax attention of one query per row over its blocks of layer `layer`, read in place.
@@ -105,6 +117,7 @@ def paged_decode_attention(
       layer: [] int32.
       block_table: [B, R] int32 each row's blocks.
       mask: [B, S = R * Z] bool, the keys each row's query sees (`paged_attention_mask`, T = 1).
+      tiles: table entries a loop step (`blocks_per_step`), programs, warps and stages.
     Returns:
       [B, N, H] in q's dtype; the same function as the gather + `dot_product_attention` oracle.
     """
@@ -115,13 +128,14 @@ def paged_decode_attention(
     entries = block_table.shape[1]
     groups = n // kv_heads
     rows = pow2_at_least(groups)
-    splits = num_splits(entries, b * kv_heads)
+    splits = num_splits(entries, b * kv_heads, tiles.programs)
     q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
     q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_pool.dtype)
     kernel = functools.partial(
         _kernel,
         block=block,
         splits=splits,
+        per_step=tiles.blocks_per_step,
         pages=k_pool.shape[1],
         scale=h**-0.5,
         precision=matmul_precision(k_pool.dtype),
@@ -130,7 +144,9 @@ def paged_decode_attention(
         kernel,
         out_shape=split_outputs(b, kv_heads, splits, rows, h),
         grid=(b, kv_heads, splits),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages
+        ),
         interpret=interpret,
         name="paged_decode_attention",
     )(

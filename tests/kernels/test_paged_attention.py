@@ -7,16 +7,23 @@ import numpy as np
 import pytest
 
 from mixtral_jax.kernels import paged_attention
+from mixtral_jax.kernels.decode_attention import AttentionTiles
 from mixtral_jax.model.attention import dot_product_attention
 from mixtral_jax.model.paged_kv_cache import gather_rows, paged_attention_mask
 
 
 @pytest.mark.parametrize(
-    "entries,window,dtype,tol",
-    [(5, None, jnp.float32, 1e-5), (4, 20, jnp.bfloat16, 2e-2)],
+    "entries,window,dtype,tol,tiles",
+    [
+        (5, None, jnp.float32, 1e-5, paged_attention.PAGED_TILES),
+        (4, 20, jnp.bfloat16, 2e-2, paged_attention.PAGED_TILES),
+        # several entries a loop step, a ragged last step; many splits of few entries
+        (5, None, jnp.float32, 1e-5, AttentionTiles(blocks_per_step=2)),
+        (7, 40, jnp.float32, 1e-5, AttentionTiles(blocks_per_step=3, programs=64)),
+    ],
 )
 def test_kernel_equals_the_gathered_einsum_attention_of_the_chosen_layer(
-    entries, window, dtype, tol
+    entries, window, dtype, tol, tiles
 ):
     b, n, kv, h, layers, z = 3, 8, 2, 16, 2, 16
     pool_blocks = b * entries + 2
@@ -33,7 +40,7 @@ def test_kernel_equals_the_gathered_einsum_attention_of_the_chosen_layer(
     )[:, 0]
     run = jax.jit(
         lambda q, k, v, i: paged_attention.paged_decode_attention(
-            q, k, v, i, jnp.asarray(table), mask, interpret=True
+            q, k, v, i, jnp.asarray(table), mask, tiles=tiles, interpret=True
         )
     )
     for layer in (0, 1):
@@ -46,7 +53,8 @@ def test_kernel_equals_the_gathered_einsum_attention_of_the_chosen_layer(
         assert err <= tol * float(jnp.max(jnp.abs(want.astype(jnp.float32)))), err
 
 
-def test_only_the_entries_a_row_sees_are_read():
+@pytest.mark.parametrize("per_step", [1, 3])
+def test_only_the_entries_a_row_sees_are_read(per_step):
     """Entries past a row's length name the sink block; with NaN there (or in any block the
     row does not see) the kernel's output is still the oracle's over a clean pool: those blocks
     are never read. (The gather oracle itself would turn NaN keys into NaN.)"""
@@ -69,7 +77,13 @@ def test_only_the_entries_a_row_sees_are_read():
         v_pool.at[0, 0].set(jnp.nan).at[0, 11].set(jnp.nan),
     )
     got = paged_attention.paged_decode_attention(
-        q, *dirty, 0, jnp.asarray(table), mask, interpret=True
+        q,
+        *dirty,
+        0,
+        jnp.asarray(table),
+        mask,
+        tiles=AttentionTiles(blocks_per_step=per_step),
+        interpret=True,
     )
     rows_k = gather_rows(k_pool, jnp.int32(0), jnp.asarray(table))
     rows_v = gather_rows(v_pool, jnp.int32(0), jnp.asarray(table))
