@@ -51,8 +51,8 @@ def _problem(rows: int, width: int, lengths: np.ndarray, dtype, seed: int = 0, b
     pools = [
         jnp.concatenate(
             [
-                jnp.zeros((2, 1, BLOCK, KV_HEADS, HEAD_DIM), dtype),
-                c.reshape(2, rows * entries, BLOCK, KV_HEADS, HEAD_DIM)[:, flat[1:]],
+                jnp.zeros((2, 1, block, KV_HEADS, HEAD_DIM), dtype),
+                c.reshape(2, rows * entries, block, KV_HEADS, HEAD_DIM)[:, flat[1:]],
             ],
             axis=1,
         )

@@ -52,6 +52,11 @@ PROJECTION = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_sta
 # vector path, by reasoning until measured: a [bk, bn] float32 accumulator of 32 x 64 over 128
 # threads.
 VECTOR = DecodeTiles(block_n=64, block_k=32, splits=4, num_warps=4, num_stages=4)
+# More than MAX_TOKENS rows (row tiles of ROW_TILE): enough programs without splitting K, whose
+# float32 partial sums would cost a write and a read of [J, M, N] each (at 256 rows about as many
+# bytes as the weights). By reasoning until bench/projection_rows.py's sweep measures it.
+ROW_TILE = MAX_TOKENS
+ROWS = DecodeTiles(block_n=128, block_k=64, splits=1, num_warps=4, num_stages=4)
 
 
 def _kernel(
@@ -124,6 +129,7 @@ def project_stacked(
     *,
     out_dtype=None,
     tiles: DecodeTiles | None = None,
+    row_tile: int | None = None,
     vector: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
@@ -131,25 +137,28 @@ def project_stacked(
 
     Args:
       x: [M, K] tokens in the compute dtype: up to MAX_TOKENS in one row tile, more in row
-        tiles of MAX_TOKENS (their programs adjacent: each weight tile is read ~once).
+        tiles of `row_tile` (default ROW_TILE; their programs adjacent: each weight tile is
+        read ~once).
       stacks: each [L, K, N_i] in x's dtype (the same L and K), or a `QuantizedWeight` of
         that shape (any format the kernels read, `weight_tiles.supports_format`).
       layer: int32 scalar.
       out_dtype: of the results; x's dtype if None.
       vector: one token (M = 1) on the vector units (`weight_tiles.vector_step`) instead of
         matrix-unit dots of 16 padded rows: the same function, float32 throughout.
+      tiles: default PROJECTION (VECTOR with `vector`), ROWS above MAX_TOKENS rows.
     Returns:
       one [M, N_i] per stack (float32 accumulation and split sum).
     """
     m, contract = x.shape
     if any(s.shape[-2] != contract for s in stacks):
         raise ValueError(f"every stack needs K={contract} rows, got {[s.shape for s in stacks]}")
-    bm = pow2_at_least(m) if m <= MAX_TOKENS else MAX_TOKENS
+    bm = pow2_at_least(m) if m <= MAX_TOKENS else row_tile or ROW_TILE
     row_tiles = -(-m // bm)
     widths = [s.shape[-1] for s in stacks]
     if vector and m != 1:
         raise ValueError(f"project_stacked(vector=True) takes one token, got {m}")
-    t = _fit(tiles or (VECTOR if vector else PROJECTION), bm, stacks, x.dtype.itemsize)
+    default = VECTOR if vector else PROJECTION if m <= MAX_TOKENS else ROWS
+    t = _fit(tiles or default, bm, stacks, x.dtype.itemsize)
     steps = tuple(weight_tiles.stored_rows(s) // (t.splits * t.block_k) for s in stacks)
     cols = tuple(w // t.block_n for w in widths)
     precision = matmul_precision(x.dtype)
