@@ -152,19 +152,22 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "m,widths,dtype,tol",
+    "m,widths,dtype,tol,row_tile",
     [
-        (1, (64, 32, 32), jnp.float32, 1e-5),  # q, k, v of one token in one launch
-        (3, (96,), jnp.float32, 1e-5),  # a width that only a 32-column tile divides
-        (2, (64, 16), jnp.bfloat16, 1e-2),
-        (150, (64, 32), jnp.float32, 1e-5),  # 3 row tiles of 64, the last one partly padding
+        (1, (64, 32, 32), jnp.float32, 1e-5, None),  # q, k, v of one token in one launch
+        (3, (96,), jnp.float32, 1e-5, None),  # a width that only a 32-column tile divides
+        (2, (64, 16), jnp.bfloat16, 1e-2, None),
+        (150, (64, 32), jnp.float32, 1e-5, None),  # 3 row tiles of 64, the last partly padding
+        (150, (64, 32), jnp.float32, 1e-5, 128),  # 2 row tiles of 128
     ],
 )
-def test_stacked_projection_equals_the_matmul_of_the_chosen_layer(m, widths, dtype, tol):
+def test_stacked_projection_equals_the_matmul_of_the_chosen_layer(m, widths, dtype, tol, row_tile):
     keys = jax.random.split(jax.random.key(m), len(widths) + 1)
     x = jax.random.normal(keys[0], (m, 64), dtype)
     stacks = [jax.random.normal(k, (3, 64, n), dtype) for k, n in zip(keys[1:], widths)]
-    outs = jax.jit(lambda x, *s: decode_matmul.project_stacked(x, s, 1, interpret=True))(x, *stacks)
+    outs = jax.jit(
+        lambda x, *s: decode_matmul.project_stacked(x, s, 1, row_tile=row_tile, interpret=True)
+    )(x, *stacks)
     for out, stack in zip(outs, stacks):
         want = x.astype(jnp.float32) @ stack[1].astype(jnp.float32)
         assert out.shape == (m, stack.shape[-1]) and out.dtype == dtype
