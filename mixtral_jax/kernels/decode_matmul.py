@@ -52,11 +52,14 @@ PROJECTION = DecodeTiles(block_n=64, block_k=128, splits=4, num_warps=4, num_sta
 # vector path, by reasoning until measured: a [bk, bn] float32 accumulator of 32 x 64 over 128
 # threads.
 VECTOR = DecodeTiles(block_n=64, block_k=32, splits=4, num_warps=4, num_stages=4)
-# More than MAX_TOKENS rows (row tiles of ROW_TILE): enough programs without splitting K, whose
-# float32 partial sums would cost a write and a read of [J, M, N] each (at 256 rows about as many
-# bytes as the weights). By reasoning until bench/projection_rows.py's sweep measures it.
-ROW_TILE = MAX_TOKENS
-ROWS = DecodeTiles(block_n=128, block_k=64, splits=1, num_warps=4, num_stages=4)
+# More than MAX_TOKENS rows: enough programs without splitting K, whose float32 partial sums
+# cost a write and a read of [J, M, N] each. bench/projection_rows.py on one H200 (q/k/v + o of
+# 8x7B, bf16, whole calls): 256 rows 157 us against 300 with the decode tiles (XLA's matmul of an
+# unstacked weight: 175); 512 rows in row tiles of 128 with 64 columns 201 us against 260 in row
+# tiles of 64 (557 with the decode tiles; XLA 264); 128 rows 159 either way.
+ROW_TILE, ROWS = MAX_TOKENS, DecodeTiles(block_n=128, block_k=64, splits=1, num_stages=4)
+WIDE_ROW_TILE, WIDE_ROWS = 128, DecodeTiles(block_n=64, block_k=64, splits=1, num_stages=4)
+WIDE = 256  # rows above which the wide row tiles apply
 
 
 def _kernel(
@@ -137,27 +140,29 @@ def project_stacked(
 
     Args:
       x: [M, K] tokens in the compute dtype: up to MAX_TOKENS in one row tile, more in row
-        tiles of `row_tile` (default ROW_TILE; their programs adjacent: each weight tile is
-        read ~once).
+        tiles of `row_tile` (default ROW_TILE, WIDE_ROW_TILE above WIDE rows; their programs
+        adjacent: each weight tile is read ~once).
       stacks: each [L, K, N_i] in x's dtype (the same L and K), or a `QuantizedWeight` of
         that shape (any format the kernels read, `weight_tiles.supports_format`).
       layer: int32 scalar.
       out_dtype: of the results; x's dtype if None.
       vector: one token (M = 1) on the vector units (`weight_tiles.vector_step`) instead of
         matrix-unit dots of 16 padded rows: the same function, float32 throughout.
-      tiles: default PROJECTION (VECTOR with `vector`), ROWS above MAX_TOKENS rows.
+      tiles: default PROJECTION (VECTOR with `vector`), ROWS above MAX_TOKENS rows, WIDE_ROWS
+        (row tiles of WIDE_ROW_TILE) above WIDE rows.
     Returns:
       one [M, N_i] per stack (float32 accumulation and split sum).
     """
     m, contract = x.shape
     if any(s.shape[-2] != contract for s in stacks):
         raise ValueError(f"every stack needs K={contract} rows, got {[s.shape for s in stacks]}")
-    bm = pow2_at_least(m) if m <= MAX_TOKENS else row_tile or ROW_TILE
+    wide = m > WIDE
+    bm = pow2_at_least(m) if m <= MAX_TOKENS else row_tile or (WIDE_ROW_TILE if wide else ROW_TILE)
     row_tiles = -(-m // bm)
     widths = [s.shape[-1] for s in stacks]
     if vector and m != 1:
         raise ValueError(f"project_stacked(vector=True) takes one token, got {m}")
-    default = VECTOR if vector else PROJECTION if m <= MAX_TOKENS else ROWS
+    default = VECTOR if vector else PROJECTION if m <= MAX_TOKENS else WIDE_ROWS if wide else ROWS
     t = _fit(tiles or default, bm, stacks, x.dtype.itemsize)
     steps = tuple(weight_tiles.stored_rows(s) // (t.splits * t.block_k) for s in stacks)
     cols = tuple(w // t.block_n for w in widths)

@@ -159,6 +159,7 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
         (2, (64, 16), jnp.bfloat16, 1e-2, None),
         (150, (64, 32), jnp.float32, 1e-5, None),  # 3 row tiles of 64, the last partly padding
         (150, (64, 32), jnp.float32, 1e-5, 128),  # 2 row tiles of 128
+        (300, (64, 32), jnp.float32, 1e-5, None),  # above WIDE: 3 row tiles of 128
     ],
 )
 def test_stacked_projection_equals_the_matmul_of_the_chosen_layer(m, widths, dtype, tol, row_tile):
