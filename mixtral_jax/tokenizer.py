@@ -88,10 +88,16 @@ class Tokenizer:
         return [head + ids + tail for ids in self._sp.encode(list(texts), num_threads=num_threads)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        """The text of `ids`. Ids past the tokenizer's vocabulary (a model whose embedding is
+        padded beyond it can sample them) have no text: they are left out, not an error."""
+        size = self.vocab_size
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < size])
 
     def piece(self, token_id: int) -> str:
-        """The text of one token as it reads inside a sentence (SentencePiece's '▁' is a space)."""
+        """The text of one token as it reads inside a sentence (SentencePiece's '▁' is a space);
+        "" for an id past the vocabulary (see `decode`)."""
+        if not 0 <= int(token_id) < self.vocab_size:
+            return ""
         return self._sp.id_to_piece(int(token_id)).replace("\u2581", " ")
 
 
