@@ -7,9 +7,9 @@ step) before the einsums. This kernel follows the block table instead, flash dec
 `decode_attention.py`:
 
   program (b, kv head, split j): the G query heads of that kv head (padded to the matrix unit's
-  16 rows) against split j of the table entries whose blocks hold keys row b sees, one block of
-  Z keys at a time, online softmax in float32; it writes its partial output and its running max
-  and sum;
+  16 rows) against split j of the table entries whose blocks hold keys row b sees,
+  `blocks_per_step` blocks of Z keys a loop step, online softmax in float32; it writes its
+  partial output and its running max and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
 
 Only a row's entries from the first to the last with a seen key are followed
