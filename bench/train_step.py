@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python bench/train_step.py [--layers 2] [--batch 4] [--seq 4096] [--profile]
                                           [--fused-swiglu auto|on|off] [--tiny]
+                                          [--layer-loops scan,unrolled] [--set FIELD=VALUE]
 
 bfloat16 compute, float32 master weights and AdamW state, the real train step (CE + router
 losses, clipping, AdamW). MFU counts 6 x active matmul parameters + causal attention per token
@@ -10,6 +11,8 @@ losses, clipping, AdamW). MFU counts 6 x active matmul parameters + causal atten
 GPU kernels of a step (busy time, span, time per kernel name; `bench/common.kernel_summary`).
 --tiny: the tiny preset instead (batch 2 x 64 unless given, no peer, a 1024^3 peak matmul):
 the same step end to end on the CPU, for a check that the bench runs (its numbers mean nothing).
+--layer-loops: one row per implementation and layer loop (`ComputeConfig.layer_loop`); --set:
+any other compute field, for every row.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def run(
     profile: bool,
     fused: str = "auto",
     preset: str = "mixtral-8x7b",
+    layer_loop: str = "scan",
+    changes: dict | None = None,
 ) -> dict:
     cfg = mj.preset(
         preset,
@@ -58,6 +63,8 @@ def run(
         capacity_factor=1.25,
         max_seq_len=seq,
         fused_swiglu=fused,
+        layer_loop=layer_loop,
+        **(changes or {}),
     )
     tc = TrainConfig(steps=1000, batch_size=batch, seq_len=seq, warmup_steps=10)
     model = random_model(cfg)
@@ -83,6 +90,8 @@ def run(
         kernels = kernel_summary(trace_kernels(one_step, reps=3), per=3)
     return {
         "moe_impl": moe_impl,
+        "layer_loop": layer_loop,
+        "changes": changes or {},
         "fused_swiglu": kernel_plan.resolve(cfg, batch * seq, cached=False).fused_swiglu,
         "layers": layers,
         "batch": batch,
@@ -121,7 +130,10 @@ def main():
     p.add_argument(
         "--fused-swiglu", default="auto", choices=("auto", "on", "off"), help="gate+up+SwiGLU"
     )
+    p.add_argument("--layer-loops", default="scan", help="comma-separated: scan, unrolled")
+    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE, a compute field")
     args = p.parse_args()
+    changes = dict(kv.split("=", 1) for kv in args.set)
     args.batch = args.batch or (2 if args.tiny else 4)
     args.seq = args.seq or (64 if args.tiny else 4096)
     peer_row = (
@@ -142,7 +154,8 @@ def main():
     print("peer:", peer_row, flush=True)
     peak = matmul_peak_tflops(1024 if args.tiny else 8192)
     rows = []
-    for impl in args.impls.split(","):
+    variants = [(i, loop) for i in args.impls.split(",") for loop in args.layer_loops.split(",")]
+    for impl, loop in variants:
         preset = "tiny" if args.tiny else "mixtral-8x7b"
         row = run(
             impl,
@@ -153,6 +166,8 @@ def main():
             args.profile,
             args.fused_swiglu,
             preset,
+            loop,
+            changes,
         )
         achieved = row["tokens_per_s"] * row["flops_per_token"] / 1e12
         row.update(
@@ -160,7 +175,7 @@ def main():
         )
         rows.append(row)
         print({k: v for k, v in row.items() if k != "profile"}, flush=True)
-        print_profile(row["profile"], impl)
+        print_profile(row["profile"], f"{impl} {loop}")
         jax.clear_caches()
     if "tokens_per_s" in peer_row:
         flops = rows[0]["flops_per_token"]
@@ -180,10 +195,10 @@ def main():
         {"env": environment(), "matmul_peak_tflops": peak, "runs": rows, "peer": peer_row},
     )
     print(f"\nmeasured bf16 matmul peak: {peak:.0f} TFLOP/s")
-    print(f"{'impl':>9} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU/meas':>9} {'MFU/989':>8}")
+    print(f"{'impl':>9} {'loop':>9} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU/meas':>9} {'MFU/989':>8}")
     for r in rows:
         print(
-            f"{r['moe_impl']:>9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
+            f"{r['moe_impl']:>9} {r.get('layer_loop', ''):>9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
             f"{r['tflops']:>8.0f} {r['mfu_vs_measured_peak']:>9.1%} {r['mfu_vs_989']:>8.1%}"
         )
 

@@ -41,6 +41,14 @@ class Remat(str, enum.Enum):
     SAVE_DOTS = "save_dots"  # keep matmul outputs, recompute the cheap elementwise work
 
 
+class LayerLoop(str, enum.Enum):
+    """How the full-sequence forward (training, evaluation) runs its L layers. Both compute
+    the same function; cached calls (prefill, decode) always scan."""
+
+    SCAN = "scan"  # one jax.lax.scan: one layer compiled, gradients stacked by the loop
+    UNROLLED = "unrolled"  # L calls on slices of the stacks: L layers compiled, no loop
+
+
 class AttentionImpl(str, enum.Enum):
     """Which attention kernel the full-sequence forward (`attention_impl`) or a cached call
     (`cached_attention_impl`) uses (`attention.py`)."""
@@ -125,6 +133,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 _ENUM_FIELDS = {
     "moe_impl": MoEImpl,
     "remat": Remat,
+    "layer_loop": LayerLoop,
     "attention_impl": AttentionImpl,
     "cached_attention_impl": AttentionImpl,
     "chunk_attention_impl": ChunkAttentionImpl,
@@ -146,7 +155,11 @@ class ComputeConfig:
     Attributes:
       param_dtype: storage dtype of parameters.
       dtype: compute dtype of activations and matmuls (router, norms, softmax stay float32).
-      remat: rematerialisation policy of the layer scan, see `Remat`.
+      remat: rematerialisation policy of each layer, see `Remat`.
+      layer_loop: the full-sequence forward's layers as a scan or unrolled, see `LayerLoop`.
+        Unrolled, each layer's weight gradient stays its own array that the optimizer reads
+        where it is, where the scan's backward writes it into a zeroed [L, ...] stack (one more
+        write and read of every gradient, and the zeros); compile time grows with L.
       moe_impl: dispatch implementation, see `MoEImpl`.
       capacity_factor: for `MoEImpl.CAPACITY`, slots per expert = ceil(cf * tokens * k / E).
       router_jitter_noise: in training, inputs to the MoE block are scaled by U(1-j, 1+j).
@@ -174,6 +187,7 @@ class ComputeConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: Remat = Remat.NONE
+    layer_loop: LayerLoop = LayerLoop.SCAN
     moe_impl: MoEImpl = MoEImpl.DROPLESS
     capacity_factor: float = 1.25
     router_jitter_noise: float = 0.0

@@ -68,6 +68,14 @@ def grouped_matmul(
     return _float_gmm(lhs, rhs, group_sizes, impl)
 
 
+def weight_gradient_in_weight_dtype(impl: GmmImpl | str) -> bool:
+    """Whether the grouped matmul `impl` (resolved) is a kernel that writes its weights'
+    gradient in the weights' dtype (pallas's and megablox's tgmm); `jax.lax.ragged_dot` is an
+    XLA op, whose rounding XLA may elide (on CPU a bfloat16 weight cast from float32 gets its
+    gradient unrounded)."""
+    return GmmImpl(impl) in (GmmImpl.PALLAS, GmmImpl.MEGABLOX)
+
+
 def _float_gmm(lhs, rhs, group_sizes, impl: GmmImpl):
     if impl == GmmImpl.PALLAS:
         return gmm_pallas.gmm(lhs, rhs.astype(lhs.dtype), group_sizes)

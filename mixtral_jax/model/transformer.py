@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mixtral_jax.config import DecodeProjectionImpl, ModelConfig, Remat
+from mixtral_jax.config import DecodeProjectionImpl, LayerLoop, ModelConfig, Remat
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.plan import KernelPlan
 from mixtral_jax.model import paged_kv_cache
@@ -170,6 +170,18 @@ def _pad_router_stack(stacks: nnx.State) -> None:
     )
 
 
+def _unrolled(body, carry, xs, length: int):
+    """`jax.lax.scan(body, carry, xs)` as `length` calls in sequence: layer i gets slice i of
+    every leaf of xs (a static `lax.slice`, whose gradient is a pad that XLA fuses into the
+    gradient's consumers), and the per-layer outputs are stacked as the scan stacks them."""
+    outs = []
+    for i in range(length):
+        xs_i = jax.tree.map(lambda a, i=i: jax.lax.index_in_dim(a, i, keepdims=False), xs)
+        carry, out = body(carry, xs_i)
+        outs.append(out)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
 _REMAT_POLICIES = {
     Remat.FULL: None,  # save nothing but the scan carry
     Remat.SAVE_DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -260,7 +272,10 @@ class Mixtral(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
         # Activation shardings on the active mesh (sharding.active; no-ops without one).
         x = sharding.constrain(self.embed(tokens), "batch", "length", "embed")  # [B, T, D]
-        x, layer_aux = jax.lax.scan(body, x, (layer_state, layer_rngs))
+        if cfg.compute.layer_loop == LayerLoop.UNROLLED:
+            x, layer_aux = _unrolled(body, x, (layer_state, layer_rngs), cfg.num_layers)
+        else:
+            x, layer_aux = jax.lax.scan(body, x, (layer_state, layer_rngs))
         x = self.final_norm(x)
         logits = float32_logits(x, self.lm_head[...].astype(x.dtype))  # [B, T, V]
         logits = sharding.constrain(logits, "batch", "length", "vocab")

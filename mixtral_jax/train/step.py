@@ -20,6 +20,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from mixtral_jax.config import MoEImpl
+from mixtral_jax.kernels import grouped_matmul
+from mixtral_jax.kernels import plan as kernel_plan
+from mixtral_jax.model import quantized
 from mixtral_jax.parallel import sharding
 from mixtral_jax.train import losses
 from mixtral_jax.train.config import TrainConfig
@@ -242,6 +246,47 @@ def make_micro_loss(graphdef, tc: TrainConfig, join=None) -> Callable:
     return micro_loss
 
 
+def narrowed_names(plan) -> frozenset[str]:
+    """The parameter names `cast_read_once` narrows for a forward computed by `plan`: the
+    expert weights where the dropless MoE's grouped matmul is a kernel that writes their
+    gradient in the compute dtype (Pallas' or megablox's tgmm), else none.
+
+    Only there is the narrow gradient the old one by construction: the kernel's output is the
+    gradient, which the float32 path merely widened. Elsewhere (einsums, ragged_dot, the LM
+    head's cast) XLA may drop a round trip through bfloat16 (`xla_allow_excess_precision`)
+    and hand the float32 path a gradient that was never rounded.
+    """
+    kernel = plan.moe == MoEImpl.DROPLESS and grouped_matmul.weight_gradient_in_weight_dtype(
+        plan.grouped_matmul
+    )
+    return frozenset(quantized.EXPERTS) if kernel else frozenset()
+
+
+def cast_read_once(params, dtype, names: frozenset[str]):
+    """`params` with its leaves named in `names` cast down to `dtype` (the others, and leaves
+    already no wider than `dtype`, as they are).
+
+    The step differentiates the loss with respect to these casts: the forward computes the
+    same values (the model's own cast becomes a no-op), and each such leaf's gradient comes
+    back in `dtype`, the very values the model's cast would have widened into a float32
+    gradient. Carried narrow (`widen` restores float32 bit for bit inside each consumer), the
+    gradients cost half the bytes where XLA must write them out: into the guard's cond.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, x):
+        name = getattr(path[-1], "key", str(path[-1]))
+        narrower = _floating(x) and jnp.dtype(x.dtype).itemsize > dtype.itemsize
+        return x.astype(dtype) if name in names and narrower else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def widen(grads, params):
+    """`grads` in the dtypes of `params` (float32 gradients of narrow-carried leaves: exact)."""
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 def apply_optimizer(tx: optax.GradientTransformation, params, opt_state, grads, grad_norm):
     """(new params, new optimizer state): `tx`'s update, applied. `grad_norm`, the gradients'
     global norm, goes to the transformations that take it (clip_by_global_norm)."""
@@ -255,6 +300,10 @@ def _unchanged(params, opt_state, grads, grad_norm):
     return params, opt_state
 
 
+def _apply_widened(tx, params, opt_state, grads, grad_norm):
+    return apply_optimizer(tx, params, opt_state, widen(grads, params), grad_norm)
+
+
 def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads, loss):
     """The step after its gradients: global norm, the optimizer (clipping, AdamW), the guard.
 
@@ -266,11 +315,18 @@ def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads, l
     moments and parameters and never stores. Then a `lax.cond` either applies the update
     (computed again, written in place of the donated state) or returns the state as it is;
     no select over the whole state and no copy of it (tests/train/test_guard_structure.py).
+
+    `grads` may hold leaves narrower than their parameters (`cast_read_once`): they are
+    widened inside each consumer and enter the cond as they are, so the buffer XLA writes for
+    the cond holds them at their own width.
     """
-    grad_norm = global_norm(grads)
-    apply = functools.partial(apply_optimizer, tx)
+    wide = widen(grads, state.params)
+    grad_norm = global_norm(wide)
+    finite = step_is_finite(
+        loss, grad_norm, *apply_optimizer(tx, state.params, state.opt_state, wide, grad_norm)
+    )
+    apply = functools.partial(_apply_widened, tx)
     operands = (state.params, state.opt_state, grads, grad_norm)
-    finite = step_is_finite(loss, grad_norm, *apply(*operands))
     params, opt_state = jax.lax.cond(finite, apply, _unchanged, *operands)
     return params, opt_state, finite, grad_norm
 
@@ -283,6 +339,7 @@ def make_train_step(
     mesh,
     shardings: TrainState,
     frozen=None,
+    narrow_gradients: bool = True,
 ) -> Callable:
     """The compiled step: state, batch with a leading [A] micro-batch axis -> state, metrics.
 
@@ -291,6 +348,8 @@ def make_train_step(
     `frozen`: (a `trainable.Partition`, the frozen parameters placed on `mesh`) when only part of
     the model trains: the state holds that part, the frozen parameters are a (not donated)
     input joined to it at the top of the forward, so they get no gradient and no moments.
+    `narrow_gradients`: differentiate with respect to `cast_read_once` of the parameters (the
+    same step, bit for bit: tests/train/test_narrow_gradients.py); False is that test's oracle.
     """
     join, fixed, fixed_shardings = _frozen_input(frozen)
     total_loss = functools.partial(
@@ -301,19 +360,25 @@ def make_train_step(
     def step(state: TrainState, batch: dict, fixed):
         total_count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         rngs = jax.random.split(jax.random.wrap_key_data(state.rng), tc.grad_accum + 1)
+        params = state.params
+        if narrow_gradients:
+            cfg = nnx.merge(graphdef, join(params, fixed)).cfg  # static in the graphdef
+            tokens = batch["tokens"].shape[1] * batch["tokens"].shape[2]
+            plan = kernel_plan.resolve(cfg, tokens, cached=False, mesh=mesh)
+            params = cast_read_once(params, cfg.compute.dtype, narrowed_names(plan))
 
         def like_params(tree):  # FSDP: gradient accumulators stay sharded like the weights
             return jax.lax.with_sharding_constraint(tree, shardings.params)
 
         def accumulate(grads, xs):
             mb, rng = xs
-            (_, stats), g = grad_fn(state.params, fixed, mb, rng, total_count)
+            (_, stats), g = grad_fn(params, fixed, mb, rng, total_count)
             return like_params(jax.tree.map(jnp.add, grads, g)), stats
 
         with sharding.active(mesh):
             if tc.grad_accum == 1:  # no accumulator: a zeroed tree and an add are 2 passes
                 one = jax.tree.map(lambda a: a[0], (batch, rngs[1:]))
-                (_, stats), grads = grad_fn(state.params, fixed, one[0], one[1], total_count)
+                (_, stats), grads = grad_fn(params, fixed, one[0], one[1], total_count)
                 grads = like_params(grads)
                 stats = jax.tree.map(lambda a: a[None], stats)  # as the scan stacks them
             else:

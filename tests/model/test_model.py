@@ -62,8 +62,10 @@ def _assert_trees_close(a, b, rtol):
         {"moe_impl": "capacity", "capacity_factor": 4.0},
         {"moe_impl": "dropless", "remat": "full"},
         {"moe_impl": "dropless", "remat": "save_dots"},
+        {"moe_impl": "dropless", "layer_loop": "unrolled"},
+        {"moe_impl": "dropless", "layer_loop": "unrolled", "remat": "full"},
     ],
-    ids=["dropless", "capacity", "remat-full", "remat-save-dots"],
+    ids=["dropless", "capacity", "remat-full", "remat-save-dots", "unrolled", "unrolled-remat"],
 )
 def test_whole_model_paths_equal_dense_oracle_on_logits_and_gradients(changes):
     cfg = mj.ModelConfig.tiny(num_layers=3, sliding_window=6)
@@ -88,6 +90,25 @@ def test_layers_are_scanned_not_unrolled():
     text = str(jaxpr)
     assert text.count("scan[") == 1 and "length=5" in text
     assert text.count("ragged_dot_general[") == 3  # gate, up, down of ONE layer body
+
+
+def test_unrolled_layers_equal_the_scan_and_hold_no_loop():
+    """layer_loop="unrolled": L copies of the layer's matmuls and no scan in the jaxpr; logits,
+    router aux and every gradient (the stacked weights' included) equal the scan's to float32
+    rounding (XLA fuses the two programs differently)."""
+    cfg = mj.ModelConfig.tiny(num_layers=3, moe_impl="dropless")
+    params = mj.get_params(mj.init(cfg, 2))
+    tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, cfg.vocab_size)
+    unrolled = cfg.replace(layer_loop="unrolled")
+    graphdef, state = nnx.split(mj.init(unrolled, 0))
+    text = str(jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens))
+    assert "scan[" not in text and text.count("ragged_dot_general[") == 3 * 3
+    want_out, want_grads = _grads(cfg, params, tokens)
+    out, grads = _grads(unrolled, params, tokens)
+    assert jax.tree.structure((out, grads)) == jax.tree.structure((want_out, want_grads))
+    _assert_trees_close(out.logits, want_out.logits, 1e-6)
+    _assert_trees_close(out.aux, want_out.aux, 1e-6)
+    _assert_trees_close(grads, want_grads, 1e-6)
 
 
 def test_bfloat16_compute_and_storage():
