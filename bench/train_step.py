@@ -195,7 +195,9 @@ def main():
         {"env": environment(), "matmul_peak_tflops": peak, "runs": rows, "peer": peer_row},
     )
     print(f"\nmeasured bf16 matmul peak: {peak:.0f} TFLOP/s")
-    print(f"{'impl':>9} {'loop':>9} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU/meas':>9} {'MFU/989':>8}")
+    print(
+        f"{'impl':>9} {'loop':>9} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU/meas':>9} {'MFU/989':>8}"
+    )
     for r in rows:
         print(
             f"{r['moe_impl']:>9} {r.get('layer_loop', ''):>9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "

@@ -133,7 +133,8 @@ def _two_processes(run_dir, args, timeout=300, script="train.py") -> list[str]:
         **os.environ,
         "PYTHONPATH": ROOT,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+        " --xla_cpu_use_fusion_emitters=false",  # as conftest.py
     }
     procs = [
         subprocess.Popen(
