@@ -13,7 +13,8 @@ Three kernels, one per matmul of a linear layer's forward and backward:
 that straddles a group boundary is visited once per group, each visit storing only its own rows
 (masked store), so groups need not be multiples of the tile. Rows past the last group form a
 virtual group G that stores zeros. `tgmm` gives each (group, K tile, N tile) output block one
-program that loops over the group's row tiles, masking rows of neighbouring groups on load.
+program that loops over the group's row tiles: the tiles wholly inside the group load without
+masks, the (at most two) tiles a group boundary cuts mask the neighbouring groups' rows on load.
 
 `gmm_stacked` runs the forward kernel on layer l of a stack [L, G, K, N] where it lies (inference
 inside a layer scan, where slicing the layer out for a custom call would copy it).
@@ -326,27 +327,32 @@ def _tgmm_kernel(
     k0, n0 = pl.multiple_of(kt * bk, bk), pl.multiple_of(nt * bn, bn)
     start, end = starts_ref[g], ends_ref[g]
 
-    def step(t, acc):
+    def step(t, acc, masked: bool):
         row0 = pl.multiple_of(t * bm, bm)
-        rows = row0 + jnp.arange(bm, dtype=jnp.int32)
-        inside = ((rows >= start) & (rows < end))[:, None]
-        a = plgpu.load(
-            lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)],
-            mask=jnp.broadcast_to(inside, (bm, bk)),
-            other=0,
-        )  # [bm, bk]
-        b = plgpu.load(
-            dy_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)],
-            mask=jnp.broadcast_to(inside, (bm, bn)),
-            other=0,
-        )  # [bm, bn]
+        lhs_at = lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)]
+        dy_at = dy_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)]
+        if masked:  # a tile the group's first or last row cuts: other groups' rows load as 0
+            rows = row0 + jnp.arange(bm, dtype=jnp.int32)
+            inside = ((rows >= start) & (rows < end))[:, None]
+            a = plgpu.load(lhs_at, mask=jnp.broadcast_to(inside, (bm, bk)), other=0)
+            b = plgpu.load(dy_at, mask=jnp.broadcast_to(inside, (bm, bn)), other=0)
+        else:  # a tile wholly inside the group
+            a, b = plgpu.load(lhs_at), plgpu.load(dy_at)  # [bm, bk], [bm, bn]
         return acc + jax.lax.dot_general(
             a, b, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
 
+    # Row tiles [first, last) touch the group; [whole_first, whole_last) lie inside it and load
+    # without masks; the (at most one) cut tile at each end loads masked.
     first = start // bm
     last = jnp.where(end > start, (end - 1) // bm + 1, first)
-    acc = jax.lax.fori_loop(first, last, step, jnp.zeros((bk, bn), jnp.float32))
+    whole_first, whole_last = (start + bm - 1) // bm, end // bm
+    head_end = jnp.minimum(whole_first, last)
+    body_end = jnp.maximum(whole_first, whole_last)
+    masked, whole = functools.partial(step, masked=True), functools.partial(step, masked=False)
+    acc = jax.lax.fori_loop(first, head_end, masked, jnp.zeros((bk, bn), jnp.float32))
+    acc = jax.lax.fori_loop(whole_first, body_end, whole, acc)
+    acc = jax.lax.fori_loop(jnp.maximum(body_end, head_end), last, masked, acc)
     out_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)] = acc.astype(out_ref.dtype)
 
 

@@ -26,9 +26,11 @@ def test_guarded_update_reads_the_state_before_its_cond_and_writes_it_in_the_bra
     assert (before["conditionals"], now["conditionals"]) == (0, 1)
     assert before["selects"] >= 6 and now["selects"] == 0 and now["copies"] == 0
     # before the cond: the norm's read of g (on the CPU its squares are written too) and the
-    # predicate's read of g, mu, nu, p (4 passes), writing booleans; the select form writes
-    # its update (p, mu, nu) and then the select's outputs there
-    assert 5 <= now["entry_read"] <= 7 and now["entry_written"] <= 1.25
+    # predicate's read of g, mu, nu, p (4 passes), writing booleans (6.25 passes read with
+    # XLA:CPU's MLIR fusion emitters, 7.25 with the elemental ones conftest.py picks: one more
+    # read of a square); the select form writes its update (p, mu, nu) and then the select's
+    # outputs there
+    assert 5 <= now["entry_read"] <= 8 and now["entry_written"] <= 1.25
     assert before["entry_written"] >= 6 and before["branch_read"] == 0
     # the applied update writes p, mu, nu (3 passes) at least, in the branch
     assert now["branch_written"] >= 3

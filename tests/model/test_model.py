@@ -92,23 +92,14 @@ def test_layers_are_scanned_not_unrolled():
     assert text.count("ragged_dot_general[") == 3  # gate, up, down of ONE layer body
 
 
-def test_unrolled_layers_equal_the_scan_and_hold_no_loop():
-    """layer_loop="unrolled": L copies of the layer's matmuls and no scan in the jaxpr; logits,
-    router aux and every gradient (the stacked weights' included) equal the scan's to float32
-    rounding (XLA fuses the two programs differently)."""
-    cfg = mj.ModelConfig.tiny(num_layers=3, moe_impl="dropless")
-    params = mj.get_params(mj.init(cfg, 2))
-    tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, cfg.vocab_size)
-    unrolled = cfg.replace(layer_loop="unrolled")
-    graphdef, state = nnx.split(mj.init(unrolled, 0))
+def test_unrolled_layers_hold_no_loop():
+    """layer_loop="unrolled": L copies of the layer's matmuls and no scan in the jaxpr (its
+    logits and gradients: the dense-oracle test above)."""
+    cfg = mj.ModelConfig.tiny(num_layers=3, moe_impl="dropless", layer_loop="unrolled")
+    graphdef, state = nnx.split(mj.init(cfg, 0))
+    tokens = jnp.zeros((1, 4), jnp.int32)
     text = str(jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens))
     assert "scan[" not in text and text.count("ragged_dot_general[") == 3 * 3
-    want_out, want_grads = _grads(cfg, params, tokens)
-    out, grads = _grads(unrolled, params, tokens)
-    assert jax.tree.structure((out, grads)) == jax.tree.structure((want_out, want_grads))
-    _assert_trees_close(out.logits, want_out.logits, 1e-6)
-    _assert_trees_close(out.aux, want_out.aux, 1e-6)
-    _assert_trees_close(grads, want_grads, 1e-6)
 
 
 def test_bfloat16_compute_and_storage():
