@@ -418,7 +418,7 @@ RESUME_FREE = frozenset(
         "train.eval_batches",
         "train.max_bad_steps",
         "train.peak_tflops",
-        *(f"model.compute.{k}" for k in ("remat", "attention_impl", "gmm_impl")),
+        *(f"model.compute.{k}" for k in ("remat", "layer_loop", "attention_impl", "gmm_impl")),
         *(f"model.compute.{k}" for k in ("decode_expert_impl", "decode_projection_impl")),
         "model.compute.expert_exchange",
     }
