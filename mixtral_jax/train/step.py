@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from mixtral_jax.config import MoEImpl
+from mixtral_jax.config import Exchange, MoEImpl
 from mixtral_jax.kernels import grouped_matmul
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.model import quantized
@@ -256,10 +256,12 @@ def narrowed_names(plan) -> frozenset[str]:
     head's cast) XLA may drop a round trip through bfloat16 (`xla_allow_excess_precision`)
     and hand the float32 path a gradient that was never rounded.
     """
-    kernel = plan.moe == MoEImpl.DROPLESS and grouped_matmul.weight_gradient_in_weight_dtype(
-        plan.grouped_matmul
-    )
-    return frozenset(quantized.EXPERTS) if kernel else frozenset()
+    # Under expert parallelism only the ragged exchange runs the grouped matmul (the capacity
+    # exchange computes the experts as einsums).
+    grouped = plan.expert_mesh is None or plan.exchange != Exchange.CAPACITY
+    kernel = grouped_matmul.weight_gradient_in_weight_dtype(plan.grouped_matmul)
+    narrow = plan.moe == MoEImpl.DROPLESS and grouped and kernel
+    return frozenset(quantized.EXPERTS) if narrow else frozenset()
 
 
 def cast_read_once(params, dtype, names: frozenset[str]):

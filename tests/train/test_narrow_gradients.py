@@ -116,3 +116,10 @@ def test_only_kernel_written_expert_gradients_are_narrowed():
     assert narrowed({}, jnp.float32) == set()  # float32 compute: nothing to narrow
     assert narrowed({"gmm_impl": "xla"}) == set()  # ragged_dot: an XLA op
     assert narrowed({"moe_impl": "capacity"}) == set()  # einsums
+    # expert parallelism: the ragged exchange runs the kernel, the capacity one einsums
+    mesh = sharding.make_mesh(sharding.MeshConfig.parse("expert=2"), jax.devices()[:2])
+    for exchange, want in (("ragged_emulated", 3), ("capacity", 0)):
+        plan = kernel_plan.resolve(
+            cfg.replace(expert_exchange=exchange), 64, cached=False, mesh=mesh
+        )
+        assert plan.expert_mesh is not None and len(narrowed_names(plan)) == want
