@@ -100,6 +100,14 @@ def test_unrolled_layers_hold_no_loop():
     tokens = jnp.zeros((1, 4), jnp.int32)
     text = str(jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens))
     assert "scan[" not in text and text.count("ragged_dot_general[") == 3 * 3
+    # router jitter: layer i draws from the same split of the noise key as the scan's layer i
+    jitter = {"router_jitter_noise": 0.1}
+    tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, cfg.vocab_size)
+    outs = [
+        mj.init(cfg.replace(layer_loop=loop, **jitter), 0)(tokens, noise_rng=jax.random.key(3))
+        for loop in ("scan", "unrolled")
+    ]
+    _assert_trees_close(outs[1].logits, outs[0].logits, 1e-6)
 
 
 def test_bfloat16_compute_and_storage():
