@@ -71,8 +71,8 @@ def grouped_matmul(
 def weight_gradient_in_weight_dtype(impl: GmmImpl | str) -> bool:
     """Whether the grouped matmul `impl` (resolved) is a kernel that writes its weights'
     gradient in the weights' dtype (pallas's and megablox's tgmm); `jax.lax.ragged_dot` is an
-    XLA op, whose rounding XLA may elide (on CPU a bfloat16 weight cast from float32 gets its
-    gradient unrounded)."""
+    XLA op, whose rounding XLA may elide (in the whole model on the CPU, expert weights cast
+    from float32 get their gradient unrounded)."""
     return GmmImpl(impl) in (GmmImpl.PALLAS, GmmImpl.MEGABLOX)
 
 
