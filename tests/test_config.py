@@ -47,6 +47,10 @@ def test_presets_have_published_sizes():
             "ModelConfig.moe_impl='magic': must be one of dense, dropless, capacity",
         ),
         (
+            {"layer_loop": "sideways"},
+            "ModelConfig.layer_loop='sideways': must be one of scan, unrolled",
+        ),
+        (
             {"eos_token_id": 600},
             "ModelConfig.eos_token_id=600: must be an integer in [0, vocab_size=512)",
         ),

@@ -247,7 +247,7 @@ def make_micro_loss(graphdef, tc: TrainConfig, join=None) -> Callable:
 
 
 def narrowed_names(plan) -> frozenset[str]:
-    """The parameter names `cast_read_once` narrows for a forward computed by `plan`: the
+    """The parameter names `cast_named` narrows for a forward computed by `plan`: the
     expert weights where the dropless MoE's grouped matmul is a kernel that writes their
     gradient in the compute dtype (Pallas' or megablox's tgmm), else none.
 
@@ -265,7 +265,7 @@ def narrowed_names(plan) -> frozenset[str]:
     return frozenset(quantized.EXPERTS) if narrow else frozenset()
 
 
-def cast_read_once(params, dtype, names: frozenset[str]):
+def cast_named(params, dtype, names: frozenset[str]):
     """`params` with its leaves named in `names` cast down to `dtype` (the others, and leaves
     already no wider than `dtype`, as they are).
 
@@ -319,7 +319,7 @@ def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads, l
     (computed again, written in place of the donated state) or returns the state as it is;
     no select over the whole state and no copy of it (tests/train/test_guard_structure.py).
 
-    `grads` may hold leaves narrower than their parameters (`cast_read_once`): they are
+    `grads` may hold leaves narrower than their parameters (`cast_named`): they are
     widened inside each consumer and enter the cond as they are, so the buffer XLA writes for
     the cond holds them at their own width.
     """
@@ -351,7 +351,7 @@ def make_train_step(
     `frozen`: (a `trainable.Partition`, the frozen parameters placed on `mesh`) when only part of
     the model trains: the state holds that part, the frozen parameters are a (not donated)
     input joined to it at the top of the forward, so they get no gradient and no moments.
-    `narrow_gradients`: differentiate with respect to `cast_read_once` of the parameters (the
+    `narrow_gradients`: differentiate with respect to `cast_named` of the parameters (the
     same step, bit for bit: tests/train/test_narrow_gradients.py); False is that test's oracle.
     """
     join, fixed, fixed_shardings = _frozen_input(frozen)
@@ -368,7 +368,7 @@ def make_train_step(
             cfg = nnx.merge(graphdef, join(params, fixed)).cfg  # static in the graphdef
             tokens = batch["tokens"].shape[1] * batch["tokens"].shape[2]
             plan = kernel_plan.resolve(cfg, tokens, cached=False, mesh=mesh)
-            params = cast_read_once(params, cfg.compute.dtype, narrowed_names(plan))
+            params = cast_named(params, cfg.compute.dtype, narrowed_names(plan))
 
         def like_params(tree):  # FSDP: gradient accumulators stay sharded like the weights
             return jax.lax.with_sharding_constraint(tree, shardings.params)

@@ -17,7 +17,7 @@ from mixtral_jax.parallel import sharding
 from mixtral_jax.train import trainable
 from mixtral_jax.train.config import TrainConfig
 from mixtral_jax.train.step import (
-    cast_read_once,
+    cast_named,
     init_state,
     make_optimizer,
     make_train_step,
@@ -105,7 +105,7 @@ def test_only_kernel_written_expert_gradients_are_narrowed():
 
     def narrowed(changes, dtype=jnp.bfloat16):
         plan = kernel_plan.resolve(cfg.replace(**changes), 64, cached=False)
-        tree = cast_read_once(params, dtype, narrowed_names(plan))
+        tree = cast_named(params, dtype, narrowed_names(plan))
         return {
             "/".join(getattr(k, "key", str(k)) for k in path)
             for path, x in jax.tree_util.tree_leaves_with_path(tree)
