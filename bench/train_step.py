@@ -117,6 +117,14 @@ def print_profile(summary: dict | None, impl: str, top: int = 40) -> None:
         print(f"  {v['us'] / 1e3:8.2f} ms {v['count']:6.1f}x  {name[:100]}")
 
 
+def _field_value(text: str) -> tuple[str, str]:
+    """--set's FIELD=VALUE as a pair; argparse turns the error into one usage line."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE")
+    return field, value
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=2)
@@ -131,9 +139,11 @@ def main():
         "--fused-swiglu", default="auto", choices=("auto", "on", "off"), help="gate+up+SwiGLU"
     )
     p.add_argument("--layer-loops", default="scan", help="comma-separated: scan, unrolled")
-    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE, a compute field")
+    p.add_argument(
+        "--set", action="append", default=[], type=_field_value, help="FIELD=VALUE, a compute field"
+    )
     args = p.parse_args()
-    changes = dict(kv.split("=", 1) for kv in args.set)
+    changes = dict(args.set)
     args.batch = args.batch or (2 if args.tiny else 4)
     args.seq = args.seq or (64 if args.tiny else 4096)
     peer_row = (

@@ -30,6 +30,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import mixtral_jax as mj
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s `--dist loadscope`, made to survive a crashed worker (`xdist_crash.py`)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist_crash import CrashSafeLoadScope
+
+    return CrashSafeLoadScope(config, log)
+
+
 @pytest.fixture
 def tiny_cfg() -> mj.ModelConfig:
     return mj.ModelConfig.tiny()
