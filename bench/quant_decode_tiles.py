@@ -1,7 +1,7 @@
 """The quantized-weight kernels (int8 / int4 codes dequantized in registers) on one GPU at 8x7B widths.
 
   python3 bench/quant_decode_tiles.py [--tokens 1,64] [--parts experts,projection,gmm]
-                                      [--quick] [--small]
+                                      [--quick] [--small] [--int4-forms float32,biased]
 
 Formats: bf16 (the float kernels, the baseline of the same run), int8 (one scale per output
 channel) and int4 (groups of 128 rows of K, float32 scales), all made on the device from the
@@ -25,6 +25,9 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               weight from gmm_quant.DEQUANTIZE_ROWS rows), "codes_kernel" the kernel reading
               codes: the pair sets DEQUANTIZE_ROWS.
 
+--int4-forms: the int4 tile forms to measure (`weight_tiles.INT4_FORM`): the first runs every
+format, each later one the int4 rows again; every line names its form ("int4_form").
+
 --small runs tiny widths (on CPU: the kernels interpreted, wall-clock times) to check this
 script's logic. Writes $OUT/quant_decode_tiles.json with every line.
 """
@@ -47,7 +50,7 @@ from bench.common import environment, kernel_summary, timed, trace_kernels, writ
 from mixtral_jax.kernels import decode_matmul as dm
 from mixtral_jax.kernels import expert_decode as ed
 from mixtral_jax.kernels import expert_decode_grouped as edg
-from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant
+from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant, weight_tiles
 from mixtral_jax.kernels.common import DecodeTiles
 from mixtral_jax.moe import local as moe_local
 from mixtral_jax.moe import ops as moe_ops
@@ -70,9 +73,11 @@ GMM_SWEEP = [  # block_m, block_n, block_k, group_m, num_warps, num_stages
     (128, 256, 64, 8, 8, 3),
 ]
 LINES: list[dict] = []
+FORMATS_NOW = list(FORMATS)  # the formats this pass measures (main sets it per int4 form)
 
 
 def emit(row: dict) -> None:
+    row = {**row, "int4_form": weight_tiles.INT4_FORM}
     LINES.append(row)
     print(json.dumps(row), flush=True)
 
@@ -160,7 +165,7 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
         routing = moe_ops.route(x, router, TOPK)
         used = len(set(np.asarray(routing.experts).ravel().tolist()))
-        for fmt in FORMATS:
+        for fmt in FORMATS_NOW:
             w = [stacks[n][fmt] for n in ("w_gate", "w_up", "w_down")]
             dense = [_dense(s[1]) for s in w]
             want = moe_local.moe_dense(x.astype(jnp.float32), routing, *dense)[0]
@@ -244,7 +249,7 @@ def projection_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool
     )
     for m in tokens:
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
-        for fmt in FORMATS:
+        for fmt in FORMATS_NOW:
             stacks = [w[n][fmt] for n in "qkvo"]
             nbytes = sum(stored(s) for s in stacks) / LAYERS
             for path in ("dot", "vector") if m == 1 else ("dot",):
@@ -291,7 +296,7 @@ def gmm_part(sizes: dict, quick: bool, interpret: bool) -> None:
             cuts = np.sort(np.random.default_rng(rows).integers(0, rows, e - 1))
             gs = jnp.asarray(np.diff(np.concatenate([[0], cuts, [rows]])).astype(np.int32))
             lhs = jax.random.normal(keys[2], (rows, k), jnp.bfloat16)
-            for fmt in FORMATS:
+            for fmt in FORMATS_NOW:
                 rhs = weights[fmt][0]
                 want = jax.lax.ragged_dot(
                     lhs, _dense(rhs).astype(jnp.bfloat16), gs, preferred_element_type=jnp.float32
@@ -348,17 +353,25 @@ def main():
     p.add_argument("--parts", default="experts,projection,gmm")
     p.add_argument("--quick", action="store_true", help="default tiles only (no sweep)")
     p.add_argument("--small", action="store_true", help="tiny widths: this script's logic")
+    p.add_argument("--int4-forms", default="float32", help="int4 tile forms, comma-separated")
     args = p.parse_args()
+    forms = args.int4_forms.split(",")
+    for form in forms:
+        if form not in weight_tiles.INT4_FORMS:
+            p.error(f"--int4-forms: {form!r} is not one of {', '.join(weight_tiles.INT4_FORMS)}")
     sizes = SMALL if args.small else FULL
     interpret = not on_gpu()
     tokens = [int(t) for t in args.tokens.split(",")]
     parts = args.parts.split(",")
-    if "experts" in parts:
-        experts_part(sizes, tokens, args.quick, interpret)
-    if "projection" in parts:
-        projection_part(sizes, tokens, args.quick, interpret)
-    if "gmm" in parts:
-        gmm_part(sizes, args.quick, interpret)
+    for i, form in enumerate(forms):
+        weight_tiles.INT4_FORM = form  # read when the kernels are traced (each part jits anew)
+        FORMATS_NOW[:] = FORMATS if i == 0 else ("int4",)
+        if "experts" in parts:
+            experts_part(sizes, tokens, args.quick, interpret)
+        if "projection" in parts:
+            projection_part(sizes, tokens, args.quick, interpret)
+        if "gmm" in parts:
+            gmm_part(sizes, args.quick, interpret)
     write_json("quant_decode_tiles.json", {"env": environment(), "sizes": sizes, "rows": LINES})
 
 

@@ -91,13 +91,6 @@ def fit(
     )
 
 
-def dot_f32(a, b, precision):
-    """a [m, k] @ b [k, n] inside a kernel, accumulated in float32."""
-    return jax.lax.dot_general(
-        a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-    )
-
-
 def pow2_at_least(n: int, low: int = 16) -> int:
     """The smallest power of two >= n and >= low (a tile that covers n rows)."""
     return max(low, 1 << max(0, (n - 1).bit_length()))

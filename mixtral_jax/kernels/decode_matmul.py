@@ -37,7 +37,6 @@ from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.kernels.common import (
     MAX_TOKENS,
     DecodeTiles,
-    dot_f32,
     fit,
     matmul_precision,
     pow2_at_least,
@@ -111,11 +110,9 @@ def _kernel(
 
             def step(i, acc):
                 r0 = pl.multiple_of((split * num_steps + i) * bk, bk)  # stored rows
-                for k0, b, scale in weight_tiles.load(
-                    w_ref, (layer,), r0, col0, bk, bn, x_ref.dtype
-                ):
-                    a = x_ref[pl.ds(row0, bm), pl.ds(k0, bk)]  # [bm, bk]
-                    acc = acc + weight_tiles.scaled(dot_f32(a, b, precision), scale)
+                for tile in weight_tiles.load(w_ref, (layer,), r0, col0, bk, bn, x_ref.dtype):
+                    a = x_ref[pl.ds(row0, bm), pl.ds(tile.row0, bk)]  # [bm, bk]
+                    acc = acc + weight_tiles.product(a, tile, precision)
                 return acc
 
             acc = jax.lax.fori_loop(0, num_steps, step, jnp.zeros((bm, bn), jnp.float32))

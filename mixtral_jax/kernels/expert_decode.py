@@ -45,7 +45,6 @@ from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.kernels.common import (
     MAX_TOKENS,
     DecodeTiles,
-    dot_f32,
     matmul_precision,
     pow2_at_least,
 )
@@ -138,10 +137,10 @@ def _gate_up_kernel(
             r0 = pl.multiple_of(i * bk, bk)  # stored rows (K/2 byte rows for int4)
             gs = weight_tiles.load(wg_ref, lead, r0, col0, bk, bn, x_ref.dtype)
             us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, x_ref.dtype)
-            for (k0, g, g_scale), (_, u, u_scale) in zip(gs, us):  # [(row0, [bk, bn], scale)]
-                a = x_tile(k0)  # [bm, bk]
-                gate = gate + weight_tiles.scaled(dot_f32(a, g, precision), g_scale)
-                up = up + weight_tiles.scaled(dot_f32(a, u, precision), u_scale)
+            for g, u in zip(gs, us):  # Tiles [bk, bn] of the same rows of K
+                a = x_tile(g.row0)  # [bm, bk]
+                gate = gate + weight_tiles.product(a, g, precision)
+                up = up + weight_tiles.product(a, u, precision)
             return gate, up
 
         zeros = jnp.zeros((bm, bn), jnp.float32)
@@ -197,13 +196,13 @@ def _down_kernel(
 
         def step(i, acc):
             r0 = pl.multiple_of((split * steps + i) * bk, bk)  # stored rows of split j
-            for k0, b, scale in weight_tiles.load(wd_ref, lead, r0, col0, bk, bn, h_ref.dtype):
+            for tile in weight_tiles.load(wd_ref, lead, r0, col0, bk, bn, h_ref.dtype):
                 a = plgpu.load(
-                    h_ref.at[slot, :, pl.ds(k0, bk)],
+                    h_ref.at[slot, :, pl.ds(tile.row0, bk)],
                     mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
                     other=0,
                 )  # [bm, bk]
-                acc = acc + weight_tiles.scaled(dot_f32(a, b, precision), scale)  # b: [bk, bn]
+                acc = acc + weight_tiles.product(a, tile, precision)  # tile: [bk, bn]
             return acc
 
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))

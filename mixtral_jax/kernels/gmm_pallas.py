@@ -218,17 +218,14 @@ def _gmm_kernel(
             k0 = pl.multiple_of(i * bk, bk)  # stored rows of rhs (K/2 byte rows for int4)
             if transpose_rhs:
                 b = rhs_ref[layer, g, pl.ds(col0, bn), pl.ds(k0, bk)]  # [bn, bk]
-                tiles = [(k0, b, None)]
+                tiles = [weight_tiles.Tile(k0, b)]
                 dims = (((1,), (1,)), ((), ()))
-            else:  # [(row of K, [bk, bn], scale)]: codes and their scale if rhs is quantized
+            else:  # Tiles [bk, bn]: codes, their scale and offset if rhs is quantized
                 tiles = weight_tiles.load(rhs_ref, (layer, g), k0, col0, bk, bn, lhs_ref.dtype)
                 dims = (((1,), (0,)), ((), ()))
-            for row, b, scale in tiles:
-                a = lhs_ref[pl.ds(row0, bm), pl.ds(row, bk)]  # [bm, bk]
-                part = jax.lax.dot_general(
-                    a, b, dims, precision=precision, preferred_element_type=jnp.float32
-                )
-                acc = acc + weight_tiles.scaled(part, scale)
+            for tile in tiles:
+                a = lhs_ref[pl.ds(row0, bm), pl.ds(tile.row0, bk)]  # [bm, bk]
+                acc = acc + weight_tiles.product(a, tile, precision, dims)
             return acc
 
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))

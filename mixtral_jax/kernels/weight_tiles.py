@@ -19,12 +19,24 @@ gives and `common.fit` honours. Only the weight's bytes cross memory: 1 byte (in
 (int4) per weight plus the scales, against 2 for bfloat16. `vector_step` is the one-token form
 (vector units, no matrix-unit dot).
 
+int4 tiles for bfloat16 compute come in one of two forms (`INT4_FORM`, read at trace time):
+  "float32"  each code to float32 by its bits (`_nibble_to_f32`: a mask, an XOR, a float
+             subtraction) and then to bfloat16: the default.
+  "biased"   each code n as the bfloat16 n + 136, made by integer ops alone (a mask and an XOR
+             into the bits of bfloat16 128; `_nibble_to_biased_bf16`), no float arithmetic per
+             weight; the product removes the offset once per row, x @ (codes + 136) - 136 *
+             sum(x) (`product`), before the scale. Exact tiles; the products differ from the
+             float32 form's only by float32 rounding of the larger sums. Written to cut the
+             per-weight work that bounds the int4 kernels on the H200; not yet measured there
+             (bench/quant_decode_tiles.py --int4-forms float32,biased compares the two).
+
 Letters: K contraction width, N output width, G scale group (rows of K per scale).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +44,27 @@ from jax.experimental import pallas as pl
 
 from mixtral_jax.kernels import common, quant
 from mixtral_jax.kernels.quant import QuantizedWeight
+
+INT4_FORM = "float32"  # or "biased": see the module docstring
+INT4_FORMS = ("float32", "biased")
+_INT4_OFFSET = 136.0  # the biased form's n + 8 in the mantissa of 128
+
+
+class Tile(NamedTuple):
+    """One tile of a weight step, as `load` gives it.
+
+    Attributes:
+      row0: the first row of K it covers (the x columns it multiplies).
+      values: [bk, bn] in the compute dtype: the weight, or the integer codes (exact), or the
+        codes plus `offset` (the biased int4 form).
+      scale: [bn] float32, the group's scale row, or None for a float weight.
+      offset: what every value adds to its code (None: nothing).
+    """
+
+    row0: Any
+    values: jax.Array
+    scale: jax.Array | None = None
+    offset: float | None = None
 
 
 def stored_rows(w) -> int:
@@ -79,7 +112,7 @@ def fit(
     )
 
 
-def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[tuple]:
+def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[Tile]:
     """Inside a kernel: the tiles of stored rows [r0, r0 + bk), columns [col0, col0 + bn).
 
     Args:
@@ -88,30 +121,43 @@ def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[tuple]:
       r0, col0: first stored row (a multiple of bk) and first column.
       dtype: the compute dtype the tiles come in.
     Returns:
-      [(row0, tile [bk, bn] in dtype, scale [bn] float32 or None)]: row0 the first row of K the
-      tile covers (the x columns it multiplies); one triple, or two for int4. A quantized tile
-      holds the integer codes (exact in bfloat16): x @ tile is multiplied by its group's scale
-      row afterwards (`scaled`), in float32, which is cheaper than scaling every weight.
+      one Tile, or two for int4 (rows r0.. and K/2 + r0..). A quantized tile holds the integer
+      codes (exact in bfloat16), or for int4 in the biased form the codes + 136: x @ tile is
+      corrected and multiplied by its group's scale row afterwards (`product`), in float32,
+      which is cheaper than scaling every weight.
     """
     rows, cols = pl.ds(r0, bk), pl.ds(col0, bn)
     if not isinstance(w, QuantizedWeight):
-        return [(r0, w[(*lead, rows, cols)], None)]
+        return [Tile(r0, w[(*lead, rows, cols)])]
     codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
+    offset = None
     if w.bits == 8:
         parts = [(r0, _int8_to_f32(codes))]
+    elif INT4_FORM == "biased" and jnp.dtype(dtype) == jnp.bfloat16:
+        byte, half, offset = codes.astype(jnp.uint16), w.shape[-2] // 2, _INT4_OFFSET
+        parts = [(r0, _nibble_to_biased_bf16(byte)), (r0 + half, _nibble_to_biased_bf16(byte >> 4))]
     else:
         byte, half = codes.astype(jnp.int32), w.shape[-2] // 2  # zero-extended bytes
         parts = [(r0, _nibble_to_f32(byte)), (r0 + half, _nibble_to_f32(byte >> 4))]
     tiles = []
     for row0, c in parts:
         scale = w.scale[(*lead, row0 // w.group_size, cols)].astype(jnp.float32)  # [bn]
-        tiles.append((row0, c.astype(dtype), scale))
+        tiles.append(Tile(row0, c.astype(dtype), scale, offset))
     return tiles
 
 
-def scaled(part: jax.Array, scale) -> jax.Array:
-    """A partial product [bm, bn] times its tile's scale row (none for float weights)."""
-    return part if scale is None else part * scale[None, :]
+_MATMUL = (((1,), (0,)), ((), ()))  # a [bm, bk] @ b [bk, bn]
+
+
+def product(a: jax.Array, tile: Tile, precision, dims=_MATMUL) -> jax.Array:
+    """a [bm, bk] times a tile's values (as `dims` says), float32 [bm, bn]: the offset removed
+    (x @ (codes + o) - o * sum(x) over the tile's rows) and the scale row applied."""
+    part = jax.lax.dot_general(
+        a, tile.values, dims, precision=precision, preferred_element_type=jnp.float32
+    )
+    if tile.offset is not None:
+        part = part - tile.offset * jnp.sum(a.astype(jnp.float32), axis=1)[:, None]
+    return part if tile.scale is None else part * tile.scale[None, :]
 
 
 def vector_step(acc, x_of, w, lead: tuple, r0, col0: int, bk: int, bn: int) -> jax.Array:
@@ -125,9 +171,9 @@ def vector_step(acc, x_of, w, lead: tuple, r0, col0: int, bk: int, bn: int) -> j
     Args:
       x_of: row0 -> the token's [bk] slice of K starting at row0.
     """
-    for row0, tile, scale in load(w, lead, r0, col0, bk, bn, jnp.float32):
-        weight = tile if scale is None else tile * scale[None, :]  # [bk, bn] float32
-        acc = acc + x_of(row0).astype(jnp.float32)[:, None] * weight
+    for tile in load(w, lead, r0, col0, bk, bn, jnp.float32):  # float32: no offset
+        weight = tile.values if tile.scale is None else tile.values * tile.scale[None, :]
+        acc = acc + x_of(tile.row0).astype(jnp.float32)[:, None] * weight  # [bk, bn]
     return acc
 
 
@@ -142,6 +188,12 @@ def _int8_to_f32(codes: jax.Array) -> jax.Array:
     """int8 codes [-127, 127] -> float32, exactly."""
     biased = codes.astype(jnp.int32) + (_MAGIC + 128)
     return jax.lax.bitcast_convert_type(biased, jnp.float32) - float(2**23 + 128)
+
+
+def _nibble_to_biased_bf16(byte: jax.Array) -> jax.Array:
+    """The low nibble of uint16 bytes (two's complement n in [-8, 7]) -> bfloat16 n + 136,
+    exactly: n + 8 (the nibble XOR 8) in the low mantissa bits of 128 (bits 0x4300)."""
+    return jax.lax.bitcast_convert_type((byte & 0xF) ^ 0x4308, jnp.bfloat16)
 
 
 def _nibble_to_f32(byte: jax.Array) -> jax.Array:
