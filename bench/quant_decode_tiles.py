@@ -1,7 +1,7 @@
 """The quantized-weight kernels (int8 / int4 codes dequantized in registers) on one GPU at 8x7B widths.
 
   python3 bench/quant_decode_tiles.py [--tokens 1,64] [--parts experts,projection,gmm]
-                                      [--quick] [--small] [--int4-forms float32,biased]
+                                      [--quick] [--small] [--tile-forms float32,biased]
 
 Formats: bf16 (the float kernels, the baseline of the same run), int8 (one scale per output
 channel) and int4 (groups of 128 rows of K, float32 scales), all made on the device from the
@@ -25,8 +25,9 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               weight from gmm_quant.DEQUANTIZE_ROWS rows), "codes_kernel" the kernel reading
               codes: the pair sets DEQUANTIZE_ROWS.
 
---int4-forms: the int4 tile forms to measure (`weight_tiles.INT4_FORM`): the first runs every
-format, each later one the int4 rows again; every line names its form ("int4_form").
+--tile-forms: the quantized tile forms to measure (`weight_tiles.TILE_FORM`): the first runs
+every format, each later one the int8 and int4 rows again; every line names its form
+("tile_form").
 
 --small runs tiny widths (on CPU: the kernels interpreted, wall-clock times) to check this
 script's logic. Writes $OUT/quant_decode_tiles.json with every line.
@@ -77,7 +78,7 @@ FORMATS_NOW = list(FORMATS)  # the formats this pass measures (main sets it per 
 
 
 def emit(row: dict) -> None:
-    row = {**row, "int4_form": weight_tiles.INT4_FORM}
+    row = {**row, "tile_form": weight_tiles.TILE_FORM}
     LINES.append(row)
     print(json.dumps(row), flush=True)
 
@@ -353,19 +354,19 @@ def main():
     p.add_argument("--parts", default="experts,projection,gmm")
     p.add_argument("--quick", action="store_true", help="default tiles only (no sweep)")
     p.add_argument("--small", action="store_true", help="tiny widths: this script's logic")
-    p.add_argument("--int4-forms", default="float32", help="int4 tile forms, comma-separated")
+    p.add_argument("--tile-forms", default="float32", help="quantized tile forms, comma-separated")
     args = p.parse_args()
-    forms = args.int4_forms.split(",")
+    forms = args.tile_forms.split(",")
     for form in forms:
-        if form not in weight_tiles.INT4_FORMS:
-            p.error(f"--int4-forms: {form!r} is not one of {', '.join(weight_tiles.INT4_FORMS)}")
+        if form not in weight_tiles.TILE_FORMS:
+            p.error(f"--tile-forms: {form!r} is not one of {', '.join(weight_tiles.TILE_FORMS)}")
     sizes = SMALL if args.small else FULL
     interpret = not on_gpu()
     tokens = [int(t) for t in args.tokens.split(",")]
     parts = args.parts.split(",")
     for i, form in enumerate(forms):
-        weight_tiles.INT4_FORM = form  # read when the kernels are traced (each part jits anew)
-        FORMATS_NOW[:] = FORMATS if i == 0 else ("int4",)
+        weight_tiles.TILE_FORM = form  # read when the kernels are traced (each part jits anew)
+        FORMATS_NOW[:] = FORMATS if i == 0 else ("int8", "int4")
         if "experts" in parts:
             experts_part(sizes, tokens, args.quick, interpret)
         if "projection" in parts:

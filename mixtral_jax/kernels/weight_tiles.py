@@ -19,16 +19,20 @@ gives and `common.fit` honours. Only the weight's bytes cross memory: 1 byte (in
 (int4) per weight plus the scales, against 2 for bfloat16. `vector_step` is the one-token form
 (vector units, no matrix-unit dot).
 
-int4 tiles for bfloat16 compute come in one of two forms (`INT4_FORM`, read at trace time):
-  "float32"  each code to float32 by its bits (`_nibble_to_f32`: a mask, an XOR, a float
-             subtraction) and then to bfloat16: the default.
-  "biased"   each code n as the bfloat16 n + 136, made by integer ops alone (a mask and an XOR
-             into the bits of bfloat16 128; `_nibble_to_biased_bf16`), no float arithmetic per
-             weight; the product removes the offset once per row, x @ (codes + 136) - 136 *
-             sum(x) (`product`), before the scale. Exact tiles; the products differ from the
-             float32 form's only by float32 rounding of the larger sums. Written to cut the
-             per-weight work that bounds the int4 kernels on the H200; not yet measured there
-             (bench/quant_decode_tiles.py --int4-forms float32,biased compares the two).
+Quantized tiles for bfloat16 compute come in one of two forms (`TILE_FORM`, read at trace time):
+  "float32"  each code to float32 by its bits (`_int8_to_f32`, `_nibble_to_f32`: integer ops
+             and a float subtraction), then converted to bfloat16: the default.
+  "biased"   no float arithmetic or conversion per weight: a nibble v ORed into the low
+             mantissa bits of bfloat16 128 (bits 0x4300) is the bfloat16 128 + v, exactly
+             (`_nibble_plus_128`), and `product` removes the offset once per row after the
+             dot, x @ (v + o) - o * sum(x). An int4 code n is one tile of n + 136 (v = n + 8,
+             the nibble XOR 8). An int8 code c splits as c + 128 = 16 h + l into two tiles
+             over the same rows, 128 + h (times 16, in its scale) and 128 + l, the offsets
+             summing to 2304: two dots per step (free while the kernels stream memory; not
+             in a compute-bound prefill). Exact tiles; the products differ from the float32
+             form's only by float32 rounding of the larger sums. Written to cut the
+             per-weight work that bounds the quantized kernels on the H200; not yet measured
+             there (bench/quant_decode_tiles.py --tile-forms float32,biased compares the two).
 
 Letters: K contraction width, N output width, G scale group (rows of K per scale).
 """
@@ -45,9 +49,8 @@ from jax.experimental import pallas as pl
 from mixtral_jax.kernels import common, quant
 from mixtral_jax.kernels.quant import QuantizedWeight
 
-INT4_FORM = "float32"  # or "biased": see the module docstring
-INT4_FORMS = ("float32", "biased")
-_INT4_OFFSET = 136.0  # the biased form's n + 8 in the mantissa of 128
+TILE_FORM = "float32"  # or "biased": see the module docstring
+TILE_FORMS = ("float32", "biased")
 
 
 class Tile(NamedTuple):
@@ -55,9 +58,10 @@ class Tile(NamedTuple):
 
     Attributes:
       row0: the first row of K it covers (the x columns it multiplies).
-      values: [bk, bn] in the compute dtype: the weight, or the integer codes (exact), or the
-        codes plus `offset` (the biased int4 form).
-      scale: [bn] float32, the group's scale row, or None for a float weight.
+      values: [bk, bn] in the compute dtype: the weight, or the integer codes (exact), or in
+        the biased form a nibble of each code plus `offset`.
+      scale: [bn] float32, the group's scale row (times 16 for the biased form's high nibbles
+        of int8), or None for a float weight.
       offset: what every value adds to its code (None: nothing).
     """
 
@@ -121,29 +125,48 @@ def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[Tile]:
       r0, col0: first stored row (a multiple of bk) and first column.
       dtype: the compute dtype the tiles come in.
     Returns:
-      one Tile, or two for int4 (rows r0.. and K/2 + r0..). A quantized tile holds the integer
-      codes (exact in bfloat16), or for int4 in the biased form the codes + 136: x @ tile is
-      corrected and multiplied by its group's scale row afterwards (`product`), in float32,
-      which is cheaper than scaling every weight.
+      one Tile, or two for int4 (rows r0.. and K/2 + r0..) and for int8 in the biased form (two
+      nibbles of the same rows). A quantized tile holds the integer codes (exact in bfloat16)
+      or, in the biased form, nibbles plus an offset: x @ tile is corrected and multiplied by
+      its group's scale row afterwards (`product`), in float32, which is cheaper than scaling
+      every weight.
     """
     rows, cols = pl.ds(r0, bk), pl.ds(col0, bn)
     if not isinstance(w, QuantizedWeight):
         return [Tile(r0, w[(*lead, rows, cols)])]
     codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
-    offset = None
-    if w.bits == 8:
-        parts = [(r0, _int8_to_f32(codes))]
-    elif INT4_FORM == "biased" and jnp.dtype(dtype) == jnp.bfloat16:
-        byte, half, offset = codes.astype(jnp.uint16), w.shape[-2] // 2, _INT4_OFFSET
-        parts = [(r0, _nibble_to_biased_bf16(byte)), (r0 + half, _nibble_to_biased_bf16(byte >> 4))]
+    half = w.shape[-2] // 2
+    if TILE_FORM == "biased" and jnp.dtype(dtype) == jnp.bfloat16:
+        parts = _biased_parts(codes, w.bits, r0, half)
+    elif w.bits == 8:
+        parts = [(r0, _int8_to_f32(codes).astype(dtype), 1, None)]
     else:
-        byte, half = codes.astype(jnp.int32), w.shape[-2] // 2  # zero-extended bytes
-        parts = [(r0, _nibble_to_f32(byte)), (r0 + half, _nibble_to_f32(byte >> 4))]
+        byte = codes.astype(jnp.int32)  # zero-extended bytes
+        parts = [
+            (r0, _nibble_to_f32(byte).astype(dtype), 1, None),
+            (r0 + half, _nibble_to_f32(byte >> 4).astype(dtype), 1, None),
+        ]
     tiles = []
-    for row0, c in parts:
+    for row0, values, times, offset in parts:
         scale = w.scale[(*lead, row0 // w.group_size, cols)].astype(jnp.float32)  # [bn]
-        tiles.append(Tile(row0, c.astype(dtype), scale, offset))
+        tiles.append(Tile(row0, values, scale if times == 1 else scale * times, offset))
     return tiles
+
+
+def _biased_parts(codes: jax.Array, bits: int, r0, half: int) -> list[tuple]:
+    """The biased form's tiles of one step: [(row0, bfloat16 [bk, bn], scale multiplier,
+    offset)], each value 128 + a nibble (see the module docstring)."""
+    if bits == 8:
+        u = jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.uint16) ^ 0x80  # c + 128
+        return [
+            (r0, _nibble_plus_128(u >> 4), 16, 128.0),
+            (r0, _nibble_plus_128(u & 0xF), 1, 256.0),
+        ]
+    byte = codes.astype(jnp.uint16)  # int4: the nibble XOR 8 is n + 8
+    return [
+        (r0, _nibble_plus_128((byte & 0xF) ^ 8), 1, 136.0),
+        (r0 + half, _nibble_plus_128((byte >> 4) ^ 8), 1, 136.0),
+    ]
 
 
 _MATMUL = (((1,), (0,)), ((), ()))  # a [bm, bk] @ b [bk, bn]
@@ -190,10 +213,10 @@ def _int8_to_f32(codes: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(biased, jnp.float32) - float(2**23 + 128)
 
 
-def _nibble_to_biased_bf16(byte: jax.Array) -> jax.Array:
-    """The low nibble of uint16 bytes (two's complement n in [-8, 7]) -> bfloat16 n + 136,
-    exactly: n + 8 (the nibble XOR 8) in the low mantissa bits of 128 (bits 0x4300)."""
-    return jax.lax.bitcast_convert_type((byte & 0xF) ^ 0x4308, jnp.bfloat16)
+def _nibble_plus_128(v: jax.Array) -> jax.Array:
+    """uint16 values v in [0, 15] -> bfloat16 128 + v, exactly, with no float arithmetic: v in
+    the low mantissa bits of 128 (bits 0x4300; the mantissa's spacing there is 1)."""
+    return jax.lax.bitcast_convert_type(v | 0x4300, jnp.bfloat16)
 
 
 def _nibble_to_f32(byte: jax.Array) -> jax.Array:

@@ -221,7 +221,8 @@ def test_cached_call_of_many_tokens_through_the_grouped_kernel_equals_the_full_f
     assert set(projected) == {(80, cfg.num_layers)}  # q/k/v, o and the router, whole stacks
 
 
-def test_int4_stacks_equal_the_oracle_with_biased_tiles(monkeypatch):
-    """The bfloat16 int4 case above, with weight_tiles.INT4_FORM = "biased"."""
-    monkeypatch.setattr(weight_tiles, "INT4_FORM", "biased")
+def test_quantized_stacks_equal_the_oracle_with_biased_tiles(monkeypatch):
+    """The bfloat16 cases above, with weight_tiles.TILE_FORM = "biased"."""
+    monkeypatch.setattr(weight_tiles, "TILE_FORM", "biased")
     test_quantized_stacks_equal_the_dequantize_then_matmul_oracle(256, 4, 16, jnp.bfloat16)
+    test_quantized_stacks_equal_the_dequantize_then_matmul_oracle(65, 8, 16, jnp.bfloat16)
