@@ -30,6 +30,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import mixtral_jax as mj
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: no error where xdist is not installed
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s `--dist loadscope`, made to survive a crashed worker (`xdist_crash.py`)."""
     if config.getvalue("dist") != "loadscope":
