@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-8x22b", dest="big", action="store_false")
     p.add_argument("--tiny", action="store_true", help="tiny widths (a CPU check)")
     p.add_argument("--set", action="append", default=[], help="compute setting (repeatable)")
-    p.add_argument("--tile-form", choices=weight_tiles.TILE_FORMS, default=weight_tiles.TILE_FORM)
+    p.add_argument("--tile-form", choices=weight_tiles.TILE_FORMS, default="float32")
     args = p.parse_args(argv)
     weight_tiles.TILE_FORM = args.tile_form  # read when the kernels are traced
     from bench.common import copy_bandwidth_tbs, environment, timed, write_json

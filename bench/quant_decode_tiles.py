@@ -74,7 +74,6 @@ GMM_SWEEP = [  # block_m, block_n, block_k, group_m, num_warps, num_stages
     (128, 256, 64, 8, 8, 3),
 ]
 LINES: list[dict] = []
-FORMATS_NOW = list(FORMATS)  # the formats this pass measures (main sets it per int4 form)
 
 
 def emit(row: dict) -> None:
@@ -126,7 +125,9 @@ def make_formats(key, shape, group: int) -> dict:
     return {"bf16": bf16, "int8": q8, "int4": q4}
 
 
-def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -> None:
+def experts_part(
+    sizes: dict, tokens: list[int], quick: bool, interpret: bool, formats=FORMATS
+) -> None:
     d, f, e = sizes["d"], sizes["f"], sizes["e"]
     keys = jax.random.split(jax.random.key(0), 5)
     stacks = {
@@ -166,7 +167,7 @@ def experts_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
         routing = moe_ops.route(x, router, TOPK)
         used = len(set(np.asarray(routing.experts).ravel().tolist()))
-        for fmt in FORMATS_NOW:
+        for fmt in formats:
             w = [stacks[n][fmt] for n in ("w_gate", "w_up", "w_down")]
             dense = [_dense(s[1]) for s in w]
             want = moe_local.moe_dense(x.astype(jnp.float32), routing, *dense)[0]
@@ -236,7 +237,9 @@ def sweep_one(base: dict, cfg: tuple | str, nbytes: float, measure) -> None:
         emit({**base, "tiles": tiles, "error": str(err)[:300]})
 
 
-def projection_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool) -> None:
+def projection_part(
+    sizes: dict, tokens: list[int], quick: bool, interpret: bool, formats=FORMATS
+) -> None:
     d, kv = sizes["d"], sizes["kv"]
     keys = jax.random.split(jax.random.key(1), 5)
     shapes = {"q": (LAYERS, d, d), "k": (LAYERS, d, kv), "v": (LAYERS, d, kv), "o": (LAYERS, d, d)}
@@ -250,7 +253,7 @@ def projection_part(sizes: dict, tokens: list[int], quick: bool, interpret: bool
     )
     for m in tokens:
         x = jax.random.normal(keys[4], (m, d), jnp.bfloat16)
-        for fmt in FORMATS_NOW:
+        for fmt in formats:
             stacks = [w[n][fmt] for n in "qkvo"]
             nbytes = sum(stored(s) for s in stacks) / LAYERS
             for path in ("dot", "vector") if m == 1 else ("dot",):
@@ -288,7 +291,7 @@ def _dense(w) -> jax.Array:
     return w.astype(jnp.float32) if not isinstance(w, quant.QuantizedWeight) else w.dequantize()
 
 
-def gmm_part(sizes: dict, quick: bool, interpret: bool) -> None:
+def gmm_part(sizes: dict, quick: bool, interpret: bool, formats=FORMATS) -> None:
     d, f, e = sizes["d"], sizes["f"], sizes["e"]
     keys = jax.random.split(jax.random.key(2), 4)
     for name, (k, n), key in (("gate", (d, f), keys[0]), ("down", (f, d), keys[1])):
@@ -297,7 +300,7 @@ def gmm_part(sizes: dict, quick: bool, interpret: bool) -> None:
             cuts = np.sort(np.random.default_rng(rows).integers(0, rows, e - 1))
             gs = jnp.asarray(np.diff(np.concatenate([[0], cuts, [rows]])).astype(np.int32))
             lhs = jax.random.normal(keys[2], (rows, k), jnp.bfloat16)
-            for fmt in FORMATS_NOW:
+            for fmt in formats:
                 rhs = weights[fmt][0]
                 want = jax.lax.ragged_dot(
                     lhs, _dense(rhs).astype(jnp.bfloat16), gs, preferred_element_type=jnp.float32
@@ -366,13 +369,13 @@ def main():
     parts = args.parts.split(",")
     for i, form in enumerate(forms):
         weight_tiles.TILE_FORM = form  # read when the kernels are traced (each part jits anew)
-        FORMATS_NOW[:] = FORMATS if i == 0 else ("int8", "int4")
+        formats = FORMATS if i == 0 else ("int8", "int4")  # bf16 has no tiles to form
         if "experts" in parts:
-            experts_part(sizes, tokens, args.quick, interpret)
+            experts_part(sizes, tokens, args.quick, interpret, formats)
         if "projection" in parts:
-            projection_part(sizes, tokens, args.quick, interpret)
+            projection_part(sizes, tokens, args.quick, interpret, formats)
         if "gmm" in parts:
-            gmm_part(sizes, args.quick, interpret)
+            gmm_part(sizes, args.quick, interpret, formats)
     write_json("quant_decode_tiles.json", {"env": environment(), "sizes": sizes, "rows": LINES})
 
 
