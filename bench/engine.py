@@ -4,6 +4,7 @@ GPU: the full Mixtral 8x7B widths, random bf16 weights made on the device, besid
   python3 bench/engine.py [--layers 32] [--batches 1,16,64,256] [--prompt 128] [--max-tokens 512]
       [--steps 32] [--block-size 16] [--prefill-chunk 128] [--prefill-budget 512]
       [--set paged_attention_impl=pallas] [--one-batch] [--profile] [--unroll N]
+      [--sampling greedy|temperature|top-p]
   JAX_PLATFORMS=cpu python3 bench/engine.py --preset tiny      # the code path, in seconds
 
 Per batch size B, one `Engine(max_batch=B)`: warmup (every step shape compiled, timed), then
@@ -13,7 +14,9 @@ the whole budget over the step without, is how much a prefilling step stretches 
 stream's inter-token gap at this batch; the budget is chosen to keep it at 2 or below), then
 B requests of `--prompt` random tokens and `--max-tokens` new ones (ignore_eos) submitted at
 once and run by the engine's thread (fill_s: until all are prefilled, ceil(B x prompt /
-budget) steps when the chunk divides the prompt). Measured from the first decode step after every request has
+budget) steps when the chunk divides the prompt). --sampling: every request greedy (default),
+sampled at temperature 0.8 (no sort), or also with top_p 0.95 (the sampler's sort over the
+vocabulary every step). Measured from the first decode step after every request has
 been prefilled (decode only: no prefill chunk between steps) over `--steps` decode steps, from
 the engine's counters: output tokens/s and ms per step, through the engine's whole loop (host
 bookkeeping, per-row sampling, block tables) as a server runs it.
@@ -57,8 +60,15 @@ from bench.common import (
     write_json,
 )
 from bench.decode import step_bytes
+from mixtral_jax.generate.sampling import SamplingParams
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.serve.engine import Engine, Request
+
+SAMPLINGS = {
+    "greedy": SamplingParams(),
+    "temperature": SamplingParams(temperature=0.8),
+    "top-p": SamplingParams(temperature=0.8, top_p=0.95),
+}
 
 
 def kv_bytes(cfg: mj.ModelConfig, tokens: int) -> float:
@@ -95,17 +105,19 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
     start = time.perf_counter()
     engine.warmup()
     compile_s = time.perf_counter() - start
-    costs = step_costs(engine, batch, args.prompt, args.cost_reps)
+    costs = step_costs(engine, batch, args.prompt, args.cost_reps, args.sampling)
     rng = np.random.default_rng(batch)
     streams = [
         engine.submit(
             Request(
                 [int(t) for t in rng.integers(3, cfg.vocab_size, args.prompt)],
                 args.max_tokens,
+                SAMPLINGS[args.sampling],
+                seed=n,
                 ignore_eos=True,
             )
         )
-        for _ in range(batch)
+        for n in range(batch)
     ]
     engine.start()
     start = time.perf_counter()
@@ -156,7 +168,7 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
     }
 
 
-def step_costs(engine: Engine, batch: int, cached: int, reps: int) -> dict:
+def step_costs(engine: Engine, batch: int, cached: int, reps: int, setting: str) -> dict:
     """ms of the compiled decode step of `batch` active rows (random last tokens, `cached`
     tokens each) alone, and with a prefill group of q full chunks of random tokens for each
     compiled q (median of `reps` calls after one); itl_bound: the largest group's step over the
@@ -167,6 +179,8 @@ def step_costs(engine: Engine, batch: int, cached: int, reps: int) -> dict:
     vocab, chunk = engine.cfg.vocab_size, engine.prefill_chunk
     slots, table, lengths, active, sampling = engine._decode_args([], batch)[0]
     slots[:], lengths[:], active[:] = np.arange(batch), cached, True
+    params = SAMPLINGS[setting]
+    sampling.temperature[:], sampling.top_p[:] = params.temperature, params.top_p
     decode = (slots, table, lengths, active, sampling)
     width = engine._width(min(max(cached + 1, chunk), engine.max_context))
 
@@ -250,6 +264,7 @@ def main():
         "--bandwidth-tbs", type=float, default=None, help="default: measured (tiny: 0.05 nominal)"
     )
     p.add_argument("--profile", action="store_true", help="GPU kernels per decode step")
+    p.add_argument("--sampling", choices=sorted(SAMPLINGS), default="greedy")
     p.add_argument(
         "--one-batch",
         action="store_true",
@@ -301,6 +316,7 @@ def main():
             "prefill_budget": args.prefill_budget,
             "one_batch": args.one_batch,
             "set": args.set,
+            "sampling": args.sampling,
         },
         "model_build_s": build_s,
         "copy_bandwidth_tbs": bandwidth,

@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from mixtral_jax.config import ConfigError
@@ -94,20 +95,43 @@ class RowSampling:
         )
 
 
-def sample_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
+def sample_rows(logits: jax.Array, rows: RowSampling, *, filters: bool = True) -> jax.Array:
     """`sample` with each row's own settings and key: logits [B, V] float32 -> [B] int32.
 
     Row b's token equals `sample(logits[b:b+1], rows.keys()[b], SamplingParams(...row b...))`.
-    The draw (a sort over the vocabulary per row) runs for every batch, greedy or not: no
-    `lax.cond` on whether any row samples. On a GPU a conditional copies its predicate to the
-    host and waits for it, so the host could not dispatch the next step before this one's whole
-    forward had run (H200, the engine's batch-1 8x7B step: 6.7 of its 9.2 ms of host time were
-    spent inside that cond, `bench/host_trace.py`).
+    With `filters` (static) top-k and top-p run for every row: a sort over the vocabulary per row
+    ([256, 32000]: ~1.1 ms of an H200 decode step, `bench/engine.py --profile`). Without, they are
+    skipped: the same tokens for rows whose top_k is 0 and top_p 1 (the caller's promise; the
+    serving engine picks the variant on the host, `serve/steps.py`). Nothing depends on the
+    values through control flow: no `lax.cond` on whether any row samples. On a GPU a
+    conditional copies its predicate to the host and waits for it, so the host could not
+    dispatch the next step before this one's whole forward had run (H200, the engine's batch-1
+    8x7B step: 6.7 of its 9.2 ms of host time were spent inside that cond,
+    `bench/host_trace.py`).
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     hot = rows.temperature > 0
     scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
-    vocab = logits.shape[-1]
+    if filters:
+        scaled = _top_k_top_p(scaled, rows)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(
+        rows.keys(), scaled
+    )
+    return jnp.where(hot, drawn.astype(jnp.int32), greedy)
+
+
+def needs_filters(rows: RowSampling) -> bool:
+    """Whether any sampled row (temperature > 0) of host arrays asks for top-k or top-p."""
+    hot = np.asarray(rows.temperature) > 0
+    filtered = (np.asarray(rows.top_k) > 0) | (np.asarray(rows.top_p) < 1)
+    return bool(np.any(hot & filtered))
+
+
+def _top_k_top_p(scaled: jax.Array, rows: RowSampling) -> jax.Array:
+    """scaled [B, V] -> the same with -inf past each row's top-k and outside its nucleus (the
+    most probable tokens whose mass before them is < top_p), ranked by a stable sort as in
+    `sample`."""
+    vocab = scaled.shape[-1]
     order = jnp.argsort(-scaled, axis=-1)  # most probable first, stable as in `sample`
     ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V]
     k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, vocab), vocab)
@@ -118,10 +142,6 @@ def sample_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
     keep_ranked = (before < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1)
     keep_ranked &= ranked > -jnp.inf
     keep = (
-        jnp.zeros_like(keep_ranked).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_ranked)
+        jnp.zeros_like(keep_ranked).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep_ranked)
     )
-    filtered = jnp.where(keep, scaled, -jnp.inf)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(
-        rows.keys(), filtered
-    )
-    return jnp.where(hot, drawn.astype(jnp.int32), greedy)
+    return jnp.where(keep, scaled, -jnp.inf)

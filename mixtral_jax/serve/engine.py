@@ -401,18 +401,25 @@ class Engine:
     def warmup(self) -> None:
         """Compiles (and runs once, every row idle: writes go to the sink) every step shape:
         the decode step per batch and table width, and the decode step with a prefill group
-        per batch, width and group rows."""
+        per batch, width and group rows; and the sampling of each batch's and group's rows, with
+        top-k / top-p and without."""
         with self._step_lock:
             chunks = [self._chunk_args([], {}, rows)[0] for rows in self.chunk_rows]
             pool, last = self._pool, self._last
+            sampled = {}  # rows -> (slots, a StepOutput, sampling) to compile `sample` for
             for batch in self.batches:
                 decode, _ = self._decode_args([], batch)
                 for width in self.widths:
-                    pool, last, _ = self.steps.decode(pool, last, *_narrow(decode, width))
+                    pool, last, out = self.steps.decode(pool, last, *_narrow(decode, width))
+                    sampled[batch] = (decode[0], out, decode[4])
                     for chunk in chunks:
-                        pool, last, _, _ = self.steps.decode_with_chunk(
+                        pool, last, _, first = self.steps.decode_with_chunk(
                             pool, last, _narrow(decode, width), _narrow(chunk, width)
                         )
+                        sampled[len(chunk[5])] = (chunk[5], first, chunk[4])
+            for slots, out, sampling in sampled.values():
+                for filters in (False, True):
+                    last, _ = self.steps.sample(last, slots, out, sampling, force=filters)
             self._pool, self._last = jax.block_until_ready((pool, last))
 
     def run_once(self) -> bool:

@@ -4,7 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax.generate.sampling import RowSampling, SamplingParams, sample, sample_rows
+from mixtral_jax.generate.sampling import (
+    RowSampling,
+    SamplingParams,
+    needs_filters,
+    sample,
+    sample_rows,
+)
 
 SETTINGS = [
     SamplingParams(),
@@ -70,3 +76,22 @@ def test_sample_rows_has_no_conditional():
     )
     jaxpr = str(jax.make_jaxpr(sample_rows)(jnp.zeros((3, 11), jnp.float32), rows))
     assert "cond[" not in jaxpr and "while[" not in jaxpr
+
+
+def test_without_filters_rows_that_ask_for_none_draw_the_same_tokens():
+    """filters=False (no sort) equals the full sampler on greedy and temperature-only rows;
+    `needs_filters` says when a batch needs the full one."""
+    plain = [SamplingParams(), SamplingParams(temperature=0.8), SamplingParams(temperature=1.7)]
+    logits = jax.random.normal(jax.random.key(2), (len(plain), 50)) * 2
+    logits = logits.at[1, 7].set(-jnp.inf)  # a masked logit stays never drawn
+    for trial in range(4):
+        rows = _rows(plain, [trial, trial + 1, trial + 2], [trial] * 3)
+        want = np.asarray(jax.jit(sample_rows)(logits, rows))
+        got = np.asarray(jax.jit(lambda x, r: sample_rows(x, r, filters=False))(logits, rows))
+        assert got.tolist() == want.tolist(), trial
+    assert not needs_filters(_rows(plain, [0] * 3, [0] * 3))
+    # a greedy row's filters do not count; a sampled row's do
+    cold = [SamplingParams(top_k=5), SamplingParams(top_p=0.5), SamplingParams(temperature=1.0)]
+    assert not needs_filters(_rows(cold, [0] * 3, [0] * 3))
+    for hot in (SamplingParams(temperature=1.0, top_k=3), SamplingParams(0.5, top_p=0.9)):
+        assert needs_filters(_rows([*plain, hot], [0] * 4, [0] * 4))

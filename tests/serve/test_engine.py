@@ -148,6 +148,12 @@ def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(engine):
     assert among[3][0] == alone
     other_seed = Request(request.prompt, 12, hot, seed=99, ignore_eos=True)
     assert _drain(engine, [engine.submit(other_seed)])[0][0] != alone
+    # temperature alone: sampled without the top-k / top-p sort when no row filters, with it
+    # among neighbours that do (top_k 20): the same tokens either way
+    plain = Request(_prompt(9, 8), 12, SamplingParams(temperature=0.8), seed=7, ignore_eos=True)
+    alone = _drain(engine, [engine.submit(plain)])[0][0]
+    among = _drain(engine, [engine.submit(r) for r in [*_others(2), plain]])
+    assert among[2][0] == alone and engine.stats()["traces"] == 18  # nothing compiled
 
 
 def test_cancel_frees_the_row_and_its_blocks_within_one_step(engine):
@@ -381,7 +387,8 @@ def test_the_engine_thread_streams_and_shuts_down_finishing_in_flight(engine, re
         assert events[-1].finish == "length" and stream.first_token_at >= stream.submitted
     with pytest.raises(EngineClosed):
         engine.submit(Request([1, 2], 4))
-    # a decode step, and one with a prefill group of 1 and of 2 rows, per (batch, width),
-    # compiled once each by warmup
+    # a decode step, and one with a prefill group of 1 and of 2 rows, per (batch, width), and
+    # sampling with and without top-k / top-p per row count (1, 2, 4), compiled once each by
+    # warmup: the requests above, greedy and sampled, compiled nothing more
     assert engine.batches == [1, 4]
-    assert engine.stats()["traces"] == 3 * len(engine.batches) * len(engine.widths) == 12
+    assert engine.stats()["traces"] == 3 * len(engine.batches) * len(engine.widths) + 6 == 18

@@ -33,7 +33,9 @@ def engine(model):
     )
     assert eng.chunk_rows == [1, 4] and eng.widths == [8]
     eng.warmup()
-    assert eng.steps.traces == 3  # the decode step, and with each prefill group
+    # the decode step, and with each prefill group; sampling with and without top-k / top-p
+    # for 16 rows (the batch), 1 and 4 (the groups)
+    assert eng.steps.traces == 3 + 2 * 3
     yield eng
     eng.shutdown()
 
@@ -85,7 +87,7 @@ def test_a_burst_is_admitted_budget_tokens_a_step_while_a_stream_decodes(engine,
     assert engine.stats()["running"] == n + 1
     got = _tokens(engine, [runner, *burst])
     assert got == _greedy(model, [_prompt(CHUNK, 1)], 12) + _greedy(model, prompts, 6)
-    assert engine.steps.traces == 3  # the group sizes of the burst were all compiled
+    assert engine.steps.traces == 3 + 2 * 3  # the group sizes of the burst were all compiled
 
 
 def test_long_prompts_take_several_group_rows_and_equal_the_generator(engine, model):

@@ -104,8 +104,9 @@ def test_a_long_windowed_generation_holds_o_window_blocks_and_equals_the_generat
     )
     with _compiles() as warm:
         engine.warmup()
-    # the decode step and the decode step with a chunk per compiled batch (1, 2), one width
-    assert engine.batches == [1, 2] and len(warm) == 4
+    # the decode step and the decode step with a chunk per compiled batch (1, 2), one width;
+    # sampling with and without top-k / top-p for 1 and 2 rows
+    assert engine.batches == [1, 2] and len(warm) == 4 + 4
     streams = [engine.submit(Request(p, NEW, ignore_eos=True)) for p in PROMPTS]
     got, most = [[], []], [0, 0]
     with _compiles() as steady:
