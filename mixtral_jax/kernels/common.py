@@ -123,8 +123,12 @@ def sort_by_expert(experts: jax.Array, num_experts: int):
 
 def group_positions(experts: jax.Array, num_experts: int) -> jax.Array:
     """experts: [M, k] int32 -> [M, k] position of each assignment inside its expert's group
-    (assignments in token order, stable: earlier tokens first)."""
-    order, group_sizes = sort_by_expert(experts, num_experts)
+    (assignments in token order, stable: earlier tokens first): how many assignments before it,
+    in the flat order a = m*k + j, chose the same expert. A running count over a one-hot [A, E]
+    (fused elementwise work), not a sort and a scatter: `sort_by_expert`'s stable rank minus its
+    group's offset, the same integers (H200, 256-row decode step: the sort and the rank's
+    scatter were ~0.4 ms of its 32)."""
     flat = experts.reshape(-1)  # [A]
-    rank = jnp.zeros_like(flat).at[order].set(jnp.arange(flat.shape[0], dtype=flat.dtype))
-    return (rank - exclusive_cumsum(group_sizes)[flat]).reshape(experts.shape)
+    hot = (flat[:, None] == jnp.arange(num_experts, dtype=flat.dtype)).astype(jnp.int32)  # [A, E]
+    before = jnp.cumsum(hot, axis=0) - hot  # [A, E] earlier assignments of each expert
+    return jnp.take_along_axis(before, flat[:, None], axis=1).reshape(experts.shape)

@@ -25,6 +25,7 @@ Inference only: no gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -59,6 +60,12 @@ VECTOR = DecodeTiles(block_n=64, block_k=32, splits=4, num_warps=4, num_stages=4
 ROW_TILE, ROWS = MAX_TOKENS, DecodeTiles(block_n=128, block_k=64, splits=1, num_stages=4)
 WIDE_ROW_TILE, WIDE_ROWS = 128, DecodeTiles(block_n=64, block_k=64, splits=1, num_stages=4)
 WIDE = 256  # rows above which the wide row tiles apply
+# Above MAX_TOKENS rows a narrow output (the router: N = 16 padded) has one column tile per row
+# tile: 4 programs at 256 rows, each walking all of K alone (15.3 us a layer in the H200 step's
+# profile, `engine_b256_tiles_profile.json`, against 24.5 for o_proj's 128 programs). Those
+# calls split K until the grid has MIN_PROGRAMS programs (at most MAX_NARROW_SPLITS splits; the
+# float32 partials [J, M, N] of a narrow output are small).
+MIN_PROGRAMS, MAX_NARROW_SPLITS = 64, 16
 
 
 def _kernel(
@@ -161,6 +168,8 @@ def project_stacked(
         raise ValueError(f"project_stacked(vector=True) takes one token, got {m}")
     default = VECTOR if vector else PROJECTION if m <= MAX_TOKENS else WIDE_ROWS if wide else ROWS
     t = _fit(tiles or default, bm, stacks, x.dtype.itemsize)
+    if tiles is None and m > MAX_TOKENS:
+        t = _split_narrow(t, row_tiles * sum(w // t.block_n for w in widths), bm, stacks, x)
     steps = tuple(weight_tiles.stored_rows(s) // (t.splits * t.block_k) for s in stacks)
     cols = tuple(w // t.block_n for w in widths)
     precision = matmul_precision(x.dtype)
@@ -184,6 +193,19 @@ def project_stacked(
     )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.pad(x, ((0, padded - m), (0, 0))), *stacks)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     return tuple(jax.lax.stop_gradient(jnp.sum(p[:, :m], axis=0).astype(out_dtype)) for p in parts)
+
+
+def _split_narrow(t: DecodeTiles, programs: int, bm: int, stacks, x) -> DecodeTiles:
+    """t with K split (a power of two <= MAX_NARROW_SPLITS, each split whole block_k steps)
+    until the grid's `programs` x splits reaches MIN_PROGRAMS; t itself if it does already."""
+    splits = t.splits
+    while programs * splits < MIN_PROGRAMS and splits < MAX_NARROW_SPLITS:
+        splits *= 2
+    if splits == t.splits:
+        return t
+    fitted = _fit(dataclasses.replace(t, splits=splits), bm, stacks, x.dtype.itemsize)
+    rows = math.gcd(*(weight_tiles.stored_rows(s) for s in stacks))
+    return fitted if rows % (fitted.splits * fitted.block_k) == 0 else t
 
 
 def _fit(base: DecodeTiles, bm: int, stacks, itemsize: int) -> DecodeTiles:

@@ -160,6 +160,7 @@ def test_cached_decode_through_the_kernels_equals_the_full_forward(monkeypatch):
         (150, (64, 32), jnp.float32, 1e-5, None),  # 3 row tiles of 64, the last partly padding
         (150, (64, 32), jnp.float32, 1e-5, 128),  # 2 row tiles of 128
         (300, (64, 32), jnp.float32, 1e-5, None),  # above WIDE: 3 row tiles of 128
+        (256, (16,), jnp.float32, 1e-5, None),  # a router: 4 programs, K split in 4
     ],
 )
 def test_stacked_projection_equals_the_matmul_of_the_chosen_layer(m, widths, dtype, tol, row_tile):
@@ -175,3 +176,16 @@ def test_stacked_projection_equals_the_matmul_of_the_chosen_layer(m, widths, dty
         assert (
             float(jnp.max(jnp.abs(out.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want))) <= tol
         )
+
+
+def test_a_narrow_projection_of_many_rows_splits_k_until_the_grid_is_full():
+    """8x7B's router (N 16 padded, K 4096) at 256 rows: 4 row tiles x 1 column tile, K split
+    in 16 (64 programs of 4 steps); q/k/v's 192 programs stay unsplit."""
+    x = jax.ShapeDtypeStruct((256, 4096), jnp.bfloat16)
+    router = jax.ShapeDtypeStruct((32, 4096, 16), jnp.bfloat16)
+    qkv = jax.ShapeDtypeStruct((32, 4096, 4096), jnp.bfloat16)
+    t = decode_matmul._fit(decode_matmul.ROWS, 64, (router,), 2)
+    split = decode_matmul._split_narrow(t, 4, 64, (router,), x)
+    assert t.splits == 1 and split.splits == 16 and 4096 % (16 * split.block_k) == 0
+    t = decode_matmul._fit(decode_matmul.ROWS, 64, (qkv,), 2)
+    assert decode_matmul._split_narrow(t, 4 * 32, 64, (qkv,), x) is t

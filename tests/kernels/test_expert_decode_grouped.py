@@ -17,6 +17,7 @@ from mixtral_jax.config import DecodeExpertImpl, QuantizedImpl
 from mixtral_jax.kernels import decode_matmul, quant, weight_tiles
 from mixtral_jax.kernels import expert_decode_grouped as grouped
 from mixtral_jax.kernels import plan as kernel_plan
+from mixtral_jax.kernels.common import group_positions
 from mixtral_jax.kernels.plan import NVIDIA_GPU, resolve
 from mixtral_jax.model.kv_cache import KVCache
 from mixtral_jax.moe import local as moe_local
@@ -226,3 +227,19 @@ def test_quantized_stacks_equal_the_oracle_with_biased_tiles(monkeypatch):
     monkeypatch.setattr(weight_tiles, "TILE_FORM", "biased")
     test_quantized_stacks_equal_the_dequantize_then_matmul_oracle(256, 4, 16, jnp.bfloat16)
     test_quantized_stacks_equal_the_dequantize_then_matmul_oracle(65, 8, 16, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("m,k,e", [(1, 2, 8), (7, 2, 8), (256, 2, 8), (64, 1, 4), (33, 3, 16)])
+def test_group_positions_equal_the_stable_sorts_rank(m, k, e):
+    """The running count equals the obvious definition: the stable sort's rank of each
+    assignment minus its expert's first sorted row (skewed routing: some experts unused)."""
+    scores = jax.random.normal(jax.random.key(m * e), (m, e)) + jnp.arange(e) * 0.4
+    experts = jax.lax.top_k(scores, k)[1].astype(jnp.int32)  # distinct within a token
+    flat = np.asarray(experts).reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(flat.size)
+    starts = np.cumsum(np.bincount(flat, minlength=e)) - np.bincount(flat, minlength=e)
+    want = (rank - starts[flat]).reshape(m, k)
+    got = np.asarray(jax.jit(group_positions, static_argnums=1)(experts, e))
+    assert got.tolist() == want.tolist()
