@@ -4,7 +4,7 @@ GPU: the full Mixtral 8x7B widths, random bf16 weights made on the device, besid
   python3 bench/engine.py [--layers 32] [--batches 1,16,64,256] [--prompt 128] [--max-tokens 512]
       [--steps 32] [--block-size 16] [--prefill-chunk 128] [--prefill-budget 512]
       [--set paged_attention_impl=pallas] [--one-batch] [--profile] [--unroll N]
-      [--sampling greedy|temperature|top-p]
+      [--sampling greedy|temperature|top-p] [--hlo]
   JAX_PLATFORMS=cpu python3 bench/engine.py --preset tiny      # the code path, in seconds
 
 Per batch size B, one `Engine(max_batch=B)`: warmup (every step shape compiled, timed), then
@@ -105,7 +105,7 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
     start = time.perf_counter()
     engine.warmup()
     compile_s = time.perf_counter() - start
-    costs = step_costs(engine, batch, args.prompt, args.cost_reps, args.sampling)
+    costs = step_costs(engine, batch, args.prompt, args.cost_reps, args.sampling, args.hlo)
     rng = np.random.default_rng(batch)
     streams = [
         engine.submit(
@@ -168,7 +168,9 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
     }
 
 
-def step_costs(engine: Engine, batch: int, cached: int, reps: int, setting: str) -> dict:
+def step_costs(
+    engine: Engine, batch: int, cached: int, reps: int, setting: str, hlo: bool = False
+) -> dict:
     """ms of the compiled decode step of `batch` active rows (random last tokens, `cached`
     tokens each) alone, and with a prefill group of q full chunks of random tokens for each
     compiled q (median of `reps` calls after one); itl_bound: the largest group's step over the
@@ -203,6 +205,11 @@ def step_costs(engine: Engine, batch: int, cached: int, reps: int, setting: str)
         return 1000 * float(np.median(times[1:]))
 
     decode_ms = timed(lambda pool, last: engine.steps.decode(pool, last, *decode))
+    if hlo:  # the compiled decode step's optimized HLO: the profile's fusion names are its
+        steps = engine.steps
+        text = steps._decode.lower(steps.state, pool, last, *decode[:4]).compile().as_text()
+        with open(os.path.join(os.environ.get("OUT", "."), f"decode_step_b{batch}.hlo"), "w") as f:
+            f.write(text)
     with_prefill = {}
     for q in engine.chunk_rows:
         args = list(engine._chunk_args([], {}, q)[0])
@@ -265,6 +272,7 @@ def main():
     )
     p.add_argument("--profile", action="store_true", help="GPU kernels per decode step")
     p.add_argument("--sampling", choices=sorted(SAMPLINGS), default="greedy")
+    p.add_argument("--hlo", action="store_true", help="write the decode step's optimized HLO")
     p.add_argument(
         "--one-batch",
         action="store_true",
