@@ -86,31 +86,29 @@ def _gate_up_kernel(
     slot_expert_ref,
     active_ref,
     layer_ref,
-    *refs,
+    x_ref,
+    wg_ref,
+    wu_ref,
+    h_ref,
+    *,
     tiles: DecodeTiles,
     num_cols: int,
     chunks: int,
     rows: int,
     precision,
     vector: bool,
-    gather: bool,
 ):
     """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c]).
 
-    refs: (x, wg, wu, h), or with `gather` (token, x, wg, wu, h). x is [bm, D] (every slot's
-    rows), [S, bm, D] (each slot its own rows), or with `gather` [M, D] of which slot s's rows
-    are x[token[s]] (token [S, bm] int32, each < M), loaded as the tiles are; slots with
+    x is [bm, D] (every slot's rows) or [S, bm, D] (each slot its own rows); slots with
     active[s] = 0 write nothing. With `vector` (one token) only row 0 of h is written."""
-    token_ref, (x_ref, wg_ref, wu_ref, h_ref) = (refs[0], refs[1:]) if gather else (None, refs)
-    bm, bn, bk = h_ref.shape[-2], tiles.block_n, tiles.block_k
+    bm, bn, bk = x_ref.shape[-2], tiles.block_n, tiles.block_k
     slot, col, _ = _program(num_cols, 1, chunks)
     expert, layer = slot_expert_ref[slot], layer_ref[0]
     col0 = pl.multiple_of(col * bn, bn)
     row_mask = jnp.broadcast_to((jnp.arange(bm) < rows)[:, None], (bm, bn))
 
     def x_tile(k0):  # [bm, bk] of this slot's rows
-        if gather:
-            return x_ref[token_ref[slot, :], pl.ds(k0, bk)]
         return x_ref[:, pl.ds(k0, bk)] if x_ref.ndim == 2 else x_ref[slot, :, pl.ds(k0, bk)]
 
     @pl.when(active_ref[slot] != 0)
@@ -312,17 +310,13 @@ def expert_kernels(
     down_tiles: DecodeTiles,
     chunks: int = 1,
     vector: bool = False,
-    token: jax.Array | None = None,
     zero_inactive: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """The two kernels over S slots: part[j, s] = combine[s] * SwiGLU expert e_s of s's rows.
 
     Args:
-      x: [bm, D] rows every slot computes, or [S, bm, D] each slot's own rows, or with `token`
-        [M, D] of which slot s's rows are x[token[s]].
-      token: [S, bm] int32 rows of x (each < M), gathered by the gate/up kernel as it loads
-        them (no [S, bm, D] copy of x first).
+      x: [bm, D] rows every slot computes, or [S, bm, D] each slot's own rows.
       zero_inactive: inactive slots' parts are zeros (callers that sum over slots); False
         leaves them unwritten (callers that read only active slots' rows).
       slot_expert: [S] int32 expert of each slot; active: [S] int32, 0 for a slot that is
@@ -337,8 +331,7 @@ def expert_kernels(
     """
     w_gate, w_up, w_down = stacks
     check_weights(w_gate, w_up, w_down)
-    num_slots, d, f = slot_expert.shape[0], x.shape[-1], w_gate.shape[-1]
-    bm = x.shape[-2] if token is None else token.shape[1]
+    bm, d, f, num_slots = x.shape[-2], x.shape[-1], w_gate.shape[-1], slot_expert.shape[0]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     precision, itemsize = matmul_precision(x.dtype), x.dtype.itemsize
 
@@ -352,14 +345,13 @@ def expert_kernels(
             rows=rows,
             precision=precision,
             vector=vector,
-            gather=token is not None,
         ),
         out_shape=jax.ShapeDtypeStruct((num_slots, bm, f), x.dtype),
         grid=(num_slots * (f // t1.block_n),),
         compiler_params=plgpu.CompilerParams(num_warps=t1.num_warps, num_stages=t1.num_stages),
         interpret=interpret,
         name="expert_gate_up",
-    )(slot_expert, active, layer, *(() if token is None else (token,)), x, w_gate, w_up)
+    )(slot_expert, active, layer, x, w_gate, w_up)
 
     t2 = weight_tiles.fit(down_tiles, bm, w_down, d, 1, itemsize)
     steps = weight_tiles.stored_rows(w_down) // (t2.splits * t2.block_k)

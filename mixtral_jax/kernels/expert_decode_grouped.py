@@ -11,9 +11,8 @@ floor. Here each slot computes only its own rows:
            R rows: slot s = e * C + c holds chunk c of expert e, C = ceil(M / R) (an expert is
            chosen by at most M tokens), S = E * C slots, all shapes static; slot s is active iff
            c * R < count[e]: a balanced batch has E active slots, all tokens on one expert C;
-  rows     token [S, R]: row r of slot s is its token (M - 1 past the expert's count, with
-           routing weight 0); the gate/up kernel loads x[token] as it loads its tiles, so no
-           [S, R, D] copy of x is made;
+  gather   x_slots [S, R, D]: row r of slot s is its token's x, zeros past the expert's count
+           (a small copy: S*R*D elements, ~1% of the weight bytes at 256 tokens);
   kernels  `expert_decode.expert_kernels` over the S slots, each its own rows and expert:
            gate/up then down (split-K), inactive slots skipped (nothing stored: never read);
            the C chunks of one expert run side by side on the same weight tile (the program
@@ -163,12 +162,15 @@ def decode_experts_grouped(
             f"[{MIN_ROWS}, {MAX_ROWS}]"
         )
     slot_expert, active, token, combine, where = grouped_slots(experts, weights, num_experts, rows)
+    # [S, R, D]; padding rows (token M, out of range) read zeros: one gather, no padded copy of
+    # x first. (Gathering the rows inside the gate/up kernel instead, as it loads its tiles,
+    # made the H200's 256-row step 2.8 ms slower: 29.86 -> 32.68 ms, `engine_b256_in_kernel_
+    # gather.json`; Triton does not pipeline those pointer loads as it does the tiles.)
+    x_slots = x.at[token].get(mode="fill", fill_value=0)
     default_up, default_down = default_tiles(rows)
-    # The gate/up kernel reads each slot row's token from x as it loads its tiles (no [S, R, D]
-    # copy: 16.8 MB a layer at 256 rows, ~11 us on an H200). Padding rows read token M - 1 and
-    # their combine weight is 0; their parts, like inactive slots', are never read below.
+    # Inactive slots' parts and padding rows' parts are never read below: left unwritten.
     part = expert_decode.expert_kernels(
-        x,
+        x_slots,
         slot_expert,
         active,
         combine,
@@ -178,7 +180,6 @@ def decode_experts_grouped(
         gate_up_tiles=gate_up_tiles or default_up,
         down_tiles=down_tiles or default_down,
         chunks=slot_expert.shape[0] // num_experts,
-        token=jnp.minimum(token, m - 1),
         zero_inactive=False,
         interpret=interpret,
     )  # [J, S, R, D]
