@@ -3,7 +3,6 @@ Mixtral 8x22B with int4 experts resident on one H200.
 
   python3 bench/quant_decode.py [--layers 32] [--batches 1,64] [--new 128] [--formats
       bf16,int8,int4] [--group-size 128] [--no-8x22b] [--set quantized_impl=dequantize]
-      [--tile-form float32|biased]
   JAX_PLATFORMS=cpu python3 bench/quant_decode.py --tiny     # the same code at a tiny size
 
 Full 8x7B widths (32 layers): for each format the weights are drawn on the device one layer at
@@ -14,8 +13,7 @@ leaf never exists whole. Attention, router, embedding and LM head stay bf16. Dec
 through `Generator` (16-token random prompts, --new tokens, the second run timed), as
 bench/decode.py, beside the floor: the bytes one step must read at the copy bandwidth measured
 in the same run. Then 8x22B (56 layers, D 6144, F 16384) with int4 experts, batch 1.
---tile-form: how the quantized kernels turn codes into tiles (`weight_tiles.TILE_FORM`); the
-payload names it. Prints one JSON line last and writes $OUT/quant_decode.json.
+Prints one JSON line last and writes $OUT/quant_decode.json.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ import mixtral_jax as mj
 from bench.decode import decode_row
 from mixtral_jax.generate import Generator
 from mixtral_jax.kernels import plan as kernel_plan
-from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.model import quantized
 
 FORMATS = {"bf16": (16, None), "int8": (8, None), "int4": (4, 128)}  # bits, group (--group-size)
@@ -155,9 +152,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-8x22b", dest="big", action="store_false")
     p.add_argument("--tiny", action="store_true", help="tiny widths (a CPU check)")
     p.add_argument("--set", action="append", default=[], help="compute setting (repeatable)")
-    p.add_argument("--tile-form", choices=weight_tiles.TILE_FORMS, default="float32")
     args = p.parse_args(argv)
-    weight_tiles.TILE_FORM = args.tile_form  # read when the kernels are traced
     from bench.common import copy_bandwidth_tbs, environment, timed, write_json
 
     if args.tiny:  # a 64 MB copy: only the script's logic is checked at this size
@@ -178,7 +173,6 @@ def main(argv=None) -> dict:
     payload = {
         "env": environment(),
         "copy_bandwidth_tbs": bandwidth,
-        "tile_form": weight_tiles.TILE_FORM,
         "layers": small.num_layers,
         "runs": runs,
         "mixtral_8x22b_int4": big_run,

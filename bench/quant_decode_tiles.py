@@ -1,7 +1,7 @@
 """The quantized-weight kernels (int8 / int4 codes dequantized in registers) on one GPU at 8x7B widths.
 
   python3 bench/quant_decode_tiles.py [--tokens 1,64] [--parts experts,projection,gmm]
-                                      [--quick] [--small] [--tile-forms float32,biased]
+                                      [--quick] [--small]
 
 Formats: bf16 (the float kernels, the baseline of the same run), int8 (one scale per output
 channel) and int4 (groups of 128 rows of K, float32 scales), all made on the device from the
@@ -25,10 +25,6 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               weight from gmm_quant.DEQUANTIZE_ROWS rows), "codes_kernel" the kernel reading
               codes: the pair sets DEQUANTIZE_ROWS.
 
---tile-forms: the quantized tile forms to measure (`weight_tiles.TILE_FORM`): the first runs
-every format, each later one the int8 and int4 rows again; every line names its form
-("tile_form").
-
 --small runs tiny widths (on CPU: the kernels interpreted, wall-clock times) to check this
 script's logic. Writes $OUT/quant_decode_tiles.json with every line.
 """
@@ -51,7 +47,7 @@ from bench.common import environment, kernel_summary, timed, trace_kernels, writ
 from mixtral_jax.kernels import decode_matmul as dm
 from mixtral_jax.kernels import expert_decode as ed
 from mixtral_jax.kernels import expert_decode_grouped as edg
-from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant, weight_tiles
+from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant
 from mixtral_jax.kernels.common import DecodeTiles
 from mixtral_jax.moe import local as moe_local
 from mixtral_jax.moe import ops as moe_ops
@@ -77,7 +73,6 @@ LINES: list[dict] = []
 
 
 def emit(row: dict) -> None:
-    row = {**row, "tile_form": weight_tiles.TILE_FORM}
     LINES.append(row)
     print(json.dumps(row), flush=True)
 
@@ -357,25 +352,17 @@ def main():
     p.add_argument("--parts", default="experts,projection,gmm")
     p.add_argument("--quick", action="store_true", help="default tiles only (no sweep)")
     p.add_argument("--small", action="store_true", help="tiny widths: this script's logic")
-    p.add_argument("--tile-forms", default="float32", help="quantized tile forms, comma-separated")
     args = p.parse_args()
-    forms = args.tile_forms.split(",")
-    for form in forms:
-        if form not in weight_tiles.TILE_FORMS:
-            p.error(f"--tile-forms: {form!r} is not one of {', '.join(weight_tiles.TILE_FORMS)}")
     sizes = SMALL if args.small else FULL
     interpret = not on_gpu()
     tokens = [int(t) for t in args.tokens.split(",")]
     parts = args.parts.split(",")
-    for i, form in enumerate(forms):
-        weight_tiles.TILE_FORM = form  # read when the kernels are traced (each part jits anew)
-        formats = FORMATS if i == 0 else ("int8", "int4")  # bf16 has no tiles to form
-        if "experts" in parts:
-            experts_part(sizes, tokens, args.quick, interpret, formats)
-        if "projection" in parts:
-            projection_part(sizes, tokens, args.quick, interpret, formats)
-        if "gmm" in parts:
-            gmm_part(sizes, args.quick, interpret, formats)
+    if "experts" in parts:
+        experts_part(sizes, tokens, args.quick, interpret, FORMATS)
+    if "projection" in parts:
+        projection_part(sizes, tokens, args.quick, interpret, FORMATS)
+    if "gmm" in parts:
+        gmm_part(sizes, args.quick, interpret, FORMATS)
     write_json("quant_decode_tiles.json", {"env": environment(), "sizes": sizes, "rows": LINES})
 
 

@@ -19,20 +19,11 @@ gives and `common.fit` honours. Only the weight's bytes cross memory: 1 byte (in
 (int4) per weight plus the scales, against 2 for bfloat16. `vector_step` is the one-token form
 (vector units, no matrix-unit dot).
 
-Quantized tiles for bfloat16 compute come in one of two forms (`TILE_FORM`, read at trace time):
-  "float32"  each code to float32 by its bits (`_int8_to_f32`, `_nibble_to_f32`: integer ops
-             and a float subtraction), then converted to bfloat16: the default.
-  "biased"   no float arithmetic or conversion per weight: a nibble v ORed into the low
-             mantissa bits of bfloat16 128 (bits 0x4300) is the bfloat16 128 + v, exactly
-             (`_nibble_plus_128`), and `product` removes the offset once per row after the
-             dot, x @ (v + o) - o * sum(x). An int4 code n is one tile of n + 136 (v = n + 8,
-             the nibble XOR 8). An int8 code c splits as c + 128 = 16 h + l into two tiles
-             over the same rows, 128 + h (times 16, in its scale) and 128 + l, the offsets
-             summing to 2304: two dots per step (free while the kernels stream memory; not
-             in a compute-bound prefill). Exact tiles; the products differ from the float32
-             form's only by float32 rounding of the larger sums. Written to cut the
-             per-weight work that bounds the quantized kernels on the H200; not yet measured
-             there (bench/quant_decode_tiles.py --tile-forms float32,biased compares the two).
+Quantized codes become floats without an int-to-float conversion instruction (`_int8_to_f32`,
+`_nibble_to_f32`: integer ops and one float subtraction), then the compute dtype. A "biased"
+form that skipped the float step (nibbles ORed into the mantissa of bfloat16 128, the offset
+removed after the dot) was measured slower on the H200 in every kernel and removed
+(BENCHMARKS.md, 2026-12-03).
 
 Letters: K contraction width, N output width, G scale group (rows of K per scale).
 """
@@ -49,26 +40,19 @@ from jax.experimental import pallas as pl
 from mixtral_jax.kernels import common, quant
 from mixtral_jax.kernels.quant import QuantizedWeight
 
-TILE_FORM = "float32"  # or "biased": see the module docstring
-TILE_FORMS = ("float32", "biased")
-
 
 class Tile(NamedTuple):
     """One tile of a weight step, as `load` gives it.
 
     Attributes:
       row0: the first row of K it covers (the x columns it multiplies).
-      values: [bk, bn] in the compute dtype: the weight, or the integer codes (exact), or in
-        the biased form a nibble of each code plus `offset`.
-      scale: [bn] float32, the group's scale row (times 16 for the biased form's high nibbles
-        of int8), or None for a float weight.
-      offset: what every value adds to its code (None: nothing).
+      values: [bk, bn] in the compute dtype: the weight, or the integer codes (exact).
+      scale: [bn] float32, the group's scale row, or None for a float weight.
     """
 
     row0: Any
     values: jax.Array
     scale: jax.Array | None = None
-    offset: float | None = None
 
 
 def stored_rows(w) -> int:
@@ -125,47 +109,26 @@ def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[Tile]:
       r0, col0: first stored row (a multiple of bk) and first column.
       dtype: the compute dtype the tiles come in.
     Returns:
-      one Tile, or two for int4 (rows r0.. and K/2 + r0..) and for int8 in the biased form (two
-      nibbles of the same rows). A quantized tile holds the integer codes (exact in bfloat16)
-      or, in the biased form, nibbles plus an offset: x @ tile is corrected and multiplied by
-      its group's scale row afterwards (`product`), in float32, which is cheaper than scaling
-      every weight.
+      one Tile, or two for int4 (rows r0.. and K/2 + r0..). A quantized tile holds the integer
+      codes (exact in bfloat16): x @ tile is multiplied by its group's scale row afterwards
+      (`product`), in float32, which is cheaper than scaling every weight.
     """
     rows, cols = pl.ds(r0, bk), pl.ds(col0, bn)
     if not isinstance(w, QuantizedWeight):
         return [Tile(r0, w[(*lead, rows, cols)])]
     codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
     half = w.shape[-2] // 2
-    if TILE_FORM == "biased" and jnp.dtype(dtype) == jnp.bfloat16:
-        parts = _biased_parts(codes, w.bits, r0, half)
-    elif w.bits == 8:
-        parts = [(r0, _int8_to_f32(codes).astype(dtype), 1, None)]
+    if w.bits == 8:
+        parts = [(r0, _int8_to_f32(codes).astype(dtype))]
     else:
         byte = codes.astype(jnp.int32)  # zero-extended bytes
         parts = [
-            (r0, _nibble_to_f32(byte).astype(dtype), 1, None),
-            (r0 + half, _nibble_to_f32(byte >> 4).astype(dtype), 1, None),
+            (r0, _nibble_to_f32(byte).astype(dtype)),
+            (r0 + half, _nibble_to_f32(byte >> 4).astype(dtype)),
         ]
-    tiles = []
-    for row0, values, times, offset in parts:
-        scale = w.scale[(*lead, row0 // w.group_size, cols)].astype(jnp.float32)  # [bn]
-        tiles.append(Tile(row0, values, scale if times == 1 else scale * times, offset))
-    return tiles
-
-
-def _biased_parts(codes: jax.Array, bits: int, r0, half: int) -> list[tuple]:
-    """The biased form's tiles of one step: [(row0, bfloat16 [bk, bn], scale multiplier,
-    offset)], each value 128 + a nibble (see the module docstring)."""
-    if bits == 8:
-        u = jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.uint16) ^ 0x80  # c + 128
-        return [
-            (r0, _nibble_plus_128(u >> 4), 16, 128.0),
-            (r0, _nibble_plus_128(u & 0xF), 1, 256.0),
-        ]
-    byte = codes.astype(jnp.uint16)  # int4: the nibble XOR 8 is n + 8
     return [
-        (r0, _nibble_plus_128((byte & 0xF) ^ 8), 1, 136.0),
-        (r0 + half, _nibble_plus_128((byte >> 4) ^ 8), 1, 136.0),
+        Tile(row0, values, w.scale[(*lead, row0 // w.group_size, cols)].astype(jnp.float32))
+        for row0, values in parts
     ]
 
 
@@ -173,13 +136,11 @@ _MATMUL = (((1,), (0,)), ((), ()))  # a [bm, bk] @ b [bk, bn]
 
 
 def product(a: jax.Array, tile: Tile, precision, dims=_MATMUL) -> jax.Array:
-    """a [bm, bk] times a tile's values (as `dims` says), float32 [bm, bn]: the offset removed
-    (x @ (codes + o) - o * sum(x) over the tile's rows) and the scale row applied."""
+    """a [bm, bk] times a tile's values (as `dims` says), float32 [bm, bn], the scale row
+    applied."""
     part = jax.lax.dot_general(
         a, tile.values, dims, precision=precision, preferred_element_type=jnp.float32
     )
-    if tile.offset is not None:
-        part = part - tile.offset * jnp.sum(a.astype(jnp.float32), axis=1)[:, None]
     return part if tile.scale is None else part * tile.scale[None, :]
 
 
@@ -194,7 +155,7 @@ def vector_step(acc, x_of, w, lead: tuple, r0, col0: int, bk: int, bn: int) -> j
     Args:
       x_of: row0 -> the token's [bk] slice of K starting at row0.
     """
-    for tile in load(w, lead, r0, col0, bk, bn, jnp.float32):  # float32: no offset
+    for tile in load(w, lead, r0, col0, bk, bn, jnp.float32):
         weight = tile.values if tile.scale is None else tile.values * tile.scale[None, :]
         acc = acc + x_of(tile.row0).astype(jnp.float32)[:, None] * weight  # [bk, bn]
     return acc
@@ -211,12 +172,6 @@ def _int8_to_f32(codes: jax.Array) -> jax.Array:
     """int8 codes [-127, 127] -> float32, exactly."""
     biased = codes.astype(jnp.int32) + (_MAGIC + 128)
     return jax.lax.bitcast_convert_type(biased, jnp.float32) - float(2**23 + 128)
-
-
-def _nibble_plus_128(v: jax.Array) -> jax.Array:
-    """uint16 values v in [0, 15] -> bfloat16 128 + v, exactly, with no float arithmetic: v in
-    the low mantissa bits of 128 (bits 0x4300; the mantissa's spacing there is 1)."""
-    return jax.lax.bitcast_convert_type(v | 0x4300, jnp.bfloat16)
 
 
 def _nibble_to_f32(byte: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ from flax import nnx
 
 import mixtral_jax as mj
 from mixtral_jax.config import DecodeExpertImpl, QuantizedImpl
-from mixtral_jax.kernels import decode_matmul, quant, weight_tiles
+from mixtral_jax.kernels import decode_matmul, quant
 from mixtral_jax.kernels import expert_decode_grouped as grouped
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels.common import group_positions
@@ -220,13 +220,6 @@ def test_cached_call_of_many_tokens_through_the_grouped_kernel_equals_the_full_f
     assert _rel(out.logits, full) <= 1e-5
     assert set(calls) == {(80, cfg.num_layers, 64)}  # whole stacks [L, ...]; R = 64 for E = 4
     assert set(projected) == {(80, cfg.num_layers)}  # q/k/v, o and the router, whole stacks
-
-
-def test_quantized_stacks_equal_the_oracle_with_biased_tiles(monkeypatch):
-    """The bfloat16 cases above, with weight_tiles.TILE_FORM = "biased"."""
-    monkeypatch.setattr(weight_tiles, "TILE_FORM", "biased")
-    test_quantized_stacks_equal_the_dequantize_then_matmul_oracle(256, 4, 16, jnp.bfloat16)
-    test_quantized_stacks_equal_the_dequantize_then_matmul_oracle(65, 8, 16, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("m,k,e", [(1, 2, 8), (7, 2, 8), (256, 2, 8), (64, 1, 4), (33, 3, 16)])

@@ -202,25 +202,21 @@ def test_formats_the_kernels_read():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("form", weight_tiles.TILE_FORMS)
-def test_tiles_of_each_form_hold_the_codes_exactly(monkeypatch, form, bits):
+def test_tiles_hold_the_codes_exactly(bits):
     """Inside a kernel (interpreted), for bfloat16 compute: the tiles `load` gives hold the codes
-    (float32 form) or nibbles + 128 (biased form: int4 n + 136; int8 c + 128 = 16 h + l as two
-    tiles 128 + h, 128 + l) exactly, at the rows of K they name, and `product` turns them into
-    x @ the dequantized weight's rows (<= 1e-5)."""
-    monkeypatch.setattr(weight_tiles, "TILE_FORM", form)
+    exactly, at the rows of K they name, and `product` turns them into x @ the dequantized
+    weight's rows (<= 1e-5)."""
     k, n, bk, group = 64, 32, 16, 16  # int4: 32 stored byte rows in 2 steps; 4 scale groups
     keys = jax.random.split(jax.random.key(bits), 2)
     w = quant.quantize(jax.random.normal(keys[0], (1, k, n)), bits, group, jnp.bfloat16)
     x = jax.random.normal(keys[1], (16, k), jnp.bfloat16)
-    per_step = 2 if bits == 8 and form == "biased" else 1  # tiles over the same rows
 
     def kernel(x_ref, w_ref, values_ref, out_ref):
         acc = jnp.zeros((16, n), jnp.float32)
         for r0 in range(0, weight_tiles.stored_rows(w), bk):
             tiles = weight_tiles.load(w_ref, (0,), r0, 0, bk, n, jnp.bfloat16)
-            for j, tile in enumerate(tiles):
-                values_ref[j % per_step, pl.ds(tile.row0, bk), :] = tile.values.astype(jnp.float32)
+            for tile in tiles:
+                values_ref[pl.ds(tile.row0, bk), :] = tile.values.astype(jnp.float32)
                 acc = acc + weight_tiles.product(
                     x_ref[:, pl.ds(tile.row0, bk)], tile, jax.lax.Precision.HIGHEST
                 )
@@ -229,33 +225,12 @@ def test_tiles_of_each_form_hold_the_codes_exactly(monkeypatch, form, bits):
     values, out = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((per_step, k, n), jnp.float32),
+            jax.ShapeDtypeStruct((k, n), jnp.float32),
             jax.ShapeDtypeStruct((16, n), jnp.float32),
         ),
         interpret=True,
     )(x, w)
     codes = np.asarray(quant.codes_of(w)[0], np.float32)  # [K, N]
-    if form == "float32":
-        np.testing.assert_array_equal(values[0], codes)
-    elif bits == 4:
-        np.testing.assert_array_equal(values[0], codes + 136)
-    else:
-        u = codes + 128
-        np.testing.assert_array_equal(values[0], 128 + u // 16)
-        np.testing.assert_array_equal(values[1], 128 + u % 16)
+    np.testing.assert_array_equal(values, codes)
     want = x.astype(jnp.float32) @ w[0].dequantize()
     assert _rel(out, want) <= 1e-5
-
-
-def test_each_kernel_equals_the_oracle_with_biased_tiles(monkeypatch):
-    """The bfloat16 int4 and int8 cases above, again with TILE_FORM = "biased"."""
-    monkeypatch.setattr(weight_tiles, "TILE_FORM", "biased")
-    test_decode_experts_equal_the_oracle(7, 4, 32, jnp.bfloat16, False)
-    test_decode_experts_equal_the_oracle(7, 8, None, jnp.bfloat16, False)
-    test_stacked_projection_equals_the_oracle(7, ((4, 32), (8, 32)), jnp.bfloat16, 2e-3)
-    test_gmm_equals_ragged_dot_on_the_dequantized_weight(
-        48, 64, 48, [16, 1, 31], 4, 64, jnp.bfloat16
-    )
-    test_gmm_equals_ragged_dot_on_the_dequantized_weight(
-        48, 64, 48, [16, 1, 31], 8, 32, jnp.bfloat16
-    )
