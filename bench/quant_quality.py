@@ -71,7 +71,9 @@ def write_corpus(out: str, limit_mb: float) -> dict:
     os.makedirs(out, exist_ok=True)
     docs, size = 0, 0
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        dirs[:] = sorted(
+            d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
         for name in sorted(files):
             if not name.endswith(".py") or size > limit_mb * 1e6:
                 continue
