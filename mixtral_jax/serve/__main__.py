@@ -22,6 +22,7 @@ and are then cancelled, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import os
 import signal
@@ -223,12 +224,24 @@ def serve(app, engine, args) -> None:
     uv = _uvicorn_server(config, lambda: setattr(server, "draining", True))
     sock = config.bind_socket()
     host, port = sock.getsockname()[:2]
+    freeze_heap()
     engine.start()
     try:
         print(f"serving {server.limits.model_name} on http://{host}:{port}", flush=True)
         uv.run(sockets=[sock])
     finally:
         engine.shutdown(cancel=True, timeout=10.0)
+
+
+def freeze_heap() -> None:
+    """Collect once, then keep every object alive now (JAX, the model, the compiled steps) out
+    of the cyclic collector's scans (`gc.freeze`), as vLLM does after start-up. Otherwise each
+    full collection walks that whole heap while holding the GIL, stalling the engine's thread
+    and the event loop alike: the largest part of the inter-token tail at 256 streams
+    (bench/serve.py --fake-engine; BENCHMARKS.md, 2026-12-03). Objects made while serving are
+    collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv=None) -> int:

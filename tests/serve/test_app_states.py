@@ -2,6 +2,9 @@
 Retry-After), draining (503) and a closed engine (503); Starlette's in-process test client, an
 engine that never steps (nothing compiles)."""
 
+import gc
+import weakref
+
 import pytest
 from starlette.testclient import TestClient
 
@@ -122,3 +125,32 @@ def test_an_engine_failure_is_a_500_whole_and_an_error_event_streamed(parts, mon
         assert client.get("/health").status_code == 200  # the server goes on
     finally:
         engine.shutdown()
+
+
+def test_freeze_heap_leaves_start_up_objects_alone_and_collects_what_serving_makes():
+    """The server freezes its start-up heap (no full collection walks JAX and the model while
+    streams wait); cycles made later are still collected."""
+    from mixtral_jax.serve.__main__ import freeze_heap
+
+    class Node:
+        pass
+
+    old = Node()
+    old.me = old  # a cycle alive at start-up
+    old_ref = weakref.ref(old)
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+        del old
+        gc.collect()
+        assert old_ref() is not None  # frozen: out of the collector's reach
+        new = Node()
+        new.me = new
+        new_ref = weakref.ref(new)
+        del new
+        gc.collect()
+        assert new_ref() is None
+    finally:
+        gc.unfreeze()
+    gc.collect()
+    assert old_ref() is None
