@@ -5,10 +5,10 @@
   JAX_PLATFORMS=cpu python3 bench/quant_quality.py --tokenizer T --tiny    # the logic, in minutes
 
 The corpus is the Python standard library's own sources (every .py file under the running
-Python's stdlib, one document per file, written as .txt files under --work/corpus; ~30 MB,
-~1,800 documents): text shipped with Python, larger than `builtin:pydoc`, so a model of
-hundreds of millions of parameters is not trained on a few hundred kilobytes. Then, as a user
-runs them, each a subprocess:
+Python's stdlib, one document per file, written as .txt files under --work/corpus: 31.5 MB in
+1,790 files for this machine's 3.11.7, 10.7 MB in 569 on the H200's 3.12): text shipped with
+Python, larger than `builtin:pydoc`, so a model of hundreds of millions of parameters is not
+trained on a few hundred kilobytes. Then, as a user runs them, each a subprocess:
 
   python3 train.py --data.source=CORPUS --data.tokenizer=TOKENIZER --model.* ... (bf16 compute)
   python3 -m mixtral_jax.quantize --checkpoint RUN/model --out RUN/FORMAT --bits B
