@@ -23,7 +23,7 @@ Quantized codes become floats without an int-to-float conversion instruction (`_
 `_nibble_to_f32`: integer ops and one float subtraction), then the compute dtype. A "biased"
 form that skipped the float step (nibbles ORed into the mantissa of bfloat16 128, the offset
 removed after the dot) was measured slower on the H200 in every kernel and removed
-(BENCHMARKS.md, 2026-12-03).
+(BENCHMARKS.md, third session of 2026-12-02).
 
 Letters: K contraction width, N output width, G scale group (rows of K per scale).
 """
