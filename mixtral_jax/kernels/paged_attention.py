@@ -11,6 +11,10 @@ step) before the einsums. This kernel follows the block table instead, flash dec
   `blocks_per_step` blocks of Z keys a loop step, online softmax in float32; it writes its
   partial output and its running max and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
+With one split (J = 1: B * K programs are enough, e.g. 256 rows) the combine is o / l, so each
+program divides and writes its output in q's dtype itself: [B, K, Gp, H] instead of float32
+partials and their m and l, and no combine pass (the same values: the combine would multiply
+by exp(0) = 1 and sum one term).
 
 Only a row's entries from the first to the last with a seen key are followed
 (`decode_attention.seen_span`): the engine's tables are as wide as its compiled shape (say 128
@@ -61,10 +65,7 @@ def _kernel(
     mask_ref,
     k_ref,
     v_ref,
-    o_ref,
-    m_ref,
-    l_ref,
-    *,
+    *out_refs,
     block,
     splits,
     per_step,
@@ -73,7 +74,8 @@ def _kernel(
     precision,
 ):
     """Program (b, kv head h, split j): online softmax of q [Gp, H] over its blocks, `per_step`
-    table entries a loop step (their loads in flight together)."""
+    table entries a loop step (their loads in flight together). out_refs: (o, m, l), the split's
+    partials, or with one split (o,), the normalized output."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     q = q_ref[b, h]  # [Gp, H]
@@ -96,6 +98,11 @@ def _kernel(
 
     steps = jax.lax.div(stop - start + (per_step - 1), per_step)
     m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
+    if splits == 1:  # combine_splits' o / max(l, tiny), here: a row seeing no key gets 0
+        (o_ref,) = out_refs
+        o_ref[b, h] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+        return
+    o_ref, m_ref, l_ref = out_refs
     o_ref[b, h, j] = acc
     m_ref[b, h, j] = m
     l_ref[b, h, j] = l
@@ -143,9 +150,13 @@ def paged_decode_attention(
         scale=h**-0.5,
         precision=matmul_precision(k_pool.dtype),
     )
-    o, m, l = pl.pallas_call(
+    if splits == 1:
+        out_shape = (jax.ShapeDtypeStruct((b, kv_heads, rows, h), q.dtype),)
+    else:
+        out_shape = split_outputs(b, kv_heads, splits, rows, h)
+    outs = pl.pallas_call(
         kernel,
-        out_shape=split_outputs(b, kv_heads, splits, rows, h),
+        out_shape=out_shape,
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages
@@ -161,4 +172,6 @@ def paged_decode_attention(
         k_pool,
         v_pool,
     )
-    return combine_splits(o, m, l, q)
+    if splits == 1:
+        return jax.lax.stop_gradient(outs[0][:, :, :groups].reshape(b, n, h))
+    return combine_splits(*outs, q)

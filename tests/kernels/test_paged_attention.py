@@ -1,6 +1,8 @@
 """The paged decode-attention kernel (one query per row, following its block table through the
 pool, read in place) in Pallas interpret mode against the gather + einsum oracle."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,9 @@ from mixtral_jax.model.paged_kv_cache import gather_rows, paged_attention_mask
         # several entries a loop step, a ragged last step; many splits of few entries
         (5, None, jnp.float32, 1e-5, AttentionTiles(blocks_per_step=2)),
         (7, 40, jnp.float32, 1e-5, AttentionTiles(blocks_per_step=3, programs=64)),
+        # one split (B * K programs are enough): each program writes its normalized output
+        (5, None, jnp.float32, 1e-5, AttentionTiles(blocks_per_step=4, programs=1)),
+        (4, 20, jnp.bfloat16, 2e-2, AttentionTiles(blocks_per_step=2, programs=1)),
     ],
 )
 def test_kernel_equals_the_gathered_einsum_attention_of_the_chosen_layer(
@@ -90,6 +95,31 @@ def test_only_the_entries_a_row_sees_are_read(per_step):
     want = dot_product_attention(q[:, None], rows_k, rows_v, mask[:, None])[:, 0]
     assert bool(jnp.all(jnp.isfinite(got)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_one_split_normalizes_in_the_kernel_as_the_combine_does():
+    """J = 1 (each program divides and writes its output) gives the J = 4 path's output (float32
+    partials merged by `combine_splits`), and a row whose mask is all False (an inactive row)
+    reads 0 in both, not NaN."""
+    b, n, kv, h, z, entries = 3, 4, 2, 16, 16, 4
+    keys = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(keys[0], (b, n, h))
+    k_pool = jax.random.normal(keys[1], (1, 14, z, kv, h))
+    v_pool = jax.random.normal(keys[2], (1, 14, z, kv, h))
+    table = jnp.asarray(1 + np.arange(b * entries).reshape(b, entries), jnp.int32)
+    lengths = jnp.asarray([63, 30, 5], jnp.int32)
+    mask = paged_attention_mask(lengths, 1, jnp.ones((b, 1), bool), entries * z, None)[:, 0]
+    mask = mask.at[2].set(False)  # row 2 sees no key
+    run = functools.partial(
+        paged_attention.paged_decode_attention, q, k_pool, v_pool, 0, table, mask, interpret=True
+    )
+    assert paged_attention.num_splits(entries, b * kv, 1) == 1
+    assert paged_attention.num_splits(entries, b * kv, 4 * b * kv) == 4
+    one = run(tiles=AttentionTiles(blocks_per_step=2, programs=1))
+    four = run(tiles=AttentionTiles(blocks_per_step=2, programs=4 * b * kv))
+    np.testing.assert_array_equal(np.asarray(one[2]), 0.0)
+    np.testing.assert_array_equal(np.asarray(four[2]), 0.0)
+    np.testing.assert_allclose(np.asarray(one), np.asarray(four), rtol=1e-5, atol=1e-6)
 
 
 def test_blocks_must_tile():
