@@ -10,6 +10,10 @@ even batch 1 has enough programs in flight (flash decoding):
   16 rows) against split j of the blocks that hold a key row b sees, online softmax in float32;
   it writes its partial output and its running max and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
+With one split (J = 1: B * K programs are enough, e.g. 64 rows of 8 kv heads) the combine is
+o / l, so each program divides and writes its output in q's dtype itself (`write_outputs`):
+[B, K, Gp, H] instead of float32 partials and their m and l, and no combine pass, with the same
+values (the combine would multiply by exp(0) = 1 and sum one term). The paged kernel shares this.
 
 Only the blocks from the first to the last that hold a seen key are read (`seen_span`, from the
 mask): a cache sized for the longest request, or a row early in its generation, costs the keys
@@ -138,13 +142,39 @@ def online_softmax_step(carry, q, blocks, scale: float, precision):
     return m_new, l, acc
 
 
-def split_outputs(b: int, kv_heads: int, splits: int, rows: int, h: int) -> tuple:
-    """out_shape of a flash-decoding call: per (row, kv head, split) acc [Gp, H], m and l [Gp]."""
+def split_outputs(b: int, kv_heads: int, splits: int, rows: int, h: int, dtype) -> tuple:
+    """out_shape of a flash-decoding call: per (row, kv head, split) acc [Gp, H], m and l [Gp];
+    with one split, the normalized output [B, K, Gp, H] in `dtype` alone."""
+    if splits == 1:
+        return (jax.ShapeDtypeStruct((b, kv_heads, rows, h), dtype),)
     return (
         jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
         jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
         jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
     )
+
+
+def write_outputs(out_refs, b, h, j, splits: int, m, l, acc) -> None:
+    """Inside a kernel: program (b, h, j)'s result into `split_outputs`' refs: its partials, or
+    with one split acc / l (`combine_splits`' division: a row seeing no key gets 0)."""
+    if splits == 1:
+        (o_ref,) = out_refs
+        o_ref[b, h] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+        return
+    o_ref, m_ref, l_ref = out_refs
+    o_ref[b, h, j] = acc
+    m_ref[b, h, j] = m
+    l_ref[b, h, j] = l
+
+
+def finish(outs: tuple, q: jax.Array) -> jax.Array:
+    """[B, N, H] in q's dtype from `split_outputs`' arrays: the one-split output's real rows,
+    or the splits combined."""
+    if len(outs) == 3:
+        return combine_splits(*outs, q)
+    b, n, h = q.shape
+    groups = n // outs[0].shape[1]
+    return jax.lax.stop_gradient(outs[0][:, :, :groups].reshape(b, n, h))
 
 
 def combine_splits(o, m, l, q: jax.Array) -> jax.Array:
@@ -167,16 +197,14 @@ def _kernel(
     mask_ref,
     k_ref,
     v_ref,
-    o_ref,
-    m_ref,
-    l_ref,
-    *,
+    *out_refs,
     block,
     splits,
     scale,
     precision,
 ):
-    """Program (b, kv head h, split j): online softmax of q [Gp, H] over its split's blocks."""
+    """Program (b, kv head h, split j): online softmax of q [Gp, H] over its split's blocks,
+    written by `write_outputs`."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     q = q_ref[b, h]  # [Gp, H]
@@ -190,9 +218,7 @@ def _kernel(
 
     start, stop = split_range(span_ref, b, j, splits)
     m, l, acc = jax.lax.fori_loop(start, stop, step, softmax_start(q))
-    o_ref[b, h, j] = acc
-    m_ref[b, h, j] = m
-    l_ref[b, h, j] = l
+    write_outputs(out_refs, b, h, j, splits, m, l, acc)
 
 
 def decode_attention(
@@ -231,9 +257,9 @@ def decode_attention(
         scale=h**-0.5,
         precision=matmul_precision(k_cache.dtype),
     )
-    o, m, l = pl.pallas_call(
+    outs = pl.pallas_call(
         kernel,
-        out_shape=split_outputs(b, kv_heads, splits, rows, h),
+        out_shape=split_outputs(b, kv_heads, splits, rows, h, q.dtype),
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages
@@ -248,4 +274,4 @@ def decode_attention(
         k_cache,
         v_cache,
     )
-    return combine_splits(o, m, l, q)
+    return finish(outs, q)

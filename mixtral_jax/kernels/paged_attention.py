@@ -11,10 +11,8 @@ step) before the einsums. This kernel follows the block table instead, flash dec
   `blocks_per_step` blocks of Z keys a loop step, online softmax in float32; it writes its
   partial output and its running max and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
-With one split (J = 1: B * K programs are enough, e.g. 256 rows) the combine is o / l, so each
-program divides and writes its output in q's dtype itself: [B, K, Gp, H] instead of float32
-partials and their m and l, and no combine pass (the same values: the combine would multiply
-by exp(0) = 1 and sum one term).
+With one split (J = 1, e.g. 256 rows) each program writes its normalized output itself and
+there is no combine pass (`decode_attention.write_outputs`).
 
 Only a row's entries from the first to the last with a seen key are followed
 (`decode_attention.seen_span`): the engine's tables are as wide as its compiled shape (say 128
@@ -41,13 +39,14 @@ from jax.experimental.pallas import triton as plgpu
 from mixtral_jax.kernels.common import matmul_precision, pow2_at_least
 from mixtral_jax.kernels.decode_attention import (
     AttentionTiles,
-    combine_splits,
+    finish,
     num_splits,
     online_softmax_step,
     seen_span,
     softmax_start,
     split_outputs,
     split_range,
+    write_outputs,
 )
 
 MIN_BLOCK = 16  # the matrix unit's smallest tile: Z must be a multiple
@@ -98,14 +97,7 @@ def _kernel(
 
     steps = jax.lax.div(stop - start + (per_step - 1), per_step)
     m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
-    if splits == 1:  # combine_splits' o / max(l, tiny), here: a row seeing no key gets 0
-        (o_ref,) = out_refs
-        o_ref[b, h] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-        return
-    o_ref, m_ref, l_ref = out_refs
-    o_ref[b, h, j] = acc
-    m_ref[b, h, j] = m
-    l_ref[b, h, j] = l
+    write_outputs(out_refs, b, h, j, splits, m, l, acc)
 
 
 def paged_decode_attention(
@@ -150,13 +142,9 @@ def paged_decode_attention(
         scale=h**-0.5,
         precision=matmul_precision(k_pool.dtype),
     )
-    if splits == 1:
-        out_shape = (jax.ShapeDtypeStruct((b, kv_heads, rows, h), q.dtype),)
-    else:
-        out_shape = split_outputs(b, kv_heads, splits, rows, h)
     outs = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=split_outputs(b, kv_heads, splits, rows, h, q.dtype),
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages
@@ -172,6 +160,4 @@ def paged_decode_attention(
         k_pool,
         v_pool,
     )
-    if splits == 1:
-        return jax.lax.stop_gradient(outs[0][:, :, :groups].reshape(b, n, h))
-    return combine_splits(*outs, q)
+    return finish(outs, q)

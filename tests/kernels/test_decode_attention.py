@@ -12,15 +12,18 @@ from mixtral_jax.model.attention import dot_product_attention
 
 
 @pytest.mark.parametrize(
-    "size,dtype,tol",
+    "size,dtype,tol,programs",
     [
-        (144, jnp.float32, 1e-5),
-        (1024, jnp.float32, 1e-5),
-        (272, jnp.bfloat16, 2e-2),
-        (128 * 67, jnp.float32, 1e-5),  # 67 blocks in 34 splits of 2: a ragged last split
+        (144, jnp.float32, 1e-5, None),
+        (1024, jnp.float32, 1e-5, None),
+        (272, jnp.bfloat16, 2e-2, None),
+        (128 * 67, jnp.float32, 1e-5, None),  # 67 blocks in 34 splits of 2: a ragged last split
+        # one split: each program writes its normalized output (no combine)
+        (1024, jnp.float32, 1e-5, 1),
+        (272, jnp.bfloat16, 2e-2, 1),
     ],
 )
-def test_kernel_equals_the_einsum_attention_of_the_chosen_layer(size, dtype, tol):
+def test_kernel_equals_the_einsum_attention_of_the_chosen_layer(size, dtype, tol, programs):
     b, n, kv, h, layers = 2, 8, 2, 16, 3
     keys = jax.random.split(jax.random.key(size), 3)
     q = jax.random.normal(keys[0], (b, n, h), dtype)
@@ -30,9 +33,13 @@ def test_kernel_equals_the_einsum_attention_of_the_chosen_layer(size, dtype, tol
     mask = np.zeros((b, size), bool)
     mask[:, :filled] = True
     mask[1, :5] = False
+    tiles = decode_attention.DECODE_TILES
+    if programs is not None:
+        tiles = tiles._replace(programs=programs)
+        assert decode_attention._blocks(size, b * kv, tiles.max_block, programs)[1] == 1
     run = jax.jit(
         lambda q, k, v, i: decode_attention.decode_attention(
-            q, k, v, i, jnp.asarray(mask), interpret=True
+            q, k, v, i, jnp.asarray(mask), tiles=tiles, interpret=True
         )
     )
     for layer in (0, 2):
