@@ -12,7 +12,11 @@ step) before the einsums. This kernel follows the block table instead, flash dec
   partial output and its running max and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
 With one split (J = 1, e.g. 256 rows) each program writes its normalized output itself and
-there is no combine pass (`decode_attention.write_outputs`).
+there is no combine pass (`decode_attention.write_outputs`); and where N >= Gp (8x7B: 32 query
+heads, Gp = 16) the queries are read in place from [B, N, H]: program h loads the Gp rows from
+min(h * G, N - Gp), its G among them, and stores those G rows of its output (a masked store)
+into [B, N, H]. No padded copy of q, no padded output and no slice of it: the other rows it
+computes are the neighbouring heads' queries against this head's keys, thrown away.
 
 Only a row's entries from the first to the last with a seen key are followed
 (`decode_attention.seen_span`): the engine's tables are as wide as its compiled shape (say 128
@@ -71,13 +75,19 @@ def _kernel(
     pages,
     scale,
     precision,
+    packed,
 ):
     """Program (b, kv head h, split j): online softmax of q [Gp, H] over its blocks, `per_step`
     table entries a loop step (their loads in flight together). out_refs: (o, m, l), the split's
-    partials, or with one split (o,), the normalized output."""
+    partials, or with one split (o,), the normalized output; `packed` (one split): q and o are
+    [B, N, H] (`packed_rows`), else q is [B, K, Gp, H]."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
-    q = q_ref[b, h]  # [Gp, H]
+    if packed is None:
+        q = q_ref[b, h]  # [Gp, H]
+    else:
+        first, mine = packed_rows(h, *packed)
+        q = q_ref[b, pl.ds(first, packed[2]), :]  # [Gp, H] of [B, N, H]
     start, stop = split_range(span_ref, b, j, splits)
 
     def load(index):  # entry `index` of the split, or (past its end) its last one, unseen
@@ -97,7 +107,21 @@ def _kernel(
 
     steps = jax.lax.div(stop - start + (per_step - 1), per_step)
     m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
-    write_outputs(out_refs, b, h, j, splits, m, l, acc)
+    if packed is None:
+        write_outputs(out_refs, b, h, j, splits, m, l, acc)
+        return
+    (o_ref,) = out_refs
+    out = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)  # as write_outputs
+    plgpu.store(o_ref.at[b, pl.ds(first, packed[2]), :], out, mask=mine)
+
+
+def packed_rows(h, groups: int, n: int, rows: int, width: int):
+    """Inside a kernel, the packed layout: the first of the Gp = `rows` query rows program h
+    loads from [B, N, H], min(h * G, N - Gp) (never past N), and [Gp, width] bool: which of
+    them are its own G heads' (the rows it stores)."""
+    first = jnp.minimum(h * groups, n - rows)
+    row = first + jax.lax.broadcasted_iota(jnp.int32, (rows, width), 0)
+    return first, (row >= h * groups) & (row < (h + 1) * groups)
 
 
 def paged_decode_attention(
@@ -131,8 +155,14 @@ def paged_decode_attention(
     groups = n // kv_heads
     rows = pow2_at_least(groups)
     splits = num_splits(entries, b * kv_heads, tiles.programs)
-    q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
-    q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_pool.dtype)
+    if splits == 1 and n >= rows:  # read q in place, store its rows (see the module doc)
+        packed, q_in = (groups, n, rows, h), q.astype(k_pool.dtype)
+        out_shape = (jax.ShapeDtypeStruct((b, n, h), q.dtype),)
+    else:
+        q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
+        pad = ((0, 0), (0, 0), (0, rows - groups), (0, 0))
+        packed, q_in = None, jnp.pad(q_bkgh, pad).astype(k_pool.dtype)
+        out_shape = split_outputs(b, kv_heads, splits, rows, h, q.dtype)
     kernel = functools.partial(
         _kernel,
         block=block,
@@ -141,10 +171,11 @@ def paged_decode_attention(
         pages=k_pool.shape[1],
         scale=h**-0.5,
         precision=matmul_precision(k_pool.dtype),
+        packed=packed,
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=split_outputs(b, kv_heads, splits, rows, h, q.dtype),
+        out_shape=out_shape,
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages
@@ -155,9 +186,11 @@ def paged_decode_attention(
         jnp.asarray(layer, jnp.int32).reshape(1),
         seen_span(mask, block),
         block_table.astype(jnp.int32),
-        q_pad,
+        q_in,
         mask.astype(jnp.int8),
         k_pool,
         v_pool,
     )
+    if packed is not None:
+        return jax.lax.stop_gradient(outs[0])
     return finish(outs, q)

@@ -122,6 +122,42 @@ def test_one_split_normalizes_in_the_kernel_as_the_combine_does():
     np.testing.assert_allclose(np.asarray(one), np.asarray(four), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "n,kv,dtype,tol,window",
+    [
+        (32, 8, jnp.float32, 1e-5, None),  # 8x7B's heads: G = 4 of Gp = 16
+        (32, 8, jnp.bfloat16, 2e-2, 20),
+        (16, 2, jnp.float32, 1e-5, None),  # G = 8: the last head's rows are the last Gp
+        (48, 4, jnp.float32, 1e-5, 40),  # G = 12, Gp = 16: windows overlap two heads
+    ],
+)
+def test_one_split_reads_the_queries_in_place_and_stores_only_its_rows(n, kv, dtype, tol, window):
+    """With one split and N >= Gp the kernel reads q [B, N, H] in place and stores each head's
+    rows with a masked store (no padded q or output); the oracle's output, and 0 for a row
+    that sees no key."""
+    b, h, z, entries = 3, 16, 16, 4
+    keys = jax.random.split(jax.random.key(n + kv), 3)
+    q = jax.random.normal(keys[0], (b, n, h), dtype)
+    k_pool = jax.random.normal(keys[1], (2, b * entries + 1, z, kv, h), dtype)
+    v_pool = jax.random.normal(keys[2], (2, b * entries + 1, z, kv, h), dtype)
+    table = jnp.asarray(1 + np.arange(b * entries).reshape(b, entries), jnp.int32)
+    lengths = jnp.asarray([63, 30, 5], jnp.int32)
+    mask = paged_attention_mask(lengths, 1, jnp.ones((b, 1), bool), entries * z, window)[:, 0]
+    mask = mask.at[2].set(False)  # row 2 sees no key
+    tiles = AttentionTiles(blocks_per_step=2, programs=1)
+    assert paged_attention.num_splits(entries, b * kv, tiles.programs) == 1
+    got = paged_attention.paged_decode_attention(
+        q, k_pool, v_pool, 1, table, mask, tiles=tiles, interpret=True
+    )
+    rows_k = gather_rows(k_pool, jnp.int32(1), table)
+    rows_v = gather_rows(v_pool, jnp.int32(1), table)
+    want = dot_product_attention(q[:, None], rows_k, rows_v, mask[:, None])[:, 0]
+    assert got.shape == (b, n, h) and got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got[2].astype(jnp.float32)), 0.0)
+    err = float(jnp.max(jnp.abs(got[:2].astype(jnp.float32) - want[:2].astype(jnp.float32))))
+    assert err <= tol * float(jnp.max(jnp.abs(want.astype(jnp.float32)))), err
+
+
 def test_blocks_must_tile():
     pool = jnp.zeros((1, 3, 8, 2, 16))
     with pytest.raises(ValueError, match="block_size=8 must be a multiple of 16"):
