@@ -11,9 +11,13 @@ even batch 1 has enough programs in flight (flash decoding):
   it writes its partial output and its running max and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
 With one split (J = 1: B * K programs are enough, e.g. 64 rows of 8 kv heads) the combine is
-o / l, so each program divides and writes its output in q's dtype itself (`write_outputs`):
-[B, K, Gp, H] instead of float32 partials and their m and l, and no combine pass, with the same
-values (the combine would multiply by exp(0) = 1 and sum one term). The paged kernel shares this.
+o / l, so each program divides and writes its output in q's dtype itself, with the same values
+(the combine would multiply by exp(0) = 1 and sum one term): no float32 partials, m and l, and
+no combine pass. Where also N >= Gp (8x7B: 32 query heads, Gp = 16) q is read in place from
+[B, N, H] (`Queries`): program h loads the Gp rows from min(h * G, N - Gp), its G among them,
+and stores those G rows of its output into [B, N, H] with a masked store, so there is no padded
+copy of q, no padded output and no slice of it (the other rows it computes are neighbouring
+heads' queries against this head's keys, thrown away). The paged kernel shares all of this.
 
 Only the blocks from the first to the last that hold a seen key are read (`seen_span`, from the
 mask): a cache sized for the longest request, or a row early in its generation, costs the keys
@@ -142,11 +146,43 @@ def online_softmax_step(carry, q, blocks, scale: float, precision):
     return m_new, l, acc
 
 
-def split_outputs(b: int, kv_heads: int, splits: int, rows: int, h: int, dtype) -> tuple:
-    """out_shape of a flash-decoding call: per (row, kv head, split) acc [Gp, H], m and l [Gp];
-    with one split, the normalized output [B, K, Gp, H] in `dtype` alone."""
+class Queries(NamedTuple):
+    """How a flash-decoding call lays out its queries and output (`queries_for`).
+
+    Attributes:
+      packed: q and the output are [B, N, H] (one split, N >= Gp); else q is [B, K, Gp, H]
+        (padded) and the outputs float32 partials or the one-split [B, K, Gp, H].
+      groups, n, rows: G, N and Gp.
+    """
+
+    packed: bool
+    groups: int
+    n: int
+    rows: int
+
+
+def queries_for(q: jax.Array, kv_heads: int, splits: int, dtype) -> tuple[Queries, jax.Array]:
+    """(layout, the kernel's q in `dtype`) for q [B, N, H]."""
+    b, n, h = q.shape
+    groups = n // kv_heads
+    rows = pow2_at_least(groups)
+    layout = Queries(splits == 1 and n >= rows, groups, n, rows)
+    if layout.packed:
+        return layout, q.astype(dtype)
+    q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
+    pad = ((0, 0), (0, 0), (0, rows - groups), (0, 0))
+    return layout, jnp.pad(q_bkgh, pad).astype(dtype)
+
+
+def output_shapes(layout: Queries, b: int, kv_heads: int, splits: int, h: int, dtype) -> tuple:
+    """out_shape of a flash-decoding call: [B, N, H] in `dtype` (packed); per (row, kv head,
+    split) acc [Gp, H], m and l [Gp] (float32 partials); or, with one split, the normalized
+    output [B, K, Gp, H] in `dtype`."""
+    if layout.packed:
+        return (jax.ShapeDtypeStruct((b, layout.n, h), dtype),)
     if splits == 1:
-        return (jax.ShapeDtypeStruct((b, kv_heads, rows, h), dtype),)
+        return (jax.ShapeDtypeStruct((b, kv_heads, layout.rows, h), dtype),)
+    rows = layout.rows
     return (
         jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
         jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
@@ -154,27 +190,48 @@ def split_outputs(b: int, kv_heads: int, splits: int, rows: int, h: int, dtype) 
     )
 
 
-def write_outputs(out_refs, b, h, j, splits: int, m, l, acc) -> None:
-    """Inside a kernel: program (b, h, j)'s result into `split_outputs`' refs: its partials, or
-    with one split acc / l (`combine_splits`' division: a row seeing no key gets 0)."""
-    if splits == 1:
-        (o_ref,) = out_refs
-        o_ref[b, h] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+def load_queries(q_ref, layout: Queries, b, h) -> jax.Array:
+    """Inside a kernel: program (b, h)'s q [Gp, H]."""
+    if not layout.packed:
+        return q_ref[b, h]
+    return q_ref[b, pl.ds(_first_row(layout, h), layout.rows), :]
+
+
+def _first_row(layout: Queries, h):
+    """The first of the Gp rows packed program h loads: min(h * G, N - Gp), never past N."""
+    return jnp.minimum(h * layout.groups, layout.n - layout.rows)
+
+
+def write_outputs(out_refs, layout: Queries, b, h, j, splits: int, m, l, acc) -> None:
+    """Inside a kernel: program (b, h, j)'s result into `output_shapes`' refs: its partials,
+    or with one split acc / l (`combine_splits`' division: a row seeing no key gets 0), packed:
+    only its own G rows (a masked store)."""
+    if splits > 1:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[b, h, j] = acc
+        m_ref[b, h, j] = m
+        l_ref[b, h, j] = l
         return
-    o_ref, m_ref, l_ref = out_refs
-    o_ref[b, h, j] = acc
-    m_ref[b, h, j] = m
-    l_ref[b, h, j] = l
+    (o_ref,) = out_refs
+    out = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+    if not layout.packed:
+        o_ref[b, h] = out
+        return
+    first = _first_row(layout, h)
+    row = first + jax.lax.broadcasted_iota(jnp.int32, out.shape, 0)
+    mine = (row >= h * layout.groups) & (row < (h + 1) * layout.groups)
+    plgpu.store(o_ref.at[b, pl.ds(first, layout.rows), :], out, mask=mine)
 
 
-def finish(outs: tuple, q: jax.Array) -> jax.Array:
-    """[B, N, H] in q's dtype from `split_outputs`' arrays: the one-split output's real rows,
-    or the splits combined."""
+def finish(outs: tuple, layout: Queries, q: jax.Array) -> jax.Array:
+    """[B, N, H] in q's dtype from `output_shapes`' arrays: the packed output, the one-split
+    output's real rows, or the splits combined."""
     if len(outs) == 3:
         return combine_splits(*outs, q)
+    if layout.packed:
+        return jax.lax.stop_gradient(outs[0])
     b, n, h = q.shape
-    groups = n // outs[0].shape[1]
-    return jax.lax.stop_gradient(outs[0][:, :, :groups].reshape(b, n, h))
+    return jax.lax.stop_gradient(outs[0][:, :, : layout.groups].reshape(b, n, h))
 
 
 def combine_splits(o, m, l, q: jax.Array) -> jax.Array:
@@ -202,12 +259,13 @@ def _kernel(
     splits,
     scale,
     precision,
+    layout,
 ):
     """Program (b, kv head h, split j): online softmax of q [Gp, H] over its split's blocks,
     written by `write_outputs`."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
-    q = q_ref[b, h]  # [Gp, H]
+    q = load_queries(q_ref, layout, b, h)  # [Gp, H]
 
     def step(index, carry):
         s0 = pl.multiple_of(index * block, block)
@@ -218,7 +276,7 @@ def _kernel(
 
     start, stop = split_range(span_ref, b, j, splits)
     m, l, acc = jax.lax.fori_loop(start, stop, step, softmax_start(q))
-    write_outputs(out_refs, b, h, j, splits, m, l, acc)
+    write_outputs(out_refs, layout, b, h, j, splits, m, l, acc)
 
 
 def decode_attention(
@@ -243,23 +301,21 @@ def decode_attention(
     Returns:
       [B, N, H] in q's dtype; the same function as `attention.dot_product_attention`.
     """
-    b, n, h = q.shape
+    b, _, h = q.shape
     _, _, size, kv_heads, _ = k_cache.shape
-    groups = n // kv_heads
-    rows = pow2_at_least(groups)
     block, splits = _blocks(size, b * kv_heads, tiles.max_block, tiles.programs)
-    q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
-    q_pad = jnp.pad(q_bkgh, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_cache.dtype)
+    layout, q_in = queries_for(q, kv_heads, splits, k_cache.dtype)
     kernel = functools.partial(
         _kernel,
         block=block,
         splits=splits,
         scale=h**-0.5,
         precision=matmul_precision(k_cache.dtype),
+        layout=layout,
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=split_outputs(b, kv_heads, splits, rows, h, q.dtype),
+        out_shape=output_shapes(layout, b, kv_heads, splits, h, q.dtype),
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages
@@ -269,9 +325,9 @@ def decode_attention(
     )(
         jnp.asarray(layer, jnp.int32).reshape(1),
         seen_span(mask, block),
-        q_pad,
+        q_in,
         mask.astype(jnp.int8),
         k_cache,
         v_cache,
     )
-    return finish(outs, q)
+    return finish(outs, layout, q)

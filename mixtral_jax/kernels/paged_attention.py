@@ -11,12 +11,9 @@ step) before the einsums. This kernel follows the block table instead, flash dec
   `blocks_per_step` blocks of Z keys a loop step, online softmax in float32; it writes its
   partial output and its running max and sum;
   combine (XLA): out = sum_j exp(m_j - m) o_j / sum_j exp(m_j - m) l_j.
-With one split (J = 1, e.g. 256 rows) each program writes its normalized output itself and
-there is no combine pass (`decode_attention.write_outputs`); and where N >= Gp (8x7B: 32 query
-heads, Gp = 16) the queries are read in place from [B, N, H]: program h loads the Gp rows from
-min(h * G, N - Gp), its G among them, and stores those G rows of its output (a masked store)
-into [B, N, H]. No padded copy of q, no padded output and no slice of it: the other rows it
-computes are the neighbouring heads' queries against this head's keys, thrown away.
+With one split (J = 1, e.g. 256 rows) each program writes its normalized output itself, no
+combine pass, and with N >= Gp reads q [B, N, H] in place and stores only its heads' rows
+(`decode_attention.Queries`, shared with the contiguous kernel).
 
 Only a row's entries from the first to the last with a seen key are followed
 (`decode_attention.seen_span`): the engine's tables are as wide as its compiled shape (say 128
@@ -40,15 +37,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mixtral_jax.kernels.common import matmul_precision, pow2_at_least
+from mixtral_jax.kernels.common import matmul_precision
 from mixtral_jax.kernels.decode_attention import (
     AttentionTiles,
     finish,
+    load_queries,
     num_splits,
     online_softmax_step,
+    output_shapes,
+    queries_for,
     seen_span,
     softmax_start,
-    split_outputs,
     split_range,
     write_outputs,
 )
@@ -75,19 +74,13 @@ def _kernel(
     pages,
     scale,
     precision,
-    packed,
+    layout,
 ):
     """Program (b, kv head h, split j): online softmax of q [Gp, H] over its blocks, `per_step`
-    table entries a loop step (their loads in flight together). out_refs: (o, m, l), the split's
-    partials, or with one split (o,), the normalized output; `packed` (one split): q and o are
-    [B, N, H] (`packed_rows`), else q is [B, K, Gp, H]."""
+    table entries a loop step (their loads in flight together), written by `write_outputs`."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
-    if packed is None:
-        q = q_ref[b, h]  # [Gp, H]
-    else:
-        first, mine = packed_rows(h, *packed)
-        q = q_ref[b, pl.ds(first, packed[2]), :]  # [Gp, H] of [B, N, H]
+    q = load_queries(q_ref, layout, b, h)  # [Gp, H]
     start, stop = split_range(span_ref, b, j, splits)
 
     def load(index):  # entry `index` of the split, or (past its end) its last one, unseen
@@ -107,21 +100,7 @@ def _kernel(
 
     steps = jax.lax.div(stop - start + (per_step - 1), per_step)
     m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
-    if packed is None:
-        write_outputs(out_refs, b, h, j, splits, m, l, acc)
-        return
-    (o_ref,) = out_refs
-    out = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)  # as write_outputs
-    plgpu.store(o_ref.at[b, pl.ds(first, packed[2]), :], out, mask=mine)
-
-
-def packed_rows(h, groups: int, n: int, rows: int, width: int):
-    """Inside a kernel, the packed layout: the first of the Gp = `rows` query rows program h
-    loads from [B, N, H], min(h * G, N - Gp) (never past N), and [Gp, width] bool: which of
-    them are its own G heads' (the rows it stores)."""
-    first = jnp.minimum(h * groups, n - rows)
-    row = first + jax.lax.broadcasted_iota(jnp.int32, (rows, width), 0)
-    return first, (row >= h * groups) & (row < (h + 1) * groups)
+    write_outputs(out_refs, layout, b, h, j, splits, m, l, acc)
 
 
 def paged_decode_attention(
@@ -147,22 +126,13 @@ def paged_decode_attention(
     Returns:
       [B, N, H] in q's dtype; the same function as the gather + `dot_product_attention` oracle.
     """
-    b, n, h = q.shape
+    b, _, h = q.shape
     _, _, block, kv_heads, _ = k_pool.shape
     if block % MIN_BLOCK:
         raise ValueError(f"block_size={block} must be a multiple of {MIN_BLOCK} for this kernel")
     entries = block_table.shape[1]
-    groups = n // kv_heads
-    rows = pow2_at_least(groups)
     splits = num_splits(entries, b * kv_heads, tiles.programs)
-    if splits == 1 and n >= rows:  # read q in place, store its rows (see the module doc)
-        packed, q_in = (groups, n, rows, h), q.astype(k_pool.dtype)
-        out_shape = (jax.ShapeDtypeStruct((b, n, h), q.dtype),)
-    else:
-        q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
-        pad = ((0, 0), (0, 0), (0, rows - groups), (0, 0))
-        packed, q_in = None, jnp.pad(q_bkgh, pad).astype(k_pool.dtype)
-        out_shape = split_outputs(b, kv_heads, splits, rows, h, q.dtype)
+    layout, q_in = queries_for(q, kv_heads, splits, k_pool.dtype)
     kernel = functools.partial(
         _kernel,
         block=block,
@@ -171,11 +141,11 @@ def paged_decode_attention(
         pages=k_pool.shape[1],
         scale=h**-0.5,
         precision=matmul_precision(k_pool.dtype),
-        packed=packed,
+        layout=layout,
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=output_shapes(layout, b, kv_heads, splits, h, q.dtype),
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages
@@ -191,6 +161,4 @@ def paged_decode_attention(
         k_pool,
         v_pool,
     )
-    if packed is not None:
-        return jax.lax.stop_gradient(outs[0])
-    return finish(outs, q)
+    return finish(outs, layout, q)

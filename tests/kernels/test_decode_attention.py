@@ -23,8 +23,9 @@ from mixtral_jax.model.attention import dot_product_attention
         (272, jnp.bfloat16, 2e-2, 1),
     ],
 )
-def test_kernel_equals_the_einsum_attention_of_the_chosen_layer(size, dtype, tol, programs):
-    b, n, kv, h, layers = 2, 8, 2, 16, 3
+@pytest.mark.parametrize("n,kv", [(8, 2), (32, 8)])  # (32, 8), one split: q read in place
+def test_kernel_equals_the_einsum_attention_of_the_chosen_layer(size, dtype, tol, programs, n, kv):
+    b, h, layers = 2, 16, 3
     keys = jax.random.split(jax.random.key(size), 3)
     q = jax.random.normal(keys[0], (b, n, h), dtype)
     k_cache = jax.random.normal(keys[1], (layers, b, size, kv, h), dtype)
@@ -37,6 +38,8 @@ def test_kernel_equals_the_einsum_attention_of_the_chosen_layer(size, dtype, tol
     if programs is not None:
         tiles = tiles._replace(programs=programs)
         assert decode_attention._blocks(size, b * kv, tiles.max_block, programs)[1] == 1
+        layout = decode_attention.queries_for(jnp.zeros((b, n, h)), kv, 1, dtype)[0]
+        assert layout.packed == (n >= 16)
     run = jax.jit(
         lambda q, k, v, i: decode_attention.decode_attention(
             q, k, v, i, jnp.asarray(mask), tiles=tiles, interpret=True

@@ -408,6 +408,8 @@ def test_api_key_is_required_everywhere_but_health(server):
 
 def test_metrics_count_requests_and_latencies(server, client):
     client.completions.create(model=NAME, prompt="x", max_tokens=3, temperature=0)
+    with pytest.raises(openai.BadRequestError):  # counted under status 400 (this test's own)
+        client.completions.create(model=NAME, prompt="x", max_tokens=3, temperature=-1)
     text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for series in (
         "mixtral_jax_engine_queue_depth",
