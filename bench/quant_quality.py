@@ -105,13 +105,14 @@ def parse_quality(output: str) -> dict | None:
     match = SUMMARY.search(output)
     if match is None:
         return None
-    losses = [LOSS_ROW.match(line.strip()) for line in output.splitlines()]
-    losses = [m for m in losses if m]
+    rows = [LOSS_ROW.match(line.strip()) for line in output.splitlines()]
+    rows = [m for m in rows if m][:2]  # the original's row, then the quantized one's
+    numbers = {f"{w}_{k}": None for w in ("original", "quantized") for k in ("loss", "perplexity")}
+    if len(rows) == 2:
+        for who, row in zip(("original", "quantized"), rows):
+            numbers[f"{who}_loss"], numbers[f"{who}_perplexity"] = map(float, row.group(2, 3))
     return {
-        "original_loss": float(losses[0].group(2)) if len(losses) >= 2 else None,
-        "quantized_loss": float(losses[1].group(2)) if len(losses) >= 2 else None,
-        "original_perplexity": float(losses[0].group(3)) if len(losses) >= 2 else None,
-        "quantized_perplexity": float(losses[1].group(3)) if len(losses) >= 2 else None,
+        **numbers,
         "perplexity_change_pct": float(match.group(1)),
         "max_logit_error": float(match.group(2)),
         "top1_changed_pct": float(match.group(3)),
