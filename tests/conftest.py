@@ -8,7 +8,10 @@ every comparison here is between two runs on this back end or against a toleranc
 --xla_cpu_use_fusion_emitters=false: XLA:CPU emits its fusions with the elemental IR emitters
 instead of the newer MLIR fusion emitters, which compile much more slowly (tests/serve/
 test_engine.py + tests/generate/test_generate.py: 142 -> 52 s of backend compile, 208 -> 114 s
-wall). Subprocesses (train.py, infer.py) inherit the flags through the environment.
+wall). --xla_cpu_collective_call_terminate_timeout_seconds=120: XLA:CPU aborts the process when
+a collective's 8 host-platform participants have not all arrived within 40 s (its default),
+which a loaded two-core machine can approach; a real deadlock still ends, two minutes later.
+Subprocesses (train.py, infer.py) inherit the flags through the environment.
 
 (A persistent compilation cache would save minutes here, but XLA:CPU aborted inside a sharded
 train step that loaded a cached executable: left out.)"""
@@ -18,7 +21,7 @@ import os
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    " --xla_cpu_use_fusion_emitters=false",
+    " --xla_cpu_use_fusion_emitters=false --xla_cpu_collective_call_terminate_timeout_seconds=120",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -1,6 +1,13 @@
 """Training on a device mesh (8 fake CPU devices): the same losses and weights as on one device,
 parameters and optimizer moments sharded by the rules table, exact resume on the mesh."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+
 import jax
 import numpy as np
 import optax
@@ -70,17 +77,64 @@ def single(tmp_path_factory):
     return result, _params(run_dir)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _train_py(run_dir, steps, mesh, extra) -> subprocess.CompletedProcess:
+    """train.py, in a process of its own, on the same run config as `_config`."""
+    overrides = [f"checkpoint.dir={run_dir}", f"train.steps={steps}", *SMALL, *extra]
+    overrides += [f"mesh.{m}" for m in mesh]
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *[f"--{o}" for o in overrides]],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def _stopped_and_resumed_on_mesh(run_dir, mesh) -> subprocess.CompletedProcess:
+    """train.py to step 1, then the same command to step 2 (a resume): the failing run's
+    process, else the second one's."""
+    for steps in (1, 2):
+        proc = _train_py(run_dir, steps, mesh, NO_WARMUP)
+        if proc.returncode != 0:
+            return proc
+    return proc
+
+
+def _last_loss(run_dir) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r][-1]["loss"]
+
+
 def test_mesh_run_with_a_resume_equals_the_single_device_run(tmp_path, single):
     """data x fsdp x expert (every parameter split somewhere; the MoE dispatches by all-to-all),
-    stopped after step 1 and resumed: loss and every weight equal the uninterrupted
-    single-device run. (Other meshes: forward and gradients in test_sharding.)"""
+    stopped after step 1 and resumed, through train.py: loss and every weight equal the
+    uninterrupted single-device run. (Other meshes: forward and gradients in test_sharding.)
+
+    The mesh runs are subprocesses: an abort inside XLA:CPU then shows its own message (a
+    pytest worker's captured stderr dies with it). XLA:CPU's 8 host-platform devices have
+    aborted here about once in a few full-suite runs on two cores, never in 60 runs of this
+    test alone; an abort (SIGABRT) is run once more in a fresh directory, with a warning that
+    quotes XLA's message. Any other failure, a second abort or a mismatch fails the test."""
     result_1, params_1 = single
     mesh = ("data=2", "fsdp=2", "expert=2")
-    trainer.run(_config(tmp_path, 1, mesh, NO_WARMUP), show_progress=False)
-    result = trainer.run(_config(tmp_path, 2, mesh, NO_WARMUP), show_progress=False)  # resumes
-    assert result["step"] == 2
-    np.testing.assert_allclose(result["loss"], result_1["loss"], rtol=1e-5)
-    params = _params(tmp_path)
+    run_dir = tmp_path / "mesh"
+    proc = _stopped_and_resumed_on_mesh(run_dir, mesh)
+    if proc.returncode == -signal.SIGABRT:
+        fatal = [line for line in proc.stderr.splitlines() if line.startswith("F")]
+        warnings.warn(
+            f"XLA:CPU aborted a mesh run; run again. {(fatal or [proc.stderr[-500:]])[0][:500]}",
+            stacklevel=1,
+        )
+        run_dir = tmp_path / "mesh_again"
+        proc = _stopped_and_resumed_on_mesh(run_dir, mesh)
+    assert proc.returncode == 0, f"train.py exit {proc.returncode}: {proc.stderr[-3000:]}"
+    assert "resumed from step 1" in proc.stdout
+    np.testing.assert_allclose(_last_loss(run_dir), result_1["loss"], rtol=1e-5)
+    params = _params(run_dir)
     assert params.keys() == params_1.keys()
     for name in params:
         np.testing.assert_allclose(params[name], params_1[name], rtol=1e-4, atol=1e-6, err_msg=name)
