@@ -153,12 +153,14 @@ class Queries(NamedTuple):
       packed: q and the output are [B, N, H] (one split, N >= Gp); else q is [B, K, Gp, H]
         (padded) and the outputs float32 partials or the one-split [B, K, Gp, H].
       groups, n, rows: G, N and Gp.
+      splits: J, splits of the key span (1: each program writes its normalized output).
     """
 
     packed: bool
     groups: int
     n: int
     rows: int
+    splits: int
 
 
 def queries_for(q: jax.Array, kv_heads: int, splits: int, dtype) -> tuple[Queries, jax.Array]:
@@ -166,7 +168,7 @@ def queries_for(q: jax.Array, kv_heads: int, splits: int, dtype) -> tuple[Querie
     b, n, h = q.shape
     groups = n // kv_heads
     rows = pow2_at_least(groups)
-    layout = Queries(splits == 1 and n >= rows, groups, n, rows)
+    layout = Queries(splits == 1 and n >= rows, groups, n, rows, splits)
     if layout.packed:
         return layout, q.astype(dtype)
     q_bkgh = q.reshape(b, kv_heads, groups, h)  # [B, K, G, H]
@@ -174,15 +176,15 @@ def queries_for(q: jax.Array, kv_heads: int, splits: int, dtype) -> tuple[Querie
     return layout, jnp.pad(q_bkgh, pad).astype(dtype)
 
 
-def output_shapes(layout: Queries, b: int, kv_heads: int, splits: int, h: int, dtype) -> tuple:
+def output_shapes(layout: Queries, b: int, kv_heads: int, h: int, dtype) -> tuple:
     """out_shape of a flash-decoding call: [B, N, H] in `dtype` (packed); per (row, kv head,
     split) acc [Gp, H], m and l [Gp] (float32 partials); or, with one split, the normalized
     output [B, K, Gp, H] in `dtype`."""
     if layout.packed:
         return (jax.ShapeDtypeStruct((b, layout.n, h), dtype),)
+    splits, rows = layout.splits, layout.rows
     if splits == 1:
-        return (jax.ShapeDtypeStruct((b, kv_heads, layout.rows, h), dtype),)
-    rows = layout.rows
+        return (jax.ShapeDtypeStruct((b, kv_heads, rows, h), dtype),)
     return (
         jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
         jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32),
@@ -202,11 +204,11 @@ def _first_row(layout: Queries, h):
     return jnp.minimum(h * layout.groups, layout.n - layout.rows)
 
 
-def write_outputs(out_refs, layout: Queries, b, h, j, splits: int, m, l, acc) -> None:
+def write_outputs(out_refs, layout: Queries, b, h, j, m, l, acc) -> None:
     """Inside a kernel: program (b, h, j)'s result into `output_shapes`' refs: its partials,
     or with one split acc / l (`combine_splits`' division: a row seeing no key gets 0), packed:
     only its own G rows (a masked store)."""
-    if splits > 1:
+    if layout.splits > 1:
         o_ref, m_ref, l_ref = out_refs
         o_ref[b, h, j] = acc
         m_ref[b, h, j] = m
@@ -226,7 +228,7 @@ def write_outputs(out_refs, layout: Queries, b, h, j, splits: int, m, l, acc) ->
 def finish(outs: tuple, layout: Queries, q: jax.Array) -> jax.Array:
     """[B, N, H] in q's dtype from `output_shapes`' arrays: the packed output, the one-split
     output's real rows, or the splits combined."""
-    if len(outs) == 3:
+    if layout.splits > 1:
         return combine_splits(*outs, q)
     if layout.packed:
         return jax.lax.stop_gradient(outs[0])
@@ -276,7 +278,7 @@ def _kernel(
 
     start, stop = split_range(span_ref, b, j, splits)
     m, l, acc = jax.lax.fori_loop(start, stop, step, softmax_start(q))
-    write_outputs(out_refs, layout, b, h, j, splits, m, l, acc)
+    write_outputs(out_refs, layout, b, h, j, m, l, acc)
 
 
 def decode_attention(
@@ -315,7 +317,7 @@ def decode_attention(
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=output_shapes(layout, b, kv_heads, splits, h, q.dtype),
+        out_shape=output_shapes(layout, b, kv_heads, h, q.dtype),
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages

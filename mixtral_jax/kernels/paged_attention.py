@@ -100,7 +100,7 @@ def _kernel(
 
     steps = jax.lax.div(stop - start + (per_step - 1), per_step)
     m, l, acc = jax.lax.fori_loop(0, steps, step, softmax_start(q))
-    write_outputs(out_refs, layout, b, h, j, splits, m, l, acc)
+    write_outputs(out_refs, layout, b, h, j, m, l, acc)
 
 
 def paged_decode_attention(
@@ -145,7 +145,7 @@ def paged_decode_attention(
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=output_shapes(layout, b, kv_heads, splits, h, q.dtype),
+        out_shape=output_shapes(layout, b, kv_heads, h, q.dtype),
         grid=(b, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages

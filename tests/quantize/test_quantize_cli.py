@@ -1,6 +1,7 @@
 """python -m mixtral_jax.quantize: the streamed checkpoint equals the in-memory quantization,
 infer.py generates from it, a corrupted scale is refused, sizes, inspect, eval, bad input."""
 
+import json
 import os
 import re
 import shutil
@@ -197,3 +198,24 @@ def test_dtype_sets_the_compute_dtype_never_the_codes(setup):
     assert moe["w_gate"].dtype == attn["q_proj"].dtype == np.uint8  # codes as stored
     assert moe["w_gate_scale"].dtype == np.dtype("bfloat16")  # scales as stored
     assert params["embed"]["embedding"].dtype == np.float32
+
+
+def test_held_out_batches_tokenize_only_the_held_out_texts_and_equal_the_trainers(setup):
+    """The quick path (only held-out texts tokenized) gives the batches of the trainer's own
+    split and packing over every text's tokens (`train.data`, as `trainer._prepare_data`)."""
+    from mixtral_jax.train import data
+
+    root, _, _ = setup
+    tok = Tokenizer.load(str(root / "tok.model"))
+    source = str(root / "docs.jsonl")  # one document per line: 80 texts
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    split = {"eval_fraction": 0.3, "seed": 3, "seq_len": 16, "batch_size": 2, "max_batches": 3}
+    got = quality.held_out_batches(source, tok, **split)
+    texts = [t for t in data.read_documents(source) if t.strip()]
+    documents = data.Documents(data.tokenize_documents(texts, tok))
+    want = data.eval_batches(documents, data.Split(len(texts), 0.3, 3), 2, 16, 3)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
