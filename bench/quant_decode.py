@@ -3,6 +3,7 @@ Mixtral 8x22B with int4 experts resident on one H200.
 
   python3 bench/quant_decode.py [--layers 32] [--batches 1,64] [--new 128] [--formats
       bf16,int8,int4] [--group-size 128] [--no-8x22b] [--set quantized_impl=dequantize]
+      [--dequant float32,ptx]
   JAX_PLATFORMS=cpu python3 bench/quant_decode.py --tiny     # the same code at a tiny size
 
 Full 8x7B widths (32 layers): for each format the weights are drawn on the device one layer at
@@ -13,6 +14,8 @@ leaf never exists whole. Attention, router, embedding and LM head stay bf16. Dec
 through `Generator` (16-token random prompts, --new tokens, the second run timed), as
 bench/decode.py, beside the floor: the bytes one step must read at the copy bandwidth measured
 in the same run. Then 8x22B (56 layers, D 6144, F 16384) with int4 experts, batch 1.
+--dequant runs each quantized format (and 8x22B) once per way of making its tiles
+(`weight_tiles.DEQUANT`: "float32", the default, or "ptx", GPU only); each run names it.
 Prints one JSON line last and writes $OUT/quant_decode.json.
 """
 
@@ -35,6 +38,7 @@ import mixtral_jax as mj
 from bench.decode import decode_row
 from mixtral_jax.generate import Generator
 from mixtral_jax.kernels import plan as kernel_plan
+from mixtral_jax.kernels import weight_tiles
 from mixtral_jax.model import quantized
 
 FORMATS = {"bf16": (16, None), "int8": (8, None), "int4": (4, 128)}  # bits, group (--group-size)
@@ -152,6 +156,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-8x22b", dest="big", action="store_false")
     p.add_argument("--tiny", action="store_true", help="tiny widths (a CPU check)")
     p.add_argument("--set", action="append", default=[], help="compute setting (repeatable)")
+    p.add_argument("--dequant", default="float32", help="weight_tiles.DEQUANT values, in turn")
     args = p.parse_args(argv)
     from bench.common import copy_bandwidth_tbs, environment, timed, write_json
 
@@ -162,14 +167,23 @@ def main(argv=None) -> dict:
         bandwidth = copy_bandwidth_tbs()
     small, big = base_configs(args)
     batches = [int(b) for b in args.batches.split(",")]
+    dequants = args.dequant.split(",")
+
+    def run(cfg, name, rows, dequant):
+        weight_tiles.DEQUANT = dequant
+        result = measure(format_config(cfg, name, args.group_size), rows, args.new, bandwidth)
+        return result if name == "bf16" else {**result, "dequant": dequant}
+
     runs = [
-        measure(format_config(small, name, args.group_size), batches, args.new, bandwidth)
+        run(small, name, batches, dequant)
         for name in args.formats.split(",")
         if name
+        for dequant in (dequants[:1] if name == "bf16" else dequants)
     ]
     big_run = None
     if big is not None:
-        big_run = measure(format_config(big, "int4", args.group_size), [1], args.new, bandwidth)
+        big_runs = [run(big, "int4", [1], dequant) for dequant in dequants]
+        big_run = big_runs[0] if len(big_runs) == 1 else big_runs
     payload = {
         "env": environment(),
         "copy_bandwidth_tbs": bandwidth,

@@ -1,7 +1,7 @@
 """The quantized-weight kernels (int8 / int4 codes dequantized in registers) on one GPU at 8x7B widths.
 
   python3 bench/quant_decode_tiles.py [--tokens 1,64] [--parts experts,projection,gmm]
-                                      [--quick] [--small]
+                                      [--quick] [--small] [--dequant float32,ptx]
 
 Formats: bf16 (the float kernels, the baseline of the same run), int8 (one scale per output
 channel) and int4 (groups of 128 rows of K, float32 scales), all made on the device from the
@@ -25,6 +25,10 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               weight from gmm_quant.DEQUANTIZE_ROWS rows), "codes_kernel" the kernel reading
               codes: the pair sets DEQUANTIZE_ROWS.
 
+--dequant runs the quantized formats once per way of making their tiles (`weight_tiles.DEQUANT`:
+"float32", the default, or "ptx", inline PTX with no conversion instruction, GPU only); every
+row names it. bf16 runs once.
+
 --small runs tiny widths (on CPU: the kernels interpreted, wall-clock times) to check this
 script's logic. Writes $OUT/quant_decode_tiles.json with every line.
 """
@@ -47,7 +51,7 @@ from bench.common import environment, kernel_summary, timed, trace_kernels, writ
 from mixtral_jax.kernels import decode_matmul as dm
 from mixtral_jax.kernels import expert_decode as ed
 from mixtral_jax.kernels import expert_decode_grouped as edg
-from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant
+from mixtral_jax.kernels import gmm_pallas, gmm_quant, quant, weight_tiles
 from mixtral_jax.kernels.common import DecodeTiles
 from mixtral_jax.moe import local as moe_local
 from mixtral_jax.moe import ops as moe_ops
@@ -73,6 +77,8 @@ LINES: list[dict] = []
 
 
 def emit(row: dict) -> None:
+    if row.get("format", "bf16") != "bf16":
+        row = {**row, "dequant": weight_tiles.DEQUANT}
     LINES.append(row)
     print(json.dumps(row), flush=True)
 
@@ -352,17 +358,24 @@ def main():
     p.add_argument("--parts", default="experts,projection,gmm")
     p.add_argument("--quick", action="store_true", help="default tiles only (no sweep)")
     p.add_argument("--small", action="store_true", help="tiny widths: this script's logic")
+    p.add_argument("--dequant", default="float32", help="weight_tiles.DEQUANT values, in turn")
     args = p.parse_args()
     sizes = SMALL if args.small else FULL
     interpret = not on_gpu()
     tokens = [int(t) for t in args.tokens.split(",")]
     parts = args.parts.split(",")
-    if "experts" in parts:
-        experts_part(sizes, tokens, args.quick, interpret, FORMATS)
-    if "projection" in parts:
-        projection_part(sizes, tokens, args.quick, interpret, FORMATS)
-    if "gmm" in parts:
-        gmm_part(sizes, args.quick, interpret, FORMATS)
+    for i, dequant in enumerate(args.dequant.split(",")):
+        if dequant == "ptx" and interpret:
+            emit({"dequant": dequant, "skipped": "inline PTX runs on the GPU only"})
+            continue
+        weight_tiles.DEQUANT = dequant
+        formats = FORMATS if i == 0 else tuple(f for f in FORMATS if f != "bf16")
+        if "experts" in parts:
+            experts_part(sizes, tokens, args.quick, interpret, formats)
+        if "projection" in parts:
+            projection_part(sizes, tokens, args.quick, interpret, formats)
+        if "gmm" in parts:
+            gmm_part(sizes, args.quick, interpret, formats)
     write_json("quant_decode_tiles.json", {"env": environment(), "sizes": sizes, "rows": LINES})
 
 

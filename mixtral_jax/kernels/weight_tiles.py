@@ -20,7 +20,9 @@ gives and `common.fit` honours. Only the weight's bytes cross memory: 1 byte (in
 (vector units, no matrix-unit dot).
 
 Quantized codes become floats without an int-to-float conversion instruction (`_int8_to_f32`,
-`_nibble_to_f32`: integer ops and one float subtraction), then the compute dtype. A "biased"
+`_nibble_to_f32`: integer ops and one float subtraction), then the compute dtype; or, with
+`DEQUANT = "ptx"` on the GPU, bfloat16 tiles by inline PTX with no conversion at all
+(`dequant_ptx.py`). A "biased"
 form that skipped the float step (nibbles ORed into the mantissa of bfloat16 128, the offset
 removed after the dot) was measured slower on the H200 in every kernel and removed
 (BENCHMARKS.md, third session of 2026-12-02).
@@ -37,8 +39,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mixtral_jax.kernels import common, quant
+from mixtral_jax.kernels import common, dequant_ptx, quant
 from mixtral_jax.kernels.quant import QuantizedWeight
+
+# How quantized codes become bfloat16 tiles: "float32" (`_int8_to_f32` / `_nibble_to_f32`, then
+# a rounding to bfloat16; runs everywhere, interpret mode included) or "ptx" (`dequant_ptx`:
+# inline PTX with no conversion instruction; GPU only, not in interpret mode). A module switch
+# until the GPU has measured "ptx" (bench/quant_decode_tiles.py --dequant).
+DEQUANT = "float32"
 
 
 class Tile(NamedTuple):
@@ -118,7 +126,13 @@ def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[Tile]:
         return [Tile(r0, w[(*lead, rows, cols)])]
     codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
     half = w.shape[-2] // 2
-    if w.bits == 8:
+    if DEQUANT == "ptx" and jnp.dtype(dtype) == jnp.bfloat16:  # GPU only: no conversions
+        if w.bits == 8:
+            parts = [(r0, dequant_ptx.int8_tile(codes))]
+        else:
+            low, high = dequant_ptx.nibble_tiles(codes)
+            parts = [(r0, low), (r0 + half, high)]
+    elif w.bits == 8:
         parts = [(r0, _int8_to_f32(codes).astype(dtype))]
     else:
         byte = codes.astype(jnp.int32)  # zero-extended bytes
