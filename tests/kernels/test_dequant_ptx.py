@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax.kernels import dequant_ptx, expert_decode, quant, weight_tiles
+from mixtral_jax.kernels import (
+    decode_matmul,
+    dequant_ptx,
+    expert_decode,
+    gmm_quant,
+    quant,
+    weight_tiles,
+)
 
 
 def _words(byte_values: np.ndarray) -> np.ndarray:
@@ -98,3 +105,22 @@ def test_the_decode_expert_kernels_lower_for_the_gpu_with_the_ptx_tiles(bits, mo
     assert text.count("__gpu$xla.gpu.triton") == 2  # gate/up and down kernels
     program = dequant_ptx.INT8_TO_BF16 if bits == 8 else dequant_ptx.LOW_NIBBLE_TO_BF16
     assert text.count(program.instructions[-1][0].replace("fma.", "fma.rn.")) >= 2  # the PTX
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_projection_and_grouped_matmul_lower_for_the_gpu_with_the_ptx_tiles(bits, monkeypatch):
+    monkeypatch.setattr(weight_tiles, "DEQUANT", "ptx")
+    program = dequant_ptx.INT8_TO_BF16 if bits == 8 else dequant_ptx.LOW_NIBBLE_TO_BF16
+    marker = program.instructions[-1][0].replace("fma.", "fma.rn.")
+    stack = quant.quantize(jnp.ones((2, 256, 512), jnp.float32), bits, 128, jnp.bfloat16)
+    x = jnp.ones((3, 256), jnp.bfloat16)
+    project = jax.jit(lambda x, s: decode_matmul.project_stacked(x, (s,), 1))
+    experts = quant.quantize(jnp.ones((4, 256, 512), jnp.float32), bits, 128, jnp.bfloat16)
+    sizes = jnp.array([100, 0, 28, 0], jnp.int32)
+    grouped = jax.jit(lambda x, w: gmm_quant.gmm(x, w, sizes, False))
+    for run, args in (
+        (project, (x, stack)),
+        (grouped, (jnp.ones((128, 256), jnp.bfloat16), experts)),
+    ):
+        text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in text and marker in text
