@@ -22,10 +22,9 @@ gives and `common.fit` honours. Only the weight's bytes cross memory: 1 byte (in
 Quantized codes become floats without an int-to-float conversion instruction (`_int8_to_f32`,
 `_nibble_to_f32`: integer ops and one float subtraction), then the compute dtype; or, with
 `DEQUANT = "ptx"` on the GPU, bfloat16 tiles by inline PTX with no conversion at all
-(`dequant_ptx.py`). A "biased"
-form that skipped the float step (nibbles ORed into the mantissa of bfloat16 128, the offset
-removed after the dot) was measured slower on the H200 in every kernel and removed
-(BENCHMARKS.md, third session of 2026-12-02).
+(`dequant_ptx.py`). A "biased" form that skipped the float step (nibbles ORed into the
+mantissa of bfloat16 128, the offset removed after the dot) was measured slower on the H200 in
+every kernel and removed (BENCHMARKS.md, third session of 2026-12-02).
 
 Letters: K contraction width, N output width, G scale group (rows of K per scale).
 """
