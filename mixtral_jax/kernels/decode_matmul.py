@@ -79,6 +79,7 @@ def _kernel(
     row_tiles: int,
     precision,
     vector: bool,
+    dequant: str,
 ):
     """Program p * row_tiles + t: stack i whose column tiles hold p, column tile c, split j of
     K, over row tile t of x (the row tiles of one weight tile run side by side, so the tile one
@@ -117,7 +118,9 @@ def _kernel(
 
             def step(i, acc):
                 r0 = pl.multiple_of((split * num_steps + i) * bk, bk)  # stored rows
-                for tile in weight_tiles.load(w_ref, (layer,), r0, col0, bk, bn, x_ref.dtype):
+                for tile in weight_tiles.load(
+                    w_ref, (layer,), r0, col0, bk, bn, x_ref.dtype, dequant
+                ):
                     a = x_ref[pl.ds(row0, bm), pl.ds(tile.row0, bk)]  # [bm, bk]
                     acc = acc + weight_tiles.product(a, tile, precision)
                 return acc
@@ -184,6 +187,7 @@ def project_stacked(
             row_tiles=row_tiles,
             precision=precision,
             vector=vector,
+            dequant=weight_tiles.dequant_for(interpret),
         ),
         out_shape=tuple(jax.ShapeDtypeStruct((t.splits, padded, w), jnp.float32) for w in widths),
         grid=(sum(cols) * t.splits * row_tiles,),

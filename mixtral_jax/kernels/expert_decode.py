@@ -97,6 +97,7 @@ def _gate_up_kernel(
     rows: int,
     precision,
     vector: bool,
+    dequant: str,
 ):
     """Program (slot s, column tile c): h[s, :, c] = silu(x @ Wg[e_s][:, c]) * (x @ Wu[e_s][:, c]).
 
@@ -135,8 +136,8 @@ def _gate_up_kernel(
         def step(i, acc):
             gate, up = acc
             r0 = pl.multiple_of(i * bk, bk)  # stored rows (K/2 byte rows for int4)
-            gs = weight_tiles.load(wg_ref, lead, r0, col0, bk, bn, x_ref.dtype)
-            us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, x_ref.dtype)
+            gs = weight_tiles.load(wg_ref, lead, r0, col0, bk, bn, x_ref.dtype, dequant)
+            us = weight_tiles.load(wu_ref, lead, r0, col0, bk, bn, x_ref.dtype, dequant)
             for g, u in zip(gs, us):  # Tiles [bk, bn] of the same rows of K
                 a = x_tile(g.row0)  # [bm, bk]
                 gate = gate + weight_tiles.product(a, g, precision)
@@ -166,6 +167,7 @@ def _down_kernel(
     precision,
     vector: bool,
     zero_inactive: bool,
+    dequant: str,
 ):
     """Program (slot s, column tile c, split j): part[j, s, :, c] = combine[s] * h[s, :, split j]
     @ Wd[e_s][split j, c]; inactive slots (active[s] = 0) store zeros if `zero_inactive`, else
@@ -197,7 +199,7 @@ def _down_kernel(
 
         def step(i, acc):
             r0 = pl.multiple_of((split * steps + i) * bk, bk)  # stored rows of split j
-            for tile in weight_tiles.load(wd_ref, lead, r0, col0, bk, bn, h_ref.dtype):
+            for tile in weight_tiles.load(wd_ref, lead, r0, col0, bk, bn, h_ref.dtype, dequant):
                 a = plgpu.load(
                     h_ref.at[slot, :, pl.ds(tile.row0, bk)],
                     mask=jnp.broadcast_to(valid[:, None], (bm, bk)),
@@ -334,6 +336,7 @@ def expert_kernels(
     bm, d, f, num_slots = x.shape[-2], x.shape[-1], w_gate.shape[-1], slot_expert.shape[0]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     precision, itemsize = matmul_precision(x.dtype), x.dtype.itemsize
+    dequant = weight_tiles.dequant_for(interpret)
 
     t1 = weight_tiles.fit(gate_up_tiles, bm, w_gate, f, 2, itemsize)
     h = pl.pallas_call(
@@ -345,6 +348,7 @@ def expert_kernels(
             rows=rows,
             precision=precision,
             vector=vector,
+            dequant=dequant,
         ),
         out_shape=jax.ShapeDtypeStruct((num_slots, bm, f), x.dtype),
         grid=(num_slots * (f // t1.block_n),),
@@ -366,6 +370,7 @@ def expert_kernels(
             precision=precision,
             vector=vector,
             zero_inactive=zero_inactive,
+            dequant=dequant,
         ),
         out_shape=jax.ShapeDtypeStruct((t2.splits, num_slots, bm, d), jnp.float32),
         grid=(num_slots * (d // t2.block_n) * t2.splits,),

@@ -198,6 +198,7 @@ def _gmm_kernel(
     num_groups: int,
     transpose_rhs: bool,
     precision,
+    dequant: str,
 ):
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     group, row0, col0, mask = row_tile(
@@ -221,7 +222,9 @@ def _gmm_kernel(
                 tiles = [weight_tiles.Tile(k0, b)]
                 dims = (((1,), (1,)), ((), ()))
             else:  # Tiles [bk, bn]: codes, their scale and offset if rhs is quantized
-                tiles = weight_tiles.load(rhs_ref, (layer, g), k0, col0, bk, bn, lhs_ref.dtype)
+                tiles = weight_tiles.load(
+                    rhs_ref, (layer, g), k0, col0, bk, bn, lhs_ref.dtype, dequant
+                )
                 dims = (((1,), (0,)), ((), ()))
             for tile in tiles:
                 a = lhs_ref[pl.ds(row0, bm), pl.ds(tile.row0, bk)]  # [bm, bk]
@@ -258,6 +261,7 @@ def _gmm_call(
         name="gmm_t" if transpose_rhs else "gmm",
         interpret=interpret,
         transpose_rhs=transpose_rhs,
+        dequant=weight_tiles.dequant_for(interpret),
     )
 
 

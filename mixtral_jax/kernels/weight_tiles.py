@@ -41,11 +41,17 @@ from jax.experimental import pallas as pl
 from mixtral_jax.kernels import common, dequant_ptx, quant
 from mixtral_jax.kernels.quant import QuantizedWeight
 
-# How quantized codes become bfloat16 tiles: "float32" (`_int8_to_f32` / `_nibble_to_f32`, then
-# a rounding to bfloat16; runs everywhere, interpret mode included) or "ptx" (`dequant_ptx`:
-# inline PTX with no conversion instruction; GPU only, not in interpret mode). A module switch
-# until the GPU has measured "ptx" (bench/quant_decode_tiles.py --dequant).
+# How quantized codes become bfloat16 tiles on the GPU: "float32" (`_int8_to_f32` /
+# `_nibble_to_f32`, then a rounding to bfloat16) or "ptx" (`dequant_ptx`: inline PTX with no
+# conversion instruction). Interpret mode always takes "float32" (`dequant_for`): it cannot run
+# inline assembly. "float32" until the GPU has measured "ptx" (bench/quant_decode_tiles.py
+# --dequant).
 DEQUANT = "float32"
+
+
+def dequant_for(interpret: bool) -> str:
+    """The tile maker a kernel call passes to `load`: DEQUANT, or "float32" when interpreted."""
+    return "float32" if interpret else DEQUANT
 
 
 class Tile(NamedTuple):
@@ -107,7 +113,9 @@ def fit(
     )
 
 
-def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[Tile]:
+def load(
+    w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype, dequant: str = "float32"
+) -> list[Tile]:
     """Inside a kernel: the tiles of stored rows [r0, r0 + bk), columns [col0, col0 + bn).
 
     Args:
@@ -115,6 +123,7 @@ def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[Tile]:
       lead: indices of the leading (stack) axes, e.g. (layer, expert).
       r0, col0: first stored row (a multiple of bk) and first column.
       dtype: the compute dtype the tiles come in.
+      dequant: "float32" or "ptx" (`dequant_for`; "ptx" applies to bfloat16 tiles).
     Returns:
       one Tile, or two for int4 (rows r0.. and K/2 + r0..). A quantized tile holds the integer
       codes (exact in bfloat16): x @ tile is multiplied by its group's scale row afterwards
@@ -125,7 +134,7 @@ def load(w, lead: tuple, r0, col0: int, bk: int, bn: int, dtype) -> list[Tile]:
         return [Tile(r0, w[(*lead, rows, cols)])]
     codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
     half = w.shape[-2] // 2
-    if DEQUANT == "ptx" and jnp.dtype(dtype) == jnp.bfloat16:  # GPU only: no conversions
+    if dequant == "ptx" and jnp.dtype(dtype) == jnp.bfloat16:  # GPU only: no conversions
         if w.bits == 8:
             parts = [(r0, dequant_ptx.int8_tile(codes))]
         else:

@@ -124,3 +124,24 @@ def test_the_projection_and_grouped_matmul_lower_for_the_gpu_with_the_ptx_tiles(
     ):
         text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "__gpu$xla.gpu.triton" in text and marker in text
+
+
+def test_interpreted_kernels_keep_the_float_tiles_when_the_gpu_takes_ptx(monkeypatch):
+    """DEQUANT = "ptx" is the GPU's choice; interpret mode (which cannot run inline assembly)
+    still takes the float32 tiles, so the same bfloat16 int4 call runs and gives the same result."""
+    e, d, f = 4, 64, 128
+    w = [
+        quant.quantize(jax.random.normal(jax.random.key(i), (1, e) + s), 4, 32, jnp.bfloat16)
+        for i, s in enumerate(((d, f), (d, f), (f, d)))
+    ]
+    x = jax.random.normal(jax.random.key(9), (3, d), jnp.bfloat16)
+    experts = jnp.array([[0, 2], [1, 2], [3, 0]], jnp.int32)
+    weights = jnp.full((3, 2), 0.5, jnp.float32)
+
+    def run():
+        return expert_decode.decode_experts(x, experts, weights, *w, interpret=True)
+
+    want = run()
+    monkeypatch.setattr(weight_tiles, "DEQUANT", "ptx")
+    assert weight_tiles.dequant_for(True) == "float32" and weight_tiles.dequant_for(False) == "ptx"
+    np.testing.assert_array_equal(run(), want)
