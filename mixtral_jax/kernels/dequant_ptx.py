@@ -23,8 +23,12 @@ operands a matrix-unit dot takes.
 
 Each program is a list of instructions that `ptx` renders for `pallas.triton`'s
 `elementwise_inline_asm` and `emulate` runs in numpy, so the tests check on the CPU, for every
-code, the very instructions the GPU runs (the PTX syntax and Triton's register packing are left
-to the GPU's own check: `bench/quant_decode_tiles.py --dequant ptx` compares against the oracle).
+code, the very instructions the GPU runs. The word layout is Triton's: with pack 4 it hands one
+instance 4 consecutive elements of a thread, element k in byte k of the input register, and
+takes element k of a bfloat16 result from half k % 2 of output register k // 2 (its
+ElementwiseInlineAsmOp lowering). What only the GPU can check, ptxas's reading of the text and
+that layout in practice, `bench/dequant_check.py` does: the kernels must give the same bits with
+these tiles as with the float32 ones.
 Interpret mode cannot run inline assembly: `weight_tiles` uses these only when asked
 (`weight_tiles.DEQUANT`).
 """
