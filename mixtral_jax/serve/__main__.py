@@ -213,6 +213,7 @@ def serve(app, engine, args) -> None:
     import uvicorn
 
     server = app.state.server
+    loop, http = event_loop_and_parser()
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -220,6 +221,8 @@ def serve(app, engine, args) -> None:
         log_level=args.log_level,
         lifespan="on",
         timeout_graceful_shutdown=args.drain_timeout + 2,
+        loop=loop,
+        http=http,
     )
     uv = _uvicorn_server(config, lambda: setattr(server, "draining", True))
     sock = config.bind_socket()
@@ -231,6 +234,18 @@ def serve(app, engine, args) -> None:
         uv.run(sockets=[sock])
     finally:
         engine.shutdown(cancel=True, timeout=10.0)
+
+
+def event_loop_and_parser() -> tuple[str, str]:
+    """uvicorn's loop and HTTP implementations: uvloop and httptools (package dependencies)
+    where they import, else asyncio and h11. The event loop does each stream's per-token work
+    (waking its coroutine, detokenising, writing its chunk), so at 256 streams their lower cost
+    per event is throughput and a tighter inter-token tail (BENCHMARKS.md)."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return loop, http
 
 
 def freeze_heap() -> None:

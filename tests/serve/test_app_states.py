@@ -154,3 +154,13 @@ def test_freeze_heap_leaves_start_up_objects_alone_and_collects_what_serving_mak
         gc.unfreeze()
     gc.collect()
     assert old_ref() is None
+
+
+def test_the_server_runs_on_uvloop_and_httptools_and_falls_back_without_them(monkeypatch):
+    import importlib.util
+
+    from mixtral_jax.serve.__main__ import event_loop_and_parser
+
+    assert event_loop_and_parser() == ("uvloop", "httptools")  # both are package dependencies
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert event_loop_and_parser() == ("asyncio", "h11")
