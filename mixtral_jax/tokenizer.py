@@ -47,6 +47,7 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, path: str | None = None):
         self._sp = processor
         self.path = path
+        self._continuations: dict[int, str | None] = {}
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
@@ -92,6 +93,35 @@ class Tokenizer:
         padded beyond it can sample them) have no text: they are left out, not an error."""
         size = self.vocab_size
         return self._sp.decode([int(i) for i in ids if 0 <= int(i) < size])
+
+    def continuation(self, token_id: int) -> str | None:
+        """The text a normal piece adds after tokens that have text of their own: its piece with
+        '▁' as a space (`decode(ids + [t]) == decode(ids) + continuation(t)` when `decode(ids)`
+        is not empty; a first piece loses its leading space instead). None for a byte piece (a
+        character may span several), a control, unknown or unused piece, or an id past the
+        vocabulary: only a decode says what those add. Cached per id."""
+        token_id = int(token_id)
+        if token_id not in self._continuations:
+            sp, normal = self._sp, 0 <= token_id < self.vocab_size
+            if normal:
+                normal = not (
+                    sp.IsByte(token_id)
+                    or sp.IsControl(token_id)
+                    or sp.IsUnknown(token_id)
+                    or sp.IsUnused(token_id)
+                )
+            self._continuations[token_id] = (
+                sp.IdToPiece(token_id).replace("\u2581", " ") if normal else None
+            )
+        return self._continuations[token_id]
+
+    def silent(self, token_id: int) -> bool:
+        """Whether the token decodes to no text at all: a control or unused piece, or an id past
+        the vocabulary."""
+        token_id = int(token_id)
+        if not 0 <= token_id < self.vocab_size:
+            return True
+        return bool(self._sp.IsControl(token_id) or self._sp.IsUnused(token_id))
 
     def piece(self, token_id: int) -> str:
         """The text of one token as it reads inside a sentence (SentencePiece's '▁' is a space);

@@ -8,6 +8,11 @@ to `ids[prefix:read]`, both decodes starting at the same piece, so the leading-s
 both alike. A window ending in U+FFFD waits for more bytes. The oracle test checks the result
 against one `decode` of all ids.
 
+Most tokens need no decode at all: a normal piece (no byte fallback, no control) appended when
+nothing waits for bytes and the text so far is not empty adds exactly its piece with '▁' as a
+space (`Tokenizer.continuation`), so the window moves on by a lookup. At 256 streams the two
+decodes a token cost a large share of the server's event loop (BENCHMARKS.md).
+
 Stop strings: the text is searched as it grows; at the first stop string it is cut before it,
 and the tokens after the one that completed it are dropped. While streaming, text that could be
 the start of a stop string is held back until it is known not to be one.
@@ -29,6 +34,8 @@ class TextStream:
 
     def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
         self._decode = tokenizer.decode
+        self._continuation, self._silent = tokenizer.continuation, tokenizer.silent
+        self._window_has_text = False  # ids[prefix:read] decode to some text
         self.stops = tuple(stops)
         self._longest = max((len(s) for s in self.stops), default=0)
         self.tokens: list[int] = []
@@ -46,8 +53,21 @@ class TextStream:
                 break
             self.tokens.append(int(token))
             kept += 1
-            self._grow(final=False)
+            if not self._append_piece():
+                self._grow(final=False)
         return kept
+
+    def _append_piece(self) -> bool:
+        """The last token's text by lookup, where that is exact (see the module doc)."""
+        if self._read != len(self.tokens) - 1 or not self._window_has_text:
+            return False
+        piece = self._continuation(self.tokens[-1])
+        if piece is None:
+            return False
+        self.text += piece
+        self._prefix, self._read = self._read, len(self.tokens)
+        self._search()
+        return True
 
     def finish(self) -> None:
         """The sequence is complete: text still waiting for bytes is added as it decodes."""
@@ -60,7 +80,12 @@ class TextStream:
             return  # a character split over pieces: wait for its last byte
         before = self._decode(self.tokens[self._prefix : self._read])
         self.text += window[len(before) :]
-        self._prefix, self._read = self._read, len(self.tokens)
+        if any(not self._silent(t) for t in self.tokens[self._read :]):
+            self._prefix = self._read  # else keep the window's start: see `_window_has_text`
+        self._read = len(self.tokens)
+        # A window must start at a piece with text: one starting at silent ids (a control
+        # token, say) decodes its first piece as a text's first, without its leading space.
+        self._window_has_text = any(not self._silent(t) for t in self.tokens[self._prefix :])
         self._search()
 
     def _search(self) -> None:

@@ -83,3 +83,27 @@ def test_held_back_text_is_released_when_it_is_no_stop(mistral):
     rest = ids[upto["the fox runs"] :]
     assert stream.add(rest) < len(rest)  # the tokens after the stop are dropped
     assert stream.stopped and stream.take() == " " and stream.text == "the fox runs "
+
+
+@pytest.mark.parametrize("vocab", [32000, 32768])
+def test_the_lookup_path_equals_one_decode_on_random_ids_and_skips_most_decodes(vocab):
+    """Random ids of every kind (normal pieces, byte pieces, <unk>, control ids, ids past the
+    vocabulary) in random-sized pieces: the text equals one decode of all of them, for both of
+    Mistral's tokenizers; a run of normal pieces costs a decode only for its first token."""
+    tok = Tokenizer.load(default_tokenizer_path(vocab))
+    rng = random.Random(vocab)
+    kinds = [
+        list(range(vocab)),
+        [i for i in range(vocab) if tok._sp.IsByte(i)],
+        [0, 1, 2, vocab + 5],
+    ]
+    for _ in range(200):
+        ids = [rng.choice(rng.choice(kinds)) for _ in range(rng.randint(1, 40))]
+        stream, taken = _stream(tok, ids, rng=rng)
+        assert stream.text == taken == tok.decode(ids), ids
+    normal = [i for i in range(1000, 2000) if tok.continuation(i) is not None][:100]
+    calls = []
+    stream = TextStream(tok)
+    stream._decode = lambda ids: calls.append(len(ids)) or tok.decode(ids)
+    stream.add(normal)
+    assert stream.text == tok.decode(normal) and len(calls) == 2  # the first token's window
