@@ -239,8 +239,8 @@ def serve(app, engine, args) -> None:
 def event_loop_and_parser() -> tuple[str, str]:
     """uvicorn's loop and HTTP implementations: uvloop and httptools (package dependencies)
     where they import, else asyncio and h11. The event loop does each stream's per-token work
-    (waking its coroutine, detokenising, writing its chunk), so at 256 streams their lower cost
-    per event is throughput and a tighter inter-token tail (BENCHMARKS.md)."""
+    (waking its coroutine, detokenising, writing its chunk): at 256 streams the cost per event
+    is what these cut (not yet resolved by a measurement: BENCHMARKS.md)."""
     import importlib.util
 
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
