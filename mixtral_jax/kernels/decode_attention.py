@@ -258,7 +258,6 @@ def _kernel(
     v_ref,
     *out_refs,
     block,
-    splits,
     scale,
     precision,
     layout,
@@ -276,7 +275,7 @@ def _kernel(
         seen = mask_ref[b, pl.ds(s0, block)] > 0  # [block]
         return online_softmax_step(carry, q, [(k, v, seen)], scale, precision)
 
-    start, stop = split_range(span_ref, b, j, splits)
+    start, stop = split_range(span_ref, b, j, layout.splits)
     m, l, acc = jax.lax.fori_loop(start, stop, step, softmax_start(q))
     write_outputs(out_refs, layout, b, h, j, m, l, acc)
 
@@ -310,7 +309,6 @@ def decode_attention(
     kernel = functools.partial(
         _kernel,
         block=block,
-        splits=splits,
         scale=h**-0.5,
         precision=matmul_precision(k_cache.dtype),
         layout=layout,

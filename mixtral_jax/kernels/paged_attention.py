@@ -69,7 +69,6 @@ def _kernel(
     v_ref,
     *out_refs,
     block,
-    splits,
     per_step,
     pages,
     scale,
@@ -81,7 +80,7 @@ def _kernel(
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     q = load_queries(q_ref, layout, b, h)  # [Gp, H]
-    start, stop = split_range(span_ref, b, j, splits)
+    start, stop = split_range(span_ref, b, j, layout.splits)
 
     def load(index):  # entry `index` of the split, or (past its end) its last one, unseen
         entry = jnp.minimum(index, stop - 1)
@@ -136,7 +135,6 @@ def paged_decode_attention(
     kernel = functools.partial(
         _kernel,
         block=block,
-        splits=splits,
         per_step=tiles.blocks_per_step,
         pages=k_pool.shape[1],
         scale=h**-0.5,
