@@ -213,7 +213,8 @@ def serve(app, engine, args) -> None:
     import uvicorn
 
     server = app.state.server
-    loop, http = event_loop_and_parser()
+    # loop and http stay "auto": uvicorn then runs on uvloop and httptools, package
+    # dependencies for the per-event cost at 256 streams (BENCHMARKS.md), else asyncio and h11.
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -221,8 +222,6 @@ def serve(app, engine, args) -> None:
         log_level=args.log_level,
         lifespan="on",
         timeout_graceful_shutdown=args.drain_timeout + 2,
-        loop=loop,
-        http=http,
     )
     uv = _uvicorn_server(config, lambda: setattr(server, "draining", True))
     sock = config.bind_socket()
@@ -234,18 +233,6 @@ def serve(app, engine, args) -> None:
         uv.run(sockets=[sock])
     finally:
         engine.shutdown(cancel=True, timeout=10.0)
-
-
-def event_loop_and_parser() -> tuple[str, str]:
-    """uvicorn's loop and HTTP implementations: uvloop and httptools (package dependencies)
-    where they import, else asyncio and h11. The event loop does each stream's per-token work
-    (waking its coroutine, detokenising, writing its chunk): at 256 streams the cost per event
-    is what these cut (not yet resolved by a measurement: BENCHMARKS.md)."""
-    import importlib.util
-
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    return loop, http
 
 
 def freeze_heap() -> None:

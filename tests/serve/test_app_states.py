@@ -156,11 +156,22 @@ def test_freeze_heap_leaves_start_up_objects_alone_and_collects_what_serving_mak
     assert old_ref() is None
 
 
-def test_the_server_runs_on_uvloop_and_httptools_and_falls_back_without_them(monkeypatch):
-    import importlib.util
+def test_the_server_runs_on_uvloop_and_httptools():
+    """`serve` leaves uvicorn's loop and parser on "auto", which takes these two package
+    dependencies when they import (the server's event loop does every stream's per-token work)."""
+    import uvicorn
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    from mixtral_jax.serve.__main__ import event_loop_and_parser
+    async def app(scope, receive, send):
+        pass
 
-    assert event_loop_and_parser() == ("uvloop", "httptools")  # both are package dependencies
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert event_loop_and_parser() == ("asyncio", "h11")
+    config = uvicorn.Config(app, lifespan="on")
+    config.load()
+    assert config.loop == "auto" and config.http_protocol_class is HttpToolsProtocol
+    if hasattr(config, "get_loop_factory"):  # uvicorn >= 0.36; older ones set up a policy
+        loop = config.get_loop_factory()()
+        try:
+            assert isinstance(loop, uvloop.Loop)
+        finally:
+            loop.close()
