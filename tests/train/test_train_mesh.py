@@ -41,17 +41,18 @@ SMALL = [
 ]
 
 
+def _overrides(run_dir, steps, mesh=(), extra=()) -> list[str]:
+    return [
+        f"checkpoint.dir={run_dir}",
+        f"train.steps={steps}",
+        *SMALL,
+        *[f"mesh.{m}" for m in mesh],
+        *extra,
+    ]
+
+
 def _config(run_dir, steps, mesh=(), extra=()):
-    return load_run_config(
-        None,
-        [
-            f"checkpoint.dir={run_dir}",
-            f"train.steps={steps}",
-            *SMALL,
-            *[f"mesh.{m}" for m in mesh],
-            *extra,
-        ],
-    )
+    return load_run_config(None, _overrides(run_dir, steps, mesh, extra))
 
 
 def _params(run_dir) -> dict:
@@ -82,8 +83,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _train_py(run_dir, steps, mesh, extra) -> subprocess.CompletedProcess:
     """train.py, in a process of its own, on the same run config as `_config`."""
-    overrides = [f"checkpoint.dir={run_dir}", f"train.steps={steps}", *SMALL, *extra]
-    overrides += [f"mesh.{m}" for m in mesh]
+    overrides = _overrides(run_dir, steps, mesh, extra)
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), *[f"--{o}" for o in overrides]],
         check=False,
