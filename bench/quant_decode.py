@@ -158,6 +158,9 @@ def main(argv=None) -> dict:
     p.add_argument("--set", action="append", default=[], help="compute setting (repeatable)")
     p.add_argument("--dequant", default="float32", help="weight_tiles.DEQUANT values, in turn")
     args = p.parse_args(argv)
+    bad = [d for d in args.dequant.split(",") if d not in weight_tiles.DEQUANT_CHOICES]
+    if bad:
+        p.error(f"--dequant {bad[0]!r}: must be one of {', '.join(weight_tiles.DEQUANT_CHOICES)}")
     from bench.common import copy_bandwidth_tbs, environment, timed, write_json
 
     if args.tiny:  # a 64 MB copy: only the script's logic is checked at this size

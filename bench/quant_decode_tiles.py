@@ -360,6 +360,9 @@ def main():
     p.add_argument("--small", action="store_true", help="tiny widths: this script's logic")
     p.add_argument("--dequant", default="float32", help="weight_tiles.DEQUANT values, in turn")
     args = p.parse_args()
+    bad = [d for d in args.dequant.split(",") if d not in weight_tiles.DEQUANT_CHOICES]
+    if bad:
+        p.error(f"--dequant {bad[0]!r}: must be one of {', '.join(weight_tiles.DEQUANT_CHOICES)}")
     sizes = SMALL if args.small else FULL
     interpret = not on_gpu()
     tokens = [int(t) for t in args.tokens.split(",")]

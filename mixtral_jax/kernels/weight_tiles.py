@@ -47,10 +47,13 @@ from mixtral_jax.kernels.quant import QuantizedWeight
 # inline assembly. "float32" until the GPU has measured "ptx" (bench/quant_decode_tiles.py
 # --dequant).
 DEQUANT = "float32"
+DEQUANT_CHOICES = ("float32", "ptx")
 
 
 def dequant_for(interpret: bool) -> str:
     """The tile maker a kernel call passes to `load`: DEQUANT, or "float32" when interpreted."""
+    if DEQUANT not in DEQUANT_CHOICES:
+        raise ValueError(f"weight_tiles.DEQUANT={DEQUANT!r}: must be one of {DEQUANT_CHOICES}")
     return "float32" if interpret else DEQUANT
 
 

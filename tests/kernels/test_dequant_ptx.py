@@ -145,3 +145,9 @@ def test_interpreted_kernels_keep_the_float_tiles_when_the_gpu_takes_ptx(monkeyp
     monkeypatch.setattr(weight_tiles, "DEQUANT", "ptx")
     assert weight_tiles.dequant_for(True) == "float32" and weight_tiles.dequant_for(False) == "ptx"
     np.testing.assert_array_equal(run(), want)
+
+
+def test_an_unknown_tile_maker_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(weight_tiles, "DEQUANT", "fast")
+    with pytest.raises(ValueError, match=r"weight_tiles.DEQUANT='fast': must be one of"):
+        weight_tiles.dequant_for(False)
