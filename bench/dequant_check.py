@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="1,7,64")
     args = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
+    found = weight_tiles.DEQUANT
     rows, bad = [], 0
     for bits in (8, 4):
         for tokens in (int(t) for t in args.tokens.split(",")):
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
                     diff = float(np.max(np.abs(out["ptx"] - out["float32"])))
                     row.update(max_abs_diff=diff, max_abs=float(np.max(np.abs(out["float32"]))))
                     bad += diff != 0 or not np.all(np.isfinite(out["ptx"]))
-                weight_tiles.DEQUANT = "float32"
+                weight_tiles.DEQUANT = found
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     write_json("dequant_check.json", {"env": environment(), "rows": rows, "failures": bad})

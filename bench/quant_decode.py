@@ -3,7 +3,7 @@ Mixtral 8x22B with int4 experts resident on one H200.
 
   python3 bench/quant_decode.py [--layers 32] [--batches 1,64] [--new 128] [--formats
       bf16,int8,int4] [--group-size 128] [--no-8x22b] [--set quantized_impl=dequantize]
-      [--dequant float32,ptx]
+      [--dequant auto|float32,ptx]
   JAX_PLATFORMS=cpu python3 bench/quant_decode.py --tiny     # the same code at a tiny size
 
 Full 8x7B widths (32 layers): for each format the weights are drawn on the device one layer at
@@ -15,7 +15,8 @@ through `Generator` (16-token random prompts, --new tokens, the second run timed
 bench/decode.py, beside the floor: the bytes one step must read at the copy bandwidth measured
 in the same run. Then 8x22B (56 layers, D 6144, F 16384) with int4 experts, batch 1.
 --dequant runs each quantized format (and 8x22B) once per way of making its tiles
-(`weight_tiles.DEQUANT`: "float32", the default, or "ptx", GPU only); each run names it.
+(`weight_tiles.DEQUANT`: "auto", the default, PTX for int4 and float32 for int8; "float32";
+or "ptx", GPU only); each run names it.
 Prints one JSON line last and writes $OUT/quant_decode.json.
 """
 
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-8x22b", dest="big", action="store_false")
     p.add_argument("--tiny", action="store_true", help="tiny widths (a CPU check)")
     p.add_argument("--set", action="append", default=[], help="compute setting (repeatable)")
-    p.add_argument("--dequant", default="float32", help="weight_tiles.DEQUANT values, in turn")
+    p.add_argument("--dequant", default="auto", help="weight_tiles.DEQUANT values, in turn")
     args = p.parse_args(argv)
     bad = [d for d in args.dequant.split(",") if d not in weight_tiles.DEQUANT_CHOICES]
     if bad:

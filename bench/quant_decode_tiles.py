@@ -26,8 +26,8 @@ same random bf16 weights. Each measurement is one JSON line on stdout:
               codes: the pair sets DEQUANTIZE_ROWS.
 
 --dequant runs the quantized formats once per way of making their tiles (`weight_tiles.DEQUANT`:
-"float32", the default, or "ptx", inline PTX with no conversion instruction, GPU only); every
-row names it. bf16 runs once.
+"auto", the default, the faster per format as measured; "float32"; or "ptx", inline PTX with no
+conversion instruction, GPU only); every row names it. bf16 runs once.
 
 --small runs tiny widths (on CPU: the kernels interpreted, wall-clock times) to check this
 script's logic. Writes $OUT/quant_decode_tiles.json with every line.
@@ -358,7 +358,7 @@ def main():
     p.add_argument("--parts", default="experts,projection,gmm")
     p.add_argument("--quick", action="store_true", help="default tiles only (no sweep)")
     p.add_argument("--small", action="store_true", help="tiny widths: this script's logic")
-    p.add_argument("--dequant", default="float32", help="weight_tiles.DEQUANT values, in turn")
+    p.add_argument("--dequant", default="auto", help="weight_tiles.DEQUANT values, in turn")
     args = p.parse_args()
     bad = [d for d in args.dequant.split(",") if d not in weight_tiles.DEQUANT_CHOICES]
     if bad:

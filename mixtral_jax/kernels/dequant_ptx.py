@@ -28,9 +28,9 @@ instance 4 consecutive elements of a thread, element k in byte k of the input re
 takes element k of a bfloat16 result from half k % 2 of output register k // 2 (its
 ElementwiseInlineAsmOp lowering). What only the GPU can check, ptxas's reading of the text and
 that layout in practice, `bench/dequant_check.py` does: the kernels must give the same bits with
-these tiles as with the float32 ones.
-Interpret mode cannot run inline assembly: `weight_tiles` uses these only when asked
-(`weight_tiles.DEQUANT`).
+these tiles as with the float32 ones; it did on the H200 (18 of 18 calls bit-identical).
+Interpret mode cannot run inline assembly: `weight_tiles` uses these on the GPU where they were
+measured faster (int4 by default; `weight_tiles.DEQUANT`, `weight_tiles.AUTO`).
 """
 
 from __future__ import annotations

@@ -20,11 +20,12 @@ gives and `common.fit` honours. Only the weight's bytes cross memory: 1 byte (in
 (vector units, no matrix-unit dot).
 
 Quantized codes become floats without an int-to-float conversion instruction (`_int8_to_f32`,
-`_nibble_to_f32`: integer ops and one float subtraction), then the compute dtype; or, with
-`DEQUANT = "ptx"` on the GPU, bfloat16 tiles by inline PTX with no conversion at all
-(`dequant_ptx.py`). A "biased" form that skipped the float step (nibbles ORed into the
-mantissa of bfloat16 128, the offset removed after the dot) was measured slower on the H200 in
-every kernel and removed (BENCHMARKS.md, third session of 2026-12-02).
+`_nibble_to_f32`: integer ops and one float subtraction), then the compute dtype; or, on the
+GPU, bfloat16 tiles by inline PTX with no conversion at all (`dequant_ptx.py`). `DEQUANT`
+picks one; its default takes the faster per format as measured (`AUTO`: PTX for int4). A
+"biased" form that skipped the float step (nibbles ORed into the mantissa of bfloat16 128, the
+offset removed after the dot) was measured slower on the H200 in every kernel and removed
+(BENCHMARKS.md, third session of 2026-12-02).
 
 Letters: K contraction width, N output width, G scale group (rows of K per scale).
 """
@@ -42,12 +43,17 @@ from mixtral_jax.kernels import common, dequant_ptx, quant
 from mixtral_jax.kernels.quant import QuantizedWeight
 
 # How quantized codes become bfloat16 tiles on the GPU: "float32" (`_int8_to_f32` /
-# `_nibble_to_f32`, then a rounding to bfloat16) or "ptx" (`dequant_ptx`: inline PTX with no
-# conversion instruction). Interpret mode always takes "float32" (`dequant_for`): it cannot run
-# inline assembly. "float32" until the GPU has measured "ptx" (bench/quant_decode_tiles.py
-# --dequant).
-DEQUANT = "float32"
-DEQUANT_CHOICES = ("float32", "ptx")
+# `_nibble_to_f32`, then a rounding to bfloat16), "ptx" (`dequant_ptx`: inline PTX with no
+# conversion instruction), or "auto": per format, the faster of the two as measured on the H200
+# (`AUTO`). Interpret mode always takes "float32" (`dequant_for`): it cannot run inline assembly.
+DEQUANT = "auto"
+DEQUANT_CHOICES = ("auto", "float32", "ptx")
+# bits -> tile maker. Full 8x7B decode through `Generator` (bench/quant_decode.py --dequant
+# float32,ptx, BENCHMARKS.md, third session of 2026-12-03): int4 with "ptx" 147.2 against 137.1
+# tokens/s at batch 1 and 1,914 against 1,723 at batch 64 (8x22B 61.5 against 56.8); int8 with
+# "ptx" 125.2 against 142.7 at batch 1 and 2,275 against 2,309 at batch 64. Both give the same
+# bits (bench/dequant_check.py).
+AUTO = {8: "float32", 4: "ptx"}
 
 
 def dequant_for(interpret: bool) -> str:
@@ -126,7 +132,8 @@ def load(
       lead: indices of the leading (stack) axes, e.g. (layer, expert).
       r0, col0: first stored row (a multiple of bk) and first column.
       dtype: the compute dtype the tiles come in.
-      dequant: "float32" or "ptx" (`dequant_for`; "ptx" applies to bfloat16 tiles).
+      dequant: "auto", "float32" or "ptx" (`dequant_for`; "auto" is `AUTO[bits]`; "ptx"
+        applies to bfloat16 tiles).
     Returns:
       one Tile, or two for int4 (rows r0.. and K/2 + r0..). A quantized tile holds the integer
       codes (exact in bfloat16): x @ tile is multiplied by its group's scale row afterwards
@@ -137,6 +144,8 @@ def load(
         return [Tile(r0, w[(*lead, rows, cols)])]
     codes = w.codes[(*lead, rows, cols)]  # [bk, bn] int8, or uint8 pairs of int4
     half = w.shape[-2] // 2
+    if dequant == "auto":
+        dequant = AUTO[w.bits]
     if dequant == "ptx" and jnp.dtype(dtype) == jnp.bfloat16:  # GPU only: no conversions
         if w.bits == 8:
             parts = [(r0, dequant_ptx.int8_tile(codes))]

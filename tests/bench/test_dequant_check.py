@@ -12,4 +12,4 @@ def test_every_call_lowers_with_the_ptx_tiles_and_the_json_is_written(tmp_path, 
     result = json.loads((tmp_path / "dequant_check.json").read_text())
     assert result["failures"] == 0 and len(result["rows"]) == 6  # 3 kernels x 2 formats
     assert all(row["lowered_for_cuda"] for row in result["rows"])
-    assert dequant_check.weight_tiles.DEQUANT == "float32"  # left as found
+    assert dequant_check.weight_tiles.DEQUANT == "auto"  # left as found

@@ -126,6 +126,22 @@ def test_the_projection_and_grouped_matmul_lower_for_the_gpu_with_the_ptx_tiles(
         assert "__gpu$xla.gpu.triton" in text and marker in text
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_default_tile_maker_takes_the_ptx_tiles_for_int4_only(bits):
+    """DEQUANT's default "auto" is the faster tile maker per format as measured on the H200:
+    the PTX for int4 and the float32 tiles for int8 (`weight_tiles.AUTO`)."""
+    assert weight_tiles.DEQUANT == "auto" and weight_tiles.AUTO == {8: "float32", 4: "ptx"}
+    stack = quant.quantize(jnp.ones((2, 256, 512), jnp.float32), bits, 128, jnp.bfloat16)
+    project = jax.jit(lambda x, s: decode_matmul.project_stacked(x, (s,), 1))
+    text = project.trace(jnp.ones((3, 256), jnp.bfloat16), stack).lower(
+        lowering_platforms=("cuda",)
+    )
+    text = text.as_text()
+    assert "__gpu$xla.gpu.triton" in text
+    assert ("fma.rn.bf16x2" in text) == (bits == 4)  # int4's PTX
+    assert "0f4B000080" not in text  # int8's PTX (its subtraction of 2^23 + 128) never
+
+
 def test_interpreted_kernels_keep_the_float_tiles_when_the_gpu_takes_ptx(monkeypatch):
     """DEQUANT = "ptx" is the GPU's choice; interpret mode (which cannot run inline assembly)
     still takes the float32 tiles, so the same bfloat16 int4 call runs and gives the same result."""
