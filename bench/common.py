@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mixtral_jax as mj
+from bench.paths import out_dir
 
 
 def timed(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
@@ -168,8 +169,7 @@ def environment() -> dict:
 
 
 def write_json(name: str, payload: dict) -> None:
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, name), "w") as f:
+    with open(os.path.join(out_dir(), name), "w") as f:
         json.dump(payload, f, indent=1)
 
 

@@ -54,6 +54,7 @@ from bench.common import (
     copy_bandwidth_tbs,
     environment,
     kernel_summary,
+    out_dir,
     print_kernel_rows,
     random_model,
     trace_kernels,
@@ -208,7 +209,7 @@ def step_costs(
     if hlo:  # the compiled decode step's optimized HLO: the profile's fusion names are its
         steps = engine.steps
         text = steps._decode.lower(steps.state, pool, last, *decode[:4]).compile().as_text()
-        with open(os.path.join(os.environ.get("OUT", "."), f"decode_step_b{batch}.hlo"), "w") as f:
+        with open(os.path.join(out_dir(), f"decode_step_b{batch}.hlo"), "w") as f:
             f.write(text)
     with_prefill = {}
     for q in engine.chunk_rows:

@@ -26,6 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.paths import out_dir
+
 LOAD_ONLY = (
     "import sys, jax; from mixtral_jax.generate.loading import load_params; "
     "jax.block_until_ready(load_params(sys.argv[1], {})[1])"
@@ -62,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", default="/tmp/load_rss")
     p.add_argument("--keep", action="store_true")
-    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "load_rss.json"))
+    p.add_argument("--out", default=os.path.join(out_dir(), "load_rss.json"))
     args = p.parse_args()
     cfg = mj.ModelConfig.tiny(
         vocab_size=32000,

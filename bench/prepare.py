@@ -33,6 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.paths import out_dir
+
 
 def write_corpus(path: str, size: int, seed: int = 0) -> int:
     """A JSONL file of about `size` bytes; returns its documents."""
@@ -160,7 +162,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="prepare workers (0: one per core)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--keep", action="store_true", help="keep corpora, shards and runs")
-    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "prepare_cpu.json"))
+    p.add_argument("--out", default=os.path.join(out_dir(), "prepare_cpu.json"))
     args = p.parse_args()
     results = []
     for gb in args.sizes_gb:

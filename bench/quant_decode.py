@@ -3,7 +3,7 @@ Mixtral 8x22B with int4 experts resident on one H200.
 
   python3 bench/quant_decode.py [--layers 32] [--batches 1,64] [--new 128] [--formats
       bf16,int8,int4] [--group-size 128] [--no-8x22b] [--set quantized_impl=dequantize]
-      [--dequant auto|float32,ptx]
+      [--dequant auto|float32,ptx] [--profile]
   JAX_PLATFORMS=cpu python3 bench/quant_decode.py --tiny     # the same code at a tiny size
 
 Full 8x7B widths (32 layers): for each format the weights are drawn on the device one layer at
@@ -17,7 +17,8 @@ in the same run. Then 8x22B (56 layers, D 6144, F 16384) with int4 experts, batc
 --dequant runs each quantized format (and 8x22B) once per way of making its tiles
 (`weight_tiles.DEQUANT`: "auto", the default, PTX for int4 and float32 for int8; "float32";
 or "ptx", GPU only); each run names it.
-Prints one JSON line last and writes $OUT/quant_decode.json.
+--profile adds each row's GPU kernels per decode step (busy time, launches, time per kernel
+name). Prints one JSON line last and writes $OUT/quant_decode.json.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mixtral_jax as mj
-from bench.decode import decode_row
+from bench.decode import decode_row, profile_decode
 from mixtral_jax.generate import Generator
 from mixtral_jax.kernels import plan as kernel_plan
 from mixtral_jax.kernels import weight_tiles
@@ -109,8 +110,11 @@ def step_bytes(cfg: mj.ModelConfig, batch: int) -> float:
     )
 
 
-def measure(cfg: mj.ModelConfig, batches: list[int], new: int, bandwidth: float) -> dict:
-    """Builds the model on the device, decodes, frees it: one row per batch."""
+def measure(
+    cfg: mj.ModelConfig, batches: list[int], new: int, bandwidth: float, profile: bool = False
+) -> dict:
+    """Builds the model on the device, decodes, frees it: one row per batch (with `profile`,
+    the GPU kernels of its decode steps, `bench.decode.profile_decode`)."""
     start = time.perf_counter()
     model = mj.from_params(cfg, random_params(cfg))
     built = time.perf_counter() - start
@@ -121,6 +125,8 @@ def measure(cfg: mj.ModelConfig, batches: list[int], new: int, bandwidth: float)
         prompts = [list(map(int, rng.integers(3, cfg.vocab_size, 16))) for _ in range(batch)]
         row = decode_row(generator, prompts, new, step_bytes(cfg, batch), bandwidth)
         rows.append({**row, "plan": str(kernel_plan.resolve(cfg, batch, cached=True, queries=1))})
+        if profile:
+            rows[-1]["profile"] = profile_decode(generator, batch=batch)
         print(json.dumps({"format": _name(cfg), **rows[-1]}), flush=True)
     weights = sum(x.nbytes for x in jax.tree.leaves(mj.get_params(model)))
     del generator, model
@@ -158,6 +164,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny widths (a CPU check)")
     p.add_argument("--set", action="append", default=[], help="compute setting (repeatable)")
     p.add_argument("--dequant", default="auto", help="weight_tiles.DEQUANT values, in turn")
+    p.add_argument("--profile", action="store_true", help="GPU kernels of each batch's steps")
     args = p.parse_args(argv)
     bad = [d for d in args.dequant.split(",") if d not in weight_tiles.DEQUANT_CHOICES]
     if bad:
@@ -175,7 +182,8 @@ def main(argv=None) -> dict:
 
     def run(cfg, name, rows, dequant):
         weight_tiles.DEQUANT = dequant
-        result = measure(format_config(cfg, name, args.group_size), rows, args.new, bandwidth)
+        run_cfg = format_config(cfg, name, args.group_size)
+        result = measure(run_cfg, rows, args.new, bandwidth, args.profile)
         return result if name == "bf16" else {**result, "dequant": dequant}
 
     runs = [

@@ -49,6 +49,8 @@ sys.path.insert(0, ROOT)  # `python3 bench/serve.py`: bench.* and mixtral_jax fr
 import httpx
 import numpy as np
 
+from bench.paths import out_dir
+
 MODEL = "bench"
 
 
@@ -379,8 +381,7 @@ def main():
         server_main(args)
         return
     payload = client_main(args)
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, "serve.json"), "w") as f:
+    with open(os.path.join(out_dir(), "serve.json"), "w") as f:
         json.dump(payload, f, indent=1)
     print(json.dumps(payload))
 

@@ -23,6 +23,10 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.paths import out_dir
+
 _ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
 VARIANTS = {
     "default": "",
@@ -79,7 +83,7 @@ def main():
             print(json.dumps({"variant": name, **line}), flush=True)
         if status:
             print(json.dumps({"variant": name, "rc": status, "stderr": tail}), flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "xla_flags.json"), "w") as f:
+    with open(os.path.join(out_dir(), "xla_flags.json"), "w") as f:
         json.dump(runs, f, indent=1)
 
 

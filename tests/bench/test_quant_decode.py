@@ -40,11 +40,13 @@ def test_the_floor_counts_codes_and_scales():
 
 def test_a_tiny_run_writes_its_json(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
-    args = ["--tiny", "--formats", "", "--new", "2", "--group-size", "32"]  # the big run alone
+    args = ["--tiny", "--formats", "", "--new", "2", "--group-size", "32", "--profile"]  # 8x22B
     payload = quant_decode.main(args)
     stored = json.loads((tmp_path / "quant_decode.json").read_text())
     assert stored["runs"] == [] and stored["mixtral_8x22b_int4"] == payload["mixtral_8x22b_int4"]
     big = payload["mixtral_8x22b_int4"]
     assert big["format"] == "int4 g32" and big["decode"][0]["decode_tokens_per_s"] > 0
+    profile = big["decode"][0]["profile"]  # no GPU kernels on the CPU: the summary's shape only
+    assert profile["batch"] == 1 and profile["layers"] == 3 and "by_name" in profile
     shapes = mj.param_shapes(quant_decode.format_config(TINY.replace(num_layers=3), "int4", 32))
     assert big["weight_bytes"] == sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(shapes))
