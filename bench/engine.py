@@ -8,7 +8,9 @@ GPU: the full Mixtral 8x7B widths, random bf16 weights made on the device, besid
   JAX_PLATFORMS=cpu python3 bench/engine.py --preset tiny      # the code path, in seconds
 
 Per batch size B, one `Engine(max_batch=B)`: warmup (every step shape compiled, timed), then
-the prefill cost (`step_costs`: the compiled decode step of B active rows alone, and with a
+the prefill cost (`step_costs`: the compiled decode step of B active rows alone, fed its own
+tokens back and, apart, fresh random tokens each call, each with how its routing spread over
+the experts, since the step's cost depends on it; and with a
 prefill group of q full chunks for each compiled q, timed directly: `itl_bound`, the step with
 the whole budget over the step without, is how much a prefilling step stretches a running
 stream's inter-token gap at this batch; the budget is chosen to keep it at 2 or below), then
@@ -169,15 +171,33 @@ def measure(model, batch: int, args, bandwidth_tbs: float) -> dict:
     }
 
 
+def expert_load(experts, rows: int, num_experts: int) -> dict:
+    """The routing of one decode step, experts [L, >= rows, k] (its first `rows` rows active):
+    experts_used, the mean over layers of the experts some row chose (the floor assumes all E
+    are read), and rows_max_over_mean, the mean over layers of the busiest expert's rows over
+    the mean M*k/E (how uneven: an expert past its chunk of R rows takes a second slot)."""
+    chosen = np.asarray(experts)[:, :rows]  # [L, M, k]
+    counts = np.stack([np.bincount(layer.ravel(), minlength=num_experts) for layer in chosen])
+    mean = rows * chosen.shape[-1] / num_experts
+    return {
+        "experts_used": float((counts > 0).sum(axis=1).mean()),
+        "rows_max_over_mean": float((counts.max(axis=1) / mean).mean()),
+    }
+
+
 def step_costs(
     engine: Engine, batch: int, cached: int, reps: int, setting: str, hlo: bool = False
 ) -> dict:
-    """ms of the compiled decode step of `batch` active rows (random last tokens, `cached`
-    tokens each) alone, and with a prefill group of q full chunks of random tokens for each
-    compiled q (median of `reps` calls after one); itl_bound: the largest group's step over the
-    decode step alone. Every row's table spreads over distinct pool blocks, as real rows' do.
-    Run on the idle engine after warmup (nothing compiles; what it writes, rows overwrite
-    before they read it)."""
+    """ms of the compiled decode step of `batch` active rows (`cached` tokens each) alone, and
+    with a prefill group of q full chunks of random tokens for each compiled q (median of
+    `reps` calls after one); itl_bound: the largest group's step over the decode step alone.
+    Every row's table spreads over distinct pool blocks, as real rows' do. Run on the idle
+    engine after warmup (nothing compiles; what it writes, rows overwrite before they read it).
+
+    The step's cost depends on its routing, i.e. on its rows' last tokens. Each call is fed the
+    tokens the call before chose ("fed back": from random tokens once, then a random model's
+    greedy picks, which may repeat and route unevenly), and, timed apart, fresh random tokens
+    every call ("random tokens"); each with its routing (`expert_load`, from the last call)."""
     rng = np.random.default_rng(0)
     vocab, chunk = engine.cfg.vocab_size, engine.prefill_chunk
     slots, table, lengths, active, sampling = engine._decode_args([], batch)[0]
@@ -191,21 +211,32 @@ def step_costs(
         index = first + np.arange(rows * width)
         return (1 + index % (engine.num_blocks - 1)).reshape(rows, width).astype(np.int32)
 
+    def random_last():
+        return engine._committed(jnp.asarray(rng.integers(3, vocab, engine.max_batch), jnp.int32))
+
     decode = (decode[0], spread(batch, 0), *decode[2:])
     pool = engine._pool
-    last = engine._committed(jnp.asarray(rng.integers(3, vocab, engine.max_batch), jnp.int32))
+    last = random_last()
 
-    def timed(call) -> float:
+    def timed(call, lasts=None) -> tuple[float, list]:
+        """(median ms, the last call's outputs after pool and last); `lasts`: each call's."""
         nonlocal pool, last
         times = []
-        for _ in range(reps + 1):
+        for i in range(reps + 1):
+            last = last if lasts is None else lasts[i]
             start = time.perf_counter()
             pool, last, *out = call(pool, last)
             jax.block_until_ready((pool, last, out))
             times.append(time.perf_counter() - start)
-        return 1000 * float(np.median(times[1:]))
+        return 1000 * float(np.median(times[1:])), out
 
-    decode_ms = timed(lambda pool, last: engine.steps.decode(pool, last, *decode))
+    def decode_step(pool, last):
+        return engine.steps.decode(pool, last, *decode)
+
+    def load(routed) -> dict:
+        return expert_load(routed.experts, batch, engine.cfg.num_experts)
+
+    decode_ms, (fed_back,) = timed(decode_step)
     if hlo:  # the compiled decode step's optimized HLO: the profile's fusion names are its
         steps = engine.steps
         text = steps._decode.lower(steps.state, pool, last, *decode[:4]).compile().as_text()
@@ -217,13 +248,17 @@ def step_costs(
         args[0] = rng.integers(3, vocab, (q, chunk)).astype(np.int32)  # tokens [q, C]
         args[1] = spread(q, batch * width)
         args[3] = np.full(q, chunk, np.int32)  # counts: full chunks
-        with_prefill[q] = timed(
+        with_prefill[q], _ = timed(
             lambda pool, last, a=tuple(args): engine.steps.decode_with_chunk(pool, last, decode, a)
         )
+    random_ms, (fresh,) = timed(decode_step, [random_last() for _ in range(reps + 1)])
     engine._pool, engine._last = pool, engine._new_last()
     top = max(with_prefill)
     return {
         "decode_step_ms": decode_ms,
+        "routing": load(fed_back),
+        "decode_step_random_tokens_ms": random_ms,
+        "routing_random_tokens": load(fresh),
         "prefill_step_ms": {f"{q}x{chunk}": ms for q, ms in with_prefill.items()},
         "itl_bound": with_prefill[top] / decode_ms,
     }
@@ -250,7 +285,7 @@ def trace_engine(engine: Engine, reps: int = 4, window_s: float = 0.05) -> dict:
     return summary
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="mixtral-8x7b")
     p.add_argument("--layers", type=int, default=None, help="default: the preset's")
@@ -283,7 +318,7 @@ def main():
     p.add_argument(
         "--unroll", type=int, default=None, help="layers per layer-scan iteration (plan default)"
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.unroll is not None:
         kernel_plan.GPU_EXTEND_UNROLL = args.unroll
     tiny = args.preset == "tiny"
@@ -335,6 +370,7 @@ def main():
     name += "".join("_" + item.replace("=", "-") for item in args.set)
     write_json(f"{name}.json", payload)
     print(json.dumps(payload))
+    return payload
 
 
 if __name__ == "__main__":
