@@ -1,4 +1,4 @@
-"""The experts of a large decode batch (65-512 tokens): the decode kernels over chunks of rows.
+"""The experts of a large decode batch (65-512 tokens; int4 from 33): decode kernels over row chunks.
 
 At batch 256 a decode step's MoE is still a weight-streaming problem (each expert's three
 matrices read once per layer: 2.8 GB at 8x7B widths, 0.66 ms at 4.3 TB/s; the real rows' FLOPs

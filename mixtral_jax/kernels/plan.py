@@ -37,7 +37,7 @@ Layers only read the plan's fields: none infers a kernel from a weight's rank, d
                       calls (training, eval); cached calls keep the stacked unfused path
   decode_experts      pallas on NVIDIA GPUs: expert_decode.py up to MAX_DECODE_TOKENS, its
                       grouped-rows form (expert_decode_grouped.py) up to MAX_GROUPED_TOKENS
-                      (`decode_expert_rows`); `gather` for a single token where the grouped
+                      (`decode_expert_rows`; int4 experts from INT4_GROUPED_ABOVE); `gather` for a single token where the grouped
                       matmul is ragged_dot (which would read every expert)
   decode_projections  pallas (decode_matmul.py, reading layer l of the stacks in place) on
                       NVIDIA GPUs for cached calls up to MAX_GROUPED_TOKENS
@@ -97,6 +97,12 @@ from mixtral_jax.kernels.gmm_megablox import DTYPES as MEGABLOX_DTYPES
 from mixtral_jax.parallel import sharding
 
 MAX_DECODE_TOKENS = MAX_TOKENS  # the decode kernels' limit (kernels/common.py)
+# int4 experts above this many tokens (to MAX_DECODE_TOKENS) run the grouped slots of 16 rows:
+# one layer of 8x7B at 64 tokens on the H200 (bench/quant_decode_tiles.py, kernel time,
+# BENCHMARKS.md third session of 2026-12-03) 697 us against 902 with every slot computing all
+# tokens (PTX tiles; float32 tiles 803 against 1,120); 32 rows 790. int8 and bf16 do not gain
+# (grouped 873 / 680 us against 733 / 651). Below 33 tokens not measured.
+INT4_GROUPED_ABOVE = 32
 # Layers unrolled per iteration of a cached call's layer scan on NVIDIA GPUs. H200, full 8x7B,
 # batch-1 decode: 1 -> 81.9 tokens/s, 4 -> 93.8, 32 -> 96.4 but a much longer compile. Elsewhere
 # 1: on CPU each unrolled layer keeps its sliced expert weights alive (4 layers of a 2 GB
@@ -458,8 +464,15 @@ def _decode_expert_rows(cfg: ModelConfig, tokens: int, decode_experts: DecodeExp
     every slot computes all M tokens (expert_decode.py, 0 here): no sort, and the wasted rows
     are free while the weights stream; above, up to MAX_GROUPED_TOKENS, slots of R rows of one
     expert each (expert_decode_grouped.py), R from the mean rows per expert M*k/E
-    (`chunk_rows`): all M rows in every slot would be E/k times the real arithmetic."""
-    if decode_experts != DecodeExpertImpl.PALLAS or tokens <= MAX_DECODE_TOKENS:
+    (`chunk_rows`): all M rows in every slot would be E/k times the real arithmetic. int4
+    experts take the grouped slots from INT4_GROUPED_ABOVE tokens on, in chunks of 16 rows:
+    their kernels are bound by per-weight work, which every slot computing all M rows
+    multiplies."""
+    if decode_experts != DecodeExpertImpl.PALLAS:
+        return 0
+    if cfg.expert_bits == 4 and INT4_GROUPED_ABOVE < tokens <= MAX_DECODE_TOKENS:
+        return expert_decode_grouped.MIN_ROWS
+    if tokens <= MAX_DECODE_TOKENS:
         return 0
     return expert_decode_grouped.chunk_rows(tokens, cfg.num_experts_per_tok, cfg.num_experts)
 

@@ -110,7 +110,7 @@ def dispatch(
     """
     if plan.decode_experts == DecodeExpertImpl.PALLAS and layer is not None:
         route_args = (x, routing.experts, routing.weights, *weights, layer)
-        if plan.decode_expert_rows:  # chunks of rows of one expert each (65+ tokens)
+        if plan.decode_expert_rows:  # chunks of rows of one expert each (65+ tokens; int4 33+)
             rows = plan.decode_expert_rows
             out = expert_decode_grouped.decode_experts_grouped(*route_args, rows=rows)
         else:  # every slot computes all tokens

@@ -107,6 +107,7 @@ def test_grouped_kernels_equal_the_oracle(m, e, topk, dtype, only, rows):
         (100, 8, None, jnp.float32),  # one scale per output channel
         (256, 4, 16, jnp.bfloat16),  # int4, 2 groups over D, 4 over F; bf16 codes and scales
         (65, 8, 16, jnp.bfloat16),
+        (48, 4, 16, jnp.bfloat16),  # the plan's int4 choice at 33-64 tokens: R = 16, C = 3
     ],
 )
 def test_quantized_stacks_equal_the_dequantize_then_matmul_oracle(m, bits, group, dtype):
@@ -114,7 +115,8 @@ def test_quantized_stacks_equal_the_dequantize_then_matmul_oracle(m, bits, group
     x = jax.random.normal(keys[0], (m, D), dtype)
     routing = _routing(keys[1], m, 8, 2, only=(1, 4, 5) if bits == 4 else None)
     stacks = _stacks(keys[2], 2, 8, dtype, bits, group)
-    got = _run(x, routing.experts, routing.weights, *stacks)
+    rows = grouped.MIN_ROWS if m <= kernel_plan.MAX_DECODE_TOKENS else None
+    got = _run(x, routing.experts, routing.weights, *stacks, rows=rows)
     assert _rel(got, _oracle(x, routing, stacks, 1)) <= (1e-5 if dtype == jnp.float32 else 2e-3)
 
 
@@ -181,6 +183,10 @@ def test_the_plan_picks_the_kernel_by_token_count():
         cfg.replace(expert_bits=4, quant_group_size=32), 256, cached=True, where=NVIDIA_GPU
     )  # the grouped kernels read the codes in place, as the all-rows ones do
     assert (int4.decode_expert_rows, int4.quantized_experts) == (128, QuantizedImpl.PALLAS)
+    for bits, group in ((4, 32), (8, None)):  # int4 from 33 tokens in chunks of 16 (measured)
+        quantized = cfg.replace(expert_bits=bits, quant_group_size=group)
+        want = {32: 0, 33: 16 if bits == 4 else 0, 64: 16 if bits == 4 else 0, 65: 64}
+        assert {m: choice(m, quantized)[1] for m in want} == want
     cpu = resolve(mj.ModelConfig.tiny(), 256, cached=True, where="cpu")
     assert (cpu.decode_experts, cpu.decode_expert_rows) == (off, 0)
 
